@@ -1,0 +1,49 @@
+"""The `dpr-jax` command: one entry point, one subcommand per job.
+
+Each subcommand lives in its own module as ``cli_main(argv) -> int`` with its own argparse parser,
+imported lazily so that `dpr-jax index` never pays for torch and `dpr-jax train` never imports it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> ("module", "function", one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "convert": ("dpr_jax.convert", "cli_main", "Hugging Face <-> dpr-jax checkpoints (both ways)"),
+    "prepare-squad": ("dpr_jax.data.squad", "cli_main", "SQuAD JSON -> passages TSV, qas TSV, biencoder JSON"),
+    "train": ("dpr_jax.train", "cli_main", "contrastive training of the bi-encoder"),
+    "encode": ("dpr_jax.encode", "cli_main", "encode a passage corpus into embedding shards"),
+    "index": ("dpr_jax.index.cli", "cli_main", "build a ScaNN / FAISS / exact index from embeddings"),
+    "retrieve": ("dpr_jax.retrieve", "cli_main", "retrieve passages for questions (dense, BM25, hybrid)"),
+    "evaluate": ("dpr_jax.evaluate", "cli_main", "top-k accuracy of a retrieval-results JSON"),
+    "train-reader": ("dpr_jax.train_reader", "cli_main", "train the extractive reader"),
+    "ask": ("dpr_jax.pipeline", "cli_main", "question -> passages -> answer"),
+    "quickstart": ("dpr_jax.quickstart", "cli_main", "the README's main job on SQuAD, end to end"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: dpr-jax <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "`dpr-jax <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"dpr-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
