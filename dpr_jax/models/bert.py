@@ -1,0 +1,273 @@
+"""BERT in Flax (linen), numerically the Hugging Face PyTorch ``BertModel``.
+
+DPR (Karpukhin et al. 2020, section 3.1) uses two independent BERT-base encoders and takes the
+representation at the [CLS] token. This module is the BERT both towers and the reader stand on:
+embeddings (word + position + token type, LayerNorm), N post-LayerNorm transformer layers with
+exact (erf) GELU, an optional tanh pooler. Parameter names mirror Hugging Face's state-dict names
+(``embeddings/word_embeddings``, ``encoder/layer_3/attention/self/query`` ...) so conversion is
+a rename plus a transpose of every Dense kernel.
+
+Precision: parameters are always float32 (``param_dtype``); ``dtype`` is the compute dtype
+(float32 or bfloat16). In bfloat16, softmax and LayerNorm statistics are still taken in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Fields of Hugging Face's BertConfig that change the computation. Anything else in a
+# config.json (architectures, transformers_version, ...) is kept aside in `extra` on load.
+_HF_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "initializer_range",
+    "pad_token_id",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """The architecture of a BERT; reads and writes Hugging Face ``config.json``."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act {self.hidden_act!r} is not supported (have {sorted(_ACTIVATIONS)})"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BertConfig:
+        """From a Hugging Face config dict (extra keys ignored, missing keys take BERT defaults)."""
+        pet = d.get("position_embedding_type", "absolute")
+        if pet != "absolute":
+            raise ValueError(f"position_embedding_type {pet!r} is not supported (only 'absolute')")
+        return cls(**{k: d[k] for k in _HF_FIELDS if k in d})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_hf_dict(self, architectures: list[str] | None = None) -> dict[str, Any]:
+        d = {"model_type": "bert", **self.to_dict(), "position_embedding_type": "absolute"}
+        if architectures:
+            d["architectures"] = architectures
+        return d
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> BertConfig:
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: config file not found") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        # DPR configs from transformers nest nothing, but be lenient with {"bert": {...}} layouts.
+        try:
+            return cls.from_dict(d)
+        except TypeError as e:
+            raise ValueError(f"{path}: bad BERT config ({e})") from None
+
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+class BertOutput(NamedTuple):
+    last_hidden_state: Array  # (B, T, H)
+    pooler_output: Array | None  # (B, H)
+    hidden_states: tuple[Array, ...] | None  # embeddings + every layer, each (B, T, H)
+
+
+def _dense(config: BertConfig, features: int, name: str, dtype) -> nn.Dense:
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.initializers.normal(config.initializer_range),
+        name=name,
+    )
+
+
+def _layer_norm(config: BertConfig, name: str, dtype) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32, name=name
+    )
+
+
+class BertEmbeddings(nn.Module):
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, position_ids, deterministic: bool):
+        cfg = self.config
+        init = nn.initializers.normal(cfg.initializer_range)
+
+        def embed(num, name):
+            return nn.Embed(
+                num, cfg.hidden_size, embedding_init=init, dtype=self.dtype,
+                param_dtype=jnp.float32, name=name,
+            )  # fmt: skip
+
+        x = (
+            embed(cfg.vocab_size, "word_embeddings")(input_ids)
+            + embed(cfg.max_position_embeddings, "position_embeddings")(position_ids)
+            + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
+        )
+        x = _layer_norm(cfg, "LayerNorm", self.dtype)(x)
+        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+
+
+class BertSelfAttention(nn.Module):
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, key_mask, deterministic: bool):
+        cfg = self.config
+        b, t, _ = x.shape
+        h, dh = cfg.num_attention_heads, cfg.head_dim
+
+        def proj(name):  # (B, T, H*Dh) -> (B, T, H, Dh)
+            return _dense(cfg, cfg.hidden_size, name, self.dtype)(x).reshape(b, t, h, dh)
+
+        q, k, v = proj("query"), proj("key"), proj("value")
+        # (B, T, H, Dh) . (B, S, H, Dh) -> (B, H, T, S)
+        scores = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(dh).astype(self.dtype)
+        scores = scores.astype(jnp.float32)
+        # key_mask: (B, S) -> (B, 1, 1, S). Same as HF's additive finfo.min mask for any row
+        # with at least one real key.
+        scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        # (B, H, T, S) . (B, S, H, Dh) -> (B, T, H, Dh)
+        ctx = jnp.einsum("bhts,bshd->bthd", probs, v)
+        return ctx.reshape(b, t, h * dh)
+
+
+class BertLayer(nn.Module):
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, key_mask, deterministic: bool):
+        cfg = self.config
+        drop = nn.Dropout(cfg.hidden_dropout_prob)
+
+        # attention/self, attention/output/{dense, LayerNorm}
+        ctx = BertSelfAttention(cfg, self.dtype, name="attention_self")(x, key_mask, deterministic)
+        a = _dense(cfg, cfg.hidden_size, "attention_output_dense", self.dtype)(ctx)
+        x = _layer_norm(cfg, "attention_output_LayerNorm", self.dtype)(
+            drop(a, deterministic=deterministic) + x
+        )
+        # intermediate/dense, output/{dense, LayerNorm}
+        i = _dense(cfg, cfg.intermediate_size, "intermediate_dense", self.dtype)(x)
+        i = _ACTIVATIONS[cfg.hidden_act](i)
+        o = _dense(cfg, cfg.hidden_size, "output_dense", self.dtype)(i)
+        return _layer_norm(cfg, "output_LayerNorm", self.dtype)(
+            drop(o, deterministic=deterministic) + x
+        )
+
+
+class BertModule(nn.Module):
+    """``BertModel``: embeddings -> N layers -> optional pooler.
+
+    Params: ``embeddings/...``, ``encoder/layer_{i}/...``, ``pooler/dense`` (if
+    ``add_pooling_layer``). ``remat`` recomputes each layer in the backward pass (activation
+    memory O(1 layer) instead of O(N)).
+    """
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+    add_pooling_layer: bool = True
+    remat: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: Array,  # (B, T) int
+        attention_mask: Array | None = None,  # (B, T) 1 = real token
+        token_type_ids: Array | None = None,  # (B, T)
+        position_ids: Array | None = None,
+        deterministic: bool = True,
+        output_hidden_states: bool = False,
+    ) -> BertOutput:
+        cfg = self.config
+        b, t = input_ids.shape
+        if t > cfg.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {t} exceeds max_position_embeddings {cfg.max_position_embeddings}"
+            )
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros((b, t), jnp.int32)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        key_mask = attention_mask.astype(bool)
+
+        x = BertEmbeddings(cfg, self.dtype, name="embeddings")(
+            input_ids, token_type_ids, position_ids, deterministic
+        )
+        layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
+        hidden = [x]
+        for i in range(cfg.num_hidden_layers):
+            x = layer_cls(cfg, self.dtype, name=f"encoder_layer_{i}")(x, key_mask, deterministic)
+            if output_hidden_states:
+                hidden.append(x)
+
+        pooled = None
+        if self.add_pooling_layer:
+            pooled = jnp.tanh(_dense(cfg, cfg.hidden_size, "pooler_dense", self.dtype)(x[:, 0]))
+        return BertOutput(x, pooled, tuple(hidden) if output_hidden_states else None)
+
+
+def init_bert_params(config: BertConfig, rng: Array, add_pooling_layer: bool = True) -> dict:
+    """Random parameters (HF initialisation: N(0, initializer_range), zero biases)."""
+    ids = jnp.zeros((1, 8), jnp.int32)
+    return BertModule(config, add_pooling_layer=add_pooling_layer).init(rng, ids)["params"]
