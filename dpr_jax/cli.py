@@ -12,11 +12,23 @@ import sys
 # subcommand -> ("module", "function", one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "convert": ("dpr_jax.convert", "cli_main", "Hugging Face <-> dpr-jax checkpoints (both ways)"),
-    "prepare-squad": ("dpr_jax.data.squad", "cli_main", "SQuAD JSON -> passages TSV, qas TSV, biencoder JSON"),
+    "prepare-squad": (
+        "dpr_jax.data.squad",
+        "cli_main",
+        "SQuAD JSON -> passages TSV, qas TSV, biencoder JSON",
+    ),
     "train": ("dpr_jax.train", "cli_main", "contrastive training of the bi-encoder"),
     "encode": ("dpr_jax.encode", "cli_main", "encode a passage corpus into embedding shards"),
-    "index": ("dpr_jax.index.cli", "cli_main", "build a ScaNN / FAISS / exact index from embeddings"),
-    "retrieve": ("dpr_jax.retrieve", "cli_main", "retrieve passages for questions (dense, BM25, hybrid)"),
+    "index": (
+        "dpr_jax.index.cli",
+        "cli_main",
+        "build a ScaNN / FAISS / exact index from embeddings",
+    ),
+    "retrieve": (
+        "dpr_jax.retrieve",
+        "cli_main",
+        "retrieve passages for questions (dense, BM25, hybrid)",
+    ),
     "evaluate": ("dpr_jax.evaluate", "cli_main", "top-k accuracy of a retrieval-results JSON"),
     "train-reader": ("dpr_jax.train_reader", "cli_main", "train the extractive reader"),
     "ask": ("dpr_jax.pipeline", "cli_main", "question -> passages -> answer"),

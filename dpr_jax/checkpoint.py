@@ -1,0 +1,209 @@
+"""Model directories: orbax parameters + the resolved config + the tokenizer, validated on load.
+
+A *model directory* is what ``dpr-jax convert`` writes and what ``encode`` / ``retrieve`` /
+``ask`` read::
+
+    MODEL_DIR/
+      dpr_jax_model.json   {"kind": "biencoder"|"bert"|"reader", "model": {...}, "created_by": ...}
+      params/              orbax checkpoint of the parameter pytree (float32)
+      tokenizer files      (tokenizer.json, vocab.txt, ...)
+
+Loading checks the stored tree against the parameters the config implies: a missing key, an extra
+key or a wrong shape is refused with an error that names the key. Saving writes into a temporary
+sibling directory and renames it into place, so a failed save never leaves a half-written model
+where a good one was.
+
+Training work directories (``dpr-jax train``) hold orbax ``CheckpointManager`` steps and, once
+training ends, a model directory ``WORKDIR/model``; ``resolve_model_dir`` accepts either.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax.traverse_util import flatten_dict
+
+from dpr_jax import __version__
+from dpr_jax.models.bert import BertConfig, BertModule
+from dpr_jax.models.biencoder import BiEncoder, EncoderConfig
+from dpr_jax.models.reader import Reader
+
+MODEL_JSON = "dpr_jax_model.json"
+KINDS = ("biencoder", "bert", "reader")
+
+
+def model_config_from_dict(kind: str, d: dict[str, Any]):
+    if kind == "biencoder":
+        return EncoderConfig.from_dict(d)
+    if kind == "bert":
+        return BertConfig.from_dict(d["bert"]), bool(d.get("add_pooling_layer", True))
+    if kind == "reader":
+        return BertConfig.from_dict(d["bert"])
+    raise ValueError(f"unknown model kind {kind!r} (have {KINDS})")
+
+
+def model_config_to_dict(kind: str, config) -> dict[str, Any]:
+    if kind == "biencoder":
+        return config.to_dict()
+    if kind == "bert":
+        bert, pool = config
+        return {"bert": bert.to_dict(), "add_pooling_layer": pool}
+    if kind == "reader":
+        return {"bert": config.to_dict()}
+    raise ValueError(f"unknown model kind {kind!r} (have {KINDS})")
+
+
+def abstract_params(kind: str, config) -> dict:
+    """The parameter shapes a config implies (no FLOPs, no memory)."""
+    rng = jax.random.PRNGKey(0)
+    if kind == "biencoder":
+        ids = np.zeros((1, 8), np.int32)
+        fn = lambda: BiEncoder(config).init(rng, ids, ids, ids, ids)["params"]
+    elif kind == "bert":
+        bert, pool = config
+        ids = np.zeros((1, 8), np.int32)
+        fn = lambda: BertModule(bert, add_pooling_layer=pool).init(rng, ids)["params"]
+    elif kind == "reader":
+        ids = np.zeros((1, 1, 8), np.int32)
+        fn = lambda: Reader(config).init(rng, ids, ids)["params"]
+    else:
+        raise ValueError(f"unknown model kind {kind!r} (have {KINDS})")
+    return jax.eval_shape(fn)
+
+
+def check_params(params: dict, expected: dict, where: str) -> None:
+    """Raise ValueError naming the first missing / extra / mis-shaped key."""
+    got = {"/".join(k): v for k, v in flatten_dict(params).items()}
+    want = {"/".join(k): v for k, v in flatten_dict(expected).items()}
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    if missing:
+        raise ValueError(f"{where}: missing parameter {missing[0]!r} ({len(missing)} missing)")
+    if extra:
+        raise ValueError(f"{where}: unexpected parameter {extra[0]!r} ({len(extra)} extra)")
+    for k in sorted(want):
+        if tuple(got[k].shape) != tuple(want[k].shape):
+            raise ValueError(
+                f"{where}: parameter {k!r} has shape {tuple(got[k].shape)}, "
+                f"the config expects {tuple(want[k].shape)}"
+            )
+
+
+def save_model(
+    out_dir: str | Path,
+    params: dict,
+    kind: str,
+    config,
+    tokenizer=None,
+    extra: dict[str, Any] | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write a model directory atomically. ``tokenizer``: a DPRTokenizer, a HF tokenizer or a path."""
+    import orbax.checkpoint as ocp
+
+    out_dir = Path(out_dir).absolute()
+    check_params(params, abstract_params(kind, config), f"save_model({out_dir})")
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir}: exists (pass overwrite=True to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / "params", params)
+        ckptr.wait_until_finished()
+        meta = {
+            "kind": kind,
+            "model": model_config_to_dict(kind, config),
+            "created_by": f"dpr-jax {__version__}",
+            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            **(extra or {}),
+        }
+        (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2))
+        if tokenizer is not None:
+            if isinstance(tokenizer, (str, Path)):
+                from dpr_jax.data.tokenize import DPRTokenizer
+
+                tokenizer = DPRTokenizer(tokenizer)
+            save = getattr(tokenizer, "save", None) or tokenizer.save_pretrained
+            save(str(tmp))
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_model_meta(model_dir: str | Path) -> dict[str, Any]:
+    model_dir = resolve_model_dir(model_dir)
+    path = model_dir / MODEL_JSON
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if meta.get("kind") not in KINDS:
+        raise ValueError(f"{path}: field 'kind' must be one of {KINDS}, got {meta.get('kind')!r}")
+    if "model" not in meta:
+        raise ValueError(f"{path}: field 'model' is missing")
+    return meta
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory, or a training workdir whose ``model/`` subdirectory is one."""
+    path = Path(path)
+    if (path / MODEL_JSON).is_file():
+        return path
+    if (path / "model" / MODEL_JSON).is_file():
+        return path / "model"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model directory")
+    raise FileNotFoundError(
+        f"{path}: not a dpr-jax model directory (no {MODEL_JSON}); convert one with "
+        "`dpr-jax convert --from-hf ...` or train one with `dpr-jax train`"
+    )
+
+
+def load_model(model_dir: str | Path, expect_kind: str | None = None):
+    """-> (kind, config, params, meta). Refuses a checkpoint that does not match its config."""
+    import orbax.checkpoint as ocp
+
+    model_dir = resolve_model_dir(model_dir)
+    meta = read_model_meta(model_dir)
+    kind = meta["kind"]
+    if expect_kind is not None and kind != expect_kind:
+        raise ValueError(f"{model_dir}: holds a {kind!r} model, expected {expect_kind!r}")
+    try:
+        config = model_config_from_dict(kind, meta["model"])
+    except (TypeError, KeyError, ValueError) as e:
+        raise ValueError(f"{model_dir / MODEL_JSON}: bad model config ({e})") from None
+    params_dir = model_dir / "params"
+    if not params_dir.is_dir():
+        raise FileNotFoundError(f"{params_dir}: parameters missing")
+    try:
+        params = ocp.StandardCheckpointer().restore(params_dir.absolute())
+    except Exception as e:  # orbax raises many types for truncated / foreign data
+        raise ValueError(
+            f"{params_dir}: cannot read the parameters ({type(e).__name__}: {e})"
+        ) from e
+    check_params(params, abstract_params(kind, config), str(params_dir))
+    return kind, config, params, meta
+
+
+def load_tokenizer(model_dir: str | Path):
+    from dpr_jax.data.tokenize import DPRTokenizer
+
+    return DPRTokenizer(resolve_model_dir(model_dir))

@@ -1,0 +1,94 @@
+"""Tokenization with DPR's input conventions (Karpukhin et al. 2020, sec. 3.1 and 5.1).
+
+- question:  ``[CLS] question [SEP]``
+- passage:   ``[CLS] title [SEP] text [SEP]`` with **all-zero token_type_ids**. This is what the
+  original DPR does (``BertTensorizer`` + ``segments = zeros_like(ids)``). Hugging Face's pair
+  encoding would give the text segment type 1; the towers here always feed zeros, so checkpoints
+  converted from the original DPR behave as they were trained.
+- reader:    ``[CLS] question [SEP] title [SEP] text [SEP]`` (built by the reader's own code).
+
+Length bucketing: with ``bucket=B`` a batch is padded to the next multiple of B above its
+longest sequence (capped at ``max_length``) instead of to ``max_length``, so short passages do not
+pay for 256 positions while the number of distinct shapes (and jit compilations) stays small.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
+
+
+def padded_length(longest: int, max_length: int, bucket: int | None) -> int:
+    if not bucket:
+        return max_length
+    return min(max_length, max(bucket, int(math.ceil(longest / bucket)) * bucket))
+
+
+class DPRTokenizer:
+    """Wraps a Hugging Face (fast) BERT tokenizer; returns numpy int32 (ids, mask)."""
+
+    def __init__(self, path: str | Path):
+        from transformers import AutoTokenizer
+
+        self.path = str(path)
+        try:
+            self.tok = AutoTokenizer.from_pretrained(self.path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot load a tokenizer from here ({e})") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tok)
+
+    def save(self, out_dir: str | Path) -> None:
+        self.tok.save_pretrained(str(out_dir))
+
+    def _pad(self, seqs: list[list[int]], max_length: int, bucket: int | None):
+        t = padded_length(max(len(s) for s in seqs), max_length, bucket)
+        ids = np.full((len(seqs), t), self.tok.pad_token_id, np.int32)
+        mask = np.zeros((len(seqs), t), np.int32)
+        for i, s in enumerate(seqs):
+            s = s[:t]
+            ids[i, : len(s)] = s
+            mask[i, : len(s)] = 1
+        return ids, mask
+
+    def questions(self, questions: list[str], max_length: int = 64, bucket: int | None = None):
+        """(B,) questions -> ids, mask: (B, T) int32."""
+        enc = self.tok(list(questions), truncation=True, max_length=max_length)
+        return self._pad(enc["input_ids"], max_length, bucket)
+
+    def passages(
+        self,
+        titles: list[str | None],
+        texts: list[str],
+        max_length: int = 256,
+        bucket: int | None = None,
+    ):
+        """``title [SEP] text`` (or just text when there is no title) -> ids, mask (B, T)."""
+        seqs: list[list[int]] = [None] * len(texts)  # type: ignore[list-item]
+        with_title = [i for i, t in enumerate(titles) if t]
+        without = [i for i, t in enumerate(titles) if not t]
+        if with_title:
+            enc = self.tok(
+                [titles[i] for i in with_title],
+                [texts[i] for i in with_title],
+                truncation="longest_first",
+                max_length=max_length,
+            )
+            for i, s in zip(with_title, enc["input_ids"]):
+                seqs[i] = s
+        if without:
+            enc = self.tok([texts[i] for i in without], truncation=True, max_length=max_length)
+            for i, s in zip(without, enc["input_ids"]):
+                seqs[i] = s
+        return self._pad(seqs, max_length, bucket)
