@@ -1,0 +1,216 @@
+"""Corpus and question encoding with the bi-encoder towers (Karpukhin et al. 2020, sec. 3.1 and 5).
+
+DPR encodes every passage of the corpus once, offline, with E_P and indexes the vectors; questions
+are encoded with E_Q at query time. ``encode_corpus``:
+
+- splits the corpus into ``num_shards`` contiguous shards (one per process / job, ``--shard i/n``)
+  and each shard into fixed-size chunks; a chunk is written atomically with its ids
+  (:class:`dpr_jax.embeddings.EmbeddingWriter`), so a killed job resumes at the first unfinished
+  chunk and never recomputes or corrupts a finished one;
+- within a chunk, passages are sorted by length and padded per batch to a multiple of ``bucket``
+  tokens (length bucketing: few shapes to compile, little padding), then restored to corpus order;
+- each batch is split across all local devices (data-parallel ``jax.jit`` over a 1-D mesh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dpr_jax.checkpoint import load_model, load_tokenizer, resolve_model_dir
+from dpr_jax.models.biencoder import BiEncoder
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TowerEncoder:
+    """A jitted tower of a bi-encoder model directory, data-parallel over the local devices.
+
+    ``tower``: "question" or "passage". ``compute_dtype``: "float32" or "bfloat16".
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        tower: str,
+        batch_size: int = 64,
+        max_length: int | None = None,
+        bucket: int | None = 32,
+        compute_dtype: str = "float32",
+        loaded=None,
+    ):
+        if tower not in ("question", "passage"):
+            raise ValueError(f"tower must be 'question' or 'passage', got {tower!r}")
+        self.model_dir = resolve_model_dir(model_dir)
+        _, self.config, params, self.meta = loaded or load_model(self.model_dir, "biencoder")
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.tower = tower
+        self.max_length = max_length or (64 if tower == "question" else 256)
+        self.bucket = bucket
+        devices = jax.local_devices()
+        self.mesh = Mesh(np.array(devices), ("data",))
+        n_dev = len(devices)
+        self.batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)  # a multiple of devices
+        self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
+        model = BiEncoder(self.config, dtype=DTYPES[compute_dtype])
+        method = model.encode_question if tower == "question" else model.encode_passage
+        data = NamedSharding(self.mesh, P("data"))
+
+        @partial(jax.jit, in_shardings=(NamedSharding(self.mesh, P()), data, data))
+        def _encode(params, ids, mask):
+            return model.apply({"params": params}, ids, mask, method=method)
+
+        self._encode = _encode
+
+    @property
+    def dim(self) -> int:
+        return self.config.embedding_dim
+
+    def _tokenize(self, items: Sequence) -> tuple[np.ndarray, np.ndarray]:
+        if self.tower == "question":
+            return self.tokenizer.questions(list(items), self.max_length, self.bucket)
+        titles = [p.title for p in items]
+        texts = [p.text for p in items]
+        return self.tokenizer.passages(titles, texts, self.max_length, self.bucket)
+
+    def _lengths(self, items: Sequence) -> np.ndarray:
+        texts = items if self.tower == "question" else [f"{p.title} {p.text}" for p in items]
+        return np.array([len(t) for t in texts])  # characters: a cheap proxy for sorting
+
+    def encode(self, items: Sequence, progress=None) -> np.ndarray:
+        """Questions (str) or passages (objects with .title, .text) -> (N, D) float32."""
+        n = len(items)
+        out = np.zeros((n, self.dim), np.float32)
+        order = np.argsort(-self._lengths(items), kind="stable") if self.bucket else np.arange(n)
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            ids, mask = self._tokenize([items[i] for i in idx])
+            pad = self.batch_size - len(idx)
+            if pad:  # keep one batch shape: fill with copies of a real row, dropped below
+                ids = np.concatenate([ids, np.repeat(ids[:1], pad, 0)])
+                mask = np.concatenate([mask, np.repeat(mask[:1], pad, 0)])
+            vecs = np.asarray(self._encode(self.params, ids, mask))
+            out[idx] = vecs[: len(idx)]
+            if progress is not None:
+                progress.update(len(idx))
+        return out
+
+
+def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
+    """Contiguous [start, stop) of shard ``shard`` of ``num_shards`` over n items."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} is not in [0, {num_shards})")
+    per = -(-n // num_shards)
+    return min(n, shard * per), min(n, (shard + 1) * per)
+
+
+def encode_corpus(
+    model_dir: str | Path,
+    passages: Sequence,
+    out_dir: str | Path,
+    shard: int = 0,
+    num_shards: int = 1,
+    chunk_size: int = 8192,
+    batch_size: int = 64,
+    max_length: int = 256,
+    bucket: int | None = 32,
+    out_dtype: str = "float16",
+    compute_dtype: str = "float32",
+    show_progress: bool = True,
+    max_chunks: int | None = None,
+) -> Path:
+    """Encode this shard's passages into ``out_dir`` (resumable). ``max_chunks`` stops early
+    (used by tests to simulate a killed job)."""
+    from tqdm.auto import tqdm
+
+    from dpr_jax.embeddings import EmbeddingWriter
+
+    if out_dtype not in ("float16", "float32"):
+        raise ValueError(f"out_dtype must be float16 or float32, got {out_dtype!r}")
+    enc = TowerEncoder(model_dir, "passage", batch_size, max_length, bucket, compute_dtype)
+    start, stop = shard_range(len(passages), shard, num_shards)
+    config = {
+        "model_dir": str(enc.model_dir),
+        "model": enc.meta["model"],
+        "tower": "passage",
+        "num_passages": len(passages),
+        "shard": shard,
+        "num_shards": num_shards,
+        "shard_range": [start, stop],
+        "chunk_size": chunk_size,
+        "max_length": max_length,
+        "bucket": bucket,
+        "dtype": out_dtype,
+        "compute_dtype": compute_dtype,
+        "dim": enc.dim,
+    }
+    writer = EmbeddingWriter(out_dir, shard=shard, num_shards=num_shards, config=config)
+    done = writer.done_chunks()
+    chunks = list(range(-(-(stop - start) // chunk_size)))
+    todo = [c for c in chunks if c not in done]
+    if max_chunks is not None:
+        todo = todo[:max_chunks]
+    total = sum(min(chunk_size, stop - start - c * chunk_size) for c in todo)
+    bar = tqdm(total=total, desc=f"encode shard {shard}/{num_shards}", unit="psg",
+               disable=not show_progress)  # fmt: skip
+    for c in todo:
+        lo = start + c * chunk_size
+        hi = min(stop, lo + chunk_size)
+        chunk = passages[lo:hi]
+        emb = enc.encode(chunk, progress=bar).astype(out_dtype)
+        writer.write_chunk(c, np.array([str(p.id) for p in chunk]), emb)
+    bar.close()
+    return Path(out_dir)
+
+
+def _read_passages(path: str):
+    from dpr_jax.data.formats import read_passages_tsv
+
+    if path.endswith(".json"):
+        from dpr_jax.data.squad import load_squad, squad_passages
+
+        return squad_passages(load_squad(path))
+    return read_passages_tsv(path)
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="dpr-jax encode",
+        description="Encode a passage corpus (psgs_w100-style TSV) with a bi-encoder's passage "
+        "tower into resumable .npy embedding shards.",
+    )
+    ap.add_argument("--checkpoint", "--model", dest="model", required=True,
+                    help="bi-encoder model directory (or training workdir)")  # fmt: skip
+    ap.add_argument("--passages", required=True, help="passages TSV (id, text, title)")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--shard", default="0/1", help="i/n: encode the i-th of n contiguous shards")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--bucket", type=int, default=32, help="pad to a multiple of this (0: off)")
+    ap.add_argument("--chunk-size", type=int, default=8192, help="passages per resumable chunk")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    ap.add_argument("--compute-dtype", default="float32", choices=sorted(DTYPES))
+    args = ap.parse_args(argv)
+    try:
+        shard, num_shards = (int(x) for x in args.shard.split("/"))
+    except ValueError:
+        ap.error(f"--shard must look like i/n, got {args.shard!r}")
+    t0 = time.time()
+    passages = _read_passages(args.passages)
+    print(f"{len(passages):,} passages from {args.passages}", file=sys.stderr)
+    encode_corpus(
+        args.model, passages, args.out, shard, num_shards, args.chunk_size, args.batch_size,
+        args.max_length, args.bucket or None, args.dtype, args.compute_dtype,
+    )  # fmt: skip
+    print(f"encoded into {args.out} in {time.time() - t0:.1f}s", file=sys.stderr)
+    return 0
