@@ -1,0 +1,618 @@
+"""DPR's plain data formats (Karpukhin et al. 2020, sec. 4 "Experimental Setup" and the DPR repo).
+
+Everything the project reads or writes is one of the formats DPR published, so its files,
+pyserini's and ours are interchangeable:
+
+- **passages TSV** (``psgs_w100.tsv``, sec. 4.1: Wikipedia split into 100-word passages)::
+
+      id<TAB>text<TAB>title          header line
+      1<TAB>"Aaron Aaron ( or ; ""Ahärôn"") is ..."<TAB>Aaron
+
+  read with the ``csv`` module (tab delimiter, ``"`` quoting with doubled quotes, as DPR's
+  ``CsvCtxSrc`` does); ``.gz`` files are read and written transparently. Unlike DPR we do not
+  additionally ``strip('"')`` the text, so a passage that begins with a quotation mark survives a
+  write/read round trip.
+- **qas** (``nq-test.csv``, tab separated despite the name): ``question<TAB>answers`` where
+  ``answers`` is a Python list literal (``['Linda Davis']``), parsed with ``ast.literal_eval``
+  (never ``eval``); an optional third column is the question id. :func:`read_qas` also reads
+  NQ-open JSONL (``{"question": ..., "answer": [...]}``) and SQuAD JSON (via
+  :mod:`dpr_jax.data.squad`).
+- **biencoder JSON** (``biencoder-nq-train.json``): a list of
+  ``{question, answers, positive_ctxs, negative_ctxs, hard_negative_ctxs}``, each ctx
+  ``{title, text, passage_id?, score?}``. JSON list, JSONL, optionally gzipped.
+- **retrieval results JSON** (``dense_retriever.py`` output): a list of
+  ``{question, answers, ctxs: [{id, title, text, score, has_answer}]}``.
+- **reader predictions JSON** (``train_extractive_reader.py`` output): a list of
+  ``{question, gold_answers, predictions: [{top_k, prediction: {text, score, relevance_score,
+  passage_idx, passage}}]}``.
+
+Every reader validates its input and raises ``ValueError`` naming the file and the line (TSV,
+JSONL) or record index (JSON). Every writer is atomic: it writes a temporary file in the target's
+directory and ``os.replace``s it into place, so a crash never leaves a half-written file where a
+good one was. Writers take an optional ``config`` dict that is saved beside the artifact as
+``<file>.config.json`` (the formats themselves have no room for it).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import csv
+import dataclasses
+import gzip
+import io
+import json
+import logging
+import math
+import os
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+logger = logging.getLogger(__name__)
+
+PASSAGES_HEADER = ("id", "text", "title")
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def _is_gzip(path: Path) -> bool:
+    if path.suffix == ".gz":
+        return True
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def open_text(path: str | Path, newline: str | None = None) -> IO[str]:
+    """Open ``path`` for reading as UTF-8 text, gunzipping ``.gz`` (or gzip-magic) files."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if _is_gzip(path):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline=newline)
+    return open(path, encoding="utf-8", newline=newline)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, newline: str | None = None) -> Iterator[IO[str]]:
+    """Write text to ``path`` atomically (gzipped when it ends in ``.gz``).
+
+    The data goes to a hidden temporary file in the same directory, is flushed and fsynced, and
+    is renamed over ``path`` only when the ``with`` block finishes without an exception.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(tmp, "wt", encoding="utf-8", newline=newline) as f:
+                yield f
+        else:
+            with open(tmp, "x", encoding="utf-8", newline=newline) as f:
+                yield f
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    with atomic_open(path) as f:
+        f.write(text)
+    return Path(path)
+
+
+def write_config(path: str | Path, config: dict[str, Any] | None) -> Path | None:
+    """Save ``config`` as ``<path>.config.json`` (nothing when ``config`` is None)."""
+    if config is None:
+        return None
+    out = Path(f"{path}.config.json")
+    atomic_write_text(out, json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    return out
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, record) for a JSON list or a JSONL file; where = "record i" / "line n"."""
+    with open_text(path) as f:
+        head = ""
+        while True:
+            ch = f.read(1)
+            if not ch or not ch.isspace():
+                head = ch
+                break
+        if head == "[":
+            f.seek(0)
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: invalid JSON ({e})") from None
+            for i, rec in enumerate(data):
+                yield f"record {i}", rec
+            return
+        if head not in ("{", ""):
+            raise ValueError(f"{path}: expected a JSON list or JSON lines, starts with {head!r}")
+        f.seek(0)
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: invalid JSON ({e})") from None
+            yield f"line {n}", rec
+
+
+def _fmt_json_list(records: Iterable[Any], f: IO[str]) -> None:
+    """A JSON list with one record per line: valid JSON, greppable, diffable."""
+    f.write("[")
+    for i, rec in enumerate(records):
+        f.write(",\n" if i else "\n")
+        f.write(json.dumps(rec, ensure_ascii=False))
+    f.write("\n]\n")
+
+
+def _write_records(path: str | Path, records: Iterable[Any]) -> Path:
+    path = Path(path)
+    jsonl = path.name.endswith((".jsonl", ".jsonl.gz"))
+    with atomic_open(path) as f:
+        if jsonl:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        else:
+            _fmt_json_list(records, f)
+    return path
+
+
+def _check_str(value: Any, where: str, field: str, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _check_answers(value: Any, where: str, field: str = "answers") -> list[str]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(a, str) for a in value):
+        raise ValueError(f"{where}: field {field!r} must be a list of strings, got {value!r:.80}")
+    return list(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Passages
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Passage:
+    """One retrieval unit: DPR's 100-word passage with its article title."""
+
+    id: str
+    text: str
+    title: str = ""
+
+
+def read_passages_tsv(path: str | Path, check_unique: bool = True) -> list[Passage]:
+    """Read a DPR passages TSV (``id, text, title``; header optional; ``.gz`` allowed)."""
+    path = Path(path)
+    out: list[Passage] = []
+    seen: set[str] = set()
+    with open_text(path, newline="") as f:
+        reader = csv.reader(f, delimiter="\t")
+        try:
+            for row in reader:
+                line = reader.line_num
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue
+                if not out and tuple(c.strip().lower() for c in row) == PASSAGES_HEADER:
+                    continue
+                if len(row) != 3:
+                    raise ValueError(
+                        f"{path}, line {line}: expected 3 tab-separated columns "
+                        f"(id, text, title), got {len(row)}"
+                    )
+                pid, text, title = row
+                if not pid.strip():
+                    raise ValueError(f"{path}, line {line}: empty passage id")
+                if check_unique:
+                    if pid in seen:
+                        raise ValueError(f"{path}, line {line}: duplicate passage id {pid!r}")
+                    seen.add(pid)
+                out.append(Passage(pid, text, title))
+        except csv.Error as e:
+            raise ValueError(f"{path}, line {reader.line_num}: {e}") from None
+    return out
+
+
+def write_passages_tsv(
+    path: str | Path, passages: Iterable[Passage], config: dict[str, Any] | None = None
+) -> Path:
+    """Write passages as DPR's TSV (with header), atomically."""
+    with atomic_open(path, newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(PASSAGES_HEADER)
+        for p in passages:
+            w.writerow((p.id, p.text, p.title))
+    write_config(path, config)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Questions
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    question: str
+    answers: list[str]
+    id: str | None = None
+
+
+def _parse_answers_literal(text: str, where: str) -> list[str]:
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
+        raise ValueError(
+            f"{where}: answers column is not a list literal ({e}): {text!r:.80}"
+        ) from None
+    return _check_answers(value, where)
+
+
+def _read_qas_tsv(path: Path) -> list[Question]:
+    out = []
+    with open_text(path, newline="") as f:
+        reader = csv.reader(f, delimiter="\t")
+        try:
+            for row in reader:
+                where = f"{path}, line {reader.line_num}"
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue
+                if len(row) not in (2, 3):
+                    raise ValueError(
+                        f"{where}: expected 2 or 3 tab-separated columns "
+                        f"(question, answers[, id]), got {len(row)}"
+                    )
+                answers = _parse_answers_literal(row[1], where)
+                out.append(Question(row[0], answers, row[2] if len(row) == 3 else None))
+        except csv.Error as e:
+            raise ValueError(f"{path}, line {reader.line_num}: {e}") from None
+    return out
+
+
+def _question_from_record(rec: Any, where: str) -> Question:
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    question = _check_str(rec.get("question"), where, "question")
+    if "answers" in rec:
+        answers = _check_answers(rec["answers"], where, "answers")
+    elif "answer" in rec:
+        answers = _check_answers(rec["answer"], where, "answer")
+    else:
+        raise ValueError(f"{where}: no 'answer' or 'answers' field")
+    qid = rec.get("id")
+    return Question(question, answers, None if qid is None else str(qid))
+
+
+def read_qas(path: str | Path) -> list[Question]:
+    """Questions with answers from a DPR qas TSV/CSV, NQ-open JSONL or SQuAD JSON file.
+
+    - ``*.json`` holding ``{"data": [...]}``: SQuAD v1.1 (every question of every paragraph);
+      holding a list: records with ``question`` and ``answers`` (or ``answer``), e.g. a
+      retrieval-results or biencoder file.
+    - ``*.jsonl[.gz]``: one ``{"question": ..., "answer"|"answers": [...], "id"?}`` per line.
+    - anything else: tab-separated ``question, answers-list-literal[, id]``.
+    """
+    path = Path(path)
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    if name.endswith(".json"):
+        with open_text(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: invalid JSON ({e})") from None
+        if isinstance(data, dict) and "data" in data:
+            from dpr_jax.data.squad import parse_squad, squad_questions
+
+            return squad_questions(parse_squad(data, path))
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected SQuAD JSON ({{'data': ...}}) or a list of records")
+        return [_question_from_record(r, f"{path}, record {i}") for i, r in enumerate(data)]
+    if name.endswith(".jsonl"):
+        return [_question_from_record(r, f"{path}, {w}") for w, r in _json_records(path)]
+    return _read_qas_tsv(path)
+
+
+def write_qas_tsv(
+    path: str | Path, questions: Iterable[Question], config: dict[str, Any] | None = None
+) -> Path:
+    """DPR qas TSV: ``question<TAB>['answer', ...]`` (+ ``<TAB>id`` when every question has one).
+
+    The answers column is the Python ``repr`` of the list, as in DPR's files (DPR reads it with
+    ``eval``, we with ``ast.literal_eval``).
+    """
+    questions = list(questions)
+    with_ids = bool(questions) and all(q.id is not None for q in questions)
+    with atomic_open(path, newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        for q in questions:
+            row = [q.question, repr([str(a) for a in q.answers])]
+            w.writerow(row + [q.id] if with_ids else row)
+    write_config(path, config)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bi-encoder training data
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """A positive / negative passage of a biencoder record (``passage_id`` is optional)."""
+
+    text: str
+    title: str = ""
+    id: str | None = None
+    score: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"title": self.title, "text": self.text}
+        if self.score is not None:
+            d["score"] = self.score
+        if self.id is not None:
+            d["passage_id"] = self.id
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class BiencoderExample:
+    question: str
+    answers: list[str]
+    positive_ctxs: list[Context]
+    negative_ctxs: list[Context] = dataclasses.field(default_factory=list)
+    hard_negative_ctxs: list[Context] = dataclasses.field(default_factory=list)
+    id: str | None = None
+    dataset: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        if self.dataset is not None:
+            d["dataset"] = self.dataset
+        if self.id is not None:
+            d["id"] = self.id
+        d.update(
+            question=self.question,
+            answers=list(self.answers),
+            positive_ctxs=[c.to_json() for c in self.positive_ctxs],
+            negative_ctxs=[c.to_json() for c in self.negative_ctxs],
+            hard_negative_ctxs=[c.to_json() for c in self.hard_negative_ctxs],
+        )
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class BiencoderStats:
+    """What :func:`read_biencoder` kept: ``records`` read, ``kept``, ``skipped_no_positive``."""
+
+    records: int
+    kept: int
+    skipped_no_positive: int
+
+
+def _ctx(value: Any, where: str) -> Context:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(value).__name__}")
+    text = _check_str(value.get("text"), where, "text")
+    title = _check_str(value.get("title"), where, "title", optional=True) or ""
+    pid = value.get("passage_id", value.get("id"))
+    score = value.get("score")
+    if score is not None:
+        try:
+            score = float(score)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: field 'score' is not a number: {score!r:.40}") from None
+    return Context(text, title, None if pid is None else str(pid), score)
+
+
+def _ctx_list(rec: dict, key: str, where: str) -> list[Context]:
+    value = rec.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: field {key!r} must be a list, got {type(value).__name__}")
+    return [_ctx(c, f"{where}, {key}[{j}]") for j, c in enumerate(value)]
+
+
+def read_biencoder(path: str | Path) -> tuple[list[BiencoderExample], BiencoderStats]:
+    """Read DPR biencoder training data (JSON list or JSONL, optionally ``.gz``).
+
+    Returns ``(examples, stats)``. Records without any ``positive_ctxs`` are skipped (DPR
+    filters them the same way, they cannot give a training signal) and counted in
+    ``stats.skipped_no_positive``; a count > 0 is also logged. A malformed record raises
+    ``ValueError`` naming the file and the record index (JSON) or line (JSONL).
+    """
+    path = Path(path)
+    examples: list[BiencoderExample] = []
+    records = skipped = 0
+    for w, rec in _json_records(path):
+        where = f"{path}, {w}"
+        records += 1
+        if not isinstance(rec, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        question = _check_str(rec.get("question"), where, "question")
+        answers = _check_answers(rec.get("answers", []), where)
+        positives = _ctx_list(rec, "positive_ctxs", where)
+        negatives = _ctx_list(rec, "negative_ctxs", where)
+        hard = _ctx_list(rec, "hard_negative_ctxs", where)
+        if not positives:
+            skipped += 1
+            continue
+        qid = rec.get("id")
+        dataset = rec.get("dataset")
+        examples.append(
+            BiencoderExample(
+                question,
+                answers,
+                positives,
+                negatives,
+                hard,
+                None if qid is None else str(qid),
+                dataset if isinstance(dataset, str) else None,
+            )  # fmt: skip
+        )
+    if skipped:
+        logger.info("%s: skipped %d of %d records without positive_ctxs", path, skipped, records)
+    return examples, BiencoderStats(records, len(examples), skipped)
+
+
+def write_biencoder(
+    path: str | Path, examples: Iterable[BiencoderExample], config: dict[str, Any] | None = None
+) -> Path:
+    """Write DPR biencoder JSON (a list; JSONL when the name ends in ``.jsonl[.gz]``)."""
+    out = _write_records(path, (e.to_json() for e in examples))
+    write_config(path, config)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval results and reader predictions
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
+
+
+def _score(value: Any, where: str) -> float:
+    if value is None:
+        return float("nan")
+    try:
+        return float(value)  # DPR writes scores as numbers or as strings
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: field 'score' is not a number: {value!r:.40}") from None
+
+
+def _result_record(rec: Any, where: str) -> dict[str, Any]:
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    question = _check_str(rec.get("question"), where, "question")
+    answers = _check_answers(rec.get("answers"), where)
+    ctxs = rec.get("ctxs")
+    if not isinstance(ctxs, list):
+        raise ValueError(f"{where}: field 'ctxs' must be a list, got {type(ctxs).__name__}")
+    out_ctxs = []
+    for j, c in enumerate(ctxs):
+        cw = f"{where}, ctxs[{j}]"
+        if not isinstance(c, dict):
+            raise ValueError(f"{cw}: expected a JSON object, got {type(c).__name__}")
+        if c.get("id") is None:
+            raise ValueError(f"{cw}: missing field 'id'")
+        ctx = {
+            "id": str(c["id"]),
+            "title": _check_str(c.get("title"), cw, "title", optional=True) or "",
+            "text": _check_str(c.get("text"), cw, "text", optional=True) or "",
+            "score": _score(c.get("score"), cw),
+        }
+        flag = c.get("has_answer")
+        if flag is not None:
+            if not isinstance(flag, bool):
+                raise ValueError(f"{cw}: field 'has_answer' must be true/false, got {flag!r:.20}")
+            ctx["has_answer"] = flag
+        out_ctxs.append(ctx)
+    return {"question": question, "answers": answers, "ctxs": out_ctxs}
+
+
+def read_retrieval_results(path: str | Path) -> list[dict[str, Any]]:
+    """DPR retrieval-results JSON -> list of validated ``{question, answers, ctxs}`` dicts.
+
+    ``ctxs[j]`` has ``id`` (str), ``title``, ``text``, ``score`` (float; NaN if absent) and
+    ``has_answer`` when the file stores it.
+    """
+    path = Path(path)
+    return [_result_record(r, f"{path}, {w}") for w, r in _json_records(path)]
+
+
+def _clean_float(x: Any) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def write_retrieval_results(
+    path: str | Path, results: Sequence[Any], config: dict[str, Any] | None = None
+) -> Path:
+    """Write retrieval results (dicts or objects with question/answers/ctxs) as DPR's JSON.
+
+    Non-finite scores (e.g. -inf padding) are written as ``null``.
+    """
+
+    def records():
+        for r in results:
+            ctxs = []
+            for c in _get(r, "ctxs"):
+                d = {
+                    "id": str(_get(c, "id")),
+                    "title": _get(c, "title", "") or "",
+                    "text": _get(c, "text", "") or "",
+                    "score": _clean_float(_get(c, "score", float("nan"))),
+                }
+                if _get(c, "has_answer") is not None:
+                    d["has_answer"] = bool(_get(c, "has_answer"))
+                ctxs.append(d)
+            yield {"question": _get(r, "question"), "answers": list(_get(r, "answers")),
+                   "ctxs": ctxs}  # fmt: skip
+
+    out = _write_records(path, records())
+    write_config(path, config)
+    return out
+
+
+PREDICTION_FIELDS = ("text", "score", "relevance_score", "passage_idx", "passage")
+
+
+def _prediction_record(rec: Any, where: str) -> dict[str, Any]:
+    question = _get(rec, "question")
+    gold = _get(rec, "gold_answers")
+    preds = _get(rec, "predictions")
+    if not isinstance(question, str):
+        raise ValueError(f"{where}: field 'question' must be a string")
+    _check_answers(gold, where, "gold_answers")
+    if not isinstance(preds, (list, tuple)):
+        raise ValueError(f"{where}: field 'predictions' must be a list")
+    out = []
+    for j, p in enumerate(preds):
+        pw = f"{where}, predictions[{j}]"
+        pred = _get(p, "prediction")
+        if _get(p, "top_k") is None or pred is None:
+            raise ValueError(f"{pw}: needs 'top_k' and 'prediction'")
+        missing = [k for k in PREDICTION_FIELDS if _get(pred, k) is None]
+        if missing:
+            raise ValueError(f"{pw}: prediction lacks {missing}")
+        out.append({
+            "top_k": int(_get(p, "top_k")),
+            "prediction": {
+                "text": str(_get(pred, "text")),
+                "score": float(_get(pred, "score")),
+                "relevance_score": float(_get(pred, "relevance_score")),
+                "passage_idx": int(_get(pred, "passage_idx")),
+                "passage": str(_get(pred, "passage")),
+            },
+        })  # fmt: skip
+    return {"question": question, "gold_answers": list(gold), "predictions": out}
+
+
+def write_reader_predictions(
+    path: str | Path, predictions: Sequence[Any], config: dict[str, Any] | None = None
+) -> Path:
+    """Write DPR reader predictions JSON (validated; dicts or objects with the same fields)."""
+    records = [_prediction_record(r, f"prediction {i}") for i, r in enumerate(predictions)]
+    out = _write_records(path, records)
+    write_config(path, config)
+    return out
+
+
+def read_reader_predictions(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    return [_prediction_record(r, f"{path}, {w}") for w, r in _json_records(path)]
