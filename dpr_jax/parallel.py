@@ -1,0 +1,129 @@
+"""Devices, meshes and global batches for data-parallel DPR training.
+
+DPR trains with in-batch negatives over the whole global batch (Karpukhin et al. 2020, sec. 3.2,
+batch size 128 over 8 GPUs). dpr-jax lays the global batch along one mesh axis, ``"data"``, over
+every device of every process: each device holds B/n whole question groups (see
+:mod:`dpr_jax.losses` for the layout), parameters are replicated, and the loss gathers passages
+across the axis. Each process loads only its own rows (:func:`process_slice`) and
+:func:`global_batch_from_local` assembles them into global ``jax.Array`` s without copying
+other processes' data.
+
+Multi-process runs call :func:`initialize_distributed` before anything touches a device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: int | Sequence[int] | None = None,
+) -> None:
+    """``jax.distributed.initialize``, with gloo collectives for CPU processes.
+
+    Call once per process, before any other JAX call that touches devices. With all arguments
+    None, JAX auto-detects the cluster (SLURM, TPU pods, ...). On CPU, cross-process collectives
+    need the gloo implementation; it is selected here (it has no effect on GPU/TPU).
+    """
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id {process_id} not in [0, {num_processes})")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        local_device_ids=local_device_ids,
+    )
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None, axis: str = DATA_AXIS) -> Mesh:
+    """A 1-D mesh named ``axis`` over ``devices`` (default: every device of every process).
+
+    Devices are ordered by (process, id), so each process's devices are one contiguous block of
+    the axis and hence of the batch.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("make_mesh: no devices")
+    devices.sort(key=lambda d: (d.process_index, d.id))
+    return Mesh(np.asarray(devices), (axis,))
+
+
+def batch_sharding(mesh: Mesh, axis: str = DATA_AXIS) -> NamedSharding:
+    """Leading (batch) axis split over ``axis``; other axes whole."""
+    return NamedSharding(mesh, P(axis))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device of ``mesh`` (parameters, optimizer state, rng)."""
+    return NamedSharding(mesh, P())
+
+
+def process_slice(
+    global_batch_size: int, mesh: Mesh | None = None, axis: str = DATA_AXIS
+) -> tuple[int, int]:
+    """Rows [start, stop) of a global batch that this process loads.
+
+    With ``mesh`` the rows are those of this process's devices along ``axis`` (they must be
+    contiguous, as :func:`make_mesh` guarantees); without it the batch is split evenly by
+    ``jax.process_index()``. Raises ValueError if the split is not even.
+    """
+    if mesh is None:
+        n, i = jax.process_count(), jax.process_index()
+        if global_batch_size % n:
+            raise ValueError(
+                f"global batch size {global_batch_size} is not divisible by the {n} processes"
+            )
+        per = global_batch_size // n
+        return i * per, (i + 1) * per
+    devices = list(mesh.devices.reshape(-1)) if len(mesh.axis_names) == 1 else None
+    if devices is None:
+        raise ValueError(f"process_slice expects a 1-D mesh, got axes {mesh.axis_names}")
+    n_dev = len(devices)
+    if global_batch_size % n_dev:
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by the {n_dev} devices "
+            f"of mesh axis {axis!r}"
+        )
+    per_dev = global_batch_size // n_dev
+    mine = [k for k, d in enumerate(devices) if d.process_index == jax.process_index()]
+    if not mine:
+        raise ValueError("process_slice: this process owns no device of the mesh")
+    if mine != list(range(mine[0], mine[-1] + 1)):
+        raise ValueError(
+            f"process_slice: this process's devices are not contiguous on axis {axis!r} "
+            f"(positions {mine}); build the mesh with make_mesh"
+        )
+    return mine[0] * per_dev, (mine[-1] + 1) * per_dev
+
+
+def global_batch_from_local(
+    local_batch: Mapping[str, Any], mesh: Mesh, axis: str = DATA_AXIS
+) -> dict[str, jax.Array]:
+    """Global arrays sharded over ``axis`` from this process's rows (see :func:`process_slice`).
+
+    ``local_batch`` maps field names to host arrays whose leading axis holds this process's rows
+    of the global batch (for the DPR batch, the question fields have B/num_processes rows and the
+    passage fields B*G/num_processes). In a single process this is just a sharded device_put.
+    """
+    sharding = batch_sharding(mesh, axis)
+    out = {}
+    for name, x in local_batch.items():
+        x = np.asarray(x)
+        if x.ndim == 0:
+            raise ValueError(f"batch field {name!r} is a scalar; every field needs a batch axis")
+        out[name] = jax.make_array_from_process_local_data(sharding, x)
+    return out

@@ -1,0 +1,373 @@
+"""DPR bi-encoder train and eval steps over a device mesh (Karpukhin et al. 2020, sec. 3.2, 5.1).
+
+One step encodes the global batch's questions and passages, scores every question against every
+passage of every device (:func:`dpr_jax.losses.sharded_dpr_loss`, inside ``jax.shard_map``: each
+device scores its questions against the ``all_gather`` ed passages of all devices) and applies
+the optimizer to the gradient of the mean NLL over the global batch. It is a pure function::
+
+    train_step(state, batch, rng) -> (state, metrics)
+
+jitted with explicit shardings: ``state`` replicated (and donated), ``batch`` split along its
+leading axis over the mesh axis ``"data"``, ``rng`` replicated.
+
+Batch layout (global; see :mod:`dpr_jax.losses`)::
+
+    q_ids   (B, Tq) int32    q_mask (B, Tq)
+    p_ids   (B*G, Tp) int32  p_mask (B*G, Tp)   # question i: positive i*G, hard negs i*G+1..
+    valid   (B,) float32     optional question weight, 0 for padding questions
+    p_valid (B*G,) float32   optional, 0 for padding passages
+
+Dropout. Each *example* draws its own dropout key, ``fold_in(k, global_index)`` with
+``k = fold_in(fold_in(rng, step), 0 | 1)`` (0 questions, 1 passages): the masks depend neither on
+the number of devices nor on gradient-cache chunking, so an 8-device step equals a 1-device step
+and a cached step equals an uncached one with dropout on (the tests check both). The encoder is
+``vmap`` ped over examples for this; with zero dropout rates the plain batched encoder runs.
+
+Gradient caching (GradCache, Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under
+Memory Limited Setup"), ``grad_cache_chunk=c``: (1) encode each tower in chunks of ``c``
+sequences per device without building a backward pass; (2) compute the full cross-device loss
+and its gradient with respect to the embeddings; (3) re-encode each chunk under ``jax.vjp`` with
+the same dropout keys and accumulate parameter gradients from the cached embedding gradients
+(``lax.scan``, so activation memory is that of one chunk). The loss keeps *every* negative of the
+global batch: unlike micro-batch accumulation it does not shrink the in-batch negatives. It costs
+one extra forward pass of both towers.
+
+Precision: parameters and optimizer state stay float32 (master weights); the model's ``dtype``
+sets the compute dtype of the encoders; encoder outputs, scores and the loss are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from dpr_jax.losses import sharded_dpr_loss
+from dpr_jax.models.biencoder import BiEncoder
+from dpr_jax.parallel import DATA_AXIS, batch_sharding, replicated
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+
+REQUIRED_FIELDS = ("q_ids", "q_mask", "p_ids", "p_mask")
+OPTIONAL_FIELDS = ("valid", "p_valid")
+_QUESTION_ROWS = ("q_ids", "q_mask", "valid")  # fields with B rows; the others have B*G
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step updates: ``{step, params, opt_state}`` (what checkpoints save)."""
+
+    step: Array
+    params: Any
+    opt_state: Any
+
+    @classmethod
+    def create(cls, params: Any, tx: optax.GradientTransformation) -> TrainState:
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """How questions are scored: G = 1 + hard negatives, score scale, in-batch negatives on/off."""
+
+    group_size: int
+    scale: float = 1.0
+    in_batch: bool = True
+
+    def __post_init__(self):
+        if self.group_size < 1:
+            raise ValueError(f"LossConfig.group_size must be >= 1, got {self.group_size}")
+        if not self.scale > 0:
+            raise ValueError(f"LossConfig.scale must be > 0, got {self.scale}")
+
+    @classmethod
+    def coerce(cls, cfg: LossConfig | Mapping[str, Any] | Any) -> LossConfig:
+        """Accepts a LossConfig, a mapping, or any object with the fields as attributes."""
+        if isinstance(cfg, cls):
+            return cfg
+        names = [f.name for f in dataclasses.fields(cls)]
+        if isinstance(cfg, Mapping):
+            unknown = set(cfg) - set(names)
+            if unknown:
+                raise ValueError(f"unknown loss config fields {sorted(unknown)} (have {names})")
+            return cls(**cfg)
+        return cls(**{n: getattr(cfg, n) for n in names if hasattr(cfg, n)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoders with per-example dropout keys
+
+
+def _tower_names(model: BiEncoder) -> tuple[str, str]:
+    """Parameter subtrees used by the question and passage towers."""
+    q = "question_encoder"
+    return q, (q if model.config.shared else "ctx_encoder")
+
+
+def _has_dropout(model: BiEncoder) -> bool:
+    b = model.config.bert
+    return b.hidden_dropout_prob > 0 or b.attention_probs_dropout_prob > 0
+
+
+def _make_encoder(model: BiEncoder, method: str, tower: str) -> Callable:
+    """``enc(tower_params, ids, mask, keys) -> (N, D) float32``; ``keys`` None: deterministic."""
+
+    def enc(tower_params, ids, mask, keys):
+        variables = {"params": {tower: tower_params}}
+        if keys is None:
+            return model.apply(variables, ids, mask, True, method=method)
+
+        def one(i, m, k):  # one example, its own dropout key
+            out = model.apply(
+                variables, i[None], m[None], False, rngs={"dropout": k}, method=method
+            )
+            return out[0]
+
+        return jax.vmap(one)(ids, mask, keys)
+
+    return enc
+
+
+def _example_keys(key: Array, start: Array, n: int) -> Array:
+    """Keys fold_in(key, start + j) for j < n: one per example, by its global batch index."""
+    return jax.vmap(lambda j: jax.random.fold_in(key, j))(start + jnp.arange(n))
+
+
+def _chunked(x: Array | None, chunk: int) -> Array | None:
+    if x is None:
+        return None
+    return x.reshape((x.shape[0] // chunk, chunk) + x.shape[1:])
+
+
+def _encode_chunks(enc, tower_params, chunk, ids, mask, keys) -> Array:
+    """Forward only, ``chunk`` sequences at a time (no residuals kept for a backward pass)."""
+    xs = (_chunked(ids, chunk), _chunked(mask, chunk), _chunked(keys, chunk))
+    out = jax.lax.map(lambda a: enc(tower_params, *a), xs)  # (N/c, c, D)
+    return out.reshape((ids.shape[0],) + out.shape[2:])
+
+
+def _vjp_chunks(enc, tower_params, chunk, ids, mask, keys, emb_grad, acc):
+    """acc + sum over chunks of (d emb_chunk / d params)^T emb_grad_chunk; one chunk in memory."""
+
+    def body(acc, a):
+        i, m, k, g = a
+        _, vjp = jax.vjp(lambda prm: enc(prm, i, m, k), tower_params)
+        (grad,) = vjp(g)
+        return jax.tree.map(jnp.add, acc, grad), None
+
+    xs = tuple(_chunked(x, chunk) for x in (ids, mask, keys, emb_grad))
+    acc, _ = jax.lax.scan(body, acc, xs)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch checks
+
+
+def check_batch(batch: Batch, group_size: int, num_shards: int, chunk: int | None = None) -> None:
+    """Raises ValueError naming the field if ``batch`` does not follow the DPR batch layout."""
+    missing = [k for k in REQUIRED_FIELDS if k not in batch]
+    if missing:
+        raise ValueError(f"batch is missing fields {missing} (needs {list(REQUIRED_FIELDS)})")
+    unknown = sorted(set(batch) - set(REQUIRED_FIELDS) - set(OPTIONAL_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"batch has unknown fields {unknown} (allowed: {list(REQUIRED_FIELDS + OPTIONAL_FIELDS)})"
+        )
+    b = batch["q_ids"].shape[0]
+    for name, x in batch.items():
+        rows = b if name in _QUESTION_ROWS else b * group_size
+        want_ndim = 1 if name in OPTIONAL_FIELDS else 2
+        if x.ndim != want_ndim or x.shape[0] != rows:
+            what = "B" if name in _QUESTION_ROWS else f"B*G = {b}*{group_size}"
+            raise ValueError(
+                f"batch field {name!r} has shape {tuple(x.shape)}, expected {want_ndim}-D with "
+                f"{what} = {rows} rows"
+            )
+    for a, m in (("q_ids", "q_mask"), ("p_ids", "p_mask")):
+        if batch[a].shape != batch[m].shape:
+            raise ValueError(
+                f"batch fields {a!r} {tuple(batch[a].shape)} and {m!r} "
+                f"{tuple(batch[m].shape)} differ in shape"
+            )
+    if b % num_shards:
+        raise ValueError(
+            f"batch field 'q_ids': {b} questions do not split over {num_shards} devices"
+        )
+    if chunk is not None and (b // num_shards) % chunk:
+        raise ValueError(
+            f"grad_cache_chunk {chunk} does not divide the {b // num_shards} questions per device "
+            f"(batch field 'q_ids' has {b} rows over {num_shards} devices)"
+        )
+
+
+class CheckedStep:
+    """A jitted step that checks the batch layout (shapes only, microseconds) before each call,
+    so a malformed batch fails with a message naming the field rather than a sharding error.
+    ``lower`` gives AOT lowering; ``jitted`` is the bare ``jax.jit`` function."""
+
+    def __init__(self, jitted: Callable, check: Callable[[Batch], None]):
+        self.jitted = jitted
+        self._check = check
+
+    def __call__(self, state_or_params, batch: Batch, *rest):
+        self._check(batch)
+        return self.jitted(state_or_params, batch, *rest)
+
+    def lower(self, state_or_params, batch: Batch, *rest):
+        self._check(batch)
+        return self.jitted.lower(state_or_params, batch, *rest)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-device computation (inside shard_map)
+
+
+def _loss_fn(cfg: LossConfig, axis: str, batch: Batch) -> Callable:
+    return functools.partial(
+        sharded_dpr_loss,
+        group_size=cfg.group_size,
+        axis_name=axis,
+        scale=cfg.scale,
+        in_batch=cfg.in_batch,
+        valid=batch.get("valid"),
+        p_valid=batch.get("p_valid"),
+    )
+
+
+def _local_grads(model, cfg: LossConfig, axis: str, chunk: int | None, params, batch, key):
+    """Per device: gradient of the global loss w.r.t. the replicated params, and metrics."""
+    q_tower, p_tower = _tower_names(model)
+    enc_q = _make_encoder(model, "encode_question", q_tower)
+    enc_p = _make_encoder(model, "encode_passage", p_tower)
+    nq, np_ = batch["q_ids"].shape[0], batch["p_ids"].shape[0]
+    if _has_dropout(model):
+        dev = jax.lax.axis_index(axis)
+        q_keys = _example_keys(jax.random.fold_in(key, 0), dev * nq, nq)
+        p_keys = _example_keys(jax.random.fold_in(key, 1), dev * np_, np_)
+    else:
+        q_keys = p_keys = None
+    loss_fn = _loss_fn(cfg, axis, batch)
+    # Differentiate w.r.t. a device-varying copy of the params: the gradient is then this device's
+    # contribution to d(global loss)/d(params), summed over devices by one psum at the end.
+    params = jax.lax.pcast(params, axis, to="varying")
+    q_in = (batch["q_ids"], batch["q_mask"], q_keys)
+    p_in = (batch["p_ids"], batch["p_mask"], p_keys)
+
+    if chunk is None:
+
+        def objective(prm):
+            q = enc_q(prm[q_tower], *q_in)  # (B_l, D)
+            p = enc_p(prm[p_tower], *p_in)  # (B_l*G, D)
+            return loss_fn(q, p)
+
+        (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    else:
+        q = _encode_chunks(enc_q, params[q_tower], chunk, *q_in)  # (B_l, D), no backward state
+        p = _encode_chunks(enc_p, params[p_tower], chunk, *p_in)  # (B_l*G, D)
+        (_, metrics), (gq, gp) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(q, p)
+        grads = jax.tree.map(jnp.zeros_like, params)
+        grads[q_tower] = _vjp_chunks(enc_q, params[q_tower], chunk, *q_in, gq, grads[q_tower])
+        grads[p_tower] = _vjp_chunks(enc_p, params[p_tower], chunk, *p_in, gp, grads[p_tower])
+    return jax.lax.psum(grads, axis), metrics
+
+
+def _local_metrics(model, cfg: LossConfig, axis: str, params, batch):
+    q_tower, p_tower = _tower_names(model)
+    q = _make_encoder(model, "encode_question", q_tower)(
+        params[q_tower], batch["q_ids"], batch["q_mask"], None
+    )
+    p = _make_encoder(model, "encode_passage", p_tower)(
+        params[p_tower], batch["p_ids"], batch["p_mask"], None
+    )
+    return _loss_fn(cfg, axis, batch)(q, p)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Public steps
+
+
+def make_train_step(
+    model: BiEncoder,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    loss_cfg: LossConfig | Mapping[str, Any],
+    grad_cache_chunk: int | None = None,
+    axis: str = DATA_AXIS,
+) -> CheckedStep:
+    """Build the jitted ``train_step(state, batch, rng) -> (state, metrics)``.
+
+    Args:
+      model: the BiEncoder (its ``dtype`` is the compute dtype; dropout rates from its config).
+      tx: optax optimizer; applied to the gradient of the global mean loss.
+      mesh: device mesh with axis ``axis``; the batch is split over it, state replicated.
+      loss_cfg: :class:`LossConfig` (or a mapping / object with its fields).
+      grad_cache_chunk: if set, GradCache with this many sequences per encoder call per device;
+        must divide the per-device question count. None: encode the whole local batch at once.
+      axis: mesh axis name of the batch.
+
+    The returned step takes ``rng`` (a PRNG key, the same every step is fine: it is folded with
+    ``state.step``) and returns metrics ``loss, accuracy, rank, candidates, questions,
+    grad_norm`` (float32 scalars, replicated). ``state`` is donated.
+    """
+    cfg = LossConfig.coerce(loss_cfg)
+    if grad_cache_chunk is not None and grad_cache_chunk < 1:
+        raise ValueError(f"grad_cache_chunk must be >= 1 or None, got {grad_cache_chunk}")
+    n_shards = mesh.shape[axis]
+    local = functools.partial(_local_grads, model, cfg, axis, grad_cache_chunk)
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis), P()), out_specs=(P(), P()))
+
+    def train_step(state: TrainState, batch: Batch, rng: Array):
+        key = jax.random.fold_in(rng, state.step)
+        grads, metrics = sharded(state.params, dict(batch), key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    rep = replicated(mesh)
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(rep, batch_sharding(mesh, axis), rep),
+        out_shardings=(rep, rep),
+        donate_argnums=0,
+    )
+    return CheckedStep(jitted, functools.partial(
+        check_batch, group_size=cfg.group_size, num_shards=n_shards, chunk=grad_cache_chunk
+    ))  # fmt: skip
+
+
+def make_eval_step(
+    model: BiEncoder,
+    mesh: Mesh,
+    loss_cfg: LossConfig | Mapping[str, Any],
+    axis: str = DATA_AXIS,
+) -> CheckedStep:
+    """Build the jitted ``eval_step(params, batch) -> metrics``: no dropout, no update.
+
+    Metrics are those of the train step without ``grad_norm``; ``questions`` (the weight sum) lets
+    callers average over batches: sum(metric * questions) / sum(questions).
+    """
+    cfg = LossConfig.coerce(loss_cfg)
+    n_shards = mesh.shape[axis]
+    local = functools.partial(_local_metrics, model, cfg, axis)
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis)), out_specs=P())
+
+    def eval_step(params, batch: Batch):
+        return sharded(params, dict(batch))
+
+    rep = replicated(mesh)
+    jitted = jax.jit(eval_step, in_shardings=(rep, batch_sharding(mesh, axis)), out_shardings=rep)
+    return CheckedStep(
+        jitted, functools.partial(check_batch, group_size=cfg.group_size, num_shards=n_shards)
+    )
