@@ -1,0 +1,830 @@
+"""Hugging Face <-> dpr-jax checkpoints, both directions (Karpukhin et al. 2020, sec. 3.1 and 6.1).
+
+DPR's bi-encoder is two BERT towers E_Q and E_P (sec. 3.1) and its reader a BERT with span and
+passage-selection heads (sec. 6.1). Hugging Face ships them as ``DPRQuestionEncoder``,
+``DPRContextEncoder`` and ``DPRReader``; DPR itself starts training from a plain ``BertModel``.
+The Flax modules here name their parameters after Hugging Face's state-dict keys, so converting
+is a rename, a transpose of every Linear weight (``kernel = weight.T``), ``LayerNorm.weight`` <->
+``scale`` and ``Embedding.weight`` <-> ``embedding``:
+
+=========================================================  ===========================================
+Hugging Face key                                           Flax path
+=========================================================  ===========================================
+``embeddings.word_embeddings.weight``                      ``embeddings/word_embeddings/embedding``
+``embeddings.LayerNorm.weight``                            ``embeddings/LayerNorm/scale``
+``encoder.layer.3.attention.self.query.weight``            ``encoder_layer_3/attention_self/query/kernel``
+``encoder.layer.3.attention.output.dense.bias``            ``encoder_layer_3/attention_output_dense/bias``
+``encoder.layer.3.output.LayerNorm.weight``                ``encoder_layer_3/output_LayerNorm/scale``
+``pooler.dense.weight``                                    ``pooler_dense/kernel``
+``question_encoder.bert_model.<bert key>``                 ``question_encoder/bert_model/<bert path>``
+``question_encoder.encode_proj.weight``                    ``question_encoder/encode_proj/kernel``
+``ctx_encoder.bert_model.<bert key>``                      ``ctx_encoder/bert_model/<bert path>``
+``span_predictor.encoder.bert_model.<bert key>``           ``encoder/bert_model/<bert path>``
+``span_predictor.qa_outputs.weight``                       ``qa_outputs/kernel``
+``span_predictor.qa_classifier.weight``                    ``qa_classifier/kernel``
+=========================================================  ===========================================
+
+The two pure functions :func:`hf_state_dict_to_flax` and :func:`flax_to_hf_state_dict` work on
+numpy arrays (no torch) and are strict: the expected key set and every shape follow from the
+config, and a missing key, an extra key or a wrong shape raises ``ValueError`` naming the key.
+A few legacy layouts are normalised first (:func:`normalize_hf_state_dict`): ``LayerNorm.gamma /
+beta``, the ``position_ids`` / ``token_type_ids`` buffers, a ``bert.`` prefix with task heads
+(``BertForPreTraining`` and friends; the heads are dropped and listed) and the unused BERT pooler
+that transformers 4 kept inside DPR encoders (transformers 5 builds them with
+``add_pooling_layer=False`` and DPR reads the [CLS] vector of the last layer).
+
+Command line (``dpr-jax convert``)::
+
+    # Hugging Face -> dpr-jax model directory
+    dpr-jax convert --from-hf SRC --out DIR [--kind auto|biencoder|bert|reader]
+                    [--ctx-from SRC2] [--shared] [--pooling cls|mean|pooler] [--tokenizer PATH]
+
+    SRC / SRC2: a local directory (config.json + model.safetensors, a sharded safetensors index or
+    pytorch_model.bin) or a hub id (downloaded with huggingface_hub). What is built:
+      BertModel (or BertFor*)      -> biencoder, both towers initialised from it (DPR's start
+                                      point); --shared: one tower; --kind bert: the BERT itself;
+                                      --kind reader: reader with freshly initialised heads (--seed)
+      DPRQuestionEncoder           -> biencoder; the passage tower comes from --ctx-from (a
+                                      DPRContextEncoder or a BertModel) or, with --shared, the
+                                      question tower serves both. One of the two is required: a
+                                      DPR question encoder alone has no passage tower.
+      DPRContextEncoder            -> with --shared only (the one tower serves both)
+      DPRReader                    -> reader
+
+    # dpr-jax model directory -> Hugging Face
+    dpr-jax convert --to-hf MODEL_DIR --out DST [--tower question|ctx|both] [--as dpr|bert]
+                    [--allow-missing-pooler]
+
+      biencoder --as dpr   DST/question_encoder (DPRQuestionEncoder), DST/ctx_encoder
+                           (DPRContextEncoder); needs pooling "cls" (what DPR's classes compute)
+      biencoder --as bert  DST/question_encoder, DST/ctx_encoder as plain BertModel; refused when
+                           the towers have an encode_proj (BertModel has no place for it)
+      bert                 DST as BertModel
+      reader               DST as DPRReader
+
+  ``BertModel.from_pretrained`` always builds a pooler. A model directory without pooler weights
+  (a bi-encoder converted with the default [CLS] pooling drops it) is refused for ``--as bert``
+  unless ``--allow-missing-pooler``: the export then has no ``pooler.dense`` weights and
+  transformers reports them missing and initialises them randomly. ``last_hidden_state`` (and so
+  [CLS] / mean embeddings) is exact; only ``pooler_output`` is meaningless.
+
+Every output is written into a temporary sibling directory and renamed into place once complete,
+after every check has passed; an existing non-empty destination is replaced only with
+``--overwrite``. Exported Hugging Face directories carry ``dpr_jax_export.json`` (what made them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from dpr_jax.models.bert import BertConfig
+
+ARCHITECTURES = ("BertModel", "DPRQuestionEncoder", "DPRContextEncoder", "DPRReader")
+DPR_ENCODERS = ("DPRQuestionEncoder", "DPRContextEncoder")
+# HF key prefix of the BERT inside each architecture, and the Flax path it maps to.
+_BERT_PREFIX = {
+    "BertModel": ("", ()),
+    "DPRQuestionEncoder": ("question_encoder.bert_model.", ("question_encoder", "bert_model")),
+    "DPRContextEncoder": ("ctx_encoder.bert_model.", ("ctx_encoder", "bert_model")),
+    "DPRReader": ("span_predictor.encoder.bert_model.", ("encoder", "bert_model")),
+}
+_TOWER = {"DPRQuestionEncoder": "question_encoder", "DPRContextEncoder": "ctx_encoder"}
+_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")  # non-persistent in HF
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+
+
+class _Entry(NamedTuple):
+    hf_key: str
+    flax_path: tuple[str, ...]
+    hf_shape: tuple[int, ...]
+    transpose: bool  # Linear weight (out, in) <-> Dense kernel (in, out)
+
+
+def _linear(hf: str, flax: tuple[str, ...], n_in: int, n_out: int) -> Iterator[_Entry]:
+    yield _Entry(f"{hf}.weight", (*flax, "kernel"), (n_out, n_in), True)
+    yield _Entry(f"{hf}.bias", (*flax, "bias"), (n_out,), False)
+
+
+def _layer_norm(hf: str, flax: tuple[str, ...], n: int) -> Iterator[_Entry]:
+    yield _Entry(f"{hf}.weight", (*flax, "scale"), (n,), False)
+    yield _Entry(f"{hf}.bias", (*flax, "bias"), (n,), False)
+
+
+def _bert_entries(cfg: BertConfig, pooler: bool, hf_pre: str, fx: tuple[str, ...]):
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    for name, n in (
+        ("word_embeddings", cfg.vocab_size),
+        ("position_embeddings", cfg.max_position_embeddings),
+        ("token_type_embeddings", cfg.type_vocab_size),
+    ):
+        yield _Entry(
+            f"{hf_pre}embeddings.{name}.weight",
+            (*fx, "embeddings", name, "embedding"),
+            (n, h),
+            False,
+        )
+    yield from _layer_norm(f"{hf_pre}embeddings.LayerNorm", (*fx, "embeddings", "LayerNorm"), h)
+    for n in range(cfg.num_hidden_layers):
+        hl, fl = f"{hf_pre}encoder.layer.{n}.", (*fx, f"encoder_layer_{n}")
+        for qkv in ("query", "key", "value"):
+            yield from _linear(f"{hl}attention.self.{qkv}", (*fl, "attention_self", qkv), h, h)
+        yield from _linear(f"{hl}attention.output.dense", (*fl, "attention_output_dense"), h, h)
+        yield from _layer_norm(
+            f"{hl}attention.output.LayerNorm", (*fl, "attention_output_LayerNorm"), h
+        )
+        yield from _linear(f"{hl}intermediate.dense", (*fl, "intermediate_dense"), h, i)
+        yield from _linear(f"{hl}output.dense", (*fl, "output_dense"), i, h)
+        yield from _layer_norm(f"{hl}output.LayerNorm", (*fl, "output_LayerNorm"), h)
+    if pooler:
+        yield from _linear(f"{hf_pre}pooler.dense", (*fx, "pooler_dense"), h, h)
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"architecture {arch!r} is not supported (have {ARCHITECTURES})")
+
+
+def param_entries(
+    arch: str, bert: BertConfig, projection_dim: int = 0, add_pooling_layer: bool = False
+) -> list[_Entry]:
+    """Every (HF key, Flax path, HF shape, transpose) that ``arch`` with this config holds."""
+    _check_arch(arch)
+    if arch != "BertModel" and add_pooling_layer:
+        raise ValueError(f"{arch} has no BERT pooler in transformers 5 (add_pooling_layer=False)")
+    if projection_dim and arch not in DPR_ENCODERS:
+        raise ValueError(f"projection_dim={projection_dim} only exists for {DPR_ENCODERS}")
+    hf_pre, fx = _BERT_PREFIX[arch]
+    entries = list(_bert_entries(bert, add_pooling_layer, hf_pre, fx))
+    h = bert.hidden_size
+    if projection_dim:
+        tower = _TOWER[arch]
+        entries += _linear(f"{tower}.encode_proj", (tower, "encode_proj"), h, projection_dim)
+    if arch == "DPRReader":
+        entries += _linear("span_predictor.qa_outputs", ("qa_outputs",), h, 2)
+        entries += _linear("span_predictor.qa_classifier", ("qa_classifier",), h, 1)
+    return entries
+
+
+def hf_param_shapes(
+    arch: str, bert: BertConfig, projection_dim: int = 0, add_pooling_layer: bool = False
+) -> dict[str, tuple[int, ...]]:
+    """HF state-dict key -> shape that ``arch`` with this config has (buffers excluded)."""
+    return {
+        e.hf_key: e.hf_shape for e in param_entries(arch, bert, projection_dim, add_pooling_layer)
+    }
+
+
+def _check_keys(got: Mapping[str, tuple], want: Mapping[str, tuple], where: str, what: str):
+    missing = [k for k in want if k not in got]
+    extra = sorted(k for k in got if k not in want)
+    if missing:
+        raise ValueError(f"{where}: missing {what} {missing[0]!r} ({len(missing)} missing)")
+    if extra:
+        raise ValueError(f"{where}: unexpected {what} {extra[0]!r} ({len(extra)} unexpected)")
+    for k, shape in want.items():
+        if tuple(got[k]) != tuple(shape):
+            raise ValueError(
+                f"{where}: {what} {k!r} has shape {tuple(got[k])}, the config implies {tuple(shape)}"
+            )
+
+
+def normalize_hf_state_dict(
+    state_dict: Mapping[str, Any], arch: str
+) -> tuple[dict[str, Any], list[str]]:
+    """Legacy layouts -> transformers-5 keys. Returns (state dict, dropped keys).
+
+    Renames ``LayerNorm.gamma/beta`` to ``weight/bias``; drops the ``position_ids`` /
+    ``token_type_ids`` buffers; for ``BertModel``, strips a ``bert.`` prefix and drops the task
+    heads outside it (``cls.*``, ``classifier.*``: BertForPreTraining and friends); for DPR
+    models, drops the BERT pooler that transformers 4 kept (DPR never uses it).
+    """
+    _check_arch(arch)
+    orig: dict[str, str] = {}  # normalised key -> key in the checkpoint
+    for k in state_dict:
+        new = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", k)
+        orig[re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", new)] = k
+    dropped: list[str] = []
+    if arch == "BertModel" and not any(k.startswith("embeddings.") for k in orig):
+        if any(k.startswith("bert.embeddings.") for k in orig):
+            dropped += [orig[k] for k in orig if not k.startswith("bert.")]
+            orig = {k[len("bert.") :]: v for k, v in orig.items() if k.startswith("bert.")}
+    drop = {k for k in orig if k.endswith(_BUFFERS)}
+    if arch != "BertModel":
+        drop |= {k for k in orig if re.search(r"bert_model\.pooler\.dense\.(weight|bias)$", k)}
+    dropped += [orig[k] for k in drop]
+    sd = {k: state_dict[o] for k, o in orig.items() if k not in drop}
+    return sd, sorted(dropped)
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def hf_state_dict_to_flax(
+    state_dict: Mapping[str, Any],
+    arch: str,
+    bert: BertConfig,
+    projection_dim: int = 0,
+    add_pooling_layer: bool | None = None,
+    where: str = "state dict",
+) -> dict:
+    """A Hugging Face state dict (numpy-convertible arrays) -> Flax parameters (float32 numpy).
+
+    The result for ``BertModel`` is a :class:`BertModule` tree; for a DPR encoder, the tower's
+    subtree of a :class:`BiEncoder` (``{"question_encoder": {"bert_model", ["encode_proj"]}}`` or
+    ``{"ctx_encoder": ...}``); for ``DPRReader``, a :class:`Reader` tree.
+    ``add_pooling_layer=None``: a BertModel's pooler is converted when present. Legacy layouts
+    are normalised (:func:`normalize_hf_state_dict`); anything else that does not match the
+    config (missing key, extra key, wrong shape) raises ``ValueError`` naming the key.
+    """
+    sd, _ = normalize_hf_state_dict(state_dict, arch)
+    if add_pooling_layer is None:
+        add_pooling_layer = arch == "BertModel" and "pooler.dense.weight" in sd
+    entries = param_entries(arch, bert, projection_dim, add_pooling_layer)
+    _check_keys(
+        {k: np.shape(v) for k, v in sd.items()},
+        {e.hf_key: e.hf_shape for e in entries},
+        where,
+        "key",
+    )
+    params: dict = {}
+    for e in entries:
+        a = np.asarray(sd[e.hf_key], dtype=np.float32)
+        _set(params, e.flax_path, np.ascontiguousarray(a.T if e.transpose else a))
+    return params
+
+
+def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, (*prefix, str(k))))
+        else:
+            out[(*prefix, str(k))] = v
+    return out
+
+
+def flax_to_hf_state_dict(
+    params: Mapping,
+    arch: str,
+    bert: BertConfig,
+    projection_dim: int = 0,
+    add_pooling_layer: bool | None = None,
+    where: str = "params",
+) -> dict[str, np.ndarray]:
+    """Flax parameters (the trees :func:`hf_state_dict_to_flax` returns) -> HF state dict.
+
+    Float32, C-contiguous numpy arrays, ready for ``safetensors.numpy.save_file``. A missing,
+    extra or mis-shaped parameter raises ``ValueError`` naming its path.
+    """
+    flat = _flatten(params)
+    if add_pooling_layer is None:
+        add_pooling_layer = arch == "BertModel" and ("pooler_dense", "kernel") in flat
+    entries = param_entries(arch, bert, projection_dim, add_pooling_layer)
+    want = {
+        "/".join(e.flax_path): (e.hf_shape[::-1] if e.transpose else e.hf_shape) for e in entries
+    }
+    _check_keys({"/".join(k): np.shape(v) for k, v in flat.items()}, want, where, "parameter")
+    sd = {}
+    for e in entries:
+        a = np.asarray(flat[e.flax_path], dtype=np.float32)
+        sd[e.hf_key] = np.ascontiguousarray(a.T if e.transpose else a)
+    return sd
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face directories
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class HFCheckpoint:
+    """A Hugging Face checkpoint read into numpy: where from, what it is, its weights."""
+
+    path: Path
+    source: str  # what the user named (directory or hub id)
+    arch: str  # one of ARCHITECTURES
+    bert: BertConfig
+    projection_dim: int
+    state_dict: dict[str, np.ndarray]  # normalised (see normalize_hf_state_dict)
+    weights_file: Path  # model.safetensors, its index or pytorch_model.bin (named in errors)
+    dropped: list[str]  # keys normalize_hf_state_dict dropped
+    has_tokenizer: bool
+
+    @property
+    def has_pooler(self) -> bool:
+        return "pooler.dense.weight" in self.state_dict
+
+    def flax_params(self, add_pooling_layer: bool | None = None) -> dict:
+        """Flax parameters; ``add_pooling_layer=False`` leaves a BertModel's pooler out."""
+        sd = self.state_dict
+        if add_pooling_layer is False:
+            sd = {k: v for k, v in sd.items() if not k.startswith("pooler.")}
+        return hf_state_dict_to_flax(
+            sd, self.arch, self.bert, self.projection_dim, add_pooling_layer,
+            where=str(self.weights_file),
+        )  # fmt: skip
+
+
+def _resolve_source(src: str | Path) -> Path:
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{path}: expected a directory with config.json and the weights")
+        return path
+    s = str(src)
+    if s.startswith((".", "/", "~")) or s.count("/") > 1:
+        raise FileNotFoundError(f"{path}: no such directory (and not a hub id like 'org/name')")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["config.json", "*.safetensors", "*.safetensors.index.json", *_TOKENIZER_FILES]
+    local = Path(snapshot_download(s, allow_patterns=patterns))
+    if not list(local.glob("*.safetensors")):
+        local = Path(snapshot_download(s, allow_patterns=[*patterns, "pytorch_model.bin"]))
+    return local
+
+
+def _load_weights(path: Path) -> tuple[dict[str, np.ndarray], Path]:
+    """-> (state dict, the file it came from)."""
+    from safetensors.numpy import load_file
+
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        try:
+            return load_file(single), single
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise ValueError(f"{single}: cannot read ({type(e).__name__}: {e})") from e
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(
+                f"{index}: not a safetensors index (field 'weight_map': {e})"
+            ) from None
+        sd: dict[str, np.ndarray] = {}
+        for shard in sorted(set(weight_map.values())):
+            sd.update(load_file(path / shard))
+        return sd, index
+    binary = path / "pytorch_model.bin"
+    if binary.is_file():
+        try:
+            import torch
+        except ImportError:
+            raise ImportError(
+                f"{binary}: reading pytorch_model.bin needs torch: pip install 'dpr-jax[torch]'"
+            ) from None
+        sd = torch.load(binary, map_location="cpu", weights_only=True)
+        sd = {
+            k: (v.float() if v.is_floating_point() else v).numpy()
+            for k, v in sd.items()
+            if isinstance(v, torch.Tensor)
+        }
+        return sd, binary
+    raise FileNotFoundError(
+        f"{path}: no weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)"
+    )
+
+
+def _detect_arch(config: dict, keys: list[str], config_path: Path) -> str:
+    archs = config.get("architectures") or []
+    model_type = config.get("model_type")
+    for a in archs:
+        if a in ARCHITECTURES:
+            return a
+    if model_type == "bert" or any(a.startswith("Bert") for a in archs):
+        return "BertModel"
+    if model_type == "dpr":
+        for arch, (pre, _) in _BERT_PREFIX.items():
+            if pre and any(k.startswith(pre) for k in keys):
+                return arch
+        raise ValueError(
+            f"{config_path}: model_type 'dpr' but neither the field 'architectures' ({archs}) nor "
+            "the weight names say which DPR model this is"
+        )
+    raise ValueError(
+        f"{config_path}: field 'model_type' is {model_type!r} and 'architectures' {archs}: not a "
+        f"BERT or DPR checkpoint (supported: {ARCHITECTURES} and BertFor* models)"
+    )
+
+
+def read_hf(src: str | Path) -> HFCheckpoint:
+    """Read a Hugging Face BERT / DPR checkpoint (local directory or hub id) into numpy."""
+    path = _resolve_source(src)
+    config_path = path / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{config_path}: config file not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object")
+    try:
+        bert = BertConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{config_path}: bad BERT config ({e})") from None
+    raw, weights_file = _load_weights(path)
+    arch = _detect_arch(config, list(raw), config_path)
+    projection_dim = int(config.get("projection_dim") or 0)
+    if arch == "DPRReader" and projection_dim:
+        raise ValueError(
+            f"{config_path}: field 'projection_dim' is {projection_dim}; a DPRReader with an "
+            "encode_proj is not supported (its span heads read the BERT output)"
+        )
+    if arch == "BertModel":
+        projection_dim = 0
+    sd, dropped = normalize_hf_state_dict(raw, arch)
+    has_tok = any((path / f).is_file() for f in _TOKENIZER_FILES)
+    return HFCheckpoint(
+        path, str(src), arch, bert, projection_dim, sd, weights_file, dropped, has_tok
+    )
+
+
+def hf_config_dict(arch: str, bert: BertConfig, projection_dim: int = 0) -> dict[str, Any]:
+    """config.json for ``arch`` (``DPRConfig`` = BERT fields + projection_dim)."""
+    _check_arch(arch)
+    d = bert.to_hf_dict(architectures=[arch])
+    if arch != "BertModel":
+        d["model_type"] = "dpr"
+        d["projection_dim"] = int(projection_dim)
+    return d
+
+
+def write_hf_dir(
+    out: Path, arch: str, bert: BertConfig, state_dict: Mapping[str, np.ndarray],
+    projection_dim: int = 0, tokenizer_from: Path | None = None,
+) -> None:  # fmt: skip
+    """config.json + model.safetensors (+ tokenizer files) into ``out`` (new or empty)."""
+    from safetensors.numpy import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = hf_config_dict(arch, bert, projection_dim)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state_dict.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer_from is not None:
+        for name in _TOKENIZER_FILES:
+            if (tokenizer_from / name).is_file():
+                shutil.copy2(tokenizer_from / name, out / name)
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` to ``out``, replacing it (old content removed only afterwards)."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face -> model directory
+# --------------------------------------------------------------------------------------------
+
+
+def _tower(ckpt: HFCheckpoint, keep_pooler: bool) -> dict:
+    """{"bert_model": ..., ["encode_proj": ...]} from a BertModel or a DPR encoder."""
+    if ckpt.arch == "BertModel":
+        if keep_pooler and not ckpt.has_pooler:
+            raise ValueError(
+                f"{ckpt.path}: pooling 'pooler' needs the BERT pooler, this checkpoint has none"
+            )
+        return {"bert_model": ckpt.flax_params(add_pooling_layer=keep_pooler)}
+    if ckpt.arch in DPR_ENCODERS:
+        if keep_pooler:
+            raise ValueError(f"{ckpt.path}: a {ckpt.arch} has no BERT pooler (pooling 'pooler')")
+        return ckpt.flax_params()[_TOWER[ckpt.arch]]
+    raise ValueError(f"{ckpt.path}: a {ckpt.arch} is not a bi-encoder tower")
+
+
+def convert_from_hf(
+    src: str | Path,
+    out: str | Path,
+    kind: str = "auto",
+    ctx_from: str | Path | None = None,
+    shared: bool = False,
+    pooling: str = "cls",
+    tokenizer: str | Path | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Hugging Face checkpoint(s) -> dpr-jax model directory (see the module docstring)."""
+    from dpr_jax.checkpoint import save_model
+    from dpr_jax.models.biencoder import EncoderConfig
+
+    out = _prepare_out(Path(out), overwrite)
+    ckpt = read_hf(src)
+    for k in ckpt.dropped:
+        print(f"{ckpt.path}: ignoring {k}", file=sys.stderr)
+    if kind == "auto":
+        kind = "reader" if ckpt.arch == "DPRReader" else "biencoder"
+    if kind not in ("biencoder", "bert", "reader"):
+        raise ValueError(f"kind must be auto, biencoder, bert or reader; got {kind!r}")
+    if kind != "biencoder" and (ctx_from or shared or pooling != "cls"):
+        raise ValueError("--ctx-from, --shared and --pooling only apply to --kind biencoder")
+    made = {"source": ckpt.source, "architecture": ckpt.arch, "kind": kind}
+
+    if kind == "biencoder":
+        keep_pooler = pooling == "pooler"
+        q = _tower(ckpt, keep_pooler)
+        if ctx_from is not None and shared:
+            raise ValueError("--ctx-from and --shared exclude each other")
+        params = {"question_encoder": q}
+        if ctx_from is not None:
+            ctx = read_hf(ctx_from)
+            for k in ctx.dropped:
+                print(f"{ctx.path}: ignoring {k}", file=sys.stderr)
+            if ctx.arch not in ("DPRContextEncoder", "BertModel"):
+                raise ValueError(
+                    f"{ctx.path}: --ctx-from must be a DPRContextEncoder or a BertModel, "
+                    f"found a {ctx.arch}"
+                )
+            if ctx.bert != ckpt.bert or ctx.projection_dim != ckpt.projection_dim:
+                diff = [
+                    f"{f.name}: {getattr(ckpt.bert, f.name)} vs {getattr(ctx.bert, f.name)}"
+                    for f in dataclasses.fields(BertConfig)
+                    if getattr(ckpt.bert, f.name) != getattr(ctx.bert, f.name)
+                ]
+                if ctx.projection_dim != ckpt.projection_dim:
+                    diff.append(f"projection_dim: {ckpt.projection_dim} vs {ctx.projection_dim}")
+                raise ValueError(
+                    f"{ckpt.path / 'config.json'} and {ctx.path / 'config.json'} describe "
+                    f"different towers ({'; '.join(diff)})"
+                )
+            params["ctx_encoder"] = _tower(ctx, keep_pooler)
+            made["ctx_from"] = ctx.source
+        elif ckpt.arch == "BertModel":
+            if not shared:  # DPR's start point: both towers are copies of the same BERT
+                params["ctx_encoder"] = _copy_tree(q)
+        elif not shared:
+            raise ValueError(
+                f"{ckpt.path}: a {ckpt.arch} holds one tower; pass --ctx-from with the "
+                "DPRContextEncoder, or --shared to use this tower for questions and passages"
+            )
+        elif ckpt.arch == "DPRContextEncoder":
+            print(
+                f"{ckpt.path}: DPRContextEncoder used for both towers (--shared)", file=sys.stderr
+            )
+        config = EncoderConfig(
+            ckpt.bert, shared=shared, pooling=pooling, projection_dim=ckpt.projection_dim,
+            add_pooling_layer=keep_pooler,
+        )  # fmt: skip
+    elif kind == "bert":
+        if ckpt.arch == "DPRReader" or ckpt.projection_dim:
+            raise ValueError(
+                f"{ckpt.path}: --kind bert takes a BertModel or a DPR encoder without "
+                f"encode_proj, not a {ckpt.arch}"
+                + (f" with projection_dim={ckpt.projection_dim}" if ckpt.projection_dim else "")
+            )
+        params = _tower(ckpt, ckpt.has_pooler)["bert_model"]
+        config = (ckpt.bert, ckpt.has_pooler)
+    else:
+        if ckpt.arch == "DPRReader":
+            params = ckpt.flax_params()
+        elif ckpt.arch == "BertModel":
+            import jax
+
+            from dpr_jax.models.reader import init_reader_params
+
+            fresh = init_reader_params(ckpt.bert, jax.random.PRNGKey(seed))
+            params = {
+                "encoder": {"bert_model": ckpt.flax_params(add_pooling_layer=False)},
+                "qa_outputs": jax.tree.map(np.asarray, fresh["qa_outputs"]),
+                "qa_classifier": jax.tree.map(np.asarray, fresh["qa_classifier"]),
+            }
+            made["fresh_heads_seed"] = seed
+        else:
+            raise ValueError(f"{ckpt.path}: a {ckpt.arch} cannot become a reader")
+        config = ckpt.bert
+
+    tok = Path(tokenizer) if tokenizer is not None else (ckpt.path if ckpt.has_tokenizer else None)
+    if tok is None:
+        raise FileNotFoundError(
+            f"{ckpt.path}: no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}); "
+            "pass --tokenizer with a directory that has them"
+        )
+    return save_model(out, params, kind, config, tokenizer=tok, extra={"converted_from": made})
+
+
+def _copy_tree(tree: dict) -> dict:
+    return {k: _copy_tree(v) if isinstance(v, dict) else np.array(v) for k, v in tree.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# model directory -> Hugging Face
+# --------------------------------------------------------------------------------------------
+
+
+def convert_to_hf(
+    model_dir: str | Path,
+    out: str | Path,
+    tower: str = "both",
+    as_: str = "dpr",
+    allow_missing_pooler: bool = False,
+    overwrite: bool = False,
+) -> list[Path]:
+    """dpr-jax model directory -> Hugging Face directories (see the module docstring).
+
+    Returns the written directories (``out/question_encoder``, ``out/ctx_encoder`` for a
+    bi-encoder; ``out`` itself for a bert or reader model).
+    """
+    from dpr_jax.checkpoint import load_model, resolve_model_dir
+
+    if tower not in ("question", "ctx", "both"):
+        raise ValueError(f"tower must be question, ctx or both; got {tower!r}")
+    if as_ not in ("dpr", "bert"):
+        raise ValueError(f"--as must be dpr or bert; got {as_!r}")
+    model_dir = resolve_model_dir(model_dir)
+    out = _prepare_out(Path(out), overwrite)
+    kind, config, params, meta = load_model(model_dir)
+    params = _flatten_to_dict(params)
+
+    def pooler_check(has_pooler: bool, what: str) -> bool:
+        if has_pooler:
+            return True
+        if not allow_missing_pooler:
+            raise ValueError(
+                f"{model_dir}: {what} has no BERT pooler weights, and BertModel.from_pretrained "
+                "always builds a pooler (it would be initialised randomly). Pass "
+                "--allow-missing-pooler to export without it (last_hidden_state is exact, "
+                "pooler_output is not), or use --as dpr"
+            )
+        print(f"{model_dir}: {what}: exporting without pooler weights", file=sys.stderr)
+        return False
+
+    # (relative dir, arch, bert config, projection_dim, HF state dict)
+    todo: list[tuple[str, str, BertConfig, int, dict]] = []
+    if kind == "biencoder":
+        towers = {"question": "question_encoder", "ctx": "ctx_encoder"}
+        names = list(towers) if tower == "both" else [tower]
+        for name in names:
+            src_tower = "question_encoder" if config.shared else towers[name]
+            tp = params[src_tower]
+            if as_ == "dpr":
+                if config.pooling != "cls":
+                    raise ValueError(
+                        f"{model_dir}: pooling is {config.pooling!r}, DPR's Hugging Face classes "
+                        "take the [CLS] vector; export with --as bert and pool yourself"
+                    )
+                arch = "DPRQuestionEncoder" if name == "question" else "DPRContextEncoder"
+                bert_p = {k: v for k, v in tp["bert_model"].items() if k != "pooler_dense"}
+                tree = {towers[name]: {"bert_model": bert_p}}
+                if config.projection_dim:
+                    tree[towers[name]]["encode_proj"] = tp["encode_proj"]
+                sd = flax_to_hf_state_dict(
+                    tree, arch, config.bert, config.projection_dim, False, where=str(model_dir)
+                )
+                todo.append((towers[name], arch, config.bert, config.projection_dim, sd))
+            else:
+                if config.projection_dim:
+                    raise ValueError(
+                        f"{model_dir}: the towers have an encode_proj (projection_dim="
+                        f"{config.projection_dim}) that BertModel cannot hold; use --as dpr"
+                    )
+                pool = pooler_check("pooler_dense" in tp["bert_model"], f"tower {src_tower}")
+                sd = flax_to_hf_state_dict(
+                    tp["bert_model"], "BertModel", config.bert, 0, pool, where=str(model_dir)
+                )
+                todo.append((towers[name], "BertModel", config.bert, 0, sd))
+    else:
+        if tower != "both":
+            raise ValueError(f"--tower only applies to bi-encoders; {model_dir} holds a {kind}")
+        if kind == "bert":
+            if as_ != "bert":
+                raise ValueError(f"{model_dir}: a bert model exports as BertModel (--as bert)")
+            bert, _ = config
+            pool = pooler_check("pooler_dense" in params, "the model")
+            sd = flax_to_hf_state_dict(params, "BertModel", bert, 0, pool, where=str(model_dir))
+            todo.append(("", "BertModel", bert, 0, sd))
+        else:
+            if as_ != "dpr":
+                raise ValueError(f"{model_dir}: a reader exports as DPRReader (--as dpr)")
+            sd = flax_to_hf_state_dict(params, "DPRReader", config, where=str(model_dir))
+            todo.append(("", "DPRReader", config, 0, sd))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        record = {
+            "source": str(model_dir.absolute()),
+            "source_kind": kind,
+            "source_model": meta.get("model"),
+            "tower": tower,
+            "as": as_,
+            "allow_missing_pooler": allow_missing_pooler,
+            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        }
+        for rel, arch, bert, proj, sd in todo:
+            d = tmp / rel if rel else tmp
+            write_hf_dir(d, arch, bert, sd, proj, tokenizer_from=model_dir)
+            (d / "dpr_jax_export.json").write_text(
+                json.dumps({**record, "architecture": arch}, indent=2) + "\n"
+            )
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [out / rel if rel else out for rel, *_ in todo]
+
+
+def _flatten_to_dict(tree) -> dict:
+    """Orbax / flax containers -> plain nested dicts of numpy arrays."""
+    if isinstance(tree, Mapping):
+        return {str(k): _flatten_to_dict(v) for k, v in tree.items()}
+    return np.asarray(tree)
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="dpr-jax convert",
+        description="Convert Hugging Face BERT / DPR checkpoints to dpr-jax model directories "
+        "(--from-hf) and back (--to-hf).",
+    )
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-hf", metavar="SRC", help="HF directory or hub id to convert from")
+    src.add_argument("--to-hf", metavar="MODEL_DIR", help="dpr-jax model directory to export")
+    ap.add_argument("--out", required=True, help="destination directory")
+    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    g = ap.add_argument_group("--from-hf")
+    g.add_argument("--kind", default="auto", choices=["auto", "biencoder", "bert", "reader"],
+                   help="auto: reader for a DPRReader, biencoder otherwise")  # fmt: skip
+    g.add_argument("--ctx-from", metavar="SRC2",
+                   help="passage tower (DPRContextEncoder or BertModel) for a question encoder SRC")  # fmt: skip
+    g.add_argument("--shared", action="store_true", help="one tower for questions and passages")
+    g.add_argument("--pooling", default="cls", choices=["cls", "mean", "pooler"],
+                   help="bi-encoder pooling (DPR: cls; 'pooler' keeps the BERT pooler)")  # fmt: skip
+    g.add_argument("--tokenizer", help="tokenizer directory when SRC has no tokenizer files")
+    g.add_argument(
+        "--seed", type=int, default=0, help="init of fresh reader heads (BERT -> reader)"
+    )
+    g = ap.add_argument_group("--to-hf")
+    g.add_argument("--tower", default="both", choices=["question", "ctx", "both"],
+                   help="which bi-encoder towers to export (default both)")  # fmt: skip
+    g.add_argument("--as", dest="as_", default=None, choices=["dpr", "bert"],
+                   help="DPR classes (default for bi-encoders and readers) or plain BertModel")  # fmt: skip
+    g.add_argument("--allow-missing-pooler", action="store_true",
+                   help="--as bert without pooler weights (transformers initialises it randomly)")  # fmt: skip
+    args = ap.parse_args(argv)
+    if args.from_hf and (args.tower != "both" or args.as_ or args.allow_missing_pooler):
+        ap.error("--tower, --as and --allow-missing-pooler apply to --to-hf")
+    if args.to_hf and (args.kind != "auto" or args.ctx_from or args.shared or args.tokenizer
+                       or args.pooling != "cls"):  # fmt: skip
+        ap.error("--kind, --ctx-from, --shared, --pooling and --tokenizer apply to --from-hf")
+    try:
+        if args.from_hf:
+            out = convert_from_hf(
+                args.from_hf, args.out, args.kind, args.ctx_from, args.shared, args.pooling,
+                args.tokenizer, args.seed, args.overwrite,
+            )  # fmt: skip
+            print(f"wrote {out}", file=sys.stderr)
+        else:
+            from dpr_jax.checkpoint import read_model_meta
+
+            as_ = args.as_
+            if as_ is None:
+                as_ = "bert" if read_model_meta(args.to_hf)["kind"] == "bert" else "dpr"
+            for d in convert_to_hf(
+                args.to_hf, args.out, args.tower, as_, args.allow_missing_pooler, args.overwrite
+            ):
+                print(f"wrote {d}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"dpr-jax convert: error: {e}", file=sys.stderr)
+        return 2
+    return 0

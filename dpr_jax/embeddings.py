@@ -1,0 +1,320 @@
+"""On-disk passage embeddings: the output of corpus encoding (Karpukhin et al. 2020, sec. 3.1).
+
+DPR encodes every passage once, offline, with the passage encoder E_P and builds the index from
+those vectors. An *embeddings directory* holds them in plain ``.npy`` chunks that any tool can
+read::
+
+    EMB_DIR/
+      config.json                    what made the vectors (model, dtype, dim, ...), shared by all
+                                     shards; keys that differ per shard ("shard", "shard_range")
+                                     live only in shard-SSS.json
+      shard-SSS.json                 the full config of shard SSS
+      emb-SSS-CCCCCC.npy             float16 or float32, (n, dim)
+      ids-SSS-CCCCCC.npy             numpy unicode strings, (n,), saved with allow_pickle=False
+      chunk-SSS-CCCCCC.done          JSON marker: n, dim, dtype, size and sha256 of both files
+
+A chunk is written atomically: each file goes to a temporary name and is ``os.replace``d into
+place, embeddings first, ids second, the ``.done`` marker last. A killed job can leave an
+``emb-*.npy`` without a marker, never a marker without both complete files, and readers only
+trust chunks with a marker, so a half-written chunk is ignored and simply rewritten on resume.
+The marker's sizes and checksums let :func:`load_embeddings` refuse a truncated or corrupted file
+by name instead of indexing garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import uuid
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONFIG_JSON = "config.json"
+PER_SHARD_KEYS = ("shard", "shard_range")  # may differ between shards of one directory
+_DONE_RE = re.compile(r"^chunk-(\d{3,})-(\d{6,})\.done$")
+_DTYPES = ("float16", "float32")
+
+
+def chunk_paths(out_dir: str | Path, shard: int, chunk: int) -> tuple[Path, Path, Path]:
+    """(emb, ids, done) paths of one chunk."""
+    d = Path(out_dir)
+    tag = f"{shard:03d}-{chunk:06d}"
+    return d / f"emb-{tag}.npy", d / f"ids-{tag}.npy", d / f"chunk-{tag}.done"
+
+
+def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            h.update(data)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found (not an embeddings directory?)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def read_config(emb_dir: str | Path) -> dict:
+    """The shared ``config.json`` of an embeddings directory."""
+    return _read_json(Path(emb_dir) / CONFIG_JSON)
+
+
+def _shared(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in PER_SHARD_KEYS}
+
+
+class EmbeddingWriter:
+    """Writes one shard's chunks into ``out_dir``; resumable (see the module docstring).
+
+    ``config`` is stored as ``shard-SSS.json`` and, without its per-shard keys, as ``config.json``.
+    A directory that already holds a ``config.json`` that disagrees (other model, dim, dtype...)
+    is refused, so two different encodings never mix in one directory.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        shard: int = 0,
+        num_shards: int = 1,
+        config: dict | None = None,
+    ):
+        if not 0 <= shard < num_shards:
+            raise ValueError(f"shard {shard} is not in [0, {num_shards})")
+        self.out_dir = Path(out_dir)
+        self.shard, self.num_shards = shard, num_shards
+        self.config = {**(config or {}), "shard": shard, "num_shards": num_shards}
+        json.dumps(self.config)  # fail now, not after an hour of encoding, if not serialisable
+        self.dim = self.config.get("dim")
+        self.dtype = self.config.get("dtype")
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise ValueError(f"config field 'dtype' must be one of {_DTYPES}, got {self.dtype!r}")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        shared = _shared(self.config)
+        cfg_path = self.out_dir / CONFIG_JSON
+        if cfg_path.exists():
+            old = _read_json(cfg_path)
+            diff = sorted(k for k in set(old) | set(shared) if old.get(k) != shared.get(k))
+            if diff:
+                k = diff[0]
+                raise ValueError(
+                    f"{cfg_path}: field {k!r} is {old.get(k)!r} but this writer has "
+                    f"{shared.get(k)!r}; write a different encoding into another directory"
+                )
+        else:
+            atomic_write_json(cfg_path, shared)
+        atomic_write_json(self.out_dir / f"shard-{shard:03d}.json", self.config)
+
+    def done_chunks(self) -> set[int]:
+        """Indices of this shard's chunks that are finished (their ``.done`` marker exists)."""
+        done = set()
+        for p in self.out_dir.iterdir():
+            m = _DONE_RE.match(p.name)
+            if m and int(m.group(1)) == self.shard:
+                done.add(int(m.group(2)))
+        return done
+
+    def write_chunk(self, chunk_idx: int, ids: Iterable[str] | np.ndarray, emb: np.ndarray) -> None:
+        """Atomically write chunk ``chunk_idx``: embeddings, then ids, then the done marker."""
+        if chunk_idx < 0:
+            raise ValueError(f"chunk index must be >= 0, got {chunk_idx}")
+        emb = np.asarray(emb)
+        ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
+        if ids.dtype.kind == "O" or ids.size == 0:
+            ids = np.array([str(i) for i in ids.tolist()], dtype=str)
+        elif ids.dtype.kind != "U":
+            ids = ids.astype(str)
+        where = f"chunk {chunk_idx} of shard {self.shard} in {self.out_dir}"
+        if emb.ndim != 2:
+            raise ValueError(f"{where}: embeddings must be (n, dim), got shape {emb.shape}")
+        if ids.ndim != 1 or len(ids) != len(emb):
+            raise ValueError(
+                f"{where}: ids shape {ids.shape} does not match embeddings shape {emb.shape}"
+            )
+        if emb.dtype.name not in _DTYPES:
+            raise ValueError(f"{where}: embeddings dtype must be one of {_DTYPES}, got {emb.dtype}")
+        if self.dtype is not None and emb.dtype.name != self.dtype:
+            raise ValueError(f"{where}: embeddings dtype {emb.dtype} != config dtype {self.dtype}")
+        if self.dim is not None and emb.shape[1] != self.dim:
+            raise ValueError(f"{where}: embedding dim {emb.shape[1]} != config dim {self.dim}")
+        emb_p, ids_p, done_p = chunk_paths(self.out_dir, self.shard, chunk_idx)
+        done_p.unlink(missing_ok=True)  # rewriting a chunk: it is unfinished until the new marker
+        _atomic_save_npy(emb_p, np.ascontiguousarray(emb))
+        _atomic_save_npy(ids_p, ids)
+        marker = {
+            "shard": self.shard,
+            "chunk": chunk_idx,
+            "n": int(len(emb)),
+            "dim": int(emb.shape[1]),
+            "dtype": emb.dtype.name,
+            "files": {
+                p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in (emb_p, ids_p)
+            },
+        }
+        atomic_write_json(done_p, marker)
+
+
+def _finished_chunks(emb_dir: Path) -> list[tuple[int, int, Path]]:
+    out = []
+    for p in emb_dir.iterdir():
+        m = _DONE_RE.match(p.name)
+        if m:
+            out.append((int(m.group(1)), int(m.group(2)), p))
+    return sorted(out)
+
+
+def _check_file(path: Path, meta: dict | None, verify: bool) -> None:
+    if not path.exists():
+        raise ValueError(f"{path}: missing, although its chunk is marked done")
+    if meta is None:
+        raise ValueError(f"{path}: not listed in its .done marker")
+    size = path.stat().st_size
+    if size != meta["size"]:
+        raise ValueError(f"{path}: {size} bytes, expected {meta['size']} (truncated or modified)")
+    if verify and sha256_file(path) != meta["sha256"]:
+        raise ValueError(f"{path}: sha256 checksum mismatch (file corrupted)")
+
+
+def _load_npy(path: Path, mmap: bool) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npy file (truncated or corrupt?): {e}") from e
+
+
+def load_embeddings(
+    dir_or_dirs: str | Path | Iterable[str | Path],
+    dtype=np.float32,
+    verify: bool = True,
+    show_progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """All finished chunks of all shards of one or more embeddings directories, in order.
+
+    Returns ``(ids, emb)``: ``ids`` a numpy unicode array (N,), ``emb`` (N, dim) of ``dtype``.
+    Directories are read in the order given, chunks by (shard, chunk). Refuses, with a
+    ``ValueError`` naming the file, a truncated or corrupt ``.npy`` (size and, with ``verify``,
+    sha256 checked against the chunk's marker), an ids/embeddings length mismatch, a dimension
+    that disagrees between chunks or directories, and duplicate passage ids. Warns when a shard
+    has missing chunks or no chunks at all (an unfinished encoding).
+    """
+    from tqdm.auto import tqdm
+
+    dirs = (
+        [Path(dir_or_dirs)]
+        if isinstance(dir_or_dirs, (str, Path))
+        else list(map(Path, dir_or_dirs))
+    )
+    if not dirs:
+        raise ValueError("no embeddings directory given")
+    plan = []  # (emb path, ids path, n)
+    dim = None
+    dim_src = None
+    for d in dirs:
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: embeddings directory not found")
+        cfg = read_config(d)
+        chunks = _finished_chunks(d)
+        if not chunks:
+            raise ValueError(f"{d}: no finished chunks (no chunk-*.done markers)")
+        shards = {}
+        for shard, chunk, done_p in chunks:
+            marker = _read_json(done_p)
+            for field in ("n", "dim", "files"):
+                if field not in marker:
+                    raise ValueError(f"{done_p}: missing field {field!r}")
+            emb_p, ids_p, _ = chunk_paths(d, shard, chunk)
+            if dim is None:
+                dim, dim_src = int(marker["dim"]), done_p
+            elif int(marker["dim"]) != dim:
+                raise ValueError(f"{done_p}: dim {marker['dim']} != dim {dim} of {dim_src}")
+            plan.append((emb_p, ids_p, int(marker["n"]), marker["files"]))
+            shards.setdefault(shard, []).append(chunk)
+        if "dim" in cfg and cfg["dim"] != dim:
+            raise ValueError(f"{d / CONFIG_JSON}: field 'dim' is {cfg['dim']}, chunks have {dim}")
+        for shard, cs in shards.items():
+            missing = sorted(set(range(max(cs) + 1)) - set(cs))
+            if missing:
+                warnings.warn(
+                    f"{d}: shard {shard} lacks chunks {missing[:10]} (unfinished?)", stacklevel=2
+                )
+        num_shards = cfg.get("num_shards")
+        if isinstance(num_shards, int) and len(shards) < num_shards:
+            missing = sorted(set(range(num_shards)) - set(shards))
+            warnings.warn(
+                f"{d}: shards {missing[:10]} of {num_shards} have no finished chunks", stacklevel=2
+            )
+
+    total = sum(n for _, _, n, _ in plan)
+    emb = np.empty((total, dim), dtype=dtype)
+    all_ids = []
+    row = 0
+    bar = tqdm(total=total, desc="load embeddings", unit="vec", disable=not show_progress)
+    for emb_p, ids_p, n, files in plan:
+        for p in (emb_p, ids_p):
+            _check_file(p, files.get(p.name), verify)
+        e = _load_npy(emb_p, mmap=True)
+        i = _load_npy(ids_p, mmap=False)
+        if e.ndim != 2 or e.shape != (n, dim):
+            raise ValueError(f"{emb_p}: shape {e.shape}, expected ({n}, {dim}) from its marker")
+        if e.dtype.name not in _DTYPES:
+            raise ValueError(f"{emb_p}: dtype {e.dtype}, expected one of {_DTYPES}")
+        if i.ndim != 1 or len(i) != n:
+            raise ValueError(f"{ids_p}: {i.shape} ids for {n} embeddings in {emb_p.name}")
+        if i.dtype.kind != "U":
+            raise ValueError(f"{ids_p}: ids dtype {i.dtype}, expected unicode strings")
+        emb[row : row + n] = e
+        all_ids.append(i)
+        row += n
+        bar.update(n)
+    bar.close()
+    ids = np.concatenate(all_ids) if all_ids else np.array([], dtype=str)
+    uniq, counts = np.unique(ids, return_counts=True)
+    if len(uniq) != len(ids):
+        dup = str(uniq[np.argmax(counts > 1)])
+        rows = np.flatnonzero(ids == dup)[:2]
+        ends = np.cumsum([n for _, _, n, _ in plan])
+        files = [plan[int(np.searchsorted(ends, r, side="right"))][1] for r in rows]
+        raise ValueError(f"duplicate passage id {dup!r}: in {files[0]} and again in {files[1]}")
+    return ids, emb

@@ -1,0 +1,345 @@
+"""One index interface for DPR's maximum-inner-product search (Karpukhin et al. 2020, sec. 3.1).
+
+DPR retrieves the passages p maximising sim(q, p) = E_Q(q)^T E_P(p) and, for a large corpus,
+indexes the passage vectors with FAISS (sec. 3.1: "we use FAISS ... an extremely efficient,
+open-source library for similarity search and clustering of dense vectors"). Every backend here
+answers the same question, maximum inner product over string passage ids:
+
+- ``exact``: brute force on the JAX devices, the reference for recall (:mod:`.exact`);
+- ``scann-bf``, ``scann``: ScaNN brute force, and its tree + anisotropic hashing + reorder
+  (:mod:`.scann_index`);
+- ``faiss-flat``, ``faiss-hnsw``, ``faiss-ivfpq``: FAISS exact, HNSW graph and IVF-PQ
+  (:mod:`.faiss_index`).
+
+An *index directory* is::
+
+    INDEX_DIR/
+      index_config.json   {"backend", "options", "dim", "size", "meta" (e.g. the embeddings'
+                          config.json), "created_by"}
+      ids.npy             the passage ids, row i of the index is ids[i]
+      ...                 the backend's own files
+      manifest.json       size and sha256 of every file above
+
+``save`` writes into a temporary sibling directory and renames it into place, so a failed save
+never damages an existing index; ``load`` checks every file against the manifest and refuses a
+truncated or corrupted one by name (:class:`IndexIntegrityError`).
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime
+import importlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from dpr_jax.embeddings import atomic_write_json, sha256_file
+
+INDEX_CONFIG = "index_config.json"
+MANIFEST = "manifest.json"
+IDS_FILE = "ids.npy"
+FORMAT = "dpr-jax-index/1"
+
+# backend name -> (module, class); imported lazily so that faiss / scann are only needed when used
+BACKENDS: dict[str, tuple[str, str]] = {
+    "exact": ("dpr_jax.index.exact", "ExactIndex"),
+    "scann": ("dpr_jax.index.scann_index", "ScannIndex"),
+    "scann-bf": ("dpr_jax.index.scann_index", "ScannBruteForceIndex"),
+    "faiss-flat": ("dpr_jax.index.faiss_index", "FaissFlatIndex"),
+    "faiss-hnsw": ("dpr_jax.index.faiss_index", "FaissHNSWIndex"),
+    "faiss-ivfpq": ("dpr_jax.index.faiss_index", "FaissIVFPQIndex"),
+}
+
+
+class IndexIntegrityError(ValueError):
+    """An index file is missing, truncated or corrupted (the message names the file)."""
+
+
+def _version() -> str:
+    from dpr_jax import __version__
+
+    return __version__
+
+
+class Index(abc.ABC):
+    """Maximum-inner-product search over vectors with string ids.
+
+    Subclasses set ``backend`` and ``DEFAULTS`` (every option with its default; ``None`` means
+    "chosen from the data at build time", the resolved value is recorded in ``config``), and
+    implement ``_build``, ``_search``, ``_save_files`` and ``_load_files``.
+    """
+
+    backend: ClassVar[str]
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
+    SEARCH_PARAMS: ClassVar[tuple[str, ...]] = ()  # per-call overrides accepted by search()
+
+    def __init__(self, **options):
+        unknown = sorted(set(options) - set(self.DEFAULTS))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown} for backend {self.backend!r}; "
+                f"known: {sorted(self.DEFAULTS)}"
+            )
+        self.options: dict[str, Any] = {**self.DEFAULTS, **options}
+        self.ids: np.ndarray | None = None
+        self.dim: int | None = None
+        self.meta: dict[str, Any] = {}
+
+    # -- public API ------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return 0 if self.ids is None else len(self.ids)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Everything needed to rebuild or reload this index (written as index_config.json)."""
+        return {
+            "format": FORMAT,
+            "backend": self.backend,
+            "options": dict(self.options),
+            "dim": self.dim,
+            "size": self.size,
+            "meta": self.meta,
+            "created_by": f"dpr-jax {_version()}",
+        }
+
+    def build(self, emb: np.ndarray, ids) -> Index:
+        """Index ``emb`` (N, dim) whose row i has id ``ids[i]``; returns self."""
+        emb = np.asarray(emb)
+        ids = np.asarray(ids)
+        if emb.ndim != 2 or emb.shape[0] == 0:
+            raise ValueError(f"embeddings must be a non-empty (N, dim) array, got {emb.shape}")
+        if ids.shape != (emb.shape[0],):
+            raise ValueError(f"ids shape {ids.shape} does not match embeddings {emb.shape}")
+        if emb.dtype.kind != "f":
+            raise ValueError(f"embeddings must be floating point, got {emb.dtype}")
+        bad = ~np.isfinite(emb).all(axis=1)
+        if bad.any():
+            r = int(np.argmax(bad))
+            raise ValueError(f"embedding row {r} (id {str(ids[r])!r}) is not finite")
+        self.ids = ids.astype(str)
+        self.dim = int(emb.shape[1])
+        self._build(emb)
+        return self
+
+    def search(self, queries: np.ndarray, k: int, **params) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` by inner product: ``(scores float32 (Q, k), ids str (Q, k))``, best first.
+
+        ``k`` larger than the index is clamped to its size. ``params`` are per-call overrides of
+        search settings (``SEARCH_PARAMS`` of the backend, e.g. ``leaves_to_search``). An
+        approximate backend that finds fewer than ``k`` candidates pads with id "" and -inf.
+        """
+        if self.ids is None:
+            raise RuntimeError(f"{self.backend} index is empty: call build() or load() first")
+        unknown = sorted(set(params) - set(self.SEARCH_PARAMS))
+        if unknown:
+            raise ValueError(
+                f"unknown search parameter(s) {unknown} for backend {self.backend!r}; "
+                f"known: {list(self.SEARCH_PARAMS)}"
+            )
+        q = np.asarray(queries)
+        if q.ndim == 1:
+            q = q[None]
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be (Q, {self.dim}), got shape {np.shape(queries)}")
+        if q.dtype.kind != "f":
+            raise ValueError(f"queries must be floating point, got {q.dtype}")
+        if int(k) < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        k = min(int(k), self.size)
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if len(q) == 0:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), self.ids.dtype)
+        scores, rows = self._search(q, k, **params)
+        scores = np.asarray(scores, np.float32)
+        rows = np.asarray(rows, np.int64)
+        missing = (rows < 0) | (rows >= self.size)
+        ids = self.ids[np.where(missing, 0, rows)]
+        if missing.any():
+            ids[missing] = ""
+            scores = np.where(missing, -np.inf, scores).astype(np.float32)
+        return scores, ids
+
+    def set_num_threads(self, num_threads: int) -> None:
+        """Search threads (0: all cores) for backends with a ``num_threads`` option; a no-op for
+        ``exact`` (XLA's CPU thread pool is fixed when JAX starts)."""
+        if "num_threads" in self.DEFAULTS:
+            self.options["num_threads"] = int(num_threads)
+
+    def size_bytes(self) -> int:
+        """Bytes of the index structures as saved (vectors, codes, graph), not counting ids."""
+        with tempfile.TemporaryDirectory(prefix="dpr_jax_index_size_") as tmp:
+            self._save_files(Path(tmp))
+            return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
+
+    def save(self, path: str | Path) -> Path:
+        """Atomically write the index directory (see the module docstring)."""
+        if self.ids is None:
+            raise RuntimeError(f"{self.backend} index is empty: nothing to save")
+        path = Path(path)
+        if path.exists() and not (path / MANIFEST).exists() and any(path.iterdir()):
+            raise FileExistsError(f"{path}: exists, is not empty and is not an index; not replaced")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        old = None
+        try:
+            self._save_files(tmp)
+            with open(tmp / IDS_FILE, "wb") as f:
+                np.save(f, self.ids, allow_pickle=False)
+            config = self.config
+            config["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+            atomic_write_json(tmp / INDEX_CONFIG, config)
+            write_manifest(tmp)
+            if path.exists():
+                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(path, old)
+            os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and not path.exists():
+                os.rename(old, path)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True) -> Index:
+        """Load an index saved by ``save``; every file is checked against the manifest first
+        (sizes always, sha256 with ``verify``)."""
+        path = Path(path)
+        verify_manifest(path, checksums=verify)
+        config = read_index_config(path)
+        if config["backend"] != cls.backend:
+            raise ValueError(
+                f"{path / INDEX_CONFIG}: backend is {config['backend']!r}, not {cls.backend!r}"
+            )
+        options = config.get("options", {})
+        unknown = sorted(set(options) - set(cls.DEFAULTS))
+        if unknown:
+            raise ValueError(f"{path / INDEX_CONFIG}: unknown option(s) {unknown} in 'options'")
+        index = cls(**options)
+        ids_path = path / IDS_FILE
+        try:
+            ids = np.load(ids_path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise IndexIntegrityError(f"{ids_path}: not a readable .npy file: {e}") from e
+        if ids.ndim != 1 or ids.dtype.kind != "U" or len(ids) != config.get("size"):
+            raise IndexIntegrityError(
+                f"{ids_path}: expected {config.get('size')} string ids, got {ids.dtype} {ids.shape}"
+            )
+        index.ids, index.dim, index.meta = ids, int(config["dim"]), config.get("meta", {})
+        index._load_files(path)
+        return index
+
+    # -- backend hooks ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _build(self, emb: np.ndarray) -> None:
+        """Build from (N, dim) embeddings; self.ids and self.dim are already set."""
+
+    @abc.abstractmethod
+    def _search(self, queries: np.ndarray, k: int, **params) -> tuple[np.ndarray, np.ndarray]:
+        """float32 (Q, dim) queries, 1 <= k <= size -> (scores (Q, k), int rows (Q, k), -1 = none)."""
+
+    @abc.abstractmethod
+    def _save_files(self, directory: Path) -> None:
+        """Write the backend's files (not ids, config or manifest) into ``directory``."""
+
+    @abc.abstractmethod
+    def _load_files(self, directory: Path) -> None:
+        """Read the backend's files; self.ids, self.dim, self.options are already set."""
+
+
+# -- manifests -----------------------------------------------------------------------------------
+
+
+def write_manifest(directory: str | Path) -> dict:
+    directory = Path(directory)
+    files = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            rel = p.relative_to(directory).as_posix()
+            files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    manifest = {"format": FORMAT, "files": files}
+    atomic_write_json(directory / MANIFEST, manifest)
+    return manifest
+
+
+def verify_manifest(directory: str | Path, checksums: bool = True) -> dict:
+    """Check every file listed in ``manifest.json``; raise IndexIntegrityError naming the file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: index directory not found")
+    mpath = directory / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text())
+    except FileNotFoundError:
+        raise IndexIntegrityError(
+            f"{mpath}: missing (not an index, or an unfinished save)"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise IndexIntegrityError(f"{mpath}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or INDEX_CONFIG not in files:
+        raise IndexIntegrityError(f"{mpath}: field 'files' is missing or lacks {INDEX_CONFIG}")
+    for rel, meta in files.items():
+        p = directory / rel
+        if not p.is_file():
+            raise IndexIntegrityError(f"{p}: listed in {MANIFEST} but missing")
+        size = p.stat().st_size
+        if size != meta["size"]:
+            raise IndexIntegrityError(
+                f"{p}: {size} bytes, expected {meta['size']} (truncated or modified)"
+            )
+        if checksums and sha256_file(p) != meta["sha256"]:
+            raise IndexIntegrityError(f"{p}: sha256 checksum mismatch (file corrupted)")
+    return manifest
+
+
+def read_index_config(directory: str | Path) -> dict:
+    p = Path(directory) / INDEX_CONFIG
+    try:
+        config = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: not found (not an index directory?)") from None
+    except json.JSONDecodeError as e:
+        raise IndexIntegrityError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    for field in ("backend", "dim", "size"):
+        if field not in config:
+            raise IndexIntegrityError(f"{p}: missing field {field!r}")
+    if config["backend"] not in BACKENDS:
+        raise ValueError(f"{p}: unknown backend {config['backend']!r} (have {sorted(BACKENDS)})")
+    return config
+
+
+# -- registry ------------------------------------------------------------------------------------
+
+
+def index_class(backend: str) -> type[Index]:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown index backend {backend!r}; choose from {sorted(BACKENDS)}")
+    module, name = BACKENDS[backend]
+    return getattr(importlib.import_module(module), name)
+
+
+def build_index(backend: str, emb: np.ndarray, ids, **options) -> Index:
+    """Build an index of ``backend`` (see ``BACKENDS``) over ``emb`` with ids ``ids``."""
+    return index_class(backend)(**options).build(emb, ids)
+
+
+def load_index(path: str | Path, verify: bool = True) -> Index:
+    """Load any saved index; the backend is read from its index_config.json."""
+    path = Path(path)
+    verify_manifest(path, checksums=verify)
+    backend = read_index_config(path)["backend"]
+    return index_class(backend).load(path, verify=False)  # already verified above

@@ -1,0 +1,91 @@
+"""``dpr-jax index``: build a passage index from embeddings (Karpukhin et al. 2020, sec. 3.1).
+
+Reads one or more embeddings directories (``dpr-jax encode`` output), builds the chosen backend
+and saves it with its config, which includes the embeddings' ``config.json`` so that the index
+says which model made its vectors::
+
+    dpr-jax index --embeddings runs/emb --backend scann --out runs/index \\
+        --option num_leaves=2000 --option reorder=200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from dpr_jax.index.base import BACKENDS, index_class
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """``key=value`` -> (key, value) with value parsed as JSON when possible (ints, floats,
+    true/false, null), else kept as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--option must look like key=value, got {text!r}")
+    low = value.strip().lower()
+    if low in ("none", "null"):
+        return key, None
+    if low in ("true", "false"):
+        return key, low == "true"
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="dpr-jax index",
+        description="Build a ScaNN / FAISS / exact JAX index over passage embeddings.",
+    )
+    ap.add_argument("--embeddings", nargs="+", required=True,
+                    help="embeddings directories written by `dpr-jax encode`")  # fmt: skip
+    ap.add_argument("--backend", required=True, choices=sorted(BACKENDS))
+    ap.add_argument("--out", required=True, help="index directory to write (replaced atomically)")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="backend option, repeatable (e.g. num_leaves=2000, ef_search=256)")  # fmt: skip
+    ap.add_argument("--threads", type=int, default=None,
+                    help="build/search threads for ScaNN and FAISS (default: all cores)")  # fmt: skip
+    ap.add_argument("--no-verify", action="store_true",
+                    help="skip the sha256 check of the embedding chunks (sizes are still checked)")  # fmt: skip
+    args = ap.parse_args(argv)
+
+    from dpr_jax.embeddings import load_embeddings, read_config
+
+    try:
+        options = dict(parse_option(o) for o in args.option)
+    except ValueError as e:
+        ap.error(str(e))
+    cls = index_class(args.backend)
+    if args.threads is not None:
+        if "num_threads" not in cls.DEFAULTS:
+            ap.error(f"--threads does not apply to backend {args.backend!r}")
+        options["num_threads"] = args.threads
+
+    t0 = time.time()
+    ids, emb = load_embeddings(args.embeddings, verify=not args.no_verify, show_progress=True)
+    t_load = time.time() - t0
+    print(f"{len(ids):,} vectors of dim {emb.shape[1]} from {len(args.embeddings)} "
+          f"director{'y' if len(args.embeddings) == 1 else 'ies'} in {t_load:.1f}s",
+          file=sys.stderr)  # fmt: skip
+    index = cls(**options)
+    index.meta = {
+        "embeddings": [str(d) for d in args.embeddings],
+        "embeddings_config": [read_config(d) for d in args.embeddings],
+    }
+    t0 = time.time()
+    index.build(emb, ids)
+    t_build = time.time() - t0
+    del emb
+    index.meta["build_seconds"] = round(t_build, 3)
+    out = index.save(args.out)
+    size = index.size_bytes()
+    print(
+        f"built {args.backend} index of {index.size:,} vectors in {t_build:.1f}s, "
+        f"{size / 2**20:.1f} MiB ({size / index.size:.1f} bytes/vector) -> {out}",
+        file=sys.stderr,
+    )
+    print(json.dumps(index.config["options"], sort_keys=True), file=sys.stderr)
+    return 0

@@ -1,0 +1,211 @@
+"""ScaNN maximum-inner-product search (Karpukhin et al. 2020, sec. 3.1; Guo et al. 2020, ScaNN).
+
+DPR searched its 21M passage vectors with FAISS; ScaNN (anisotropic vector quantization, ICML
+2020) is the stronger CPU library for MIPS. ScaNN searches in three phases, each configured by
+``scann.scann_ops_pybind.builder(db, k, "dot_product")``:
+
+1. partitioning, ``.tree(num_leaves, num_leaves_to_search, ...)``: k-means leaves, search only the
+   closest ``leaves_to_search`` of them;
+2. scoring, ``.score_ah(dimensions_per_block, anisotropic_quantization_threshold)`` (asymmetric
+   hashing: 4-bit product-quantization codes scored with in-register lookup tables) or
+   ``.score_brute_force()``;
+3. rescoring, ``.reorder(k')``: the best k' AH candidates are rescored exactly.
+
+Defaults follow ScaNN's ``docs/algorithms.md`` rules of thumb: brute force below 20k points, AH +
+reorder below 100k, tree + AH + reorder above, ``num_leaves ~ sqrt(n)``, ``dimensions_per_block
+= 2``, ``anisotropic_quantization_threshold = 0.2`` and ``reorder(100)`` as in ScaNN's README.
+Every setting is an option; ``leaves_to_search`` and ``pre_reorder_num_neighbors`` can also be
+overridden per ``search`` call (``search_batched``'s arguments).
+
+Threads: ``num_threads = 1`` uses ``search_batched`` (one thread); ``n > 1`` uses
+``search_batched_parallel`` on a pool of n threads; 0 means all cores.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from dpr_jax.index.base import Index
+
+SCANN_DIR = "scann"
+
+
+def import_scann():
+    try:
+        from scann.scann_ops.py import scann_ops_pybind
+    except ImportError as e:
+        raise ImportError(
+            f"the ScaNN index needs the scann package: pip install 'dpr-jax[scann]' ({e})"
+        ) from e
+    return scann_ops_pybind
+
+
+def _threads(n: int) -> int:
+    return int(n) if int(n) > 0 else (os.cpu_count() or 1)
+
+
+class ScannIndex(Index):
+    """ScaNN tree + asymmetric hashing + exact reorder (``backend = "scann"``).
+
+    ``None`` options are resolved from the data at build time (the resolved values are saved):
+    ``scoring`` ("ah" if n >= 20000 else "brute_force"), ``num_leaves`` (0 = no tree if
+    n < 100000, else round(sqrt(n))), ``num_leaves_to_search`` (ceil(num_leaves / 10)),
+    ``training_sample_size`` (min(n, 250000)), ``ah_training_sample_size`` (min(n, 100000)).
+    """
+
+    backend = "scann"
+    DEFAULTS = {
+        "num_neighbors": 10,
+        "scoring": None,
+        "num_leaves": None,
+        "num_leaves_to_search": None,
+        "training_sample_size": None,
+        "min_partition_size": 50,
+        "training_iterations": 12,
+        "spherical": False,
+        "quantize_centroids": False,
+        "soar_lambda": None,
+        "dimensions_per_block": 2,
+        "anisotropic_quantization_threshold": 0.2,
+        "hash_type": "lut16",
+        "ah_training_sample_size": None,
+        "reorder": 100,
+        "reorder_dtype": "float32",
+        "num_threads": 0,
+        "training_threads": 0,
+        "query_batch_size": 16384,
+    }
+    SEARCH_PARAMS = ("leaves_to_search", "pre_reorder_num_neighbors")
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.searcher = None
+
+    def _resolve(self, n: int) -> None:
+        o = self.options
+        if o["scoring"] is None:
+            o["scoring"] = "ah" if n >= 20000 else "brute_force"
+        if o["scoring"] not in ("ah", "brute_force"):
+            raise ValueError(f"option scoring must be 'ah' or 'brute_force', got {o['scoring']!r}")
+        if o["num_leaves"] is None:
+            o["num_leaves"] = 0 if n < 100000 else max(2, round(math.sqrt(n)))
+        if o["num_leaves"]:
+            if o["num_leaves_to_search"] is None:
+                o["num_leaves_to_search"] = max(1, math.ceil(o["num_leaves"] / 10))
+            if o["training_sample_size"] is None:
+                o["training_sample_size"] = min(n, 250000)
+        if o["scoring"] == "ah" and o["ah_training_sample_size"] is None:
+            o["ah_training_sample_size"] = min(n, 100000)
+
+    def _builder(self, emb: np.ndarray):
+        sp = import_scann()
+        o = self.options
+        from scann.scann_ops.py.scann_builder import ReorderType
+
+        b = sp.builder(emb, int(o["num_neighbors"]), "dot_product")
+        b = b.set_n_training_threads(int(o["training_threads"]))
+        if o["num_leaves"]:
+            b = b.tree(
+                num_leaves=int(o["num_leaves"]),
+                num_leaves_to_search=int(o["num_leaves_to_search"]),
+                training_sample_size=int(o["training_sample_size"]),
+                min_partition_size=int(o["min_partition_size"]),
+                training_iterations=int(o["training_iterations"]),
+                spherical=bool(o["spherical"]),
+                quantize_centroids=bool(o["quantize_centroids"]),
+                soar_lambda=o["soar_lambda"],
+            )
+        if o["scoring"] == "brute_force":
+            return b.score_brute_force()
+        if len(emb) < 16:
+            raise ValueError(f"ScaNN AH needs at least 16 vectors, got {len(emb)}")
+        b = b.score_ah(
+            int(o["dimensions_per_block"]),
+            anisotropic_quantization_threshold=float(o["anisotropic_quantization_threshold"]),
+            training_sample_size=int(o["ah_training_sample_size"]),
+            hash_type=o["hash_type"],
+        )
+        if o["reorder"]:
+            dtype = {"float32": ReorderType.FLOAT32, "int8": ReorderType.INT8,
+                     "bfloat16": ReorderType.BFLOAT16}[o["reorder_dtype"]]  # fmt: skip
+            b = b.reorder(int(o["reorder"]), quantize=dtype)
+        return b
+
+    def _build(self, emb: np.ndarray) -> None:
+        self._resolve(len(emb))
+        emb = np.ascontiguousarray(emb, dtype=np.float32)
+        self.searcher = self._builder(emb).build()
+        self._apply_threads()
+
+    def _apply_threads(self) -> None:
+        n = _threads(self.options["num_threads"])
+        if n > 1:
+            self.searcher.set_num_threads(n)
+
+    def set_num_threads(self, num_threads: int) -> None:
+        super().set_num_threads(num_threads)
+        if self.searcher is not None:
+            self._apply_threads()
+
+    def _search(self, queries, k, leaves_to_search=None, pre_reorder_num_neighbors=None):
+        o = self.options
+        kwargs = {"final_num_neighbors": int(k)}
+        if o.get("num_leaves") and leaves_to_search is not None:
+            kwargs["leaves_to_search"] = int(leaves_to_search)
+        if o.get("scoring") == "ah" and o.get("reorder"):
+            pre = o["reorder"] if pre_reorder_num_neighbors is None else pre_reorder_num_neighbors
+            kwargs["pre_reorder_num_neighbors"] = max(int(pre), int(k))
+        parallel = _threads(o["num_threads"]) > 1
+        search = self.searcher.search_batched_parallel if parallel else self.searcher.search_batched
+        scores = np.empty((len(queries), k), np.float32)
+        rows = np.empty((len(queries), k), np.int64)
+        qb = int(o["query_batch_size"])
+        for start in range(0, len(queries), qb):
+            idx, dist = search(queries[start : start + qb], **kwargs)
+            idx, dist = np.asarray(idx, np.int64), np.asarray(dist, np.float32)
+            n, got = idx.shape
+            r = np.full((n, k), -1, np.int64)
+            s = np.full((n, k), -np.inf, np.float32)
+            r[:, :got], s[:, :got] = idx, dist
+            none = ~np.isfinite(s)  # ScaNN pads missing neighbours with row 0 and nan
+            r[none] = -1
+            rows[start : start + n], scores[start : start + n] = r, s
+        return scores, rows
+
+    def _save_files(self, directory: Path) -> None:
+        out = directory / SCANN_DIR
+        out.mkdir()
+        self.searcher.serialize(str(out), relative_path=True)
+
+    def _load_files(self, directory: Path) -> None:
+        sp = import_scann()
+        path = directory / SCANN_DIR
+        if not (path / "scann_assets.pbtxt").is_file():
+            raise ValueError(f"{path / 'scann_assets.pbtxt'}: missing (not a ScaNN index)")
+        self.searcher = sp.load_searcher(str(path))
+        if self.searcher.size() != self.size:
+            raise ValueError(
+                f"{path}: ScaNN searcher has {self.searcher.size()} points, ids {self.size}"
+            )
+        self._apply_threads()
+
+
+class ScannBruteForceIndex(ScannIndex):
+    """ScaNN exact brute-force scoring (``backend = "scann-bf"``): no tree, no quantization."""
+
+    backend = "scann-bf"
+    DEFAULTS = {"num_neighbors": 10, "num_threads": 0, "training_threads": 0,
+                "query_batch_size": 16384}  # fmt: skip
+    SEARCH_PARAMS = ()
+
+    def _resolve(self, n: int) -> None:
+        pass
+
+    def _builder(self, emb: np.ndarray):
+        sp = import_scann()
+        b = sp.builder(emb, int(self.options["num_neighbors"]), "dot_product")
+        return b.set_n_training_threads(int(self.options["training_threads"])).score_brute_force()

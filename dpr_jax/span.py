@@ -1,0 +1,470 @@
+"""Answer extraction with the reader (Karpukhin et al. 2020, sec. 6.1; DPR's ``_get_best_prediction``).
+
+For a question and its top-k retrieved passages the reader gives every passage a relevance logit
+and every token a start and an end logit (:class:`dpr_jax.models.reader.Reader`). The answer is
+read as DPR does:
+
+1. rank the passages by relevance logit; take the most relevant one that yields a span (a
+   passage with no text tokens, e.g. an empty passage, is scored but yields none, so the next
+   one is taken);
+2. in it, the span (s, e) with the highest ``start[s] + end[e]``, ``s <= e < s +
+   max_answer_length``, with s and e both inside the passage *text* (never in the question or
+   the title);
+3. extend the span to whole words (a start on a ``##`` piece moves left, an end followed by
+   ``##`` pieces moves right; DPR's ``_extend_span_to_full_words``), so the extended span can be
+   longer than ``max_answer_length``;
+4. the answer is the original passage substring between the character offsets of the span's
+   first and last tokens (original casing and spacing, unlike DPR's detokenized word pieces).
+
+:func:`best_spans` returns the best spans of one passage in score order; each span is extended
+to whole words before it is compared with those already chosen, and one that overlaps any of
+them is skipped (DPR only skips spans nested in or containing a chosen one; here the spans are
+disjoint text regions).
+
+DPR reports EM for several numbers of retrieved passages k: the prediction at k uses only the
+first k passages of the retrieval order (step 1 runs on them). :class:`ReaderPredictor` computes
+all requested k at once, batched and jitted with one fixed shape (``(batch, 1, max_length)``
+sequences, the batch split over all local devices), and :func:`evaluate_predictions` scores them
+with SQuAD's exact match and F1 (:mod:`dpr_jax.evaluate`). :func:`write_predictions` writes DPR's
+reader-predictions JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpr_jax.reader_data import (
+    ReaderInputConfig,
+    ReaderPassage,
+    ReaderSequence,
+    ReaderTokenizer,
+    as_passage,
+)
+
+DEFAULT_TOP_K = (50,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Span decoding (numpy)
+
+
+def extend_to_words(start: int, end: int, subword: np.ndarray) -> tuple[int, int]:
+    """Widen [start, end] so it neither starts nor ends inside a word (``##`` pieces)."""
+    n = len(subword)
+    while start > 0 and subword[start]:
+        start -= 1
+    while end < n - 1 and subword[end + 1]:
+        end += 1
+    return start, end
+
+
+def best_spans(
+    start_logits: np.ndarray,
+    end_logits: np.ndarray,
+    max_answer_length: int = 10,
+    top_spans: int = 1,
+    subword: np.ndarray | None = None,
+) -> list[tuple[int, int, float]]:
+    """Best non-overlapping spans ``[(start, end, start_logit + end_logit)]`` of one passage.
+
+    The logits are those of the passage text tokens only (position 0 = first text token).
+    Candidates are ``s <= e < s + max_answer_length``; ties keep the earlier, shorter span.
+    With ``subword`` each span is extended to whole words before the overlap check.
+    """
+    s = np.asarray(start_logits, np.float64)
+    e = np.asarray(end_logits, np.float64)
+    n = len(s)
+    if len(e) != n:
+        raise ValueError(f"start logits have {n} positions, end logits {len(e)}")
+    if max_answer_length < 1:
+        raise ValueError(f"max_answer_length must be >= 1, got {max_answer_length}")
+    if n == 0 or top_spans < 1:
+        return []
+    length = min(max_answer_length, n)
+    i = np.repeat(np.arange(n), length)
+    j = i + np.tile(np.arange(length), n)
+    keep = j < n
+    i, j = i[keep], j[keep]
+    score = s[i] + e[j]
+    chosen: list[tuple[int, int, float]] = []
+    for k in np.argsort(-score, kind="stable"):
+        a, b = int(i[k]), int(j[k])
+        if subword is not None:
+            a, b = extend_to_words(a, b, subword)
+        if any(a <= cb and ca <= b for ca, cb, _ in chosen):
+            continue
+        chosen.append((a, b, float(score[k])))
+        if len(chosen) == top_spans:
+            break
+    return chosen
+
+
+@dataclasses.dataclass(frozen=True)
+class SpanPrediction:
+    """The answer read from one passage (DPR's ``SpanPrediction``, plus offsets)."""
+
+    text: str
+    score: float  # start + end logit of the (unextended) span
+    relevance_score: float  # the passage's relevance logit
+    passage_idx: int  # index of the passage in the question's list (retrieval order)
+    passage: str  # the passage text
+    start_char: int = -1  # [start_char, end_char) in ``passage``
+    end_char: int = -1
+    start_token: int = -1  # first / last passage-text token (after extension)
+    end_token: int = -1
+
+
+# DPR's placeholder when no passage yields a span (e.g. every passage is empty).
+NO_ANSWER = SpanPrediction("", -1.0, -1.0, -1, "")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuestionPrediction:
+    question: str
+    gold_answers: tuple[str, ...]
+    predictions: dict[int, SpanPrediction]  # top-k passages -> prediction
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "question": self.question,
+            "gold_answers": list(self.gold_answers),
+            "predictions": [
+                {"top_k": k, "prediction": {
+                    "text": p.text, "score": p.score, "relevance_score": p.relevance_score,
+                    "passage_idx": p.passage_idx, "passage": p.passage,
+                }}
+                for k, p in sorted(self.predictions.items())
+            ],
+        }  # fmt: skip
+
+
+@dataclasses.dataclass
+class PassageLogits:
+    """Reader outputs for one (question, passage) pair, cut to the passage text tokens."""
+
+    relevance: float
+    start: np.ndarray  # (text_len,)
+    end: np.ndarray  # (text_len,)
+
+
+def _read_passage(
+    passage: ReaderPassage, offsets: np.ndarray, subword: np.ndarray, logits: PassageLogits,
+    idx: int, max_answer_length: int,
+) -> SpanPrediction | None:  # fmt: skip
+    n = len(logits.start)
+    spans = best_spans(logits.start, logits.end, max_answer_length, 1, subword[:n])
+    if not spans:
+        return None
+    s, e, score = spans[0]
+    c0, c1 = int(offsets[s, 0]), int(offsets[e, 1])
+    return SpanPrediction(passage.text[c0:c1], score, logits.relevance, idx, passage.text,
+                          c0, c1, s, e)  # fmt: skip
+
+
+def select_predictions(
+    passages: Sequence[ReaderPassage],
+    offsets: Sequence[np.ndarray],
+    subwords: Sequence[np.ndarray],
+    logits: Sequence[PassageLogits],
+    top_k: Sequence[int],
+    max_answer_length: int = 10,
+) -> dict[int, SpanPrediction]:
+    """DPR's rule for every k: the best span of the most relevant of the first k passages that
+    yields one (:data:`NO_ANSWER` if none does)."""
+    rel = np.array([lg.relevance for lg in logits], np.float64)
+    order = np.argsort(-rel, kind="stable")
+    cache: dict[int, SpanPrediction | None] = {}
+
+    def read(i: int) -> SpanPrediction | None:
+        if i not in cache:
+            cache[i] = _read_passage(passages[i], offsets[i], subwords[i], logits[i], i,
+                                     max_answer_length)  # fmt: skip
+        return cache[i]
+
+    out = {}
+    for k in top_k:
+        out[int(k)] = next(
+            (p for i in order if i < k and (p := read(int(i))) is not None), NO_ANSWER
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched, jitted reader
+
+
+_FORWARD: dict[Any, Any] = {}
+
+
+def _forward_fn(model, mesh):
+    """Jitted (params, ids, mask) -> (start, end, relevance) over ``mesh``, memoised."""
+    import jax
+
+    from dpr_jax.parallel import batch_sharding, replicated
+
+    key = (model.config, model.dtype, mesh)
+    if key not in _FORWARD:
+        if len(_FORWARD) >= 16:
+            _FORWARD.clear()
+
+        def fwd(params, ids, mask):  # ids, mask: (P, 1, T)
+            out = model.apply({"params": params}, ids, mask, deterministic=True)
+            return out.start_logits, out.end_logits, out.relevance_logits
+
+        data = batch_sharding(mesh)
+        _FORWARD[key] = jax.jit(
+            fwd, in_shardings=(replicated(mesh), data, data), out_shardings=(data, data, data)
+        )
+    return _FORWARD[key]
+
+
+class ReaderPredictor:
+    """Reads answers out of passages with a reader model.
+
+    ``predict(questions, passages_per_question)`` -> one :class:`QuestionPrediction` per
+    question. Passages may be :class:`ReaderPassage` s, dicts ``{text, title?, id?}`` or strings.
+    All (question, passage) pairs are run through the model in fixed-shape batches of
+    ``batch_size`` sequences (rounded up to a multiple of the local device count), padded with
+    empty sequences at the end.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        bert_config: Any,
+        tokenizer: Any,
+        input_config: ReaderInputConfig | None = None,
+        max_answer_length: int = 10,
+        batch_size: int = 32,
+        dtype: str = "float32",
+        devices: Sequence[Any] | None = None,
+    ):
+        import jax
+        import jax.numpy as jnp
+
+        from dpr_jax.models.reader import Reader
+        from dpr_jax.parallel import make_mesh
+
+        if max_answer_length < 1:
+            raise ValueError(f"max_answer_length must be >= 1, got {max_answer_length}")
+        self.tokenizer = (
+            tokenizer if isinstance(tokenizer, ReaderTokenizer)
+            else ReaderTokenizer(tokenizer, input_config)
+        )  # fmt: skip
+        self.input_config = self.tokenizer.config
+        self.max_answer_length = max_answer_length
+        self.mesh = make_mesh(list(devices) if devices is not None else jax.local_devices())
+        n_dev = self.mesh.devices.size
+        self.batch_size = max(1, math.ceil(batch_size / n_dev)) * n_dev
+        self.model = Reader(bert_config, dtype=jnp.dtype(dtype))
+        self._forward = _forward_fn(self.model, self.mesh)
+        self.set_params(params)
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, **kwargs) -> ReaderPredictor:
+        """From a reader model directory (or a training workdir with ``model/``)."""
+        from dpr_jax.checkpoint import load_model, load_tokenizer
+
+        _, bert_config, params, meta = load_model(model_dir, "reader")
+        if "input_config" not in kwargs:
+            ri = meta.get("reader_input")
+            try:
+                kwargs["input_config"] = ReaderInputConfig.from_dict(ri) if ri else None
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{model_dir}: bad field 'reader_input' ({e})") from None
+        return cls(params, bert_config, load_tokenizer(model_dir), **kwargs)
+
+    def set_params(self, params: Any) -> None:
+        import jax
+
+        from dpr_jax.parallel import replicated
+
+        self.params = jax.device_put(params, replicated(self.mesh))
+
+    def passage_logits(
+        self, questions: Sequence[str], passages: Sequence[Sequence[ReaderPassage]],
+        progress: bool = False,
+    ) -> tuple[list[list[PassageLogits]], list[list[Any]]]:  # fmt: skip
+        """Reader outputs for every pair -> (logits[q][p], passage tokens[q][p])."""
+        from tqdm.auto import tqdm
+
+        tok = self.tokenizer
+        q_ids = tok.question_ids(list(questions))
+        toks = [tok.passage_tokens(ps) for ps in passages]
+        pairs: list[tuple[int, int, ReaderSequence]] = [
+            (qi, pi, tok.sequence(q_ids[qi], pt))
+            for qi, pts in enumerate(toks)
+            for pi, pt in enumerate(pts)
+        ]
+        out: list[list[PassageLogits]] = [[None] * len(ps) for ps in passages]  # type: ignore
+        b = self.batch_size
+        bar = tqdm(total=len(pairs), desc="reader", unit="seq", disable=not progress,
+                   dynamic_ncols=True)  # fmt: skip
+        for lo in range(0, len(pairs), b):
+            chunk = pairs[lo : lo + b]
+            ids, mask = tok.pad([seq.ids for _, _, seq in chunk] + [np.zeros(0, np.int32)] *
+                                (b - len(chunk)))  # fmt: skip
+            start, end, rel = self._forward(self.params, ids[:, None], mask[:, None])
+            start, end, rel = np.asarray(start)[:, 0], np.asarray(end)[:, 0], np.asarray(rel)
+            for r, (qi, pi, seq) in enumerate(chunk):
+                sl = slice(seq.text_start, seq.text_start + seq.text_len)
+                out[qi][pi] = PassageLogits(float(rel[r, 0]), start[r, sl], end[r, sl])
+            bar.update(len(chunk))
+        bar.close()
+        return out, toks
+
+    def predict(
+        self,
+        questions: Sequence[str],
+        passages_per_question: Sequence[Sequence[Any]],
+        top_k: Sequence[int] = DEFAULT_TOP_K,
+        gold_answers: Sequence[Sequence[str]] | None = None,
+        progress: bool = False,
+        block: int = 256,
+    ) -> list[QuestionPrediction]:
+        """Predictions for each question at each k of ``top_k`` (passages beyond max(top_k) are
+        not read). ``block`` questions are scored at a time to bound host memory."""
+        if len(questions) != len(passages_per_question):
+            raise ValueError(
+                f"{len(questions)} questions but {len(passages_per_question)} passage lists"
+            )
+        if gold_answers is not None and len(gold_answers) != len(questions):
+            raise ValueError(f"{len(questions)} questions but {len(gold_answers)} answer lists")
+        top_k = sorted({int(k) for k in top_k})
+        if not top_k or top_k[0] < 1:
+            raise ValueError(f"top_k must be positive integers, got {top_k}")
+        kmax = top_k[-1]
+        results: list[QuestionPrediction] = []
+        for lo in range(0, len(questions), block):
+            qs = list(questions[lo : lo + block])
+            ps = [
+                [as_passage(p, f"question {lo + i}, passage {j}") for j, p in enumerate(pl[:kmax])]
+                for i, pl in enumerate(passages_per_question[lo : lo + block])
+            ]
+            logits, toks = self.passage_logits(qs, ps, progress)
+            for i, q in enumerate(qs):
+                preds = select_predictions(
+                    ps[i], [t.offsets for t in toks[i]], [t.subword for t in toks[i]],
+                    logits[i], top_k, self.max_answer_length,
+                )  # fmt: skip
+                gold = tuple(gold_answers[lo + i]) if gold_answers is not None else ()
+                results.append(QuestionPrediction(q, gold, preds))
+        return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and output
+
+
+def evaluate_predictions(predictions: Sequence[QuestionPrediction]) -> dict[int, dict[str, float]]:
+    """SQuAD EM and F1 (fractions) at every k: ``{k: {"em", "f1", "questions"}}``."""
+    from dpr_jax.evaluate import exact_match_score, f1_score
+
+    scores: dict[int, list[tuple[float, float]]] = {}
+    for i, qp in enumerate(predictions):
+        if not qp.gold_answers:
+            raise ValueError(f"prediction {i} ({qp.question!r:.60}): no gold answers to score")
+        for k, p in qp.predictions.items():
+            scores.setdefault(k, []).append(
+                (exact_match_score(p.text, qp.gold_answers), f1_score(p.text, qp.gold_answers))
+            )
+    return {
+        k: {
+            "em": float(np.mean([s[0] for s in v])),
+            "f1": float(np.mean([s[1] for s in v])),
+            "questions": len(v),
+        }  # fmt: skip
+        for k, v in sorted(scores.items())
+    }
+
+
+def write_predictions(
+    path: str | Path, predictions: Sequence[QuestionPrediction], config: dict | None = None
+) -> Path:
+    """DPR's reader-predictions JSON (via :mod:`dpr_jax.data.formats`), config beside it."""
+    from dpr_jax.data.formats import write_reader_predictions
+
+    return write_reader_predictions(path, [p.to_json() for p in predictions], config)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: python -m dpr_jax.span --model DIR --results RESULTS.json --out PRED.json
+
+
+def _parse_ks(text: str) -> list[int]:
+    try:
+        ks = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--top-k must be comma-separated integers, got {text!r}"
+        ) from None
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"--top-k must be positive integers, got {text!r}")
+    return ks
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    from dpr_jax.reader_data import FORMATS, read_reader_examples
+
+    ap = argparse.ArgumentParser(
+        prog="dpr-jax read",
+        description="Read answers from retrieved passages with a reader model; EM/F1 and DPR's "
+        "reader-predictions JSON.",
+    )
+    ap.add_argument("--model", required=True, help="reader model directory (or training workdir)")
+    ap.add_argument(
+        "--results",
+        required=True,
+        help="retrieval-results, biencoder or SQuAD JSON with questions and passages",
+    )
+    ap.add_argument("--format", default="auto", choices=FORMATS)
+    ap.add_argument(
+        "--top-k",
+        type=_parse_ks,
+        default=list(DEFAULT_TOP_K),
+        help="numbers of retrieved passages to read, e.g. 1,10,50",
+    )
+    ap.add_argument("--max-answer-length", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
+    ap.add_argument("--limit", type=int, default=0, help="only the first N questions")
+    ap.add_argument("--out", help="write DPR reader-predictions JSON here")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)  # fmt: skip
+
+    examples = read_reader_examples(args.results, args.format)
+    if args.limit:
+        examples = examples[: args.limit]
+    if not examples:
+        print(f"dpr-jax read: {args.results}: no questions", file=sys.stderr)
+        return 2
+    predictor = ReaderPredictor.from_dir(
+        args.model, max_answer_length=args.max_answer_length, batch_size=args.batch_size
+    )
+    preds = predictor.predict(
+        [e.question for e in examples], [list(e.passages) for e in examples], args.top_k,
+        [e.answers for e in examples], progress=not args.no_progress,
+    )  # fmt: skip
+    metrics = evaluate_predictions(preds)
+    for k, m in metrics.items():
+        print(f"top-{k:<4d} EM {100 * m['em']:6.2f}  F1 {100 * m['f1']:6.2f}  "
+              f"({m['questions']} questions)")  # fmt: skip
+    if args.out:
+        config = {**vars(args), "input_config": predictor.input_config.to_dict(),
+                  "metrics": {str(k): v for k, v in metrics.items()}}  # fmt: skip
+        write_predictions(args.out, preds, config)
+        print(f"wrote {args.out}")
+    print(json.dumps({str(k): v for k, v in metrics.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())

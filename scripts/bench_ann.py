@@ -1,0 +1,531 @@
+"""ScaNN vs FAISS for DPR's maximum-inner-product search (Karpukhin et al. 2020, sec. 3.1).
+
+On one set of passage vectors, in one process, at one search thread count:
+
+- exact search: numpy brute force (the recall ground truth), exact JAX (:mod:`dpr_jax.index.exact`),
+  FAISS ``IndexFlatIP`` and ScaNN brute force, in queries per second;
+- recall@10 against the exact top 10 vs queries per second while sweeping ScaNN (tree + AH +
+  reorder: ``leaves_to_search`` x ``reorder``), FAISS HNSW (``efSearch``) and FAISS IVF-PQ with
+  exact refine (``nprobe`` x ``k_factor``), with build time and bytes per vector;
+- the headline ratio QPS(ScaNN) / QPS(best FAISS) at recall@10 = 0.90 and 0.95, read off each
+  method's Pareto frontier (log-QPS interpolated linearly in recall);
+- how search time grows with the corpus (10k ... N vectors).
+
+Data: ``--embeddings DIR [DIR ...] --queries Q.npy`` (e.g. SQuAD passages and questions encoded
+by ``dpr-jax encode``), or by default a seeded synthetic set built to look like normalised
+sentence-embedding vectors (see :func:`synthetic`). Outputs in ``--out``: ``results.json``
+(every point and the configuration), ``table.md``, ``recall_qps.png`` and ``scaling.png``.
+
+    nice -n 10 python scripts/bench_ann.py --n 1000000 --threads 1 --out artifacts/bench_ann
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=1_000_000, help="synthetic corpus size")
+    ap.add_argument("--dim", type=int, default=384, help="synthetic dimension (MiniLM: 384)")
+    ap.add_argument("--num-queries", type=int, default=1000, help="synthetic queries")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--embeddings", nargs="+", help="embeddings dirs (instead of synthetic)")
+    ap.add_argument("--queries", help="query vectors .npy (Q, dim), with --embeddings")
+    ap.add_argument("--max-queries", type=int, default=1000, help="use at most this many queries")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1, help="search threads, the same for all")
+    ap.add_argument("--build-threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per point (best is kept)")
+    ap.add_argument("--scaling", default="10000,100000,1000000", help="corpus sizes")
+    ap.add_argument("--skip", default="", help="comma list of: exact,scann,hnsw,ivfpq,scaling")
+    ap.add_argument("--out", default="artifacts/bench_ann")
+    args = ap.parse_args(argv)
+    if bool(args.embeddings) != bool(args.queries):
+        ap.error("--embeddings and --queries go together")
+    return args
+
+
+def set_thread_env(threads: int) -> None:
+    """Before numpy / jax are imported: BLAS and XLA use ``threads`` threads."""
+    os.environ["OPENBLAS_NUM_THREADS"] = str(threads)
+    os.environ["MKL_NUM_THREADS"] = str(threads)
+    if threads == 1:
+        flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+def synthetic(n: int, d: int, n_queries: int, seed: int = 0, chunk: int = 65536):
+    """A seeded stand-in for normalised sentence embeddings (all-MiniLM-L6-v2-like).
+
+    Two-level mixture: 100 topics x 20 subtopics (2000 centres, Dirichlet-weighted), a shared
+    mean direction, anisotropic noise (covariance eigenvalues ~ i^-0.5 in a random basis, as
+    embedding spectra decay), unit norm times exp(N(0, 0.05)). Squared weights of mean : topic :
+    subtopic : noise = 0.08 : 0.22 : 0.25 : 0.45 give cosines of about 0.08 between unrelated
+    vectors, 0.3 within a topic and 0.55 within a subtopic. Queries are fresh draws (not corpus
+    rows) with extra noise (cos ~0.8 to their draw), like questions near, not on, their passages.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lam = np.arange(1, d + 1, dtype=np.float64) ** -0.5
+    rot, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    basis = (rot * np.sqrt(lam / lam.sum())).astype(np.float32)  # E|z @ basis.T|^2 = 1
+
+    def gauss(m):
+        return rng.standard_normal((m, d), dtype=np.float32) @ basis.T
+
+    mean = rng.standard_normal(d).astype(np.float32)
+    mean /= np.linalg.norm(mean)
+    n_topics, n_sub = 100, 20
+    topics = np.repeat(gauss(n_topics), n_sub, axis=0)
+    centres = (
+        math.sqrt(0.08) * mean + math.sqrt(0.22) * topics + math.sqrt(0.25) * gauss(len(topics))
+    )
+    weights = rng.dirichlet(np.ones(len(centres)))
+
+    def draw(m):
+        x = centres[rng.choice(len(centres), m, p=weights)] + math.sqrt(0.45) * gauss(m)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    emb = np.empty((n, d), np.float32)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        emb[start : start + m] = draw(m) * np.exp(0.05 * rng.standard_normal((m, 1)))
+    q = draw(n_queries)
+    q = q + 0.55 * gauss(n_queries)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    ids = np.arange(n).astype(str)
+    return ids, emb, q.astype(np.float32)
+
+
+# -- measuring -----------------------------------------------------------------------------------
+
+
+def numpy_topk(queries, emb, k, batch: int = 64):
+    """Exact MIPS with numpy (BLAS sgemm + argpartition): rows (Q, k), scores (Q, k)."""
+    import numpy as np
+
+    rows = np.empty((len(queries), k), np.int64)
+    scores = np.empty((len(queries), k), np.float32)
+    for s in range(0, len(queries), batch):
+        sc = queries[s : s + batch] @ emb.T  # (b, D) . (D, N) -> (b, N)
+        part = np.argpartition(-sc, k - 1, axis=1)[:, :k]
+        ps = np.take_along_axis(sc, part, axis=1)
+        order = np.argsort(-ps, axis=1)
+        rows[s : s + batch] = np.take_along_axis(part, order, axis=1)
+        scores[s : s + batch] = np.take_along_axis(ps, order, axis=1)
+    return scores, rows
+
+
+def recall(got_ids, true_ids) -> float:
+    return float(sum(len(set(a) & set(b)) for a, b in zip(got_ids, true_ids)) / true_ids.size)
+
+
+def timed(fn, repeats: int):
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def pareto(points):
+    """(recall, qps) points -> the frontier, ascending recall (and descending QPS)."""
+    front, best = [], -math.inf
+    for r, q in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if q > best:
+            front.append((r, q))
+            best = q
+    return front[::-1]
+
+
+def qps_at(front, target: float):
+    """QPS at ``target`` recall on a frontier: log-QPS linear in recall between neighbours; the
+    first point's QPS if it is already above the target (a lower bound); None if never reached."""
+    for i, (r, q) in enumerate(front):
+        if r >= target:
+            if i == 0 or r == target:
+                return q
+            r0, q0 = front[i - 1]
+            t = (target - r0) / (r - r0)
+            return math.exp(math.log(q0) + t * (math.log(q) - math.log(q0)))
+    return None
+
+
+class Bench:
+    def __init__(self, args, ids, emb, queries):
+        self.args, self.ids, self.emb, self.queries = args, ids, emb, queries
+        self.k = args.k
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results = {"config": {}, "exact": [], "sweeps": {}, "builds": {}, "scaling": []}
+        self.true_ids = None
+        self._sub_truth = {}
+        self.t_start = time.time()
+
+    def log(self, msg):
+        print(f"[{time.time() - self.t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    def save(self):
+        self.results["config"]["elapsed_s"] = round(time.time() - self.t_start, 1)
+        self.results["config"]["loadavg_end"] = os.getloadavg()
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=1))
+
+    def qps(self, seconds):
+        return len(self.queries) / seconds
+
+    # exact search ------------------------------------------------------------------------------
+
+    def ground_truth(self):
+        sec, (scores, rows) = timed(lambda: numpy_topk(self.queries, self.emb, self.k), 1)
+        self.true_ids = self.ids[rows]
+        self.results["exact"].append({"method": "numpy brute force", "qps": self.qps(sec),
+                                      "recall": 1.0, "seconds": sec})  # fmt: skip
+        self.log(f"numpy brute force: {self.qps(sec):.1f} q/s")
+
+    def exact(self):
+        from dpr_jax.index import build_index
+
+        for backend, label in [("exact", "exact JAX"), ("faiss-flat", "FAISS IndexFlatIP"),
+                               ("scann-bf", "ScaNN brute force")]:  # fmt: skip
+            opts = {} if backend == "exact" else {"num_threads": self.args.threads}
+            index = build_index(backend, self.emb, self.ids, **opts)
+            # warm up with the timed shapes (JAX compiles once per query-batch shape)
+            index.search(self.queries, self.k)
+            sec, (_, got) = timed(lambda ix=index: ix.search(self.queries, self.k), 1)
+            row = {"method": label, "qps": self.qps(sec), "recall": recall(got, self.true_ids),
+                   "seconds": sec}  # fmt: skip
+            if backend == "exact":
+                import jax
+
+                row["devices"] = f"{jax.device_count()} x {jax.devices()[0].platform}"
+            self.results["exact"].append(row)
+            self.log(f"{label}: {row['qps']:.1f} q/s, recall {row['recall']:.4f}")
+            del index
+            gc.collect()
+        self.save()
+
+    # sweeps ------------------------------------------------------------------------------------
+
+    def build(self, name, backend, **options):
+        from dpr_jax.index import build_index
+        from dpr_jax.index.faiss_index import set_faiss_threads
+
+        set_faiss_threads(self.args.build_threads)
+        opts = {"num_threads": self.args.build_threads, **options}
+        if backend == "scann":
+            opts["training_threads"] = self.args.build_threads
+        t0 = time.perf_counter()
+        index = build_index(backend, self.emb, self.ids, **opts)
+        build_s = time.perf_counter() - t0
+        index.set_num_threads(self.args.threads)
+        size = index.size_bytes()
+        self.results["builds"][name] = {
+            "backend": backend, "options": index.options, "build_s": build_s,
+            "bytes_per_vector": size / index.size, "size_bytes": size,
+        }  # fmt: skip
+        self.log(f"{name}: built in {build_s:.1f}s, {size / index.size:.1f} bytes/vector "
+                 f"{json.dumps(index.options)}")  # fmt: skip
+        index.search(self.queries[:64], self.k)  # warm up
+        return index
+
+    def sweep(self, name, index, grid):
+        points = []
+        for params in grid:
+            sec, (_, got) = timed(lambda p=params: index.search(self.queries, self.k, **p),
+                                  self.args.repeats)  # fmt: skip
+            pt = {"params": params, "recall": recall(got, self.true_ids), "qps": self.qps(sec)}
+            points.append(pt)
+            self.log(f"  {name} {params}: recall {pt['recall']:.4f}, {pt['qps']:.0f} q/s")
+        self.results["sweeps"][name] = points
+        self.save()
+
+    def scann(self):
+        n = len(self.emb)
+        index = self.build("ScaNN tree-AH", "scann", scoring="ah",
+                           num_leaves=max(2, round(math.sqrt(n))))  # fmt: skip
+        leaves = index.options["num_leaves"]
+        fracs = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16)
+        l2s = sorted({max(1, round(leaves * f)) for f in fracs})
+        grid = [{"leaves_to_search": lt, "pre_reorder_num_neighbors": r}
+                for lt in l2s for r in (30, 100, 300)]  # fmt: skip
+        self.sweep("ScaNN tree-AH", index, grid)
+        self.scaling_point(n, "ScaNN (default)", index)
+        del index
+        gc.collect()
+
+    def hnsw(self):
+        index = self.build("FAISS HNSW", "faiss-hnsw", M=32, ef_construction=40)
+        grid = [{"ef_search": ef} for ef in (16, 32, 64, 128, 256, 512)]
+        self.sweep("FAISS HNSW", index, grid)
+        self.scaling_point(len(self.emb), "FAISS HNSW (default)", index)
+        del index
+        gc.collect()
+
+    def ivfpq(self):
+        index = self.build("FAISS IVF-PQ + refine", "faiss-ivfpq", refine=True)
+        nlist = index.options["nlist"]
+        probes = sorted({max(1, round(nlist * f)) for f in (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08)})
+        grid = [{"nprobe": p, "k_factor": kf} for p in probes for kf in (1, 3, 10, 30)]
+        self.sweep("FAISS IVF-PQ + refine", index, grid)
+        del index
+        gc.collect()
+
+    # scaling -----------------------------------------------------------------------------------
+
+    def scaling_point(self, m, method, index):
+        sec, (_, got) = timed(lambda: index.search(self.queries, self.k), self.args.repeats)
+        true = self.true_ids if m == len(self.emb) else self._sub_truth[m]
+        self.results["scaling"].append({"n": m, "method": method, "ms_per_query":
+                                        1000 * sec / len(self.queries),
+                                        "recall": recall(got, true)})  # fmt: skip
+        self.log(f"  scaling n={m:,} {method}: {1000 * sec / len(self.queries):.3f} ms/q")
+
+    def scaling(self, sizes):
+        """numpy and exact JAX at every size, ScaNN and HNSW (default settings) below N; the
+        full-size points come from ``exact`` and the sweeps."""
+        from dpr_jax.index import build_index
+
+        n = len(self.emb)
+        for r in self.results["exact"]:
+            if r["method"] in ("numpy brute force", "exact JAX"):
+                self.results["scaling"].append({"n": n, "method": r["method"], "recall": r["recall"],
+                                                "ms_per_query": 1000 / r["qps"]})  # fmt: skip
+        for m in sorted(s for s in sizes if s < n):
+            sub, ids = self.emb[:m], self.ids[:m]
+            sec, (_, rows) = timed(lambda s=sub: numpy_topk(self.queries, s, self.k), 1)
+            self._sub_truth[m] = ids[rows]
+            self.results["scaling"].append({"n": m, "method": "numpy brute force",
+                                            "ms_per_query": 1000 * sec / len(self.queries),
+                                            "recall": 1.0})  # fmt: skip
+            index = build_index("exact", sub, ids)
+            index.search(self.queries, self.k)
+            self.scaling_point(m, "exact JAX", index)
+            del index
+            for method, backend in [("ScaNN (default)", "scann"),
+                                    ("FAISS HNSW (default)", "faiss-hnsw")]:  # fmt: skip
+                opts = {"num_threads": self.args.build_threads}
+                if backend == "scann":  # the sweep's recipe: tree + AH at every size
+                    opts.update(scoring="ah", num_leaves=max(2, round(math.sqrt(m))))
+                index = build_index(backend, sub, ids, **opts)
+                index.set_num_threads(self.args.threads)
+                index.search(self.queries[:64], self.k)
+                self.scaling_point(m, method, index)
+                del index
+            gc.collect()
+        self.save()
+
+    # report ------------------------------------------------------------------------------------
+
+    def summarise(self):
+        fronts = {name: pareto([(p["recall"], p["qps"]) for p in pts])
+                  for name, pts in self.results["sweeps"].items()}  # fmt: skip
+        headline = {}
+        for target in (0.90, 0.95):
+            row = {name: qps_at(f, target) for name, f in fronts.items()}
+            faiss = {k: v for k, v in row.items() if k.startswith("FAISS") and v is not None}
+            best = max(faiss, key=faiss.get) if faiss else None
+            scann = row.get("ScaNN tree-AH")
+            row["best FAISS"] = best
+            row["ratio"] = scann / faiss[best] if scann and best else None
+            headline[f"{target:.2f}"] = row
+        self.results["frontiers"] = fronts
+        self.results["headline"] = headline
+        self.save()
+        return fronts, headline
+
+    def write_table(self, fronts, headline):
+        cfg = self.results["config"]
+        L = [f"# ANN benchmark: {cfg['data']}", ""]
+        L.append(f"N = {cfg['n']:,} vectors of dim {cfg['dim']}, {cfg['num_queries']} queries, "
+                 f"recall@{self.k} against exact brute force, {cfg['threads']} search thread(s) "
+                 f"for every method, one process; {cfg['cpu']}; load average at start "
+                 f"{cfg['loadavg_start'][0]:.1f} (a shared machine: QPS is noisy, ratios less so).")  # fmt: skip
+        L += ["", "## Headline: QPS at equal recall (Pareto frontiers, log-QPS interpolated)", ""]
+        L += ["| recall@10 | ScaNN q/s | best FAISS | its q/s | ScaNN / FAISS |",
+              "|---|---|---|---|---|"]  # fmt: skip
+        for target, row in headline.items():
+            best = row["best FAISS"]
+            sc = row.get("ScaNN tree-AH")
+            fq = row.get(best) if best else None
+            ratio = row["ratio"]
+            L.append(f"| {target} | {_fmt(sc)} | {best or 'not reached'} | {_fmt(fq)} | "
+                     f"{f'{ratio:.2f}x' if ratio else 'n/a'} |")  # fmt: skip
+        L += [
+            "",
+            "## Exact search",
+            "",
+            "| method | q/s | recall@10 | vs numpy |",
+            "|---|---|---|---|",
+        ]
+        base = self.results["exact"][0]["qps"]
+        for r in self.results["exact"]:
+            dev = f" ({r['devices']})" if "devices" in r else ""
+            L.append(f"| {r['method']}{dev} | {r['qps']:.1f} | {r['recall']:.4f} | "
+                     f"{r['qps'] / base:.2f}x |")  # fmt: skip
+        L += [
+            "",
+            "## Builds",
+            "",
+            "| index | build s | bytes/vector | options |",
+            "|---|---|---|---|",
+        ]
+        for name, b in self.results["builds"].items():
+            opts = ", ".join(f"{k}={v}" for k, v in b["options"].items()
+                             if k not in ("num_threads", "training_threads", "query_batch_size"))  # fmt: skip
+            L.append(f"| {name} | {b['build_s']:.1f} | {b['bytes_per_vector']:.0f} | {opts} |")
+        L += ["", "## Sweeps (Pareto-optimal points in bold)", ""]
+        for name, pts in self.results["sweeps"].items():
+            front = set(fronts[name])
+            L += [f"### {name}", "", "| params | recall@10 | q/s |", "|---|---|---|"]
+            for p in sorted(pts, key=lambda p: p["recall"]):
+                on = (p["recall"], p["qps"]) in front
+                ps = ", ".join(f"{k}={v}" for k, v in p["params"].items())
+                b = "**" if on else ""
+                L.append(f"| {b}{ps}{b} | {p['recall']:.4f} | {p['qps']:.0f} |")
+            L.append("")
+        if self.results["scaling"]:
+            L += ["## Search time vs corpus size (ms per query)", ""]
+            sizes = sorted({r["n"] for r in self.results["scaling"]})
+            methods = list(dict.fromkeys(r["method"] for r in self.results["scaling"]))
+            L += ["| method | " + " | ".join(f"{s:,}" for s in sizes) + " |",
+                  "|---|" + "---|" * len(sizes)]  # fmt: skip
+            for m in methods:
+                cells = []
+                for s in sizes:
+                    r = [x for x in self.results["scaling"] if x["n"] == s and x["method"] == m]
+                    cells.append(
+                        f"{r[0]['ms_per_query']:.3f} (R {r[0]['recall']:.3f})" if r else ""
+                    )
+                L.append(f"| {m} | " + " | ".join(cells) + " |")
+        L += ["", f"Command: `{cfg['command']}`; total {cfg['elapsed_s']:.0f}s.", ""]
+        (self.out / "table.md").write_text("\n".join(L))
+
+    def plot(self, fronts):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        cfg = self.results["config"]
+        fig, ax = plt.subplots(figsize=(7.5, 5))
+        for i, (name, pts) in enumerate(self.results["sweeps"].items()):
+            color = f"C{i}"
+            ax.scatter([p["recall"] for p in pts], [p["qps"] for p in pts], s=10, alpha=0.3,
+                       color=color)  # fmt: skip
+            f = fronts[name]
+            ax.plot([r for r, _ in f], [q for _, q in f], "-o", ms=4, color=color, label=name)
+        for r in self.results["exact"]:
+            ax.axhline(r["qps"], ls=":", lw=0.8, color="gray")
+            ax.annotate(r["method"], (0.5, r["qps"]), fontsize=7, color="gray", va="bottom")
+        for t in (0.90, 0.95):
+            ax.axvline(t, ls="--", lw=0.6, color="k", alpha=0.4)
+        ax.set_yscale("log")
+        ax.set_xlim(0.5, 1.005)
+        ax.set_xlabel(f"recall@{self.k}")
+        ax.set_ylabel(f"queries per second ({cfg['threads']} thread(s))")
+        ax.set_title(f"{cfg['data']}: {cfg['n']:,} x {cfg['dim']}", fontsize=10)
+        ax.legend(fontsize=8, loc="lower left")
+        ax.grid(alpha=0.3, which="both")
+        fig.tight_layout()
+        fig.savefig(self.out / "recall_qps.png", dpi=130)
+        plt.close(fig)
+
+        if self.results["scaling"]:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            methods = list(dict.fromkeys(r["method"] for r in self.results["scaling"]))
+            for m in methods:
+                rs = sorted((r["n"], r["ms_per_query"]) for r in self.results["scaling"]
+                            if r["method"] == m)  # fmt: skip
+                ax.plot(*zip(*rs), "-o", ms=4, label=m)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("corpus size")
+            ax.set_ylabel("ms per query")
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3, which="both")
+            fig.tight_layout()
+            fig.savefig(self.out / "scaling.png", dpi=130)
+            plt.close(fig)
+
+
+def _fmt(x):
+    return "n/a" if x is None else f"{x:,.0f}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    set_thread_env(args.threads)
+    import numpy as np
+
+    if args.embeddings:
+        from dpr_jax.embeddings import load_embeddings
+
+        ids, emb = load_embeddings(args.embeddings, show_progress=True)
+        queries = np.load(args.queries, allow_pickle=False).astype(np.float32)
+        if queries.ndim != 2 or queries.shape[1] != emb.shape[1]:
+            raise ValueError(
+                f"{args.queries}: queries {queries.shape} do not match dim {emb.shape[1]}"
+            )
+        queries = queries[: args.max_queries]
+        data = f"{', '.join(args.embeddings)} + {args.queries}"
+    else:
+        t0 = time.time()
+        ids, emb, queries = synthetic(args.n, args.dim, args.num_queries, args.seed)
+        queries = queries[: args.max_queries]
+        data = "synthetic sentence-embedding-like mixture"
+        print(f"synthetic data in {time.time() - t0:.1f}s", file=sys.stderr)
+    bench = Bench(args, ids, emb, queries)
+    import jax
+
+    from dpr_jax import __version__
+
+    versions = {"dpr_jax": __version__, "jax": jax.__version__, "numpy": np.__version__}
+    for mod in ("faiss", "scann"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except (ImportError, AttributeError):
+            versions[mod] = None
+    bench.results["config"] = {
+        "data": data, "n": len(emb), "dim": emb.shape[1], "num_queries": len(queries),
+        "k": args.k, "threads": args.threads, "build_threads": args.build_threads,
+        "repeats": args.repeats, "seed": args.seed, "cpu": f"{os.cpu_count()} CPU(s) "
+        f"{platform.processor() or platform.machine()}", "versions": versions,
+        "loadavg_start": os.getloadavg(), "command": "python " + " ".join(sys.argv),
+    }  # fmt: skip
+    skip = set(filter(None, args.skip.split(",")))
+    bench.ground_truth()
+    if "exact" not in skip:
+        bench.exact()
+    sizes = [int(s) for s in args.scaling.split(",") if s]
+    if "scann" not in skip:
+        bench.scann()
+    if "hnsw" not in skip:
+        bench.hnsw()
+    if "ivfpq" not in skip:
+        bench.ivfpq()
+    if "scaling" not in skip:
+        bench.scaling(sizes)
+    fronts, headline = bench.summarise()
+    bench.write_table(fronts, headline)
+    bench.plot(fronts)
+    print((bench.out / "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

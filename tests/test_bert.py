@@ -1,0 +1,164 @@
+"""Flax BertModule against Hugging Face's PyTorch BertModel (the reference), BertConfig against
+transformers' config.json, and the errors a bad config raises."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="BERT tests need torch: pip install 'dpr-jax[torch]'")
+transformers = pytest.importorskip("transformers")
+
+from dpr_jax.convert import hf_state_dict_to_flax  # noqa: E402
+from dpr_jax.models.bert import BertConfig, BertModule  # noqa: E402
+
+TINY = dict(
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    max_position_embeddings=64,
+)
+# bfloat16 compute vs float32 on the tiny random model (5 seeds, values |h| <= ~4): measured
+# max |diff| 0.016-0.020 (embeddings), 0.021-0.033 (last layer), 0.007-0.012 (pooler), [CLS]
+# cosine >= 0.99997. The bounds below leave a 2-3x margin.
+BF16_HIDDEN_ATOL = 0.08
+BF16_POOLED_ATOL = 0.03
+BF16_MIN_COSINE = 0.9995
+
+
+def _torch_bert(seed: int, **overrides):
+    """A random HF BertModel; LayerNorm and biases randomised too (HF inits them to 1 / 0)."""
+    torch.manual_seed(seed)
+    model = transformers.BertModel(transformers.BertConfig(**{**TINY, **overrides}))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 1.0 if name.endswith("LayerNorm.weight") else 0.0
+            p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _flax(model):
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    cfg = BertConfig.from_dict(model.config.to_dict())
+    return cfg, hf_state_dict_to_flax(sd, "BertModel", cfg)
+
+
+def _batch(seed: int, b=4, t=16, lengths=(16, 9, 4, 1)):
+    """Right-padded random ids, random token types (0/1) so token_type_embeddings count."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, TINY["vocab_size"], size=(b, t)).astype(np.int32)
+    types = rng.integers(0, 2, size=(b, t)).astype(np.int32)
+    mask = np.zeros((b, t), np.int32)
+    for i, length in enumerate(lengths):
+        mask[i, :length] = 1
+    return np.where(mask == 1, ids, 0).astype(np.int32), mask, types
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu"])
+def test_matches_torch_bert_all_hidden_states_and_pooler(act):
+    model = _torch_bert(0, hidden_act=act)
+    cfg, params = _flax(model)
+    assert cfg.hidden_act == act
+    ids, mask, types = _batch(1)
+    out = BertModule(cfg).apply({"params": params}, ids, mask, types, output_hidden_states=True)
+    with torch.no_grad():
+        ref = model(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            token_type_ids=torch.tensor(types, dtype=torch.long),
+            output_hidden_states=True,
+        )
+    assert len(out.hidden_states) == len(ref.hidden_states) == TINY["num_hidden_layers"] + 1
+    for i, (got, want) in enumerate(zip(out.hidden_states, ref.hidden_states)):
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=0, err_msg=f"layer {i}")
+    np.testing.assert_allclose(out.last_hidden_state, ref.last_hidden_state.numpy(), atol=1e-5)
+    np.testing.assert_allclose(out.pooler_output, ref.pooler_output.numpy(), atol=1e-5)
+
+
+def test_explicit_position_ids_and_no_pooler():
+    model = _torch_bert(2)
+    cfg, params = _flax(model)
+    del params["pooler_dense"]
+    ids, mask, types = _batch(3, b=2, t=8, lengths=(8, 5))
+    pos = np.array([np.arange(8) + 3, np.arange(8)[::-1]], np.int32)
+    out = BertModule(cfg, add_pooling_layer=False).apply({"params": params}, ids, mask, types, pos)
+    assert out.pooler_output is None
+    with torch.no_grad():
+        ref = model(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            token_type_ids=torch.tensor(types, dtype=torch.long),
+            position_ids=torch.tensor(pos, dtype=torch.long),
+        )
+    np.testing.assert_allclose(out.last_hidden_state, ref.last_hidden_state.numpy(), atol=1e-5)
+
+
+def test_bfloat16_compute_close_to_float32():
+    worst = {"hidden": 0.0, "pooled": 0.0, "cos": 1.0}
+    for seed in range(3):
+        cfg, params = _flax(_torch_bert(seed))
+        ids, mask, types = _batch(seed)
+        f32 = BertModule(cfg).apply({"params": params}, ids, mask, types, output_hidden_states=True)
+        b16 = BertModule(cfg, dtype=jnp.bfloat16).apply(
+            {"params": params}, ids, mask, types, output_hidden_states=True
+        )
+        assert b16.last_hidden_state.dtype == jnp.bfloat16
+        for got, want in zip(b16.hidden_states, f32.hidden_states):
+            diff = float(jnp.abs(got.astype(jnp.float32) - want).max())
+            worst["hidden"] = max(worst["hidden"], diff)
+        pooled = float(jnp.abs(b16.pooler_output.astype(jnp.float32) - f32.pooler_output).max())
+        worst["pooled"] = max(worst["pooled"], pooled)
+        a, b = b16.last_hidden_state[:, 0].astype(jnp.float32), f32.last_hidden_state[:, 0]
+        cos = jnp.sum(a * b, -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1))
+        worst["cos"] = min(worst["cos"], float(cos.min()))
+    assert worst["hidden"] <= BF16_HIDDEN_ATOL, worst
+    assert worst["pooled"] <= BF16_POOLED_ATOL, worst
+    assert worst["cos"] >= BF16_MIN_COSINE, worst
+    assert worst["hidden"] > 1e-3, "bf16 gave float32 results: is the dtype ignored?"
+
+
+def test_config_round_trips_through_hf_config_json(tmp_path):
+    ours = BertConfig(**TINY, hidden_act="gelu_new", layer_norm_eps=1e-7, type_vocab_size=3)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(ours.to_hf_dict(architectures=["BertModel"])))
+    hf = transformers.BertConfig.from_pretrained(tmp_path)
+    for field, value in ours.to_dict().items():
+        assert getattr(hf, field) == value, field
+    assert hf.architectures == ["BertModel"]
+    # transformers' own config.json -> ours
+    hf.save_pretrained(tmp_path / "hf")
+    assert BertConfig.from_json_file(tmp_path / "hf" / "config.json") == ours
+    assert BertConfig.from_dict(ours.to_dict()) == ours
+    assert ours.head_dim == 8
+
+
+def test_invalid_configs_raise(tmp_path):
+    with pytest.raises(
+        ValueError, match="hidden_size 30 is not a multiple of num_attention_heads 4"
+    ):
+        BertConfig(**{**TINY, "hidden_size": 30})
+    with pytest.raises(ValueError, match="hidden_act 'swish' is not supported"):
+        BertConfig(**{**TINY, "hidden_act": "swish"})
+    with pytest.raises(ValueError, match="position_embedding_type 'relative_key'"):
+        BertConfig.from_dict({**TINY, "position_embedding_type": "relative_key"})
+    missing = tmp_path / "nope" / "config.json"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        BertConfig.from_json_file(missing)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match=f"{broken}: not valid JSON"):
+        BertConfig.from_json_file(broken)
+    bad_type = tmp_path / "bad_type.json"
+    bad_type.write_text(json.dumps({**TINY, "hidden_size": "32"}))
+    with pytest.raises(ValueError, match=f"{bad_type}: bad BERT config"):
+        BertConfig.from_json_file(bad_type)
+    cfg = BertConfig(**TINY)
+    ids = np.zeros((1, TINY["max_position_embeddings"] + 1), np.int32)
+    with pytest.raises(ValueError, match="sequence length 65 exceeds max_position_embeddings 64"):
+        BertModule(cfg).init(jax.random.PRNGKey(0), ids)

@@ -1,0 +1,257 @@
+"""Index backends against numpy brute force: exactness, recall, save/load, integrity, CLI."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from dpr_jax.embeddings import EmbeddingWriter
+from dpr_jax.index import BACKENDS, IndexIntegrityError, build_index, load_index
+from dpr_jax.index.base import MANIFEST
+from dpr_jax.index.cli import cli_main, parse_option
+
+pytest.importorskip("faiss", reason="pip install 'dpr-jax[faiss]'")
+pytest.importorskip("scann", reason="pip install 'dpr-jax[scann]'")
+
+EXACT = ["exact", "scann-bf", "faiss-flat"]
+ANN = ["scann", "faiss-hnsw", "faiss-ivfpq"]
+FAST = {"num_threads": 1}  # results do not depend on threads; 1 avoids OpenMP contention in CI
+
+
+def _opts(backend, **extra):
+    return {**(FAST if "num_threads" in _cls(backend).DEFAULTS else {}), **extra}
+
+
+def _cls(backend):
+    from dpr_jax.index import index_class
+
+    return index_class(backend)
+
+
+def brute_force(queries, emb, k):
+    s = queries.astype(np.float64) @ emb.astype(np.float64).T  # (Q, D) . (D, N) -> (Q, N)
+    rows = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, rows, axis=1), rows
+
+
+def clustered(n, d, n_clusters, n_queries, seed):
+    """Unit vectors around random centres; queries are perturbed fresh draws (not corpus rows)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_clusters, d))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+
+    def draw(m, noise):
+        x = centres[rng.integers(n_clusters, size=m)] + noise * rng.standard_normal((m, d))
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    return draw(n, 0.1), draw(n_queries, 0.15)
+
+
+def recall_at_k(ids, true_ids):
+    return np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ids, true_ids)])
+
+
+@pytest.fixture(scope="module")
+def gaussian():
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((1003, 24)).astype(np.float32)  # 1003: not a multiple of 8
+    queries = rng.standard_normal((40, 24)).astype(np.float32)
+    ids = np.array([f"doc{i}" for i in range(len(emb))])
+    return emb, queries, ids
+
+
+@pytest.fixture(scope="module")
+def clustered_20k():
+    emb, queries = clustered(20000, 64, 200, 200, seed=1)
+    ids = np.array([f"c{i}" for i in range(len(emb))])
+    _, rows = brute_force(queries, emb, 10)
+    return emb, queries, ids, ids[rows]
+
+
+@pytest.mark.parametrize("backend", EXACT)
+def test_exact_backends_equal_numpy(backend, gaussian):
+    emb, queries, ids = gaussian
+    index = build_index(backend, emb, ids, **_opts(backend))
+    scores, got = index.search(queries, 10)
+    want_scores, rows = brute_force(queries, emb, 10)
+    assert scores.dtype == np.float32 and scores.shape == (40, 10)
+    np.testing.assert_array_equal(got, ids[rows])
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+    # k beyond the corpus is clamped and still exact
+    scores, got = index.search(queries[:3], 5000)
+    want_scores, rows = brute_force(queries[:3], emb, len(emb))
+    np.testing.assert_array_equal(got, ids[rows])
+
+
+def test_exact_jax_on_8_devices_uneven_corpus(gaussian):
+    assert jax.device_count() == 8
+    emb, queries, ids = gaussian
+    # 1003 rows over 8 devices, 3 blocks per device: padding rows and the running top-k are used
+    index = build_index("exact", emb.astype(np.float16), ids, block_size=50, query_batch_size=16)
+    assert index._emb.sharding.spec == jax.sharding.PartitionSpec("data", None)
+    assert index._n_blocks == 3 and len(index._emb) > len(emb)
+    scores, got = index.search(queries, 7)  # 40 queries: 3 batches, the last one padded
+    want_scores, rows = brute_force(queries, emb.astype(np.float16).astype(np.float32), 7)
+    np.testing.assert_array_equal(got, ids[rows])
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+    # a corpus smaller than the device count: some devices hold only padding
+    scores, got = build_index("exact", emb[:5], ids[:5]).search(queries, 5)
+    np.testing.assert_array_equal(got, ids[brute_force(queries, emb[:5], 5)[1]])
+    assert np.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("backend", ANN)
+def test_ann_recall_at_default_settings(backend, clustered_20k):
+    emb, queries, ids, true_ids = clustered_20k
+    index = build_index(backend, emb, ids, **_opts(backend))
+    scores, got = index.search(queries, 10)
+    recall = recall_at_k(got, true_ids)
+    assert recall >= 0.9, f"{backend} recall@10 = {recall:.3f} with {index.options}"
+    # returned scores are true inner products of the returned ids (reorder / refine / flat)
+    rows = np.vectorize(lambda s: int(s[1:]))(got)
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, emb[rows]), atol=1e-4)
+
+
+def test_scann_tree_recall_and_overrides(clustered_20k):
+    emb, queries, ids, true_ids = clustered_20k
+    index = build_index("scann", emb, ids, num_leaves=141, scoring="ah", num_threads=1)
+    assert index.options["num_leaves_to_search"] == 15  # resolved default: ceil(141 / 10)
+    assert recall_at_k(index.search(queries, 10)[1], true_ids) >= 0.9
+    # every leaf, every AH candidate reordered: exactly brute force
+    _, got = index.search(queries[:20], 10, leaves_to_search=141, pre_reorder_num_neighbors=20000)
+    np.testing.assert_array_equal(got, true_ids[:20])
+    with pytest.raises(ValueError, match="unknown search parameter"):
+        index.search(queries, 10, nprobe=3)
+
+
+def test_ivfpq_overrides_reach_exact(gaussian):
+    emb, queries, ids = gaussian
+    index = build_index("faiss-ivfpq", emb, ids, num_threads=1)
+    nlist = index.options["nlist"]
+    _, got = index.search(queries, 10, nprobe=nlist, k_factor=len(emb) / 10)
+    np.testing.assert_array_equal(got, ids[brute_force(queries, emb, 10)[1]])
+
+
+def test_fewer_candidates_than_k_are_padded(gaussian):
+    emb, queries, ids = gaussian
+    index = build_index("scann", emb, ids, scoring="ah", num_leaves=20, num_leaves_to_search=1,
+                        training_sample_size=1003, min_partition_size=10, num_threads=1)  # fmt: skip
+    scores, got = index.search(queries, 300)  # one leaf of ~50 points cannot fill 300
+    missing = got == ""
+    assert missing.any() and not missing[:, 0].any()
+    assert np.all(np.isneginf(scores[missing]))
+    rows = np.vectorize(lambda s: int(s[3:]) if s else 0)(got)
+    true = np.einsum("qd,qkd->qk", queries, emb[rows])
+    np.testing.assert_allclose(scores[~missing], true[~missing], atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_save_load_identical(backend, gaussian, tmp_path):
+    emb, queries, ids = gaussian
+    extra = {"scoring": "ah", "num_leaves": 10} if backend == "scann" else {}
+    index = build_index(backend, emb, ids, **_opts(backend, **extra))
+    index.meta = {"note": "made by a test"}
+    before = index.search(queries, 10)
+    path = index.save(tmp_path / "idx")
+    loaded = load_index(path)
+    assert type(loaded) is type(index) and loaded.config["options"] == index.options
+    assert loaded.meta == {"note": "made by a test"} and loaded.size == len(emb)
+    after = loaded.search(queries, 10)
+    np.testing.assert_array_equal(after[1], before[1])
+    np.testing.assert_array_equal(after[0], before[0])
+    assert index.size_bytes() > 0
+    manifest = json.loads((path / MANIFEST).read_text())
+    assert {"ids.npy", "index_config.json"} <= set(manifest["files"])
+
+
+@pytest.mark.parametrize("backend", ["exact", "scann", "faiss-hnsw"])
+def test_corrupt_or_truncated_index_refused(backend, gaussian, tmp_path):
+    emb, _, ids = gaussian
+    extra = {"scoring": "ah", "num_leaves": 10} if backend == "scann" else {}
+    path = build_index(backend, emb, ids, **_opts(backend, **extra)).save(tmp_path / "idx")
+    files = [p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST]
+    main = max(files, key=lambda p: p.stat().st_size)  # the vectors / codes / graph
+    good = main.read_bytes()
+
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF
+    main.write_bytes(bytes(bad))
+    with pytest.raises(IndexIntegrityError, match=rf"{main.name}.*checksum"):
+        load_index(path)
+
+    main.write_bytes(good[: len(good) - 100])
+    for verify in (True, False):
+        with pytest.raises(IndexIntegrityError, match=rf"{main.name}.*truncated"):
+            load_index(path, verify=verify)
+
+    main.write_bytes(good)
+    load_index(path)
+    (path / "ids.npy").unlink()
+    with pytest.raises(IndexIntegrityError, match="ids.npy"):
+        load_index(path)
+
+
+def test_failed_save_keeps_the_old_index(gaussian, tmp_path, monkeypatch):
+    emb, queries, ids = gaussian
+    path = build_index("faiss-flat", emb, ids, num_threads=1).save(tmp_path / "idx")
+    other = build_index("faiss-flat", emb[:100], ids[:100], num_threads=1)
+
+    def boom(directory):
+        (directory / "faiss.index").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(other, "_save_files", boom)
+    with pytest.raises(OSError, match="disk full"):
+        other.save(path)
+    assert load_index(path).size == len(emb)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no temporary dirs left
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "precious.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not an index"):
+        build_index("faiss-flat", emb, ids).save(tmp_path / "data")
+
+
+def test_bad_inputs_are_refused(gaussian):
+    emb, queries, ids = gaussian
+    with pytest.raises(ValueError, match="unknown index backend"):
+        build_index("annoy", emb, ids)
+    with pytest.raises(ValueError, match="unknown option"):
+        build_index("faiss-hnsw", emb, ids, efSearch=3)
+    bad = emb.copy()
+    bad[7, 3] = np.nan
+    with pytest.raises(ValueError, match="row 7 .id 'doc7'. is not finite"):
+        build_index("faiss-flat", bad, ids)
+    index = build_index("faiss-flat", emb, ids)
+    with pytest.raises(ValueError, match=r"queries must be \(Q, 24\)"):
+        index.search(queries[:, :10], 5)
+
+
+def test_parse_option():
+    assert parse_option("num_leaves=2000") == ("num_leaves", 2000)
+    assert parse_option("threshold=0.2") == ("threshold", 0.2)
+    assert parse_option("refine=False") == ("refine", False)
+    assert parse_option("nlist=none") == ("nlist", None)
+    assert parse_option("hash_type=lut256") == ("hash_type", "lut256")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_option("nlist")
+
+
+def test_cli_builds_an_index_with_the_embeddings_config(gaussian, tmp_path, capsys):
+    emb, queries, ids = gaussian
+    emb_dir = tmp_path / "emb"
+    config = {"model": "tiny", "dim": 24, "dtype": "float32"}
+    w = EmbeddingWriter(emb_dir, config=config)
+    w.write_chunk(0, ids[:500], emb[:500])
+    w.write_chunk(1, ids[500:], emb[500:])
+    out = tmp_path / "index"
+    argv = ["--embeddings", str(emb_dir), "--backend", "faiss-hnsw", "--out", str(out),
+            "--option", "M=16", "--option", "ef_search=200", "--threads", "1"]  # fmt: skip
+    assert cli_main(argv) == 0
+    assert "built faiss-hnsw index of 1,003 vectors" in capsys.readouterr().err
+    index = load_index(out)
+    assert index.options["M"] == 16 and index.options["ef_search"] == 200
+    assert index.meta["embeddings_config"][0]["model"] == "tiny"
+    _, got = index.search(queries, 10)
+    assert recall_at_k(got, ids[brute_force(queries, emb, 10)[1]]) >= 0.95

@@ -1,0 +1,240 @@
+"""Span decoding, answer labelling and the reader loss against hand-computed / brute-force values."""
+
+import itertools
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpr_jax.reader_data import (
+    ReaderExample,
+    ReaderInputConfig,
+    ReaderPassage,
+    ReaderTokenizer,
+    ReaderTrainData,
+    find_answer_spans,
+)
+from dpr_jax.span import NO_ANSWER, ReaderPredictor, best_spans, extend_to_words
+from dpr_jax.train_reader import reader_loss
+
+TINY_BERT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=37, max_position_embeddings=512)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# best_spans on hand-made logits
+
+
+def test_best_span_is_the_argmax_within_the_length_limit():
+    start = np.array([0.0, 5.0, 0.0, 0.0])
+    end = np.array([0.0, 0.0, 0.0, 7.0])
+    assert best_spans(start, end, max_answer_length=3) == [(1, 3, 12.0)]
+    # length 3 is over a limit of 2: the best allowed spans score 7 ((2,3) and (3,3)); the tie
+    # goes to the earlier start
+    assert best_spans(start, end, max_answer_length=2) == [(2, 3, 7.0)]
+    # end before start is never a candidate
+    assert best_spans(np.array([0.0, 9.0]), np.array([9.0, 0.0]), 5)[0][:2] in [(0, 0), (1, 1)]
+    assert best_spans(np.zeros(0), np.zeros(0)) == []
+
+
+def test_best_spans_brute_force():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        n, length, top = int(rng.integers(1, 30)), int(rng.integers(1, 6)), 3
+        s, e = rng.normal(size=n), rng.normal(size=n)
+        got = best_spans(s, e, length, top)
+        cands = sorted(
+            ((i, j, s[i] + e[j]) for i in range(n) for j in range(i, min(n, i + length))),
+            key=lambda c: -c[2],
+        )
+        want = []
+        for i, j, sc in cands:  # greedy: best first, skip any overlap
+            if all(j < a or b < i for a, b, _ in want):
+                want.append((i, j, sc))
+            if len(want) == top:
+                break
+        assert [(a, b) for a, b, _ in got] == [(a, b) for a, b, _ in want], trial
+        np.testing.assert_allclose([c[2] for c in got], [c[2] for c in want])
+        for a, b, _ in got:
+            assert b - a + 1 <= length
+
+
+def test_best_spans_do_not_overlap():
+    # scores: (2,3)=20, (3,3)=19, (3,4)=19, (2,2)=15, (1,2)=14 all overlap (2,3); then (4,4)=10
+    # and (1,1)=9. (DPR's nested-only check would accept (3,4).)
+    start = np.array([1.0, 9.0, 10.0, 9.0, 0.0])
+    end = np.array([1.0, 0.0, 5.0, 10.0, 10.0])
+    spans = best_spans(start, end, max_answer_length=2, top_spans=3)
+    assert spans == [(2, 3, 20.0), (4, 4, 10.0), (1, 1, 9.0)]
+    for (a1, b1, _), (a2, b2, _) in itertools.combinations(spans, 2):
+        assert b1 < a2 or b2 < a1
+
+
+def test_spans_extend_to_whole_words():
+    # tokens: the cat ##ap ##ult ##s of ; best raw span is (2, 3) = "##ap ##ult"
+    subword = np.array([False, False, True, True, True, False])
+    start = np.array([0, 0, 5, 0, 0, 0], float)
+    end = np.array([0, 0, 0, 5, 0, 0], float)
+    assert best_spans(start, end, 10, 1, subword)[0][:2] == (1, 4)
+    assert extend_to_words(4, 4, subword) == (1, 4)
+    assert extend_to_words(0, 0, subword) == (0, 0)
+    assert extend_to_words(5, 5, subword) == (5, 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The predictor's passage handling, with hand-made logits instead of a model
+
+
+class FakeForward:
+    """Stands in for the jitted reader: logits 100 on every question/title/padding position,
+    ``text_logits[pair]`` on the passage text, relevance ``rel[pair]``."""
+
+    def __init__(self, predictor, text_logits, rel):
+        self.p, self.text_logits, self.rel, self.calls = predictor, text_logits, rel, 0
+
+    def __call__(self, params, ids, mask):
+        b, _, t = ids.shape
+        start = np.full((b, 1, t), 100.0, np.float32)
+        end = np.full((b, 1, t), 100.0, np.float32)
+        rel = np.full((b, 1), -100.0, np.float32)
+        for r in range(b):
+            k = self.calls + r
+            if k >= len(self.rel):
+                break
+            sep = np.flatnonzero(ids[r, 0] == self.p.tokenizer.sep_id)[1]  # after the title
+            s, e = self.text_logits[k]
+            start[r, 0, sep + 1 : sep + 1 + len(s)] = s
+            end[r, 0, sep + 1 : sep + 1 + len(e)] = e
+            rel[r, 0] = self.rel[k]
+        self.calls += b
+        return start, end, rel
+
+
+@pytest.fixture(scope="module")
+def predictor(minilm_dir):
+    from dpr_jax.models.bert import BertConfig
+
+    return ReaderPredictor({}, BertConfig(**TINY_BERT), minilm_dir,
+                           ReaderInputConfig(64, 16), batch_size=8)  # fmt: skip
+
+
+def test_prediction_stays_in_passage_text_and_follows_relevance(predictor):
+    q = "Where is the Golden Dome of Notre Dame?"
+    passages = [
+        ReaderPassage("", "Empty"),  # scored, yields no span
+        ReaderPassage("The Golden Dome sits atop the Main Building.", "Notre Dame"),
+        ReaderPassage("Notre Dame's Main Building has a Golden Dome.", "Notre Dame"),
+    ]
+    toks = predictor.tokenizer.passage_tokens(passages)
+    n1, n2 = len(toks[1].text_ids), len(toks[2].text_ids)
+    s1, e1 = np.zeros(n1), np.zeros(n1)
+    s1[6], e1[7] = 5, 5  # "Main Building" in passage 1 (tokens 6, 7)
+    s2, e2 = np.zeros(n2), np.zeros(n2)
+    s2[0], e2[3] = 3, 3  # "Notre Dame's" in passage 2 (notre dame ' s)
+    fake = FakeForward(predictor, [(np.zeros(0), np.zeros(0)), (s1, e1), (s2, e2)],
+                       rel=[9.0, 2.0, 1.0])  # fmt: skip
+    predictor._forward = fake
+    (pred,) = predictor.predict([q], [passages], top_k=(1, 3))
+    # k=1: only the empty passage -> no answer; k=3: the empty passage is the most relevant but
+    # yields no span, passage 1 is next. Question/title/padding logits (100) are never used.
+    assert pred.predictions[1] == NO_ANSWER
+    p3 = pred.predictions[3]
+    assert (p3.passage_idx, p3.text, p3.score, p3.relevance_score) == (1, "Main Building", 10, 2)
+    assert passages[1].text[p3.start_char : p3.end_char] == "Main Building"
+
+    # Relevance decides: passage 2 more relevant than passage 1; its answer keeps the original
+    # casing and the apostrophe from the text.
+    predictor._forward = FakeForward(predictor, fake.text_logits, rel=[-5.0, 1.0, 2.0])
+    (pred,) = predictor.predict([q], [passages], top_k=(3,))
+    assert (pred.predictions[3].passage_idx, pred.predictions[3].text) == (2, "Notre Dame's")
+
+
+def test_long_question_is_truncated_not_the_passage(predictor):
+    q = " ".join(["why"] * 200)
+    p = ReaderPassage("Saint Bernadette Soubirous.", "Grotto")
+    (q_ids,) = predictor.tokenizer.question_ids([q])
+    assert len(q_ids) == 16  # max_question_length
+    seq = predictor.tokenizer.sequence(q_ids, predictor.tokenizer.passage_tokens([p])[0])
+    (pt,) = predictor.tokenizer.passage_tokens([p])
+    assert len(seq.ids) <= 64 and seq.text_len == len(pt.text_ids)
+    n = seq.text_len
+    s, e = np.zeros(n), np.zeros(n)
+    s[0], e[n - 2] = 1, 1  # up to the token before "."
+    predictor._forward = FakeForward(predictor, [(s, e)], rel=[0.0])
+    (pred,) = predictor.predict([q], [[p]], top_k=(1,))
+    assert pred.predictions[1].text == "Saint Bernadette Soubirous"
+
+
+def test_input_config_rejects_no_room_for_text():
+    with pytest.raises(ValueError, match="no room for passage text"):
+        ReaderInputConfig(max_length=20, max_question_length=18)
+
+
+# ---------------------------------------------------------------------------------------------
+# Answer positions
+
+
+def test_answer_positions_every_occurrence(minilm_dir):
+    tok = ReaderTokenizer(minilm_dir, ReaderInputConfig(128, 16))
+    text = "Notre Dame is a catholic university. The Notre Dame campus has a cat, not catapults."
+    (pt,) = tok.passage_tokens([ReaderPassage(text, "ND")])
+    words = tok.tok.convert_ids_to_tokens(pt.text_ids.tolist())
+    assert words[:2] == ["notre", "dame"] and words[8:10] == ["notre", "dame"]
+    spans = find_answer_spans(pt.text_ids, tok.answer_ids(["Notre Dame", "cat"]), pt.subword)
+    cat = words.index("cat")
+    assert "##ap" in words  # "catapults" starts with the piece "cat" but is not a match
+    assert spans == [(0, 1), (8, 9), (cat, cat)]
+    for s, e in spans:
+        assert text[pt.offsets[s, 0] : pt.offsets[e, 1]] in ("Notre Dame", "cat")
+    assert find_answer_spans(pt.text_ids, tok.answer_ids(["", "Purdue"]), pt.subword) == []
+
+    # In a training batch the spans are sequence positions of the positive (passage 0).
+    ex = ReaderExample("Which university?", ("Notre Dame",),
+                       (ReaderPassage(text, "ND", has_answer=True),
+                        ReaderPassage("", "empty negative", has_answer=False)))  # fmt: skip
+    data = ReaderTrainData([ex], tok, passages_per_question=3, max_answers=4)
+    b = data.batch(0, 1)
+    assert b["answer_mask"][0].tolist() == [1, 1, 0, 0]
+    assert b["passage_mask"][0].tolist() == [1, 1, 0]  # empty negative kept, third slot padding
+    ids = b["input_ids"][0, 0]
+    for s, e in zip(b["start_positions"][0][:2], b["end_positions"][0][:2]):
+        assert tok.tok.convert_ids_to_tokens(ids[s : e + 1].tolist()) == ["notre", "dame"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss
+
+
+def test_mml_loss_hand_computed():
+    ln = math.log
+    # Question 0: positive passage tokens 0..3 real, token 4 padding (huge logits, masked);
+    # P_start = [1, 2, 1, 1]/5, P_end = [1, 1, 3, 1]/6; gold spans (1,2) and (0,3):
+    # sum_k P_s P_e = 2/5*3/6 + 1/5*1/6 = 7/30. Relevance [ln 3, 0, (padding slot) 50]:
+    # P(positive) = 3/4. Loss = -ln(7/30) - ln(3/4) = -ln(7/40).
+    start = np.zeros((2, 3, 5), np.float32)
+    end = np.zeros((2, 3, 5), np.float32)
+    start[0, 0] = [0, ln(2), 0, 0, 50]
+    end[0, 0] = [0, 0, ln(3), 0, 50]
+    rel = np.array([[ln(3), 0, 50], [7, 1, 2]], np.float32)
+    mask = np.ones((2, 3, 5), np.int32)
+    mask[0, :, 4] = 0
+    batch = {
+        "attention_mask": mask,
+        "passage_mask": np.array([[1, 1, 0], [1, 1, 1]], np.float32),
+        "start_positions": np.array([[1, 0, 3], [0, 0, 0]], np.int32),
+        "end_positions": np.array([[2, 3, 3], [0, 0, 0]], np.int32),
+        "answer_mask": np.array([[1, 1, 0], [1, 0, 0]], np.float32),
+        "question_mask": np.array([1, 0], np.float32),  # question 1 is padding
+    }
+    loss, m = reader_loss(jnp.asarray(start), jnp.asarray(end), jnp.asarray(rel), batch)
+    np.testing.assert_allclose(float(loss), -ln(7 / 40), rtol=1e-6)
+    np.testing.assert_allclose(float(m["span_loss"]), -ln(7 / 30), rtol=1e-6)
+    np.testing.assert_allclose(float(m["select_loss"]), -ln(3 / 4), rtol=1e-6)
+    assert float(m["select_acc"]) == 1.0 and float(m["questions"]) == 1.0
+
+    # Same as DPR's _calc_mml over per-span CE_start + CE_end losses.
+    ps = np.exp(start[0, 0, :4]) / np.exp(start[0, 0, :4]).sum()
+    pe = np.exp(end[0, 0, :4]) / np.exp(end[0, 0, :4]).sum()
+    ce = np.array([-ln(ps[1]) - ln(pe[2]), -ln(ps[0]) - ln(pe[3])])
+    np.testing.assert_allclose(float(m["span_loss"]), -ln(np.exp(-ce).sum()), rtol=1e-6)
