@@ -12,8 +12,8 @@ On one set of passage vectors, in one process, at one search thread count:
 - how search time grows with the corpus (10k ... N vectors).
 
 Data: ``--embeddings DIR [DIR ...] --queries Q.npy`` (e.g. SQuAD passages and questions encoded
-by ``dpr-jax encode``), or by default a seeded synthetic set built to look like normalised
-sentence-embedding vectors (see :func:`synthetic`). Outputs in ``--out``: ``results.json``
+by ``dpr-jax encode``), or by default a seeded synthetic set fitted to real all-MiniLM-L6-v2
+embeddings of SQuAD (see :func:`synthetic`). Outputs in ``--out``: ``results.json``
 (every point and the configuration), ``table.md``, ``recall_qps.png`` and ``scaling.png``.
 
     nice -n 10 python scripts/bench_ann.py --n 1000000 --threads 1 --out artifacts/bench_ann
@@ -68,19 +68,26 @@ def set_thread_env(threads: int) -> None:
 
 
 def synthetic(n: int, d: int, n_queries: int, seed: int = 0, chunk: int = 65536):
-    """A seeded stand-in for normalised sentence embeddings (all-MiniLM-L6-v2-like).
+    """A seeded stand-in for all-MiniLM-L6-v2 sentence embeddings of passages and questions.
 
-    Two-level mixture: 100 topics x 20 subtopics (2000 centres, Dirichlet-weighted), a shared
-    mean direction, anisotropic noise (covariance eigenvalues ~ i^-0.5 in a random basis, as
-    embedding spectra decay), unit norm times exp(N(0, 0.05)). Squared weights of mean : topic :
-    subtopic : noise = 0.08 : 0.22 : 0.25 : 0.45 give cosines of about 0.08 between unrelated
-    vectors, 0.3 within a topic and 0.55 within a subtopic. Queries are fresh draws (not corpus
-    rows) with extra noise (cos ~0.8 to their draw), like questions near, not on, their passages.
+    Unit vectors from a two-level mixture: topics x 20 subtopics (Dirichlet-weighted centres,
+    100 topics at 20k vectors, growing with sqrt(n)), a shared mean direction and anisotropic
+    noise (covariance eigenvalues ~ i^-0.85 in a random basis: embedding spectra decay), with
+    squared weights mean : topic : subtopic : noise = 0.02 : 0.3 : 0.3 : 0.38. Each query is a
+    corpus vector plus noise (cos ~0.6 to it), as a SQuAD question is written from one passage.
+
+    The constants were fitted to real all-MiniLM-L6-v2 embeddings of the 18,896 SQuAD v1.1 train
+    paragraphs and 1000 of their questions. At that size (real vs synthetic): mean cos of the
+    top-1 passage 0.606 / 0.629, of the 10th 0.446 / 0.430, of random pairs 0.017 / 0.020; and
+    the recall@10 of searching 0.5% / 2% / 5% / 10% of sqrt(n) k-means leaves exhaustively,
+    0.552 / 0.762 / 0.873 / 0.931 real vs 0.554 / 0.751 / 0.867 / 0.940 synthetic (the
+    partition difficulty that separates ANN methods; iid Gaussian data or well-separated
+    clusters would make it far easier or harder).
     """
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    lam = np.arange(1, d + 1, dtype=np.float64) ** -0.5
+    lam = np.arange(1, d + 1, dtype=np.float64) ** -0.85
     rot, _ = np.linalg.qr(rng.standard_normal((d, d)))
     basis = (rot * np.sqrt(lam / lam.sum())).astype(np.float32)  # E|z @ basis.T|^2 = 1
 
@@ -89,23 +96,16 @@ def synthetic(n: int, d: int, n_queries: int, seed: int = 0, chunk: int = 65536)
 
     mean = rng.standard_normal(d).astype(np.float32)
     mean /= np.linalg.norm(mean)
-    n_topics, n_sub = 100, 20
-    topics = np.repeat(gauss(n_topics), n_sub, axis=0)
-    centres = (
-        math.sqrt(0.08) * mean + math.sqrt(0.22) * topics + math.sqrt(0.25) * gauss(len(topics))
-    )
+    n_topics = max(10, round(100 * math.sqrt(n / 20000)))
+    topics = np.repeat(gauss(n_topics), 20, axis=0)
+    centres = math.sqrt(0.02) * mean + math.sqrt(0.3) * topics + math.sqrt(0.3) * gauss(len(topics))
     weights = rng.dirichlet(np.ones(len(centres)))
-
-    def draw(m):
-        x = centres[rng.choice(len(centres), m, p=weights)] + math.sqrt(0.45) * gauss(m)
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
-
     emb = np.empty((n, d), np.float32)
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
-        emb[start : start + m] = draw(m) * np.exp(0.05 * rng.standard_normal((m, 1)))
-    q = draw(n_queries)
-    q = q + 0.55 * gauss(n_queries)
+        x = centres[rng.choice(len(centres), m, p=weights)] + math.sqrt(0.38) * gauss(m)
+        emb[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    q = emb[rng.choice(n, n_queries, replace=False)] + 1.25 * gauss(n_queries)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     ids = np.arange(n).astype(str)
     return ids, emb, q.astype(np.float32)
@@ -154,15 +154,16 @@ def pareto(points):
 
 
 def qps_at(front, target: float):
-    """QPS at ``target`` recall on a frontier: log-QPS linear in recall between neighbours; the
-    first point's QPS if it is already above the target (a lower bound); None if never reached."""
+    """QPS at ``target`` recall on a frontier, log-QPS linear in recall between neighbours, as
+    (qps, is_lower_bound): when the frontier's first point is already above the target its QPS is
+    only a lower bound. None if the target is never reached."""
     for i, (r, q) in enumerate(front):
         if r >= target:
-            if i == 0 or r == target:
-                return q
+            if i == 0:
+                return q, r > target
             r0, q0 = front[i - 1]
             t = (target - r0) / (r - r0)
-            return math.exp(math.log(q0) + t * (math.log(q) - math.log(q0)))
+            return math.exp(math.log(q0) + t * (math.log(q) - math.log(q0))), False
     return None
 
 
@@ -204,8 +205,8 @@ class Bench:
                                ("scann-bf", "ScaNN brute force")]:  # fmt: skip
             opts = {} if backend == "exact" else {"num_threads": self.args.threads}
             index = build_index(backend, self.emb, self.ids, **opts)
-            # warm up with the timed shapes (JAX compiles once per query-batch shape)
-            index.search(self.queries, self.k)
+            # warm up with the timed batch shape (JAX compiles once per query-batch shape)
+            index.search(self.queries[:512] if backend == "exact" else self.queries[:64], self.k)
             sec, (_, got) = timed(lambda ix=index: ix.search(self.queries, self.k), 1)
             row = {"method": label, "qps": self.qps(sec), "recall": recall(got, self.true_ids),
                    "seconds": sec}  # fmt: skip
@@ -259,7 +260,7 @@ class Bench:
         index = self.build("ScaNN tree-AH", "scann", scoring="ah",
                            num_leaves=max(2, round(math.sqrt(n))))  # fmt: skip
         leaves = index.options["num_leaves"]
-        fracs = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16)
+        fracs = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32)
         l2s = sorted({max(1, round(leaves * f)) for f in fracs})
         grid = [{"leaves_to_search": lt, "pre_reorder_num_neighbors": r}
                 for lt in l2s for r in (30, 100, 300)]  # fmt: skip
@@ -270,7 +271,7 @@ class Bench:
 
     def hnsw(self):
         index = self.build("FAISS HNSW", "faiss-hnsw", M=32, ef_construction=40)
-        grid = [{"ef_search": ef} for ef in (16, 32, 64, 128, 256, 512)]
+        grid = [{"ef_search": ef} for ef in (10, 16, 32, 64, 128, 256, 512)]
         self.sweep("FAISS HNSW", index, grid)
         self.scaling_point(len(self.emb), "FAISS HNSW (default)", index)
         del index
@@ -313,7 +314,7 @@ class Bench:
                                             "ms_per_query": 1000 * sec / len(self.queries),
                                             "recall": 1.0})  # fmt: skip
             index = build_index("exact", sub, ids)
-            index.search(self.queries, self.k)
+            index.search(self.queries[:512], self.k)
             self.scaling_point(m, "exact JAX", index)
             del index
             for method, backend in [("ScaNN (default)", "scann"),
@@ -336,12 +337,14 @@ class Bench:
                   for name, pts in self.results["sweeps"].items()}  # fmt: skip
         headline = {}
         for target in (0.90, 0.95):
-            row = {name: qps_at(f, target) for name, f in fronts.items()}
-            faiss = {k: v for k, v in row.items() if k.startswith("FAISS") and v is not None}
-            best = max(faiss, key=faiss.get) if faiss else None
-            scann = row.get("ScaNN tree-AH")
-            row["best FAISS"] = best
-            row["ratio"] = scann / faiss[best] if scann and best else None
+            at = {name: qps_at(f, target) for name, f in fronts.items()}
+            faiss = {k: v for k, v in at.items() if k.startswith("FAISS") and v is not None}
+            best = max(faiss, key=lambda k: faiss[k][0]) if faiss else None
+            scann = at.get("ScaNN tree-AH")
+            row = {"qps": {k: v and v[0] for k, v in at.items()},
+                   "lower_bound": {k: v and v[1] for k, v in at.items()},
+                   "best FAISS": best,
+                   "ratio": scann[0] / faiss[best][0] if scann and best else None}  # fmt: skip
             headline[f"{target:.2f}"] = row
         self.results["frontiers"] = fronts
         self.results["headline"] = headline
@@ -358,13 +361,20 @@ class Bench:
         L += ["", "## Headline: QPS at equal recall (Pareto frontiers, log-QPS interpolated)", ""]
         L += ["| recall@10 | ScaNN q/s | best FAISS | its q/s | ScaNN / FAISS |",
               "|---|---|---|---|---|"]  # fmt: skip
+        bounded = False
         for target, row in headline.items():
             best = row["best FAISS"]
-            sc = row.get("ScaNN tree-AH")
-            fq = row.get(best) if best else None
-            ratio = row["ratio"]
-            L.append(f"| {target} | {_fmt(sc)} | {best or 'not reached'} | {_fmt(fq)} | "
-                     f"{f'{ratio:.2f}x' if ratio else 'n/a'} |")  # fmt: skip
+            qps, lower = row["qps"], row["lower_bound"]
+            sc = _fmt(qps.get("ScaNN tree-AH"), lower.get("ScaNN tree-AH"))
+            fq = _fmt(qps.get(best), lower.get(best)) if best else "n/a"
+            ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "n/a"
+            if lower.get("ScaNN tree-AH") or (best and lower.get(best)):
+                ratio += " *"
+                bounded = True
+            L.append(f"| {target} | {sc} | {best or 'not reached'} | {fq} | {ratio} |")
+        if bounded:
+            L += ["", "\\* a method's lowest-recall setting is already above the target, so its "
+                  "QPS there (>=) is a lower bound and the ratio is bounded, not measured."]  # fmt: skip
         L += [
             "",
             "## Exact search",
@@ -463,8 +473,8 @@ class Bench:
             plt.close(fig)
 
 
-def _fmt(x):
-    return "n/a" if x is None else f"{x:,.0f}"
+def _fmt(x, lower=False):
+    return "n/a" if x is None else f"{'>= ' if lower else ''}{x:,.0f}"
 
 
 def main(argv=None) -> int:
@@ -487,7 +497,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         ids, emb, queries = synthetic(args.n, args.dim, args.num_queries, args.seed)
         queries = queries[: args.max_queries]
-        data = "synthetic sentence-embedding-like mixture"
+        data = "synthetic MiniLM-like embeddings"
         print(f"synthetic data in {time.time() - t0:.1f}s", file=sys.stderr)
     bench = Bench(args, ids, emb, queries)
     import jax

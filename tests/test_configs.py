@@ -8,6 +8,8 @@ are the ones the config holds.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -22,16 +24,25 @@ def test_there_are_configs():
     assert {p.stem for p in CONFIGS} >= {"tiny", "nq_bert_base", "squad_minilm"}
 
 
+def _get_config(path: Path):
+    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_resolves(path):
-    cfg = load_config(path)
-    assert isinstance(cfg, TrainConfig)
-    assert cfg.train_path and cfg.batch_size >= 1
-    # every field survives a round trip through its dict (what config.json / checkpoints hold)
-    assert TrainConfig(**cfg.to_dict()) == cfg
-    # overrides keep validation
-    with pytest.raises(ValueError):
-        load_config(path, ["batch_size=0"])
+    cfg = _get_config(path)  # every trainer's config: a frozen dataclass that validates itself
+    assert dataclasses.is_dataclass(cfg) and type(cfg).__dataclass_params__.frozen
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    assert type(cfg)(**fields) == cfg  # __post_init__ validation passes
+    if isinstance(cfg, TrainConfig):  # the bi-encoder trainer's: through `dpr-jax train`'s loader
+        assert load_config(path) == cfg
+        assert cfg.train_path and cfg.batch_size >= 1
+        assert TrainConfig(**json.loads(json.dumps(cfg.to_dict()))) == cfg  # config.json form
+        with pytest.raises(ValueError):
+            load_config(path, ["batch_size=0"])
 
 
 def test_tiny_config_builds_its_model(minilm_dir):

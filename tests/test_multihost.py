@@ -127,14 +127,16 @@ def test_two_processes_equal_one(tmp_path, data_dir, minilm_dir):
     # With mean pooling, the passage tower's last LayerNorm bias shifts every passage vector by
     # the same c, adding q.c to all of a question's scores: the softmax ignores it, so its
     # gradient is mathematically 0 and numerically rounding noise, which Adam's g / sqrt(v)
-    # turns into steps of +-lr whose signs depend on the order of reductions. Elsewhere the two
-    # runs agree to float32 rounding.
+    # turns into steps of +-lr whose signs depend on the order of reductions. Elsewhere the
+    # runs agree to 0.5% of the summed Adam step sizes (measured: <= 7.2e-6 = 0.16%, on a few
+    # embedding rows with tiny gradients, which Adam's normalisation also magnifies); a wrong
+    # batch, label offset or missing gradient would move parameters by whole steps.
     invariant = "ctx_encoder/bert_model/encoder_layer_1/output_LayerNorm/bias"
     for k in p1:
         if k == invariant:
             assert np.abs(p2[k] - p1[k]).max() <= 2 * lr_sum
         else:
-            np.testing.assert_allclose(p2[k], p1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+            np.testing.assert_allclose(p2[k], p1[k], rtol=1e-5, atol=0.005 * lr_sum, err_msg=k)
     # the parameters did move: steps 2 and 3 had a learning rate and a gradient (step 1's
     # warmup learning rate is 0), so the comparison is not between two initialisations
     moved = [r for r in recs if r["split"] == "train" and r["step"] >= 2]

@@ -155,6 +155,9 @@ def test_bad_inputs(minilm_dir, tmp_path, fixture_path, capsys):
     with pytest.raises(ValueError, match="max_question_length"):
         dataclasses.replace(cfg, max_length=20)
 
+    minilm_cfg = load_config(Path(REPO_CONFIG).with_name("reader_squad_minilm.py"))
+    assert minilm_cfg.init_from == "minilm" and minilm_cfg.data_format == "biencoder"
+
     # CLI: config errors exit with 2 and a message; --print-config shows the --train override.
     assert cli_main(["--config", REPO_CONFIG, "--workdir", str(tmp_path), "--set", "nope=1"]) == 2
     assert "no such config field" in capsys.readouterr().err

@@ -238,3 +238,46 @@ def test_mml_loss_hand_computed():
     pe = np.exp(end[0, 0, :4]) / np.exp(end[0, 0, :4]).sum()
     ce = np.array([-ln(ps[1]) - ln(pe[2]), -ln(ps[0]) - ln(pe[3])])
     np.testing.assert_allclose(float(m["span_loss"]), -ln(np.exp(-ce).sum()), rtol=1e-6)
+
+
+def test_reader_examples_from_dpr_files(tmp_path, data_dir):
+    from dpr_jax.data.formats import write_retrieval_results
+    from dpr_jax.evaluate import has_answer
+    from dpr_jax.reader_data import read_reader_examples
+
+    results = [{
+        "question": "who wrote hamlet?", "answers": ["Shakespeare"],
+        "ctxs": [
+            {"id": "1", "title": "Globe", "text": "A theatre in London.", "score": 9.0,
+             "has_answer": False},
+            {"id": "2", "title": "Hamlet", "text": "Hamlet is a play by William Shakespeare.",
+             "score": 8.0},  # has_answer absent: computed with DPR's has_answer
+            {"id": "3", "title": "", "text": "", "score": 7.0, "has_answer": False},
+        ],
+    }]  # fmt: skip
+    path = write_retrieval_results(tmp_path / "results.json", results)
+    (ex,) = read_reader_examples(path)  # format detected from the content
+    assert [(p.id, p.has_answer) for p in ex.passages] == [("1", False), ("2", True), ("3", False)]
+    assert ex.answers == ("Shakespeare",)
+
+    nq = data_dir / "fixtures" / "biencoder-nq-dev.sample.json"
+    exs = read_reader_examples(nq)
+    assert len(exs) == 5
+    for e in exs:  # positives first, then hard and random negatives
+        flags = [p.has_answer for p in e.passages]
+        n_pos = flags.count(True)
+        assert n_pos >= 1 and flags == [True] * n_pos + [False] * (len(flags) - n_pos)
+
+    squad = data_dir / "fixtures" / "squad-train-v1.1.University_of_Notre_Dame.official.json"
+    exs = read_reader_examples(squad, max_negatives=3)
+    assert len(exs) == 269
+    for e in exs[:20]:  # the gold paragraph, then other paragraphs without an answer
+        assert e.passages[0].has_answer and not any(p.has_answer for p in e.passages[1:])
+        assert len(e.passages) == 4 and len({p.id for p in e.passages}) == 4
+        assert not any(has_answer(e.answers, p.text) for p in e.passages[1:])
+    with pytest.raises(FileNotFoundError):
+        read_reader_examples(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"question": "q", "answers": ["a"]}]')
+    with pytest.raises(ValueError, match="bad.json"):
+        read_reader_examples(bad)
