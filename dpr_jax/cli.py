@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "evaluate": ("dpr_jax.evaluate", "cli_main", "top-k accuracy of a retrieval-results JSON"),
     "train-reader": ("dpr_jax.train_reader", "cli_main", "train the extractive reader"),
+    "read": ("dpr_jax.span", "cli_main", "read answers from retrieval results (EM / F1)"),
     "ask": ("dpr_jax.pipeline", "cli_main", "question -> passages -> answer"),
     "quickstart": ("dpr_jax.quickstart", "cli_main", "the README's main job on SQuAD, end to end"),
 }

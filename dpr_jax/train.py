@@ -21,10 +21,19 @@ of an uninterrupted one. A checkpoint written by another configuration (a differ
 size, data order) or one that cannot be read (truncated, corrupt) is refused with a
 :class:`CheckpointError` naming the directory and the problem.
 
-Validation (DPR's ``validate_nll`` and ``validate_average_rank``): on the dev biencoder set, the
-loss, in-batch accuracy and average in-batch rank of the positive; and the average rank / top-1
-of each question's positive among *all* dev passages of the evaluated questions (positives and
-hard negatives, deduplicated), the "pool" metrics.
+Validation (DPR's ``validate_nll`` and ``validate_average_rank``): on the dev biencoder set (a
+seeded random sample of ``max_dev_examples`` questions, in a fixed order), the loss, in-batch
+accuracy and average in-batch rank of the positive; and the average rank / top-1 / top-5 of
+each question's positive among *all* dev passages of the evaluated questions (positives and hard
+negatives, deduplicated), the "pool" metrics. In-batch metrics count another question's copy of
+the same passage as a negative (frequent on SQuAD, where ~5 questions share a paragraph); the
+pool metrics do not, and are the ones to compare retrievers with.
+
+``metrics.jsonl`` is appended to: after a resume the steps since the last checkpoint appear
+twice, the second time after a ``{"split": "start", "resumed": true}`` record.
+
+Multi-process runs train, validate and checkpoint jointly; the final export to WORKDIR/model is
+skipped (see ``train_and_evaluate``) and the parameters are in the last checkpoint.
 
 Precision: parameters and optimizer state are float32 (master weights); ``config.dtype`` is the
 compute dtype of the encoders ("float32" or "bfloat16").
@@ -394,8 +403,11 @@ def load_tokenizer(config: TrainConfig, enc_cfg):
     return tokenizer
 
 
-def read_examples(path: str, limit: int = 0, what: str = "train_path") -> list:
-    """Biencoder records of ``path`` (those with a positive), the first ``limit`` if > 0."""
+def read_examples(
+    path: str, limit: int = 0, what: str = "train_path", shuffle_seed: int | None = None
+) -> list:
+    """Biencoder records of ``path`` (those with a positive); with ``shuffle_seed`` in a seeded
+    random order; the first ``limit`` if > 0."""
     from dpr_jax.data.formats import read_biencoder
 
     if not path:
@@ -405,6 +417,9 @@ def read_examples(path: str, limit: int = 0, what: str = "train_path") -> list:
         raise FileNotFoundError(f"{path}: no such file (TrainConfig.{what})")
     out = read_biencoder(path)
     examples = list(out[0] if isinstance(out, tuple) else out)
+    if shuffle_seed is not None:
+        order = np.random.default_rng(shuffle_seed).permutation(len(examples))
+        examples = [examples[i] for i in order]
     if limit:
         examples = examples[:limit]
     if not examples:
@@ -662,6 +677,58 @@ class Evaluator:
         }
 
 
+def _dev_evaluator(config: TrainConfig, spec, tokenizer, model, mesh, loss_cfg):
+    """The Evaluator of ``config.dev_path`` (None without one)."""
+    from dpr_jax.batching import BiencoderBatches
+    from dpr_jax.parallel import process_slice
+
+    if not config.dev_path:
+        return None
+    # A seeded random sample in a fixed random order: files list questions by article (and
+    # SQuAD has ~5 questions per paragraph), so consecutive dev questions would share
+    # positives, and a shared positive in a batch counts as a false in-batch negative.
+    dev_examples = read_examples(
+        config.dev_path, config.max_dev_examples, "dev_path", shuffle_seed=config.seed
+    )
+    eval_bs = config.eval_batch_size or config.batch_size
+    dev_spec = dataclasses.replace(spec, batch_size=eval_bs)
+    dev = BiencoderBatches(
+        dev_examples, tokenizer, dev_spec, process_slice(eval_bs, mesh), False, config.dev_path
+    )
+    return Evaluator(model, mesh, dev, loss_cfg)
+
+
+def evaluate_model(config: TrainConfig) -> dict[str, float]:
+    """Validation metrics of ``config.init_from`` (or the random init) on ``config.dev_path``,
+    without training: the "before" of a run, or any model directory with ``init_from``."""
+    from dpr_jax.batching import BatchSpec
+    from dpr_jax.models.biencoder import BiEncoder
+    from dpr_jax.parallel import make_mesh, replicated
+    from dpr_jax.train_step import LossConfig
+
+    if not config.dev_path:
+        raise ValueError("TrainConfig.dev_path is empty: nothing to evaluate")
+    mesh = make_mesh()
+    enc_cfg = encoder_config(config)
+    tokenizer = load_tokenizer(config, enc_cfg)
+    model = BiEncoder(enc_cfg, dtype=jnp.dtype(config.dtype), remat=config.remat)
+    loss_cfg = LossConfig(
+        group_size=1 + config.n_hard, scale=config.scale, in_batch=config.in_batch
+    )
+    spec = BatchSpec(
+        batch_size=config.batch_size, n_hard=config.n_hard, q_max_len=config.q_max_len,
+        p_max_len=config.p_max_len, bucket=config.bucket or None,
+        shuffle_hard=config.shuffle_hard, seed=config.seed,
+    )  # fmt: skip
+    evaluator = _dev_evaluator(config, spec, tokenizer, model, mesh, loss_cfg)
+    init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]
+    params = jax.device_put(initial_params(config, enc_cfg, init_rng), replicated(mesh))
+    t0 = time.perf_counter()
+    metrics = evaluator(params)
+    metrics["eval_seconds"] = time.perf_counter() - t0
+    return metrics
+
+
 def _to_host(x) -> np.ndarray:
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(x)
@@ -677,6 +744,28 @@ def _replicated_to_host(tree):
 
 # ---------------------------------------------------------------------------------------------
 # The loop
+
+
+def _save_on_interrupt(ckpts, state, saved_step, start_step, start_position, train, expect):
+    """Checkpoint the last finished step after Ctrl-C. The step is read from the state itself
+    (the interrupt may fall between two statements of the loop) and its data position is
+    recomputed from the run's start, so state and position always match."""
+    from tqdm.auto import tqdm
+
+    if jax.process_count() > 1:  # the other processes were not interrupted: no joint save
+        return
+    try:
+        done = int(state.step)
+        if done <= saved_step:
+            return
+        pos = start_position
+        for _ in range(done - start_step):
+            pos = train.next_position(pos)
+        ckpts.save(done, state, {"position": pos.to_dict(), **expect})
+        ckpts.wait()
+        tqdm.write(f"interrupted: saved step {done} in {ckpts.directory}")
+    except Exception as e:  # e.g. the state's buffers were donated to a step that never ran
+        tqdm.write(f"interrupted: could not checkpoint ({type(e).__name__}: {_short(e)})")
 
 
 class _MetricsLog:
@@ -735,16 +824,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict[str, fl
     )  # fmt: skip
     rows = process_slice(config.batch_size, mesh)
     train = BiencoderBatches(train_examples, tokenizer, spec, rows, True, config.train_path)
-    evaluator = None
-    if config.dev_path:
-        dev_examples = read_examples(config.dev_path, config.max_dev_examples, "dev_path")
-        eval_bs = config.eval_batch_size or config.batch_size
-        dev_spec = dataclasses.replace(spec, batch_size=eval_bs)
-        dev = BiencoderBatches(
-            dev_examples, tokenizer, dev_spec, process_slice(eval_bs, mesh), False,
-            config.dev_path,
-        )  # fmt: skip
-        evaluator = Evaluator(model, mesh, dev, loss_cfg)
+    evaluator = _dev_evaluator(config, spec, tokenizer, model, mesh, loss_cfg)
 
     steps_per_epoch = train.batches_per_epoch
     total_steps = config.num_steps or max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
@@ -834,37 +914,48 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict[str, fl
     last_train: dict[str, float] = {}
     t_window = time.perf_counter()
     steps_window = 0
-    step = start_step
-    while step < end_step:
-        position, local = next(stream)
-        batch = global_batch_from_local(local, mesh)
-        state, metrics = train_step(state, batch, step_rng)
-        step += 1
-        steps_window += 1
-        pending.append(metrics)
-        bar.update(1)
-        if step % config.log_every == 0 or step == end_step:
-            host = jax.device_get(pending)
-            pending = []
-            dt = time.perf_counter() - t_window
-            last_train = {
-                k: float(np.mean([m[k] for m in host]))
-                for k in ("loss", "accuracy", "rank", "grad_norm")
-            }
-            last_train.update(
-                lr=float(schedule(step - 1)),
-                examples_per_s=steps_window * config.batch_size / max(dt, 1e-9),
-                epoch=position.epoch + position.batch / steps_per_epoch,
-            )
-            log.write({"split": "train", "step": step, **last_train})
-            bar.set_postfix(loss=f"{last_train['loss']:.4f}", acc=f"{last_train['accuracy']:.3f}",
-                            rank=f"{last_train['rank']:.2f}")  # fmt: skip
-            t_window, steps_window = time.perf_counter(), 0
-        if evaluator is not None and config.eval_every and step % config.eval_every == 0:
-            if step < total_steps:  # the final evaluation runs below
-                last_eval = run_eval(step)
-        if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == end_step:
-            ckpts.save(step, state, {"position": position.to_dict(), **expect})
+    step = saved_step = start_step
+    start_position = position
+    try:
+        while step < end_step:
+            position, local = next(stream)
+            batch = global_batch_from_local(local, mesh)
+            state, metrics = train_step(state, batch, step_rng)
+            step += 1
+            steps_window += 1
+            pending.append(metrics)
+            if len(pending) > 1:  # keep one step in flight: the next batch is built meanwhile,
+                jax.block_until_ready(pending[-2])  # and the progress bar counts finished steps
+                bar.update(1)
+            if step % config.log_every == 0 or step == end_step:
+                host = jax.device_get(pending)
+                pending = []
+                bar.update(1)
+                dt = time.perf_counter() - t_window
+                last_train = {
+                    k: float(np.mean([m[k] for m in host]))
+                    for k in ("loss", "accuracy", "rank", "grad_norm")
+                }
+                last_train.update(
+                    lr=float(schedule(step - 1)),
+                    examples_per_s=steps_window * config.batch_size / max(dt, 1e-9),
+                    epoch=position.epoch + position.batch / steps_per_epoch,
+                )
+                log.write({"split": "train", "step": step, **last_train})
+                bar.set_postfix(loss=f"{last_train['loss']:.4f}", acc=f"{last_train['accuracy']:.3f}",
+                                rank=f"{last_train['rank']:.2f}")  # fmt: skip
+                t_window, steps_window = time.perf_counter(), 0
+            if evaluator is not None and config.eval_every and step % config.eval_every == 0:
+                if step < total_steps:  # the final evaluation runs below
+                    last_eval = run_eval(step)
+            if (
+                config.checkpoint_every and step % config.checkpoint_every == 0
+            ) or step == end_step:
+                ckpts.save(step, state, {"position": position.to_dict(), **expect})
+                saved_step = step
+    except KeyboardInterrupt:  # keep the finished steps: checkpoint, then stop as asked
+        _save_on_interrupt(ckpts, state, saved_step, start_step, start_position, train, expect)
+        raise
     bar.close()
     ckpts.wait()
     ckpts.close()
@@ -916,6 +1007,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-processes", type=int)
     g.add_argument("--process-id", type=int)
     p.add_argument("--print-config", action="store_true", help="print the config and exit")
+    p.add_argument(
+        "--eval-only", action="store_true",
+        help="only validate init_from on dev_path (no training); writes WORKDIR/eval.json",
+    )  # fmt: skip
     return p
 
 
@@ -934,7 +1029,15 @@ def cli_main(argv: list[str]) -> int:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
     try:
-        metrics = train_and_evaluate(config, args.workdir)
+        if args.eval_only:
+            metrics = evaluate_model(config)
+            if jax.process_index() == 0:
+                out = Path(args.workdir)
+                out.mkdir(parents=True, exist_ok=True)
+                record = {"config": config.to_dict(), "metrics": metrics}
+                (out / "eval.json").write_text(json.dumps(record, indent=2))
+        else:
+            metrics = train_and_evaluate(config, args.workdir)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"dpr-jax train: {e}", file=sys.stderr)
         return 1

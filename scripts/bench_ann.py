@@ -159,7 +159,7 @@ def qps_at(front, target: float):
     only a lower bound. None if the target is never reached."""
     for i, (r, q) in enumerate(front):
         if r >= target:
-            if i == 0:
+            if i == 0 or r == target:
                 return q, r > target
             r0, q0 = front[i - 1]
             t = (target - r0) / (r - r0)

@@ -1,6 +1,7 @@
 """Flax BertModule against Hugging Face's PyTorch BertModel (the reference), BertConfig against
 transformers' config.json, and the errors a bad config raises."""
 
+import functools
 import json
 
 import jax
@@ -28,6 +29,17 @@ TINY = dict(
 BF16_HIDDEN_ATOL = 0.08
 BF16_POOLED_ATOL = 0.03
 BF16_MIN_COSINE = 0.9995
+
+
+@functools.lru_cache
+def _jitted(cfg: BertConfig, dtype=jnp.float32, pooler=True, hidden=False, deterministic=True):
+    """One compiled BertModule.apply per configuration (eager dispatch of a whole BERT is slow)."""
+    module = BertModule(cfg, dtype=dtype, add_pooling_layer=pooler)
+    return jax.jit(
+        lambda p, *args: module.apply(
+            {"params": p}, *args, deterministic=deterministic, output_hidden_states=hidden
+        )
+    )
 
 
 def _torch_bert(seed: int, **overrides):
@@ -65,7 +77,7 @@ def test_matches_torch_bert_all_hidden_states_and_pooler(act):
     cfg, params = _flax(model)
     assert cfg.hidden_act == act
     ids, mask, types = _batch(1)
-    out = BertModule(cfg).apply({"params": params}, ids, mask, types, output_hidden_states=True)
+    out = _jitted(cfg, hidden=True)(params, ids, mask, types)
     with torch.no_grad():
         ref = model(
             input_ids=torch.tensor(ids, dtype=torch.long),
@@ -79,6 +91,47 @@ def test_matches_torch_bert_all_hidden_states_and_pooler(act):
         np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=0, err_msg=f"layer {i}")
     np.testing.assert_allclose(out.last_hidden_state, ref.last_hidden_state.numpy(), atol=1e-5)
     np.testing.assert_allclose(out.pooler_output, ref.pooler_output.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 12])
+def test_cpu_looped_and_batched_attention_both_match_torch(batch):
+    """Inference on CPU loops over (example, head) blocks, G = gcd(B, 8 devices) = 1, 1, 4
+    examples a step; training (deterministic=False) takes the batched path. Both equal torch."""
+    model = _torch_bert(4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg, params = _flax(model)
+    lengths = [16, 9, 4, 1, 12, 7, 16, 2, 3, 5, 8, 11][:batch]
+    ids, mask, types = _batch(5, b=batch, lengths=lengths)
+    with torch.no_grad():
+        ref = model(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            token_type_ids=torch.tensor(types, dtype=torch.long),
+        ).last_hidden_state.numpy()
+    assert jax.default_backend() == "cpu"
+    for deterministic in (True, False):  # dropout rates are 0: the paths differ, not the math
+        out = _jitted(cfg, deterministic=deterministic)(params, ids, mask, types)
+        np.testing.assert_allclose(out.last_hidden_state, ref, atol=1e-5, err_msg=deterministic)
+
+
+def test_looped_attention_keeps_a_sharded_batch_sharded():
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    cfg, params = _flax(_torch_bert(6))
+    ids, mask, types = _batch(7, b=16, lengths=[16, 9, 4, 1] * 4)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    assert mesh.size == 8
+    data = NamedSharding(mesh, P("data"))
+    fn = jax.jit(
+        lambda p, i, m, t: BertModule(cfg).apply({"params": p}, i, m, t).last_hidden_state,
+        in_shardings=(None, data, data, data),
+        out_shardings=data,
+    )
+    hlo = fn.lower(params, ids, mask, types).compile().as_text()
+    assert "all-gather" not in hlo and "while" in hlo
+    sharded = fn(params, ids, mask, types)
+    single = _jitted(cfg)(params, ids, mask, types).last_hidden_state
+    np.testing.assert_allclose(sharded, single, atol=1e-6)
 
 
 def test_explicit_position_ids_and_no_pooler():
@@ -104,10 +157,8 @@ def test_bfloat16_compute_close_to_float32():
     for seed in range(3):
         cfg, params = _flax(_torch_bert(seed))
         ids, mask, types = _batch(seed)
-        f32 = BertModule(cfg).apply({"params": params}, ids, mask, types, output_hidden_states=True)
-        b16 = BertModule(cfg, dtype=jnp.bfloat16).apply(
-            {"params": params}, ids, mask, types, output_hidden_states=True
-        )
+        f32 = _jitted(cfg, hidden=True)(params, ids, mask, types)
+        b16 = _jitted(cfg, jnp.bfloat16, hidden=True)(params, ids, mask, types)
         assert b16.last_hidden_state.dtype == jnp.bfloat16
         for got, want in zip(b16.hidden_states, f32.hidden_states):
             diff = float(jnp.abs(got.astype(jnp.float32) - want).max())

@@ -255,3 +255,23 @@ def test_cli_builds_an_index_with_the_embeddings_config(gaussian, tmp_path, caps
     assert index.meta["embeddings_config"][0]["model"] == "tiny"
     _, got = index.search(queries, 10)
     assert recall_at_k(got, ids[brute_force(queries, emb, 10)[1]]) >= 0.95
+
+
+def test_bench_frontier_and_interpolation():
+    """The benchmark's headline arithmetic (scripts/bench_ann.py), by hand."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_ann.py"
+    spec = importlib.util.spec_from_file_location("bench_ann", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    points = [(0.80, 1000.0), (0.85, 500.0), (0.90, 800.0), (0.99, 100.0), (0.95, 50.0)]
+    front = bench.pareto(points)  # (0.85, 500) and (0.95, 50) are dominated
+    assert front == [(0.80, 1000.0), (0.90, 800.0), (0.99, 100.0)]
+    qps, lower = bench.qps_at(front, 0.95)
+    # log-linear: 800 * (100 / 800) ** ((0.95 - 0.90) / (0.99 - 0.90))
+    assert not lower and qps == pytest.approx(800 * (1 / 8) ** (5 / 9))
+    assert bench.qps_at(front, 0.90) == (800.0, False)
+    assert bench.qps_at([(0.97, 300.0)], 0.95) == (300.0, True)  # only a lower bound
+    assert bench.qps_at(front, 0.995) is None

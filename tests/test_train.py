@@ -124,6 +124,29 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(runs):
     assert full == res
 
 
+def test_ctrl_c_checkpoints_the_last_step_and_resumes_exactly(
+    runs, base_config, tmp_path, monkeypatch
+):
+    work = tmp_path / "interrupted"
+    real_iterate = BiencoderBatches.iterate
+
+    def iterate(self, start=None):
+        for k, item in enumerate(real_iterate(self, start or DataPosition())):
+            if k == 5:  # Ctrl-C while fetching the 6th batch: 5 steps are done
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(BiencoderBatches, "iterate", iterate)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(dataclasses.replace(base_config, eval_at_start=False), work)
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["5"]
+    monkeypatch.setattr(BiencoderBatches, "iterate", real_iterate)
+    train_and_evaluate(base_config, work)
+    _, _, p_full, _ = load_model(runs["full"])
+    _, _, p_work, _ = load_model(work)
+    assert all(np.array_equal(x, y) for x, y in zip(_leaves(p_full), _leaves(p_work)))
+
+
 def test_training_drives_the_loss_down(runs):
     dev = _records(runs["full"], "dev")
     before, after = dev[0], dev[-1]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -163,6 +164,38 @@ class BertEmbeddings(nn.Module):
         return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
+def _looped_attention(q, k, v, key_mask, dtype):
+    """Inference attention on CPU, one (example, head) block at a time: the batched numbers.
+
+    Batched, XLA:CPU writes the (B, H, T, S) scores to memory and passes over them several times
+    (scale, mask, softmax, product); a (T, S) block at a time stays in cache: 3-4x faster
+    attention, ~1.4x faster MiniLM passage encoding on a 2-core CPU (scripts/bench_encode.py).
+    Each step takes G = gcd(B, device_count) examples strided across the batch (example
+    i * B/G + j is row i of step j), so a batch sharded over devices stays sharded: a scan over
+    the sharded axis itself would all-gather it.
+    """
+    b, t, h, dh = q.shape
+    g = math.gcd(b, jax.device_count())
+    n = b // g
+
+    def split(x):  # (B, T, H, Dh) -> (n*H, G, T, Dh)
+        return x.reshape(g, n, t, h, dh).transpose(1, 3, 0, 2, 4).reshape(n * h, g, t, dh)
+
+    mask = key_mask.reshape(g, n, t).transpose(1, 0, 2)  # (n, G, S)
+    mask = jnp.broadcast_to(mask[:, None], (n, h, g, t)).reshape(n * h, g, t)
+
+    def step(args):
+        q, k, v, m = args  # (G, T, Dh) x 3, (G, S)
+        # (G, T, Dh) . (G, S, Dh) -> (G, T, S)
+        scores = jnp.einsum("gtd,gsd->gts", q, k) / jnp.sqrt(dh).astype(dtype)
+        scores = jnp.where(m[:, None, :], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        return jnp.einsum("gts,gsd->gtd", probs, v)  # (G, T, S) . (G, S, Dh) -> (G, T, Dh)
+
+    ctx = jax.lax.map(step, (split(q), split(k), split(v), mask))  # (n*H, G, T, Dh)
+    return ctx.reshape(n, h, g, t, dh).transpose(2, 0, 3, 1, 4).reshape(b, t, h * dh)
+
+
 class BertSelfAttention(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
@@ -177,6 +210,8 @@ class BertSelfAttention(nn.Module):
             return _dense(cfg, cfg.hidden_size, name, self.dtype)(x).reshape(b, t, h, dh)
 
         q, k, v = proj("query"), proj("key"), proj("value")
+        if deterministic and jax.default_backend() == "cpu":
+            return _looped_attention(q, k, v, key_mask, self.dtype)
         # (B, T, H, Dh) . (B, S, H, Dh) -> (B, H, T, S)
         scores = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(dh).astype(self.dtype)
         scores = scores.astype(jnp.float32)
