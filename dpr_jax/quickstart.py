@@ -42,8 +42,8 @@ def _squad_path(data: str | None) -> str | None:
 
 
 def _spread(n: int, m: int) -> list[int]:
-    """m indices spread evenly over range(n) (all of them if m >= n)."""
-    if m >= n:
+    """m indices spread evenly over range(n) (all of them if m >= n or m <= 0)."""
+    if m >= n or m <= 0:
         return list(range(n))
     return [int(i) for i in np.linspace(0, n - 1, m).round()]
 
@@ -69,6 +69,7 @@ def run_retrieval_eval(
     rows = []
     texts = [q.question for q in questions]
     for name, retriever in retrievers.items():
+        retriever.search(texts[:256], k)  # warm-up: compile the question tower's shapes
         t0 = time.perf_counter()
         scores, ids = retriever.search(texts, k)
         dt = time.perf_counter() - t0
@@ -119,9 +120,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument(
-        "--max-articles", type=int, default=8, help="validation articles used as corpus"
+        "--max-articles", type=int, default=8, help="validation articles used as corpus (0: all)"
     )
-    ap.add_argument("--max-questions", type=int, default=500)
+    ap.add_argument("--max-questions", type=int, default=500, help="0: every question")
     ap.add_argument("--reader-steps", type=int, default=150)
     ap.add_argument("--reader", help="a trained reader model dir (skips reader training)")
     ap.add_argument("--no-reader", action="store_true", help="stop after retrieval")
@@ -152,13 +153,14 @@ def cli_main(argv: list[str] | None = None) -> int:
     # 2. SQuAD validation articles
     squad = load_squad(_squad_path(args.data))
     train_articles, val_articles = split_articles(len(squad), args.val_fraction, seed=0)
-    val_articles = val_articles[: args.max_articles]
+    if args.max_articles > 0:
+        val_articles = val_articles[: args.max_articles]
     corpus = squad_passages(squad, val_articles)
     questions = squad_questions(squad, val_articles)
     questions = [questions[i] for i in _spread(len(questions), args.max_questions)]
     passages = {str(p.id): p for p in corpus}
     write_passages_tsv(work / "passages.tsv", corpus)
-    say(f"corpus: {len(corpus):,} passages from {args.max_articles} validation articles; "
+    say(f"corpus: {len(corpus):,} passages from {len(val_articles)} validation articles; "
         f"{len(questions):,} questions")  # fmt: skip
 
     # 3. encode + ScaNN index

@@ -242,6 +242,7 @@ def compare(args) -> dict:
         "dtype": args.dtype,
         "grad_cache": args.grad_cache,
         "threads_torch": args.threads,
+        "jax_devices": jt.devices,
         "cpu_count": os.cpu_count(),
         "jax_examples_per_s": round(ej, 3),
         "torch_examples_per_s": round(et, 3),
@@ -326,6 +327,28 @@ def gpu_mfu(args) -> dict:
     return out
 
 
+def print_table(result: dict) -> None:
+    """The result as a markdown table (what README quotes)."""
+    mode = result["mode"]
+    if mode == "compare":
+        print(f"\nMiniLM-L6 bi-encoder training step, batch {result['batch']} questions x "
+              f"{result['group_size']} passages, q_len {result['q_len']}, p_len "
+              f"{result['p_len']}, {result['dtype']}, {result['jax_devices']} JAX CPU device(s), "
+              f"torch {result['threads_torch']} threads, median of {len(result['rounds'])} rounds\n")  # fmt: skip
+        print("| | examples/s |\n|---|---:|")
+        print(f"| dpr-jax (jitted shard_map step) | {result['jax_examples_per_s']:.2f} |")
+        print(f"| PyTorch (HF BertModel towers) | {result['torch_examples_per_s']:.2f} |")
+        print(f"| ratio | {result['ratio_jax_over_torch']:.2f}x |")
+    elif mode == "memory":
+        print(f"\nCompiled memory of one train step (XLA memory_analysis), batch "
+              f"{result['batch']}, q_len {result['q_len']}, p_len {result['p_len']}, "
+              f"{result['devices']} device(s)\n")  # fmt: skip
+        print("| step | temp MiB | peak estimate MiB |\n|---|---:|---:|")
+        for key, m in result.items():
+            if key.startswith("grad_cache=") and m:
+                print(f"| {key} | {m.get('temp_MiB', '-')} | {m.get('peak_estimate_MiB', '-')} |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hf-dir", help="HF BertModel dir (default: the offline all-MiniLM-L6-v2)")
@@ -343,7 +366,15 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="a tiny model (for --gpu-mfu / --memory)")
     p.add_argument("--peak-tflops", type=float, help="peak FLOP/s per device, in TFLOP/s")
     p.add_argument("--out", help="also write the result JSON here")
+    p.add_argument(
+        "--devices", type=int, default=0,
+        help="JAX CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count): the step is "
+        "data-parallel over them, each device's shard running on its own thread (0: as set)",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    if args.devices:
+        flag = f"--xla_force_host_platform_device_count={args.devices}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
     given = set(argv if argv is not None else sys.argv[1:])
     args.batch_set = "--batch" in given
     args.len_set = bool({"--q-len", "--p-len"} & given)
@@ -356,6 +387,7 @@ def main(argv=None) -> int:
         result = compare(args)
     text = json.dumps(result, indent=2)
     print(text)
+    print_table(result)
     if args.out:
         Path(args.out).write_text(text + "\n")
     return 0

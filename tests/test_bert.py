@@ -134,6 +134,43 @@ def test_looped_attention_keeps_a_sharded_batch_sharded():
     np.testing.assert_allclose(sharded, single, atol=1e-6)
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_first_token_only_equals_position_0_of_the_full_model_and_its_gradient(remat):
+    """[CLS] pooling computes the last layer at position 0 alone; the vector, the pooler and
+    the gradient w.r.t. every parameter equal those of the full computation, and torch's."""
+    model = _torch_bert(8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg, params = _flax(model)
+    ids, mask, types = _batch(9, b=3, lengths=(16, 5, 1))
+    module = BertModule(cfg, remat=remat)
+
+    def run(p, first, deterministic=True):
+        out = module.apply({"params": p}, ids, mask, types, deterministic=deterministic,
+                           first_token_only=first)  # fmt: skip
+        return out.last_hidden_state, out.pooler_output
+
+    full, full_pooled = jax.jit(run, static_argnums=(1,))(params, False)
+    first, first_pooled = jax.jit(run, static_argnums=(1,))(params, True)
+    assert first.shape == (3, 1, cfg.hidden_size)
+    np.testing.assert_allclose(first, full[:, :1], atol=1e-6)
+    np.testing.assert_allclose(first_pooled, full_pooled, atol=1e-6)
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(ids, dtype=torch.long),
+                    attention_mask=torch.tensor(mask, dtype=torch.long),
+                    token_type_ids=torch.tensor(types, dtype=torch.long))  # fmt: skip
+    np.testing.assert_allclose(first[:, 0], ref.last_hidden_state[:, 0].numpy(), atol=1e-5)
+
+    def loss(p, first):  # the training path (deterministic=False; dropout rates are 0)
+        h, pooled = run(p, first, deterministic=False)
+        return jnp.sum(h[:, 0] ** 2) + jnp.sum(pooled)
+
+    g_full = jax.jit(jax.grad(loss), static_argnums=(1,))(params, False)
+    g_first = jax.jit(jax.grad(loss), static_argnums=(1,))(params, True)
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(g_full), jax.tree_util.tree_leaves(g_first)
+    ):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=str(path))
+
+
 def test_explicit_position_ids_and_no_pooler():
     model = _torch_bert(2)
     cfg, params = _flax(model)

@@ -201,16 +201,20 @@ class BertSelfAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask, deterministic: bool):
+    def __call__(self, x, key_mask, deterministic: bool, first_only: bool = False):
+        """``first_only``: queries from position 0 alone (keys and values from every position);
+        the output is (B, 1, H*Dh), exactly row 0 of the full output."""
         cfg = self.config
-        b, t, _ = x.shape
+        b, s, _ = x.shape
         h, dh = cfg.num_attention_heads, cfg.head_dim
 
-        def proj(name):  # (B, T, H*Dh) -> (B, T, H, Dh)
-            return _dense(cfg, cfg.hidden_size, name, self.dtype)(x).reshape(b, t, h, dh)
+        def proj(name, y):  # (B, T, H*Dh) -> (B, T, H, Dh)
+            return _dense(cfg, cfg.hidden_size, name, self.dtype)(y).reshape(b, -1, h, dh)
 
-        q, k, v = proj("query"), proj("key"), proj("value")
-        if deterministic and jax.default_backend() == "cpu":
+        q = proj("query", x[:, :1] if first_only else x)
+        k, v = proj("key", x), proj("value", x)
+        t = q.shape[1]
+        if deterministic and not first_only and jax.default_backend() == "cpu":
             return _looped_attention(q, k, v, key_mask, self.dtype)
         # (B, T, H, Dh) . (B, S, H, Dh) -> (B, H, T, S)
         scores = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(dh).astype(self.dtype)
@@ -230,12 +234,18 @@ class BertLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask, deterministic: bool):
+    def __call__(self, x, key_mask, deterministic: bool, first_only: bool = False):
+        """``first_only``: compute the output at position 0 alone, (B, 1, H): what [CLS]
+        pooling needs from the last layer (the other positions only feed keys and values)."""
         cfg = self.config
         drop = nn.Dropout(cfg.hidden_dropout_prob)
 
         # attention/self, attention/output/{dense, LayerNorm}
-        ctx = BertSelfAttention(cfg, self.dtype, name="attention_self")(x, key_mask, deterministic)
+        ctx = BertSelfAttention(cfg, self.dtype, name="attention_self")(
+            x, key_mask, deterministic, first_only
+        )
+        if first_only:
+            x = x[:, :1]
         a = _dense(cfg, cfg.hidden_size, "attention_output_dense", self.dtype)(ctx)
         x = _layer_norm(cfg, "attention_output_LayerNorm", self.dtype)(
             drop(a, deterministic=deterministic) + x
@@ -271,7 +281,11 @@ class BertModule(nn.Module):
         position_ids: Array | None = None,
         deterministic: bool = True,
         output_hidden_states: bool = False,
+        first_token_only: bool = False,
     ) -> BertOutput:
+        """``first_token_only``: the last layer computes position 0 alone and
+        ``last_hidden_state`` is (B, 1, H), equal to ``[:, :1]`` of the full output. [CLS]
+        pooling and the pooler need nothing else: it saves ~5/6 of the last layer's work."""
         cfg = self.config
         b, t = input_ids.shape
         if t > cfg.max_position_embeddings:
@@ -289,10 +303,13 @@ class BertModule(nn.Module):
         x = BertEmbeddings(cfg, self.dtype, name="embeddings")(
             input_ids, token_type_ids, position_ids, deterministic
         )
-        layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
+        layer_cls = nn.remat(BertLayer, static_argnums=(3, 4)) if self.remat else BertLayer
         hidden = [x]
         for i in range(cfg.num_hidden_layers):
-            x = layer_cls(cfg, self.dtype, name=f"encoder_layer_{i}")(x, key_mask, deterministic)
+            last = first_token_only and i == cfg.num_hidden_layers - 1
+            x = layer_cls(cfg, self.dtype, name=f"encoder_layer_{i}")(
+                x, key_mask, deterministic, last
+            )
             if output_hidden_states:
                 hidden.append(x)
 

@@ -72,8 +72,12 @@ class Encoder(nn.Module):
         out = BertModule(
             cfg.bert, self.dtype, add_pooling_layer=cfg.add_pooling_layer, remat=self.remat,
             name="bert_model",
-        )(input_ids, attention_mask, jnp.zeros_like(input_ids), deterministic=deterministic)  # fmt: skip
-        h = out.last_hidden_state  # (B, T, H)
+        )(
+            input_ids, attention_mask, jnp.zeros_like(input_ids), deterministic=deterministic,
+            # [CLS] and pooler pooling read position 0 alone: the last layer computes only it
+            first_token_only=cfg.pooling != "mean",
+        )  # fmt: skip
+        h = out.last_hidden_state  # (B, T, H), or (B, 1, H) with first_token_only
         if cfg.pooling == "cls":
             v = h[:, 0]
         elif cfg.pooling == "mean":
