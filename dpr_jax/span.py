@@ -436,11 +436,19 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-answer-length", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
     ap.add_argument("--limit", type=int, default=0, help="only the first N questions")
+    ap.add_argument(
+        "--sample", type=int, default=0,
+        help="a seeded random sample of N questions (files list questions by article)",
+    )  # fmt: skip
+    ap.add_argument("--seed", type=int, default=0, help="seed of --sample")
     ap.add_argument("--out", help="write DPR reader-predictions JSON here")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)  # fmt: skip
 
     examples = read_reader_examples(args.results, args.format)
+    if args.sample and args.sample < len(examples):
+        keep = np.random.default_rng(args.seed).choice(len(examples), args.sample, replace=False)
+        examples = [examples[i] for i in sorted(keep)]
     if args.limit:
         examples = examples[: args.limit]
     if not examples:

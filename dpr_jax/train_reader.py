@@ -482,8 +482,11 @@ def read_examples(config: ReaderTrainConfig, which: str) -> list:
         raise FileNotFoundError(f"{path}: no such file (ReaderTrainConfig.{which}_path)")
     examples = read_reader_examples(path, config.data_format, config.max_negatives, config.seed)
     limit = config.max_train_examples if which == "train" else config.max_dev_examples
-    if limit:
-        examples = examples[:limit]
+    if limit and limit < len(examples):
+        # a seeded random sample: files list questions article by article, so the first N
+        # would cover a handful of articles
+        keep = np.random.default_rng(config.seed).choice(len(examples), limit, replace=False)
+        examples = [examples[i] for i in sorted(keep)]
     if not examples:
         raise ValueError(f"{path}: no questions")
     return examples

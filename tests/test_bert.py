@@ -250,3 +250,30 @@ def test_invalid_configs_raise(tmp_path):
     ids = np.zeros((1, TINY["max_position_embeddings"] + 1), np.int32)
     with pytest.raises(ValueError, match="sequence length 65 exceeds max_position_embeddings 64"):
         BertModule(cfg).init(jax.random.PRNGKey(0), ids)
+
+
+def test_hashed_dropout_rate_scale_and_independence():
+    """Dropout's hashed masks: the rate and inverted scaling of flax's Dropout, masks that
+    differ from key to key and are uncorrelated (with each other and along the array)."""
+    from dpr_jax.models.bert import Dropout, dropout_keep_mask
+
+    shape = (64, 12, 128)  # 98,304 elements: the rate is known to +-0.003 (3 sigma 0.0029)
+    key = jax.random.PRNGKey(3)
+    for rate in (0.1, 0.5):
+        keep = np.asarray(dropout_keep_mask(key, shape, rate))
+        assert abs(keep.mean() - (1 - rate)) < 0.003, (rate, keep.mean())
+    a = np.asarray(dropout_keep_mask(jax.random.PRNGKey(1), shape, 0.1)).ravel()
+    b = np.asarray(dropout_keep_mask(jax.random.PRNGKey(2), shape, 0.1)).ravel()
+    assert (a != b).any()
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.02  # two keys
+    assert abs(np.corrcoef(a[:-1], a[1:])[0, 1]) < 0.02  # neighbours in one mask
+    assert abs(np.corrcoef(a[:-128], a[128:])[0, 1]) < 0.02  # the same column, next row
+
+    x = jnp.full(shape, 2.0)
+    drop = Dropout(0.1)
+    y = np.asarray(drop.apply({}, x, False, rngs={"dropout": key}))
+    np.testing.assert_allclose(np.unique(y), [0.0, 2.0 / 0.9], rtol=1e-6)
+    assert abs(y.mean() - 2.0) < 0.02  # inverted dropout keeps the expectation
+    np.testing.assert_array_equal(drop.apply({}, x, True), x)  # deterministic: identity
+    np.testing.assert_array_equal(Dropout(0.0).apply({}, x, False), x)
+    np.testing.assert_array_equal(Dropout(1.0).apply({}, x, False, rngs={"dropout": key}), 0 * x)
