@@ -446,9 +446,10 @@ def cli_main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)  # fmt: skip
 
     examples = read_reader_examples(args.results, args.format)
-    if args.sample and args.sample < len(examples):
-        keep = np.random.default_rng(args.seed).choice(len(examples), args.sample, replace=False)
-        examples = [examples[i] for i in sorted(keep)]
+    if args.sample:
+        from dpr_jax.train_reader import sample_examples
+
+        examples = sample_examples(examples, args.sample, args.seed)
     if args.limit:
         examples = examples[: args.limit]
     if not examples:

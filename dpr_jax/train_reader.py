@@ -471,6 +471,16 @@ def build_reader(config: ReaderTrainConfig, rng: jax.Array):
 # Data and evaluation
 
 
+def sample_examples(examples: list, limit: int, seed: int) -> list:
+    """A seeded random sample of ``limit`` examples in file order (all of them if ``limit`` is 0
+    or not smaller): files list questions article by article, so the first N would cover a
+    handful of articles."""
+    if not limit or limit >= len(examples):
+        return list(examples)
+    keep = np.random.default_rng(seed).choice(len(examples), limit, replace=False)
+    return [examples[i] for i in sorted(keep)]
+
+
 def read_examples(config: ReaderTrainConfig, which: str) -> list:
     from dpr_jax.reader_data import read_reader_examples
 
@@ -482,11 +492,7 @@ def read_examples(config: ReaderTrainConfig, which: str) -> list:
         raise FileNotFoundError(f"{path}: no such file (ReaderTrainConfig.{which}_path)")
     examples = read_reader_examples(path, config.data_format, config.max_negatives, config.seed)
     limit = config.max_train_examples if which == "train" else config.max_dev_examples
-    if limit and limit < len(examples):
-        # a seeded random sample: files list questions article by article, so the first N
-        # would cover a handful of articles
-        keep = np.random.default_rng(config.seed).choice(len(examples), limit, replace=False)
-        examples = [examples[i] for i in sorted(keep)]
+    examples = sample_examples(examples, limit, config.seed)
     if not examples:
         raise ValueError(f"{path}: no questions")
     return examples

@@ -3,6 +3,7 @@
 import json
 import unicodedata
 
+import numpy as np
 import pytest
 
 from dpr_jax.data.formats import write_retrieval_results
@@ -215,3 +216,26 @@ def test_simple_tokenize_equals_dpr_finditer():
     assert simple_tokenize(text, uncased=False) == dpr
     assert simple_tokenize(text) == [w.lower() for w in dpr]
     assert "\u2013" in dpr and "½" in dpr and "(" in dpr
+
+
+def test_results_for_flags_equal_has_answer():
+    """dpr_jax.retrieve.results_for (cached matching) flags every ctx as has_answer does."""
+    from types import SimpleNamespace as NS
+
+    from dpr_jax.retrieve import results_for
+
+    texts = ["Paris is the capital of France.", "The café in São Paulo", "U.S. history",
+             "no answer here", "Beyoncé's 2003 debut album", "a 10,000-seat arena"]  # fmt: skip
+    passages = {str(i): NS(title=f"t{i}", text=t) for i, t in enumerate(texts)}
+    questions = [NS(question="q1", answers=["Paris", "France"]), NS(question="q2", answers=["cafe"]),
+                 NS(question="q3", answers=["U.S.", "Beyonce"]), NS(question="q4", answers=["10,000"])]  # fmt: skip
+    ids = np.array([["0", "1", "2", "3", "4", "5"]] * 4)
+    scores = np.tile(np.arange(6, 0, -1, dtype=np.float32), (4, 1))
+    for match in ("string", "regex"):
+        res = results_for(questions, scores, ids, passages, match)
+        got = [[c["has_answer"] for c in r["ctxs"]] for r in res]
+        want = [[has_answer(q.answers, t, match) for t in texts] for q in questions]
+        assert got == want
+    assert sum(map(sum, got)) >= 4  # the cases are not all misses
+    with pytest.raises(KeyError, match="not in the passages file"):
+        results_for(questions[:1], scores[:1, :1], np.array([["99"]]), passages)

@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from dpr_jax.train_reader import apply_overrides, cli_main, load_config, train_and_evaluate
+from dpr_jax.train_reader import (
+    apply_overrides,
+    cli_main,
+    load_config,
+    sample_examples,
+    train_and_evaluate,
+)
 
 REPO_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "reader_tiny.py")
 STEPS = 40
@@ -67,7 +73,8 @@ def test_reader_learns_squad_spans(reference, fixture_path):
     assert result["step"] == STEPS
 
     # The exported model directory reads the same answers (predictor built from disk).
-    ex = read_reader_examples(fixture_path, "squad", max_negatives=50, seed=0)[:24]
+    ex = read_reader_examples(fixture_path, "squad", max_negatives=50, seed=0)
+    ex = sample_examples(ex, 24, _config(fixture_path).seed)  # the training run's dev sample
     pred = ReaderPredictor.from_dir(workdir / "model", batch_size=32)
     assert pred.input_config.max_length == 160
     preds = pred.predict([e.question for e in ex], [list(e.passages[:2]) for e in ex], (1, 2),
@@ -76,6 +83,23 @@ def test_reader_learns_squad_spans(reference, fixture_path):
     for p in preds:  # every answer is a substring of its passage, at the stated offsets
         a = p.predictions[2]
         assert a.passage[a.start_char : a.end_char] == a.text
+
+
+def test_read_command_reads_the_same_answers(reference, fixture_path, tmp_path, capsys):
+    """`dpr-jax read` on the training run's dev sample: EM@1 as validated, predictions JSON."""
+    from dpr_jax.cli import main
+
+    workdir, _ = reference
+    dev = _log(workdir, "dev")
+    out = tmp_path / "pred.json"
+    argv = ["read", "--model", str(workdir), "--results", str(fixture_path), "--format", "squad",
+            "--sample", "24", "--seed", str(_config(fixture_path).seed), "--top-k", "1,2",
+            "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["1"]["questions"] == 24
+    assert metrics["1"]["em"] == pytest.approx(dev[-1]["em@1"])
+    assert len(json.loads(out.read_text())) == 24
 
 
 def test_resume_gives_identical_params(reference, tmp_path, fixture_path):

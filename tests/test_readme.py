@@ -33,3 +33,25 @@ def test_cli_usage_and_unknown_command(capsys):
     assert main([]) == 0
     assert "convert" in capsys.readouterr().out
     assert main(["no-such-command"]) == 2
+
+
+def test_inference_commands_default_to_several_cpu_devices(monkeypatch):
+    import sys
+
+    from dpr_jax import cli
+
+    monkeypatch.delitem(sys.modules, "jax")  # as in a fresh `dpr-jax` process
+    monkeypatch.delenv("DPR_JAX_CPU_DEVICES", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    cli._default_cpu_devices("train")  # training keeps XLA's default
+    assert cli.os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
+    cli._default_cpu_devices("encode")
+    assert cli.os.environ["XLA_FLAGS"] == (
+        "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=8"
+    )
+    cli._default_cpu_devices("retrieve")  # a count already set is left alone
+    assert cli.os.environ["XLA_FLAGS"].count("device_count") == 1
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("DPR_JAX_CPU_DEVICES", "0")
+    cli._default_cpu_devices("encode")
+    assert cli.os.environ["XLA_FLAGS"] == ""
