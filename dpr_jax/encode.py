@@ -191,8 +191,11 @@ def cli_main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--checkpoint", "--model", dest="model", required=True,
                     help="bi-encoder model directory (or training workdir)")  # fmt: skip
-    ap.add_argument("--passages", required=True, help="passages TSV (id, text, title)")
-    ap.add_argument("--out", required=True, help="output directory")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--passages", help="passages TSV (id, text, title)")
+    what.add_argument("--questions", help="questions (qas TSV/CSV, NQ-open JSONL, SQuAD JSON): "
+                      "encoded with the question tower into one float32 .npy, --out Q.npy")  # fmt: skip
+    ap.add_argument("--out", required=True, help="output directory (a .npy file for --questions)")
     ap.add_argument("--shard", default="0/1", help="i/n: encode the i-th of n contiguous shards")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=256)
@@ -206,6 +209,21 @@ def cli_main(argv: list[str] | None = None) -> int:
     except ValueError:
         ap.error(f"--shard must look like i/n, got {args.shard!r}")
     t0 = time.time()
+    if args.questions:
+        from dpr_jax.data.formats import read_qas
+
+        texts = [q.question for q in read_qas(args.questions)]
+        enc = TowerEncoder(args.model, "question", args.batch_size, min(args.max_length, 64),
+                           args.bucket or None, args.compute_dtype)  # fmt: skip
+        vecs = enc.encode(texts)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp.npy")
+        np.save(tmp, vecs)
+        tmp.replace(out)  # atomic: a killed job leaves no half-written file
+        print(f"{len(texts):,} questions from {args.questions} -> {out} "
+              f"in {time.time() - t0:.1f}s", file=sys.stderr)  # fmt: skip
+        return 0
     passages = _read_passages(args.passages)
     print(f"{len(passages):,} passages from {args.passages}", file=sys.stderr)
     encode_corpus(

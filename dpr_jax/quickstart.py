@@ -91,11 +91,14 @@ def train_reader_quick(squad_path, squad, train_articles, workdir: Path, steps: 
     workdir.mkdir(parents=True, exist_ok=True)
     train_json = workdir / "train-subset.squad.json"
     train_json.write_text(json.dumps(subset))
+    # configs/reader_squad_minilm.py's shape: the gold paragraph + 1 other paragraph of the
+    # article per question, 176 tokens, a high learning rate for a short run
     config = ReaderTrainConfig(
         name="quickstart-reader", train_path=str(train_json), data_format="squad",
-        init_from="minilm", batch_size=8, passages_per_question=4, max_length=256,
-        learning_rate=5e-5, warmup_steps=min(20, steps // 10), num_steps=steps,
-        checkpoint_every=0, keep_checkpoints=1,
+        init_from="minilm", batch_size=8, passages_per_question=2, max_length=176,
+        max_question_length=32, learning_rate=2e-4, warmup_steps=max(1, steps // 10),
+        num_steps=steps, weight_decay=0.01, max_grad_norm=1.0, checkpoint_every=0,
+        keep_checkpoints=1,
     )  # fmt: skip
     train_and_evaluate(config, workdir)
     return workdir / "model"

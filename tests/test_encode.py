@@ -85,3 +85,24 @@ def test_encoding_into_a_directory_of_another_model_is_refused(tiny_biencoder_di
     encode_corpus(tiny_biencoder_dir, passages, out, out_dtype="float32", show_progress=False)
     with pytest.raises(ValueError, match="config.json"):
         encode_corpus(tiny_biencoder_dir, passages, out, out_dtype="float16", show_progress=False)
+
+
+def test_encode_questions_command_matches_the_question_tower(tiny_biencoder_dir, tmp_path):
+    from dpr_jax.encode import cli_main
+
+    rng = np.random.default_rng(5)
+    questions = [" ".join(rng.choice(WORDS, rng.integers(2, 12))) + "?" for _ in range(11)]
+    qas = tmp_path / "q.tsv"
+    qas.write_text("".join(f"{q}\t['x']\n" for q in questions))
+    out = tmp_path / "vecs" / "q.npy"
+    assert cli_main(["--model", str(tiny_biencoder_dir), "--questions", str(qas),
+                     "--out", str(out), "--batch-size", "8", "--bucket", "4"]) == 0  # fmt: skip
+    got = np.load(out)
+    _, cfg, params, _ = load_model(tiny_biencoder_dir)
+    tok = load_tokenizer(tiny_biencoder_dir)
+    model = BiEncoder(cfg)
+    fn = jax.jit(lambda i, m: model.apply({"params": params}, i, m, method=model.encode_question))
+    for q, vec in zip(questions, got):  # one at a time, unbucketed: the plain model
+        ids, mask = tok.questions([q], 64, None)
+        np.testing.assert_allclose(vec, np.asarray(fn(ids, mask))[0], atol=2e-5, rtol=1e-5)
+    assert got.shape == (11, cfg.embedding_dim) and not list(out.parent.glob("*.tmp*"))
