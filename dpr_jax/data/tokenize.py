@@ -44,6 +44,9 @@ class DPRTokenizer:
             self.tok = AutoTokenizer.from_pretrained(self.path)
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: cannot load a tokenizer from here ({e})") from None
+        # long passages are tokenized whole and then cut into windows (the reader) or truncated
+        # by us: transformers' "longer than the maximum sequence length" warning is noise here
+        self.tok.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
 
     @property
     def vocab_size(self) -> int:
