@@ -39,6 +39,9 @@ def _import_bm25s():
         import bm25s
     except ImportError as e:
         raise ImportError(f"BM25 needs bm25s: pip install 'dpr-jax[bm25]' ({e})") from None
+    import logging
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets its own logger to DEBUG
     return bm25s
 
 
