@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,8 +40,6 @@ def _import_bm25s():
         import bm25s
     except ImportError as e:
         raise ImportError(f"BM25 needs bm25s: pip install 'dpr-jax[bm25]' ({e})") from None
-    import logging
-
     logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets its own logger to DEBUG
     return bm25s
 
