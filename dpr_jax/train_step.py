@@ -17,11 +17,13 @@ Batch layout (global; see :mod:`dpr_jax.losses`)::
     valid   (B,) float32     optional question weight, 0 for padding questions
     p_valid (B*G,) float32   optional, 0 for padding passages
 
-Dropout. Each *example* draws its own dropout key, ``fold_in(k, global_index)`` with
-``k = fold_in(fold_in(rng, step), 0 | 1)`` (0 questions, 1 passages): the masks depend neither on
-the number of devices nor on gradient-cache chunking, so an 8-device step equals a 1-device step
-and a cached step equals an uncached one with dropout on (the tests check both). The encoder is
-``vmap`` ped over examples for this; with zero dropout rates the plain batched encoder runs.
+Dropout. Each example's masks depend on its index in the global batch: the dropout rng of a
+tower is ``fold_in(fold_in(rng, step), 0 | 1)`` (0 questions, 1 passages) and every Dropout
+layer hashes its key with the example's global row index
+(:func:`dpr_jax.models.bert.dropout_keep_mask`). The masks depend neither on the number of
+devices nor on gradient-cache chunking, so an 8-device step equals a 1-device step and a cached
+step equals an uncached one with dropout on (the tests check both), while the encoder runs as
+one batched computation.
 
 Gradient caching (GradCache, Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under
 Memory Limited Setup"), ``grad_cache_chunk=c``: (1) encode each tower in chunks of ``c``
@@ -104,7 +106,7 @@ class LossConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Encoders with per-example dropout keys
+# Encoders with per-example dropout masks
 
 
 def _tower_names(model: BiEncoder) -> tuple[str, str]:
@@ -118,28 +120,18 @@ def _has_dropout(model: BiEncoder) -> bool:
     return b.hidden_dropout_prob > 0 or b.attention_probs_dropout_prob > 0
 
 
-def _make_encoder(model: BiEncoder, method: str, tower: str) -> Callable:
-    """``enc(tower_params, ids, mask, keys) -> (N, D) float32``; ``keys`` None: deterministic."""
+def _make_encoder(model: BiEncoder, method: str, tower: str, key: Array | None) -> Callable:
+    """``enc(tower_params, ids, mask, rows) -> (N, D) float32``; ``rows`` (N,) are the examples'
+    indices in the global batch (their dropout masks depend on them and on ``key``); ``rows``
+    None: deterministic."""
 
-    def enc(tower_params, ids, mask, keys):
+    def enc(tower_params, ids, mask, rows):
         variables = {"params": {tower: tower_params}}
-        if keys is None:
+        if rows is None:
             return model.apply(variables, ids, mask, True, method=method)
-
-        def one(i, m, k):  # one example, its own dropout key
-            out = model.apply(
-                variables, i[None], m[None], False, rngs={"dropout": k}, method=method
-            )
-            return out[0]
-
-        return jax.vmap(one)(ids, mask, keys)
+        return model.apply(variables, ids, mask, False, rows, rngs={"dropout": key}, method=method)
 
     return enc
-
-
-def _example_keys(key: Array, start: Array, n: int) -> Array:
-    """Keys fold_in(key, start + j) for j < n: one per example, by its global batch index."""
-    return jax.vmap(lambda j: jax.random.fold_in(key, j))(start + jnp.arange(n))
 
 
 def _chunked(x: Array | None, chunk: int) -> Array | None:
@@ -148,14 +140,14 @@ def _chunked(x: Array | None, chunk: int) -> Array | None:
     return x.reshape((x.shape[0] // chunk, chunk) + x.shape[1:])
 
 
-def _encode_chunks(enc, tower_params, chunk, ids, mask, keys) -> Array:
+def _encode_chunks(enc, tower_params, chunk, ids, mask, rows) -> Array:
     """Forward only, ``chunk`` sequences at a time (no residuals kept for a backward pass)."""
-    xs = (_chunked(ids, chunk), _chunked(mask, chunk), _chunked(keys, chunk))
+    xs = (_chunked(ids, chunk), _chunked(mask, chunk), _chunked(rows, chunk))
     out = jax.lax.map(lambda a: enc(tower_params, *a), xs)  # (N/c, c, D)
     return out.reshape((ids.shape[0],) + out.shape[2:])
 
 
-def _vjp_chunks(enc, tower_params, chunk, ids, mask, keys, emb_grad, acc):
+def _vjp_chunks(enc, tower_params, chunk, ids, mask, rows, emb_grad, acc):
     """acc + sum over chunks of (d emb_chunk / d params)^T emb_grad_chunk; one chunk in memory."""
 
     def body(acc, a):
@@ -164,7 +156,7 @@ def _vjp_chunks(enc, tower_params, chunk, ids, mask, keys, emb_grad, acc):
         (grad,) = vjp(g)
         return jax.tree.map(jnp.add, acc, grad), None
 
-    xs = tuple(_chunked(x, chunk) for x in (ids, mask, keys, emb_grad))
+    xs = tuple(_chunked(x, chunk) for x in (ids, mask, rows, emb_grad))
     acc, _ = jax.lax.scan(body, acc, xs)
     return acc
 
@@ -247,21 +239,21 @@ def _loss_fn(cfg: LossConfig, axis: str, batch: Batch) -> Callable:
 def _local_grads(model, cfg: LossConfig, axis: str, chunk: int | None, params, batch, key):
     """Per device: gradient of the global loss w.r.t. the replicated params, and metrics."""
     q_tower, p_tower = _tower_names(model)
-    enc_q = _make_encoder(model, "encode_question", q_tower)
-    enc_p = _make_encoder(model, "encode_passage", p_tower)
+    enc_q = _make_encoder(model, "encode_question", q_tower, jax.random.fold_in(key, 0))
+    enc_p = _make_encoder(model, "encode_passage", p_tower, jax.random.fold_in(key, 1))
     nq, np_ = batch["q_ids"].shape[0], batch["p_ids"].shape[0]
-    if _has_dropout(model):
+    if _has_dropout(model):  # global batch indices of this device's rows
         dev = jax.lax.axis_index(axis)
-        q_keys = _example_keys(jax.random.fold_in(key, 0), dev * nq, nq)
-        p_keys = _example_keys(jax.random.fold_in(key, 1), dev * np_, np_)
+        q_rows = dev * nq + jnp.arange(nq, dtype=jnp.int32)
+        p_rows = dev * np_ + jnp.arange(np_, dtype=jnp.int32)
     else:
-        q_keys = p_keys = None
+        q_rows = p_rows = None
     loss_fn = _loss_fn(cfg, axis, batch)
     # Differentiate w.r.t. a device-varying copy of the params: the gradient is then this device's
     # contribution to d(global loss)/d(params), summed over devices by one psum at the end.
     params = jax.lax.pcast(params, axis, to="varying")
-    q_in = (batch["q_ids"], batch["q_mask"], q_keys)
-    p_in = (batch["p_ids"], batch["p_mask"], p_keys)
+    q_in = (batch["q_ids"], batch["q_mask"], q_rows)
+    p_in = (batch["p_ids"], batch["p_mask"], p_rows)
 
     if chunk is None:
 
@@ -283,10 +275,10 @@ def _local_grads(model, cfg: LossConfig, axis: str, chunk: int | None, params, b
 
 def _local_metrics(model, cfg: LossConfig, axis: str, params, batch):
     q_tower, p_tower = _tower_names(model)
-    q = _make_encoder(model, "encode_question", q_tower)(
+    q = _make_encoder(model, "encode_question", q_tower, None)(
         params[q_tower], batch["q_ids"], batch["q_mask"], None
     )
-    p = _make_encoder(model, "encode_passage", p_tower)(
+    p = _make_encoder(model, "encode_passage", p_tower, None)(
         params[p_tower], batch["p_ids"], batch["p_mask"], None
     )
     return _loss_fn(cfg, axis, batch)(q, p)[1]

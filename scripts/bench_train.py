@@ -6,7 +6,8 @@ G-1 hard negatives each, every passage an in-batch negative for every question),
 loss (NLL of the positive over all B*G passages, DPR sec. 3.2), gradient-norm clipping 2.0 and
 AdamW (lr 2e-5, eps 1e-8, no weight decay). Rounds alternate between the two in one process so
 that both see the same machine load; the report is the median examples (questions) per second
-of each and their ratio. Threads: torch uses ``--threads`` intra-op threads; XLA's CPU backend
+of each and their ratio. The JAX side runs with the XLA flags of ``dpr-jax train``
+(:func:`dpr_jax.cli.train_xla_flags`). Threads: torch uses ``--threads`` intra-op threads; XLA's CPU backend
 uses every core it is given, so run under ``taskset`` to pin both to the same cores.
 
     python scripts/bench_train.py                      # JAX vs torch, MiniLM, CPU
@@ -244,6 +245,7 @@ def compare(args) -> dict:
         "threads_torch": args.threads,
         "jax_devices": jt.devices,
         "cpu_count": os.cpu_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jax_examples_per_s": round(ej, 3),
         "torch_examples_per_s": round(et, 3),
         "ratio_jax_over_torch": round(ej / et, 3),
@@ -375,6 +377,9 @@ def main(argv=None) -> int:
     if args.devices:
         flag = f"--xla_force_host_platform_device_count={args.devices}"
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+    from dpr_jax.cli import train_xla_flags
+
+    train_xla_flags()  # the XLA flags `dpr-jax train` runs with (DPR_JAX_TRAIN_XLA_FLAGS="": none)
     given = set(argv if argv is not None else sys.argv[1:])
     args.batch_set = "--batch" in given
     args.len_set = bool({"--q-len", "--p-len"} & given)

@@ -277,3 +277,32 @@ def test_hashed_dropout_rate_scale_and_independence():
     np.testing.assert_array_equal(drop.apply({}, x, True), x)  # deterministic: identity
     np.testing.assert_array_equal(Dropout(0.0).apply({}, x, False), x)
     np.testing.assert_array_equal(Dropout(1.0).apply({}, x, False, rngs={"dropout": key}), 0 * x)
+
+
+def test_dropout_rows_make_each_rows_mask_its_own():
+    """With ``rows``, row b's mask depends on the key, rows[b] and the row shape only: the same
+    row id gives the same mask in any batch and at any position (what keeps the train step equal
+    on 1 and 8 devices and with GradCache chunks), other ids give uncorrelated masks."""
+    from dpr_jax.models.bert import Dropout, dropout_keep_mask
+
+    key, shape, rate = jax.random.PRNGKey(5), (12, 128), 0.1
+    ids = jnp.array([7, 3, 100, 4], jnp.int32)
+    batch = np.asarray(dropout_keep_mask(key, (4, *shape), rate, ids))
+    for b, i in enumerate([7, 3, 100, 4]):
+        alone = np.asarray(dropout_keep_mask(key, (1, *shape), rate, jnp.array([i])))
+        np.testing.assert_array_equal(batch[b], alone[0])
+    flipped = np.asarray(dropout_keep_mask(key, (4, *shape), rate, ids[::-1]))
+    np.testing.assert_array_equal(flipped, batch[::-1])
+    two = np.asarray(dropout_keep_mask(key, (2, 768, 128), rate, jnp.array([0, 1])))
+    assert abs(np.corrcoef(two[0].ravel(), two[1].ravel())[0, 1]) < 0.02  # 6 sigma
+    many = np.asarray(dropout_keep_mask(key, (64, *shape), rate, jnp.arange(64)))
+    assert abs(many.mean() - (1 - rate)) < 0.003
+    other_key = np.asarray(dropout_keep_mask(jax.random.PRNGKey(6), (4, *shape), rate, ids))
+    assert (other_key != batch).any()
+    with pytest.raises(ValueError, match="do not match the leading axis"):
+        dropout_keep_mask(key, (4, *shape), rate, jnp.arange(3))
+    x = jnp.ones((4, *shape))
+    drop = functools.partial(Dropout(rate).apply, {}, deterministic=False, rngs={"dropout": key})
+    y = np.asarray(drop(x, rows=ids))
+    np.testing.assert_allclose(np.unique(y), [0.0, 1 / (1 - rate)], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(drop(x, rows=ids[::-1])), y[::-1])  # row-keyed

@@ -55,3 +55,58 @@ def test_inference_commands_default_to_several_cpu_devices(monkeypatch):
     monkeypatch.setenv("DPR_JAX_CPU_DEVICES", "0")
     cli._default_cpu_devices("encode")
     assert cli.os.environ["XLA_FLAGS"] == ""
+
+
+def test_train_command_xla_flags(monkeypatch):
+    """`dpr-jax train` adds its XLA:CPU flags only where XLA_FLAGS does not set them, only for
+    jaxlib versions that know them, and DPR_JAX_TRAIN_XLA_FLAGS replaces them."""
+    import sys
+
+    from dpr_jax import cli
+
+    monkeypatch.delitem(sys.modules, "jax")  # as in a fresh `dpr-jax` process
+    monkeypatch.delenv("DPR_JAX_TRAIN_XLA_FLAGS", raising=False)
+    monkeypatch.setattr(cli, "_jaxlib_version", lambda: (0, 10))
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    cli.train_xla_flags()
+    assert cli.os.environ["XLA_FLAGS"] == (
+        "--xla_cpu_enable_fast_math=false --xla_cpu_experimental_ynn_fusion_type="
+    )
+    cli.train_xla_flags()  # once only
+    assert cli.os.environ["XLA_FLAGS"].count("ynn_fusion_type") == 1
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
+    cli.train_xla_flags()  # the user's own setting wins
+    assert cli.os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setattr(cli, "_jaxlib_version", lambda: (0, 12))
+    cli.train_xla_flags()  # an untested jaxlib might abort on the flag: left out
+    assert cli.os.environ["XLA_FLAGS"] == ""
+    monkeypatch.setenv("DPR_JAX_TRAIN_XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    cli.train_xla_flags()
+    assert cli.os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
+
+
+def test_train_xla_flags_accepted_by_installed_jaxlib():
+    """XLA aborts on an unknown flag: the installed jaxlib must run a computation with them."""
+    import os
+    import subprocess
+    import sys
+
+    from dpr_jax import cli
+
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "DPR_JAX_TRAIN_XLA_FLAGS")}
+    code = (
+        "import os; from dpr_jax.cli import train_xla_flags; train_xla_flags(); "
+        "print(os.environ.get('XLA_FLAGS', '')); "
+        "import jax, jax.numpy as jnp; x = jnp.arange(12.0).reshape(3, 4); "
+        "print(float(jax.jit(lambda a: (a @ a.T).sum() + a.sum(0)[1])(x)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    flags, value = out.stdout.split("\n")[:2]
+    if (0, 10) <= cli._jaxlib_version() < (0, 12):
+        assert cli.TRAIN_CPU_XLA_FLAGS in flags
+    x = [[4.0 * i + j for j in range(4)] for i in range(3)]
+    expected = sum(sum(a * b for a, b in zip(r, s)) for r in x for s in x) + sum(r[1] for r in x)
+    assert float(value) == expected

@@ -66,7 +66,7 @@ class Encoder(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, deterministic: bool = True):
+    def __call__(self, input_ids, attention_mask, deterministic: bool = True, dropout_rows=None):
         cfg = self.config
         # DPR's convention: token_type_ids are all zero, also for "title [SEP] text" passages.
         out = BertModule(
@@ -75,7 +75,7 @@ class Encoder(nn.Module):
         )(
             input_ids, attention_mask, jnp.zeros_like(input_ids), deterministic=deterministic,
             # [CLS] and pooler pooling read position 0 alone: the last layer computes only it
-            first_token_only=cfg.pooling != "mean",
+            first_token_only=cfg.pooling != "mean", dropout_rows=dropout_rows,
         )  # fmt: skip
         h = out.last_hidden_state  # (B, T, H), or (B, 1, H) with first_token_only
         if cfg.pooling == "cls":
@@ -105,12 +105,12 @@ class BiEncoder(nn.Module):
         if not self.config.shared:
             self.ctx_encoder = Encoder(self.config, self.dtype, self.remat)
 
-    def encode_question(self, input_ids, attention_mask, deterministic: bool = True):
-        return self.question_encoder(input_ids, attention_mask, deterministic)
+    def encode_question(self, input_ids, attention_mask, deterministic=True, dropout_rows=None):
+        return self.question_encoder(input_ids, attention_mask, deterministic, dropout_rows)
 
-    def encode_passage(self, input_ids, attention_mask, deterministic: bool = True):
+    def encode_passage(self, input_ids, attention_mask, deterministic=True, dropout_rows=None):
         tower = self.question_encoder if self.config.shared else self.ctx_encoder
-        return tower(input_ids, attention_mask, deterministic)
+        return tower(input_ids, attention_mask, deterministic, dropout_rows)
 
     def __call__(self, q_ids, q_mask, p_ids, p_mask, deterministic: bool = True):
         return (
