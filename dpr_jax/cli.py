@@ -68,8 +68,9 @@ def _default_cpu_devices(name: str) -> None:
 
 
 # The train step on XLA:CPU runs faster with its dots and reductions left to XLA's own emitters
-# than with the YNNPACK library fusions jaxlib 0.10-0.11 uses by default: ~8% on the MiniLM step
-# on 2 cores (scripts/bench_train.py runs with the same flags as `dpr-jax train`).
+# than with the YNNPACK library fusions jaxlib 0.10-0.11 uses by default: bench_train's MiniLM
+# step went from 0.86x to 0.94x PyTorch on 2 cores with this flag alone (README; the benchmark
+# runs with the same flags as `dpr-jax train`).
 # DPR_JAX_TRAIN_XLA_FLAGS replaces these flags ("" = none); the flag only concerns the CPU.
 TRAIN_CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
 TRAIN_COMMANDS = {"train"}

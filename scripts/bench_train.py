@@ -7,8 +7,9 @@ loss (NLL of the positive over all B*G passages, DPR sec. 3.2), gradient-norm cl
 AdamW (lr 2e-5, eps 1e-8, no weight decay). Rounds alternate between the two in one process so
 that both see the same machine load; the report is the median examples (questions) per second
 of each and their ratio. The JAX side runs with the XLA flags of ``dpr-jax train``
-(:func:`dpr_jax.cli.train_xla_flags`). Threads: torch uses ``--threads`` intra-op threads; XLA's CPU backend
-uses every core it is given, so run under ``taskset`` to pin both to the same cores.
+(:func:`dpr_jax.cli.train_xla_flags`). Threads: torch uses ``--threads`` intra-op threads;
+XLA's CPU backend uses every core it is given, so run under ``taskset`` to pin both to the same
+cores.
 
     python scripts/bench_train.py                      # JAX vs torch, MiniLM, CPU
     python scripts/bench_train.py --memory             # compiled memory with / without GradCache

@@ -173,26 +173,23 @@ def dropout_keep_mask(
     and with any gradient-cache chunking. Without ``rows`` the mask depends on the key and the
     whole shape.
     """
-    s0, s1 = jax.random.bits(key, (2,), jnp.uint32)
-    thresh = jnp.uint32(min(round(rate * 2**32), 2**32 - 1))
-    if rows is None:
-        n = math.prod(shape)
-        if n >= 2**32:
-            raise ValueError(f"dropout over {n} elements: more than the 2^32 the counter can index")
-        x = jax.lax.iota(jnp.uint32, n).reshape(shape)
-        x = _mix32(x * jnp.uint32(0x9E3779B9) + s0)
-        return _mix32(x ^ s1) >= thresh
-    if rows.shape != shape[:1]:
+    if rows is not None and rows.shape != shape[:1]:
         raise ValueError(f"dropout rows {rows.shape} do not match the leading axis of {shape}")
-    n = math.prod(shape[1:])
+    counted = shape if rows is None else shape[1:]  # what the element counter runs over
+    n = math.prod(counted)
     if n >= 2**32:
+        per_row = "" if rows is None else " per row"
         raise ValueError(
-            f"dropout over {n} elements per row: more than the 2^32 the counter can index"
+            f"dropout over {n} elements{per_row}: more than the 2^32 the counter can index"
         )
-    x = _mix32(jax.lax.iota(jnp.uint32, n).reshape(shape[1:]) * jnp.uint32(0x9E3779B9) + s0)
-    row_seed = _mix32(rows.astype(jnp.uint32) * jnp.uint32(0x85EBCA6B) + s1)  # (B,)
-    row_seed = row_seed.reshape(shape[:1] + (1,) * (len(shape) - 1))
-    return _mix32(x[None] ^ row_seed) >= thresh
+    s0, s1 = jax.random.bits(key, (2,), jnp.uint32)
+    x = _mix32(jax.lax.iota(jnp.uint32, n).reshape(counted) * jnp.uint32(0x9E3779B9) + s0)
+    if rows is None:
+        seed = s1
+    else:  # one seed per row, broadcast along the row
+        seed = _mix32(rows.astype(jnp.uint32) * jnp.uint32(0x85EBCA6B) + s1)  # (B,)
+        seed = seed.reshape(shape[:1] + (1,) * (len(shape) - 1))
+    return _mix32(x ^ seed) >= jnp.uint32(min(round(rate * 2**32), 2**32 - 1))
 
 
 class Dropout(nn.Module):
