@@ -22,7 +22,7 @@ Inputs (environment variables, or --set):
 
 import os
 
-from dpr_jax.train import TrainConfig
+from dpr_jax.retriever.task import TrainConfig
 
 NQ = os.environ.get("DPR_JAX_NQ", "~/dpr_data/retriever")
 

@@ -20,7 +20,7 @@ defaults of ``ReaderTrainConfig``; on a GPU, raise ``passages_per_question``, ``
 ``num_steps`` here.
 """
 
-from dpr_jax.train_reader import ReaderTrainConfig
+from dpr_jax.reader.task import ReaderTrainConfig
 
 
 def get_config() -> ReaderTrainConfig:

@@ -8,7 +8,7 @@ paragraphs = negatives) for both training and dev; tests override paths and size
 import os
 from pathlib import Path
 
-from dpr_jax.train_reader import ReaderTrainConfig
+from dpr_jax.reader.task import ReaderTrainConfig
 
 DATA = Path(os.environ.get("DPR_JAX_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 FIXTURE = str(DATA / "fixtures" / "squad-train-v1.1.University_of_Notre_Dame.official.json")

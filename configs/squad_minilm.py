@@ -20,7 +20,7 @@ Inputs (environment variables, or --set):
 
 import os
 
-from dpr_jax.train import TrainConfig
+from dpr_jax.retriever.task import TrainConfig
 
 SQUAD = os.environ.get("DPR_JAX_SQUAD_DPR", "/tmp/squad_dpr")
 

@@ -7,7 +7,7 @@ pooling exposes directly. Reads the 5-question DPR fixture by default; tests poi
 import os
 from pathlib import Path
 
-from dpr_jax.train import TrainConfig
+from dpr_jax.retriever.task import TrainConfig
 
 DATA = Path(os.environ.get("DPR_JAX_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 FIXTURE = str(DATA / "fixtures" / "biencoder-nq-dev.sample.json")

@@ -32,9 +32,10 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 from dpr_jax import __version__
+from dpr_jax.data.tokenize import DPRTokenizer
 from dpr_jax.models.bert import BertConfig, BertModule
-from dpr_jax.models.biencoder import BiEncoder, EncoderConfig
-from dpr_jax.models.reader import Reader
+from dpr_jax.reader.model import Reader
+from dpr_jax.retriever.model import BiEncoder, EncoderConfig
 
 MODEL_JSON = "dpr_jax_model.json"
 KINDS = ("biencoder", "bert", "reader")
@@ -130,8 +131,6 @@ def save_model(
         (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2))
         if tokenizer is not None:
             if isinstance(tokenizer, (str, Path)):
-                from dpr_jax.data.tokenize import DPRTokenizer
-
                 tokenizer = DPRTokenizer(tokenizer)
             save = getattr(tokenizer, "save", None) or tokenizer.save_pretrained
             save(str(tmp))
@@ -204,6 +203,5 @@ def load_model(model_dir: str | Path, expect_kind: str | None = None):
 
 
 def load_tokenizer(model_dir: str | Path):
-    from dpr_jax.data.tokenize import DPRTokenizer
 
     return DPRTokenizer(resolve_model_dir(model_dir))

@@ -75,7 +75,6 @@ after every check has passed; an existing non-empty destination is replaced only
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -89,8 +88,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
+from dpr_jax.checkpoint import load_model, resolve_model_dir, save_model
 from dpr_jax.models.bert import BertConfig
+from dpr_jax.reader.model import init_reader_params
+from dpr_jax.retriever.model import EncoderConfig
 
 ARCHITECTURES = ("BertModel", "DPRQuestionEncoder", "DPRContextEncoder", "DPRReader")
 DPR_ENCODERS = ("DPRQuestionEncoder", "DPRContextEncoder")
@@ -367,7 +370,6 @@ def _resolve_source(src: str | Path) -> Path:
 
 def _load_weights(path: Path) -> tuple[dict[str, np.ndarray], Path]:
     """-> (state dict, the file it came from)."""
-    from safetensors.numpy import load_file
 
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.is_file():
@@ -476,7 +478,6 @@ def write_hf_dir(
     projection_dim: int = 0, tokenizer_from: Path | None = None,
 ) -> None:  # fmt: skip
     """config.json + model.safetensors (+ tokenizer files) into ``out`` (new or empty)."""
-    from safetensors.numpy import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     cfg = hf_config_dict(arch, bert, projection_dim)
@@ -541,8 +542,6 @@ def convert_from_hf(
     overwrite: bool = False,
 ) -> Path:
     """Hugging Face checkpoint(s) -> dpr-jax model directory (see the module docstring)."""
-    from dpr_jax.checkpoint import save_model
-    from dpr_jax.models.biencoder import EncoderConfig
 
     out = _prepare_out(Path(out), overwrite)
     ckpt = read_hf(src)
@@ -616,8 +615,6 @@ def convert_from_hf(
         elif ckpt.arch == "BertModel":
             import jax
 
-            from dpr_jax.models.reader import init_reader_params
-
             fresh = init_reader_params(ckpt.bert, jax.random.PRNGKey(seed))
             params = {
                 "encoder": {"bert_model": ckpt.flax_params(add_pooling_layer=False)},
@@ -660,7 +657,6 @@ def convert_to_hf(
     Returns the written directories (``out/question_encoder``, ``out/ctx_encoder`` for a
     bi-encoder; ``out`` itself for a bert or reader model).
     """
-    from dpr_jax.checkpoint import load_model, resolve_model_dir
 
     if tower not in ("question", "ctx", "both"):
         raise ValueError(f"tower must be question, ctx or both; got {tower!r}")
@@ -764,67 +760,3 @@ def _flatten_to_dict(tree) -> dict:
     if isinstance(tree, Mapping):
         return {str(k): _flatten_to_dict(v) for k, v in tree.items()}
     return np.asarray(tree)
-
-
-# --------------------------------------------------------------------------------------------
-# command line
-# --------------------------------------------------------------------------------------------
-
-
-def cli_main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="dpr-jax convert",
-        description="Convert Hugging Face BERT / DPR checkpoints to dpr-jax model directories "
-        "(--from-hf) and back (--to-hf).",
-    )
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from-hf", metavar="SRC", help="HF directory or hub id to convert from")
-    src.add_argument("--to-hf", metavar="MODEL_DIR", help="dpr-jax model directory to export")
-    ap.add_argument("--out", required=True, help="destination directory")
-    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    g = ap.add_argument_group("--from-hf")
-    g.add_argument("--kind", default="auto", choices=["auto", "biencoder", "bert", "reader"],
-                   help="auto: reader for a DPRReader, biencoder otherwise")  # fmt: skip
-    g.add_argument("--ctx-from", metavar="SRC2",
-                   help="passage tower (DPRContextEncoder or BertModel) for a question encoder SRC")  # fmt: skip
-    g.add_argument("--shared", action="store_true", help="one tower for questions and passages")
-    g.add_argument("--pooling", default="cls", choices=["cls", "mean", "pooler"],
-                   help="bi-encoder pooling (DPR: cls; 'pooler' keeps the BERT pooler)")  # fmt: skip
-    g.add_argument("--tokenizer", help="tokenizer directory when SRC has no tokenizer files")
-    g.add_argument(
-        "--seed", type=int, default=0, help="init of fresh reader heads (BERT -> reader)"
-    )
-    g = ap.add_argument_group("--to-hf")
-    g.add_argument("--tower", default="both", choices=["question", "ctx", "both"],
-                   help="which bi-encoder towers to export (default both)")  # fmt: skip
-    g.add_argument("--as", dest="as_", default=None, choices=["dpr", "bert"],
-                   help="DPR classes (default for bi-encoders and readers) or plain BertModel")  # fmt: skip
-    g.add_argument("--allow-missing-pooler", action="store_true",
-                   help="--as bert without pooler weights (transformers initialises it randomly)")  # fmt: skip
-    args = ap.parse_args(argv)
-    if args.from_hf and (args.tower != "both" or args.as_ or args.allow_missing_pooler):
-        ap.error("--tower, --as and --allow-missing-pooler apply to --to-hf")
-    if args.to_hf and (args.kind != "auto" or args.ctx_from or args.shared or args.tokenizer
-                       or args.pooling != "cls"):  # fmt: skip
-        ap.error("--kind, --ctx-from, --shared, --pooling and --tokenizer apply to --from-hf")
-    try:
-        if args.from_hf:
-            out = convert_from_hf(
-                args.from_hf, args.out, args.kind, args.ctx_from, args.shared, args.pooling,
-                args.tokenizer, args.seed, args.overwrite,
-            )  # fmt: skip
-            print(f"wrote {out}", file=sys.stderr)
-        else:
-            from dpr_jax.checkpoint import read_model_meta
-
-            as_ = args.as_
-            if as_ is None:
-                as_ = "bert" if read_model_meta(args.to_hf)["kind"] == "bert" else "dpr"
-            for d in convert_to_hf(
-                args.to_hf, args.out, args.tower, as_, args.allow_missing_pooler, args.overwrite
-            ):
-                print(f"wrote {d}", file=sys.stderr)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"dpr-jax convert: error: {e}", file=sys.stderr)
-        return 2
-    return 0

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 CONFIG_JSON = "config.json"
 PER_SHARD_KEYS = ("shard", "shard_range")  # may differ between shards of one directory
@@ -239,7 +240,6 @@ def load_embeddings(
     that disagrees between chunks or directories, and duplicate passage ids. Warns when a shard
     has missing chunks or no chunks at all (an unfinished encoding).
     """
-    from tqdm.auto import tqdm
 
     dirs = (
         [Path(dir_or_dirs)]

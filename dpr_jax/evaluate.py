@@ -1,26 +1,8 @@
 """Evaluation as DPR reports it (Karpukhin et al. 2020, sec. 5.2 retrieval, sec. 6 reader).
 
 Retrieval (sec. 5.2, Table 2): *top-k accuracy* is the fraction of questions for which at least
-one of the top-k retrieved passages contains an answer. "Contains" is DPR's ``has_answer``
-(``dpr/data/qa_validation.py`` + ``dpr/utils/tokenizers.py``, copied verbatim by pyserini):
-
-- ``match_type="string"``: NFD-normalise text and answer, tokenize both with DrQA's
-  ``SimpleTokenizer`` (runs of letters/numbers/marks ``[\\p{L}\\p{N}\\p{M}]+``, or any single
-  other non-space, non-control character ``[^\\p{Z}\\p{C}]``), lower-case the tokens, and look for
-  the answer's token sequence as a contiguous sub-sequence of the text's tokens. So "cat" does not
-  match "category", punctuation is its own token, and accents are *not* stripped: NFD splits "é"
-  into "e" + a combining mark and the mark stays inside the token, so "Beyonce" does not match
-  "Beyoncé" (while composed and decomposed "é" match each other).
-- ``match_type="regex"`` (CuratedTREC): each answer is a regular expression, compiled with
-  IGNORECASE | UNICODE | MULTILINE by the ``regex`` module and searched in the NFD text; an
-  answer that does not compile matches nothing.
-
-DPR quirk kept on purpose: an answer with no tokens (empty or whitespace only) matches every
-passage in string mode, exactly as in DPR (the empty sequence is a sub-sequence of everything).
-
-Reader (sec. 6, Table 4): SQuAD v1.1's official exact match and F1 (``normalize_answer``:
-lower-case, drop punctuation and the articles a/an/the, squeeze whitespace; F1 over bags of
-tokens; both maximised over the gold answers).
+one of the top-k retrieved passages contains an answer, "contains" being DPR's ``has_answer``
+(:mod:`dpr_jax.data.answers`, re-exported here with the reader's exact match and F1).
 
 ANN recall: the fraction of the exact top-k ids that an approximate index also returns in its
 top-k, averaged over queries (how much ScaNN/FAISS lose against brute force).
@@ -30,153 +12,24 @@ top-k, averaged over queries (how much ScaNN/FAISS lose against brute force).
 
 from __future__ import annotations
 
-import argparse
-import collections
-import functools
-import json
-import re
-import string
-import sys
-import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import regex
+from dpr_jax.data.answers import (
+    MATCH_TYPES,
+    AnswerMatcher,
+    exact_match_score,
+    f1_score,
+    has_answer,
+    normalize_answer,
+    regex_match,
+    simple_tokenize,
+)
 
-# DrQA / DPR SimpleTokenizer.
-ALPHA_NUM = r"[\p{L}\p{N}\p{M}]+"
-NON_WS = r"[^\p{Z}\p{C}]"
-_FLAGS = regex.IGNORECASE | regex.UNICODE | regex.MULTILINE
-_TOKEN_RE = regex.compile(f"({ALPHA_NUM})|({NON_WS})", flags=_FLAGS)  # DPR's, as written
-# The same alternation without groups, so that findall returns the tokens (2x faster).
-_TOKEN_FINDALL = regex.compile(f"{ALPHA_NUM}|{NON_WS}", flags=_FLAGS)
-
-MATCH_TYPES = ("string", "regex")
-
-
-def _normalize(text: str) -> str:
-    return unicodedata.normalize("NFD", text)
-
-
-def simple_tokenize(text: str, uncased: bool = True) -> list[str]:
-    """DPR's ``SimpleTokenizer().tokenize(text).words(uncased)`` (no normalisation here)."""
-    words = _TOKEN_FINDALL.findall(text)
-    return [w.lower() for w in words] if uncased else words
-
-
-@functools.lru_cache(maxsize=4096)
-def _compile_answer_regex(pattern: str):
-    try:
-        return regex.compile(pattern, flags=regex.IGNORECASE | regex.UNICODE | regex.MULTILINE)
-    except regex.error:
-        return None  # DPR: an answer that is not a valid regex matches nothing
-
-
-def regex_match(text: str, pattern: str) -> bool:
-    """True if ``pattern`` (IGNORECASE | UNICODE | MULTILINE) is found anywhere in ``text``."""
-    compiled = _compile_answer_regex(pattern)
-    return compiled is not None and compiled.search(text) is not None
-
-
-def has_answer(answers: Iterable[str], text: str, match_type: str = "string") -> bool:
-    """DPR's ``has_answer``: does ``text`` contain any of ``answers`` (see the module docstring)."""
-    if isinstance(answers, str):
-        raise TypeError("answers must be a list of strings, not a single string")
-    text = _normalize(text)
-    if match_type == "string":
-        words = simple_tokenize(text)
-        for answer in answers:
-            ans = simple_tokenize(_normalize(answer))
-            n = len(ans)
-            for i in range(0, len(words) - n + 1):
-                if words[i : i + n] == ans:
-                    return True
-        return False
-    if match_type == "regex":
-        return any(regex_match(text, _normalize(a)) for a in answers)
-    raise ValueError(f"match_type must be one of {MATCH_TYPES}, got {match_type!r}")
-
-
-class AnswerMatcher:
-    """``has_answer(answers, text, "string")`` for many (answers, text) pairs, with caching.
-
-    Tokens of the SimpleTokenizer never contain whitespace, so "the answer's tokens are a
-    contiguous run of the text's tokens" is the same as "' ' + ' '.join(answer tokens) + ' '
-    is a substring of ' ' + ' '.join(text tokens) + ' '". Each text is tokenized once (cached by
-    key), which makes mining hard negatives over millions of (question, passage) pairs cheap.
-    Results equal :func:`has_answer` exactly (tested).
-    """
-
-    def __init__(self):
-        self._texts: dict[Any, str] = {}
-
-    @staticmethod
-    def _joined(text: str) -> str:
-        return " " + " ".join(simple_tokenize(_normalize(text))) + " "
-
-    def answer_keys(self, answers: Iterable[str]) -> list[str]:
-        return [self._joined(a) for a in answers]
-
-    def text_key(self, text: str, key: Any = None) -> str:
-        if key is None:
-            return self._joined(text)
-        joined = self._texts.get(key)
-        if joined is None:
-            joined = self._texts[key] = self._joined(text)
-        return joined
-
-    def match(self, answer_keys: Sequence[str], text: str, key: Any = None) -> bool:
-        joined = self.text_key(text, key)
-        # An answer with no tokens is "  ": DPR matches it everywhere.
-        return any(a == "  " or a in joined for a in answer_keys)
-
-
-# ---------------------------------------------------------------------------------------------
-# SQuAD v1.1 official evaluation (reader EM / F1)
-
-
-_PUNCT = frozenset(string.punctuation)
-
-
-def normalize_answer(s: str) -> str:
-    """Lower text and remove punctuation, articles and extra whitespace (SQuAD v1.1)."""
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in _PUNCT)
-    s = re.sub(r"\b(a|an|the)\b", " ", s)
-    return " ".join(s.split())
-
-
-def _em(prediction: str, gold: str) -> bool:
-    return normalize_answer(prediction) == normalize_answer(gold)
-
-
-def _f1(prediction: str, gold: str) -> float:
-    pred_tokens = normalize_answer(prediction).split()
-    gold_tokens = normalize_answer(gold).split()
-    common = collections.Counter(pred_tokens) & collections.Counter(gold_tokens)
-    num_same = sum(common.values())
-    if num_same == 0:
-        return 0.0
-    precision = num_same / len(pred_tokens)
-    recall = num_same / len(gold_tokens)
-    return 2 * precision * recall / (precision + recall)
-
-
-def _gold_list(gold_answers: str | Iterable[str]) -> list[str]:
-    golds = [gold_answers] if isinstance(gold_answers, str) else list(gold_answers)
-    if not golds:
-        raise ValueError("no gold answers to compare with")
-    return golds
-
-
-def exact_match_score(prediction: str, gold_answers: str | Iterable[str]) -> float:
-    """1.0 if the normalised prediction equals any normalised gold answer, else 0.0."""
-    return float(max(_em(prediction, g) for g in _gold_list(gold_answers)))
-
-
-def f1_score(prediction: str, gold_answers: str | Iterable[str]) -> float:
-    """Token-bag F1 of the normalised strings, maximised over the gold answers."""
-    return max(_f1(prediction, g) for g in _gold_list(gold_answers))
+__all__ = [
+    "MATCH_TYPES", "AnswerMatcher", "ann_recall", "exact_match_score", "f1_score", "has_answer",
+    "normalize_answer", "question_hits", "regex_match", "simple_tokenize", "top_k_accuracy",
+]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,85 +107,3 @@ def ann_recall(approx_ids: Sequence[Sequence[Any]], exact_ids: Sequence[Sequence
     if not recalls:
         raise ValueError("no query has exact results to compare with")
     return float(sum(recalls) / len(recalls))
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def _parse_ks(text: str) -> list[int]:
-    try:
-        ks = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--ks must be comma-separated integers, got {text!r}"
-        ) from None
-    if not ks or min(ks) < 1:
-        raise argparse.ArgumentTypeError(f"--ks must be positive integers, got {text!r}")
-    return ks
-
-
-def format_table(rows: list[tuple[str, str]], header: tuple[str, str]) -> str:
-    width = max(len(r[0]) for r in [header, *rows])
-    lines = [f"{header[0]:<{width}}  {header[1]}", f"{'-' * width}  {'-' * len(header[1])}"]
-    lines += [f"{a:<{width}}  {b}" for a, b in rows]
-    return "\n".join(lines)
-
-
-def cli_main(argv: list[str] | None = None) -> int:
-    from dpr_jax.data.formats import read_retrieval_results
-
-    ap = argparse.ArgumentParser(
-        prog="dpr-jax evaluate",
-        description="DPR top-k retrieval accuracy of a retrieval-results JSON "
-        "(and ANN recall against exact results).",
-    )
-    ap.add_argument("--results", required=True, help="retrieval-results JSON (DPR format)")
-    ap.add_argument("--ks", type=_parse_ks, default=[1, 5, 20, 100], help="e.g. 1,5,20,100")
-    ap.add_argument("--match", default="string", choices=list(MATCH_TYPES),
-                    help="has_answer matching when recomputed (regex: CuratedTREC)")  # fmt: skip
-    ap.add_argument("--recompute", action="store_true",
-                    help="recompute has_answer even where the file stores it")  # fmt: skip
-    ap.add_argument("--exact-results", help="results of exact search over the same questions: "
-                    "also report ANN recall@k of --results against it")  # fmt: skip
-    ap.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file")
-    args = ap.parse_args(argv)
-
-    results = read_retrieval_results(args.results)
-    if not results:
-        raise ValueError(f"{args.results}: no questions in the results file")
-    acc = top_k_accuracy(results, args.ks, args.match, recompute=args.recompute)
-    depth = max(len(r["ctxs"]) for r in results)
-    note = lambda k: "  (k > ctxs)" if k > depth else ""
-    rows = [(f"top-{k}", f"{100 * v:6.2f}%{note(k)}") for k, v in acc.items()]
-    metrics: dict[str, Any] = {"questions": len(results), "top_k_accuracy": acc}
-    if args.exact_results:
-        exact = read_retrieval_results(args.exact_results)
-        if len(exact) != len(results):
-            raise ValueError(
-                f"{args.exact_results}: {len(exact)} questions, but {args.results} has "
-                f"{len(results)}"
-            )
-        for i, (a, e) in enumerate(zip(results, exact)):
-            if a["question"] != e["question"]:
-                raise ValueError(
-                    f"{args.exact_results}: question {i} is {e['question']!r}, but in "
-                    f"{args.results} it is {a['question']!r}"
-                )
-        approx_ids = [[c["id"] for c in r["ctxs"]] for r in results]
-        exact_ids = [[c["id"] for c in r["ctxs"]] for r in exact]
-        recall = {k: ann_recall(approx_ids, exact_ids, k) for k in args.ks}
-        metrics["ann_recall"] = recall
-        rows += [(f"recall@{k}", f"{100 * v:6.2f}%") for k, v in recall.items()]
-    print(f"{args.results}: {len(results):,} questions, up to {depth} ctxs each")
-    print(format_table(rows, ("metric", "value")))
-    if args.json_out:
-        from dpr_jax.data.formats import atomic_write_text
-
-        payload = {**metrics, "config": {k: v for k, v in vars(args).items()}}
-        atomic_write_text(args.json_out, json.dumps(payload, indent=2, default=str) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli_main())

@@ -3,7 +3,7 @@
 DPR trains with in-batch negatives over the whole global batch (Karpukhin et al. 2020, sec. 3.2,
 batch size 128 over 8 GPUs). dpr-jax lays the global batch along one mesh axis, ``"data"``, over
 every device of every process: each device holds B/n whole question groups (see
-:mod:`dpr_jax.losses` for the layout), parameters are replicated, and the loss gathers passages
+:mod:`dpr_jax.retriever.loss` for the layout), parameters are replicated, and the loss gathers passages
 across the axis. Each process loads only its own rows (:func:`process_slice`) and
 :func:`global_batch_from_local` assembles them into global ``jax.Array`` s without copying
 other processes' data.

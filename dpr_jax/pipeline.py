@@ -8,12 +8,13 @@ command line, and in batch mode writes DPR's reader-predictions JSON.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from dpr_jax.data.formats import read_passages_tsv
+from dpr_jax.reader.span import ReaderPredictor
+from dpr_jax.retrieve import DenseRetriever
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,6 @@ class QAPipeline:
         max_answer_length: int = 10,
         batch_size: int = 8,
     ):
-        from dpr_jax.span import ReaderPredictor
 
         self.retriever = retriever
         self.passages = passages
@@ -66,8 +66,6 @@ class QAPipeline:
         reader_model: str | Path,
         **kw,
     ) -> QAPipeline:
-        from dpr_jax.data.formats import read_passages_tsv
-        from dpr_jax.retrieve import DenseRetriever
 
         passages = {str(p.id): p for p in read_passages_tsv(passages_tsv)}
         return cls(DenseRetriever(retriever_model, index_dir), passages, reader_model, **kw)
@@ -94,55 +92,3 @@ class QAPipeline:
                 sp.passage, len(cs),
             ))  # fmt: skip
         return out[0] if single else out
-
-
-def cli_main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="dpr-jax ask",
-        description="Answer questions end to end: dense retrieval over an index, then the reader.",
-    )
-    ap.add_argument("question", nargs="?", help="one question (or use --questions FILE)")
-    ap.add_argument("--questions", help="qas TSV / NQ-open JSONL / SQuAD JSON: batch mode")
-    ap.add_argument("--out", help="batch mode: reader-predictions JSON to write")
-    ap.add_argument("--retriever", required=True, help="bi-encoder model dir")
-    ap.add_argument("--index", required=True, help="index dir (dpr-jax index)")
-    ap.add_argument("--passages", required=True, help="passages TSV of the index")
-    ap.add_argument("--reader", required=True, help="reader model dir")
-    ap.add_argument("--k", type=int, default=50, help="passages given to the reader")
-    ap.add_argument("--max-answer-length", type=int, default=10)
-    args = ap.parse_args(argv)
-    if not args.question and not args.questions:
-        ap.error("give a question or --questions FILE")
-
-    pipe = QAPipeline.from_dirs(
-        args.retriever, args.index, args.passages, args.reader,
-        n_passages=args.k, max_answer_length=args.max_answer_length,
-    )  # fmt: skip
-    if args.question:
-        t0 = time.time()
-        p = pipe.answer(args.question)
-        print(f"{p.text}\n  (from {p.title!r}, score {p.score:.2f}, {time.time() - t0:.2f}s)")
-        return 0
-
-    from dpr_jax.data.formats import read_qas
-    from dpr_jax.evaluate import exact_match_score, f1_score
-    from dpr_jax.span import QuestionPrediction, write_predictions
-
-    questions = read_qas(args.questions)
-    t0 = time.time()
-    preds = pipe.answer([q.question for q in questions])
-    dt = time.time() - t0
-    em = sum(exact_match_score(p.text, q.answers) for p, q in zip(preds, questions))
-    f1 = sum(f1_score(p.text, q.answers) for p, q in zip(preds, questions))
-    n = len(questions)
-    print(f"{n} questions: EM {100 * em / n:.1f}  F1 {100 * f1 / n:.1f}  "
-          f"({1000 * dt / n:.0f} ms/question)", file=sys.stderr)  # fmt: skip
-    if args.out:
-        gold = [
-            QuestionPrediction(qp.question, tuple(q.answers), qp.predictions)
-            for qp, q in zip(pipe.last_predictions, questions)
-        ]
-        write_predictions(args.out, gold, {"retriever": args.retriever, "index": args.index,
-                                           "reader": args.reader, "k": args.k})  # fmt: skip
-        print(f"predictions -> {args.out}", file=sys.stderr)
-    return 0

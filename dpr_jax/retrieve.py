@@ -9,21 +9,21 @@ own scripts and pyserini can read them.
 
 from __future__ import annotations
 
-import argparse
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from dpr_jax import hybrid
+from dpr_jax.data.answers import AnswerMatcher, has_answer
+from dpr_jax.index import load_index
+from dpr_jax.retriever.encode import TowerEncoder
 
 
 class DenseRetriever:
     """Question tower + passage index. ``search(questions, k) -> (scores (Q, k), ids (Q, k))``."""
 
     def __init__(self, model_dir: str | Path, index, batch_size: int = 64, max_length: int = 64):
-        from dpr_jax.encode import TowerEncoder
-        from dpr_jax.index import load_index
 
         self.encoder = TowerEncoder(model_dir, "question", batch_size, max_length, bucket=16)
         self.index = load_index(index) if isinstance(index, (str, Path)) else index
@@ -48,7 +48,6 @@ class HybridRetriever:
         )  # fmt: skip
 
     def search(self, questions: Sequence[str], k: int = 100):
-        from dpr_jax import hybrid
 
         depth = max(k, self.depth)
         ds, di = self.dense.search(questions, depth)
@@ -60,7 +59,6 @@ class HybridRetriever:
 
 def results_for(questions, scores, ids, passages: dict, match: str = "string") -> list[dict]:
     """DPR retrieval-results records: question, answers, ctxs [{id, title, text, score, has_answer}]."""
-    from dpr_jax.evaluate import AnswerMatcher, has_answer
 
     # String matching tokenizes each passage once (cached by id), not once per question: the
     # same passages come back for many questions (equal to has_answer, tests/test_evaluate.py).
@@ -83,62 +81,3 @@ def results_for(questions, scores, ids, passages: dict, match: str = "string") -
             })  # fmt: skip
         out.append({"question": q.question, "answers": list(q.answers), "ctxs": ctxs})
     return out
-
-
-def _build_retriever(args, passages_list):
-    dense = sparse = None
-    if args.mode in ("dense", "hybrid"):
-        if not (args.model and args.index):
-            raise SystemExit("dpr-jax retrieve: --model and --index are needed for dense retrieval")
-        dense = DenseRetriever(args.model, args.index)
-    if args.mode in ("bm25", "hybrid"):
-        from dpr_jax.data.bm25 import BM25Retriever
-
-        if args.bm25_index and Path(args.bm25_index).exists():
-            sparse = BM25Retriever.load(args.bm25_index)
-        else:
-            sparse = BM25Retriever(passages_list)
-            if args.bm25_index:
-                sparse.save(args.bm25_index)
-    if args.mode == "hybrid":
-        return HybridRetriever(dense, sparse, args.fusion, args.alpha)
-    return dense or sparse
-
-
-def cli_main(argv: list[str] | None = None) -> int:
-    from dpr_jax.data.formats import read_passages_tsv, read_qas, write_retrieval_results
-
-    ap = argparse.ArgumentParser(
-        prog="dpr-jax retrieve",
-        description="Retrieve top-k passages per question and write DPR's retrieval-results JSON.",
-    )
-    ap.add_argument("--questions", required=True,
-                    help="qas TSV/CSV, NQ-open JSONL or SQuAD JSON")  # fmt: skip
-    ap.add_argument("--passages", required=True, help="passages TSV (id, text, title)")
-    ap.add_argument("--out", required=True, help="retrieval-results JSON to write")
-    ap.add_argument("--mode", default="dense", choices=["dense", "bm25", "hybrid"])
-    ap.add_argument("--model", help="bi-encoder model dir (dense, hybrid)")
-    ap.add_argument("--index", help="index dir from `dpr-jax index` (dense, hybrid)")
-    ap.add_argument("--bm25-index", help="BM25 index dir (built from --passages and saved here "
-                    "if it does not exist)")  # fmt: skip
-    ap.add_argument("--fusion", default="linear", choices=["linear", "rrf"])
-    ap.add_argument("--alpha", type=float, default=1.0, help="linear fusion weight of BM25")
-    ap.add_argument("--k", type=int, default=100)
-    ap.add_argument("--match", default="string", choices=["string", "regex"])
-    args = ap.parse_args(argv)
-
-    questions = read_qas(args.questions)
-    passages_list = read_passages_tsv(args.passages)
-    passages = {str(p.id): p for p in passages_list}
-    retriever = _build_retriever(args, passages_list)
-    t0 = time.time()
-    scores, ids = retriever.search([q.question for q in questions], args.k)
-    dt = time.time() - t0
-    results = results_for(questions, scores, ids, passages, args.match)
-    write_retrieval_results(args.out, results)
-    print(
-        f"{len(questions):,} questions, {args.mode} retrieval in {dt:.1f}s "
-        f"({len(questions) / max(dt, 1e-9):.1f} q/s) -> {args.out}",
-        file=sys.stderr,
-    )
-    return 0

@@ -10,7 +10,7 @@ Two measurements:
 1. fixed shape: ``--batch`` real SQuAD passages padded to ``--seq-len`` tokens (random ids when
    the data is absent), one batch per repetition;
 2. a real corpus: the first ``--paragraphs`` SQuAD paragraphs (first ``--words`` words, with their
-   article titles, ``title [SEP] text``), sorted by length and batched as ``dpr_jax.encode``
+   article titles, ``title [SEP] text``), sorted by length and batched as ``dpr_jax.retriever.encode``
    does, padded to ``--seq-len`` (fixed), to a multiple of each ``--buckets`` value (both
    frameworks, the same padded batches) and, for PyTorch only, to each batch's longest passage
    (dynamic padding, its natural counterpart: a jitted function would recompile for every length).
@@ -57,7 +57,7 @@ def parse_args(argv=None):
     ap.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS")
     ap.add_argument(
         "--devices", type=int, default=8,
-        help="CPU devices the Flax side is data-parallel over, as dpr_jax.encode does "
+        help="CPU devices the Flax side is data-parallel over, as dpr_jax.retriever.encode does "
         "(XLA_FLAGS=--xla_force_host_platform_device_count; 0: leave XLA_FLAGS alone)",
     )  # fmt: skip
     ap.add_argument("--json", help="write the results here")
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     from dpr_jax.convert import hf_state_dict_to_flax
     from dpr_jax.data.tokenize import DPRTokenizer
     from dpr_jax.models.bert import BertConfig
-    from dpr_jax.models.biencoder import Encoder, EncoderConfig
+    from dpr_jax.retriever.model import Encoder, EncoderConfig
 
     torch.set_num_threads(args.threads)
     if args.minilm:
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     params = {"bert_model": hf_state_dict_to_flax(sd, "BertModel", cfg)}
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.flax_dtype]
     encoder = Encoder(EncoderConfig(cfg, pooling="cls"), dtype=dtype)
-    # data-parallel over the local devices, as dpr_jax.encode.TowerEncoder runs: on a CPU,
+    # data-parallel over the local devices, as dpr_jax.retriever.encode.TowerEncoder runs: on a CPU,
     # several XLA devices run their shards of the batch on concurrent threads
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P

@@ -95,10 +95,10 @@ class JaxTrainer:
         import jax
         import jax.numpy as jnp
 
-        from dpr_jax.models.biencoder import BiEncoder
         from dpr_jax.parallel import global_batch_from_local, make_mesh, replicated
-        from dpr_jax.train import TrainConfig, make_optimizer
-        from dpr_jax.train_step import LossConfig, TrainState, make_train_step
+        from dpr_jax.retriever.model import BiEncoder
+        from dpr_jax.retriever.step import LossConfig, TrainState, make_train_step
+        from dpr_jax.retriever.task import TrainConfig, make_optimizer
 
         self.jax = jax
         mesh = make_mesh()
@@ -259,7 +259,7 @@ def memory(args) -> dict:
     import jax
 
     from dpr_jax.models.bert import BertConfig
-    from dpr_jax.models.biencoder import EncoderConfig, init_biencoder_params
+    from dpr_jax.retriever.model import EncoderConfig, init_biencoder_params
 
     if args.tiny:
         enc_cfg = EncoderConfig(BertConfig(**TINY_BERT))
@@ -285,7 +285,7 @@ def gpu_mfu(args) -> dict:
     import jax
 
     from dpr_jax.models.bert import BertConfig
-    from dpr_jax.models.biencoder import EncoderConfig, init_biencoder_params
+    from dpr_jax.retriever.model import EncoderConfig, init_biencoder_params
 
     bert = BertConfig(**TINY_BERT) if args.tiny else BertConfig()  # bert-base-uncased shape
     enc_cfg = EncoderConfig(bert)

@@ -52,7 +52,7 @@ def tiny_biencoder_dir(tmp_path_factory, minilm_dir) -> Path:
     """A random tiny bi-encoder model directory with the real MiniLM tokenizer."""
     from dpr_jax.checkpoint import save_model
     from dpr_jax.models.bert import BertConfig
-    from dpr_jax.models.biencoder import EncoderConfig, init_biencoder_params
+    from dpr_jax.retriever.model import EncoderConfig, init_biencoder_params
 
     cfg = EncoderConfig(BertConfig(**TINY_BERT))
     params = init_biencoder_params(cfg, jax.random.PRNGKey(0))

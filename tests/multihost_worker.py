@@ -80,7 +80,7 @@ def main() -> int:
 
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
 
-    from dpr_jax.train import load_config, train_and_evaluate
+    from dpr_jax.retriever.task import load_config, train_and_evaluate
 
     config = load_config(
         REPO / "configs" / "tiny.py",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dpr_jax.train import TrainConfig, encoder_config, load_config
+from dpr_jax.retriever.task import TrainConfig, encoder_config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").glob("*.py") if p.name != "__init__.py")

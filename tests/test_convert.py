@@ -29,8 +29,8 @@ from dpr_jax.convert import (  # noqa: E402
     normalize_hf_state_dict,
 )
 from dpr_jax.models.bert import BertConfig, BertModule  # noqa: E402
-from dpr_jax.models.biencoder import BiEncoder, Encoder, EncoderConfig  # noqa: E402
-from dpr_jax.models.reader import Reader  # noqa: E402
+from dpr_jax.reader.model import Reader  # noqa: E402
+from dpr_jax.retriever.model import BiEncoder, Encoder, EncoderConfig  # noqa: E402
 
 TINY = dict(
     vocab_size=99,

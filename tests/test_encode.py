@@ -8,8 +8,8 @@ import pytest
 
 from dpr_jax.checkpoint import load_model, load_tokenizer
 from dpr_jax.embeddings import load_embeddings
-from dpr_jax.encode import TowerEncoder, encode_corpus, shard_range
-from dpr_jax.models.biencoder import BiEncoder
+from dpr_jax.retriever.encode import TowerEncoder, encode_corpus, shard_range
+from dpr_jax.retriever.model import BiEncoder
 
 Psg = namedtuple("Psg", "id text title")
 WORDS = "the river flows north through old city walls where merchants traded silk and tea".split()
@@ -88,7 +88,7 @@ def test_encoding_into_a_directory_of_another_model_is_refused(tiny_biencoder_di
 
 
 def test_encode_questions_command_matches_the_question_tower(tiny_biencoder_dir, tmp_path):
-    from dpr_jax.encode import cli_main
+    from dpr_jax.cli.encode import cli_main
 
     rng = np.random.default_rng(5)
     questions = [" ".join(rng.choice(WORDS, rng.integers(2, 12))) + "?" for _ in range(11)]

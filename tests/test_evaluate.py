@@ -6,11 +6,11 @@ import unicodedata
 import numpy as np
 import pytest
 
+from dpr_jax.cli.evaluate import cli_main
 from dpr_jax.data.formats import write_retrieval_results
 from dpr_jax.evaluate import (
     AnswerMatcher,
     ann_recall,
-    cli_main,
     exact_match_score,
     f1_score,
     has_answer,

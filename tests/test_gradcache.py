@@ -12,7 +12,7 @@ import pytest
 from test_train_step import B, G, assert_same_step, jitted_step, make_batch, run_step
 
 from dpr_jax.parallel import make_mesh
-from dpr_jax.train_step import LossConfig, make_train_step
+from dpr_jax.retriever.step import LossConfig, make_train_step
 
 
 def test_grad_cache_equals_uncached_with_dropout():

@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
+from dpr_jax.cli.index import cli_main, parse_option
 from dpr_jax.embeddings import EmbeddingWriter
 from dpr_jax.index import BACKENDS, IndexIntegrityError, build_index, load_index
 from dpr_jax.index.base import MANIFEST
-from dpr_jax.index.cli import cli_main, parse_option
 
 pytest.importorskip("faiss", reason="pip install 'dpr-jax[faiss]'")
 pytest.importorskip("scann", reason="pip install 'dpr-jax[scann]'")

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from dpr_jax import losses
-from dpr_jax.losses import sharded_dpr_loss
 from dpr_jax.parallel import make_mesh
+from dpr_jax.retriever import loss as losses
+from dpr_jax.retriever.loss import sharded_dpr_loss
 
 RTOL = 1e-5
 # One compilation per call signature (eager mode would compile every primitive separately).

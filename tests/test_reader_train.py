@@ -16,13 +16,11 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from dpr_jax.train_reader import (
-    apply_overrides,
-    cli_main,
-    load_config,
-    sample_examples,
-    train_and_evaluate,
-)
+from dpr_jax.cli import main
+from dpr_jax.cli.train_reader import cli_main
+from dpr_jax.reader.data import sample_examples
+from dpr_jax.reader.task import load_config, train_and_evaluate
+from dpr_jax.training.config import apply_overrides
 
 REPO_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "reader_tiny.py")
 STEPS = 40
@@ -57,8 +55,8 @@ def _log(workdir, split):
 
 
 def test_reader_learns_squad_spans(reference, fixture_path):
-    from dpr_jax.reader_data import read_reader_examples
-    from dpr_jax.span import ReaderPredictor, evaluate_predictions
+    from dpr_jax.reader.data import read_reader_examples
+    from dpr_jax.reader.span import ReaderPredictor, evaluate_predictions
 
     workdir, result = reference
     dev = _log(workdir, "dev")
@@ -124,14 +122,14 @@ def test_resume_gives_identical_params(reference, tmp_path, fixture_path):
         np.testing.assert_array_equal(got[k], want[k], err_msg="/".join(k))
 
     # A checkpoint of another data configuration is refused, naming the field.
-    from dpr_jax.train import CheckpointError
+    from dpr_jax.training.checkpoints import CheckpointError
 
     with pytest.raises(CheckpointError, match="passages_per_question"):
         train_and_evaluate(dataclasses.replace(cfg, passages_per_question=3), workdir)
 
 
 def test_bad_inputs(minilm_dir, tmp_path, fixture_path, capsys):
-    from dpr_jax.reader_data import (
+    from dpr_jax.reader.data import (
         ReaderExample,
         ReaderInputConfig,
         ReaderPassage,
@@ -183,7 +181,12 @@ def test_bad_inputs(minilm_dir, tmp_path, fixture_path, capsys):
     assert minilm_cfg.init_from == "minilm" and minilm_cfg.data_format == "biencoder"
 
     # CLI: config errors exit with 2 and a message; --print-config shows the --train override.
-    assert cli_main(["--config", REPO_CONFIG, "--workdir", str(tmp_path), "--set", "nope=1"]) == 2
+    assert (
+        main(
+            ["train-reader", "--config", REPO_CONFIG, "--workdir", str(tmp_path), "--set", "nope=1"]
+        )
+        == 2
+    )
     assert "no such config field" in capsys.readouterr().err
     assert cli_main(["--config", REPO_CONFIG, "--workdir", str(tmp_path), "--train", "X.json",
                      "--print-config"]) == 0  # fmt: skip
@@ -192,7 +195,7 @@ def test_bad_inputs(minilm_dir, tmp_path, fixture_path, capsys):
 
 def test_init_from_biencoder_passage_tower(tiny_biencoder_dir, fixture_path):
     from dpr_jax.checkpoint import load_model
-    from dpr_jax.train_reader import build_reader
+    from dpr_jax.reader.task import build_reader
 
     cfg = _config(fixture_path, init_from=str(tiny_biencoder_dir), model=None, tokenizer="")
     bert_cfg, params, tokenizer, info = build_reader(cfg, jax.random.PRNGKey(0))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpr_jax.reader_data import (
+from dpr_jax.reader.data import (
     ReaderExample,
     ReaderInputConfig,
     ReaderPassage,
@@ -15,8 +15,8 @@ from dpr_jax.reader_data import (
     ReaderTrainData,
     find_answer_spans,
 )
-from dpr_jax.span import NO_ANSWER, ReaderPredictor, best_spans, extend_to_words
-from dpr_jax.train_reader import reader_loss
+from dpr_jax.reader.span import NO_ANSWER, ReaderPredictor, best_spans, extend_to_words
+from dpr_jax.reader.task import reader_loss
 
 TINY_BERT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=37, max_position_embeddings=512)  # fmt: skip
@@ -243,7 +243,7 @@ def test_mml_loss_hand_computed():
 def test_reader_examples_from_dpr_files(tmp_path, data_dir):
     from dpr_jax.data.formats import write_retrieval_results
     from dpr_jax.evaluate import has_answer
-    from dpr_jax.reader_data import read_reader_examples
+    from dpr_jax.reader.data import read_reader_examples
 
     results = [{
         "question": "who wrote hamlet?", "answers": ["Shakespeare"],

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from dpr_jax.cli import prepare_squad
 from dpr_jax.data import squad
 from dpr_jax.data.formats import read_biencoder, read_passages_tsv, read_qas
 from dpr_jax.evaluate import has_answer
@@ -56,7 +57,7 @@ def five_articles(data_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def prepared(five_articles, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "out"
-    rc = squad.cli_main(["--squad", str(five_articles), "--out", str(out), "--val-fraction",
+    rc = prepare_squad.cli_main(["--squad", str(five_articles), "--out", str(out), "--val-fraction",
                          "0.4", "--seed", "3", "--hard-negatives", "5", "--no-progress"])  # fmt: skip
     assert rc == 0
     return out

@@ -25,19 +25,15 @@ import numpy as np
 import pytest
 from multihost_worker import build_squad_biencoder
 
-from dpr_jax.batching import BatchSpec, BiencoderBatches, DataPosition, Passage
 from dpr_jax.checkpoint import load_model
+from dpr_jax.cli import main
+from dpr_jax.cli.train import cli_main
 from dpr_jax.data.formats import BiencoderExample, Context
-from dpr_jax.train import (
-    CheckpointError,
-    TrainConfig,
-    apply_overrides,
-    cli_main,
-    dpr_schedule,
-    load_config,
-    make_optimizer,
-    train_and_evaluate,
-)
+from dpr_jax.retriever.batching import BatchSpec, BiencoderBatches, DataPosition, Passage
+from dpr_jax.retriever.task import TrainConfig, load_config, train_and_evaluate
+from dpr_jax.training.checkpoints import CheckpointError
+from dpr_jax.training.config import apply_overrides
+from dpr_jax.training.optimizer import dpr_schedule, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_ARTICLE = "fixtures/squad-train-v1.1.University_of_Notre_Dame.official.json"
@@ -229,9 +225,9 @@ def test_cli_trains_with_overrides(runs, base_config, tmp_path, capsys):
     cli = {r["step"]: r["loss"] for r in _records(work, "train")}
     assert cli == {1: full[1], 2: full[2]}
     bad = ["--config", str(REPO / "configs" / "tiny.py"), "--workdir", str(work)]
-    assert cli_main(bad + ["--set", "no_such_field=1"]) == 2
+    assert main(["train", *bad, "--set", "no_such_field=1"]) == 2
     assert "no_such_field" in capsys.readouterr().err
-    assert cli_main(bad + ["--set", "batch_size=many"]) == 2
+    assert main(["train", *bad, "--set", "batch_size=many"]) == 2
     assert "not an integer" in capsys.readouterr().err
 
 

@@ -23,9 +23,7 @@ import numpy as np
 import optax
 import pytest
 
-from dpr_jax import losses
 from dpr_jax.models.bert import BertConfig
-from dpr_jax.models.biencoder import BiEncoder, EncoderConfig, init_biencoder_params
 from dpr_jax.parallel import (
     batch_sharding,
     global_batch_from_local,
@@ -33,7 +31,9 @@ from dpr_jax.parallel import (
     process_slice,
     replicated,
 )
-from dpr_jax.train_step import LossConfig, TrainState, make_eval_step, make_train_step
+from dpr_jax.retriever import loss as losses
+from dpr_jax.retriever.model import BiEncoder, EncoderConfig, init_biencoder_params
+from dpr_jax.retriever.step import LossConfig, TrainState, make_eval_step, make_train_step
 
 B, G, TQ, TP, VOCAB = 16, 3, 8, 12, 99  # 2 questions / 6 passages per device on 8 devices
 LOSS = LossConfig(group_size=G, scale=1.0)

@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
+
+from dpr_jax.data.answers import AnswerMatcher
 
 TOKEN_PATTERN = r"(?u)\b\w+\b"
 
@@ -136,8 +139,6 @@ class BM25Retriever:
         rows = np.zeros((len(questions), k), np.int64)
         bar = None
         if progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=len(questions), desc=desc, unit="q")
         for lo in range(0, len(questions), chunk):
             toks = [self.tokenize(q) for q in questions[lo : lo + chunk]]
@@ -244,7 +245,6 @@ def mine_hard_negatives(
     sharing no term with the question) are never negatives. Returns, per question, the corpus rows of the
     negatives and their BM25 scores, best first (possibly fewer than ``n``).
     """
-    from dpr_jax.evaluate import AnswerMatcher
 
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions but {len(answers)} answer lists")

@@ -39,7 +39,6 @@ This module builds exactly that from the official SQuAD JSON:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import itertools
@@ -55,15 +54,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
+from dpr_jax.data.answers import AnswerMatcher
+from dpr_jax.data.bm25 import BM25Retriever, mine_hard_negatives
 from dpr_jax.data.formats import (
     BiencoderExample,
     Context,
     Passage,
     Question,
+    SquadArticle,
     atomic_open,
     atomic_write_text,
     open_text,
+    parse_squad,
     write_biencoder,
     write_passages_tsv,
     write_qas_tsv,
@@ -75,26 +79,6 @@ SQUAD_URLS = {
 }
 REPO_DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 CHUNKINGS = ("balanced", "fixed")
-
-
-@dataclasses.dataclass(frozen=True)
-class SquadQA:
-    id: str
-    question: str
-    answers: tuple[str, ...]
-    answer_starts: tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class SquadParagraph:
-    context: str
-    qas: tuple[SquadQA, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class SquadArticle:
-    title: str
-    paragraphs: tuple[SquadParagraph, ...]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,49 +146,6 @@ def resolve_squad_path(
         if tmp.exists():
             tmp.unlink()
     return cached
-
-
-def _need(d: Any, key: str, kind: type, where: str) -> Any:
-    if not isinstance(d, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
-    if key not in d:
-        raise ValueError(f"{where}: missing field {key!r}")
-    value = d[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"{where}.{key}: expected {kind.__name__}, got {type(value).__name__}")
-    return value
-
-
-def parse_squad(data: Any, source: str | Path = "<squad>") -> list[SquadArticle]:
-    """Validate a SQuAD v1.1 JSON object and convert it; errors name ``source`` and the field."""
-    articles = []
-    for a, art in enumerate(_need(data, "data", list, f"{source}")):
-        aw = f"{source}: data[{a}]"
-        title = _need(art, "title", str, aw)
-        paragraphs = []
-        for p, par in enumerate(_need(art, "paragraphs", list, aw)):
-            pw = f"{aw}.paragraphs[{p}]"
-            context = _need(par, "context", str, pw)
-            qas = []
-            for q, qa in enumerate(_need(par, "qas", list, pw)):
-                qw = f"{pw}.qas[{q}]"
-                question = _need(qa, "question", str, qw)
-                qid = str(qa.get("id", f"{a}-{p}-{q}"))
-                texts, starts = [], []
-                for j, ans in enumerate(_need(qa, "answers", list, qw)):
-                    aw2 = f"{qw}.answers[{j}]"
-                    text = _need(ans, "text", str, aw2)
-                    start = _need(ans, "answer_start", int, aw2)
-                    if text not in texts:
-                        texts.append(text)
-                        starts.append(start)
-                if not texts:
-                    raise ValueError(f"{qw}: no answers (SQuAD v2 unanswerable questions are "
-                                     "not supported)")  # fmt: skip
-                qas.append(SquadQA(qid, question, tuple(texts), tuple(starts)))
-            paragraphs.append(SquadParagraph(context, tuple(qas)))
-        articles.append(SquadArticle(title, tuple(paragraphs)))
-    return articles
 
 
 def load_squad(
@@ -294,18 +235,6 @@ def squad_passages(
     return [c.passage for cs in chunks.values() for c in cs]
 
 
-def squad_questions(
-    articles: Sequence[SquadArticle], article_indices: Sequence[int] | None = None
-) -> list[Question]:
-    idx = range(len(articles)) if article_indices is None else article_indices
-    return [
-        Question(qa.question, list(qa.answers), qa.id)
-        for a in idx
-        for par in articles[a].paragraphs
-        for qa in par.qas
-    ]
-
-
 def split_articles(
     n_articles: int, val_fraction: float = 0.1, seed: int = 0
 ) -> tuple[list[int], list[int]]:
@@ -352,8 +281,6 @@ def build_split(
     Returns ``(SplitData, BM25Retriever or None)`` (None when there are no passages or no
     hard negatives are asked for).
     """
-    from dpr_jax.data.bm25 import BM25Retriever, mine_hard_negatives
-    from dpr_jax.evaluate import AnswerMatcher
 
     if positive not in ("skip", "answer_start"):
         raise ValueError(f"positive must be 'skip' or 'answer_start', got {positive!r}")
@@ -366,7 +293,6 @@ def build_split(
     kept_qas, kept_pos, prov, questions = [], [], [], []
     counts = dict(questions=0, kept=0, skipped_no_positive=0, positive_from_answer_start=0,
                   empty_paragraph=0)  # fmt: skip
-    from tqdm import tqdm
 
     for a in tqdm(article_indices, desc=f"{name}: positives", unit="article", disable=not progress):
         art = articles[a]
@@ -550,40 +476,3 @@ def prepare_squad(
     atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
     log(f"prepare-squad: wrote {out_dir} in {config['timings']['total_s']:.1f}s")
     return config
-
-
-def cli_main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="dpr-jax prepare-squad",
-        description="SQuAD v1.1 JSON -> 100-word passages, qas TSV and DPR biencoder JSON with "
-        "BM25 hard negatives, split by article into train/dev.",
-    )
-    ap.add_argument("--squad", help="SQuAD v1.1 JSON (default: $DPR_JAX_SQUAD, "
-                    "$DPR_JAX_DATA/squad/train-v1.1.json, the cache, else download)")  # fmt: skip
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--val-fraction", type=float, default=0.1, help="fraction of articles for dev")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the article split")
-    ap.add_argument("--hard-negatives", type=int, default=10, help="BM25 negatives kept/question")
-    ap.add_argument("--bm25-depth", type=int, default=50, help="BM25 results searched for them")
-    ap.add_argument("--max-articles", type=int, help="use only the first N articles")
-    ap.add_argument("--words", type=int, default=100, help="max words per passage")
-    ap.add_argument("--chunking", default="balanced", choices=list(CHUNKINGS))
-    ap.add_argument("--positive", default="skip", choices=["skip", "answer_start"],
-                    help="when no chunk has the answer tokens: skip the question, or use the "
-                    "chunk holding answer_start")  # fmt: skip
-    ap.add_argument("--no-bm25-index", action="store_true", help="do not save the BM25 indexes")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    prepare_squad(
-        args.squad, args.out, val_fraction=args.val_fraction, seed=args.seed,
-        hard_negatives=args.hard_negatives, bm25_depth=args.bm25_depth,
-        max_articles=args.max_articles, words=args.words, chunking=args.chunking,
-        positive=args.positive, save_bm25=not args.no_bm25_index,
-        progress=not args.no_progress,
-        log=lambda m: print(m, file=sys.stderr),
-    )  # fmt: skip
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli_main())

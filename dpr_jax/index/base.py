@@ -40,7 +40,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from dpr_jax import __version__
 from dpr_jax.embeddings import atomic_write_json, sha256_file
+from dpr_jax.errors import UserError
 
 INDEX_CONFIG = "index_config.json"
 MANIFEST = "manifest.json"
@@ -58,12 +60,11 @@ BACKENDS: dict[str, tuple[str, str]] = {
 }
 
 
-class IndexIntegrityError(ValueError):
+class IndexIntegrityError(UserError):
     """An index file is missing, truncated or corrupted (the message names the file)."""
 
 
 def _version() -> str:
-    from dpr_jax import __version__
 
     return __version__
 

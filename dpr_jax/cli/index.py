@@ -10,11 +10,11 @@ says which model made its vectors::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 
+from dpr_jax.cli.errors import Parser
 from dpr_jax.index.base import BACKENDS, index_class
 
 
@@ -36,7 +36,7 @@ def parse_option(text: str) -> tuple[str, object]:
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="dpr-jax index",
         description="Build a ScaNN / FAISS / exact JAX index over passage embeddings.",
     )

@@ -1,7 +1,7 @@
 """DPR bi-encoder train and eval steps over a device mesh (Karpukhin et al. 2020, sec. 3.2, 5.1).
 
 One step encodes the global batch's questions and passages, scores every question against every
-passage of every device (:func:`dpr_jax.losses.sharded_dpr_loss`, inside ``jax.shard_map``: each
+passage of every device (:func:`dpr_jax.retriever.loss.sharded_dpr_loss`, inside ``jax.shard_map``: each
 device scores its questions against the ``all_gather`` ed passages of all devices) and applies
 the optimizer to the gradient of the mean NLL over the global batch. It is a pure function::
 
@@ -10,7 +10,7 @@ the optimizer to the gradient of the mean NLL over the global batch. It is a pur
 jitted with explicit shardings: ``state`` replicated (and donated), ``batch`` split along its
 leading axis over the mesh axis ``"data"``, ``rng`` replicated.
 
-Batch layout (global; see :mod:`dpr_jax.losses`)::
+Batch layout (global; see :mod:`dpr_jax.retriever.loss`)::
 
     q_ids   (B, Tq) int32    q_mask (B, Tq)
     p_ids   (B*G, Tp) int32  p_mask (B*G, Tp)   # question i: positive i*G, hard negs i*G+1..
@@ -45,16 +45,16 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from dpr_jax.losses import sharded_dpr_loss
-from dpr_jax.models.biencoder import BiEncoder
 from dpr_jax.parallel import DATA_AXIS, batch_sharding, replicated
+from dpr_jax.retriever.loss import sharded_dpr_loss
+from dpr_jax.retriever.model import BiEncoder
+from dpr_jax.training.state import TrainState
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -62,19 +62,6 @@ Batch = Mapping[str, Array]
 REQUIRED_FIELDS = ("q_ids", "q_mask", "p_ids", "p_mask")
 OPTIONAL_FIELDS = ("valid", "p_valid")
 _QUESTION_ROWS = ("q_ids", "q_mask", "valid")  # fields with B rows; the others have B*G
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a step updates: ``{step, params, opt_state}`` (what checkpoints save)."""
-
-    step: Array
-    params: Any
-    opt_state: Any
-
-    @classmethod
-    def create(cls, params: Any, tx: optax.GradientTransformation) -> TrainState:
-        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,9 +14,6 @@ are encoded with E_Q at query time. ``encode_corpus``:
 
 from __future__ import annotations
 
-import argparse
-import sys
-import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -26,9 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
 
 from dpr_jax.checkpoint import load_model, load_tokenizer, resolve_model_dir
-from dpr_jax.models.biencoder import BiEncoder
+from dpr_jax.embeddings import EmbeddingWriter
+from dpr_jax.retriever.model import BiEncoder
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -131,9 +130,6 @@ def encode_corpus(
 ) -> Path:
     """Encode this shard's passages into ``out_dir`` (resumable). ``max_chunks`` stops early
     (used by tests to simulate a killed job)."""
-    from tqdm.auto import tqdm
-
-    from dpr_jax.embeddings import EmbeddingWriter
 
     if out_dtype not in ("float16", "float32"):
         raise ValueError(f"out_dtype must be float16 or float32, got {out_dtype!r}")
@@ -171,64 +167,3 @@ def encode_corpus(
         writer.write_chunk(c, np.array([str(p.id) for p in chunk]), emb)
     bar.close()
     return Path(out_dir)
-
-
-def _read_passages(path: str):
-    from dpr_jax.data.formats import read_passages_tsv
-
-    if path.endswith(".json"):
-        from dpr_jax.data.squad import load_squad, squad_passages
-
-        return squad_passages(load_squad(path))
-    return read_passages_tsv(path)
-
-
-def cli_main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="dpr-jax encode",
-        description="Encode a passage corpus (psgs_w100-style TSV) with a bi-encoder's passage "
-        "tower into resumable .npy embedding shards.",
-    )
-    ap.add_argument("--checkpoint", "--model", dest="model", required=True,
-                    help="bi-encoder model directory (or training workdir)")  # fmt: skip
-    what = ap.add_mutually_exclusive_group(required=True)
-    what.add_argument("--passages", help="passages TSV (id, text, title)")
-    what.add_argument("--questions", help="questions (qas TSV/CSV, NQ-open JSONL, SQuAD JSON): "
-                      "encoded with the question tower into one float32 .npy, --out Q.npy")  # fmt: skip
-    ap.add_argument("--out", required=True, help="output directory (a .npy file for --questions)")
-    ap.add_argument("--shard", default="0/1", help="i/n: encode the i-th of n contiguous shards")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--bucket", type=int, default=32, help="pad to a multiple of this (0: off)")
-    ap.add_argument("--chunk-size", type=int, default=8192, help="passages per resumable chunk")
-    ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    ap.add_argument("--compute-dtype", default="float32", choices=sorted(DTYPES))
-    args = ap.parse_args(argv)
-    try:
-        shard, num_shards = (int(x) for x in args.shard.split("/"))
-    except ValueError:
-        ap.error(f"--shard must look like i/n, got {args.shard!r}")
-    t0 = time.time()
-    if args.questions:
-        from dpr_jax.data.formats import read_qas
-
-        texts = [q.question for q in read_qas(args.questions)]
-        enc = TowerEncoder(args.model, "question", args.batch_size, min(args.max_length, 64),
-                           args.bucket or None, args.compute_dtype)  # fmt: skip
-        vecs = enc.encode(texts)
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp.npy")
-        np.save(tmp, vecs)
-        tmp.replace(out)  # atomic: a killed job leaves no half-written file
-        print(f"{len(texts):,} questions from {args.questions} -> {out} "
-              f"in {time.time() - t0:.1f}s", file=sys.stderr)  # fmt: skip
-        return 0
-    passages = _read_passages(args.passages)
-    print(f"{len(passages):,} passages from {args.passages}", file=sys.stderr)
-    encode_corpus(
-        args.model, passages, args.out, shard, num_shards, args.chunk_size, args.batch_size,
-        args.max_length, args.bucket or None, args.dtype, args.compute_dtype,
-    )  # fmt: skip
-    print(f"encoded into {args.out} in {time.time() - t0:.1f}s", file=sys.stderr)
-    return 0

@@ -1,7 +1,7 @@
 """Answer extraction with the reader (Karpukhin et al. 2020, sec. 6.1; DPR's ``_get_best_prediction``).
 
 For a question and its top-k retrieved passages the reader gives every passage a relevance logit
-and every token a start and an end logit (:class:`dpr_jax.models.reader.Reader`). The answer is
+and every token a start and an end logit (:class:`dpr_jax.reader.model.Reader`). The answer is
 read as DPR does:
 
 1. rank the passages by relevance logit; take the most relevant one that yields a span (a
@@ -31,24 +31,27 @@ reader-predictions JSON.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from dpr_jax.reader_data import (
+from dpr_jax.checkpoint import load_model, load_tokenizer
+from dpr_jax.data.answers import exact_match_score, f1_score
+from dpr_jax.data.formats import write_reader_predictions
+from dpr_jax.parallel import batch_sharding, make_mesh, replicated
+from dpr_jax.reader.data import (
     ReaderInputConfig,
     ReaderPassage,
     ReaderSequence,
     ReaderTokenizer,
     as_passage,
 )
+from dpr_jax.reader.model import Reader
 
 DEFAULT_TOP_K = (50,)
 
@@ -209,8 +212,6 @@ def _forward_fn(model, mesh):
     """Jitted (params, ids, mask) -> (start, end, relevance) over ``mesh``, memoised."""
     import jax
 
-    from dpr_jax.parallel import batch_sharding, replicated
-
     key = (model.config, model.dtype, mesh)
     if key not in _FORWARD:
         if len(_FORWARD) >= 16:
@@ -251,9 +252,6 @@ class ReaderPredictor:
         import jax
         import jax.numpy as jnp
 
-        from dpr_jax.models.reader import Reader
-        from dpr_jax.parallel import make_mesh
-
         if max_answer_length < 1:
             raise ValueError(f"max_answer_length must be >= 1, got {max_answer_length}")
         self.tokenizer = (
@@ -272,7 +270,6 @@ class ReaderPredictor:
     @classmethod
     def from_dir(cls, model_dir: str | Path, **kwargs) -> ReaderPredictor:
         """From a reader model directory (or a training workdir with ``model/``)."""
-        from dpr_jax.checkpoint import load_model, load_tokenizer
 
         _, bert_config, params, meta = load_model(model_dir, "reader")
         if "input_config" not in kwargs:
@@ -286,8 +283,6 @@ class ReaderPredictor:
     def set_params(self, params: Any) -> None:
         import jax
 
-        from dpr_jax.parallel import replicated
-
         self.params = jax.device_put(params, replicated(self.mesh))
 
     def passage_logits(
@@ -295,7 +290,6 @@ class ReaderPredictor:
         progress: bool = False,
     ) -> tuple[list[list[PassageLogits]], list[list[Any]]]:  # fmt: skip
         """Reader outputs for every pair -> (logits[q][p], passage tokens[q][p])."""
-        from tqdm.auto import tqdm
 
         tok = self.tokenizer
         q_ids = tok.question_ids(list(questions))
@@ -367,7 +361,6 @@ class ReaderPredictor:
 
 def evaluate_predictions(predictions: Sequence[QuestionPrediction]) -> dict[int, dict[str, float]]:
     """SQuAD EM and F1 (fractions) at every k: ``{k: {"em", "f1", "questions"}}``."""
-    from dpr_jax.evaluate import exact_match_score, f1_score
 
     scores: dict[int, list[tuple[float, float]]] = {}
     for i, qp in enumerate(predictions):
@@ -391,89 +384,5 @@ def write_predictions(
     path: str | Path, predictions: Sequence[QuestionPrediction], config: dict | None = None
 ) -> Path:
     """DPR's reader-predictions JSON (via :mod:`dpr_jax.data.formats`), config beside it."""
-    from dpr_jax.data.formats import write_reader_predictions
 
     return write_reader_predictions(path, [p.to_json() for p in predictions], config)
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI: python -m dpr_jax.span --model DIR --results RESULTS.json --out PRED.json
-
-
-def _parse_ks(text: str) -> list[int]:
-    try:
-        ks = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--top-k must be comma-separated integers, got {text!r}"
-        ) from None
-    if not ks or min(ks) < 1:
-        raise argparse.ArgumentTypeError(f"--top-k must be positive integers, got {text!r}")
-    return ks
-
-
-def cli_main(argv: list[str] | None = None) -> int:
-    from dpr_jax.reader_data import FORMATS, read_reader_examples
-
-    ap = argparse.ArgumentParser(
-        prog="dpr-jax read",
-        description="Read answers from retrieved passages with a reader model; EM/F1 and DPR's "
-        "reader-predictions JSON.",
-    )
-    ap.add_argument("--model", required=True, help="reader model directory (or training workdir)")
-    ap.add_argument(
-        "--results",
-        required=True,
-        help="retrieval-results, biencoder or SQuAD JSON with questions and passages",
-    )
-    ap.add_argument("--format", default="auto", choices=FORMATS)
-    ap.add_argument(
-        "--top-k",
-        type=_parse_ks,
-        default=list(DEFAULT_TOP_K),
-        help="numbers of retrieved passages to read, e.g. 1,10,50",
-    )
-    ap.add_argument("--max-answer-length", type=int, default=10)
-    ap.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
-    ap.add_argument("--limit", type=int, default=0, help="only the first N questions")
-    ap.add_argument(
-        "--sample", type=int, default=0,
-        help="a seeded random sample of N questions (files list questions by article)",
-    )  # fmt: skip
-    ap.add_argument("--seed", type=int, default=0, help="seed of --sample")
-    ap.add_argument("--out", help="write DPR reader-predictions JSON here")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)  # fmt: skip
-
-    examples = read_reader_examples(args.results, args.format)
-    if args.sample:
-        from dpr_jax.train_reader import sample_examples
-
-        examples = sample_examples(examples, args.sample, args.seed)
-    if args.limit:
-        examples = examples[: args.limit]
-    if not examples:
-        print(f"dpr-jax read: {args.results}: no questions", file=sys.stderr)
-        return 2
-    predictor = ReaderPredictor.from_dir(
-        args.model, max_answer_length=args.max_answer_length, batch_size=args.batch_size
-    )
-    preds = predictor.predict(
-        [e.question for e in examples], [list(e.passages) for e in examples], args.top_k,
-        [e.answers for e in examples], progress=not args.no_progress,
-    )  # fmt: skip
-    metrics = evaluate_predictions(preds)
-    for k, m in metrics.items():
-        print(f"top-{k:<4d} EM {100 * m['em']:6.2f}  F1 {100 * m['f1']:6.2f}  "
-              f"({m['questions']} questions)")  # fmt: skip
-    if args.out:
-        config = {**vars(args), "input_config": predictor.input_config.to_dict(),
-                  "metrics": {str(k): v for k, v in metrics.items()}}  # fmt: skip
-        write_predictions(args.out, preds, config)
-        print(f"wrote {args.out}")
-    print(json.dumps({str(k): v for k, v in metrics.items()}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli_main())

@@ -7,7 +7,7 @@ the hard negatives come from ``hard_negative_ctxs`` (shuffled in training), fall
 candidates, the group is filled with random passages of the corpus (other questions' positives,
 never one equal to this question's positive), so every batch has the same static shape
 (B questions, B*G passages) and the train step compiles once. Every other passage of the global
-batch is an in-batch negative (the loss does that, :mod:`dpr_jax.losses`).
+batch is an in-batch negative (the loss does that, :mod:`dpr_jax.retriever.loss`).
 
 Determinism and resumption: the order of epoch ``e`` is a permutation drawn from
 ``(seed, e)``; everything random about one question (hard negative shuffle, fill passages) is

@@ -13,7 +13,6 @@ Every step writes into ``--workdir`` and is skipped when its output exists, so a
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from dpr_jax.cli.errors import Parser
 
 
 def _minilm_dir() -> Path:
@@ -82,7 +83,7 @@ def run_retrieval_eval(
 
 def train_reader_quick(squad_path, squad, train_articles, workdir: Path, steps: int) -> Path:
     """A short reader run from MiniLM: gold paragraph + 3 other paragraphs of its article."""
-    from dpr_jax.train_reader import ReaderTrainConfig, train_and_evaluate
+    from dpr_jax.reader.task import ReaderTrainConfig, train_and_evaluate
 
     raw = json.loads(Path(squad_path).read_text()) if squad_path else None
     if raw is None:  # downloaded copy: rebuild the JSON from the parsed articles
@@ -114,7 +115,7 @@ def dataclass_to_squad(article) -> dict:
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="dpr-jax quickstart", description=__doc__.split("\n")[0])
+    ap = Parser(prog="dpr-jax quickstart", description=__doc__.split("\n")[0])
     ap.add_argument("--data", help="folder with squad/train-v1.1.json, or the JSON itself "
                     "(default: $DPR_JAX_DATA, else download the official file)")  # fmt: skip
     ap.add_argument("--workdir", default="runs/quickstart")
@@ -138,9 +139,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     from dpr_jax.data.formats import write_passages_tsv
     from dpr_jax.data.squad import load_squad, split_articles, squad_passages, squad_questions
     from dpr_jax.embeddings import load_embeddings
-    from dpr_jax.encode import encode_corpus
     from dpr_jax.index import build_index, load_index
     from dpr_jax.retrieve import DenseRetriever, HybridRetriever
+    from dpr_jax.retriever.encode import encode_corpus
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -209,7 +210,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     preds = pipe.answer([q.question for q in questions])
     dt = time.time() - t0
-    from dpr_jax.evaluate import exact_match_score, f1_score
+    from dpr_jax.data.answers import exact_match_score, f1_score
 
     em = np.mean([exact_match_score(p.text, q.answers) for p, q in zip(preds, questions)])
     f1 = np.mean([f1_score(p.text, q.answers) for p, q in zip(preds, questions)])

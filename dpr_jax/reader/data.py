@@ -5,7 +5,7 @@ Hugging Face's ``DPRReaderTokenizer``::
 
     [CLS] question [SEP] title [SEP] text            (``trailing_sep=True`` appends one [SEP])
 
-with all-zero token_type_ids (:class:`dpr_jax.models.reader.Reader` always feeds zeros).
+with all-zero token_type_ids (:class:`dpr_jax.reader.model.Reader` always feeds zeros).
 
 Truncation, in this order (``ReaderInputConfig``):
 
@@ -16,7 +16,7 @@ Truncation, in this order (``ReaderInputConfig``):
 - the passage text fills the rest and is cut at ``max_length``.
 
 Every passage-text token keeps its character offsets in the original text, so a predicted token
-span maps back to the exact original substring (:mod:`dpr_jax.span`).
+span maps back to the exact original substring (:mod:`dpr_jax.reader.span`).
 
 Answer spans (DPR's ``_find_answer_positions``): each answer string is tokenized on its own and
 *every* occurrence of its word-piece sequence in the passage text is a gold span, for every
@@ -56,6 +56,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
+
+from dpr_jax.data.answers import AnswerMatcher, has_answer
+from dpr_jax.data.formats import open_text, read_biencoder, read_retrieval_results
+from dpr_jax.data.squad import parse_squad
+from dpr_jax.data.tokenize import DPRTokenizer
 
 FORMATS = ("auto", "retrieval", "biencoder", "squad")
 
@@ -144,7 +150,6 @@ class ReaderTokenizer:
     def __init__(
         self, tokenizer: Any, config: ReaderInputConfig | None = None, max_cache: int = 200_000
     ):
-        from dpr_jax.data.tokenize import DPRTokenizer
 
         if isinstance(tokenizer, (str, Path)):
             tokenizer = DPRTokenizer(tokenizer)
@@ -293,7 +298,6 @@ class ReaderTrainData:
         where: str = "",
         progress: bool = False,
     ):
-        from tqdm.auto import tqdm
 
         if passages_per_question < 1:
             raise ValueError(f"passages_per_question must be >= 1, got {passages_per_question}")
@@ -413,7 +417,6 @@ class ReaderTrainData:
 
 
 def _peek_format(path: Path) -> str:
-    from dpr_jax.data.formats import open_text
 
     with open_text(path) as f:
         head = f.read(1 << 16)
@@ -434,8 +437,6 @@ def _peek_format(path: Path) -> str:
 
 
 def _retrieval_examples(path: Path) -> list[ReaderExample]:
-    from dpr_jax.data.formats import read_retrieval_results
-    from dpr_jax.evaluate import has_answer
 
     out = []
     for r in read_retrieval_results(path):
@@ -454,7 +455,6 @@ def _retrieval_examples(path: Path) -> list[ReaderExample]:
 
 
 def _biencoder_examples(path: Path) -> list[ReaderExample]:
-    from dpr_jax.data.formats import read_biencoder
 
     examples, _ = read_biencoder(path)
 
@@ -485,7 +485,6 @@ def squad_examples(
     ``has_answer``), in a seeded random order. Paragraphs of the article that contain an answer
     but are not the gold one are left out (neither a labelled positive nor a true negative).
     """
-    from dpr_jax.evaluate import AnswerMatcher
 
     matcher = AnswerMatcher()
     out = []
@@ -523,8 +522,6 @@ def read_reader_examples(
         return _retrieval_examples(path)
     if fmt == "biencoder":
         return _biencoder_examples(path)
-    from dpr_jax.data.formats import open_text
-    from dpr_jax.data.squad import parse_squad
 
     with open_text(path) as f:
         try:
@@ -555,3 +552,13 @@ def as_passage(p: Any, where: str = "passage") -> ReaderPassage:
             raise ValueError(f"{where}: expected a dict, a string or an object with text/title")
     pid = getattr(p, "id", None)
     return ReaderPassage(p.text, p.title or "", None if pid is None else str(pid))
+
+
+def sample_examples(examples: list, limit: int, seed: int) -> list:
+    """A seeded random sample of ``limit`` examples in file order (all of them if ``limit`` is 0
+    or not smaller): files list questions article by article, so the first N would cover a
+    handful of articles."""
+    if not limit or limit >= len(examples):
+        return list(examples)
+    keep = np.random.default_rng(seed).choice(len(examples), limit, replace=False)
+    return [examples[i] for i in sorted(keep)]

@@ -1,7 +1,9 @@
-"""The `dpr-jax` command: one entry point, one subcommand per job.
+"""The `dpr-jax` command: one entry point, one subcommand per job, one error contract.
 
-Each subcommand lives in its own module as ``cli_main(argv) -> int`` with its own argparse parser,
-imported lazily so that `dpr-jax index` never pays for torch and `dpr-jax train` never imports it.
+Each subcommand is a thin module of this package, ``dpr_jax.cli.<command>``, with
+``cli_main(argv) -> int`` over the library; it is imported only when run, so that `dpr-jax index`
+never pays for torch and `dpr-jax train` never imports it. :func:`run_command` is the one place that
+turns exceptions into exit codes (see :mod:`dpr_jax.cli.errors`).
 """
 
 from __future__ import annotations
@@ -10,38 +12,28 @@ import importlib
 import os
 import sys
 
-# subcommand -> ("module", "function", one-line help)
-COMMANDS: dict[str, tuple[str, str, str]] = {
-    "convert": ("dpr_jax.convert", "cli_main", "Hugging Face <-> dpr-jax checkpoints (both ways)"),
-    "prepare-squad": (
-        "dpr_jax.data.squad",
-        "cli_main",
-        "SQuAD JSON -> passages TSV, qas TSV, biencoder JSON",
-    ),
-    "train": ("dpr_jax.train", "cli_main", "contrastive training of the bi-encoder"),
-    "encode": ("dpr_jax.encode", "cli_main", "encode a passage corpus into embedding shards"),
-    "index": (
-        "dpr_jax.index.cli",
-        "cli_main",
-        "build a ScaNN / FAISS / exact index from embeddings",
-    ),
-    "retrieve": (
-        "dpr_jax.retrieve",
-        "cli_main",
-        "retrieve passages for questions (dense, BM25, hybrid)",
-    ),
-    "evaluate": ("dpr_jax.evaluate", "cli_main", "top-k accuracy of a retrieval-results JSON"),
-    "train-reader": ("dpr_jax.train_reader", "cli_main", "train the extractive reader"),
-    "read": ("dpr_jax.span", "cli_main", "read answers from retrieval results (EM / F1)"),
-    "ask": ("dpr_jax.pipeline", "cli_main", "question -> passages -> answer"),
-    "quickstart": ("dpr_jax.quickstart", "cli_main", "the README's main job on SQuAD, end to end"),
+from dpr_jax.cli.errors import run_command
+
+# subcommand -> (module under dpr_jax.cli, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("convert", "Hugging Face <-> dpr-jax checkpoints (both ways)"),
+    "prepare-squad": ("prepare_squad", "SQuAD JSON -> passages TSV, qas TSV, biencoder JSON"),
+    "train": ("train", "contrastive training of the bi-encoder"),
+    "encode": ("encode", "encode a passage corpus into embedding shards"),
+    "index": ("index", "build a ScaNN / FAISS / exact index from embeddings"),
+    "retrieve": ("retrieve", "retrieve passages for questions (dense, BM25, hybrid)"),
+    "evaluate": ("evaluate", "top-k accuracy of a retrieval-results JSON"),
+    "train-reader": ("train_reader", "train the extractive reader"),
+    "read": ("read", "read answers from retrieval results (EM / F1)"),
+    "ask": ("ask", "question -> passages -> answer"),
+    "quickstart": ("quickstart", "the README's main job on SQuAD, end to end"),
 }
 
 
 def _usage() -> str:
     width = max(len(name) for name in COMMANDS)
     lines = ["usage: dpr-jax <command> [options]", "", "commands:"]
-    lines += [f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "`dpr-jax <command> --help` for the options of one command."]
     return "\n".join(lines)
 
@@ -112,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     _default_cpu_devices(name)
     if name in TRAIN_COMMANDS:
         train_xla_flags()
-    module, func, _ = COMMANDS[name]
-    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    module = importlib.import_module(f"dpr_jax.cli.{COMMANDS[name][0]}")
+    return run_command(name, module.cli_main, rest)
 
 
 if __name__ == "__main__":

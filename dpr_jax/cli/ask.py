@@ -1,0 +1,61 @@
+"""`dpr-jax ask`: the command line over :mod:`dpr_jax.pipeline`."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from dpr_jax.cli.errors import Parser
+from dpr_jax.pipeline import QAPipeline
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    ap = Parser(
+        prog="dpr-jax ask",
+        description="Answer questions end to end: dense retrieval over an index, then the reader.",
+    )
+    ap.add_argument("question", nargs="?", help="one question (or use --questions FILE)")
+    ap.add_argument("--questions", help="qas TSV / NQ-open JSONL / SQuAD JSON: batch mode")
+    ap.add_argument("--out", help="batch mode: reader-predictions JSON to write")
+    ap.add_argument("--retriever", required=True, help="bi-encoder model dir")
+    ap.add_argument("--index", required=True, help="index dir (dpr-jax index)")
+    ap.add_argument("--passages", required=True, help="passages TSV of the index")
+    ap.add_argument("--reader", required=True, help="reader model dir")
+    ap.add_argument("--k", type=int, default=50, help="passages given to the reader")
+    ap.add_argument("--max-answer-length", type=int, default=10)
+    args = ap.parse_args(argv)
+    if not args.question and not args.questions:
+        ap.error("give a question or --questions FILE")
+
+    pipe = QAPipeline.from_dirs(
+        args.retriever, args.index, args.passages, args.reader,
+        n_passages=args.k, max_answer_length=args.max_answer_length,
+    )  # fmt: skip
+    if args.question:
+        t0 = time.time()
+        p = pipe.answer(args.question)
+        print(f"{p.text}\n  (from {p.title!r}, score {p.score:.2f}, {time.time() - t0:.2f}s)")
+        return 0
+
+    from dpr_jax.data.answers import exact_match_score, f1_score
+    from dpr_jax.data.formats import read_qas
+    from dpr_jax.reader.span import QuestionPrediction, write_predictions
+
+    questions = read_qas(args.questions)
+    t0 = time.time()
+    preds = pipe.answer([q.question for q in questions])
+    dt = time.time() - t0
+    em = sum(exact_match_score(p.text, q.answers) for p, q in zip(preds, questions))
+    f1 = sum(f1_score(p.text, q.answers) for p, q in zip(preds, questions))
+    n = len(questions)
+    print(f"{n} questions: EM {100 * em / n:.1f}  F1 {100 * f1 / n:.1f}  "
+          f"({1000 * dt / n:.0f} ms/question)", file=sys.stderr)  # fmt: skip
+    if args.out:
+        gold = [
+            QuestionPrediction(qp.question, tuple(q.answers), qp.predictions)
+            for qp, q in zip(pipe.last_predictions, questions)
+        ]
+        write_predictions(args.out, gold, {"retriever": args.retriever, "index": args.index,
+                                           "reader": args.reader, "k": args.k})  # fmt: skip
+        print(f"predictions -> {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,95 @@
+"""The command line's one error contract.
+
+- A user error (:class:`dpr_jax.errors.UserError`, a ``ValueError`` raised by dpr-jax's own
+  checks, or a missing / unreadable file) prints one line
+  ``dpr-jax <command>: <file>[, line N]: <what is wrong and what to do>`` on stderr, exit 2.
+- Ctrl-C prints one line (commands that save on interruption say what they saved first), exit 130.
+- Anything else is a bug in dpr-jax: the traceback is kept, exit 1.
+
+``--debug`` (any position) or ``DPR_JAX_DEBUG=1`` shows the traceback of user errors too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from dpr_jax.errors import UsageError, UserError
+
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+# OSErrors that are the user's: a path that is missing, of the wrong kind, or not theirs to touch.
+_USER_OS_ERRORS = (
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    FileExistsError,
+)
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors follow the contract (one line, exit 2) instead of
+    printing the usage block."""
+
+    def error(self, message: str):  # noqa: D401 (argparse's signature)
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _raised_by_dpr_jax(exc: BaseException) -> bool:
+    """True when the innermost frame that raised ``exc`` is dpr-jax's own code: a deliberate
+    check, not a ValueError from deep inside numpy or jax."""
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb
+        tb = tb.tb_next
+    if last is None:
+        return False
+    try:
+        return Path(last.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
+    except (OSError, ValueError):
+        return False
+
+
+def is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, (UserError, *_USER_OS_ERRORS)):
+        return True
+    return isinstance(exc, ValueError) and _raised_by_dpr_jax(exc)
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of a user error on one line (an OSError as ``<file>: <reason>``)."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror.lower()}"
+    else:
+        text = str(exc) or type(exc).__name__
+        if isinstance(exc, KeyError):  # str(KeyError('x')) is "'x'"
+            text = str(exc.args[0]) if exc.args else text
+    return " ".join(text.split())
+
+
+def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
+    """``(debug, argv without --debug)``."""
+    rest = [a for a in argv if a != "--debug"]
+    return len(rest) != len(argv) or os.environ.get("DPR_JAX_DEBUG", "") not in ("", "0"), rest
+
+
+def run_command(name: str, cli_main: Callable[[list[str]], int | None], argv: list[str]) -> int:
+    """Run one subcommand under the contract; returns its exit code."""
+    debug, argv = debug_requested(argv)
+    try:
+        return int(cli_main(argv) or 0)
+    except KeyboardInterrupt:
+        print(f"dpr-jax {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"dpr-jax {name}: {one_line(e)}", file=sys.stderr)
+        return 2

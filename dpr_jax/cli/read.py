@@ -1,0 +1,97 @@
+"""`dpr-jax read`: the command line over :mod:`dpr_jax.reader.span`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dpr_jax.cli.errors import Parser
+from dpr_jax.errors import UserError
+from dpr_jax.reader.span import (
+    DEFAULT_TOP_K,
+    ReaderPredictor,
+    evaluate_predictions,
+    write_predictions,
+)
+
+# ---------------------------------------------------------------------------------------------
+# CLI: python -m dpr_jax.reader.span --model DIR --results RESULTS.json --out PRED.json
+
+
+def _parse_ks(text: str) -> list[int]:
+    try:
+        ks = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--top-k must be comma-separated integers, got {text!r}"
+        ) from None
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"--top-k must be positive integers, got {text!r}")
+    return ks
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    from dpr_jax.reader.data import FORMATS, read_reader_examples
+
+    ap = Parser(
+        prog="dpr-jax read",
+        description="Read answers from retrieved passages with a reader model; EM/F1 and DPR's "
+        "reader-predictions JSON.",
+    )
+    ap.add_argument("--model", required=True, help="reader model directory (or training workdir)")
+    ap.add_argument(
+        "--results",
+        required=True,
+        help="retrieval-results, biencoder or SQuAD JSON with questions and passages",
+    )
+    ap.add_argument("--format", default="auto", choices=FORMATS)
+    ap.add_argument(
+        "--top-k",
+        type=_parse_ks,
+        default=list(DEFAULT_TOP_K),
+        help="numbers of retrieved passages to read, e.g. 1,10,50",
+    )
+    ap.add_argument("--max-answer-length", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
+    ap.add_argument("--limit", type=int, default=0, help="only the first N questions")
+    ap.add_argument(
+        "--sample", type=int, default=0,
+        help="a seeded random sample of N questions (files list questions by article)",
+    )  # fmt: skip
+    ap.add_argument("--seed", type=int, default=0, help="seed of --sample")
+    ap.add_argument("--out", help="write DPR reader-predictions JSON here")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)  # fmt: skip
+
+    examples = read_reader_examples(args.results, args.format)
+    if args.sample:
+        from dpr_jax.reader.task import sample_examples
+
+        examples = sample_examples(examples, args.sample, args.seed)
+    if args.limit:
+        examples = examples[: args.limit]
+    if not examples:
+        raise UserError(f"{args.results}: no questions")
+    predictor = ReaderPredictor.from_dir(
+        args.model, max_answer_length=args.max_answer_length, batch_size=args.batch_size
+    )
+    preds = predictor.predict(
+        [e.question for e in examples], [list(e.passages) for e in examples], args.top_k,
+        [e.answers for e in examples], progress=not args.no_progress,
+    )  # fmt: skip
+    metrics = evaluate_predictions(preds)
+    for k, m in metrics.items():
+        print(f"top-{k:<4d} EM {100 * m['em']:6.2f}  F1 {100 * m['f1']:6.2f}  "
+              f"({m['questions']} questions)")  # fmt: skip
+    if args.out:
+        config = {**vars(args), "input_config": predictor.input_config.to_dict(),
+                  "metrics": {str(k): v for k, v in metrics.items()}}  # fmt: skip
+        write_predictions(args.out, preds, config)
+        print(f"wrote {args.out}")
+    print(json.dumps({str(k): v for k, v in metrics.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())

@@ -1,0 +1,24 @@
+"""The exceptions that mean "the user gave something wrong", as opposed to a bug in dpr-jax.
+
+Library code raises :class:`UserError` (or one of its subclasses, or a plain ``ValueError`` /
+``OSError`` from its own checks) with a message that starts with the file it concerns and says
+what to do: ``"<file>, line N: <what is wrong>; <what to do>"``. The command line
+(:mod:`dpr_jax.cli.errors`) prints such errors as one line and exits 2; anything else is a bug and
+keeps its traceback (exit 1).
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """A user mistake: missing, empty or malformed input, a bad option, artifacts that do not
+    belong together. The message names the file (and line) and what to do."""
+
+
+class UsageError(UserError):
+    """A bad command-line option or value."""
+
+
+def where(path: object, line: int | None = None) -> str:
+    """``"<path>"`` or ``"<path>, line N"``: the prefix of a user-error message."""
+    return f"{path}, line {line}" if line is not None else f"{path}"

@@ -1,0 +1,1 @@
+"""The extractive reader: model, data, loss, span decoding, predictor and training task."""

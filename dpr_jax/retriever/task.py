@@ -1,0 +1,545 @@
+"""Training the DPR bi-encoder: the loop around the pure train step (Karpukhin et al. 2020, sec. 5.2).
+
+``train_and_evaluate(config, workdir)`` fine-tunes the question and passage towers with DPR's
+recipe: in-batch negatives plus BM25 hard negatives (sec. 3.2), AdamW with a linear warmup then
+linear decay of the learning rate, gradient-norm clipping, dropout 0.1 (DPR's
+``train_dense_encoder.py`` / ``conf/train/biencoder_nq.yaml``). The step itself
+(:mod:`dpr_jax.retriever.step`) is a jitted pure function over a device mesh; this module feeds it
+deterministic batches (:mod:`dpr_jax.retriever.batching`), logs, validates, checkpoints and resumes.
+
+Work directory::
+
+    WORKDIR/config.json        the resolved config (TrainConfig fields + derived values)
+    WORKDIR/metrics.jsonl      one JSON line per log / validation: {"step", "split", ...}
+    WORKDIR/checkpoints/<step> orbax: {"state": {step, params, opt_state},
+                                       "data": {position, config, model}}
+    WORKDIR/model/             the exported model directory (dpr_jax.checkpoint.save_model)
+
+Resuming: a run started on a work directory with checkpoints continues from the latest one, at
+its step *and* data position, so an interrupted and resumed run ends with exactly the parameters
+of an uninterrupted one. A checkpoint written by another configuration (a different model, batch
+size, data order) or one that cannot be read (truncated, corrupt) is refused with a
+:class:`CheckpointError` naming the directory and the problem.
+
+Validation (DPR's ``validate_nll`` and ``validate_average_rank``): on the dev biencoder set (a
+seeded random sample of ``max_dev_examples`` questions, in a fixed order), the loss, in-batch
+accuracy and average in-batch rank of the positive; and the average rank / top-1 / top-5 of
+each question's positive among *all* dev passages of the evaluated questions (positives and hard
+negatives, deduplicated), the "pool" metrics. In-batch metrics count another question's copy of
+the same passage as a negative (frequent on SQuAD, where ~5 questions share a paragraph); the
+pool metrics do not, and are the ones to compare retrievers with.
+
+``metrics.jsonl`` is appended to: after a resume the steps since the last checkpoint appear
+twice, the second time after a ``{"split": "start", "resumed": true}`` record.
+
+Multi-process runs train, validate and checkpoint jointly; the final export to WORKDIR/model is
+skipped (see ``train_and_evaluate``) and the parameters are in the last checkpoint.
+
+Precision: parameters and optimizer state are float32 (master weights); ``config.dtype`` is the
+compute dtype of the encoders ("float32" or "bfloat16").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpr_jax.cache import memo
+from dpr_jax.checkpoint import (
+    abstract_params,
+    load_model,
+    model_config_from_dict,
+    read_model_meta,
+    resolve_model_dir,
+    save_model,
+)
+from dpr_jax.data.formats import read_biencoder
+from dpr_jax.data.tokenize import DPRTokenizer
+from dpr_jax.errors import UserError
+from dpr_jax.parallel import (
+    batch_sharding,
+    global_batch_from_local,
+    make_mesh,
+    process_slice,
+    replicated,
+)
+from dpr_jax.retriever.batching import BatchSpec, BiencoderBatches, DataPosition
+from dpr_jax.retriever.loss import dpr_loss
+from dpr_jax.retriever.model import BiEncoder, EncoderConfig, init_biencoder_params
+from dpr_jax.retriever.step import LossConfig, make_train_step
+from dpr_jax.training import config as training_config
+from dpr_jax.training import loop
+from dpr_jax.training.config import expand_path as _expand
+from dpr_jax.training.config import minilm_path as _minilm_path
+from dpr_jax.training.loop import to_host
+from dpr_jax.training.optimizer import make_optimizer, optimizer_key
+from dpr_jax.training.state import TrainState
+
+DTYPES = ("float32", "bfloat16")
+
+# Fields that fix the data order or the meaning of a data position: a checkpoint written with
+# other values cannot be resumed exactly.
+_RESUME_FIELDS = (
+    "batch_size",
+    "n_hard",
+    "q_max_len",
+    "p_max_len",
+    "bucket",
+    "shuffle_hard",
+    "seed",
+    "train_path",
+    "max_train_examples",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs. Paths may use ``~`` and ``$VARS``.
+
+    Model: ``init_from`` (a bi-encoder model directory, e.g. from ``dpr-jax convert``) or, when
+    it is empty, a random model built from ``model`` (an ``EncoderConfig`` dict) with the
+    tokenizer ``tokenizer`` ("minilm" = the offline MiniLM package's).
+    """
+
+    name: str = "train"
+    # -- data
+    train_path: str = ""
+    dev_path: str = ""
+    max_train_examples: int = 0  # 0: all
+    max_dev_examples: int = 0  # 0: all
+    batch_size: int = 128  # questions per global batch (all devices of all processes)
+    eval_batch_size: int = 0  # 0: batch_size
+    n_hard: int = 1  # hard negatives per question; G = 1 + n_hard
+    q_max_len: int = 64
+    p_max_len: int = 256
+    bucket: int = 0  # 0: pad to the max lengths; k: pad each batch to a multiple of k
+    shuffle_hard: bool = True
+    # -- model
+    init_from: str = ""
+    model: dict | None = None
+    tokenizer: str = ""  # "": the tokenizer of init_from; "minilm": the offline MiniLM's
+    dropout: float = -1.0  # < 0: keep the model's dropout rates
+    dtype: str = "float32"  # compute dtype
+    remat: bool = False
+    # -- loss
+    scale: float = 1.0  # multiplies q.p (DPR: 1, plain dot product)
+    in_batch: bool = True
+    grad_cache_chunk: int = 0  # 0: off; c: GradCache with c sequences per device per call
+    # -- optimizer (DPR: AdamW, eps 1e-8, linear warmup then linear decay, clip 2.0)
+    learning_rate: float = 2e-5
+    warmup_steps: int = 0
+    warmup_fraction: float = 0.0  # used when warmup_steps == 0
+    num_epochs: float = 40.0
+    num_steps: int = 0  # > 0: overrides num_epochs
+    weight_decay: float = 0.0  # not on biases and LayerNorm (as DPR)
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 2.0  # 0: no clipping
+    # -- loop
+    seed: int = 12345
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the start (eval_at_start) and the end
+    eval_at_start: bool = True
+    checkpoint_every: int = 500  # 0: only at the end
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    stop_at_step: int = 0  # > 0: checkpoint and return at this step, without the final export
+    export: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        def bad(field: str, why: str):
+            raise ValueError(f"TrainConfig.{field}: {why}, got {getattr(self, field)!r}")
+
+        for f in ("batch_size",):
+            if getattr(self, f) < 1:
+                bad(f, "must be >= 1")
+        for f in (
+            "eval_batch_size", "n_hard", "max_train_examples", "max_dev_examples", "bucket",
+            "grad_cache_chunk", "warmup_steps", "num_steps", "log_every", "eval_every",
+            "checkpoint_every", "stop_at_step",
+        ):  # fmt: skip
+            if getattr(self, f) < 0:
+                bad(f, "must be >= 0")
+        if self.q_max_len < 2 or self.p_max_len < 3:
+            bad("q_max_len" if self.q_max_len < 2 else "p_max_len", "too small")
+        if self.dtype not in DTYPES:
+            bad("dtype", f"must be one of {DTYPES}")
+        if not self.learning_rate > 0:
+            bad("learning_rate", "must be > 0")
+        if not 0 <= self.warmup_fraction < 1:
+            bad("warmup_fraction", "must be in [0, 1)")
+        if self.num_steps == 0 and not self.num_epochs > 0:
+            bad("num_epochs", "must be > 0 when num_steps is 0")
+        if self.dropout >= 1:
+            bad("dropout", "must be < 1")
+        if self.keep_checkpoints < 1:
+            bad("keep_checkpoints", "must be >= 1")
+        if not self.scale > 0:
+            bad("scale", "must be > 0")
+        if not self.init_from and not self.model:
+            raise ValueError(
+                "TrainConfig: set init_from (a model directory) or model (random init)"
+            )
+        if not self.init_from and not self.tokenizer:
+            bad("tokenizer", "is needed for a random model (init_from is empty)")
+        if self.model is not None:
+            try:
+                EncoderConfig.from_dict(self.model)
+            except (TypeError, KeyError, ValueError) as e:
+                raise ValueError(
+                    f"TrainConfig.model: not a valid EncoderConfig dict ({e})"
+                ) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _resolve_tokenizer_path(config: TrainConfig) -> str:
+    if config.tokenizer == "minilm":
+        return _minilm_path()
+    if config.tokenizer:
+        return _expand(config.tokenizer)
+
+    return str(resolve_model_dir(_expand(config.init_from)))
+
+
+def encoder_config(config: TrainConfig):
+    """The EncoderConfig to train: ``init_from``'s (read from its metadata) or ``model``, with
+    the ``dropout`` override applied. Reads no parameters."""
+
+    if config.init_from:
+        meta = read_model_meta(_expand(config.init_from))
+        if meta["kind"] != "biencoder":
+            raise ValueError(
+                f"TrainConfig.init_from {config.init_from}: holds a {meta['kind']!r} model, not a "
+                "'biencoder' (convert a BERT with `dpr-jax convert --from-hf ... --out DIR`)"
+            )
+        enc_cfg = model_config_from_dict("biencoder", meta["model"])
+    else:
+        enc_cfg = EncoderConfig.from_dict(config.model)
+    if config.dropout >= 0:
+        bert = dataclasses.replace(
+            enc_cfg.bert,
+            hidden_dropout_prob=config.dropout,
+            attention_probs_dropout_prob=config.dropout,
+        )
+        enc_cfg = dataclasses.replace(enc_cfg, bert=bert)
+    return enc_cfg
+
+
+def initial_params(config: TrainConfig, enc_cfg, rng: jax.Array) -> dict:
+    """float32 parameters to start from: ``init_from``'s, or a random init from ``rng``."""
+
+    if config.init_from:
+        params = load_model(_expand(config.init_from), "biencoder")[2]
+    else:  # jitted: one compilation instead of one per eager initializer op
+        init = memo(("init",), lambda: jax.jit(init_biencoder_params, static_argnums=0))
+        params = init(enc_cfg, rng)
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+
+
+def load_tokenizer(config: TrainConfig, enc_cfg):
+
+    tokenizer = DPRTokenizer(_resolve_tokenizer_path(config))
+    if tokenizer.vocab_size > enc_cfg.bert.vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the model's "
+            f"vocab_size {enc_cfg.bert.vocab_size}"
+        )
+    return tokenizer
+
+
+def read_examples(
+    path: str, limit: int = 0, what: str = "train_path", shuffle_seed: int | None = None
+) -> list:
+    """Biencoder records of ``path`` (those with a positive); with ``shuffle_seed`` in a seeded
+    random order; the first ``limit`` if > 0."""
+
+    if not path:
+        raise ValueError(f"TrainConfig.{what} is empty: give a DPR biencoder JSON file")
+    path = _expand(path)
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no such file (TrainConfig.{what})")
+    out = read_biencoder(path)
+    examples = list(out[0] if isinstance(out, tuple) else out)
+    if shuffle_seed is not None:
+        order = np.random.default_rng(shuffle_seed).permutation(len(examples))
+        examples = [examples[i] for i in order]
+    if limit:
+        examples = examples[:limit]
+    if not examples:
+        raise ValueError(f"{path}: no usable records (every record lacks positive_ctxs?)")
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+class Evaluator:
+    """Dev metrics: in-batch loss/accuracy/rank (DPR's validate_nll) and the rank of each
+    positive among all dev passages (DPR's validate_average_rank)."""
+
+    def __init__(self, model, mesh, batches, loss_cfg):
+        self.batches = batches
+        self.mesh = mesh
+        self.loss_cfg = loss_cfg
+        key = ("eval", model.config, model.dtype, model.remat, mesh, loss_cfg)
+        self._encode, self._metrics = memo(key, lambda: self._build(model, mesh, loss_cfg))
+
+    @staticmethod
+    def _build(model, mesh, loss_cfg):
+
+        data = batch_sharding(mesh)
+
+        def encode(params, batch):
+            q = model.apply({"params": params}, batch["q_ids"], batch["q_mask"],
+                            method=model.encode_question)  # fmt: skip
+            p = model.apply({"params": params}, batch["p_ids"], batch["p_mask"],
+                            method=model.encode_passage)  # fmt: skip
+            return q, p
+
+        g = loss_cfg.group_size
+
+        def metrics(q, p, valid):
+            return dpr_loss(q, p, g, loss_cfg.scale, loss_cfg.in_batch, valid)[1]
+
+        return (
+            jax.jit(encode, in_shardings=(replicated(mesh), data), out_shardings=(data, data)),
+            jax.jit(metrics),
+        )
+
+    def __call__(self, params) -> dict[str, float]:
+
+        sums: dict[str, float] = {}
+        qs, ps, valids = [], [], []
+        for local in self.batches.eval_batches():
+            batch = global_batch_from_local(local, self.mesh)
+            q, p = self._encode(params, batch)
+            q, p, valid = to_host(q), to_host(p), to_host(batch["valid"])
+            m = jax.device_get(self._metrics(q, p, valid))
+            w = float(m["questions"])
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + (float(v) if k == "questions" else float(v) * w)
+            qs.append(q)
+            ps.append(p)
+            valids.append(valid)
+        n = max(sums["questions"], 1e-12)
+        out = {k: (v if k == "questions" else v / n) for k, v in sums.items()}
+        out.update(self._pool_metrics(qs, ps, valids))
+        return out
+
+    def _pool_metrics(self, qs, ps, valids) -> dict[str, float]:
+        """Rank of each positive among the deduplicated passages of all evaluated questions."""
+        g = self.loss_cfg.group_size
+        b = self.batches
+        keys, vecs, pos_of = {}, [], []
+        for k, (q_batch, p_batch, v_batch) in enumerate(zip(qs, ps, valids)):
+            for row, i in enumerate(b.global_indices(0, k)):
+                if i is None or v_batch[row] == 0:
+                    continue
+                _, group = b.question_group(0, k, row)
+                for j, passage in enumerate(group):
+                    if passage not in keys:
+                        keys[passage] = len(vecs)
+                        vecs.append(p_batch[row * g + j])
+                pos_of.append((q_batch[row], keys[group[0]]))
+        if not pos_of:
+            return {}
+        pool = np.stack(vecs)  # (N, D)
+        q = np.stack([x for x, _ in pos_of])  # (Nq, D)
+        pos = np.array([j for _, j in pos_of])
+        scores = q @ pool.T  # (Nq, D) . (D, N) -> (Nq, N)
+        gold = scores[np.arange(len(pos)), pos]
+        rank = (scores > gold[:, None]).sum(1)
+        return {
+            "pool_rank": float(rank.mean()),
+            "pool_top1": float((rank == 0).mean()),
+            "pool_top5": float((rank < 5).mean()),
+            "pool_size": float(len(pool)),
+        }
+
+
+def _dev_evaluator(config: TrainConfig, spec, tokenizer, model, mesh, loss_cfg):
+    """The Evaluator of ``config.dev_path`` (None without one)."""
+
+    if not config.dev_path:
+        return None
+    # A seeded random sample in a fixed random order: files list questions by article (and
+    # SQuAD has ~5 questions per paragraph), so consecutive dev questions would share
+    # positives, and a shared positive in a batch counts as a false in-batch negative.
+    dev_examples = read_examples(
+        config.dev_path, config.max_dev_examples, "dev_path", shuffle_seed=config.seed
+    )
+    eval_bs = config.eval_batch_size or config.batch_size
+    dev_spec = dataclasses.replace(spec, batch_size=eval_bs)
+    dev = BiencoderBatches(
+        dev_examples, tokenizer, dev_spec, process_slice(eval_bs, mesh), False, config.dev_path
+    )
+    return Evaluator(model, mesh, dev, loss_cfg)
+
+
+def _loss_config(config: TrainConfig) -> LossConfig:
+    return LossConfig(group_size=1 + config.n_hard, scale=config.scale, in_batch=config.in_batch)
+
+
+def _batch_spec(config: TrainConfig) -> BatchSpec:
+    return BatchSpec(
+        batch_size=config.batch_size, n_hard=config.n_hard, q_max_len=config.q_max_len,
+        p_max_len=config.p_max_len, bucket=config.bucket or None,
+        shuffle_hard=config.shuffle_hard, seed=config.seed,
+    )  # fmt: skip
+
+
+def evaluate_model(config: TrainConfig) -> dict[str, float]:
+    """Validation metrics of ``config.init_from`` (or the random init) on ``config.dev_path``,
+    without training: the "before" of a run, or any model directory with ``init_from``."""
+    if not config.dev_path:
+        raise UserError("TrainConfig.dev_path is empty: nothing to evaluate")
+    mesh = make_mesh()
+    enc_cfg = encoder_config(config)
+    tokenizer = load_tokenizer(config, enc_cfg)
+    model = BiEncoder(enc_cfg, dtype=jnp.dtype(config.dtype), remat=config.remat)
+    evaluator = _dev_evaluator(
+        config, _batch_spec(config), tokenizer, model, mesh, _loss_config(config)
+    )
+    init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]
+    params = jax.device_put(initial_params(config, enc_cfg, init_rng), replicated(mesh))
+    t0 = time.perf_counter()
+    metrics = evaluator(params)
+    metrics["eval_seconds"] = time.perf_counter() - t0
+    return metrics
+
+
+class RetrieverTask:
+    """The bi-encoder's part of :func:`dpr_jax.training.loop.train_and_evaluate`: biencoder
+    batches with a resumable :class:`DataPosition`, the cross-device DPR step, the dev
+    :class:`Evaluator`, and the export of a ``biencoder`` model directory."""
+
+    resume_fields = _RESUME_FIELDS
+    log_keys = ("loss", "accuracy", "rank", "grad_norm")
+    rate_name = "examples_per_s"
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.enc_cfg = encoder_config(config)
+
+    def expect(self) -> dict[str, Any]:
+        return {"model": self.enc_cfg.to_dict(), "config": self.config.to_dict()}
+
+    def prepare(self, mesh) -> None:
+        config, enc_cfg = self.config, self.enc_cfg
+        self.mesh = mesh
+        self.tokenizer = load_tokenizer(config, enc_cfg)
+        self.model = BiEncoder(enc_cfg, dtype=jnp.dtype(config.dtype), remat=config.remat)
+        self.loss_cfg = loss_cfg = _loss_config(config)
+        self.train_examples = read_examples(
+            config.train_path, config.max_train_examples, "train_path"
+        )
+        spec = _batch_spec(config)
+        rows = process_slice(config.batch_size, mesh)
+        self.train = BiencoderBatches(
+            self.train_examples, self.tokenizer, spec, rows, True, config.train_path
+        )
+        self.evaluator = _dev_evaluator(config, spec, self.tokenizer, self.model, mesh, loss_cfg)
+        self.has_evaluator = self.evaluator is not None
+        self.steps_per_epoch = self.train.batches_per_epoch
+        self.total_steps = config.num_steps or max(
+            1, int(math.ceil(config.num_epochs * self.steps_per_epoch))
+        )
+        self.warmup = config.warmup_steps or int(config.warmup_fraction * self.total_steps)
+        chunk = config.grad_cache_chunk or None
+        rep = replicated(mesh)
+        total, warmup, model = self.total_steps, self.warmup, self.model
+
+        def build_step():
+            tx, schedule = make_optimizer(config, total, warmup)
+            create = jax.jit(lambda p: TrainState.create(p, tx), out_shardings=rep)
+            return create, schedule, make_train_step(model, tx, mesh, loss_cfg, chunk)
+
+        self.create_state, self.schedule, self.train_step = memo(
+            ("train", enc_cfg, config.dtype, config.remat, optimizer_key(config), total,
+             warmup, mesh, loss_cfg, chunk),
+            build_step,
+        )  # fmt: skip
+
+    def resolved(self) -> dict[str, Any]:
+        return {
+            "model": self.enc_cfg.to_dict(),
+            "tokenizer": self.tokenizer.path,
+            "train_examples": len(self.train_examples),
+            "warmup_steps": self.warmup,
+            "group_size": self.loss_cfg.group_size,
+        }
+
+    def init_state(self) -> TrainState:
+        init_rng = jax.random.split(jax.random.PRNGKey(self.config.seed))[0]
+        return self.create_state(initial_params(self.config, self.enc_cfg, init_rng))
+
+    def abstract_state(self):
+        rep = replicated(self.mesh)
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+            jax.eval_shape(self.create_state, abstract_params("biencoder", self.enc_cfg)),
+        )
+
+    def initial_position(self) -> DataPosition:
+        return DataPosition()
+
+    def position_from_dict(self, d: dict[str, Any]) -> DataPosition:
+        return DataPosition.from_dict(d)
+
+    def iterate(self, position: DataPosition):
+        for pos, local in self.train.iterate(position):
+            yield pos, global_batch_from_local(local, self.mesh)
+
+    def next_position(self, position: DataPosition) -> DataPosition:
+        return self.train.next_position(position)
+
+    def epoch(self, position: DataPosition, step: int) -> float:
+        return position.epoch + position.batch / self.steps_per_epoch
+
+    def evaluate(self, state) -> dict[str, float]:
+        return self.evaluator(state.params)
+
+    def eval_line(self, m: dict[str, float], step: int) -> str:
+        return (
+            f"loss {m['loss']:.4f} acc {m['accuracy']:.4f} rank {m['rank']:.3f} "
+            f"pool_rank {m.get('pool_rank', float('nan')):.2f} "
+            f"pool_top1 {m.get('pool_top1', float('nan')):.4f}"
+        )
+
+    def postfix(self, m: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{m['loss']:.4f}", "acc": f"{m['accuracy']:.3f}",
+                "rank": f"{m['rank']:.2f}"}  # fmt: skip
+
+    def export(self, workdir: Path, params, step: int, dev: dict | None) -> Path:
+        return save_model(
+            workdir / "model", params, "biencoder", self.enc_cfg, self.tokenizer,
+            extra={"train_config": self.config.to_dict(), "step": step, "dev_metrics": dev},
+        )  # fmt: skip
+
+
+def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict[str, float]:
+    """Train (or resume) the bi-encoder of ``config`` in ``workdir``
+    (:func:`dpr_jax.training.loop.train_and_evaluate`); returns the final dev metrics (or the
+    last train metrics when there is no dev set), with ``step``."""
+    return loop.train_and_evaluate(RetrieverTask(config), workdir, make_mesh())
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """A bi-encoder config file (``get_config()`` -> TrainConfig) with ``key=value`` overrides."""
+    return training_config.load_config(path, TrainConfig, overrides)

@@ -1,0 +1,271 @@
+"""The one training loop of dpr-jax: both the bi-encoder (:mod:`dpr_jax.retriever.task`) and
+the reader (:mod:`dpr_jax.reader.task`) run through :func:`train_and_evaluate`.
+
+A task contributes what is particular to its model (:class:`Task`): its config, batches and
+their resumable position, the jitted step ``(state, batch, rng) -> (state, metrics)``, the
+evaluator and the export. The loop owns what both share::
+
+    WORKDIR/config.json        the config and what was resolved from it (model, data, devices)
+    WORKDIR/metrics.jsonl      one JSON line per start / train log / dev evaluation
+    WORKDIR/checkpoints/<step> orbax {"state": {step, params, opt_state}, "data": {position, ...}}
+    WORKDIR/model/             the exported model directory
+
+It resumes from the latest checkpoint (refusing one written by another configuration before any
+data is read), evaluates and checkpoints at the config's cadence, shows progress, saves the last
+finished step on Ctrl-C, and exports the model at the end. Per-step randomness is
+``fold_in(rng, step)`` inside each task's step, so a resumed run ends with exactly the parameters
+of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from dpr_jax.training.checkpoints import CheckpointError, Checkpoints, short_error
+from dpr_jax.training.config import expand_path
+from dpr_jax.training.state import TrainState
+
+
+class Position(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class Task(Protocol):
+    """What a model contributes to the loop. ``config`` carries the loop fields: ``name,
+    batch_size, seed, log_every, eval_every, eval_at_start, checkpoint_every, keep_checkpoints,
+    async_checkpoint, stop_at_step, export, progress``."""
+
+    config: Any
+    resume_fields: tuple[str, ...]  # config fields a checkpoint must share to be resumed
+    log_keys: tuple[str, ...] | None  # step metrics averaged into the log (None: all)
+    rate_name: str  # name of the examples-per-second figure in the log
+
+    def expect(self) -> dict[str, Any]:
+        """``{"model": ..., "config": ...}`` that a resumable checkpoint must match."""
+
+    def prepare(self, mesh) -> None:
+        """Read the data, build the model, the step and the evaluator (the expensive part)."""
+
+    # after prepare():
+    total_steps: int
+    steps_per_epoch: int
+    schedule: Any
+    train_step: Any
+    has_evaluator: bool
+
+    def resolved(self) -> dict[str, Any]: ...
+    def init_state(self) -> TrainState: ...
+    def abstract_state(self) -> Any: ...
+    def initial_position(self) -> Position: ...
+    def position_from_dict(self, d: dict[str, Any]) -> Position: ...
+    def iterate(self, position: Position) -> Iterator[tuple[Position, dict]]: ...
+    def next_position(self, position: Position) -> Position: ...
+    def epoch(self, position: Position, step: int) -> float: ...
+    def evaluate(self, state: TrainState) -> dict[str, float]: ...
+    def eval_line(self, metrics: dict[str, float], step: int) -> str: ...
+    def postfix(self, metrics: dict[str, float]) -> dict[str, str]: ...
+    def export(self, workdir: Path, params: Any, step: int, dev: dict | None) -> Path: ...
+
+
+def to_host(tree):
+    """Host numpy copy of a pytree of arrays: replicated or sharded, one process or many (every
+    process must call it: sharded arrays spread over processes are gathered collectively)."""
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(x)
+        if x.sharding.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one timestamped JSON record per line (written by process 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            record = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(), **record}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _checkpoint_state(state):
+    # One process: save a host copy (orbax's per-array handling of device arrays costs seconds
+    # per save for a model of many small arrays; restoring re-shards it).
+    return to_host(state) if jax.process_count() == 1 else state
+
+
+def _save_on_interrupt(task, ckpts, state, saved_step, start_step, start_position, expect):
+    """Checkpoint the last finished step after Ctrl-C. The step is read from the state itself
+    (the interrupt may fall between two statements of the loop) and its data position is
+    recomputed from the run's start, so state and position always match."""
+    if jax.process_count() > 1:  # the other processes were not interrupted: no joint save
+        return
+    try:
+        done = int(state.step)
+        if done <= saved_step:
+            tqdm.write(
+                f"interrupted: step {saved_step} is the last checkpoint in {ckpts.directory}"
+            )
+            return
+        pos = start_position
+        for _ in range(done - start_step):
+            pos = task.next_position(pos)
+        ckpts.save(done, _checkpoint_state(state), {"position": pos.to_dict(), **expect})
+        ckpts.wait()
+        tqdm.write(f"interrupted: saved step {done} in {ckpts.directory}")
+    except Exception as e:  # e.g. the state's buffers were donated to a step that never ran
+        tqdm.write(f"interrupted: could not checkpoint ({type(e).__name__}: {short_error(e)})")
+
+
+def train_and_evaluate(task: Task, workdir: str | Path, mesh) -> dict[str, float]:
+    """Train (or resume) ``task`` in ``workdir`` over ``mesh``; returns the final dev metrics (or
+    the last train metrics when there is no dev set), with ``step``."""
+    config = task.config
+    workdir = Path(expand_path(str(workdir))).absolute()
+    primary = jax.process_index() == 0
+    workdir.mkdir(parents=True, exist_ok=True)
+    n_dev = mesh.devices.size
+    for f in ("batch_size", "eval_batch_size"):
+        v = getattr(config, f, 0) or config.batch_size
+        if v % n_dev:
+            raise ValueError(
+                f"{type(config).__name__}.{f} = {v} is not a multiple of the {n_dev} devices"
+            )
+
+    # A checkpoint of another configuration is refused before anything expensive happens.
+    ckpts = Checkpoints(workdir / "checkpoints", config.keep_checkpoints,
+                        config.async_checkpoint, task.resume_fields)  # fmt: skip
+    expect = task.expect()
+    latest = ckpts.latest_step()
+    saved = ckpts.check(latest, expect) if latest is not None else None
+    task.prepare(mesh)
+    resolved = {"config": config.to_dict(), "resolved": {
+        **task.resolved(), "total_steps": task.total_steps, "steps_per_epoch": task.steps_per_epoch,
+        "devices": n_dev, "processes": jax.process_count(),
+        "platform": jax.devices()[0].platform, "jax": jax.__version__,
+    }}  # fmt: skip
+    if primary:
+        (workdir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
+
+    position = task.initial_position()
+    if latest is None:
+        state = task.init_state()
+    else:
+        restored = ckpts.restore(latest, task.abstract_state())
+        state = TrainState(restored["step"], restored["params"], restored["opt_state"])
+        position = task.position_from_dict(saved["position"])
+        if int(state.step) != latest:
+            raise CheckpointError(
+                f"{ckpts.directory / str(latest)}: holds step {int(state.step)}, its name says "
+                f"{latest}"
+            )
+    start_step = int(state.step)
+    log = MetricsLog(workdir / "metrics.jsonl", primary)
+    log.write({"split": "start", "step": start_step, "position": position.to_dict(),
+               "resumed": latest is not None})  # fmt: skip
+
+    def run_eval(step: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        m = task.evaluate(state)
+        m["eval_seconds"] = time.perf_counter() - t0
+        log.write({"split": "dev", "step": step, **m})
+        if primary:
+            tqdm.write(f"[dev step {step}] {task.eval_line(m, step)} ({m['eval_seconds']:.0f}s)")
+        return m
+
+    last_eval: dict[str, float] | None = None
+    if task.has_evaluator and config.eval_at_start and start_step == 0:
+        last_eval = run_eval(0)
+
+    total_steps = task.total_steps
+    end_step = min(total_steps, config.stop_at_step) if config.stop_at_step else total_steps
+    bar = tqdm(
+        total=total_steps, initial=start_step, desc=config.name, unit="step",
+        disable=not (primary and config.progress), dynamic_ncols=True,
+    )  # fmt: skip
+    step_rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]
+    stream = task.iterate(position)
+    pending: list[dict[str, jax.Array]] = []
+    last_train: dict[str, float] = {}
+    t_window, steps_window = time.perf_counter(), 0
+    step = saved_step = start_step
+    start_position = position
+    try:
+        while step < end_step:
+            position, batch = next(stream)
+            state, metrics = task.train_step(state, batch, step_rng)
+            step += 1
+            steps_window += 1
+            pending.append(metrics)
+            if len(pending) > 1:  # keep one step in flight: the next batch is built meanwhile,
+                jax.block_until_ready(pending[-2])  # and the progress bar counts finished steps
+                bar.update(1)
+            if step % config.log_every == 0 or step == end_step:
+                host = jax.device_get(pending)
+                pending = []
+                bar.update(1)
+                dt = time.perf_counter() - t_window
+                keys = task.log_keys or [k for k in host[0] if k != "questions"]
+                last_train = {k: float(np.mean([m[k] for m in host])) for k in keys}
+                last_train.update({
+                    "lr": float(task.schedule(step - 1)),
+                    task.rate_name: steps_window * config.batch_size / max(dt, 1e-9),
+                    "epoch": task.epoch(position, step),
+                })  # fmt: skip
+                log.write({"split": "train", "step": step, **last_train})
+                bar.set_postfix(task.postfix(last_train))
+                t_window, steps_window = time.perf_counter(), 0
+            if task.has_evaluator and config.eval_every and step % config.eval_every == 0:
+                if step < total_steps:  # the final evaluation runs below
+                    last_eval = run_eval(step)
+            if (
+                config.checkpoint_every and step % config.checkpoint_every == 0
+            ) or step == end_step:
+                ckpts.save(
+                    step, _checkpoint_state(state), {"position": position.to_dict(), **expect}
+                )
+                saved_step = step
+    except KeyboardInterrupt:  # keep the finished steps: checkpoint, then stop as asked
+        _save_on_interrupt(task, ckpts, state, saved_step, start_step, start_position, expect)
+        raise
+    bar.close()
+    ckpts.wait()
+    ckpts.close()
+
+    if step < total_steps:  # stopped early (stop_at_step): no final evaluation or export
+        return {"step": step, **last_train}
+    if task.has_evaluator:
+        last_eval = run_eval(step)
+    if config.export and jax.process_count() > 1:
+        # save_model writes with orbax from one process; orbax then waits for the others at a
+        # barrier they never reach. Until save_model supports single-process writes inside a
+        # multi-process job, export from the final checkpoint afterwards (one process).
+        if primary:
+            tqdm.write(
+                f"multi-process run: not exporting {workdir / 'model'}; the parameters are in "
+                f"{ckpts.directory / str(step)}"
+            )
+    elif config.export:
+        params_host = to_host(state.params)
+        if primary:
+            out = task.export(workdir, params_host, step, last_eval)
+            tqdm.write(f"exported {out}")
+    result = dict(last_eval or last_train)
+    result["step"] = step
+    return result
