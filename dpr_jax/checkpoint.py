@@ -203,5 +203,4 @@ def load_model(model_dir: str | Path, expect_kind: str | None = None):
 
 
 def load_tokenizer(model_dir: str | Path):
-
     return DPRTokenizer(resolve_model_dir(model_dir))

@@ -66,7 +66,6 @@ class QAPipeline:
         reader_model: str | Path,
         **kw,
     ) -> QAPipeline:
-
         passages = {str(p.id): p for p in read_passages_tsv(passages_tsv)}
         return cls(DenseRetriever(retriever_model, index_dir), passages, reader_model, **kw)
 
@@ -74,7 +73,9 @@ class QAPipeline:
         _, ids = self.retriever.search(list(questions), self.n_passages)
         return [[self.passages[str(i)] for i in row] for row in ids]
 
-    def answer(self, questions: str | Sequence[str]):
+    def answer(self, questions: str | Sequence[str], progress: bool = False):
+        """The answer to one question (an :class:`Answer`) or to each of a list; ``progress``
+        shows a bar over the reader's passage sequences (the long part of a large batch)."""
         single = isinstance(questions, str)
         qs = [questions] if single else list(questions)
         ctxs = self.retrieve(qs)
@@ -82,7 +83,7 @@ class QAPipeline:
         as_dicts = [
             [{"id": str(p.id), "title": p.title, "text": p.text} for p in cs] for cs in ctxs
         ]
-        self.last_predictions = self.reader.predict(qs, as_dicts, top_k=(k,))
+        self.last_predictions = self.reader.predict(qs, as_dicts, top_k=(k,), progress=progress)
         out = []
         for q, qp, cs in zip(qs, self.last_predictions, ctxs):
             sp = qp.predictions[k]

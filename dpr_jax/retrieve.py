@@ -24,7 +24,6 @@ class DenseRetriever:
     """Question tower + passage index. ``search(questions, k) -> (scores (Q, k), ids (Q, k))``."""
 
     def __init__(self, model_dir: str | Path, index, batch_size: int = 64, max_length: int = 64):
-
         self.encoder = TowerEncoder(model_dir, "question", batch_size, max_length, bucket=16)
         self.index = load_index(index) if isinstance(index, (str, Path)) else index
 
@@ -48,7 +47,6 @@ class HybridRetriever:
         )  # fmt: skip
 
     def search(self, questions: Sequence[str], k: int = 100):
-
         depth = max(k, self.depth)
         ds, di = self.dense.search(questions, depth)
         ss, si = self.sparse.search(questions, depth)

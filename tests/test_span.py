@@ -15,8 +15,8 @@ from dpr_jax.reader.data import (
     ReaderTrainData,
     find_answer_spans,
 )
+from dpr_jax.reader.loss import reader_loss
 from dpr_jax.reader.span import NO_ANSWER, ReaderPredictor, best_spans, extend_to_words
-from dpr_jax.reader.task import reader_loss
 
 TINY_BERT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=37, max_position_embeddings=512)  # fmt: skip

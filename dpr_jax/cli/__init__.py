@@ -106,7 +106,3 @@ def main(argv: list[str] | None = None) -> int:
         train_xla_flags()
     module = importlib.import_module(f"dpr_jax.cli.{COMMANDS[name][0]}")
     return run_command(name, module.cli_main, rest)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

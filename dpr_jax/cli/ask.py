@@ -6,7 +6,10 @@ import sys
 import time
 
 from dpr_jax.cli.errors import Parser
+from dpr_jax.data.answers import exact_match_score, f1_score
+from dpr_jax.data.formats import read_qas
 from dpr_jax.pipeline import QAPipeline
+from dpr_jax.reader.span import QuestionPrediction, write_predictions
 
 
 def cli_main(argv: list[str] | None = None) -> int:
@@ -36,10 +39,6 @@ def cli_main(argv: list[str] | None = None) -> int:
         p = pipe.answer(args.question)
         print(f"{p.text}\n  (from {p.title!r}, score {p.score:.2f}, {time.time() - t0:.2f}s)")
         return 0
-
-    from dpr_jax.data.answers import exact_match_score, f1_score
-    from dpr_jax.data.formats import read_qas
-    from dpr_jax.reader.span import QuestionPrediction, write_predictions
 
     questions = read_qas(args.questions)
     t0 = time.time()

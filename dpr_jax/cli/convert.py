@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from dpr_jax.checkpoint import read_model_meta
 from dpr_jax.cli.errors import Parser
 from dpr_jax.convert import convert_from_hf, convert_to_hf
 
@@ -55,8 +56,6 @@ def cli_main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         print(f"wrote {out}", file=sys.stderr)
     else:
-        from dpr_jax.checkpoint import read_model_meta
-
         as_ = args.as_
         if as_ is None:
             as_ = "bert" if read_model_meta(args.to_hf)["kind"] == "bert" else "dpr"

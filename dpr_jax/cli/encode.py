@@ -9,15 +9,14 @@ from pathlib import Path
 import numpy as np
 
 from dpr_jax.cli.errors import Parser
+from dpr_jax.data.formats import read_passages_tsv, read_qas
+from dpr_jax.data.squad import load_squad, squad_passages
 from dpr_jax.retriever.encode import DTYPES, TowerEncoder, encode_corpus
 
 
 def _read_passages(path: str):
-    from dpr_jax.data.formats import read_passages_tsv
 
     if path.endswith(".json"):
-        from dpr_jax.data.squad import load_squad, squad_passages
-
         return squad_passages(load_squad(path))
     return read_passages_tsv(path)
 
@@ -49,8 +48,6 @@ def cli_main(argv: list[str] | None = None) -> int:
         ap.error(f"--shard must look like i/n, got {args.shard!r}")
     t0 = time.time()
     if args.questions:
-        from dpr_jax.data.formats import read_qas
-
         texts = [q.question for q in read_qas(args.questions)]
         enc = TowerEncoder(args.model, "question", args.batch_size, min(args.max_length, 64),
                            args.bucket or None, args.compute_dtype)  # fmt: skip

@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from typing import Any
 
-from dpr_jax.cli.errors import Parser
+from dpr_jax.cli.errors import Parser, parse_ks
+from dpr_jax.data.formats import atomic_write_text, read_retrieval_results
 from dpr_jax.evaluate import MATCH_TYPES, ann_recall, top_k_accuracy
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def _parse_ks(text: str) -> list[int]:
-    try:
-        ks = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--ks must be comma-separated integers, got {text!r}"
-        ) from None
-    if not ks or min(ks) < 1:
-        raise argparse.ArgumentTypeError(f"--ks must be positive integers, got {text!r}")
-    return ks
 
 
 def format_table(rows: list[tuple[str, str]], header: tuple[str, str]) -> str:
@@ -34,7 +18,6 @@ def format_table(rows: list[tuple[str, str]], header: tuple[str, str]) -> str:
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    from dpr_jax.data.formats import read_retrieval_results
 
     ap = Parser(
         prog="dpr-jax evaluate",
@@ -42,7 +25,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         "(and ANN recall against exact results).",
     )
     ap.add_argument("--results", required=True, help="retrieval-results JSON (DPR format)")
-    ap.add_argument("--ks", type=_parse_ks, default=[1, 5, 20, 100], help="e.g. 1,5,20,100")
+    ap.add_argument("--ks", type=parse_ks, default=[1, 5, 20, 100], help="e.g. 1,5,20,100")
     ap.add_argument("--match", default="string", choices=list(MATCH_TYPES),
                     help="has_answer matching when recomputed (regex: CuratedTREC)")  # fmt: skip
     ap.add_argument("--recompute", action="store_true",
@@ -81,12 +64,6 @@ def cli_main(argv: list[str] | None = None) -> int:
     print(f"{args.results}: {len(results):,} questions, up to {depth} ctxs each")
     print(format_table(rows, ("metric", "value")))
     if args.json_out:
-        from dpr_jax.data.formats import atomic_write_text
-
         payload = {**metrics, "config": {k: v for k, v in vars(args).items()}}
         atomic_write_text(args.json_out, json.dumps(payload, indent=2, default=str) + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli_main())

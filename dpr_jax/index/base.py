@@ -65,7 +65,6 @@ class IndexIntegrityError(UserError):
 
 
 def _version() -> str:
-
     return __version__
 
 

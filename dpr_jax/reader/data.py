@@ -417,7 +417,6 @@ class ReaderTrainData:
 
 
 def _peek_format(path: Path) -> str:
-
     with open_text(path) as f:
         head = f.read(1 << 16)
     stripped = head.lstrip()
@@ -437,7 +436,6 @@ def _peek_format(path: Path) -> str:
 
 
 def _retrieval_examples(path: Path) -> list[ReaderExample]:
-
     out = []
     for r in read_retrieval_results(path):
         passages = tuple(
@@ -455,7 +453,6 @@ def _retrieval_examples(path: Path) -> list[ReaderExample]:
 
 
 def _biencoder_examples(path: Path) -> list[ReaderExample]:
-
     examples, _ = read_biencoder(path)
 
     def conv(c, flag):

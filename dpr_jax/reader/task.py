@@ -192,7 +192,6 @@ class ReaderTrainConfig:
 
     @property
     def input_config(self):
-
         return ReaderInputConfig(self.max_length, self.max_question_length, self.trailing_sep)
 
     def to_dict(self) -> dict[str, Any]:
@@ -225,7 +224,6 @@ def _no_pooler(bert: dict) -> dict:
 
 
 def _init_reader(bert_config, rng):
-
     # one compilation instead of one per eager initializer op
     init = memo(("reader_init",), lambda: jax.jit(init_reader_params, static_argnums=0))
     return init(bert_config, rng)
@@ -316,7 +314,6 @@ def build_reader(config: ReaderTrainConfig, rng: jax.Array):
 
 
 def read_examples(config: ReaderTrainConfig, which: str) -> list:
-
     path = getattr(config, f"{which}_path")
     if not path:
         raise ValueError(f"ReaderTrainConfig.{which}_path is empty")
@@ -341,7 +338,6 @@ class DevEvaluator:
         self.top_k = sorted({min(k, config.eval_passages) for k in config.eval_top_k})
 
     def __call__(self, params) -> dict[str, float]:
-
         self.predictor.set_params(params)
         preds = self.predictor.predict(
             [e.question for e in self.examples], self.passages, self.top_k,

@@ -248,7 +248,6 @@ def initial_params(config: TrainConfig, enc_cfg, rng: jax.Array) -> dict:
 
 
 def load_tokenizer(config: TrainConfig, enc_cfg):
-
     tokenizer = DPRTokenizer(_resolve_tokenizer_path(config))
     if tokenizer.vocab_size > enc_cfg.bert.vocab_size:
         raise ValueError(
@@ -302,7 +301,6 @@ class Evaluator:
 
     @staticmethod
     def _build(model, mesh, loss_cfg):
-
         data = batch_sharding(mesh)
 
         def encode(params, batch):
@@ -323,7 +321,6 @@ class Evaluator:
         )
 
     def __call__(self, params) -> dict[str, float]:
-
         sums: dict[str, float] = {}
         qs, ps, valids = [], [], []
         for local in self.batches.eval_batches():

@@ -1,0 +1,180 @@
+"""Every command's happy path on a tiny corpus, through the one `dpr-jax` entry point, against
+independent references: brute-force inner products, BM25 on its own, the fusion functions, DPR's
+top-k accuracy and the reader's own predictions."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from dpr_jax.cli import main
+from dpr_jax.data.formats import Passage, Question, write_passages_tsv, write_qas_tsv
+
+PASSAGES = [
+    Passage("p0", "The Eiffel Tower is in Paris, the capital of France.", "Eiffel Tower"),
+    Passage("p1", "Mount Everest is the highest mountain on Earth.", "Mount Everest"),
+    Passage("p2", "The Amazon is the largest rainforest in the world.", "Amazon"),
+    Passage("p3", "Tokyo is the capital city of Japan.", "Tokyo"),
+    Passage("p4", "The Nile is a long river in Africa that flows north.", "Nile"),
+    Passage("p5", "Shakespeare wrote Hamlet and Macbeth.", "Shakespeare"),
+    Passage("p6", "Water boils at 100 degrees Celsius at sea level.", "Water"),
+    Passage("p7", "The Great Wall of China is very long.", "Great Wall"),
+    Passage("p8", "Albert Einstein developed the theory of relativity.", "Einstein"),
+    Passage("p9", "The Pacific is the largest ocean.", "Pacific Ocean"),
+]
+QUESTIONS = [
+    Question("where is the eiffel tower", ["Paris"], "q0"),
+    Question("what is the highest mountain", ["Mount Everest", "Everest"], "q1"),
+    Question("who wrote hamlet", ["Shakespeare"], "q2"),
+    Question("what is the capital of japan", ["Tokyo"], "q3"),
+]
+K = 5
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tiny_biencoder_dir):
+    """Passages, questions, embeddings and an exact index, made by the commands themselves."""
+    d = tmp_path_factory.mktemp("corpus")
+    write_passages_tsv(d / "passages.tsv", PASSAGES)
+    write_qas_tsv(d / "qas.tsv", QUESTIONS)
+    assert main(["encode", "--model", str(tiny_biencoder_dir), "--passages",
+                 str(d / "passages.tsv"), "--out", str(d / "emb")]) == 0  # fmt: skip
+    assert main(["index", "--embeddings", str(d / "emb"), "--backend", "exact",
+                 "--out", str(d / "index")]) == 0  # fmt: skip
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_reader_dir(tmp_path_factory, minilm_dir):
+    from conftest import TINY_BERT
+
+    from dpr_jax.checkpoint import save_model
+    from dpr_jax.models.bert import BertConfig
+    from dpr_jax.reader.model import init_reader_params
+
+    cfg = BertConfig(**TINY_BERT)
+    params = init_reader_params(cfg, jax.random.PRNGKey(1))
+    out = tmp_path_factory.mktemp("tiny_reader") / "model"
+    return save_model(out, params, "reader", cfg, tokenizer=minilm_dir)
+
+
+def _retrieve(corpus, tiny_biencoder_dir, mode, name, *extra):
+    out = corpus / f"{name}.json"
+    argv = ["retrieve", "--mode", mode, "--passages", str(corpus / "passages.tsv"),
+            "--questions", str(corpus / "qas.tsv"), "--out", str(out), "--k", str(K), *extra]  # fmt: skip
+    if mode != "bm25":
+        argv += ["--model", str(tiny_biencoder_dir), "--index", str(corpus / "index")]
+    assert main(argv) == 0
+    return json.loads(out.read_text()), json.loads(
+        (corpus / f"{name}.json.config.json").read_text()
+    )
+
+
+def _dense_reference(corpus, tiny_biencoder_dir):
+    from dpr_jax.embeddings import load_embeddings
+    from dpr_jax.retriever.encode import TowerEncoder
+
+    ids, emb = load_embeddings(corpus / "emb")
+    q = TowerEncoder(tiny_biencoder_dir, "question").encode([x.question for x in QUESTIONS])
+    scores = np.asarray(q, np.float32) @ np.asarray(emb, np.float32).T  # (Q, D) . (D, N) -> (Q, N)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :K]
+    return [[str(ids[j]) for j in row] for row in order], np.take_along_axis(scores, order, 1)
+
+
+def test_retrieve_dense_equals_brute_force(corpus, tiny_biencoder_dir):
+    results, config = _retrieve(corpus, tiny_biencoder_dir, "dense", "dense")
+    want_ids, want_scores = _dense_reference(corpus, tiny_biencoder_dir)
+    assert [[c["id"] for c in r["ctxs"]] for r in results] == want_ids
+    got = np.array([[c["score"] for c in r["ctxs"]] for r in results])
+    np.testing.assert_allclose(got, want_scores, rtol=1e-4, atol=1e-4)
+    assert [r["question"] for r in results] == [q.question for q in QUESTIONS]
+    assert config["mode"] == "dense" and config["k"] == K and config["questions_count"] == 4
+
+
+def test_retrieve_bm25_and_hybrid_equal_their_parts(corpus, tiny_biencoder_dir):
+    from dpr_jax.data.bm25 import BM25Retriever
+    from dpr_jax.hybrid import linear_fusion
+
+    bm25, _ = _retrieve(corpus, tiny_biencoder_dir, "bm25", "bm25")
+    s_scores, s_ids = BM25Retriever(PASSAGES).search([q.question for q in QUESTIONS], K)
+    assert [[c["id"] for c in r["ctxs"]] for r in bm25] == [[str(i) for i in row][:K]
+                                                            for row in s_ids]  # fmt: skip
+    assert bm25[0]["ctxs"][0]["id"] == "p0" and bm25[0]["ctxs"][0]["has_answer"]
+
+    hybrid, config = _retrieve(corpus, tiny_biencoder_dir, "hybrid", "hybrid")
+    dense_ids, dense_scores = _dense_reference(corpus, tiny_biencoder_dir)
+    # the whole corpus from both sides (the corpus is smaller than the fusion depth)
+    full_d = _dense_full(corpus, tiny_biencoder_dir)
+    full_s = BM25Retriever(PASSAGES).search([q.question for q in QUESTIONS], len(PASSAGES))
+    want = linear_fusion(*full_d, *full_s, k=K, alpha=1.0)
+    assert [[c["id"] for c in r["ctxs"]] for r in hybrid] == [
+        [str(i) for i in row] for row in want[1]
+    ]
+    assert config["fusion"] == "linear"
+
+
+def _dense_full(corpus, tiny_biencoder_dir):
+    from dpr_jax.embeddings import load_embeddings
+    from dpr_jax.retriever.encode import TowerEncoder
+
+    ids, emb = load_embeddings(corpus / "emb")
+    q = TowerEncoder(tiny_biencoder_dir, "question").encode([x.question for x in QUESTIONS])
+    scores = np.asarray(q, np.float32) @ np.asarray(emb, np.float32).T
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(scores, order, 1), np.asarray(ids)[order]
+
+
+def test_evaluate_prints_dpr_top_k(corpus, tiny_biencoder_dir, capsys):
+    from dpr_jax.evaluate import top_k_accuracy
+
+    results, _ = _retrieve(corpus, tiny_biencoder_dir, "bm25", "bm25_eval")
+    capsys.readouterr()
+    assert main(["evaluate", "--results", str(corpus / "bm25_eval.json"), "--ks", "1,5",
+                 "--json", str(corpus / "metrics.json")]) == 0  # fmt: skip
+    want = top_k_accuracy(results, (1, 5))
+    got = json.loads((corpus / "metrics.json").read_text())
+    assert got["questions"] == 4
+    assert {int(k): v for k, v in got["top_k_accuracy"].items()} == want
+    out = capsys.readouterr().out
+    assert f"top-1  {100 * want[1]:6.2f}%" in out and f"top-5  {100 * want[5]:6.2f}%" in out
+
+
+def test_pipeline_and_ask(corpus, tiny_biencoder_dir, tiny_reader_dir, capsys):
+    from dpr_jax import QAPipeline
+
+    pipe = QAPipeline.from_dirs(tiny_biencoder_dir, corpus / "index", corpus / "passages.tsv",
+                                tiny_reader_dir, n_passages=3)  # fmt: skip
+    dense_ids, _ = _dense_reference(corpus, tiny_biencoder_dir)
+    answers = pipe.answer([q.question for q in QUESTIONS])
+    by_id = {p.id: p for p in PASSAGES}
+    for a, top in zip(answers, dense_ids):
+        assert a.passage_id in top[:3] and a.retrieved == 3
+        assert a.text in by_id[a.passage_id].text  # an extractive span of its passage
+    single = pipe.answer(QUESTIONS[0].question)
+    assert single == answers[0]
+
+    capsys.readouterr()
+    common = ["--retriever", str(tiny_biencoder_dir), "--index", str(corpus / "index"),
+              "--passages", str(corpus / "passages.tsv"), "--reader", str(tiny_reader_dir),
+              "--k", "3"]  # fmt: skip
+    assert main(["ask", QUESTIONS[0].question, *common]) == 0
+    assert capsys.readouterr().out.startswith(answers[0].text)
+    preds = corpus / "preds.json"
+    assert main(["ask", "--questions", str(corpus / "qas.tsv"), "--out", str(preds), *common]) == 0
+    written = json.loads(preds.read_text())
+    assert [r["question"] for r in written] == [q.question for q in QUESTIONS]
+
+
+@pytest.mark.slow
+def test_quickstart_on_one_article(data_dir, tmp_path, tiny_biencoder_dir, tiny_reader_dir):
+    work = tmp_path / "qs"
+    assert main(["quickstart", "--data", str(data_dir), "--workdir", str(work),
+                 "--retriever", str(tiny_biencoder_dir), "--reader", str(tiny_reader_dir),
+                 "--max-articles", "1", "--max-questions", "6", "--k", "20",
+                 "--examples", "1"]) == 0  # fmt: skip
+    rows = json.loads((work / "retrieval_metrics.json").read_text())
+    assert [r["name"].split(" ")[0] for r in rows] == ["bm25", "dense", "hybrid", "hybrid"]
+    assert all(0.0 <= r["acc"]["1"] <= r["acc"]["20"] <= 1.0 for r in rows)
+    reader = json.loads((work / "reader_metrics.json").read_text())
+    assert reader["questions"] == 6 and 0.0 <= reader["em"] <= reader["f1"] + 1e-9 <= 1.0 + 1e-9
