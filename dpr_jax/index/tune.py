@@ -76,6 +76,8 @@ def tune(
     k: int = 10,
     repeats: int = 2,
     clock: Callable[[], float] = time.perf_counter,
+    true_rows: np.ndarray | None = None,
+    cache: dict | None = None,
 ) -> dict[str, Any]:
     """Choose ``index``'s search knobs: the highest queries/s with recall@``k`` >= target.
 
@@ -83,7 +85,9 @@ def tune(
     the tuning queries (Q, dim). Sets and returns ``index.tuned``: ``params`` (the knobs),
     ``k``, ``target_recall``, ``recall`` and ``qps`` measured at ``params``, ``num_queries``,
     ``num_threads`` and ``candidates`` (every setting timed). Raises :class:`TuneError` if no
-    setting reaches the target.
+    setting reaches the target. ``true_rows`` (Q, >= k): the exact neighbours' rows if already
+    known; ``cache``: a dict kept between calls on the same index and queries (e.g. for several
+    targets) so that no setting's recall is measured twice.
     """
     if not 0 < target_recall <= 1:
         raise ValueError(f"target recall must be in (0, 1], got {target_recall}")
@@ -103,8 +107,10 @@ def tune(
             f"drop --target-recall or choose scann, faiss-hnsw or faiss-ivfpq"
         )
     index.tuned = None  # measure the knobs themselves, not a previous tuning
-    true_ids = index.ids[exact_neighbours(emb, queries, k)]
-    recalls: dict[tuple, float] = {}
+    if true_rows is None:
+        true_rows = exact_neighbours(emb, queries, k)
+    true_ids = index.ids[np.asarray(true_rows)[:, :k]]
+    recalls: dict[tuple, float] = {} if cache is None else cache.setdefault(("recall", k), {})
 
     def recall_of(params: dict) -> float:
         key = tuple(sorted(params.items()))
