@@ -11,12 +11,21 @@ On one set of passage vectors, in one process, at one search thread count:
   method's Pareto frontier (log-QPS interpolated linearly in recall);
 - how search time grows with the corpus (10k ... N vectors).
 
+``--mode tuned`` instead builds ScaNN, FAISS HNSW and FAISS IVF-PQ once each and auto-tunes each
+to every ``--targets`` recall (:func:`dpr_jax.index.tune.tune` on ``--tune-queries`` separate
+queries), then measures recall and q/s at the tuned knobs on the benchmark queries: every
+method at its own tuned setting, with the ScaNN / best-FAISS q/s ratio per target.
+``--mode sharded`` compares numpy brute force with exact JAX search sharded over 1 and 8 CPU
+devices (``--devices``; one subprocess per device count, since XLA fixes it at start-up).
+
 Data: ``--embeddings DIR [DIR ...] --queries Q.npy`` (e.g. SQuAD passages and questions encoded
 by ``dpr-jax encode``), or by default a seeded synthetic set fitted to real all-MiniLM-L6-v2
 embeddings of SQuAD (see :func:`synthetic`). Outputs in ``--out``: ``results.json``
 (every point and the configuration), ``table.md``, ``recall_qps.png`` and ``scaling.png``.
 
     nice -n 10 python scripts/bench_ann.py --n 1000000 --threads 1 --out artifacts/bench_ann
+    nice -n 10 python scripts/bench_ann.py --mode tuned --n 1000000 --out artifacts/bench_tuned
+    nice -n 10 python scripts/bench_ann.py --mode sharded --n 1000000 --out artifacts/bench_shard
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,6 +58,14 @@ def parse_args(argv=None):
     ap.add_argument("--scaling", default="10000,100000,1000000", help="corpus sizes")
     ap.add_argument("--skip", default="", help="comma list of: exact,scann,hnsw,ivfpq,scaling")
     ap.add_argument("--out", default="artifacts/bench_ann")
+    ap.add_argument("--mode", choices=["sweep", "tuned", "sharded"], default="sweep",
+                    help="sweep: knob sweeps (default); tuned: every method auto-tuned to each "
+                    "--targets recall; sharded: numpy vs exact JAX on --devices CPU devices")  # fmt: skip
+    ap.add_argument("--targets", default="0.90,0.95,0.99", help="recall targets (--mode tuned)")
+    ap.add_argument("--tune-queries", type=int, default=500,
+                    help="tuning queries, separate from the benchmark ones (--mode tuned)")  # fmt: skip
+    ap.add_argument("--devices", default="1,8", help="CPU device counts (--mode sharded)")
+    ap.add_argument("--sharded-child", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if bool(args.embeddings) != bool(args.queries):
         ap.error("--embeddings and --queries go together")
@@ -286,6 +304,98 @@ class Bench:
         del index
         gc.collect()
 
+    # auto-tuned ------------------------------------------------------------------------------
+
+    def tuned(self, tune_queries, targets):
+        """Each method built once and tuned to each target on ``tune_queries``; recall and q/s
+        measured at the tuned knobs on the benchmark queries."""
+        from dpr_jax.index.tune import TuneError, tune
+
+        n = len(self.emb)
+        sec, (_, tune_rows) = timed(lambda: numpy_topk(tune_queries, self.emb, self.k), 1)
+        self.log(f"exact neighbours of {len(tune_queries)} tuning queries in {sec:.1f}s")
+        methods = [
+            ("ScaNN tree-AH", "scann", {"scoring": "ah", "num_leaves": max(2, round(math.sqrt(n)))}),
+            ("FAISS HNSW", "faiss-hnsw", {"M": 32, "ef_construction": 40}),
+            ("FAISS IVF-PQ + refine", "faiss-ivfpq", {"refine": True}),
+        ]  # fmt: skip
+        skip = set(filter(None, self.args.skip.split(",")))
+        rows = self.results.setdefault("tuned", [])
+        for name, backend, opts in methods:
+            if {"scann": "scann", "faiss-hnsw": "hnsw", "faiss-ivfpq": "ivfpq"}[backend] in skip:
+                continue
+            index = self.build(name, backend, **opts)
+            build_s = self.results["builds"][name]["build_s"]
+            cache = {}
+            for target in targets:
+                row = {"method": name, "target": target, "build_s": build_s}
+                t0 = time.perf_counter()
+                try:
+                    t = tune(index, self.emb, tune_queries, target, k=self.k,
+                             repeats=self.args.repeats, true_rows=tune_rows, cache=cache)  # fmt: skip
+                except TuneError as e:
+                    row.update(params=None, error=str(e))
+                    self.log(f"  {name} @ {target}: {e}")
+                    rows.append(row)
+                    continue
+                p = t["params"]
+                sec, (_, got) = timed(lambda p=p, ix=index: ix.search(self.queries, self.k, **p),
+                                      self.args.repeats)  # fmt: skip
+                row.update(params=p, tune_recall=t["recall"], tune_qps=t["qps"],
+                           recall=recall(got, self.true_ids), qps=self.qps(sec),
+                           tune_s=time.perf_counter() - t0,
+                           candidates=t["candidates"])  # fmt: skip
+                rows.append(row)
+                self.log(f"  {name} @ {target}: {p} recall {row['recall']:.4f} "
+                         f"(tuning {t['recall']:.4f}), {row['qps']:.0f} q/s, "
+                         f"tuned in {row['tune_s']:.0f}s")  # fmt: skip
+                self.save()
+            del index
+            gc.collect()
+        self.save()
+
+    def tuned_headline(self):
+        out = {}
+        for target in sorted({r["target"] for r in self.results.get("tuned", [])}):
+            at = {r["method"]: r for r in self.results["tuned"]
+                  if r["target"] == target and r.get("params")}  # fmt: skip
+            faiss = {m: r for m, r in at.items() if m.startswith("FAISS")}
+            best = max(faiss, key=lambda m: faiss[m]["qps"]) if faiss else None
+            scann = at.get("ScaNN tree-AH")
+            out[f"{target:.2f}"] = {
+                "best FAISS": best,
+                "ratio": scann["qps"] / faiss[best]["qps"] if scann and best else None,
+            }
+        self.results["tuned_headline"] = out
+        self.save()
+        return out
+
+    def write_tuned_table(self):
+        cfg = self.results["config"]
+        L = [f"# Auto-tuned ANN benchmark: {cfg['data']}", ""]
+        L.append(f"N = {cfg['n']:,} vectors of dim {cfg['dim']}; each method tuned "
+                 f"(`dpr_jax.index.tune`) to each recall@{self.k} target on "
+                 f"{cfg['tune_queries']} tuning queries, then measured at those knobs on "
+                 f"{cfg['num_queries']} other queries; {cfg['threads']} search thread(s), "
+                 f"{cfg['build_threads']} build threads; {cfg['cpu']}; load average at start "
+                 f"{cfg['loadavg_start'][0]:.1f}.")  # fmt: skip
+        L += ["", "| method | target | tuned knobs | recall (tuning) | recall | q/s | build s |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in self.results["tuned"]:
+            if not r.get("params"):
+                L.append(f"| {r['method']} | {r['target']:.2f} | not reached | | | | "
+                         f"{r['build_s']:.1f} |")  # fmt: skip
+                continue
+            knobs = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+            L.append(f"| {r['method']} | {r['target']:.2f} | {knobs} | {r['tune_recall']:.4f} "
+                     f"| {r['recall']:.4f} | {r['qps']:,.0f} | {r['build_s']:.1f} |")  # fmt: skip
+        L += ["", "| target | best FAISS | ScaNN / FAISS q/s |", "|---|---|---|"]
+        for target, h in self.results.get("tuned_headline", {}).items():
+            ratio = f"{h['ratio']:.2f}x" if h["ratio"] else "n/a"
+            L.append(f"| {target} | {h['best FAISS'] or 'not reached'} | {ratio} |")
+        L += ["", f"Command: `{cfg['command']}`; total {cfg['elapsed_s']:.0f}s.", ""]
+        (self.out / "table.md").write_text("\n".join(L))
+
     # scaling -----------------------------------------------------------------------------------
 
     def scaling_point(self, m, method, index):
@@ -473,12 +583,84 @@ class Bench:
             plt.close(fig)
 
 
+def sharded_child(args) -> int:
+    """One device count: numpy brute force and exact JAX sharded over ``args.sharded_child``
+    CPU devices on the same data; one JSON line on stdout."""
+    flag = f"--xla_force_host_platform_device_count={args.sharded_child}"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+    set_thread_env(args.threads)
+    import jax
+
+    from dpr_jax.index import build_index
+
+    ids, emb, queries = synthetic(args.n, args.dim, args.num_queries, args.seed)
+    queries = queries[: args.max_queries]
+    np_s, (_, true_rows) = timed(lambda: numpy_topk(queries, emb, args.k), args.repeats)
+    index = build_index("exact", emb, ids)
+    index.search(queries[:512], args.k)  # compile the full-batch shape
+    jax_s, (_, got) = timed(lambda: index.search(queries, args.k), args.repeats)
+    out = {"devices": jax.device_count(), "shards": len(index._emb.addressable_shards),
+           "numpy_qps": len(queries) / np_s, "jax_qps": len(queries) / jax_s,
+           "recall": recall(got, ids[true_rows])}  # fmt: skip
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+def sharded(args) -> int:
+    """numpy vs exact JAX on each of ``--devices`` CPU device counts (a subprocess each)."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start, rows = time.time(), []
+    load = os.getloadavg()
+    for n_dev in [int(d) for d in args.devices.split(",") if d]:
+        cmd = [sys.executable, __file__, "--sharded-child", str(n_dev), "--n", str(args.n),
+               "--dim", str(args.dim), "--num-queries", str(args.num_queries),
+               "--max-queries", str(args.max_queries), "--k", str(args.k),
+               "--threads", str(args.threads), "--repeats", str(args.repeats),
+               "--seed", str(args.seed)]  # fmt: skip
+        t0 = time.time()
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode:
+            sys.stderr.write(res.stderr)
+            raise RuntimeError(f"sharded child for {n_dev} devices failed ({res.returncode})")
+        row = json.loads(res.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"[{time.time() - t_start:7.1f}s] {n_dev} device(s): numpy {row['numpy_qps']:.1f} "
+              f"q/s, exact JAX {row['jax_qps']:.1f} q/s ({row['jax_qps'] / row['numpy_qps']:.2f}x), "
+              f"recall {row['recall']:.4f} ({time.time() - t0:.0f}s)", file=sys.stderr)  # fmt: skip
+    results = {"config": {"n": args.n, "dim": args.dim, "num_queries": args.max_queries,
+                          "k": args.k, "threads": args.threads, "repeats": args.repeats,
+                          "cpu": f"{os.cpu_count()} CPU(s)", "loadavg_start": load,
+                          "loadavg_end": os.getloadavg(),
+                          "command": "python " + " ".join(sys.argv),
+                          "elapsed_s": round(time.time() - t_start, 1)},
+               "rows": rows}  # fmt: skip
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    L = [f"# Exact search sharded over CPU devices: {args.n:,} x {args.dim}, "
+         f"{min(args.num_queries, args.max_queries)} queries, k = {args.k}", "",
+         f"{args.threads} BLAS / XLA intra-op thread(s), {os.cpu_count()} CPU cores, load "
+         f"average at start {load[0]:.1f}; best of {args.repeats} runs.", "",
+         "| devices | numpy q/s | exact JAX q/s | JAX / numpy | recall@k |",
+         "|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        L.append(f"| {r['devices']} | {r['numpy_qps']:.1f} | {r['jax_qps']:.1f} | "
+                 f"{r['jax_qps'] / r['numpy_qps']:.2f}x | {r['recall']:.4f} |")  # fmt: skip
+    L += ["", f"Command: `{results['config']['command']}`.", ""]
+    (out / "table.md").write_text("\n".join(L))
+    print("\n".join(L))
+    return 0
+
+
 def _fmt(x, lower=False):
     return "n/a" if x is None else f"{'>= ' if lower else ''}{x:,.0f}"
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.sharded_child:
+        return sharded_child(args)
+    if args.mode == "sharded":
+        return sharded(args)
     set_thread_env(args.threads)
     import numpy as np
 
@@ -491,12 +673,20 @@ def main(argv=None) -> int:
             raise ValueError(
                 f"{args.queries}: queries {queries.shape} do not match dim {emb.shape[1]}"
             )
+        tune_queries = queries[args.max_queries : args.max_queries + args.tune_queries]
         queries = queries[: args.max_queries]
+        if args.mode == "tuned" and len(tune_queries) < args.tune_queries:
+            raise ValueError(
+                f"{args.queries}: --mode tuned needs {args.max_queries} + {args.tune_queries} "
+                f"queries (benchmark + tuning), the file has {len(queries) + len(tune_queries)}"
+            )
         data = f"{', '.join(args.embeddings)} + {args.queries}"
     else:
         t0 = time.time()
-        ids, emb, queries = synthetic(args.n, args.dim, args.num_queries, args.seed)
-        queries = queries[: args.max_queries]
+        n_tune = args.tune_queries if args.mode == "tuned" else 0
+        ids, emb, queries = synthetic(args.n, args.dim, args.num_queries + n_tune, args.seed)
+        tune_queries = queries[args.num_queries :]
+        queries = queries[: min(args.num_queries, args.max_queries)]
         data = "synthetic MiniLM-like embeddings"
         print(f"synthetic data in {time.time() - t0:.1f}s", file=sys.stderr)
     bench = Bench(args, ids, emb, queries)
@@ -519,6 +709,14 @@ def main(argv=None) -> int:
     }  # fmt: skip
     skip = set(filter(None, args.skip.split(",")))
     bench.ground_truth()
+    if args.mode == "tuned":
+        bench.results["config"]["tune_queries"] = len(tune_queries)
+        bench.tuned(tune_queries, [float(t) for t in args.targets.split(",") if t])
+        bench.tuned_headline()
+        bench.save()
+        bench.write_tuned_table()
+        print((bench.out / "table.md").read_text())
+        return 0
     if "exact" not in skip:
         bench.exact()
     sizes = [int(s) for s in args.scaling.split(",") if s]

@@ -6,6 +6,10 @@ says which model made its vectors::
 
     dpr-jax index --embeddings runs/emb --backend scann --out runs/index \\
         --option num_leaves=2000 --option reorder=200
+
+With ``--target-recall R --tune-queries Q.npy`` the search knobs are then tuned
+(:mod:`dpr_jax.index.tune`): the fastest setting whose recall@``--tune-k`` against brute force on
+those queries is at least R is saved in the index config and used by every later search.
 """
 
 from __future__ import annotations
@@ -51,7 +55,18 @@ def cli_main(argv: list[str] | None = None) -> int:
                     help="build/search threads for ScaNN and FAISS (default: all cores)")  # fmt: skip
     ap.add_argument("--no-verify", action="store_true",
                     help="skip the sha256 check of the embedding chunks (sizes are still checked)")  # fmt: skip
+    ap.add_argument("--target-recall", type=float, default=None, metavar="R",
+                    help="tune the search knobs: fastest setting with recall@k >= R (0 < R <= 1)")  # fmt: skip
+    ap.add_argument("--tune-queries", default=None, metavar="Q.npy",
+                    help="query vectors (Q, dim) float .npy for --target-recall")  # fmt: skip
+    ap.add_argument("--tune-k", type=int, default=10, help="k of the tuned recall@k (default 10)")
     args = ap.parse_args(argv)
+    if (args.target_recall is None) != (args.tune_queries is None):
+        ap.error("--target-recall and --tune-queries go together")
+    if args.target_recall is not None and not 0 < args.target_recall <= 1:
+        ap.error(f"--target-recall must be in (0, 1], got {args.target_recall}")
+    if args.tune_k < 1:
+        ap.error(f"--tune-k must be >= 1, got {args.tune_k}")
 
     try:
         options = dict(parse_option(o) for o in args.option)
@@ -62,6 +77,8 @@ def cli_main(argv: list[str] | None = None) -> int:
         if "num_threads" not in cls.DEFAULTS:
             ap.error(f"--threads does not apply to backend {args.backend!r}")
         options["num_threads"] = args.threads
+    if args.target_recall is not None and not cls.SEARCH_PARAMS:
+        ap.error(f"--target-recall: backend {args.backend!r} is exact, it has no knob to tune")
 
     t0 = time.time()
     ids, emb = load_embeddings(args.embeddings, verify=not args.no_verify, show_progress=True)
@@ -69,6 +86,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     print(f"{len(ids):,} vectors of dim {emb.shape[1]} from {len(args.embeddings)} "
           f"director{'y' if len(args.embeddings) == 1 else 'ies'} in {t_load:.1f}s",
           file=sys.stderr)  # fmt: skip
+    tune_queries = None
+    if args.tune_queries is not None:
+        tune_queries = load_tune_queries(args.tune_queries, emb.shape[1])
     index = cls(**options)
     index.meta = {
         "embeddings": [str(d) for d in args.embeddings],
@@ -77,8 +97,16 @@ def cli_main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     index.build(emb, ids)
     t_build = time.time() - t0
-    del emb
     index.meta["build_seconds"] = round(t_build, 3)
+    if tune_queries is not None:
+        from dpr_jax.index.tune import tune
+
+        t0 = time.time()
+        tuned = tune(index, emb, tune_queries, args.target_recall, k=args.tune_k)
+        print(f"tuned for recall@{tuned['k']} >= {args.target_recall} on {len(tune_queries)} "
+              f"queries in {time.time() - t0:.1f}s: {json.dumps(tuned['params'])}, recall "
+              f"{tuned['recall']:.4f}, {tuned['qps']:,.0f} q/s", file=sys.stderr)  # fmt: skip
+    del emb
     out = index.save(args.out)
     size = index.size_bytes()
     print(
@@ -88,3 +116,23 @@ def cli_main(argv: list[str] | None = None) -> int:
     )
     print(json.dumps(index.config["options"], sort_keys=True), file=sys.stderr)
     return 0
+
+
+def load_tune_queries(path: str, dim: int):
+    """The (Q, dim) float tuning queries of ``--tune-queries``; errors name the file."""
+    import numpy as np
+
+    try:
+        q = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: --tune-queries file not found") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npy file ({e}); save it with numpy.save") from e
+    if q.ndim != 2 or q.shape[1] != dim or len(q) == 0 or q.dtype.kind != "f":
+        raise ValueError(
+            f"{path}: tuning queries must be a non-empty float (Q, {dim}) array like the "
+            f"embeddings, got {q.dtype} {q.shape}"
+        )
+    if not np.isfinite(q).all():
+        raise ValueError(f"{path}: row {int(np.argmax(~np.isfinite(q).all(1)))} is not finite")
+    return q.astype(np.float32)

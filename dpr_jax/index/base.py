@@ -15,7 +15,8 @@ An *index directory* is::
 
     INDEX_DIR/
       index_config.json   {"backend", "options", "dim", "size", "meta" (e.g. the embeddings'
-                          config.json), "created_by"}
+                          config.json), "created_by", and "tuned" when the search knobs were
+                          tuned to a recall target (:mod:`.tune`)}
       ids.npy             the passage ids, row i of the index is ids[i]
       ...                 the backend's own files
       manifest.json       size and sha256 of every file above
@@ -79,6 +80,9 @@ class Index(abc.ABC):
     backend: ClassVar[str]
     DEFAULTS: ClassVar[dict[str, Any]] = {}
     SEARCH_PARAMS: ClassVar[tuple[str, ...]] = ()  # per-call overrides accepted by search()
+    # tuned search settings: {"params": {name: value}, "k", "target_recall", "recall", "qps", ...}
+    # written by dpr_jax.index.tune; search() uses "params" unless a call overrides them
+    tuned: dict[str, Any] | None = None
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.DEFAULTS))
@@ -91,6 +95,7 @@ class Index(abc.ABC):
         self.ids: np.ndarray | None = None
         self.dim: int | None = None
         self.meta: dict[str, Any] = {}
+        self.tuned = None
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -109,6 +114,7 @@ class Index(abc.ABC):
             "size": self.size,
             "meta": self.meta,
             "created_by": f"dpr-jax {_version()}",
+            **({"tuned": self.tuned} if self.tuned else {}),
         }
 
     def build(self, emb: np.ndarray, ids) -> Index:
@@ -134,8 +140,9 @@ class Index(abc.ABC):
         """Top-``k`` by inner product: ``(scores float32 (Q, k), ids str (Q, k))``, best first.
 
         ``k`` larger than the index is clamped to its size. ``params`` are per-call overrides of
-        search settings (``SEARCH_PARAMS`` of the backend, e.g. ``leaves_to_search``). An
-        approximate backend that finds fewer than ``k`` candidates pads with id "" and -inf.
+        search settings (``SEARCH_PARAMS`` of the backend, e.g. ``leaves_to_search``); without
+        them a tuned index uses its tuned settings (``tuned["params"]``). An approximate backend
+        that finds fewer than ``k`` candidates pads with id "" and -inf.
         """
         if self.ids is None:
             raise RuntimeError(f"{self.backend} index is empty: call build() or load() first")
@@ -145,6 +152,8 @@ class Index(abc.ABC):
                 f"unknown search parameter(s) {unknown} for backend {self.backend!r}; "
                 f"known: {list(self.SEARCH_PARAMS)}"
             )
+        if self.tuned:
+            params = {**self.tuned["params"], **params}
         q = np.asarray(queries)
         if q.ndim == 1:
             q = q[None]
@@ -238,8 +247,24 @@ class Index(abc.ABC):
                 f"{ids_path}: expected {config.get('size')} string ids, got {ids.dtype} {ids.shape}"
             )
         index.ids, index.dim, index.meta = ids, int(config["dim"]), config.get("meta", {})
+        tuned = config.get("tuned")
+        if tuned is not None:
+            params = tuned.get("params") if isinstance(tuned, dict) else None
+            if not isinstance(params, dict) or set(params) - set(cls.SEARCH_PARAMS):
+                raise ValueError(
+                    f"{path / INDEX_CONFIG}: 'tuned' must hold 'params' with search parameters of "
+                    f"{cls.backend!r} ({list(cls.SEARCH_PARAMS)}), got {params!r}; re-run "
+                    f"`dpr-jax index --target-recall` or delete the 'tuned' field"
+                )
+            index.tuned = tuned
         index._load_files(path)
         return index
+
+    def tune_space(self, k: int) -> list[tuple[str, list]]:
+        """The search knobs :mod:`.tune` may set, as ``[(param, values), ...]``: each list in
+        increasing cost (and recall), the first knob the coarse one (partitions or graph breadth),
+        the second, if any, the rescoring depth. Empty: nothing to tune (an exact backend)."""
+        return []
 
     # -- backend hooks ---------------------------------------------------------------------------
 

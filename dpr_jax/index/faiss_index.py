@@ -141,6 +141,12 @@ class FaissHNSWIndex(FaissIndex):
     def _after_load(self):
         self.index.hnsw.efSearch = int(self.options["ef_search"])
 
+    def tune_space(self, k):
+        """efSearch from k to max(4096, 8 k) (FAISS searches with max(efSearch, k))."""
+        from dpr_jax.index.tune import ladder
+
+        return [("ef_search", ladder(k, max(4096, 8 * k), ratio=1.2))]
+
     def _params(self, k, ef_search=None):
         ef = int(self.options["ef_search"] if ef_search is None else ef_search)
         return import_faiss().SearchParametersHNSW(efSearch=max(ef, k))
@@ -218,6 +224,15 @@ class FaissIVFPQIndex(FaissIndex):
         index.train(sample)
         index.add(emb)
         return index
+
+    def tune_space(self, k):
+        """nprobe from 1 to nlist, then the refine k_factor from 1 to 256 (with refine)."""
+        from dpr_jax.index.tune import ladder
+
+        space = [("nprobe", ladder(1, int(self.options["nlist"])))]
+        if self.options["refine"]:
+            space.append(("k_factor", ladder(1, max(1, min(256, self.size // k)))))
+        return space
 
     def _after_load(self):
         if self.options["refine"]:

@@ -176,6 +176,19 @@ class ScannIndex(Index):
             rows[start : start + n], scores[start : start + n] = r, s
         return scores, rows
 
+    def tune_space(self, k: int) -> list[tuple[str, list]]:
+        """leaves_to_search (1 ... all leaves), then the reorder depth (k ... max(1000, 40 k))
+        when AH candidates are reordered."""
+        from dpr_jax.index.tune import ladder
+
+        o, space = self.options, []
+        if o.get("num_leaves"):
+            space.append(("leaves_to_search", ladder(1, int(o["num_leaves"]))))
+        if o.get("scoring") == "ah" and o.get("reorder"):
+            depth = min(self.size, max(1000, 40 * k))
+            space.append(("pre_reorder_num_neighbors", ladder(k, max(k, depth))))
+        return space
+
     def _save_files(self, directory: Path) -> None:
         out = directory / SCANN_DIR
         out.mkdir()
@@ -201,6 +214,9 @@ class ScannBruteForceIndex(ScannIndex):
     DEFAULTS = {"num_neighbors": 10, "num_threads": 0, "training_threads": 0,
                 "query_batch_size": 16384}  # fmt: skip
     SEARCH_PARAMS = ()
+
+    def tune_space(self, k: int) -> list[tuple[str, list]]:
+        return []
 
     def _resolve(self, n: int) -> None:
         pass
