@@ -39,19 +39,6 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def parse_ks(text: str) -> list[int]:
-    """``--ks 1,5,20``: comma-separated positive integers (every command that takes cut-offs)."""
-    try:
-        ks = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not ks or min(ks) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return ks
-
-
 def _raised_by_dpr_jax(exc: BaseException) -> bool:
     """True when the innermost frame that raised ``exc`` is dpr-jax's own code: a deliberate
     check, not a ValueError from deep inside numpy or jax."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from dpr_jax.cli.errors import Parser, parse_ks
+from dpr_jax.cli.errors import Parser
+from dpr_jax.cli.options import parse_ks
 from dpr_jax.data.formats import atomic_write_text, read_retrieval_results
 from dpr_jax.evaluate import MATCH_TYPES, ann_recall, top_k_accuracy
 

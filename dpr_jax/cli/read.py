@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 
-from dpr_jax.cli.errors import Parser, parse_ks
+from dpr_jax.cli.errors import Parser
+from dpr_jax.cli.options import parse_ks
 from dpr_jax.errors import UserError
-from dpr_jax.reader.data import FORMATS, read_reader_examples
+from dpr_jax.reader.data import FORMATS, read_reader_examples, sample_examples
 from dpr_jax.reader.span import (
     DEFAULT_TOP_K,
     ReaderPredictor,
     evaluate_predictions,
     write_predictions,
 )
-from dpr_jax.reader.task import sample_examples
 
 
 def cli_main(argv: list[str] | None = None) -> int:

@@ -1,32 +1,13 @@
 """Training DPR's extractive reader (Karpukhin et al. 2020, sec. 6.1; DPR's ``train_extractive_reader.py``).
 
-Each training question comes with M passages, its positive at index 0 (:mod:`dpr_jax.reader.data`).
-The loss of a question is DPR's (``dpr/models/reader.py: compute_loss`` and ``_calc_mml``):
-
-- passage selection: cross-entropy of the relevance logits over the M passages, label 0;
-- span: the marginal log-likelihood of *all* gold spans (s_k, e_k) of the positive passage,
-  ``-log sum_k P_start(s_k) * P_end(e_k)``, with P_start / P_end the softmax of the start / end
-  logits over the positive's tokens. (DPR's ``_calc_mml`` over ``loss_k = CE_start(s_k) +
-  CE_end(e_k)``: ``exp(-loss_k) = P_start(s_k) P_end(e_k)``, a joint marginal over spans.)
-
-Differences from DPR, all deliberate: the loss is the *mean* over questions (DPR sums over the
-batch, which ties the step size to the batch size); padding tokens are masked out of the
-start/end softmax (DPR keeps them, where they only absorb probability) and padding passage
-slots out of the selection softmax; gold spans are masked explicitly (DPR recognises them by a
-loss of exactly 0).
-
-The step ``train_step(state, batch, rng) -> (state, metrics)`` is one ``jax.jit`` over a 1-D
-``"data"`` mesh of all devices: the batch of questions is split over the devices, parameters and
-optimizer state are replicated, and XLA inserts the gradient all-reduce. Optimizer (shared with ``dpr-jax train``,
-:func:`dpr_jax.retriever.task.make_optimizer`): AdamW, linear warmup then linear decay (DPR's
-``get_schedule_linear``), global-norm clipping. Dropout keys are ``fold_in(rng, step)``.
-
-Work directory (as ``dpr-jax train``)::
-
-    WORKDIR/config.json        the resolved config
-    WORKDIR/metrics.jsonl      one JSON line per log / dev evaluation
-    WORKDIR/checkpoints/<step> orbax {"state": {step, params, opt_state}, "data": {...}}
-    WORKDIR/model/             the exported reader model directory (kind "reader")
+Each training question comes with M passages, its positive at index 0 (:mod:`dpr_jax.reader.data`);
+the loss is DPR's (:mod:`dpr_jax.reader.loss`) and the step (:mod:`dpr_jax.reader.step`) runs
+data-parallel over every device. The run itself (work directory, resume, evaluation and
+checkpoint cadence, export of a ``reader`` model directory) is the loop both models share,
+:func:`dpr_jax.training.loop.train_and_evaluate`; this module is the reader's :class:`ReaderTask`
+for it and the config :class:`ReaderTrainConfig`. Optimizer (shared with ``dpr-jax train``,
+:mod:`dpr_jax.training.optimizer`): AdamW, linear warmup then linear decay (DPR's
+``get_schedule_linear``), global-norm clipping.
 
 The data order is a pure function of the step (:class:`dpr_jax.reader.data.ReaderTrainData`),
 so a run resumed from its latest checkpoint ends with exactly the parameters of an uninterrupted
@@ -63,13 +44,13 @@ from dpr_jax.reader.span import ReaderPredictor, evaluate_predictions
 from dpr_jax.reader.step import make_train_step
 from dpr_jax.training import config as training_config
 from dpr_jax.training import loop
+from dpr_jax.training.config import check_training_fields
 from dpr_jax.training.config import expand_path as _expand
 from dpr_jax.training.config import minilm_path as _minilm_path
 from dpr_jax.training.loop import to_host
 from dpr_jax.training.optimizer import make_optimizer, optimizer_key
 from dpr_jax.training.state import TrainState
 
-DTYPES = ("float32", "bfloat16")
 _NEG = -1e9  # logit of masked positions / passages
 
 
@@ -165,16 +146,7 @@ class ReaderTrainConfig:
         if self.data_format not in FORMATS:
             bad("data_format", f"must be one of {FORMATS}")
         ReaderInputConfig(self.max_length, self.max_question_length, self.trailing_sep)
-        if self.dtype not in DTYPES:
-            bad("dtype", f"must be one of {DTYPES}")
-        if not self.learning_rate > 0:
-            bad("learning_rate", "must be > 0")
-        if not 0 <= self.warmup_fraction < 1:
-            bad("warmup_fraction", "must be in [0, 1)")
-        if self.num_steps == 0 and not self.num_epochs > 0:
-            bad("num_epochs", "must be > 0 when num_steps is 0")
-        if self.dropout >= 1:
-            bad("dropout", "must be < 1")
+        check_training_fields(self, bad)
         if not self.eval_top_k or min(self.eval_top_k) < 1:
             bad("eval_top_k", "must be positive integers")
         if not self.init_from and not self.model:

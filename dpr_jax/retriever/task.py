@@ -76,13 +76,12 @@ from dpr_jax.retriever.model import BiEncoder, EncoderConfig, init_biencoder_par
 from dpr_jax.retriever.step import LossConfig, make_train_step
 from dpr_jax.training import config as training_config
 from dpr_jax.training import loop
+from dpr_jax.training.config import check_training_fields
 from dpr_jax.training.config import expand_path as _expand
 from dpr_jax.training.config import minilm_path as _minilm_path
 from dpr_jax.training.loop import to_host
 from dpr_jax.training.optimizer import make_optimizer, optimizer_key
 from dpr_jax.training.state import TrainState
-
-DTYPES = ("float32", "bfloat16")
 
 # Fields that fix the data order or the meaning of a data position: a checkpoint written with
 # other values cannot be resumed exactly.
@@ -171,18 +170,7 @@ class TrainConfig:
                 bad(f, "must be >= 0")
         if self.q_max_len < 2 or self.p_max_len < 3:
             bad("q_max_len" if self.q_max_len < 2 else "p_max_len", "too small")
-        if self.dtype not in DTYPES:
-            bad("dtype", f"must be one of {DTYPES}")
-        if not self.learning_rate > 0:
-            bad("learning_rate", "must be > 0")
-        if not 0 <= self.warmup_fraction < 1:
-            bad("warmup_fraction", "must be in [0, 1)")
-        if self.num_steps == 0 and not self.num_epochs > 0:
-            bad("num_epochs", "must be > 0 when num_steps is 0")
-        if self.dropout >= 1:
-            bad("dropout", "must be < 1")
-        if self.keep_checkpoints < 1:
-            bad("keep_checkpoints", "must be >= 1")
+        check_training_fields(self, bad)
         if not self.scale > 0:
             bad("scale", "must be > 0")
         if not self.init_from and not self.model:

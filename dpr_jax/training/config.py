@@ -17,6 +17,24 @@ from typing import Any, TypeVar
 from dpr_jax.errors import UserError
 
 C = TypeVar("C")
+DTYPES = ("float32", "bfloat16")  # compute dtypes; parameters stay float32
+
+
+def check_training_fields(config: Any, bad) -> None:
+    """The checks of the fields both trainers' configs share (optimizer, schedule, loop);
+    ``bad(field, why)`` raises."""
+    if config.dtype not in DTYPES:
+        bad("dtype", f"must be one of {DTYPES}")
+    if not config.learning_rate > 0:
+        bad("learning_rate", "must be > 0")
+    if not 0 <= config.warmup_fraction < 1:
+        bad("warmup_fraction", "must be in [0, 1)")
+    if config.num_steps == 0 and not config.num_epochs > 0:
+        bad("num_epochs", "must be > 0 when num_steps is 0")
+    if config.dropout >= 1:
+        bad("dropout", "must be < 1")
+    if config.keep_checkpoints < 1:
+        bad("keep_checkpoints", "must be >= 1")
 
 
 def expand_path(path: str) -> str:

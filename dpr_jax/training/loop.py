@@ -133,6 +133,48 @@ def _save_on_interrupt(task, ckpts, state, saved_step, start_step, start_positio
         tqdm.write(f"interrupted: could not checkpoint ({type(e).__name__}: {short_error(e)})")
 
 
+def _resume_or_init(task: Task, ckpts: Checkpoints, latest, saved) -> tuple[TrainState, Any]:
+    """The state and data position to start from: the latest checkpoint's, or the task's init."""
+    if latest is None:
+        return task.init_state(), task.initial_position()
+    restored = ckpts.restore(latest, task.abstract_state())
+    state = TrainState(restored["step"], restored["params"], restored["opt_state"])
+    if int(state.step) != latest:
+        raise CheckpointError(
+            f"{ckpts.directory / str(latest)}: holds step {int(state.step)}, its name says {latest}"
+        )
+    return state, task.position_from_dict(saved["position"])
+
+
+def _train_record(task: Task, host: list[dict], step: int, position, seconds: float, steps: int):
+    """The log record of the steps since the last one: mean step metrics, lr, rate, epoch."""
+    keys = task.log_keys or [k for k in host[0] if k != "questions"]
+    record = {k: float(np.mean([m[k] for m in host])) for k in keys}
+    record.update({
+        "lr": float(task.schedule(step - 1)),
+        task.rate_name: steps * task.config.batch_size / max(seconds, 1e-9),
+        "epoch": task.epoch(position, step),
+    })  # fmt: skip
+    return record
+
+
+def _export(task: Task, workdir: Path, ckpts: Checkpoints, state, step: int, dev) -> None:
+    primary = jax.process_index() == 0
+    if jax.process_count() > 1:
+        # save_model writes with orbax from one process; orbax then waits for the others at a
+        # barrier they never reach. Until save_model supports single-process writes inside a
+        # multi-process job, export from the final checkpoint afterwards (one process).
+        if primary:
+            tqdm.write(
+                f"multi-process run: not exporting {workdir / 'model'}; the parameters are in "
+                f"{ckpts.directory / str(step)}"
+            )
+        return
+    params_host = to_host(state.params)
+    if primary:
+        tqdm.write(f"exported {task.export(workdir, params_host, step, dev)}")
+
+
 def train_and_evaluate(task: Task, workdir: str | Path, mesh) -> dict[str, float]:
     """Train (or resume) ``task`` in ``workdir`` over ``mesh``; returns the final dev metrics (or
     the last train metrics when there is no dev set), with ``step``."""
@@ -162,19 +204,7 @@ def train_and_evaluate(task: Task, workdir: str | Path, mesh) -> dict[str, float
     }}  # fmt: skip
     if primary:
         (workdir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
-
-    position = task.initial_position()
-    if latest is None:
-        state = task.init_state()
-    else:
-        restored = ckpts.restore(latest, task.abstract_state())
-        state = TrainState(restored["step"], restored["params"], restored["opt_state"])
-        position = task.position_from_dict(saved["position"])
-        if int(state.step) != latest:
-            raise CheckpointError(
-                f"{ckpts.directory / str(latest)}: holds step {int(state.step)}, its name says "
-                f"{latest}"
-            )
+    state, position = _resume_or_init(task, ckpts, latest, saved)
     start_step = int(state.step)
     log = MetricsLog(workdir / "metrics.jsonl", primary)
     log.write({"split": "start", "step": start_step, "position": position.to_dict(),
@@ -217,17 +247,10 @@ def train_and_evaluate(task: Task, workdir: str | Path, mesh) -> dict[str, float
                 jax.block_until_ready(pending[-2])  # and the progress bar counts finished steps
                 bar.update(1)
             if step % config.log_every == 0 or step == end_step:
-                host = jax.device_get(pending)
-                pending = []
+                host, pending = jax.device_get(pending), []
                 bar.update(1)
                 dt = time.perf_counter() - t_window
-                keys = task.log_keys or [k for k in host[0] if k != "questions"]
-                last_train = {k: float(np.mean([m[k] for m in host])) for k in keys}
-                last_train.update({
-                    "lr": float(task.schedule(step - 1)),
-                    task.rate_name: steps_window * config.batch_size / max(dt, 1e-9),
-                    "epoch": task.epoch(position, step),
-                })  # fmt: skip
+                last_train = _train_record(task, host, step, position, dt, steps_window)
                 log.write({"split": "train", "step": step, **last_train})
                 bar.set_postfix(task.postfix(last_train))
                 t_window, steps_window = time.perf_counter(), 0
@@ -252,20 +275,6 @@ def train_and_evaluate(task: Task, workdir: str | Path, mesh) -> dict[str, float
         return {"step": step, **last_train}
     if task.has_evaluator:
         last_eval = run_eval(step)
-    if config.export and jax.process_count() > 1:
-        # save_model writes with orbax from one process; orbax then waits for the others at a
-        # barrier they never reach. Until save_model supports single-process writes inside a
-        # multi-process job, export from the final checkpoint afterwards (one process).
-        if primary:
-            tqdm.write(
-                f"multi-process run: not exporting {workdir / 'model'}; the parameters are in "
-                f"{ckpts.directory / str(step)}"
-            )
-    elif config.export:
-        params_host = to_host(state.params)
-        if primary:
-            out = task.export(workdir, params_host, step, last_eval)
-            tqdm.write(f"exported {out}")
-    result = dict(last_eval or last_train)
-    result["step"] = step
-    return result
+    if config.export:
+        _export(task, workdir, ckpts, state, step, last_eval)
+    return {**(last_eval or last_train), "step": step}
