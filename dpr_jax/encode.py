@@ -73,6 +73,11 @@ class TowerEncoder:
         self._encode = _encode
 
     @property
+    def fingerprint(self) -> str:
+        """sha256 of the bi-encoder's parameter bytes (the model's identity, not its path)."""
+        return self.meta["params_sha256"]
+
+    @property
     def dim(self) -> int:
         return self.config.embedding_dim
 
@@ -128,20 +133,36 @@ def encode_corpus(
     compute_dtype: str = "float32",
     show_progress: bool = True,
     max_chunks: int | None = None,
+    passages_file: str | Path | None = None,
 ) -> Path:
     """Encode this shard's passages into ``out_dir`` (resumable). ``max_chunks`` stops early
-    (used by tests to simulate a killed job)."""
+    (used by tests to simulate a killed job). ``passages_file``: the file ``passages`` were read
+    from, whose sha256 is recorded (with a fingerprint of the passages themselves)."""
     from tqdm.auto import tqdm
 
     from dpr_jax.embeddings import EmbeddingWriter
+    from dpr_jax.io import check_output_path, fingerprint_passages, sha256_file
 
     if out_dtype not in ("float16", "float32"):
         raise ValueError(f"out_dtype must be float16 or float32, got {out_dtype!r}")
+    for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size),
+                        ("max_length", max_length)):  # fmt: skip
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} is not in [0, {num_shards})")
+    if len(passages) == 0:
+        where = f"{passages_file}: " if passages_file else ""
+        raise ValueError(f"{where}no passages to encode (empty corpus)")
+    check_output_path(out_dir, [resolve_model_dir(model_dir), passages_file])
     enc = TowerEncoder(model_dir, "passage", batch_size, max_length, bucket, compute_dtype)
     start, stop = shard_range(len(passages), shard, num_shards)
     config = {
-        "model_dir": str(enc.model_dir),
+        "model_dir": str(enc.model_dir.resolve()),
         "model": enc.meta["model"],
+        "model_fingerprint": enc.fingerprint,
+        "passages_sha256": sha256_file(passages_file) if passages_file else None,
+        "passages_fingerprint": fingerprint_passages(passages),
         "tower": "passage",
         "num_passages": len(passages),
         "shard": shard,
@@ -154,9 +175,10 @@ def encode_corpus(
         "compute_dtype": compute_dtype,
         "dim": enc.dim,
     }
+    chunks = list(range(-(-(stop - start) // chunk_size)))
+    config["num_chunks"] = len(chunks)
     writer = EmbeddingWriter(out_dir, shard=shard, num_shards=num_shards, config=config)
     done = writer.done_chunks()
-    chunks = list(range(-(-(stop - start) // chunk_size)))
     todo = [c for c in chunks if c not in done]
     if max_chunks is not None:
         todo = todo[:max_chunks]
@@ -211,16 +233,18 @@ def cli_main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     if args.questions:
         from dpr_jax.data.formats import read_qas
+        from dpr_jax.io import atomic_save_npy, check_output_path
 
         texts = [q.question for q in read_qas(args.questions)]
+        if not texts:
+            raise ValueError(f"{args.questions}: no questions to encode (empty file)")
+        check_output_path(args.out, [resolve_model_dir(args.model), args.questions])
         enc = TowerEncoder(args.model, "question", args.batch_size, min(args.max_length, 64),
                            args.bucket or None, args.compute_dtype)  # fmt: skip
         vecs = enc.encode(texts)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp.npy")
-        np.save(tmp, vecs)
-        tmp.replace(out)  # atomic: a killed job leaves no half-written file
+        atomic_save_npy(out, vecs)  # a killed job leaves no half-written file
         print(f"{len(texts):,} questions from {args.questions} -> {out} "
               f"in {time.time() - t0:.1f}s", file=sys.stderr)  # fmt: skip
         return 0
@@ -229,6 +253,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     encode_corpus(
         args.model, passages, args.out, shard, num_shards, args.chunk_size, args.batch_size,
         args.max_length, args.bucket or None, args.dtype, args.compute_dtype,
+        passages_file=args.passages,
     )  # fmt: skip
     print(f"encoded into {args.out} in {time.time() - t0:.1f}s", file=sys.stderr)
     return 0

@@ -24,9 +24,13 @@ class DenseRetriever:
     def __init__(self, model_dir: str | Path, index, batch_size: int = 64, max_length: int = 64):
         from dpr_jax.encode import TowerEncoder
         from dpr_jax.index import load_index
+        from dpr_jax.provenance import check_model
 
+        index_dir = index if isinstance(index, (str, Path)) else None
+        self.index = load_index(index) if index_dir is not None else index
         self.encoder = TowerEncoder(model_dir, "question", batch_size, max_length, bucket=16)
-        self.index = load_index(index) if isinstance(index, (str, Path)) else index
+        # before any question is encoded: the index's passages came from this bi-encoder
+        check_model(self.index, self.encoder.fingerprint, model_dir, index_dir)
 
     def encode(self, questions: Sequence[str]) -> np.ndarray:
         return self.encoder.encode(list(questions))
@@ -130,7 +134,14 @@ def cli_main(argv: list[str] | None = None) -> int:
     questions = read_qas(args.questions)
     passages_list = read_passages_tsv(args.passages)
     passages = {str(p.id): p for p in passages_list}
+    if not questions:
+        raise ValueError(f"{args.questions}: no questions (empty file)")
     retriever = _build_retriever(args, passages_list)
+    dense = retriever.dense if isinstance(retriever, HybridRetriever) else retriever
+    if isinstance(dense, DenseRetriever):
+        from dpr_jax.provenance import check_passages
+
+        check_passages(dense.index, args.passages, passages_list, args.index)
     t0 = time.time()
     scores, ids = retriever.search([q.question for q in questions], args.k)
     dt = time.time() - t0

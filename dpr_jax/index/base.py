@@ -24,8 +24,9 @@ An *index directory* is::
 (:func:`dpr_jax.io.replace_dir`), so a failed save never damages an existing index and the path
 never stops naming a complete one; ``load`` checks every file against the manifest and refuses a
 truncated, corrupted or unlisted one by name (:class:`IndexIntegrityError`) before any backend
-reads it. ``meta`` records where the vectors came from (``model_fingerprint``, the passages'
-``passages_sha256`` / ``passages_fingerprint``; :mod:`dpr_jax.provenance` checks them).
+reads it. ``meta`` records where the vectors came from (``model_fingerprint``, and ``passages``:
+the sha256 and content fingerprint of each embeddings directory's corpus), which
+:mod:`dpr_jax.provenance` checks before a question is encoded.
 """
 
 from __future__ import annotations
