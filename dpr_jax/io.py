@@ -293,6 +293,10 @@ def write_manifest(directory: str | Path, fmt: str, extra: dict | None = None) -
     return manifest
 
 
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
+
+
 def verify_manifest(
     directory: str | Path,
     checksums: bool = True,
@@ -324,7 +328,7 @@ def verify_manifest(
         rel = p.relative_to(directory).as_posix()
         if rel != MANIFEST and rel not in files:
             raise error(
-                f"{p}: not listed in {mpath}; an {what} holds only the files it was saved with. "
+                f"{p}: not listed in {mpath}; {_a(what)} holds only the files it was saved with. "
                 "Remove the file (or re-create the directory) and try again"
             )
     for rel, meta in files.items():
