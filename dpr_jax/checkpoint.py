@@ -7,11 +7,21 @@ A *model directory* is what ``dpr-jax convert`` writes and what ``encode`` / ``r
       dpr_jax_model.json   {"kind": "biencoder"|"bert"|"reader", "model": {...}, "created_by": ...}
       params/              orbax checkpoint of the parameter pytree (float32)
       tokenizer files      (tokenizer.json, vocab.txt, ...)
+      manifest.json        size and sha256 of every file above (:mod:`dpr_jax.io`)
 
-Loading checks the stored tree against the parameters the config implies: a missing key, an extra
-key or a wrong shape is refused with an error that names the key. Saving writes into a temporary
-sibling directory and renames it into place, so a failed save never leaves a half-written model
-where a good one was.
+``dpr_jax_model.json`` also records ``params_sha256``, a hash of the parameter bytes
+(:func:`dpr_jax.io.fingerprint_arrays`): the model's identity wherever it is stored, which
+embeddings and indexes record so that a question encoder can be matched to its passage index.
+
+Loading first checks every file against the manifest (a flipped byte, an edited config or a
+planted file is refused by name), then the stored tree against the parameters the config implies
+(a missing key, an extra key or a wrong shape names the key, a head count that does not divide
+the hidden size is refused by the config), then the parameters against ``params_sha256`` and for finite values.
+Saving writes into a temporary sibling directory and swaps it into place
+(:func:`dpr_jax.io.replace_dir`), so a failed save never leaves a half-written model where a good
+one was, and the path never stops naming a complete model. Model directories written before
+manifests existed are refused with a message; ``dpr-jax add-manifest DIR``
+adds one to a directory you trust.
 
 Training work directories (``dpr-jax train``) hold orbax ``CheckpointManager`` steps and, once
 training ends, a model directory ``WORKDIR/model``; ``resolve_model_dir`` accepts either.
@@ -21,9 +31,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +41,26 @@ from flax.traverse_util import flatten_dict
 
 from dpr_jax import __version__
 from dpr_jax.data.tokenize import DPRTokenizer
+from dpr_jax.io import (
+    MANIFEST,
+    IntegrityError,
+    fingerprint_arrays,
+    replace_dir,
+    temp_dir_for,
+    verify_manifest,
+    write_manifest,
+)
 from dpr_jax.models.bert import BertConfig, BertModule
 from dpr_jax.reader.model import Reader
 from dpr_jax.retriever.model import BiEncoder, EncoderConfig
 
 MODEL_JSON = "dpr_jax_model.json"
 KINDS = ("biencoder", "bert", "reader")
+MODEL_FORMAT = "dpr-jax-model/1"
+
+
+class ModelIntegrityError(IntegrityError):
+    """A model directory's file is missing, altered, unlisted or inconsistent with its config."""
 
 
 def model_config_from_dict(kind: str, d: dict[str, Any]):
@@ -114,8 +136,7 @@ def save_model(
     check_params(params, abstract_params(kind, config), f"save_model({out_dir})")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir}: exists (pass overwrite=True to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = temp_dir_for(out_dir)
     try:
         params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
         ckptr = ocp.StandardCheckpointer()
@@ -127,6 +148,7 @@ def save_model(
             "created_by": f"dpr-jax {__version__}",
             "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             **(extra or {}),
+            "params_sha256": fingerprint_arrays(params),
         }
         (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2))
         if tokenizer is not None:
@@ -134,13 +156,8 @@ def save_model(
                 tokenizer = DPRTokenizer(tokenizer)
             save = getattr(tokenizer, "save", None) or tokenizer.save_pretrained
             save(str(tmp))
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        write_manifest(tmp, MODEL_FORMAT)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -178,28 +195,84 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 def load_model(model_dir: str | Path, expect_kind: str | None = None):
     """-> (kind, config, params, meta). Refuses a checkpoint that does not match its config."""
-    import orbax.checkpoint as ocp
 
     model_dir = resolve_model_dir(model_dir)
+    verify_model_files(model_dir)
     meta = read_model_meta(model_dir)
     kind = meta["kind"]
     if expect_kind is not None and kind != expect_kind:
         raise ValueError(f"{model_dir}: holds a {kind!r} model, expected {expect_kind!r}")
+    config = _config_of(model_dir, meta)
+    params = _restore(model_dir)
+    params_dir = model_dir / "params"
+    check_params(params, abstract_params(kind, config), str(params_dir))
+    want = meta.get("params_sha256")
+    got = fingerprint_arrays(params)
+    if want != got:
+        raise ModelIntegrityError(
+            f"{model_dir / MODEL_JSON}: field 'params_sha256' is {want!r} but the parameters in "
+            f"{params_dir} hash to {got!r} (altered); re-create the model directory"
+        )
+    for key, leaf in flatten_dict(params).items():
+        if not np.isfinite(np.asarray(leaf)).all():
+            raise ModelIntegrityError(f"{params_dir}: parameter {'/'.join(key)!r} is not finite")
+    return kind, config, params, meta
+
+
+def _config_of(model_dir: Path, meta: dict):
+    kind = meta["kind"]
     try:
         config = model_config_from_dict(kind, meta["model"])
     except (TypeError, KeyError, ValueError) as e:
         raise ValueError(f"{model_dir / MODEL_JSON}: bad model config ({e})") from None
+    return config  # BertConfig refuses a head count that does not divide the hidden size
+
+
+def _restore(model_dir: Path) -> dict:
+    import orbax.checkpoint as ocp
+
     params_dir = model_dir / "params"
     if not params_dir.is_dir():
         raise FileNotFoundError(f"{params_dir}: parameters missing")
     try:
-        params = ocp.StandardCheckpointer().restore(params_dir.absolute())
+        return ocp.StandardCheckpointer().restore(params_dir.absolute())
     except Exception as e:  # orbax raises many types for truncated / foreign data
         raise ValueError(
             f"{params_dir}: cannot read the parameters ({type(e).__name__}: {e})"
         ) from e
-    check_params(params, abstract_params(kind, config), str(params_dir))
-    return kind, config, params, meta
+
+
+def verify_model_files(model_dir: str | Path) -> dict:
+    """Every file of a model directory against its manifest (sha256), none unlisted."""
+    model_dir = Path(model_dir)
+    return verify_manifest(
+        model_dir,
+        checksums=True,
+        required=(MODEL_JSON,),
+        what="model directory",
+        error=ModelIntegrityError,
+        missing_hint="model directories carry a manifest of checksums since dpr-jax 0.2; "
+        "re-create this one (`dpr-jax convert --from-hf ...` or `dpr-jax train`), or, if you "
+        f"trust its files, run `dpr-jax add-manifest {model_dir}`",
+    )
+
+
+def add_manifest(model_dir: str | Path) -> Path:
+    """Give a model directory written before manifests its ``params_sha256`` and manifest.
+
+    Only for a directory you trust: its files are taken as they are (the config and the
+    parameter shapes are still checked against each other)."""
+    model_dir = resolve_model_dir(model_dir)
+    if (model_dir / MANIFEST).exists():
+        raise FileExistsError(f"{model_dir / MANIFEST}: exists already")
+    meta = read_model_meta(model_dir)
+    config = _config_of(model_dir, meta)
+    params = _restore(model_dir)
+    check_params(params, abstract_params(meta["kind"], config), str(model_dir / "params"))
+    meta["params_sha256"] = fingerprint_arrays(params)
+    (model_dir / MODEL_JSON).write_text(json.dumps(meta, indent=2))
+    write_manifest(model_dir, MODEL_FORMAT)
+    return model_dir
 
 
 def load_tokenizer(model_dir: str | Path):

@@ -78,7 +78,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
 import re
 import shutil
 import sys
@@ -91,6 +90,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from dpr_jax.checkpoint import load_model, resolve_model_dir, save_model
+from dpr_jax.io import check_output_path, replace_dir
 from dpr_jax.models.bert import BertConfig
 from dpr_jax.reader.model import init_reader_params
 from dpr_jax.retriever.model import EncoderConfig
@@ -500,14 +500,16 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``, replacing it (old content removed only afterwards)."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    """Move the finished ``tmp`` to ``out``, replacing it (old content removed only afterwards;
+    ``out`` never stops existing, :func:`dpr_jax.io.replace_dir`)."""
+
+    replace_dir(tmp, out)
+
+
+def _check_out(out: str | Path, *inputs: str | Path | None) -> None:
+    """Refuse ``--out`` equal to, above or inside a local input, before anything is deleted."""
+
+    check_output_path(out, [i for i in inputs if i is not None and Path(i).exists()])
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,6 +545,7 @@ def convert_from_hf(
 ) -> Path:
     """Hugging Face checkpoint(s) -> dpr-jax model directory (see the module docstring)."""
 
+    _check_out(out, src, ctx_from, tokenizer)
     out = _prepare_out(Path(out), overwrite)
     ckpt = read_hf(src)
     for k in ckpt.dropped:
@@ -663,6 +666,7 @@ def convert_to_hf(
     if as_ not in ("dpr", "bert"):
         raise ValueError(f"--as must be dpr or bert; got {as_!r}")
     model_dir = resolve_model_dir(model_dir)
+    _check_out(out, model_dir)
     out = _prepare_out(Path(out), overwrite)
     kind, config, params, meta = load_model(model_dir)
     params = _flatten_to_dict(params)

@@ -13,32 +13,62 @@ read::
       ids-SSS-CCCCCC.npy             numpy unicode strings, (n,), saved with allow_pickle=False
       chunk-SSS-CCCCCC.done          JSON marker: n, dim, dtype, size and sha256 of both files
 
+``config.json`` records what the vectors depend on: ``model_fingerprint`` (sha256 of the model's
+parameter bytes, :func:`dpr_jax.io.fingerprint_arrays`), ``passages_sha256`` (of the passages
+file) and ``passages_fingerprint`` (of the passages' ids, titles and texts). Resuming with another
+model or corpus is refused; the same model under another path is the same model.
+
 A chunk is written atomically: each file goes to a temporary name and is ``os.replace``d into
 place, embeddings first, ids second, the ``.done`` marker last. A killed job can leave an
 ``emb-*.npy`` without a marker, never a marker without both complete files, and readers only
 trust chunks with a marker, so a half-written chunk is ignored and simply rewritten on resume.
 The marker's sizes and checksums let :func:`load_embeddings` refuse a truncated or corrupted file
-by name instead of indexing garbage.
+by name instead of indexing garbage. Loading refuses any file that is not one of the above, and
+an unfinished encoding (a shard never started, chunks of a shard's ``num_chunks`` without a
+marker) unless the caller explicitly allows a partial one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
-import uuid
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from dpr_jax.io import (
+    atomic_save_npy as _atomic_save_npy,
+)
+from dpr_jax.io import (
+    atomic_write_json,
+    read_json_object,
+    sha256_file,
+)
+
+__all__ = ["EmbeddingWriter", "atomic_write_json", "chunk_paths", "load_embeddings", "sha256_file"]
+
 CONFIG_JSON = "config.json"
-PER_SHARD_KEYS = ("shard", "shard_range")  # may differ between shards of one directory
+# may differ between shards of one directory ("model_dir": the same model may be given by
+# another path; its identity is "model_fingerprint", a hash of its parameters)
+PER_SHARD_KEYS = ("shard", "shard_range", "num_chunks", "model_dir")
 _DONE_RE = re.compile(r"^chunk-(\d{3,})-(\d{6,})\.done$")
+_SHARD_RE = re.compile(r"^shard-(\d{3,})\.json$")
+_DATA_RE = re.compile(r"^(emb|ids)-(\d{3,})-(\d{6,})\.npy$")
+_TMP_RE = re.compile(r"^\.(?:emb|ids|chunk|shard|config)[-.].*\.tmp-[0-9a-f]+$")
+_HINTS = {
+    "model_fingerprint": "these embeddings were made by a model with other parameters",
+    "passages_sha256": "these embeddings were made from another passages file",
+    "passages_fingerprint": "these embeddings were made from other passages",
+}
+
+
+class EmbeddingsIncompleteError(ValueError):
+    """An embeddings directory lacks chunks or shards (an unfinished ``encode``)."""
+
+
 _DTYPES = ("float16", "float32")
 
 
@@ -49,53 +79,8 @@ def chunk_paths(out_dir: str | Path, shard: int, chunk: int) -> tuple[Path, Path
     return d / f"emb-{tag}.npy", d / f"ids-{tag}.npy", d / f"chunk-{tag}.done"
 
 
-def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(block):
-            h.update(data)
-    return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _read_json(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found (not an embeddings directory?)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
+    return read_json_object(path, "embeddings directory")
 
 
 def read_config(emb_dir: str | Path) -> dict:
@@ -132,21 +117,34 @@ class EmbeddingWriter:
         self.dtype = self.config.get("dtype")
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(f"config field 'dtype' must be one of {_DTYPES}, got {self.dtype!r}")
+        num_chunks = self.config.get("num_chunks")
+        if num_chunks is not None and (not isinstance(num_chunks, int) or num_chunks < 0):
+            raise ValueError(f"config field 'num_chunks' must be an int >= 0, got {num_chunks!r}")
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        shared = _shared(self.config)
+        self._remove_stale_temporaries()
+        shared = self._shared = json.loads(json.dumps(_shared(self.config)))
         cfg_path = self.out_dir / CONFIG_JSON
-        if cfg_path.exists():
+        if cfg_path.exists() and _finished_chunks(self.out_dir):
             old = _read_json(cfg_path)
             diff = sorted(k for k in set(old) | set(shared) if old.get(k) != shared.get(k))
             if diff:
                 k = diff[0]
+                hint = _HINTS.get(k, "this is a different encoding")
                 raise ValueError(
                     f"{cfg_path}: field {k!r} is {old.get(k)!r} but this writer has "
-                    f"{shared.get(k)!r}; write a different encoding into another directory"
+                    f"{shared.get(k)!r} ({hint}); write it into another directory, or delete "
+                    f"{self.out_dir} to start over"
                 )
-        else:
+        else:  # new, or left by a run that finished no chunk: nothing to mix with
             atomic_write_json(cfg_path, shared)
         atomic_write_json(self.out_dir / f"shard-{shard:03d}.json", self.config)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files of this shard left by a killed writer (each shard has one writer)."""
+        tag = f"-{self.shard:03d}-"
+        for p in self.out_dir.iterdir():
+            if _TMP_RE.match(p.name) and (tag in p.name or p.name.startswith(f".shard{tag[:-1]}")):
+                p.unlink(missing_ok=True)
 
     def done_chunks(self) -> set[int]:
         """Indices of this shard's chunks that are finished (their ``.done`` marker exists)."""
@@ -181,6 +179,9 @@ class EmbeddingWriter:
         if self.dim is not None and emb.shape[1] != self.dim:
             raise ValueError(f"{where}: embedding dim {emb.shape[1]} != config dim {self.dim}")
         emb_p, ids_p, done_p = chunk_paths(self.out_dir, self.shard, chunk_idx)
+        cfg_path = self.out_dir / CONFIG_JSON
+        if _read_json(cfg_path) != self._shared:  # another writer replaced it meanwhile
+            raise ValueError(f"{cfg_path}: changed by another writer; this encoding differs")
         done_p.unlink(missing_ok=True)  # rewriting a chunk: it is unfinished until the new marker
         _atomic_save_npy(emb_p, np.ascontiguousarray(emb))
         _atomic_save_npy(ids_p, ids)
@@ -225,11 +226,68 @@ def _load_npy(path: Path, mmap: bool) -> np.ndarray:
         raise ValueError(f"{path}: not a readable .npy file (truncated or corrupt?): {e}") from e
 
 
+def check_complete(emb_dir: str | Path) -> list[str]:
+    """What an embeddings directory lacks, one line each ([] when complete).
+
+    Every file must be known: ``config.json``, ``shard-SSS.json``, ``.done`` markers and the
+    files they list; any other file raises a ValueError naming it. Missing: shards of
+    ``num_shards`` that never started, chunks of a shard's ``num_chunks`` (or, for writers that
+    did not record it, gaps) without a marker, and leftovers of an unfinished chunk.
+    """
+    d = Path(emb_dir)
+    cfg = read_config(d)
+    done: dict[int, set[int]] = {}
+    listed: set[str] = set()
+    for shard, chunk, done_p in _finished_chunks(d):
+        done.setdefault(shard, set()).add(chunk)
+        listed |= set(_read_json(done_p).get("files", {}))
+    lacking: list[str] = []
+    shard_cfgs: dict[int, dict] = {}
+    for p in sorted(d.iterdir()):
+        name = p.name
+        if name == CONFIG_JSON or _DONE_RE.match(name) or name in listed:
+            continue
+        if m := _SHARD_RE.match(name):
+            shard_cfgs[int(m.group(1))] = _read_json(p)
+        elif _DATA_RE.match(name) or _TMP_RE.match(name):
+            lacking.append(f"{p}: left by an unfinished chunk (no .done marker)")
+        else:
+            raise ValueError(
+                f"{p}: not a file of an embeddings directory (config.json, shard-SSS.json, "
+                "chunk markers and the chunks they list); remove it and try again"
+            )
+    num_shards = cfg.get("num_shards")
+    shards = range(num_shards) if isinstance(num_shards, int) else sorted(done)
+    for s in shards:
+        chunks = done.get(s, set())
+        scfg = shard_cfgs.get(s)
+        expected = scfg.get("num_chunks") if scfg else None
+        if scfg is None and not chunks:
+            lacking.append(f"{d}: shard {s} of {num_shards} was never encoded")
+            continue
+        if not isinstance(expected, int) and not chunks:
+            lacking.append(f"{d}: shard {s} has no finished chunks (unfinished)")
+            continue
+        want = set(range(expected)) if isinstance(expected, int) else set(range(max(chunks) + 1))
+        missing = sorted(want - chunks)
+        if missing:
+            total = f" of {expected}" if isinstance(expected, int) else ""
+            lacking.append(f"{d}: shard {s} lacks chunks {missing[:10]}{total} (unfinished)")
+        extra = sorted(chunks - want)
+        if isinstance(expected, int) and extra:
+            raise ValueError(
+                f"{d}: shard {s} has chunk {extra[0]} but its shard-{s:03d}.json says "
+                f"{expected} chunks (mixed encodings?); delete {d} and encode again"
+            )
+    return lacking
+
+
 def load_embeddings(
     dir_or_dirs: str | Path | Iterable[str | Path],
     dtype=np.float32,
     verify: bool = True,
     show_progress: bool = False,
+    allow_partial: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """All finished chunks of all shards of one or more embeddings directories, in order.
 
@@ -237,8 +295,10 @@ def load_embeddings(
     Directories are read in the order given, chunks by (shard, chunk). Refuses, with a
     ``ValueError`` naming the file, a truncated or corrupt ``.npy`` (size and, with ``verify``,
     sha256 checked against the chunk's marker), an ids/embeddings length mismatch, a dimension
-    that disagrees between chunks or directories, and duplicate passage ids. Warns when a shard
-    has missing chunks or no chunks at all (an unfinished encoding).
+    that disagrees between chunks or directories, duplicate passage ids and any file that is
+    not part of the directory (:func:`check_complete`). An unfinished encoding (missing chunks or
+    shards) raises :class:`EmbeddingsIncompleteError`; ``allow_partial`` turns that into a
+    warning and loads the finished chunks only.
     """
 
     dirs = (
@@ -255,10 +315,19 @@ def load_embeddings(
         if not d.is_dir():
             raise FileNotFoundError(f"{d}: embeddings directory not found")
         cfg = read_config(d)
+        lacking = check_complete(d)
+        if lacking and not allow_partial:
+            more = f" (and {len(lacking) - 1} more)" if len(lacking) > 1 else ""
+            raise EmbeddingsIncompleteError(
+                f"{lacking[0]}{more}: the encoding is unfinished. Rerun the same `dpr-jax "
+                "encode` command for each shard (it resumes), or pass --allow-partial to index "
+                "the finished chunks only"
+            )
+        for line in lacking:
+            warnings.warn(f"{line}; indexing the finished chunks only", stacklevel=2)
         chunks = _finished_chunks(d)
         if not chunks:
             raise ValueError(f"{d}: no finished chunks (no chunk-*.done markers)")
-        shards = {}
         for shard, chunk, done_p in chunks:
             marker = _read_json(done_p)
             for field in ("n", "dim", "files"):
@@ -270,22 +339,8 @@ def load_embeddings(
             elif int(marker["dim"]) != dim:
                 raise ValueError(f"{done_p}: dim {marker['dim']} != dim {dim} of {dim_src}")
             plan.append((emb_p, ids_p, int(marker["n"]), marker["files"]))
-            shards.setdefault(shard, []).append(chunk)
         if "dim" in cfg and cfg["dim"] != dim:
             raise ValueError(f"{d / CONFIG_JSON}: field 'dim' is {cfg['dim']}, chunks have {dim}")
-        for shard, cs in shards.items():
-            missing = sorted(set(range(max(cs) + 1)) - set(cs))
-            if missing:
-                warnings.warn(
-                    f"{d}: shard {shard} lacks chunks {missing[:10]} (unfinished?)", stacklevel=2
-                )
-        num_shards = cfg.get("num_shards")
-        if isinstance(num_shards, int) and len(shards) < num_shards:
-            missing = sorted(set(range(num_shards)) - set(shards))
-            warnings.warn(
-                f"{d}: shards {missing[:10]} of {num_shards} have no finished chunks", stacklevel=2
-            )
-
     total = sum(n for _, _, n, _ in plan)
     emb = np.empty((total, dim), dtype=dtype)
     all_ids = []

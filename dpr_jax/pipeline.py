@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dpr_jax.data.formats import read_passages_tsv
+from dpr_jax.provenance import check_passages
 from dpr_jax.reader.span import ReaderPredictor
 from dpr_jax.retrieve import DenseRetriever
 
@@ -66,8 +67,12 @@ class QAPipeline:
         reader_model: str | Path,
         **kw,
     ) -> QAPipeline:
-        passages = {str(p.id): p for p in read_passages_tsv(passages_tsv)}
-        return cls(DenseRetriever(retriever_model, index_dir), passages, reader_model, **kw)
+
+        passages_list = read_passages_tsv(passages_tsv)
+        retriever = DenseRetriever(retriever_model, index_dir)  # checks the model against it
+        check_passages(retriever.index, passages_tsv, passages_list, index_dir)
+        passages = {str(p.id): p for p in passages_list}
+        return cls(retriever, passages, reader_model, **kw)
 
     def retrieve(self, questions: Sequence[str]) -> list[list]:
         _, ids = self.retriever.search(list(questions), self.n_passages)

@@ -17,6 +17,7 @@ import numpy as np
 from dpr_jax import hybrid
 from dpr_jax.data.answers import AnswerMatcher, has_answer
 from dpr_jax.index import load_index
+from dpr_jax.provenance import check_model
 from dpr_jax.retriever.encode import TowerEncoder
 
 
@@ -24,8 +25,12 @@ class DenseRetriever:
     """Question tower + passage index. ``search(questions, k) -> (scores (Q, k), ids (Q, k))``."""
 
     def __init__(self, model_dir: str | Path, index, batch_size: int = 64, max_length: int = 64):
+
+        index_dir = index if isinstance(index, (str, Path)) else None
+        self.index = load_index(index) if index_dir is not None else index
         self.encoder = TowerEncoder(model_dir, "question", batch_size, max_length, bucket=16)
-        self.index = load_index(index) if isinstance(index, (str, Path)) else index
+        # before any question is encoded: the index's passages came from this bi-encoder
+        check_model(self.index, self.encoder.fingerprint, model_dir, index_dir)
 
     def encode(self, questions: Sequence[str]) -> np.ndarray:
         return self.encoder.encode(list(questions))

@@ -65,7 +65,10 @@ def test_resume_skips_done_and_rewrites_half_written_chunk(tmp_path, monkeypatch
 
     resumed = EmbeddingWriter(tmp_path, config=CONFIG)
     assert resumed.done_chunks() == {0, 1}
-    ids, _ = load_embeddings(tmp_path)  # the half chunk is invisible
+    with pytest.raises(E.EmbeddingsIncompleteError, match=emb2.name):  # never used as complete
+        load_embeddings(tmp_path)
+    with pytest.warns(UserWarning, match=emb2.name):  # explicitly partial: the half is invisible
+        ids, _ = load_embeddings(tmp_path, allow_partial=True)
     np.testing.assert_array_equal(ids, np.concatenate([c0[0], c1[0]]))
 
     resumed.write_chunk(2, *c2)
@@ -124,6 +127,11 @@ def test_writer_refuses_bad_chunks_and_mixed_configs(tmp_path):
         w.write_chunk(0, *_chunk(rng, 0, 3, dtype=np.float32))
     with pytest.raises(ValueError, match="does not match"):
         w.write_chunk(0, np.array(["a", "b"]), rng.standard_normal((3, 8)).astype(np.float16))
+    # a writer that finished nothing leaves nothing to mix with: another config replaces it
+    EmbeddingWriter(tmp_path, config={**CONFIG, "model": "other"})
+    assert read_config(tmp_path)["model"] == "other"
+    w = EmbeddingWriter(tmp_path, config=CONFIG)
+    w.write_chunk(0, *_chunk(rng, 0, 3))
     with pytest.raises(ValueError, match=r"config\.json.*'model'"):
         EmbeddingWriter(tmp_path, config={**CONFIG, "model": "other"})
     with pytest.raises(ValueError, match="shard 2 is not in"):
@@ -141,8 +149,10 @@ def test_dims_duplicates_and_gaps_across_directories(tmp_path):
     with pytest.raises(ValueError, match="duplicate passage id 'p2'"):
         load_embeddings([a, c])
     EmbeddingWriter(c, config=CONFIG).write_chunk(2, *_chunk(rng, 10, 3))  # chunk 1 missing
+    with pytest.raises(E.EmbeddingsIncompleteError, match=r"lacks chunks \[1\]"):
+        load_embeddings(c)
     with pytest.warns(UserWarning, match=r"lacks chunks \[1\]"):
-        ids, _ = load_embeddings(c)
+        ids, _ = load_embeddings(c, allow_partial=True)
     assert len(ids) == 6
     with pytest.raises(ValueError, match="no finished chunks"):
         load_embeddings(EmbeddingWriter(tmp_path / "empty", config=CONFIG).out_dir)

@@ -39,6 +39,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "dpr_jax.convert",
             "dpr_jax.embeddings",
             "dpr_jax.index",
+            "dpr_jax.provenance",
             "dpr_jax.training.config",
             "dpr_jax.training.optimizer",
             "dpr_jax.training.checkpoints",
@@ -93,11 +94,10 @@ def _imports(module: str, path: Path, known: set[str]) -> set[str]:
                 anchor = anchor if is_package else anchor[:-1]
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
-            # "from pkg import mod" imports the submodule pkg.mod when it is one
+            # "from pkg import mod" imports the submodule pkg.mod when it is one; the version
+            # string is set before the package imports anything
             names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base
-                     for a in node.names]  # fmt: skip
-            if base == "dpr_jax" and all(a.name == "__version__" for a in node.names):
-                continue  # the version string, set before the package imports anything
+                     for a in node.names if (base, a.name) != ("dpr_jax", "__version__")]  # fmt: skip
         else:
             continue
         for name in names:

@@ -17,6 +17,7 @@ from dpr_jax.cli.errors import run_command
 # subcommand -> (module under dpr_jax.cli, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("convert", "Hugging Face <-> dpr-jax checkpoints (both ways)"),
+    "add-manifest": ("add_manifest", "checksums for a model directory of an older dpr-jax"),
     "prepare-squad": ("prepare_squad", "SQuAD JSON -> passages TSV, qas TSV, biencoder JSON"),
     "train": ("train", "contrastive training of the bi-encoder"),
     "encode": ("encode", "encode a passage corpus into embedding shards"),

@@ -6,11 +6,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
+from dpr_jax.checkpoint import resolve_model_dir
 from dpr_jax.cli.errors import Parser
 from dpr_jax.data.formats import read_passages_tsv, read_qas
 from dpr_jax.data.squad import load_squad, squad_passages
+from dpr_jax.io import atomic_save_npy, check_output_path
 from dpr_jax.retriever.encode import DTYPES, TowerEncoder, encode_corpus
 
 
@@ -49,14 +49,15 @@ def cli_main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     if args.questions:
         texts = [q.question for q in read_qas(args.questions)]
+        if not texts:
+            raise ValueError(f"{args.questions}: no questions to encode (empty file)")
+        check_output_path(args.out, [resolve_model_dir(args.model), args.questions])
         enc = TowerEncoder(args.model, "question", args.batch_size, min(args.max_length, 64),
                            args.bucket or None, args.compute_dtype)  # fmt: skip
         vecs = enc.encode(texts)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp.npy")
-        np.save(tmp, vecs)
-        tmp.replace(out)  # atomic: a killed job leaves no half-written file
+        atomic_save_npy(out, vecs)  # a killed job leaves no half-written file
         print(f"{len(texts):,} questions from {args.questions} -> {out} "
               f"in {time.time() - t0:.1f}s", file=sys.stderr)  # fmt: skip
         return 0
@@ -65,6 +66,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     encode_corpus(
         args.model, passages, args.out, shard, num_shards, args.chunk_size, args.batch_size,
         args.max_length, args.bucket or None, args.dtype, args.compute_dtype,
+        passages_file=args.passages,
     )  # fmt: skip
     print(f"encoded into {args.out} in {time.time() - t0:.1f}s", file=sys.stderr)
     return 0

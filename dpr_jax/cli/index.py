@@ -2,7 +2,9 @@
 
 Reads one or more embeddings directories (``dpr-jax encode`` output), builds the chosen backend
 and saves it with its config, which includes the embeddings' ``config.json`` so that the index
-says which model made its vectors::
+says which model made its vectors (``model_fingerprint``, a hash of its parameters) and from which
+passages. An unfinished encoding (missing chunks or shards) is refused unless ``--allow-partial``
+is given, which the index config records::
 
     dpr-jax index --embeddings runs/emb --backend scann --out runs/index \\
         --option num_leaves=2000 --option reorder=200
@@ -19,8 +21,11 @@ import sys
 import time
 
 from dpr_jax.cli.errors import Parser
-from dpr_jax.embeddings import load_embeddings, read_config
+from dpr_jax.embeddings import check_complete, load_embeddings, read_config
 from dpr_jax.index.base import BACKENDS, index_class
+from dpr_jax.index.tune import tune
+from dpr_jax.io import check_output_path
+from dpr_jax.provenance import index_meta_from_embeddings
 
 
 def parse_option(text: str) -> tuple[str, object]:
@@ -53,6 +58,9 @@ def cli_main(argv: list[str] | None = None) -> int:
                     help="backend option, repeatable (e.g. num_leaves=2000, ef_search=256)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=None,
                     help="build/search threads for ScaNN and FAISS (default: all cores)")  # fmt: skip
+    ap.add_argument("--allow-partial", action="store_true",
+                    help="index an unfinished encoding (missing chunks or shards); recorded in "
+                    "the index config")  # fmt: skip
     ap.add_argument("--no-verify", action="store_true",
                     help="skip the sha256 check of the embedding chunks (sizes are still checked)")  # fmt: skip
     ap.add_argument("--target-recall", type=float, default=None, metavar="R",
@@ -80,8 +88,13 @@ def cli_main(argv: list[str] | None = None) -> int:
     if args.target_recall is not None and not cls.SEARCH_PARAMS:
         ap.error(f"--target-recall: backend {args.backend!r} is exact, it has no knob to tune")
 
+    check_output_path(args.out, args.embeddings)
+    configs = [read_config(d) for d in args.embeddings]
+    provenance = index_meta_from_embeddings(args.embeddings, configs)
+    partial = [line for d in args.embeddings for line in check_complete(d)]
     t0 = time.time()
-    ids, emb = load_embeddings(args.embeddings, verify=not args.no_verify, show_progress=True)
+    ids, emb = load_embeddings(args.embeddings, verify=not args.no_verify, show_progress=True,
+                               allow_partial=args.allow_partial)  # fmt: skip
     t_load = time.time() - t0
     print(f"{len(ids):,} vectors of dim {emb.shape[1]} from {len(args.embeddings)} "
           f"director{'y' if len(args.embeddings) == 1 else 'ies'} in {t_load:.1f}s",
@@ -92,15 +105,16 @@ def cli_main(argv: list[str] | None = None) -> int:
     index = cls(**options)
     index.meta = {
         "embeddings": [str(d) for d in args.embeddings],
-        "embeddings_config": [read_config(d) for d in args.embeddings],
+        "embeddings_config": configs,
+        **provenance,
+        "allow_partial": args.allow_partial,
+        "partial": partial,
     }
     t0 = time.time()
     index.build(emb, ids)
     t_build = time.time() - t0
     index.meta["build_seconds"] = round(t_build, 3)
     if tune_queries is not None:
-        from dpr_jax.index.tune import tune
-
         t0 = time.time()
         tuned = tune(index, emb, tune_queries, args.target_recall, k=args.tune_k)
         print(f"tuned for recall@{tuned['k']} >= {args.target_recall} on {len(tune_queries)} "

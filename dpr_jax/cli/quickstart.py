@@ -26,10 +26,11 @@ from dpr_jax.data.answers import exact_match_score, f1_score
 from dpr_jax.data.bm25 import BM25Retriever
 from dpr_jax.data.formats import write_passages_tsv, write_retrieval_results
 from dpr_jax.data.squad import load_squad, split_articles, squad_passages, squad_questions
-from dpr_jax.embeddings import load_embeddings
+from dpr_jax.embeddings import load_embeddings, read_config
 from dpr_jax.evaluate import top_k_accuracy
 from dpr_jax.index import build_index, load_index
 from dpr_jax.pipeline import QAPipeline
+from dpr_jax.provenance import index_meta_from_embeddings
 from dpr_jax.reader.task import ReaderTrainConfig, train_and_evaluate
 from dpr_jax.retrieve import DenseRetriever, HybridRetriever, results_for
 from dpr_jax.retriever.encode import encode_corpus
@@ -165,7 +166,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     if not index_dir.exists():
         ids, emb = load_embeddings(emb_dir)
         t0 = time.time()
-        build_index("scann", emb, ids).save(index_dir)
+        index = build_index("scann", emb, ids)
+        index.meta = index_meta_from_embeddings([emb_dir], [read_config(emb_dir)])
+        index.save(index_dir)
         say(f"ScaNN index of {len(ids):,} vectors built in {time.time() - t0:.1f}s")
     index = load_index(index_dir)
 

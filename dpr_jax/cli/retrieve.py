@@ -11,6 +11,7 @@ from dpr_jax.cli.errors import Parser
 from dpr_jax.data.bm25 import BM25Retriever
 from dpr_jax.data.formats import read_passages_tsv, read_qas, write_retrieval_results
 from dpr_jax.errors import UsageError
+from dpr_jax.provenance import check_passages
 from dpr_jax.retrieve import DenseRetriever, HybridRetriever, results_for
 
 
@@ -56,7 +57,12 @@ def cli_main(argv: list[str] | None = None) -> int:
     questions = read_qas(args.questions)
     passages_list = read_passages_tsv(args.passages)
     passages = {str(p.id): p for p in passages_list}
+    if not questions:
+        raise ValueError(f"{args.questions}: no questions (empty file)")
     retriever = _build_retriever(args, passages_list)
+    dense = retriever.dense if isinstance(retriever, HybridRetriever) else retriever
+    if isinstance(dense, DenseRetriever):
+        check_passages(dense.index, args.passages, passages_list, args.index)
     t0 = time.time()
     scores, ids = retriever.search([q.question for q in questions], args.k)
     dt = time.time() - t0

@@ -36,7 +36,6 @@ good one was. Writers take an optional ``config`` dict that is saved beside the 
 from __future__ import annotations
 
 import ast
-import contextlib
 import csv
 import dataclasses
 import gzip
@@ -44,11 +43,11 @@ import io
 import json
 import logging
 import math
-import os
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+from dpr_jax.io import atomic_open, atomic_write_text  # noqa: F401  (moved; re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -73,40 +72,6 @@ def open_text(path: str | Path, newline: str | None = None) -> IO[str]:
     if _is_gzip(path):
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline=newline)
     return open(path, encoding="utf-8", newline=newline)
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | Path, newline: str | None = None) -> Iterator[IO[str]]:
-    """Write text to ``path`` atomically (gzipped when it ends in ``.gz``).
-
-    The data goes to a hidden temporary file in the same directory, is flushed and fsynced, and
-    is renamed over ``path`` only when the ``with`` block finishes without an exception.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(tmp, "wt", encoding="utf-8", newline=newline) as f:
-                yield f
-        else:
-            with open(tmp, "x", encoding="utf-8", newline=newline) as f:
-                yield f
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    with atomic_open(path) as f:
-        f.write(text)
-    return Path(path)
 
 
 def write_config(path: str | Path, config: dict[str, Any] | None) -> Path | None:

@@ -21,9 +21,13 @@ An *index directory* is::
       ...                 the backend's own files
       manifest.json       size and sha256 of every file above
 
-``save`` writes into a temporary sibling directory and renames it into place, so a failed save
-never damages an existing index; ``load`` checks every file against the manifest and refuses a
-truncated or corrupted one by name (:class:`IndexIntegrityError`).
+``save`` writes into a temporary sibling directory and swaps it into place
+(:func:`dpr_jax.io.replace_dir`), so a failed save never damages an existing index and the path
+never stops naming a complete one; ``load`` checks every file against the manifest and refuses a
+truncated, corrupted or unlisted one by name (:class:`IndexIntegrityError`) before any backend
+reads it. ``meta`` records where the vectors came from (``model_fingerprint``, and ``passages``:
+the sha256 and content fingerprint of each embeddings directory's corpus), which
+:mod:`dpr_jax.provenance` checks before a question is encoded.
 """
 
 from __future__ import annotations
@@ -32,18 +36,15 @@ import abc
 import datetime
 import importlib
 import json
-import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from dpr_jax import __version__
-from dpr_jax.embeddings import atomic_write_json, sha256_file
-from dpr_jax.errors import UserError
+from dpr_jax import __version__, io
+from dpr_jax.io import atomic_write_json
 
 INDEX_CONFIG = "index_config.json"
 MANIFEST = "manifest.json"
@@ -61,7 +62,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
 }
 
 
-class IndexIntegrityError(UserError):
+class IndexIntegrityError(io.IntegrityError):
     """An index file is missing, truncated or corrupted (the message names the file)."""
 
 
@@ -196,10 +197,7 @@ class Index(abc.ABC):
         path = Path(path)
         if path.exists() and not (path / MANIFEST).exists() and any(path.iterdir()):
             raise FileExistsError(f"{path}: exists, is not empty and is not an index; not replaced")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        old = None
+        tmp = io.temp_dir_for(path)
         try:
             self._save_files(tmp)
             with open(tmp / IDS_FILE, "wb") as f:
@@ -208,17 +206,10 @@ class Index(abc.ABC):
             config["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
             atomic_write_json(tmp / INDEX_CONFIG, config)
             write_manifest(tmp)
-            if path.exists():
-                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(path, old)
-            os.rename(tmp, path)
+            io.replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None and not path.exists():
-                os.rename(old, path)
             raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         return path
 
     @classmethod
@@ -289,46 +280,20 @@ class Index(abc.ABC):
 
 
 def write_manifest(directory: str | Path) -> dict:
-    directory = Path(directory)
-    files = {}
-    for p in sorted(directory.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            rel = p.relative_to(directory).as_posix()
-            files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-    manifest = {"format": FORMAT, "files": files}
-    atomic_write_json(directory / MANIFEST, manifest)
-    return manifest
+    return io.write_manifest(directory, FORMAT)
 
 
 def verify_manifest(directory: str | Path, checksums: bool = True) -> dict:
-    """Check every file listed in ``manifest.json``; raise IndexIntegrityError naming the file."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: index directory not found")
-    mpath = directory / MANIFEST
-    try:
-        manifest = json.loads(mpath.read_text())
-    except FileNotFoundError:
-        raise IndexIntegrityError(
-            f"{mpath}: missing (not an index, or an unfinished save)"
-        ) from None
-    except json.JSONDecodeError as e:
-        raise IndexIntegrityError(f"{mpath}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or INDEX_CONFIG not in files:
-        raise IndexIntegrityError(f"{mpath}: field 'files' is missing or lacks {INDEX_CONFIG}")
-    for rel, meta in files.items():
-        p = directory / rel
-        if not p.is_file():
-            raise IndexIntegrityError(f"{p}: listed in {MANIFEST} but missing")
-        size = p.stat().st_size
-        if size != meta["size"]:
-            raise IndexIntegrityError(
-                f"{p}: {size} bytes, expected {meta['size']} (truncated or modified)"
-            )
-        if checksums and sha256_file(p) != meta["sha256"]:
-            raise IndexIntegrityError(f"{p}: sha256 checksum mismatch (file corrupted)")
-    return manifest
+    """Check every file against ``manifest.json`` and refuse unlisted ones; raise
+    IndexIntegrityError naming the file."""
+    return io.verify_manifest(
+        directory,
+        checksums=checksums,
+        required=(INDEX_CONFIG,),
+        what="index directory",
+        error=IndexIntegrityError,
+        missing_hint="not an index, or an unfinished save",
+    )
 
 
 def read_index_config(directory: str | Path) -> dict:

@@ -17,6 +17,12 @@ reorder below 100k, tree + AH + reorder above, ``num_leaves ~ sqrt(n)``, ``dimen
 Every setting is an option; ``leaves_to_search`` and ``pre_reorder_num_neighbors`` can also be
 overridden per ``search`` call (``search_batched``'s arguments).
 
+Saving and loading never touch a pickle: ScaNN's ``serialize`` writes ``scann_docids.pkl`` only
+for searchers built with docids (ours keep ids in ``ids.npy``), and its ``load_searcher`` unpickles
+that file whenever it exists, so a planted one would run code. ``_load_files`` therefore refuses
+the file by name and builds the searcher from ``scann_assets.pbtxt`` itself, the pickle-free part
+of ``load_searcher``.
+
 Threads: ``num_threads = 1`` uses ``search_batched`` (one thread); ``n > 1`` uses
 ``search_batched_parallel`` on a pool of n threads; 0 means all cores.
 """
@@ -30,8 +36,11 @@ from pathlib import Path
 import numpy as np
 
 from dpr_jax.index.base import Index
+from dpr_jax.index.tune import ladder
 
 SCANN_DIR = "scann"
+SCANN_ASSETS = "scann_assets.pbtxt"
+SCANN_PICKLE = "scann_docids.pkl"  # written and unpickled by ScaNN for docids; never used here
 
 
 def import_scann():
@@ -179,7 +188,6 @@ class ScannIndex(Index):
     def tune_space(self, k: int) -> list[tuple[str, list]]:
         """leaves_to_search (1 ... all leaves), then the reorder depth (k ... max(1000, 40 k))
         when AH candidates are reordered."""
-        from dpr_jax.index.tune import ladder
 
         o, space = self.options, []
         if o.get("num_leaves"):
@@ -193,13 +201,25 @@ class ScannIndex(Index):
         out = directory / SCANN_DIR
         out.mkdir()
         self.searcher.serialize(str(out), relative_path=True)
+        if (out / SCANN_PICKLE).exists():  # only with docids, which we never give ScaNN
+            raise RuntimeError(f"{out / SCANN_PICKLE}: ScaNN wrote a pickle; not saving it")
 
     def _load_files(self, directory: Path) -> None:
         sp = import_scann()
         path = directory / SCANN_DIR
-        if not (path / "scann_assets.pbtxt").is_file():
-            raise ValueError(f"{path / 'scann_assets.pbtxt'}: missing (not a ScaNN index)")
-        self.searcher = sp.load_searcher(str(path))
+        assets = path / SCANN_ASSETS
+        if (path / SCANN_PICKLE).exists():
+            raise ValueError(
+                f"{path / SCANN_PICKLE}: a pickle in a ScaNN index directory (dpr-jax never writes "
+                "one, and unpickling runs code); not loading this index. Rebuild it with "
+                "`dpr-jax index`"
+            )
+        if not assets.is_file():
+            raise ValueError(f"{assets}: missing (not a ScaNN index)")
+        # scann_ops_pybind.load_searcher without its pickle of docids (see the module docstring)
+        self.searcher = sp.ScannSearcher(
+            sp.scann_pybind.ScannNumpy(str(path), assets.read_text()), docids=None
+        )
         if self.searcher.size() != self.size:
             raise ValueError(
                 f"{path}: ScaNN searcher has {self.searcher.size()} points, ids {self.size}"

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from dpr_jax.checkpoint import load_model, load_tokenizer, resolve_model_dir
 from dpr_jax.embeddings import EmbeddingWriter
+from dpr_jax.io import check_output_path, fingerprint_passages, sha256_file
 from dpr_jax.retriever.model import BiEncoder
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -70,6 +71,11 @@ class TowerEncoder:
             return model.apply({"params": params}, ids, mask, method=method)
 
         self._encode = _encode
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the bi-encoder's parameter bytes (the model's identity, not its path)."""
+        return self.meta["params_sha256"]
 
     @property
     def dim(self) -> int:
@@ -127,17 +133,32 @@ def encode_corpus(
     compute_dtype: str = "float32",
     show_progress: bool = True,
     max_chunks: int | None = None,
+    passages_file: str | Path | None = None,
 ) -> Path:
     """Encode this shard's passages into ``out_dir`` (resumable). ``max_chunks`` stops early
-    (used by tests to simulate a killed job)."""
+    (used by tests to simulate a killed job). ``passages_file``: the file ``passages`` were read
+    from, whose sha256 is recorded (with a fingerprint of the passages themselves)."""
 
     if out_dtype not in ("float16", "float32"):
         raise ValueError(f"out_dtype must be float16 or float32, got {out_dtype!r}")
+    for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size),
+                        ("max_length", max_length)):  # fmt: skip
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} is not in [0, {num_shards})")
+    if len(passages) == 0:
+        where = f"{passages_file}: " if passages_file else ""
+        raise ValueError(f"{where}no passages to encode (empty corpus)")
+    check_output_path(out_dir, [resolve_model_dir(model_dir), passages_file])
     enc = TowerEncoder(model_dir, "passage", batch_size, max_length, bucket, compute_dtype)
     start, stop = shard_range(len(passages), shard, num_shards)
     config = {
-        "model_dir": str(enc.model_dir),
+        "model_dir": str(enc.model_dir.resolve()),
         "model": enc.meta["model"],
+        "model_fingerprint": enc.fingerprint,
+        "passages_sha256": sha256_file(passages_file) if passages_file else None,
+        "passages_fingerprint": fingerprint_passages(passages),
         "tower": "passage",
         "num_passages": len(passages),
         "shard": shard,
@@ -150,9 +171,10 @@ def encode_corpus(
         "compute_dtype": compute_dtype,
         "dim": enc.dim,
     }
+    chunks = list(range(-(-(stop - start) // chunk_size)))
+    config["num_chunks"] = len(chunks)
     writer = EmbeddingWriter(out_dir, shard=shard, num_shards=num_shards, config=config)
     done = writer.done_chunks()
-    chunks = list(range(-(-(stop - start) // chunk_size)))
     todo = [c for c in chunks if c not in done]
     if max_chunks is not None:
         todo = todo[:max_chunks]

@@ -1,0 +1,348 @@
+"""One copy of the artifact plumbing: atomic writes, directory swaps, checksums, manifests.
+
+Every artifact writer (model directories, embeddings, indexes, results) goes through here:
+
+- ``atomic_open`` / ``atomic_write_bytes`` / ``atomic_write_json`` / ``atomic_write_text`` /
+  ``atomic_save_npy``:
+  write to a hidden temporary sibling, ``fsync``, ``os.replace`` into place; a killed job leaves
+  the old file or the new one, never half of one.
+- ``replace_dir(tmp, dest)``: move a finished directory onto ``dest``. When ``dest`` exists the
+  two are swapped in one ``renameat2(RENAME_EXCHANGE)`` system call (Linux >= 3.15, glibc >=
+  2.28; called through ctypes), so the path ``dest`` names a complete directory at every instant;
+  the old one is deleted afterwards. Where the exchange is unavailable (other systems, file
+  systems without it) it falls back to two renames, and says so in ``EXCHANGE_SUPPORTED``.
+- ``write_manifest`` / ``verify_manifest``: ``manifest.json`` lists the size and sha256 of every
+  file of a directory; verification refuses, by name, a missing, resized or altered file and any
+  file the manifest does not list (a planted file is never read).
+- ``check_output_path(out, inputs)``: refuses an output path that is, contains or lies inside an
+  input, before anything is written or deleted.
+- ``fingerprint_arrays``: sha256 of a parameter tree's bytes (keys, dtypes, shapes, values), the
+  identity of a model independent of where it is stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from dpr_jax.errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+class IntegrityError(UserError):
+    """An artifact file is missing, truncated, altered or not listed (the message names it)."""
+
+
+# -- checksums ------------------------------------------------------------------------------------
+
+
+def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            h.update(data)
+    return h.hexdigest()
+
+
+def fingerprint_arrays(tree: Mapping) -> str:
+    """sha256 over a nested mapping of arrays: each leaf's '/'-joined key, dtype, shape, bytes,
+    in sorted key order. Equal for equal parameters wherever and however they are stored."""
+    h = hashlib.sha256()
+
+    def leaves(node, prefix):
+        for k in sorted(node, key=str):
+            v = node[k]
+            key = f"{prefix}/{k}" if prefix else str(k)
+            if isinstance(v, Mapping):
+                yield from leaves(v, key)
+            else:
+                yield key, v
+
+    for key, v in leaves(tree, ""):
+        a = np.ascontiguousarray(np.asarray(v))
+        h.update(f"{key}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def fingerprint_passages(passages: Iterable) -> str:
+    """sha256 over (id, title, text) of every passage in order: the identity of a corpus
+    however it was read (TSV, SQuAD JSON)."""
+    h = hashlib.sha256()
+    for p in passages:
+        for field in (str(p.id), p.title or "", p.text):
+            b = field.encode()
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+    return h.hexdigest()
+
+
+# -- atomic files ---------------------------------------------------------------------------------
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def _atomic(path: str | Path, write) -> Path:
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return _atomic(path, lambda f: f.write(data))
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, newline: str | None = None) -> Iterator[IO[str]]:
+    """Write text to ``path`` atomically (gzipped when it ends in ``.gz``).
+
+    The data goes to a hidden temporary file in the same directory, is flushed and fsynced, and
+    is renamed over ``path`` only when the ``with`` block finishes without an exception.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(tmp, "wt", encoding="utf-8", newline=newline) as f:
+                yield f
+        else:
+            with open(tmp, "x", encoding="utf-8", newline=newline) as f:
+                yield f
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    with atomic_open(path) as f:
+        f.write(text)
+    return Path(path)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_npy(path: str | Path, array: np.ndarray) -> Path:
+    return _atomic(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def read_json_object(path: str | Path, what: str = "file") -> dict:
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found (not a {what}?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IntegrityError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise IntegrityError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+# -- directories ----------------------------------------------------------------------------------
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276}
+
+
+def _renameat2():
+    """The libc ``renameat2`` (or the raw system call), or None where there is none."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    except OSError:
+        return None
+    fn = getattr(libc, "renameat2", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        return fn
+    nr = _SYS_RENAMEAT2.get(os.uname().machine)
+    if nr is None or not hasattr(libc, "syscall"):
+        return None
+    return lambda *a: libc.syscall(nr, *a)
+
+
+_RENAMEAT2 = _renameat2() if os.name == "posix" else None
+EXCHANGE_SUPPORTED: bool | None = None if _RENAMEAT2 else False  # None: not tried yet
+
+
+def exchange_paths(a: str | Path, b: str | Path) -> bool:
+    """Atomically swap two existing paths; False when the system or file system cannot."""
+    global EXCHANGE_SUPPORTED
+    if _RENAMEAT2 is None or EXCHANGE_SUPPORTED is False:
+        return False
+    r = _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if r == 0:
+        EXCHANGE_SUPPORTED = True
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # this file system (or kernel) cannot; the caller falls back
+    raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(err)}")
+
+
+def temp_dir_for(dest: str | Path, tag: str = "tmp") -> Path:
+    """A new hidden sibling directory of ``dest`` (same file system, so renames are atomic)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.{tag}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def replace_dir(tmp: str | Path, dest: str | Path) -> Path:
+    """Move the finished directory ``tmp`` to ``dest`` (a sibling), replacing what is there.
+
+    ``dest`` never stops existing: an existing ``dest`` is exchanged with ``tmp`` in one system
+    call and its old content then deleted. Without the exchange, two renames (a short window).
+    """
+    tmp, dest = Path(tmp), Path(dest)
+    if not dest.exists() and not dest.is_symlink():
+        os.rename(tmp, dest)
+        return dest
+    if dest.is_symlink() or not dest.is_dir():
+        raise FileExistsError(f"{dest}: exists and is not a directory; not replaced")
+    if exchange_paths(tmp, dest):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old content
+        return dest
+    old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(dest, old)
+    try:
+        os.rename(tmp, dest)
+    except BaseException:
+        os.rename(old, dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def check_output_path(out: str | Path, inputs: Iterable[str | Path | None], what: str = "--out"):
+    """Refuse ``out`` when it is an input, contains one or lies inside one (resolved paths)."""
+    o = Path(out).expanduser().resolve()
+    for i in inputs:
+        if i is None:
+            continue
+        p = Path(i).expanduser().resolve()
+        if _is_within(p, o):
+            rel = "is" if p == o else "contains"
+            raise ValueError(
+                f"{what} {out} {rel} the input {i}; writing there would replace or delete the "
+                "input. Choose an output path outside it"
+            )
+        if _is_within(o, p) and p.is_dir():
+            raise ValueError(
+                f"{what} {out} lies inside the input directory {i}; writing there would alter "
+                "the input. Choose an output path outside it"
+            )
+
+
+# -- manifests ------------------------------------------------------------------------------------
+
+
+def _walk_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def write_manifest(directory: str | Path, fmt: str, extra: dict | None = None) -> dict:
+    """``directory/manifest.json``: size and sha256 of every file below ``directory``."""
+    directory = Path(directory)
+    files = {}
+    for p in _walk_files(directory):
+        rel = p.relative_to(directory).as_posix()
+        if rel == MANIFEST:
+            continue
+        if p.is_symlink():
+            raise IntegrityError(f"{p}: a symbolic link; artifacts hold plain files only")
+        files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    manifest = {"format": fmt, "files": files, **(extra or {})}
+    atomic_write_json(directory / MANIFEST, manifest)
+    return manifest
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
+
+
+def verify_manifest(
+    directory: str | Path,
+    checksums: bool = True,
+    required: Iterable[str] = (),
+    what: str = "artifact directory",
+    error: type[Exception] = IntegrityError,
+    missing_hint: str = "not an artifact directory, or an unfinished save",
+) -> dict:
+    """Check ``directory`` against its ``manifest.json``: every listed file present with its
+    size (and sha256 with ``checksums``), ``required`` files listed, and no file unlisted.
+    Raises ``error`` (an IntegrityError / ValueError subclass) naming the file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: {what} not found")
+    mpath = directory / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text())
+    except FileNotFoundError:
+        raise error(f"{mpath}: missing ({missing_hint})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{mpath}: invalid JSON ({e})") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise error(f"{mpath}: field 'files' is missing")
+    for name in required:
+        if name not in files:
+            raise error(f"{mpath}: field 'files' lacks {name}")
+    for p in _walk_files(directory):
+        rel = p.relative_to(directory).as_posix()
+        if rel != MANIFEST and rel not in files:
+            raise error(
+                f"{p}: not listed in {mpath}; {_a(what)} holds only the files it was saved with. "
+                "Remove the file (or re-create the directory) and try again"
+            )
+    for rel, meta in files.items():
+        p = directory / rel
+        if not _is_within(Path(os.path.normpath(p)), directory) or p.is_symlink():
+            raise error(f"{mpath}: entry {rel!r} points outside {directory}")
+        if not p.is_file():
+            raise error(f"{p}: listed in {mpath} but missing")
+        size = p.stat().st_size
+        if not isinstance(meta, dict) or size != meta.get("size"):
+            want = meta.get("size") if isinstance(meta, dict) else meta
+            raise error(f"{p}: {size} bytes, expected {want} (truncated or modified)")
+        if checksums and sha256_file(p) != meta.get("sha256"):
+            raise error(f"{p}: sha256 checksum mismatch with {mpath} (file corrupted or edited)")
+    return manifest
