@@ -207,7 +207,7 @@ def test_cli_rejects_malformed_results(tmp_path):
 
 
 def test_simple_tokenize_equals_dpr_finditer():
-    from dpr_jax.evaluate import _TOKEN_RE
+    from dpr_jax.data.answers import _TOKEN_RE
 
     text = unicodedata.normalize(
         "NFD", 'Beyoncé\'s 2003\u2013album "Dangerously" (U.S.) cost $5,000!\t東京 ½ x\u200by\x85'

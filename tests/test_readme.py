@@ -23,8 +23,8 @@ def test_every_cli_command_module_exists():
 
     from dpr_jax.cli import COMMANDS
 
-    for name, (module, func, _) in COMMANDS.items():
-        assert callable(getattr(importlib.import_module(module), func)), name
+    for name, (module, _) in COMMANDS.items():
+        assert callable(importlib.import_module(f"dpr_jax.cli.{module}").cli_main), name
 
 
 def test_cli_usage_and_unknown_command(capsys):

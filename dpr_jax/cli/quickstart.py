@@ -24,8 +24,8 @@ import numpy as np
 from dpr_jax.cli.errors import Parser
 from dpr_jax.data.answers import exact_match_score, f1_score
 from dpr_jax.data.bm25 import BM25Retriever
-from dpr_jax.data.formats import write_passages_tsv, write_retrieval_results
-from dpr_jax.data.squad import load_squad, split_articles, squad_passages, squad_questions
+from dpr_jax.data.formats import squad_questions, write_passages_tsv, write_retrieval_results
+from dpr_jax.data.squad import load_squad, split_articles, squad_passages
 from dpr_jax.embeddings import load_embeddings, read_config
 from dpr_jax.evaluate import top_k_accuracy
 from dpr_jax.index import build_index, load_index
