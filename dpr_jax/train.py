@@ -32,6 +32,13 @@ pool metrics do not, and are the ones to compare retrievers with.
 ``metrics.jsonl`` is appended to: after a resume the steps since the last checkpoint appear
 twice, the second time after a ``{"split": "start", "resumed": true}`` record.
 
+Divergence and damage (:mod:`dpr_jax.finite`): a non-finite training loss or gradient norm stops
+the run with a :class:`~dpr_jax.finite.DivergenceError` naming the step; a state with a NaN or
+infinity is never checkpointed (so rotation keeps the last finite checkpoints) nor exported;
+validation of non-finite scores reports NaN and stops the run, never "accuracy 1"; a checkpoint
+whose restored state is not finite (flipped bytes that still decode) is refused with a
+:class:`CheckpointError` naming it.
+
 Multi-process runs train, validate and checkpoint jointly; the final export to WORKDIR/model is
 skipped (see ``train_and_evaluate``) and the parameters are in the last checkpoint.
 
@@ -57,6 +64,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dpr_jax.finite import DivergenceError
 
 DTYPES = ("float32", "bfloat16")
 
@@ -463,15 +472,25 @@ def _get_path(d: dict, dotted: str) -> Any:
 
 
 class Checkpoints:
-    """orbax ``CheckpointManager`` in WORKDIR/checkpoints with validated restores."""
+    """orbax ``CheckpointManager`` in WORKDIR/checkpoints with validated restores.
+
+    Rotation keeps the newest ``keep_checkpoints`` checkpoints *and* the newest one proven to
+    train finitely (a later step, computed from it, had a finite loss and gradient norm:
+    :meth:`check_steps`), so a run that diverges right after a checkpoint, or one that resumes a
+    damaged checkpoint, never loses the last good state (with ``keep_checkpoints=1`` two
+    checkpoints can be on disk). Non-finite states are never saved (:meth:`save`).
+    """
 
     def __init__(self, directory: Path, config: TrainConfig):
         import orbax.checkpoint as ocp
 
         self.ocp = ocp
         self.directory = Path(directory).absolute()
+        self.learning_rate = config.learning_rate
+        self.keep = config.keep_checkpoints
+        self.proven = -1  # the newest step whose successor trained finitely
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=config.keep_checkpoints,
+            max_to_keep=None,  # rotation: _rotate
             enable_async_checkpointing=config.async_checkpoint,
             create=True,
         )
@@ -488,6 +507,15 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data: dict[str, Any]) -> None:
+        """Save ``state`` as checkpoint ``step``; a state with a NaN or infinite value is refused
+        (:class:`~dpr_jax.finite.DivergenceError`), so rotation never replaces the last finite
+        checkpoint by a damaged one."""
+        from dpr_jax.finite import check_finite_state
+
+        check_finite_state(
+            _state_dict(state), step, "the state to checkpoint is", self.stop_after_divergence
+        )
+        self._rotate(incoming=step)
         ocp = self.ocp
         self.manager.save(
             step,
@@ -499,6 +527,49 @@ class Checkpoints:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+
+    def check_steps(self, records) -> None:
+        """Raise :class:`~dpr_jax.finite.DivergenceError` (after :meth:`stop_after_divergence`)
+        at the first ``(step, host metrics)`` record with a non-finite loss or gradient norm;
+        otherwise mark the checkpoints before the last of these steps as proven."""
+        from dpr_jax.finite import check_step_metrics
+
+        records = list(records)
+        check_step_metrics(records, hint=self.stop_after_divergence)
+        if records:
+            self.proven = max(self.proven, max(s for s, _ in records) - 1)
+
+    def _rotate(self, incoming: int) -> None:
+        steps = sorted(set(self.manager.all_steps()) | {incoming})
+        keep = set(steps[-self.keep :])
+        proven = [s for s in steps if s <= self.proven and s != incoming]
+        if proven:
+            keep.add(proven[-1])
+        for s in steps:
+            if s not in keep and s != incoming:
+                self.manager.delete(s)
+
+    def stop_after_divergence(self) -> str:
+        """Finish pending saves and close; returns what to do after a divergence, naming the
+        last checkpoint that trained finitely (no non-finite state is ever saved)."""
+        from dpr_jax.finite import divergence_hint
+
+        try:
+            self.wait()
+            self.close()
+        except Exception:  # already closed
+            pass
+        steps = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+        good = [s for s in steps if s <= self.proven]
+        newer = [s for s in steps if s > self.proven]
+        last = str(self.directory / str(good[-1])) if good else None
+        hint = divergence_hint(last, self.learning_rate)
+        if newer:  # finite, but the step computed from it was not
+            hint += (
+                f"; checkpoint {self.directory / str(newer[-1])} leads to the non-finite step: "
+                f"delete it to resume from {f'step {good[-1]}' if good else 'scratch'}"
+            )
+        return hint
 
     def close(self) -> None:
         self.manager.close()
@@ -538,7 +609,9 @@ class Checkpoints:
         return data
 
     def restore(self, step: int, abstract_state) -> dict[str, Any]:
-        """The state dict of checkpoint ``step``, checked against ``abstract_state``'s shapes."""
+        """The state dict of checkpoint ``step``, checked against ``abstract_state``'s shapes and
+        for finiteness: a state with a NaN or infinity (bytes flipped on disk that still decode)
+        is refused, naming the checkpoint, instead of training on it."""
         ocp = self.ocp
         where = self.directory / str(step)
         target = _state_dict(abstract_state)
@@ -573,6 +646,18 @@ class Checkpoints:
                 f"{where}: cannot read the state ({type(e).__name__}: {_short(e)}); the "
                 "checkpoint is truncated or corrupt: delete it to resume from an earlier one"
             ) from e
+        from dpr_jax.finite import nonfinite_leaves
+
+        bad = nonfinite_leaves(restored)
+        if bad:
+            earlier = [s for s in self.manager.all_steps() if s < step]
+            then = f"resume from step {max(earlier)}" if earlier else "start again from step 0"
+            raise CheckpointError(
+                f"{where}: the restored state is not finite (NaN/inf in {bad[0]}"
+                f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): the checkpoint is "
+                f"damaged; delete {where} to {then}"
+            )
+        self.proven = max(self.proven, step - 1)  # a later checkpoint was saved after each
         return restored
 
 
@@ -630,10 +715,12 @@ class Evaluator:
 
         sums: dict[str, float] = {}
         qs, ps, valids = [], [], []
+        finite = True
         for local in self.batches.eval_batches():
             batch = global_batch_from_local(local, self.mesh)
             q, p = self._encode(params, batch)
             q, p, valid = _to_host(q), _to_host(p), _to_host(batch["valid"])
+            finite = finite and bool(np.isfinite(q).all() and np.isfinite(p).all())
             m = jax.device_get(self._metrics(q, p, valid))
             w = float(m["questions"])
             for k, v in m.items():
@@ -643,11 +730,16 @@ class Evaluator:
             valids.append(valid)
         n = max(sums["questions"], 1e-12)
         out = {k: (v if k == "questions" else v / n) for k, v in sums.items()}
+        if not finite:  # NaN scores compare false with everything: rank 0, "accuracy 1"
+            out.update(loss=math.nan, accuracy=math.nan, rank=math.nan)
         out.update(self._pool_metrics(qs, ps, valids))
         return out
 
     def _pool_metrics(self, qs, ps, valids) -> dict[str, float]:
-        """Rank of each positive among the deduplicated passages of all evaluated questions."""
+        """Rank of each positive among the deduplicated passages of all evaluated questions
+        (NaN metrics when any score is not finite)."""
+        from dpr_jax.finite import rank_of_positive
+
         g = self.loss_cfg.group_size
         b = self.batches
         keys, vecs, pos_of = {}, [], []
@@ -667,12 +759,11 @@ class Evaluator:
         q = np.stack([x for x, _ in pos_of])  # (Nq, D)
         pos = np.array([j for _, j in pos_of])
         scores = q @ pool.T  # (Nq, D) . (D, N) -> (Nq, N)
-        gold = scores[np.arange(len(pos)), pos]
-        rank = (scores > gold[:, None]).sum(1)
+        rank = rank_of_positive(scores, pos)  # NaN where a score is not finite
         return {
             "pool_rank": float(rank.mean()),
-            "pool_top1": float((rank == 0).mean()),
-            "pool_top5": float((rank < 5).mean()),
+            "pool_top1": float((rank == 0).mean()) if np.isfinite(rank).all() else math.nan,
+            "pool_top5": float((rank < 5).mean()) if np.isfinite(rank).all() else math.nan,
             "pool_size": float(len(pool)),
         }
 
@@ -788,6 +879,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict[str, fl
 
     from dpr_jax.batching import BatchSpec, BiencoderBatches, DataPosition
     from dpr_jax.checkpoint import save_model
+    from dpr_jax.finite import check_finite_state
     from dpr_jax.models.biencoder import BiEncoder
     from dpr_jax.parallel import global_batch_from_local, make_mesh, process_slice, replicated
     from dpr_jax.train_step import LossConfig, TrainState, make_train_step
@@ -865,6 +957,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict[str, fl
     position = DataPosition()
     if latest is None:
         state = create_state(initial_params(config, enc_cfg, init_rng))
+        check_finite_state(state.params, 0, "the initial parameters are",
+                           f" (TrainConfig.init_from {config.init_from!r})")  # fmt: skip
     else:
         from dpr_jax.checkpoint import abstract_params
 
@@ -895,6 +989,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict[str, fl
                 f"[dev step {step}] loss {m['loss']:.4f} acc {m['accuracy']:.4f} "
                 f"rank {m['rank']:.3f} pool_rank {m.get('pool_rank', float('nan')):.2f} "
                 f"pool_top1 {m.get('pool_top1', float('nan')):.4f} ({m['eval_seconds']:.0f}s)"
+            )
+        if not all(math.isfinite(m[k]) for k in ("loss", "accuracy", "rank")):
+            raise DivergenceError(
+                f"step {step}: the validation scores are not finite{ckpts.stop_after_divergence()}"
             )
         return m
 
@@ -927,10 +1025,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict[str, fl
             if len(pending) > 1:  # keep one step in flight: the next batch is built meanwhile,
                 jax.block_until_ready(pending[-2])  # and the progress bar counts finished steps
                 bar.update(1)
+                ckpts.check_steps([(step - 1, jax.device_get(pending[-2]))])
             if step % config.log_every == 0 or step == end_step:
                 host = jax.device_get(pending)
                 pending = []
                 bar.update(1)
+                ckpts.check_steps(zip(range(step - len(host) + 1, step + 1), host))
                 dt = time.perf_counter() - t_window
                 last_train = {
                     k: float(np.mean([m[k] for m in host]))
@@ -951,6 +1051,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict[str, fl
             if (
                 config.checkpoint_every and step % config.checkpoint_every == 0
             ) or step == end_step:
+                if pending:  # never checkpoint the result of a non-finite step
+                    ckpts.check_steps([(step, jax.device_get(pending[-1]))])
                 ckpts.save(step, state, {"position": position.to_dict(), **expect})
                 saved_step = step
     except KeyboardInterrupt:  # keep the finished steps: checkpoint, then stop as asked
@@ -1038,7 +1140,7 @@ def cli_main(argv: list[str]) -> int:
                 (out / "eval.json").write_text(json.dumps(record, indent=2))
         else:
             metrics = train_and_evaluate(config, args.workdir)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, DivergenceError, FileNotFoundError) as e:
         print(f"dpr-jax train: {e}", file=sys.stderr)
         return 1
     if jax.process_index() == 0:

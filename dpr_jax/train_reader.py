@@ -30,7 +30,9 @@ Work directory (as ``dpr-jax train``)::
 
 The data order is a pure function of the step (:class:`dpr_jax.reader_data.ReaderTrainData`),
 so a run resumed from its latest checkpoint ends with exactly the parameters of an uninterrupted
-one. Dev evaluation: DPR's EM (and F1) of the answers read by :class:`dpr_jax.span.ReaderPredictor`
+one. As in ``dpr-jax train`` (:mod:`dpr_jax.finite`): a non-finite loss or gradient norm stops
+the run with a ``DivergenceError`` naming the step, a non-finite state is never checkpointed,
+validated or exported, and a checkpoint that restores to non-finite values is refused. Dev evaluation: DPR's EM (and F1) of the answers read by :class:`dpr_jax.span.ReaderPredictor`
 from each dev question's first ``eval_passages`` passages, at every k of ``eval_top_k``.
 """
 
@@ -549,6 +551,7 @@ def train_and_evaluate(config: ReaderTrainConfig, workdir: str | Path) -> dict[s
     from tqdm.auto import tqdm
 
     from dpr_jax.checkpoint import save_model
+    from dpr_jax.finite import DivergenceError, check_finite_state
     from dpr_jax.models.reader import Reader
     from dpr_jax.parallel import global_batch_from_local, make_mesh, process_slice, replicated
     from dpr_jax.reader_data import ReaderTokenizer, ReaderTrainData
@@ -643,12 +646,23 @@ def train_and_evaluate(config: ReaderTrainConfig, workdir: str | Path) -> dict[s
     log.write({"split": "start", "step": start_step, "resumed": latest is not None,
                "train_data": train.stats})  # fmt: skip
 
+    stop = ckpts.stop_after_divergence  # on a divergence: keep the finite checkpoints, stop
+
+    def check_pending():  # never validate or checkpoint the result of a non-finite step
+        if pending:
+            host = jax.device_get(pending)
+            ckpts.check_steps(zip(range(step - len(host) + 1, step + 1), host))
+
     def run_eval(step: int) -> dict[str, float]:
+        # NaN logits still "read" some span: never score a non-finite model
+        check_finite_state(state.params, step, "the parameters to validate are", stop)
         t0 = time.perf_counter()
         p = state.params if jax.process_count() == 1 else _host(state.params)
         m = evaluator(p)
         m["eval_seconds"] = time.perf_counter() - t0
         log.write({"split": "dev", "step": step, **m})
+        if not all(math.isfinite(v) for v in m.values()):
+            raise DivergenceError(f"step {step}: the validation scores are not finite{stop()}")
         if primary:
             ks = " ".join(f"EM@{k} {100 * m[f'em@{k}']:.2f} F1@{k} {100 * m[f'f1@{k}']:.2f}"
                           for k in evaluator.top_k)  # fmt: skip
@@ -676,6 +690,7 @@ def train_and_evaluate(config: ReaderTrainConfig, workdir: str | Path) -> dict[s
         bar.update(1)
         if step % config.log_every == 0 or step == end_step:
             host = jax.device_get(pending)
+            ckpts.check_steps(zip(range(step - len(host) + 1, step + 1), host))
             pending = []
             dt = time.perf_counter() - t_window
             last_train = {k: float(np.mean([m[k] for m in host])) for k in host[0]
@@ -692,10 +707,12 @@ def train_and_evaluate(config: ReaderTrainConfig, workdir: str | Path) -> dict[s
             t_window, steps_window = time.perf_counter(), 0
         if evaluator is not None and config.eval_every and step % config.eval_every == 0:
             if step < total_steps:  # the final evaluation runs below
+                check_pending()
                 last_eval = run_eval(step)
         if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == end_step:
             # One process: save a host copy (orbax's per-array handling of device arrays costs
             # seconds per save for a model of many small arrays; restoring re-shards it).
+            check_pending()
             ckpts.save(step, _host(state) if jax.process_count() == 1 else state,
                        {"position": {"step": step}, **expect})  # fmt: skip
     bar.close()
@@ -765,11 +782,12 @@ def cli_main(argv: list[str]) -> int:
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
+    from dpr_jax.finite import DivergenceError
     from dpr_jax.train import CheckpointError
 
     try:
         metrics = train_and_evaluate(config, args.workdir)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, DivergenceError, FileNotFoundError) as e:
         print(f"dpr-jax train-reader: {e}", file=sys.stderr)
         return 1
     if jax.process_index() == 0:
