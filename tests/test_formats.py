@@ -192,7 +192,7 @@ def test_malformed_biencoder_names_file_and_record(tmp_path):
         read_biencoder(path)
     path = tmp_path / "truncated.json"
     path.write_text(json.dumps([good, good])[:-20])
-    with pytest.raises(ValueError, match=r"truncated\.json: invalid JSON"):
+    with pytest.raises(ValueError, match=r"truncated\.json, line 1: invalid JSON"):
         read_biencoder(path)
 
 
