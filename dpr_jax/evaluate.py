@@ -22,6 +22,14 @@ Reader (sec. 6, Table 4): SQuAD v1.1's official exact match and F1 (``normalize_
 lower-case, drop punctuation and the articles a/an/the, squeeze whitespace; F1 over bags of
 tokens; both maximised over the gold answers).
 
+Questions without gold answers (an empty answers list) are **kept and counted as misses** by every
+command, as DPR's retrieval validation does (``calculate_matches`` divides by all questions, and
+``has_answer`` of no answers is false): ``retrieve`` writes them with every ``has_answer`` false,
+``evaluate`` counts them as misses at every k, ``read`` and ``ask`` score their answers EM 0 and
+F1 0 (:func:`exact_match_score` / :func:`f1_score` of no gold answers are 0, where SQuAD's script
+would fail on ``max()`` of nothing). The commands report how many there were
+(:func:`count_without_answers`), so a file with many of them is noticed.
+
 ANN recall: the fraction of the exact top-k ids that an approximate index also returns in its
 top-k, averaged over queries (how much ScaNN/FAISS lose against brute force).
 
@@ -163,20 +171,23 @@ def _f1(prediction: str, gold: str) -> float:
 
 
 def _gold_list(gold_answers: str | Iterable[str]) -> list[str]:
-    golds = [gold_answers] if isinstance(gold_answers, str) else list(gold_answers)
-    if not golds:
-        raise ValueError("no gold answers to compare with")
-    return golds
+    return [gold_answers] if isinstance(gold_answers, str) else list(gold_answers)
 
 
 def exact_match_score(prediction: str, gold_answers: str | Iterable[str]) -> float:
-    """1.0 if the normalised prediction equals any normalised gold answer, else 0.0."""
-    return float(max(_em(prediction, g) for g in _gold_list(gold_answers)))
+    """1.0 if the normalised prediction equals any normalised gold answer, else 0.0 (also with
+    no gold answers: a miss, see the module docstring)."""
+    return float(max((_em(prediction, g) for g in _gold_list(gold_answers)), default=False))
 
 
 def f1_score(prediction: str, gold_answers: str | Iterable[str]) -> float:
-    """Token-bag F1 of the normalised strings, maximised over the gold answers."""
-    return max(_f1(prediction, g) for g in _gold_list(gold_answers))
+    """Token-bag F1 of the normalised strings, maximised over the gold answers (0.0 with none)."""
+    return max((_f1(prediction, g) for g in _gold_list(gold_answers)), default=0.0)
+
+
+def count_without_answers(answer_lists: Iterable[Sequence[str]]) -> int:
+    """How many questions have no gold answer (they are kept and count as misses)."""
+    return sum(1 for a in answer_lists if not a)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +228,7 @@ def top_k_accuracy(
 
     A question counts as a hit at k if any of its first k ctxs has the answer. ``has_answer``
     stored in a ctx is trusted unless ``recompute``; absent ones are computed with ``match_type``.
+    A question without gold answers is kept and is a miss at every k (DPR's convention).
     A question with fewer than k ctxs is judged on the ctxs it has (DPR's files always have the
     same number per question).
     """
@@ -324,7 +336,11 @@ def cli_main(argv: list[str] | None = None) -> int:
         recall = {k: ann_recall(approx_ids, exact_ids, k) for k in args.ks}
         metrics["ann_recall"] = recall
         rows += [(f"recall@{k}", f"{100 * v:6.2f}%") for k, v in recall.items()]
+    no_gold = count_without_answers(r["answers"] for r in results)
+    metrics["questions_without_answers"] = no_gold
     print(f"{args.results}: {len(results):,} questions, up to {depth} ctxs each")
+    if no_gold:
+        print(f"{no_gold:,} questions have no gold answers: kept and counted as misses (as DPR)")
     print(format_table(rows, ("metric", "value")))
     if args.json_out:
         from dpr_jax.data.formats import atomic_write_text
