@@ -30,10 +30,12 @@ Work directory (as ``dpr-jax train``)::
 
 The data order is a pure function of the step (:class:`dpr_jax.reader_data.ReaderTrainData`),
 so a run resumed from its latest checkpoint ends with exactly the parameters of an uninterrupted
-one. As in ``dpr-jax train`` (:mod:`dpr_jax.finite`): a non-finite loss or gradient norm stops
-the run with a ``DivergenceError`` naming the step, a non-finite state is never checkpointed,
-validated or exported, and a checkpoint that restores to non-finite values is refused. Dev evaluation: DPR's EM (and F1) of the answers read by :class:`dpr_jax.span.ReaderPredictor`
+one. Dev evaluation: DPR's EM (and F1) of the answers read by :class:`dpr_jax.span.ReaderPredictor`
 from each dev question's first ``eval_passages`` passages, at every k of ``eval_top_k``.
+
+As in ``dpr-jax train`` (:mod:`dpr_jax.finite`): a non-finite loss or gradient norm stops the
+run with a ``DivergenceError`` naming the step, a non-finite state is never checkpointed,
+validated or exported, and a checkpoint that restores to non-finite values is refused.
 """
 
 from __future__ import annotations
