@@ -191,6 +191,25 @@ def test_checkpoint_with_damaged_values_is_refused(tiny, tmp_path):
     assert after == before and not (work / "model").exists()
 
 
+def test_checkpoint_with_flipped_bytes_is_refused(tiny, tmp_path):
+    """The damage of the issue's report: 64 bytes set to 0xFF in the middle of the largest file
+    of the latest checkpoint (before the fix this restored to NaN, trained on, validated as
+    "acc 1.0000" and exported). Whether the damaged file still decodes or not, it is refused."""
+    work = tmp_path / "flipped_bytes"
+    train_and_evaluate(dataclasses.replace(tiny, stop_at_step=4, keep_checkpoints=2), work)
+    files = [p for p in (work / "checkpoints" / "4" / "state").rglob("*") if p.is_file()]
+    big = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(big.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 64] = b"\xff" * 64
+    big.write_bytes(bytes(data))
+    with pytest.raises(
+        CheckpointError, match=r"checkpoints/4: .*(not finite|truncated or corrupt)"
+    ):
+        train_and_evaluate(tiny, work)
+    assert _steps(work) == [3, 4] and not (work / "model").exists()
+
+
 def test_validation_of_a_nan_model_is_nan_not_perfect(tiny, tiny_biencoder_dir, tmp_path):
     from dpr_jax.checkpoint import load_model, save_model
 
