@@ -9,7 +9,7 @@ pyserini's and ours are interchangeable:
       1<TAB>"Aaron Aaron ( or ; ""Ahärôn"") is ..."<TAB>Aaron
 
   read with the ``csv`` module (tab delimiter, ``"`` quoting with doubled quotes, as DPR's
-  ``CsvCtxSrc`` does); ``.gz`` files are read and written transparently. Unlike DPR we do not
+  ``CsvCtxSrc`` does; one row per line: a line break inside a field is written as a space); ``.gz`` files are read and written transparently. Unlike DPR we do not
   additionally ``strip('"')`` the text, so a passage that begins with a quotation mark survives a
   write/read round trip.
 - **qas** (``nq-test.csv``, tab separated despite the name): ``question<TAB>answers`` where
@@ -55,7 +55,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from dpr_jax.data.textio import DataFormatError, iter_text_lines, iter_tsv_rows, load_json
+from dpr_jax.data.textio import (
+    DataFormatError,
+    iter_text_lines,
+    iter_tsv_rows,
+    load_json,
+    one_line,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -227,12 +233,13 @@ def read_passages_tsv(path: str | Path, check_unique: bool = True) -> list[Passa
 def write_passages_tsv(
     path: str | Path, passages: Iterable[Passage], config: dict[str, Any] | None = None
 ) -> Path:
-    """Write passages as DPR's TSV (with header), atomically."""
+    """Write passages as DPR's TSV (with header), atomically. A line break inside a field is
+    written as a space (no field of the format spans lines; the reader refuses one that does)."""
     with atomic_open(path, newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         w.writerow(PASSAGES_HEADER)
         for p in passages:
-            w.writerow((p.id, p.text, p.title))
+            w.writerow((one_line(p.id), one_line(p.text), one_line(p.title)))
     write_config(path, config)
     return Path(path)
 
@@ -327,7 +334,8 @@ def write_qas_tsv(
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         for q in questions:
             row = [q.question, repr([str(a) for a in q.answers])]
-            w.writerow(row + [q.id] if with_ids else row)
+            row = [one_line(x) for x in (row + [q.id] if with_ids else row)]
+            w.writerow(row)
     write_config(path, config)
     return Path(path)
 

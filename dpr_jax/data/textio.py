@@ -14,8 +14,9 @@ Python's own readers fail unhelpfully on three common kinds of damage in user fi
 raises :class:`DataFormatError` ``"<file>, line N: <what>; <what to do>"``; a BOM at the start of
 the file is skipped, one at the start of a later line (files concatenated) is an error.
 :func:`iter_tsv_rows` adds the strict ``csv`` parsing of DPR's TSV files (tab delimiter, ``"``
-quoting with doubled quotes): a quote that does not close right before a tab or a line end is
-reported at the line where its row starts. :func:`read_text` is the whole-file variant for JSON documents.
+quoting with doubled quotes, one row per line): a quoted field running over a line end, or a
+quote that does not close right before a tab or a line end, is reported at the line where its
+row starts. The writers store line breaks inside a field as spaces (:func:`one_line`). :func:`read_text` is the whole-file variant for JSON documents.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ import codecs
 import csv
 import gzip
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 UTF8_FIX = "save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`)"
 
 
@@ -89,14 +92,18 @@ def load_json(path: str | Path) -> Any:
         ) from None
 
 
+def one_line(field: str) -> str:
+    """``field`` with every line break (``\\r\\n``, ``\\n``, ``\\r``) replaced by a space: what
+    the TSV writers store, since no field of DPR's TSV formats spans lines."""
+    return _LINE_BREAK.sub(" ", field)
+
+
 def iter_tsv_rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
-    """``(line number where the row starts, fields)`` of a tab-separated file in DPR's dialect
-    (``"`` quoting with doubled quotes), parsed strictly: a quote that opens a field must close
-    it, right before a tab or the end of the line. A field may span lines only inside such a
-    well-formed quote (what ``csv.writer`` writes for a text with a newline); an unterminated
-    ``"``, which the lenient ``csv`` default lets run over the line ends and swallow the rows
-    that follow, raises :class:`DataFormatError` at the line where its row starts. Blank lines
-    give ``[]``."""
+    """``(line number, fields)`` of a tab-separated file in DPR's dialect (``"`` quoting with
+    doubled quotes), one row per line: no field of DPR's TSV formats spans lines. A quoted field
+    that runs over a line end (an unterminated ``"``, which the ``csv`` module would let swallow
+    the rows that follow) or a quote that does not close right before a tab or the line end
+    raises :class:`DataFormatError` at the line where the row starts. Blank lines give ``[]``."""
     path = Path(path)
     where = [0]  # the physical line the csv reader has consumed last
 
@@ -105,17 +112,24 @@ def iter_tsv_rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
             where[0] = n
             yield line
 
+    fix = (
+        "An unterminated '\"'? Close the quote right before the next tab or the line end, and "
+        'write a quote inside a quoted field as ""'
+    )
     reader = csv.reader(lines(), delimiter="\t", strict=True)
     last = 0
     try:
         for row in reader:
             start, last = last + 1, where[0]
+            if last > start:
+                raise DataFormatError(
+                    f"{path}, line {start}: a quoted field runs over the end of the line (the row "
+                    f"continues to line {last}). {fix}"
+                )
             yield start, row
     except csv.Error as e:
         start = last + 1
         span = f" (read on to line {where[0]})" if where[0] > start else ""
         raise DataFormatError(
-            f"{path}, line {start}: a quoted field is not closed properly{span}: {e}. An "
-            "unterminated '\"'? Close the quote right before the next tab or the line end, and "
-            'write a quote inside a quoted field as ""'
+            f"{path}, line {start}: a quoted field is not closed properly{span}: {e}. {fix}"
         ) from None
