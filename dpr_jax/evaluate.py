@@ -4,6 +4,14 @@ Retrieval (sec. 5.2, Table 2): *top-k accuracy* is the fraction of questions for
 one of the top-k retrieved passages contains an answer, "contains" being DPR's ``has_answer``
 (:mod:`dpr_jax.data.answers`, re-exported here with the reader's exact match and F1).
 
+Questions without gold answers (an empty answers list) are **kept and counted as misses** by every
+command, as DPR's retrieval validation does (``calculate_matches`` divides by all questions, and
+``has_answer`` of no answers is false): ``retrieve`` writes them with every ``has_answer`` false,
+``evaluate`` counts them as misses at every k, ``read`` and ``ask`` score their answers EM 0 and
+F1 0 (:func:`exact_match_score` / :func:`f1_score` of no gold answers are 0, where SQuAD's script
+would fail on ``max()`` of nothing). The commands report how many there were
+(:func:`count_without_answers`), so a file with many of them is noticed.
+
 ANN recall: the fraction of the exact top-k ids that an approximate index also returns in its
 top-k, averaged over queries (how much ScaNN/FAISS lose against brute force).
 
@@ -18,6 +26,7 @@ from typing import Any
 from dpr_jax.data.answers import (
     MATCH_TYPES,
     AnswerMatcher,
+    count_without_answers,
     exact_match_score,
     f1_score,
     has_answer,
@@ -27,7 +36,7 @@ from dpr_jax.data.answers import (
 )
 
 __all__ = [
-    "MATCH_TYPES", "AnswerMatcher", "ann_recall", "exact_match_score", "f1_score", "has_answer",
+    "MATCH_TYPES", "AnswerMatcher", "ann_recall", "count_without_answers", "exact_match_score", "f1_score", "has_answer",
     "normalize_answer", "question_hits", "regex_match", "simple_tokenize", "top_k_accuracy",
 ]  # fmt: skip
 
@@ -70,6 +79,8 @@ def top_k_accuracy(
 
     A question counts as a hit at k if any of its first k ctxs has the answer. ``has_answer``
     stored in a ctx is trusted unless ``recompute``; absent ones are computed with ``match_type``.
+    A question without gold answers is kept and is a miss at every k (DPR's convention).
+    A question without gold answers is kept and is a miss at every k (DPR's convention).
     A question with fewer than k ctxs is judged on the ctxs it has (DPR's files always have the
     same number per question).
     """

@@ -52,6 +52,11 @@ class HybridRetriever:
         )  # fmt: skip
 
     def search(self, questions: Sequence[str], k: int = 100):
+        """``(scores (Q, k'), ids)`` with k' = min(k, the BM25 corpus size): at depth >= the
+        corpus BM25 returns every passage, so the fused lists are never padded."""
+
+        ids = getattr(self.sparse, "ids", None)
+        k = min(k, len(ids)) if ids is not None and len(ids) else k
         depth = max(k, self.depth)
         ds, di = self.dense.search(questions, depth)
         ss, si = self.sparse.search(questions, depth)
@@ -71,6 +76,8 @@ def results_for(questions, scores, ids, passages: dict, match: str = "string") -
         ctxs = []
         keys = matcher.answer_keys(q.answers) if matcher else None
         for s, pid in zip(row_s, row_i):
+            if (pid is None or str(pid) == "") and not np.isfinite(s):
+                continue  # padding: fewer results than k (k > corpus, ANN misses)
             p = passages.get(str(pid))
             if p is None:
                 raise KeyError(f"passage id {pid!r} from the index is not in the passages file")

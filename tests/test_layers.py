@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "dpr_jax.parallel",
             "dpr_jax.sharding",
             "dpr_jax.training.state",
+            "dpr_jax.finite",
         ),
     ),  # fmt: skip
     (

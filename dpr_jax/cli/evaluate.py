@@ -8,7 +8,7 @@ from typing import Any
 from dpr_jax.cli.errors import Parser
 from dpr_jax.cli.options import parse_ks
 from dpr_jax.data.formats import atomic_write_text, read_retrieval_results
-from dpr_jax.evaluate import MATCH_TYPES, ann_recall, top_k_accuracy
+from dpr_jax.evaluate import MATCH_TYPES, ann_recall, count_without_answers, top_k_accuracy
 
 
 def format_table(rows: list[tuple[str, str]], header: tuple[str, str]) -> str:
@@ -62,7 +62,11 @@ def cli_main(argv: list[str] | None = None) -> int:
         recall = {k: ann_recall(approx_ids, exact_ids, k) for k in args.ks}
         metrics["ann_recall"] = recall
         rows += [(f"recall@{k}", f"{100 * v:6.2f}%") for k, v in recall.items()]
+    no_gold = count_without_answers(r["answers"] for r in results)
+    metrics["questions_without_answers"] = no_gold
     print(f"{args.results}: {len(results):,} questions, up to {depth} ctxs each")
+    if no_gold:
+        print(f"{no_gold:,} questions have no gold answers: kept and counted as misses (as DPR)")
     print(format_table(rows, ("metric", "value")))
     if args.json_out:
         payload = {**metrics, "config": {k: v for k, v in vars(args).items()}}

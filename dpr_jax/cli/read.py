@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from dpr_jax.cli.errors import Parser
 from dpr_jax.cli.options import parse_ks
@@ -65,6 +66,10 @@ def cli_main(argv: list[str] | None = None) -> int:
         [e.answers for e in examples], progress=not args.no_progress,
     )  # fmt: skip
     metrics = evaluate_predictions(preds)
+    no_gold = max((m["questions_without_answers"] for m in metrics.values()), default=0)
+    if no_gold:
+        print(f"{no_gold} questions have no gold answers: kept and counted as misses (EM/F1 0)",
+              file=sys.stderr)  # fmt: skip
     for k, m in metrics.items():
         print(f"top-{k:<4d} EM {100 * m['em']:6.2f}  F1 {100 * m['f1']:6.2f}  "
               f"({m['questions']} questions)")  # fmt: skip

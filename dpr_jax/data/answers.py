@@ -21,6 +21,14 @@ passage in string mode, exactly as in DPR (the empty sequence is a sub-sequence 
 Reader (sec. 6, Table 4): SQuAD v1.1's official exact match and F1 (``normalize_answer``:
 lower-case, drop punctuation and the articles a/an/the, squeeze whitespace; F1 over bags of
 tokens; both maximised over the gold answers).
+
+Questions without gold answers (an empty answers list) are **kept and counted as misses** by every
+command, as DPR's retrieval validation does (``calculate_matches`` divides by all questions, and
+``has_answer`` of no answers is false): ``retrieve`` writes them with every ``has_answer`` false,
+``evaluate`` counts them as misses at every k, ``read`` and ``ask`` score their answers EM 0 and
+F1 0 (:func:`exact_match_score` / :func:`f1_score` of no gold answers are 0, where SQuAD's script
+would fail on ``max()`` of nothing). The commands report how many there were
+(:func:`count_without_answers`), so a file with many of them is noticed.
 """
 
 from __future__ import annotations
@@ -155,17 +163,20 @@ def _f1(prediction: str, gold: str) -> float:
 
 
 def _gold_list(gold_answers: str | Iterable[str]) -> list[str]:
-    golds = [gold_answers] if isinstance(gold_answers, str) else list(gold_answers)
-    if not golds:
-        raise ValueError("no gold answers to compare with")
-    return golds
+    return [gold_answers] if isinstance(gold_answers, str) else list(gold_answers)
 
 
 def exact_match_score(prediction: str, gold_answers: str | Iterable[str]) -> float:
-    """1.0 if the normalised prediction equals any normalised gold answer, else 0.0."""
-    return float(max(_em(prediction, g) for g in _gold_list(gold_answers)))
+    """1.0 if the normalised prediction equals any normalised gold answer, else 0.0 (also with
+    no gold answers: a miss, see the module docstring)."""
+    return float(max((_em(prediction, g) for g in _gold_list(gold_answers)), default=False))
 
 
 def f1_score(prediction: str, gold_answers: str | Iterable[str]) -> float:
-    """Token-bag F1 of the normalised strings, maximised over the gold answers."""
-    return max(_f1(prediction, g) for g in _gold_list(gold_answers))
+    """Token-bag F1 of the normalised strings, maximised over the gold answers (0.0 with none)."""
+    return max((_f1(prediction, g) for g in _gold_list(gold_answers)), default=0.0)
+
+
+def count_without_answers(answer_lists: Iterable[Sequence[str]]) -> int:
+    """How many questions have no gold answer (they are kept and count as misses)."""
+    return sum(1 for a in answer_lists if not a)

@@ -9,7 +9,7 @@ pyserini's and ours are interchangeable:
       1<TAB>"Aaron Aaron ( or ; ""Ahärôn"") is ..."<TAB>Aaron
 
   read with the ``csv`` module (tab delimiter, ``"`` quoting with doubled quotes, as DPR's
-  ``CsvCtxSrc`` does); ``.gz`` files are read and written transparently. Unlike DPR we do not
+  ``CsvCtxSrc`` does; one row per line: a line break inside a field is written as a space); ``.gz`` files are read and written transparently. Unlike DPR we do not
   additionally ``strip('"')`` the text, so a passage that begins with a quotation mark survives a
   write/read round trip.
 - **qas** (``nq-test.csv``, tab separated despite the name): ``question<TAB>answers`` where
@@ -27,7 +27,11 @@ pyserini's and ours are interchangeable:
   passage_idx, passage}}]}``.
 
 Every reader validates its input and raises ``ValueError`` naming the file and the line (TSV,
-JSONL) or record index (JSON). Every writer is atomic: it writes a temporary file in the target's
+JSONL) or record index (JSON). Text-level damage is a :class:`DataFormatError` (a ``ValueError``)
+``"<file>, line N: <what>; <what to do>"`` (:mod:`dpr_jax.data.textio`): bytes that are not
+UTF-8, a byte-order mark anywhere but at the very start (where it is skipped), and, in the TSV
+formats, a quoted field that runs over a line end (an unterminated ``"``, which the ``csv``
+module would let swallow the following rows: no field of these formats spans lines). Every writer is atomic: it writes a temporary file in the target's
 directory and ``os.replace``s it into place, so a crash never leaves a half-written file where a
 good one was. Writers take an optional ``config`` dict that is saved beside the artifact as
 ``<file>.config.json`` (the formats themselves have no room for it).
@@ -40,6 +44,7 @@ import csv
 import dataclasses
 import gzip
 import io
+import itertools
 import json
 import logging
 import math
@@ -47,6 +52,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from dpr_jax.data.textio import (
+    DataFormatError,
+    iter_text_lines,
+    iter_tsv_rows,
+    load_json,
+    one_line,
+)
 from dpr_jax.io import atomic_open, atomic_write_text  # noqa: F401  (moved; re-exported)
 
 logger = logging.getLogger(__name__)
@@ -65,13 +77,15 @@ def _is_gzip(path: Path) -> bool:
 
 
 def open_text(path: str | Path, newline: str | None = None) -> IO[str]:
-    """Open ``path`` for reading as UTF-8 text, gunzipping ``.gz`` (or gzip-magic) files."""
+    """Open ``path`` for reading as UTF-8 text (a leading BOM skipped), gunzipping ``.gz`` (or
+    gzip-magic) files. The readers of this module use :mod:`dpr_jax.data.textio` instead, whose
+    decoding errors name the line."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     if _is_gzip(path):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline=newline)
-    return open(path, encoding="utf-8", newline=newline)
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline=newline)
+    return open(path, encoding="utf-8-sig", newline=newline)
 
 
 def write_config(path: str | Path, config: dict[str, Any] | None) -> Path | None:
@@ -85,33 +99,25 @@ def write_config(path: str | Path, config: dict[str, Any] | None) -> Path | None
 
 def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
     """(where, record) for a JSON list or a JSONL file; where = "record i" / "line n"."""
-    with open_text(path) as f:
-        head = ""
-        while True:
-            ch = f.read(1)
-            if not ch or not ch.isspace():
-                head = ch
-                break
-        if head == "[":
-            f.seek(0)
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: invalid JSON ({e})") from None
-            for i, rec in enumerate(data):
-                yield f"record {i}", rec
-            return
-        if head not in ("{", ""):
-            raise ValueError(f"{path}: expected a JSON list or JSON lines, starts with {head!r}")
-        f.seek(0)
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {n}: invalid JSON ({e})") from None
-            yield f"line {n}", rec
+    lines = iter_text_lines(path)
+    first = next(((n, line) for n, line in lines if line.strip()), None)
+    head = first[1].lstrip()[0] if first else ""
+    if head == "[":
+        for i, rec in enumerate(load_json(path)):
+            yield f"record {i}", rec
+        return
+    if head not in ("{", ""):
+        raise DataFormatError(
+            f"{path}, line {first[0]}: expected a JSON list or JSON lines, starts with {head!r}"
+        )
+    for n, line in itertools.chain([first] if first else [], lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(f"{path}, line {n}: invalid JSON ({e})") from None
+        yield f"line {n}", rec
 
 
 def _fmt_json_list(records: Iterable[Any], f: IO[str]) -> None:
@@ -167,42 +173,37 @@ def read_passages_tsv(path: str | Path, check_unique: bool = True) -> list[Passa
     path = Path(path)
     out: list[Passage] = []
     seen: set[str] = set()
-    with open_text(path, newline="") as f:
-        reader = csv.reader(f, delimiter="\t")
-        try:
-            for row in reader:
-                line = reader.line_num
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue
-                if not out and tuple(c.strip().lower() for c in row) == PASSAGES_HEADER:
-                    continue
-                if len(row) != 3:
-                    raise ValueError(
-                        f"{path}, line {line}: expected 3 tab-separated columns "
-                        f"(id, text, title), got {len(row)}"
-                    )
-                pid, text, title = row
-                if not pid.strip():
-                    raise ValueError(f"{path}, line {line}: empty passage id")
-                if check_unique:
-                    if pid in seen:
-                        raise ValueError(f"{path}, line {line}: duplicate passage id {pid!r}")
-                    seen.add(pid)
-                out.append(Passage(pid, text, title))
-        except csv.Error as e:
-            raise ValueError(f"{path}, line {reader.line_num}: {e}") from None
+    for line, row in iter_tsv_rows(path):
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if not out and tuple(c.strip().lower() for c in row) == PASSAGES_HEADER:
+            continue
+        if len(row) != 3:
+            raise DataFormatError(
+                f"{path}, line {line}: expected 3 tab-separated columns "
+                f"(id, text, title), got {len(row)}"
+            )
+        pid, text, title = row
+        if not pid.strip():
+            raise DataFormatError(f"{path}, line {line}: empty passage id")
+        if check_unique:
+            if pid in seen:
+                raise DataFormatError(f"{path}, line {line}: duplicate passage id {pid!r}")
+            seen.add(pid)
+        out.append(Passage(pid, text, title))
     return out
 
 
 def write_passages_tsv(
     path: str | Path, passages: Iterable[Passage], config: dict[str, Any] | None = None
 ) -> Path:
-    """Write passages as DPR's TSV (with header), atomically."""
+    """Write passages as DPR's TSV (with header), atomically. A line break inside a field is
+    written as a space (no field of the format spans lines; the reader refuses one that does)."""
     with atomic_open(path, newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         w.writerow(PASSAGES_HEADER)
         for p in passages:
-            w.writerow((p.id, p.text, p.title))
+            w.writerow((one_line(p.id), one_line(p.text), one_line(p.title)))
     write_config(path, config)
     return Path(path)
 
@@ -230,22 +231,17 @@ def _parse_answers_literal(text: str, where: str) -> list[str]:
 
 def _read_qas_tsv(path: Path) -> list[Question]:
     out = []
-    with open_text(path, newline="") as f:
-        reader = csv.reader(f, delimiter="\t")
-        try:
-            for row in reader:
-                where = f"{path}, line {reader.line_num}"
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue
-                if len(row) not in (2, 3):
-                    raise ValueError(
-                        f"{where}: expected 2 or 3 tab-separated columns "
-                        f"(question, answers[, id]), got {len(row)}"
-                    )
-                answers = _parse_answers_literal(row[1], where)
-                out.append(Question(row[0], answers, row[2] if len(row) == 3 else None))
-        except csv.Error as e:
-            raise ValueError(f"{path}, line {reader.line_num}: {e}") from None
+    for line, row in iter_tsv_rows(path):
+        where = f"{path}, line {line}"
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if len(row) not in (2, 3):
+            raise DataFormatError(
+                f"{where}: expected 2 or 3 tab-separated columns "
+                f"(question, answers[, id]), got {len(row)}"
+            )
+        answers = _parse_answers_literal(row[1], where)
+        out.append(Question(row[0], answers, row[2] if len(row) == 3 else None))
     return out
 
 
@@ -275,11 +271,7 @@ def read_qas(path: str | Path) -> list[Question]:
     path = Path(path)
     name = path.name[:-3] if path.name.endswith(".gz") else path.name
     if name.endswith(".json"):
-        with open_text(path) as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: invalid JSON ({e})") from None
+        data = load_json(path)
         if isinstance(data, dict) and "data" in data:
             return squad_questions(parse_squad(data, path))
         if not isinstance(data, list):
@@ -304,7 +296,8 @@ def write_qas_tsv(
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         for q in questions:
             row = [q.question, repr([str(a) for a in q.answers])]
-            w.writerow(row + [q.id] if with_ids else row)
+            row = [one_line(x) for x in (row + [q.id] if with_ids else row)]
+            w.writerow(row)
     write_config(path, config)
     return Path(path)
 

@@ -168,6 +168,12 @@ class FaissIVFPQIndex(FaissIndex):
     of fewer than 8 dims 15-50x more slowly, e.g. 26 s instead of 0.5 s for 20k x 64), ``nbits`` = 8 (4
     with ``fast_scan``), ``nprobe`` = ceil(nlist / 10) (the fraction ScaNN's default searches),
     ``training_sample_size`` = min(n, 250000).
+
+    Small corpora: k-means cannot train more centroids than it has training vectors (FAISS
+    aborts). With ``t`` training vectors the defaults adapt (``nbits`` = min(8, floor(log2 t)),
+    ``nlist`` <= t), so any corpus of at least 2 vectors builds (16 with ``fast_scan``, whose
+    codes are 4 bits); an explicit ``nlist`` > t or ``nbits`` with 2^nbits > t, or a smaller
+    corpus, is a ``ValueError`` that says the minimum.
     """
 
     backend = "faiss-ivfpq"
@@ -188,20 +194,39 @@ class FaissIVFPQIndex(FaissIndex):
 
     def _resolve(self, n: int, dim: int) -> None:
         o = self.options
+        if o["training_sample_size"] is None:
+            o["training_sample_size"] = min(n, 250000)
+        t = min(n, int(o["training_sample_size"]))  # vectors k-means trains on
+        least = 16 if o["fast_scan"] else 2
+        if t < least:
+            raise ValueError(
+                f"faiss-ivfpq: {t} training vectors are too few: IVF-PQ needs at least {least}"
+                f"{' with fast_scan (4-bit codes)' if o['fast_scan'] else ''}; use the "
+                "faiss-flat or exact backend for a corpus this small"
+            )
         if o["nlist"] is None:
-            o["nlist"] = int(max(1, min(round(4 * math.sqrt(n)), n // 39)))
+            o["nlist"] = int(max(1, min(round(4 * math.sqrt(n)), n // 39, t)))
+        if int(o["nlist"]) > t:
+            raise ValueError(
+                f"faiss-ivfpq: option nlist={o['nlist']} needs at least {o['nlist']} training "
+                f"vectors, there are {t}: use nlist <= {t} (the default adapts)"
+            )
         if o["m"] is None:
             o["m"] = _default_m(dim, 8)
         if dim % int(o["m"]):
             raise ValueError(f"option m={o['m']} must divide the dimension {dim}")
         if o["nbits"] is None:
-            o["nbits"] = 4 if o["fast_scan"] else 8
+            o["nbits"] = 4 if o["fast_scan"] else min(8, int(math.log2(t)))
         if o["fast_scan"] and int(o["nbits"]) != 4:
             raise ValueError(f"fast_scan needs nbits=4, got {o['nbits']}")
+        if 2 ** int(o["nbits"]) > t:
+            raise ValueError(
+                f"faiss-ivfpq: option nbits={o['nbits']} trains {2 ** int(o['nbits'])} centroids "
+                f"per sub-quantizer, there are {t} training vectors: use nbits <= "
+                f"{int(math.log2(t))} (the default adapts)"
+            )
         if o["nprobe"] is None:
             o["nprobe"] = max(1, math.ceil(o["nlist"] / 10))
-        if o["training_sample_size"] is None:
-            o["training_sample_size"] = min(n, 250000)
 
     def _make(self, emb):
         faiss = import_faiss()

@@ -32,6 +32,12 @@ pool metrics do not, and are the ones to compare retrievers with.
 ``metrics.jsonl`` is appended to: after a resume the steps since the last checkpoint appear
 twice, the second time after a ``{"split": "start", "resumed": true}`` record.
 
+Divergence and damage (:mod:`dpr_jax.finite`, enforced by the loop): a non-finite training loss
+or gradient norm stops the run with a :class:`~dpr_jax.finite.DivergenceError` naming the step; a
+state with a NaN or infinity is never checkpointed nor exported; validation of non-finite scores
+reports NaN and stops the run, never "accuracy 1"; a checkpoint whose restored state is not
+finite is refused with a :class:`CheckpointError` naming it.
+
 Multi-process runs train, validate and checkpoint jointly; the final export to WORKDIR/model is
 skipped (see ``train_and_evaluate``) and the parameters are in the last checkpoint.
 
@@ -63,6 +69,7 @@ from dpr_jax.checkpoint import (
 from dpr_jax.data.formats import read_biencoder
 from dpr_jax.data.tokenize import DPRTokenizer
 from dpr_jax.errors import UserError
+from dpr_jax.finite import rank_of_positive
 from dpr_jax.parallel import (
     batch_sharding,
     global_batch_from_local,
@@ -311,10 +318,12 @@ class Evaluator:
     def __call__(self, params) -> dict[str, float]:
         sums: dict[str, float] = {}
         qs, ps, valids = [], [], []
+        finite = True
         for local in self.batches.eval_batches():
             batch = global_batch_from_local(local, self.mesh)
             q, p = self._encode(params, batch)
             q, p, valid = to_host(q), to_host(p), to_host(batch["valid"])
+            finite = finite and bool(np.isfinite(q).all() and np.isfinite(p).all())
             m = jax.device_get(self._metrics(q, p, valid))
             w = float(m["questions"])
             for k, v in m.items():
@@ -324,11 +333,14 @@ class Evaluator:
             valids.append(valid)
         n = max(sums["questions"], 1e-12)
         out = {k: (v if k == "questions" else v / n) for k, v in sums.items()}
+        if not finite:  # NaN scores compare false with everything: rank 0, "accuracy 1"
+            out.update(loss=math.nan, accuracy=math.nan, rank=math.nan)
         out.update(self._pool_metrics(qs, ps, valids))
         return out
 
     def _pool_metrics(self, qs, ps, valids) -> dict[str, float]:
-        """Rank of each positive among the deduplicated passages of all evaluated questions."""
+        """Rank of each positive among the deduplicated passages of all evaluated questions
+        (NaN metrics when any score is not finite)."""
         g = self.loss_cfg.group_size
         b = self.batches
         keys, vecs, pos_of = {}, [], []
@@ -348,12 +360,12 @@ class Evaluator:
         q = np.stack([x for x, _ in pos_of])  # (Nq, D)
         pos = np.array([j for _, j in pos_of])
         scores = q @ pool.T  # (Nq, D) . (D, N) -> (Nq, N)
-        gold = scores[np.arange(len(pos)), pos]
-        rank = (scores > gold[:, None]).sum(1)
+        rank = rank_of_positive(scores, pos)  # NaN where a score is not finite
+        finite = bool(np.isfinite(rank).all())
         return {
             "pool_rank": float(rank.mean()),
-            "pool_top1": float((rank == 0).mean()),
-            "pool_top5": float((rank < 5).mean()),
+            "pool_top1": float((rank == 0).mean()) if finite else math.nan,
+            "pool_top5": float((rank < 5).mean()) if finite else math.nan,
             "pool_size": float(len(pool)),
         }
 

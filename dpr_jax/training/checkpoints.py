@@ -11,6 +11,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from dpr_jax.errors import UserError
+from dpr_jax.finite import check_finite_state, check_step_metrics, divergence_hint, nonfinite_leaves
 
 
 class CheckpointError(UserError):
@@ -49,18 +50,30 @@ def _get_path(d: dict, dotted: str) -> Any:
 
 
 class Checkpoints:
-    """orbax ``CheckpointManager`` in WORKDIR/checkpoints with validated restores."""
+    """orbax ``CheckpointManager`` in WORKDIR/checkpoints with validated restores.
+
+    Rotation keeps the newest ``keep`` checkpoints *and* the newest one proven to train
+    finitely (a later step, computed from it, had a finite loss and gradient norm:
+    :meth:`check_steps`), so a run that diverges right after a checkpoint, or one that resumes a
+    damaged checkpoint, never loses the last good state (with ``keep=1`` two checkpoints can be
+    on disk). Non-finite states are never saved (:meth:`save`); see :mod:`dpr_jax.finite`.
+    """
 
     def __init__(
         self, directory: Path, keep: int = 3, async_save: bool = True,
-        resume_fields: tuple[str, ...] = (),
+        resume_fields: tuple[str, ...] = (), learning_rate: float = float("nan"),
     ):  # fmt: skip
         """``resume_fields``: config fields that fix the data order or the meaning of a data
         position; a checkpoint written with other values cannot be resumed exactly."""
         self.resume_fields = resume_fields
         self.directory = Path(directory).absolute()
+        self.keep = keep
+        self.learning_rate = learning_rate  # named in the advice after a divergence
+        self.proven = -1  # the newest step whose successor trained finitely
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            max_to_keep=None,  # rotation: _rotate
+            enable_async_checkpointing=async_save,
+            create=True,
         )
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -75,6 +88,13 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data: dict[str, Any]) -> None:
+        """Save ``state`` as checkpoint ``step``; a state with a NaN or infinite value is refused
+        (:class:`~dpr_jax.finite.DivergenceError`), so rotation never replaces the last finite
+        checkpoint by a damaged one."""
+        check_finite_state(
+            state_dict(state), step, "the state to checkpoint is", self.stop_after_divergence
+        )
+        self._rotate(incoming=step)
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -85,6 +105,45 @@ class Checkpoints:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+
+    def check_steps(self, records) -> None:
+        """Raise :class:`~dpr_jax.finite.DivergenceError` (after :meth:`stop_after_divergence`)
+        at the first ``(step, host metrics)`` record with a non-finite loss or gradient norm;
+        otherwise mark the checkpoints before the last of these steps as proven."""
+        records = list(records)
+        check_step_metrics(records, hint=self.stop_after_divergence)
+        if records:
+            self.proven = max(self.proven, max(s for s, _ in records) - 1)
+
+    def _rotate(self, incoming: int) -> None:
+        steps = sorted(set(self.manager.all_steps()) | {incoming})
+        keep = set(steps[-self.keep :])
+        proven = [s for s in steps if s <= self.proven and s != incoming]
+        if proven:
+            keep.add(proven[-1])
+        for s in steps:
+            if s not in keep and s != incoming:
+                self.manager.delete(s)
+
+    def stop_after_divergence(self) -> str:
+        """Finish pending saves and close; returns what to do after a divergence, naming the
+        last checkpoint that trained finitely (no non-finite state is ever saved)."""
+        try:
+            self.wait()
+            self.close()
+        except Exception:  # already closed
+            pass
+        steps = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+        good = [s for s in steps if s <= self.proven]
+        newer = [s for s in steps if s > self.proven]
+        last = str(self.directory / str(good[-1])) if good else None
+        hint = divergence_hint(last, self.learning_rate)
+        if newer:  # finite, but the step computed from it was not
+            hint += (
+                f"; checkpoint {self.directory / str(newer[-1])} leads to the non-finite step: "
+                f"delete it to resume from {f'step {good[-1]}' if good else 'scratch'}"
+            )
+        return hint
 
     def close(self) -> None:
         self.manager.close()
@@ -123,7 +182,9 @@ class Checkpoints:
         return data
 
     def restore(self, step: int, abstract_state) -> dict[str, Any]:
-        """The state dict of checkpoint ``step``, checked against ``abstract_state``'s shapes."""
+        """The state dict of checkpoint ``step``, checked against ``abstract_state``'s shapes and
+        for finiteness: a state with a NaN or infinity (bytes flipped on disk that still decode)
+        is refused, naming the checkpoint, instead of training on it."""
         where = self.directory / str(step)
         target = state_dict(abstract_state)
         try:
@@ -157,6 +218,16 @@ class Checkpoints:
                 f"{where}: cannot read the state ({type(e).__name__}: {short_error(e)}); the "
                 "checkpoint is truncated or corrupt: delete it to resume from an earlier one"
             ) from e
+        bad = nonfinite_leaves(restored)
+        if bad:
+            earlier = [s for s in self.manager.all_steps() if s < step]
+            then = f"resume from step {max(earlier)}" if earlier else "start again from step 0"
+            raise CheckpointError(
+                f"{where}: the restored state is not finite (NaN/inf in {bad[0]}"
+                f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): the checkpoint is "
+                f"damaged; delete {where} to {then}"
+            )
+        self.proven = max(self.proven, step - 1)  # a later checkpoint was saved after each
         return restored
 
 

@@ -12,7 +12,13 @@ evaluator and the export. The loop owns what both share::
 
 It resumes from the latest checkpoint (refusing one written by another configuration before any
 data is read), evaluates and checkpoints at the config's cadence, shows progress, saves the last
-finished step on Ctrl-C, and exports the model at the end. Per-step randomness is
+finished step on Ctrl-C, and exports the model at the end.
+
+Divergence and damage (:mod:`dpr_jax.finite`): a non-finite loss or gradient norm stops the run
+with a :class:`~dpr_jax.finite.DivergenceError` naming the step; a state with a NaN or infinity
+is never checkpointed (so rotation keeps the last finite checkpoints), validated or exported;
+non-finite validation metrics stop the run (never "accuracy 1"); a checkpoint whose restored
+state is not finite is refused, naming it. Per-step randomness is
 ``fold_in(rng, step)`` inside each task's step, so a resumed run ends with exactly the parameters
 of an uninterrupted one.
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +38,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from dpr_jax.finite import DivergenceError, check_finite_state
 from dpr_jax.training.checkpoints import CheckpointError, Checkpoints, short_error
 from dpr_jax.training.config import expand_path
 from dpr_jax.training.state import TrainState
@@ -136,7 +144,11 @@ def _save_on_interrupt(task, ckpts, state, saved_step, start_step, start_positio
 def _resume_or_init(task: Task, ckpts: Checkpoints, latest, saved) -> tuple[TrainState, Any]:
     """The state and data position to start from: the latest checkpoint's, or the task's init."""
     if latest is None:
-        return task.init_state(), task.initial_position()
+        state = task.init_state()
+        check_finite_state(state.params, 0, "the initial parameters are",
+                           f" ({type(task.config).__name__}.init_from "
+                           f"{task.config.init_from!r})")  # fmt: skip
+        return state, task.initial_position()
     restored = ckpts.restore(latest, task.abstract_state())
     state = TrainState(restored["step"], restored["params"], restored["opt_state"])
     if int(state.step) != latest:
@@ -192,7 +204,7 @@ def train_and_evaluate(task: Task, workdir: str | Path, mesh) -> dict[str, float
 
     # A checkpoint of another configuration is refused before anything expensive happens.
     ckpts = Checkpoints(workdir / "checkpoints", config.keep_checkpoints,
-                        config.async_checkpoint, task.resume_fields)  # fmt: skip
+                        config.async_checkpoint, task.resume_fields, config.learning_rate)  # fmt: skip
     expect = task.expect()
     latest = ckpts.latest_step()
     saved = ckpts.check(latest, expect) if latest is not None else None
@@ -210,11 +222,22 @@ def train_and_evaluate(task: Task, workdir: str | Path, mesh) -> dict[str, float
     log.write({"split": "start", "step": start_step, "position": position.to_dict(),
                "resumed": latest is not None})  # fmt: skip
 
+    stop = ckpts.stop_after_divergence  # on a divergence: keep the finite checkpoints, stop
+
+    def check_pending():  # never validate or checkpoint the result of a non-finite step
+        if pending:
+            host = jax.device_get(pending)
+            ckpts.check_steps(zip(range(step - len(host) + 1, step + 1), host))
+
     def run_eval(step: int) -> dict[str, float]:
+        # NaN parameters still "read" spans and rank passages: never score a non-finite model
+        check_finite_state(state.params, step, "the parameters to validate are", stop)
         t0 = time.perf_counter()
         m = task.evaluate(state)
         m["eval_seconds"] = time.perf_counter() - t0
         log.write({"split": "dev", "step": step, **m})
+        if not all(math.isfinite(v) for v in m.values()):
+            raise DivergenceError(f"step {step}: the validation scores are not finite{stop()}")
         if primary:
             tqdm.write(f"[dev step {step}] {task.eval_line(m, step)} ({m['eval_seconds']:.0f}s)")
         return m
@@ -246,9 +269,11 @@ def train_and_evaluate(task: Task, workdir: str | Path, mesh) -> dict[str, float
             if len(pending) > 1:  # keep one step in flight: the next batch is built meanwhile,
                 jax.block_until_ready(pending[-2])  # and the progress bar counts finished steps
                 bar.update(1)
+                ckpts.check_steps([(step - 1, jax.device_get(pending[-2]))])
             if step % config.log_every == 0 or step == end_step:
                 host, pending = jax.device_get(pending), []
                 bar.update(1)
+                ckpts.check_steps(zip(range(step - len(host) + 1, step + 1), host))
                 dt = time.perf_counter() - t_window
                 last_train = _train_record(task, host, step, position, dt, steps_window)
                 log.write({"split": "train", "step": step, **last_train})
@@ -256,10 +281,12 @@ def train_and_evaluate(task: Task, workdir: str | Path, mesh) -> dict[str, float
                 t_window, steps_window = time.perf_counter(), 0
             if task.has_evaluator and config.eval_every and step % config.eval_every == 0:
                 if step < total_steps:  # the final evaluation runs below
+                    check_pending()
                     last_eval = run_eval(step)
             if (
                 config.checkpoint_every and step % config.checkpoint_every == 0
             ) or step == end_step:
+                check_pending()
                 ckpts.save(
                     step, _checkpoint_state(state), {"position": position.to_dict(), **expect}
                 )

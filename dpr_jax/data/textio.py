@@ -1,0 +1,135 @@
+"""Reading text input line by line with errors that name the file and the line.
+
+Python's own readers fail unhelpfully on three common kinds of damage in user files:
+
+- **undecodable bytes** (a Latin-1 or Windows-1252 file, a truncated multi-byte character):
+  ``UnicodeDecodeError`` names neither the file nor the line;
+- **a UTF-8 byte-order mark** (written by Excel and Notepad): decoded as U+FEFF, it turns a
+  header ``id`` into ``\\ufeffid``, so the header is read as a passage;
+- **an unterminated quote** in a TSV: the ``csv`` module (by default lenient) lets a quoted
+  field run over line ends, so one stray ``"`` silently swallows the following rows into one
+  field.
+
+:func:`iter_text_lines` decodes one line at a time (so a 13 GB ``psgs_w100.tsv`` streams) and
+raises :class:`DataFormatError` ``"<file>, line N: <what>; <what to do>"``; a BOM at the start of
+the file is skipped, one at the start of a later line (files concatenated) is an error.
+:func:`iter_tsv_rows` adds the strict ``csv`` parsing of DPR's TSV files (tab delimiter, ``"``
+quoting with doubled quotes, one row per line): a quoted field running over a line end, or a
+quote that does not close right before a tab or a line end, is reported at the line where its
+row starts. The writers store line breaks inside a field as spaces (:func:`one_line`). :func:`read_text` is the whole-file variant for JSON documents.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import gzip
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+UTF8_FIX = "save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`)"
+
+
+class DataFormatError(ValueError):
+    """An input file that does not follow its format; the message names the file and line."""
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        gz = path.suffix == ".gz" or f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def _decode(raw: bytes, path: Path, n: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        col = len(raw[: e.start].decode("utf-8", errors="replace")) + 1
+        raise DataFormatError(
+            f"{path}, line {n}: byte {raw[e.start]:#04x} at column {col} is not valid UTF-8 "
+            f"({e.reason}); the file must be UTF-8: {UTF8_FIX}"
+        ) from None
+
+
+def iter_text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a UTF-8 text file (``.gz`` or gzip magic: gunzipped), each
+    line with its terminator. A leading BOM is skipped; raises :class:`DataFormatError` for an
+    undecodable byte or a BOM at the start of a later line."""
+    path = Path(path)
+    with _open_binary(path) as f:
+        for n, raw in enumerate(f, 1):
+            if n == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
+            line = _decode(raw, path, n)
+            if line.startswith("\ufeff"):
+                raise DataFormatError(
+                    f"{path}, line {n}: a byte-order mark (U+FEFF) starts the line (files "
+                    "concatenated?); delete it"
+                )
+            yield n, line
+
+
+def read_text(path: str | Path) -> str:
+    """The whole text of ``path``, decoded as :func:`iter_text_lines` does."""
+    return "".join(line for _, line in iter_text_lines(path))
+
+
+def load_json(path: str | Path) -> Any:
+    """``json.loads`` of :func:`read_text`; invalid JSON is a :class:`DataFormatError` naming the
+    line and column."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataFormatError(
+            f"{path}, line {e.lineno}: invalid JSON ({e.msg} at column {e.colno}); fix the file"
+        ) from None
+
+
+def one_line(field: str) -> str:
+    """``field`` with every line break (``\\r\\n``, ``\\n``, ``\\r``) replaced by a space: what
+    the TSV writers store, since no field of DPR's TSV formats spans lines."""
+    return _LINE_BREAK.sub(" ", field)
+
+
+def iter_tsv_rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
+    """``(line number, fields)`` of a tab-separated file in DPR's dialect (``"`` quoting with
+    doubled quotes), one row per line: no field of DPR's TSV formats spans lines. A quoted field
+    that runs over a line end (an unterminated ``"``, which the ``csv`` module would let swallow
+    the rows that follow) or a quote that does not close right before a tab or the line end
+    raises :class:`DataFormatError` at the line where the row starts. Blank lines give ``[]``."""
+    path = Path(path)
+    where = [0]  # the physical line the csv reader has consumed last
+
+    def lines() -> Iterator[str]:
+        for n, line in iter_text_lines(path):
+            where[0] = n
+            yield line
+
+    fix = (
+        "An unterminated '\"'? Close the quote right before the next tab or the line end, and "
+        'write a quote inside a quoted field as ""'
+    )
+    reader = csv.reader(lines(), delimiter="\t", strict=True)
+    last = 0
+    try:
+        for row in reader:
+            start, last = last + 1, where[0]
+            if last > start:
+                raise DataFormatError(
+                    f"{path}, line {start}: a quoted field runs over the end of the line (the row "
+                    f"continues to line {last}). {fix}"
+                )
+            yield start, row
+    except csv.Error as e:
+        start = last + 1
+        span = f" (read on to line {where[0]})" if where[0] > start else ""
+        raise DataFormatError(
+            f"{path}, line {start}: a quoted field is not closed properly{span}: {e}. {fix}"
+        ) from None

@@ -1,0 +1,120 @@
+"""Damaged text input is reported with file and line, never read silently wrong
+(dpr_jax/data/textio.py, dpr_jax/data/formats.py).
+
+Each case writes the bytes of a small file by hand, so the expected rows and line numbers are
+known independently of the reader.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from dpr_jax.data.formats import (
+    Passage,
+    read_biencoder,
+    read_passages_tsv,
+    read_qas,
+    read_retrieval_results,
+)
+from dpr_jax.data.textio import DataFormatError
+
+HEADER = b"id\ttext\ttitle\n"
+BOM = b"\xef\xbb\xbf"
+
+
+def _write(tmp_path, name: str, data: bytes):
+    path = tmp_path / name
+    if name.endswith(".gz"):
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("name", ["p.tsv", "p.tsv.gz"])
+def test_unterminated_quote_is_reported_where_the_row_starts(tmp_path, name):
+    data = HEADER + b'1\t"an unterminated quote\tT1\n2\tsecond\tT2\n3\tthird\tT3\n'
+    path = _write(tmp_path, name, data)
+    with pytest.raises(DataFormatError) as info:
+        read_passages_tsv(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}, line 2: a quoted field is not closed properly (read on to")
+    assert "unterminated" in msg and "Close the quote" in msg
+    assert isinstance(info.value, ValueError)
+    # the runaway quote closed by a quote further down: the lenient csv default reads 2 rows
+    for bad in (b'2\tsays "hi" there\tT2\n', b'2\tsix feet 5"\tT2\n'):
+        data = HEADER + b'1\t"unterminated\tT1\n' + bad + b"3\tthird\tT3\n"
+        with pytest.raises(DataFormatError, match=r"swallow\.tsv, line 2: a quoted field"):
+            read_passages_tsv(_write(tmp_path, "swallow.tsv", data))
+    qas = _write(tmp_path, "q.tsv", b"who?\t['x']\n\"what\t['y']\nwhen?\t['z']\n")
+    with pytest.raises(DataFormatError, match=r"q\.tsv, line 2: a quoted field is not closed"):
+        read_qas(qas)
+    # quoted fields with tabs and doubled quotes, on one line, are fine
+    ok = _write(tmp_path, "ok.tsv", HEADER + b'1\t"say ""hi""\tthere"\tT1\n2\tsecond\tT2\n')
+    assert read_passages_tsv(ok) == [
+        Passage("1", 'say "hi"\tthere', "T1"),
+        Passage("2", "second", "T2"),
+    ]
+
+
+def test_bom_is_skipped_and_a_later_one_reported(tmp_path):
+    rows = b"1\tfirst\tT1\n2\tsecond\tT2\n"
+    plain = read_passages_tsv(_write(tmp_path, "plain.tsv", HEADER + rows))
+    assert [p.id for p in plain] == ["1", "2"]
+    assert read_passages_tsv(_write(tmp_path, "bom.tsv", BOM + HEADER + rows)) == plain
+    assert read_passages_tsv(_write(tmp_path, "bom.tsv.gz", BOM + HEADER + rows)) == plain
+    # two files concatenated: the second one's BOM + header in the middle
+    cat = _write(tmp_path, "cat.tsv", BOM + HEADER + rows + BOM + HEADER + rows)
+    with pytest.raises(DataFormatError, match=r"cat\.tsv, line 4: a byte-order mark"):
+        read_passages_tsv(cat)
+    qas = _write(tmp_path, "q.tsv", BOM + b"who?\t['x']\n")
+    assert [(q.question, q.answers) for q in read_qas(qas)] == [("who?", ["x"])]
+    jsonl = _write(tmp_path, "q.jsonl", BOM + b'{"question": "who?", "answer": ["x"]}\n')
+    assert [q.question for q in read_qas(jsonl)] == ["who?"]
+    rec = {"question": "q", "answers": ["a"], "positive_ctxs": [{"title": "t", "text": "x"}]}
+    bi = _write(tmp_path, "b.json", BOM + json.dumps([rec]).encode())
+    assert read_biencoder(bi)[0][0].question == "q"
+
+
+@pytest.mark.parametrize(
+    "name, data, line, col",
+    [
+        ("p.tsv", HEADER + b"1\tfirst\tT1\n2\tcaf\xe9 au lait\tT2\n", 3, 6),
+        ("p.tsv.gz", HEADER + b"1\tfirst\tT1\n2\tcaf\xe9 au lait\tT2\n", 3, 6),
+        ("q.csv", b"who?\t['x']\nwhat \xff?\t['y']\n", 2, 6),
+        (
+            "q.jsonl",
+            b'{"question": "a", "answer": []}\n{"question": "\xe9", "answer": []}\n',
+            2,
+            15,
+        ),
+        (
+            "q.json",
+            b'[\n{"question": "a", "answers": []},\n{"question": "\xe9", "answers": []}\n]',
+            3,
+            15,
+        ),
+    ],
+)
+def test_undecodable_bytes_name_file_line_and_column(tmp_path, name, data, line, col):
+    path = _write(tmp_path, name, data)
+    reader = read_passages_tsv if name.startswith("p.") else read_qas
+    with pytest.raises(DataFormatError) as info:
+        reader(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}, line {line}: byte 0x"), msg
+    assert f"at column {col} is not valid UTF-8" in msg and "iconv" in msg
+
+
+def test_json_errors_name_the_line(tmp_path):
+    path = _write(
+        tmp_path, "r.json", b'[\n{"question": "a", "answers": [], "ctxs": []},\n{"question": }\n]'
+    )
+    with pytest.raises(DataFormatError, match=r"r\.json, line 3: invalid JSON"):
+        read_retrieval_results(path)
+    path = _write(tmp_path, "r.jsonl", b'{"question": "a", "answers": [], "ctxs": []}\n{oops\n')
+    with pytest.raises(DataFormatError, match=r"r\.jsonl, line 2: invalid JSON"):
+        read_retrieval_results(path)

@@ -1,0 +1,115 @@
+"""Retrieval on corpora smaller than k: hybrid retrieval and FAISS IVF-PQ
+(dpr_jax/retrieve.py HybridRetriever, dpr_jax/index/faiss_index.py build parameters).
+
+References are brute force: numpy inner products for the dense side, and the same fusion
+computed at k = the corpus size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dpr_jax.data.bm25 import BM25Retriever
+from dpr_jax.data.formats import Passage, Question
+from dpr_jax.index import build_index
+from dpr_jax.retrieve import HybridRetriever, results_for
+
+PASSAGES = [
+    Passage("a", "the cat sat on the mat", "Cats"),
+    Passage("b", "dogs bark at night", "Dogs"),
+    Passage("c", "birds fly south in winter", "Birds"),
+]
+QUESTIONS = [Question("where did the cat sit?", ["mat"]), Question("what do dogs do?", ["bark"])]
+DIM = 8
+
+
+class _StubDense:
+    """A dense retriever with fixed question vectors over a real exact index."""
+
+    def __init__(self, index, q_vecs):
+        self.index, self.q_vecs = index, q_vecs
+
+    def search(self, questions, k):
+        return self.index.search(self.q_vecs[: len(questions)], k)
+
+
+@pytest.fixture(scope="module")
+def hybrid_parts():
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((len(PASSAGES), DIM)).astype(np.float32)
+    q = rng.standard_normal((len(QUESTIONS), DIM)).astype(np.float32)
+    index = build_index("exact", emb, [p.id for p in PASSAGES])
+    return _StubDense(index, q), BM25Retriever(PASSAGES), emb, q
+
+
+@pytest.mark.parametrize("method", ["linear", "rrf"])
+def test_hybrid_with_k_larger_than_the_corpus(hybrid_parts, method):
+    dense, sparse, emb, q = hybrid_parts
+    retriever = HybridRetriever(dense, sparse, method)
+    scores, ids = retriever.search([x.question for x in QUESTIONS], k=10)
+    assert np.asarray(scores).shape == (2, 3)  # clamped to the corpus
+    assert all(sorted(row) == ["a", "b", "c"] for row in ids)
+    ref_scores, ref_ids = retriever.search([x.question for x in QUESTIONS], k=3)
+    assert [list(r) for r in ids] == [list(r) for r in ref_ids]
+    np.testing.assert_array_equal(scores, ref_scores)
+    # the dense order among the three agrees with brute force where BM25 has no opinion
+    brute = [[PASSAGES[j].id for j in np.argsort(-(emb @ v))] for v in q]
+    assert sorted(brute[0]) == sorted(ids[0])
+    # the results file has every passage once per question, nothing padded
+    passages = {p.id: p for p in PASSAGES}
+    out = results_for(QUESTIONS, scores, ids, passages)
+    assert [len(r["ctxs"]) for r in out] == [3, 3]
+    assert [c["has_answer"] for c in out[0]["ctxs"] if c["id"] == "a"] == [True]
+
+
+def test_results_skip_index_padding(hybrid_parts):
+    passages = {p.id: p for p in PASSAGES}
+    scores = np.array([[1.0, 0.5, -np.inf, -np.inf]], np.float32)
+    out = results_for(QUESTIONS[:1], scores, [["a", "b", "", ""]], passages)
+    assert [c["id"] for c in out[0]["ctxs"]] == ["a", "b"]
+    with pytest.raises(KeyError, match="'zz'"):  # an unknown real id is still an error
+        results_for(QUESTIONS[:1], scores[:, :1], [["zz"]], passages)
+
+
+# ---------------------------------------------------------------------------------------------
+# FAISS IVF-PQ build parameters
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 20, 300])
+def test_ivfpq_adapts_to_small_corpora(n):
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(n)
+    emb = rng.standard_normal((n, 16)).astype(np.float32)
+    queries = rng.standard_normal((4, 16)).astype(np.float32)
+    ids = [f"p{i}" for i in range(n)]
+    index = build_index("faiss-ivfpq", emb, ids)
+    o = index.options
+    assert 2 ** o["nbits"] <= n and o["nlist"] <= n
+    assert o["nbits"] == min(8, int(np.log2(n)))
+    k = min(n, 5)
+    scores, got = index.search(queries, 10)
+    assert np.asarray(scores).shape == (4, min(n, 10)) and np.isfinite(scores).all()
+    # one probed list and exact refinement: the true top-k by brute force
+    if o["nlist"] == 1:
+        brute = np.argsort(-(queries @ emb.T), axis=1)[:, :k]
+        assert [list(r[:k]) for r in got] == [[ids[j] for j in row] for row in brute]
+
+
+def test_ivfpq_says_what_minimum_it_needs():
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((20, 16)).astype(np.float32)
+    ids = [f"p{i}" for i in range(20)]
+    with pytest.raises(
+        ValueError, match=r"1 training vectors are too few: IVF-PQ needs at least 2"
+    ):
+        build_index("faiss-ivfpq", emb[:1], ids[:1])
+    with pytest.raises(ValueError, match=r"needs at least 16 with fast_scan"):
+        build_index("faiss-ivfpq", emb[:8], ids[:8], fast_scan=True)
+    with pytest.raises(ValueError, match=r"nbits=8 trains 256 centroids .* use nbits <= 4"):
+        build_index("faiss-ivfpq", emb, ids, nbits=8)
+    with pytest.raises(ValueError, match=r"nlist=50 needs at least 50 .* use nlist <= 20"):
+        build_index("faiss-ivfpq", emb, ids, nlist=50)
+    fast = build_index("faiss-ivfpq", emb, ids, fast_scan=True)
+    assert fast.options["nbits"] == 4
