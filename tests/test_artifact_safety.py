@@ -212,7 +212,7 @@ def test_old_model_dir_without_manifest_is_refused_with_the_way_out(tmp_path):
     meta = json.loads((m / "dpr_jax_model.json").read_text())
     del meta["params_sha256"]
     (m / "dpr_jax_model.json").write_text(json.dumps(meta))
-    with pytest.raises(ModelIntegrityError, match="--add-manifest"):
+    with pytest.raises(ModelIntegrityError, match="add-manifest"):
         load_model(m)
     add_manifest(m)
     assert load_model(m)[3]["params_sha256"] == io.fingerprint_arrays(params)
@@ -402,11 +402,11 @@ def test_retrieve_refuses_another_model_or_corpus_before_encoding(
 
 
 def test_convert_refuses_out_that_would_delete_its_source(tiny_biencoder_dir, tmp_path, capsys):
-    from dpr_jax.convert import cli_main
+    from dpr_jax.cli import main
 
     src = tmp_path / "par" / "m"
     shutil.copytree(tiny_biencoder_dir, src)
     for out in (src, src.parent, src / "hf"):
-        assert cli_main(["--to-hf", str(src), "--out", str(out), "--overwrite"]) == 2
+        assert main(["convert", "--to-hf", str(src), "--out", str(out), "--overwrite"]) == 2
         assert "input" in capsys.readouterr().err
         load_model(src)  # intact, manifest and all
