@@ -32,8 +32,9 @@ pool metrics do not, and are the ones to compare retrievers with.
 ``metrics.jsonl`` is appended to: after a resume the steps since the last checkpoint appear
 twice, the second time after a ``{"split": "start", "resumed": true}`` record.
 
-Multi-process runs train, validate and checkpoint jointly; the final export to WORKDIR/model is
-skipped (see ``train_and_evaluate``) and the parameters are in the last checkpoint.
+Multi-process runs train, validate, checkpoint and export jointly: for WORKDIR/model every
+process takes part in gathering the parameters to the host and process 0 writes it
+(:mod:`dpr_jax.model_export`).
 
 Precision: parameters and optimizer state are float32 (master weights); ``config.dtype`` is the
 compute dtype of the encoders ("float32" or "bfloat16").
@@ -737,11 +738,6 @@ def _to_host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _replicated_to_host(tree):
-    """Host numpy copy of a replicated pytree (works across processes: every process holds it)."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -787,7 +783,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict[str, fl
     from tqdm.auto import tqdm
 
     from dpr_jax.batching import BatchSpec, BiencoderBatches, DataPosition
-    from dpr_jax.checkpoint import save_model
+    from dpr_jax.model_export import export_model
     from dpr_jax.models.biencoder import BiEncoder
     from dpr_jax.parallel import global_batch_from_local, make_mesh, process_slice, replicated
     from dpr_jax.train_step import LossConfig, TrainState, make_train_step
@@ -964,23 +960,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict[str, fl
         return {"step": step, **last_train}
     if evaluator is not None:
         last_eval = run_eval(step)
-    if config.export and jax.process_count() > 1:
-        # save_model writes with orbax from one process; orbax then waits for the others at a
-        # barrier they never reach. Until save_model supports single-process writes inside a
-        # multi-process job, export from the final checkpoint afterwards (one process).
+    if config.export:  # every process takes part (gather), process 0 writes
+        out = export_model(
+            workdir / "model", state.params, "biencoder", enc_cfg, tokenizer,
+            extra={"train_config": config.to_dict(), "step": step, "dev_metrics": last_eval},
+        )  # fmt: skip
         if primary:
-            tqdm.write(
-                f"multi-process run: not exporting {workdir / 'model'}; the parameters are in "
-                f"{ckpts.directory / str(step)}"
-            )
-    elif config.export:
-        params_host = _replicated_to_host(state.params)
-        if primary:
-            out = save_model(
-                workdir / "model", params_host, "biencoder", enc_cfg, tokenizer,
-                extra={"train_config": config.to_dict(), "step": step,
-                       "dev_metrics": last_eval},
-            )  # fmt: skip
             tqdm.write(f"exported {out}")
     result = dict(last_eval or last_train)
     result["step"] = step
