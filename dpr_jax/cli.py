@@ -18,6 +18,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "cli_main",
         "SQuAD JSON -> passages TSV, qas TSV, biencoder JSON",
     ),
+    "convert-data": (
+        "dpr_jax.data.records",
+        "cli_main",
+        "biencoder JSON -> ArrayRecord directory (per-host random access for train)",
+    ),
     "train": ("dpr_jax.train", "cli_main", "contrastive training of the bi-encoder"),
     "encode": ("dpr_jax.encode", "cli_main", "encode a passage corpus into embedding shards"),
     "index": (

@@ -408,7 +408,9 @@ def read_examples(
     path: str, limit: int = 0, what: str = "train_path", shuffle_seed: int | None = None
 ) -> list:
     """Biencoder records of ``path`` (those with a positive); with ``shuffle_seed`` in a seeded
-    random order; the first ``limit`` if > 0."""
+    random order; the first ``limit`` if > 0. ``path`` is a DPR biencoder JSON file, or a record
+    directory of ``dpr-jax convert-data``, read lazily (each process reads only the records of
+    its rows, :mod:`dpr_jax.data.records`)."""
     from dpr_jax.data.formats import read_biencoder
 
     if not path:
@@ -416,11 +418,18 @@ def read_examples(
     path = _expand(path)
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such file (TrainConfig.{what})")
-    out = read_biencoder(path)
-    examples = list(out[0] if isinstance(out, tuple) else out)
+    if Path(path).is_dir():
+        from dpr_jax.data.records import open_biencoder_records
+
+        examples = open_biencoder_records(path)
+    else:
+        out = read_biencoder(path)
+        examples = list(out[0] if isinstance(out, tuple) else out)
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(examples))
-        examples = [examples[i] for i in order]
+        examples = (
+            examples.take(order) if hasattr(examples, "take") else [examples[i] for i in order]
+        )
     if limit:
         examples = examples[:limit]
     if not examples:
