@@ -174,3 +174,33 @@ def test_sigkill_both_processes_then_rerun_equals_uninterrupted(runs):
     assert sorted(ref) == sorted(got)
     for k in ref:  # the same processes, devices and reductions: bit-identical
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_gather_to_host_of_arrays_sharded_over_two_processes(tmp_path):
+    """What the export gathers when parameters are sharded over the devices of several hosts
+    (FSDP): every process receives every array whole."""
+    from multihost_gather_worker import expected
+
+    worker = Path(__file__).resolve().parent / "multihost_gather_worker.py"
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        cmd = [sys.executable, str(worker), str(tmp_path / f"got{i}.npz")]
+        cmd += [
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(i),
+        ]
+        log = open(tmp_path / f"gather{i}.log", "w")
+        procs.append((subprocess.Popen(cmd, env=_env(2), stdout=log, stderr=log), log))
+    _wait(procs)
+    want = expected()
+    for i in range(2):
+        got = np.load(tmp_path / f"got{i}.npz")
+        assert sorted(got.files) == sorted(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"process {i}: {k}")
