@@ -139,9 +139,14 @@ def save_model(
     tmp = temp_dir_for(out_dir)
     try:
         params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-        ckptr = ocp.StandardCheckpointer()
+        # this process alone: in a multi-process job one process writes the model directory
+        # (training/loop.py), and orbax's default checkpointer would wait for all of them
+        me = jax.process_index()
+        alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+        ckptr = ocp.StandardCheckpointer(multiprocessing_options=alone)
         ckptr.save(tmp / "params", params)
         ckptr.wait_until_finished()
+        ckptr.close()
         meta = {
             "kind": kind,
             "model": model_config_to_dict(kind, config),

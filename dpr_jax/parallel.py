@@ -8,7 +8,8 @@ across the axis. Each process loads only its own rows (:func:`process_slice`) an
 :func:`global_batch_from_local` assembles them into global ``jax.Array`` s without copying
 other processes' data.
 
-Multi-process runs call :func:`initialize_distributed` before anything touches a device.
+Multi-process runs call :func:`initialize_distributed` before anything touches a device, and
+copy results to the host with :func:`gather_to_host`, which every process must call.
 """
 
 from __future__ import annotations
@@ -127,3 +128,23 @@ def global_batch_from_local(
             raise ValueError(f"batch field {name!r} is a scalar; every field needs a batch axis")
         out[name] = jax.make_array_from_process_local_data(sharding, x)
     return out
+
+
+def gather_to_host(tree: Any) -> Any:
+    """Host numpy copy of a pytree of (global) arrays, whatever their sharding.
+
+    In a multi-process job every process must call it (with the same tree): an array sharded
+    over devices of several processes (e.g. FSDP parameters) is gathered with
+    ``multihost_utils.process_allgather``, a collective. A fully replicated array is read from
+    a local device without communication. Every process receives the whole value.
+    """
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(x)
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)

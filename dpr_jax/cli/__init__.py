@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("convert", "Hugging Face <-> dpr-jax checkpoints (both ways)"),
     "add-manifest": ("add_manifest", "checksums for a model directory of an older dpr-jax"),
     "prepare-squad": ("prepare_squad", "SQuAD JSON -> passages TSV, qas TSV, biencoder JSON"),
+    "convert-data": ("convert_data", "biencoder JSON -> ArrayRecord directory (per-host reads)"),
     "train": ("train", "contrastive training of the bi-encoder"),
     "encode": ("encode", "encode a passage corpus into embedding shards"),
     "index": ("index", "build a ScaNN / FAISS / exact index from embeddings"),

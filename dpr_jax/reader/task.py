@@ -30,7 +30,13 @@ from dpr_jax.cache import memo
 from dpr_jax.checkpoint import MODEL_JSON, abstract_params, check_params, load_model, save_model
 from dpr_jax.data.tokenize import DPRTokenizer
 from dpr_jax.models.bert import BertConfig
-from dpr_jax.parallel import global_batch_from_local, make_mesh, process_slice, replicated
+from dpr_jax.parallel import (
+    gather_to_host,
+    global_batch_from_local,
+    make_mesh,
+    process_slice,
+    replicated,
+)
 from dpr_jax.reader.data import (
     FORMATS,
     ReaderInputConfig,
@@ -47,7 +53,6 @@ from dpr_jax.training import loop
 from dpr_jax.training.config import check_training_fields
 from dpr_jax.training.config import expand_path as _expand
 from dpr_jax.training.config import minilm_path as _minilm_path
-from dpr_jax.training.loop import to_host
 from dpr_jax.training.optimizer import make_optimizer, optimizer_key
 from dpr_jax.training.state import TrainState
 
@@ -420,7 +425,7 @@ class ReaderTask:
         return step / self.steps_per_epoch
 
     def evaluate(self, state) -> dict[str, float]:
-        params = state.params if jax.process_count() == 1 else to_host(state.params)
+        params = state.params if jax.process_count() == 1 else gather_to_host(state.params)
         return self.evaluator(params)
 
     def eval_line(self, m: dict[str, float], step: int) -> str:

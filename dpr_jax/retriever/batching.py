@@ -18,7 +18,10 @@ uninterrupted run would have seen.
 
 Multi-process: each process builds only its rows ``[start, stop)`` of the global batch
 (:func:`dpr_jax.parallel.process_slice`), i.e. the questions ``start..stop-1`` and passages
-``start*G .. stop*G-1``, whole question groups.
+``start*G .. stop*G-1``, whole question groups. Over a random-access record source
+(:mod:`dpr_jax.data.records`) it also *reads* only those questions' records (plus one positive per
+filled passage); with ``bucket`` it reads the whole global batch, whose longest sequence fixes the
+padded length.
 
 The last incomplete batch of an epoch is dropped (``len(examples) // batch_size`` batches per
 epoch): a partial batch would have fewer in-batch negatives and a new shape. The dropped examples
@@ -100,7 +103,8 @@ def _rng(*key: int) -> np.random.Generator:
 
 
 class BiencoderBatches:
-    """Deterministic, resumable batches from a list of ``BiencoderExample`` s.
+    """Deterministic, resumable batches from a list of ``BiencoderExample`` s, or from a lazy
+    record source (:func:`dpr_jax.data.records.open_biencoder_records`), read row by row.
 
     ``rows``: the [start, stop) rows of each global batch this process builds (default: all).
     ``train=False`` gives evaluation batches: fixed order, positives and the first hard negatives
@@ -116,7 +120,10 @@ class BiencoderBatches:
         train: bool = True,
         where: str = "examples",
     ):
-        self.examples = list(examples)
+        # A lazy random-access source (dpr_jax.data.records) brings its own positives and is
+        # read record by record; anything else is materialised as a list.
+        lazy = getattr(examples, "positives", None) is not None
+        self.examples = examples if lazy else list(examples)
         self.tokenizer = tokenizer
         self.spec = spec
         self.train = train
@@ -125,10 +132,13 @@ class BiencoderBatches:
         self.rows = rows or (0, b)
         if not 0 <= self.rows[0] < self.rows[1] <= b:
             raise ValueError(f"rows {self.rows} not within the global batch of {b}")
-        for i, ex in enumerate(self.examples):
-            if not ex.positive_ctxs:
-                raise ValueError(f"{where}: record {i} has no positive_ctxs")
-        self.positives = [ctx_passage(ex.positive_ctxs[0]) for ex in self.examples]
+        if lazy:  # every record has a positive (the converter skips those without)
+            self.positives = examples.positives
+        else:
+            for i, ex in enumerate(self.examples):
+                if not ex.positive_ctxs:
+                    raise ValueError(f"{where}: record {i} has no positive_ctxs")
+            self.positives = [ctx_passage(ex.positive_ctxs[0]) for ex in self.examples]
         n = len(self.examples)
         if train:
             self.batches_per_epoch = n // b

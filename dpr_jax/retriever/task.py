@@ -38,8 +38,8 @@ state with a NaN or infinity is never checkpointed nor exported; validation of n
 reports NaN and stops the run, never "accuracy 1"; a checkpoint whose restored state is not
 finite is refused with a :class:`CheckpointError` naming it.
 
-Multi-process runs train, validate and checkpoint jointly; the final export to WORKDIR/model is
-skipped (see ``train_and_evaluate``) and the parameters are in the last checkpoint.
+Multi-process runs train, validate, checkpoint and export jointly: for WORKDIR/model every
+process takes part in gathering the parameters to the host and process 0 writes it.
 
 Precision: parameters and optimizer state are float32 (master weights); ``config.dtype`` is the
 compute dtype of the encoders ("float32" or "bfloat16").
@@ -67,11 +67,13 @@ from dpr_jax.checkpoint import (
     save_model,
 )
 from dpr_jax.data.formats import read_biencoder
+from dpr_jax.data.records import open_biencoder_records
 from dpr_jax.data.tokenize import DPRTokenizer
 from dpr_jax.errors import UserError
 from dpr_jax.finite import rank_of_positive
 from dpr_jax.parallel import (
     batch_sharding,
+    gather_to_host,
     global_batch_from_local,
     make_mesh,
     process_slice,
@@ -86,7 +88,6 @@ from dpr_jax.training import loop
 from dpr_jax.training.config import check_training_fields
 from dpr_jax.training.config import expand_path as _expand
 from dpr_jax.training.config import minilm_path as _minilm_path
-from dpr_jax.training.loop import to_host
 from dpr_jax.training.optimizer import make_optimizer, optimizer_key
 from dpr_jax.training.state import TrainState
 
@@ -256,18 +257,25 @@ def read_examples(
     path: str, limit: int = 0, what: str = "train_path", shuffle_seed: int | None = None
 ) -> list:
     """Biencoder records of ``path`` (those with a positive); with ``shuffle_seed`` in a seeded
-    random order; the first ``limit`` if > 0."""
+    random order; the first ``limit`` if > 0. ``path`` is a DPR biencoder JSON file, or a record
+    directory of ``dpr-jax convert-data``, read lazily (each process reads only the records of
+    its rows, :mod:`dpr_jax.data.records`)."""
 
     if not path:
         raise ValueError(f"TrainConfig.{what} is empty: give a DPR biencoder JSON file")
     path = _expand(path)
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such file (TrainConfig.{what})")
-    out = read_biencoder(path)
-    examples = list(out[0] if isinstance(out, tuple) else out)
+    if Path(path).is_dir():
+        examples = open_biencoder_records(path)
+    else:
+        out = read_biencoder(path)
+        examples = list(out[0] if isinstance(out, tuple) else out)
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(examples))
-        examples = [examples[i] for i in order]
+        examples = (
+            examples.take(order) if hasattr(examples, "take") else [examples[i] for i in order]
+        )
     if limit:
         examples = examples[:limit]
     if not examples:
@@ -322,7 +330,7 @@ class Evaluator:
         for local in self.batches.eval_batches():
             batch = global_batch_from_local(local, self.mesh)
             q, p = self._encode(params, batch)
-            q, p, valid = to_host(q), to_host(p), to_host(batch["valid"])
+            q, p, valid = gather_to_host(q), gather_to_host(p), gather_to_host(batch["valid"])
             finite = finite and bool(np.isfinite(q).all() and np.isfinite(p).all())
             m = jax.device_get(self._metrics(q, p, valid))
             w = float(m["questions"])

@@ -39,6 +39,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from dpr_jax.finite import DivergenceError, check_finite_state
+from dpr_jax.parallel import gather_to_host
 from dpr_jax.training.checkpoints import CheckpointError, Checkpoints, short_error
 from dpr_jax.training.config import expand_path
 from dpr_jax.training.state import TrainState
@@ -85,20 +86,6 @@ class Task(Protocol):
     def export(self, workdir: Path, params: Any, step: int, dev: dict | None) -> Path: ...
 
 
-def to_host(tree):
-    """Host numpy copy of a pytree of arrays: replicated or sharded, one process or many (every
-    process must call it: sharded arrays spread over processes are gathered collectively)."""
-
-    def one(x):
-        if not isinstance(x, jax.Array) or x.is_fully_addressable:
-            return np.asarray(x)
-        if x.sharding.is_fully_replicated:
-            return np.asarray(x.addressable_data(0))
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-    return jax.tree.map(one, tree)
-
-
 class MetricsLog:
     """``metrics.jsonl``: one timestamped JSON record per line (written by process 0 only)."""
 
@@ -115,7 +102,7 @@ class MetricsLog:
 def _checkpoint_state(state):
     # One process: save a host copy (orbax's per-array handling of device arrays costs seconds
     # per save for a model of many small arrays; restoring re-shards it).
-    return to_host(state) if jax.process_count() == 1 else state
+    return gather_to_host(state) if jax.process_count() == 1 else state
 
 
 def _save_on_interrupt(task, ckpts, state, saved_step, start_step, start_position, expect):
@@ -170,21 +157,21 @@ def _train_record(task: Task, host: list[dict], step: int, position, seconds: fl
     return record
 
 
-def _export(task: Task, workdir: Path, ckpts: Checkpoints, state, step: int, dev) -> None:
-    primary = jax.process_index() == 0
+def _export(task: Task, workdir: Path, state, step: int, dev) -> None:
+    """``WORKDIR/model``: every process takes part in gathering the parameters (a collective
+    when they are sharded over processes), process 0 alone writes, and all wait until it has,
+    so the directory exists on return everywhere (on a file system the hosts share)."""
+    params_host = gather_to_host(state.params)
+    error = None
+    if jax.process_index() == 0:
+        try:
+            tqdm.write(f"exported {task.export(workdir, params_host, step, dev)}")
+        except Exception as e:  # still reach the barrier, so the others do not hang
+            error = e
     if jax.process_count() > 1:
-        # save_model writes with orbax from one process; orbax then waits for the others at a
-        # barrier they never reach. Until save_model supports single-process writes inside a
-        # multi-process job, export from the final checkpoint afterwards (one process).
-        if primary:
-            tqdm.write(
-                f"multi-process run: not exporting {workdir / 'model'}; the parameters are in "
-                f"{ckpts.directory / str(step)}"
-            )
-        return
-    params_host = to_host(state.params)
-    if primary:
-        tqdm.write(f"exported {task.export(workdir, params_host, step, dev)}")
+        multihost_utils.sync_global_devices(f"dpr_jax export {workdir}")
+    if error is not None:
+        raise error
 
 
 def train_and_evaluate(task: Task, workdir: str | Path, mesh) -> dict[str, float]:
@@ -303,5 +290,5 @@ def train_and_evaluate(task: Task, workdir: str | Path, mesh) -> dict[str, float
     if task.has_evaluator:
         last_eval = run_eval(step)
     if config.export:
-        _export(task, workdir, ckpts, state, step, last_eval)
+        _export(task, workdir, state, step, last_eval)
     return {**(last_eval or last_train), "step": step}
