@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "retrieve passages for questions (dense, BM25, hybrid)",
     ),
     "evaluate": ("dpr_jax.evaluate", "cli_main", "top-k accuracy of a retrieval-results JSON"),
+    "mine": ("dpr_jax.mine", "cli_main", "hard negatives from a dense retriever (biencoder file)"),
     "train-reader": ("dpr_jax.train_reader", "cli_main", "train the extractive reader"),
     "read": ("dpr_jax.span", "cli_main", "read answers from retrieval results (EM / F1)"),
     "ask": ("dpr_jax.pipeline", "cli_main", "question -> passages -> answer"),
