@@ -37,7 +37,8 @@ Command line (``dpr-jax convert``)::
 
     # Hugging Face -> dpr-jax model directory
     dpr-jax convert --from-hf SRC --out DIR [--kind auto|biencoder|bert|reader]
-                    [--ctx-from SRC2] [--shared] [--pooling cls|mean|pooler] [--tokenizer PATH]
+                    [--ctx-from SRC2] [--shared] [--pooling cls|mean|pooler]
+                    [--normalize | --no-normalize] [--tokenizer PATH]
 
     SRC / SRC2: a local directory (config.json + model.safetensors, a sharded safetensors index or
     pytorch_model.bin) or a hub id (downloaded with huggingface_hub). What is built:
@@ -51,14 +52,28 @@ Command line (``dpr-jax convert``)::
       DPRContextEncoder            -> with --shared only (the one tower serves both)
       DPRReader                    -> reader
 
+    Pooling and normalisation of a bi-encoder: ``--pooling`` (default [CLS], as DPR) and
+    ``--normalize`` (L2-normalised vectors: dot product = cosine). A sentence-transformers
+    directory (one with ``modules.json``, e.g. all-MiniLM-L6-v2) keeps the similarity it was
+    trained with: without ``--pooling``, its Pooling and Normalize modules set both
+    (:mod:`dpr_jax.st_format`; all-MiniLM-L6-v2: mean + normalize); ``--pooling`` ignores them.
+
     # dpr-jax model directory -> Hugging Face
-    dpr-jax convert --to-hf MODEL_DIR --out DST [--tower question|ctx|both] [--as dpr|bert]
-                    [--allow-missing-pooler]
+    dpr-jax convert --to-hf MODEL_DIR --out DST [--tower question|ctx|both]
+                    [--as dpr|bert|sentence-transformers] [--allow-missing-pooler]
 
       biencoder --as dpr   DST/question_encoder (DPRQuestionEncoder), DST/ctx_encoder
                            (DPRContextEncoder); needs pooling "cls" (what DPR's classes compute)
       biencoder --as bert  DST/question_encoder, DST/ctx_encoder as plain BertModel; refused when
                            the towers have an encode_proj (BertModel has no place for it)
+      biencoder --as sentence-transformers
+                           DST/question_encoder, DST/ctx_encoder as sentence-transformers
+                           directories (BertModel + modules.json, 1_Pooling, 2_Normalize when
+                           the model normalises) that ``SentenceTransformer(DST/...)`` loads;
+                           needs pooling cls or mean and no encode_proj. sentence-transformers
+                           never reads the BERT pooler, so none is needed. Note that dpr-jax
+                           encodes a passage as "[CLS] title [SEP] text [SEP]"; the exported
+                           model encodes whatever text it is given.
       bert                 DST as BertModel
       reader               DST as DPRReader
 
@@ -94,8 +109,10 @@ from dpr_jax.io import check_output_path, replace_dir
 from dpr_jax.models.bert import BertConfig
 from dpr_jax.reader.model import init_reader_params
 from dpr_jax.retriever.model import EncoderConfig
+from dpr_jax.st_format import DEFAULT_MAX_SEQ_LENGTH, read_st_modules, write_st_modules
 
 ARCHITECTURES = ("BertModel", "DPRQuestionEncoder", "DPRContextEncoder", "DPRReader")
+EXPORT_FORMATS = ("dpr", "bert", "sentence-transformers")  # convert --to-hf --as
 DPR_ENCODERS = ("DPRQuestionEncoder", "DPRContextEncoder")
 # HF key prefix of the BERT inside each architecture, and the Flax path it maps to.
 _BERT_PREFIX = {
@@ -538,12 +555,17 @@ def convert_from_hf(
     kind: str = "auto",
     ctx_from: str | Path | None = None,
     shared: bool = False,
-    pooling: str = "cls",
+    pooling: str | None = None,
     tokenizer: str | Path | None = None,
     seed: int = 0,
     overwrite: bool = False,
+    normalize: bool | None = None,
 ) -> Path:
-    """Hugging Face checkpoint(s) -> dpr-jax model directory (see the module docstring)."""
+    """Hugging Face checkpoint(s) -> dpr-jax model directory (see the module docstring).
+
+    ``pooling=None``: a sentence-transformers source's own pooling (and, unless ``normalize``
+    is given, its normalisation), else "cls". ``normalize=None``: the source's, else False.
+    """
 
     _check_out(out, src, ctx_from, tokenizer)
     out = _prepare_out(Path(out), overwrite)
@@ -554,11 +576,26 @@ def convert_from_hf(
         kind = "reader" if ckpt.arch == "DPRReader" else "biencoder"
     if kind not in ("biencoder", "bert", "reader"):
         raise ValueError(f"kind must be auto, biencoder, bert or reader; got {kind!r}")
-    if kind != "biencoder" and (ctx_from or shared or pooling != "cls"):
-        raise ValueError("--ctx-from, --shared and --pooling only apply to --kind biencoder")
+    if kind != "biencoder" and (ctx_from or shared or pooling or normalize is not None):
+        raise ValueError(
+            "--ctx-from, --shared, --pooling and --normalize only apply to --kind biencoder"
+        )
     made = {"source": ckpt.source, "architecture": ckpt.arch, "kind": kind}
 
     if kind == "biencoder":
+        if pooling is None:  # a sentence-transformers model keeps its own similarity
+            st = read_st_modules(ckpt.path, ckpt.bert.hidden_size)
+            if st is not None:
+                pooling = st.pooling
+                normalize = st.normalize if normalize is None else normalize
+                print(f"{st.modules_file}: sentence-transformers {st.describe()} "
+                      f"(normalize={normalize}; --pooling overrides)", file=sys.stderr)  # fmt: skip
+                made["sentence_transformers"] = {
+                    "pooling": st.pooling, "normalize": st.normalize,
+                    "max_seq_length": st.max_seq_length,
+                }  # fmt: skip
+        pooling = pooling or "cls"
+        normalize = bool(normalize)
         keep_pooler = pooling == "pooler"
         q = _tower(ckpt, keep_pooler)
         if ctx_from is not None and shared:
@@ -601,7 +638,7 @@ def convert_from_hf(
             )
         config = EncoderConfig(
             ckpt.bert, shared=shared, pooling=pooling, projection_dim=ckpt.projection_dim,
-            add_pooling_layer=keep_pooler,
+            add_pooling_layer=keep_pooler, normalize=normalize,
         )  # fmt: skip
     elif kind == "bert":
         if ckpt.arch == "DPRReader" or ckpt.projection_dim:
@@ -663,8 +700,8 @@ def convert_to_hf(
 
     if tower not in ("question", "ctx", "both"):
         raise ValueError(f"tower must be question, ctx or both; got {tower!r}")
-    if as_ not in ("dpr", "bert"):
-        raise ValueError(f"--as must be dpr or bert; got {as_!r}")
+    if as_ not in EXPORT_FORMATS:
+        raise ValueError(f"--as must be one of {EXPORT_FORMATS}; got {as_!r}")
     model_dir = resolve_model_dir(model_dir)
     _check_out(out, model_dir)
     out = _prepare_out(Path(out), overwrite)
@@ -686,6 +723,9 @@ def convert_to_hf(
 
     # (relative dir, arch, bert config, projection_dim, HF state dict)
     todo: list[tuple[str, str, BertConfig, int, dict]] = []
+    st_export = None  # (pooling, normalize, max_seq_length) for --as sentence-transformers
+    if as_ == "sentence-transformers":
+        st_export = _st_export_settings(model_dir, kind, config, meta)
     if kind == "biencoder":
         towers = {"question": "question_encoder", "ctx": "ctx_encoder"}
         names = list(towers) if tower == "both" else [tower]
@@ -696,7 +736,13 @@ def convert_to_hf(
                 if config.pooling != "cls":
                     raise ValueError(
                         f"{model_dir}: pooling is {config.pooling!r}, DPR's Hugging Face classes "
-                        "take the [CLS] vector; export with --as bert and pool yourself"
+                        "take the [CLS] vector; export with --as sentence-transformers, or --as bert "
+                        "and pool yourself"
+                    )
+                if config.normalize:
+                    raise ValueError(
+                        f"{model_dir}: the model L2-normalises its vectors, DPR's Hugging Face "
+                        "classes do not; export with --as sentence-transformers"
                     )
                 arch = "DPRQuestionEncoder" if name == "question" else "DPRContextEncoder"
                 bert_p = {k: v for k, v in tp["bert_model"].items() if k != "pooler_dense"}
@@ -713,7 +759,10 @@ def convert_to_hf(
                         f"{model_dir}: the towers have an encode_proj (projection_dim="
                         f"{config.projection_dim}) that BertModel cannot hold; use --as dpr"
                     )
-                pool = pooler_check("pooler_dense" in tp["bert_model"], f"tower {src_tower}")
+                if st_export:  # sentence-transformers never reads the BERT pooler
+                    pool = "pooler_dense" in tp["bert_model"]
+                else:
+                    pool = pooler_check("pooler_dense" in tp["bert_model"], f"tower {src_tower}")
                 sd = flax_to_hf_state_dict(
                     tp["bert_model"], "BertModel", config.bert, 0, pool, where=str(model_dir)
                 )
@@ -749,6 +798,8 @@ def convert_to_hf(
         for rel, arch, bert, proj, sd in todo:
             d = tmp / rel if rel else tmp
             write_hf_dir(d, arch, bert, sd, proj, tokenizer_from=model_dir)
+            if st_export:
+                write_st_modules(d, st_export[0], st_export[1], bert.hidden_size, st_export[2])
             (d / "dpr_jax_export.json").write_text(
                 json.dumps({**record, "architecture": arch}, indent=2) + "\n"
             )
@@ -757,6 +808,28 @@ def convert_to_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return [out / rel if rel else out for rel, *_ in todo]
+
+
+def _st_export_settings(model_dir: Path, kind: str, config, meta: dict) -> tuple[str, bool, int]:
+    """(pooling, normalize, max_seq_length) of a sentence-transformers export, or ValueError."""
+
+    if kind != "biencoder":
+        raise ValueError(
+            f"{model_dir}: holds a {kind} model; --as sentence-transformers exports bi-encoders"
+        )
+    if config.pooling not in ("cls", "mean"):
+        raise ValueError(
+            f"{model_dir}: pooling {config.pooling!r} has no sentence-transformers Pooling mode "
+            "(cls and mean do)"
+        )
+    if config.projection_dim:
+        raise ValueError(
+            f"{model_dir}: the towers have an encode_proj (projection_dim="
+            f"{config.projection_dim}); the sentence-transformers export holds BERT + pooling "
+            "(+ Normalize) only"
+        )
+    st = ((meta.get("converted_from") or {}).get("sentence_transformers")) or {}
+    return config.pooling, config.normalize, int(st.get("max_seq_length") or DEFAULT_MAX_SEQ_LENGTH)
 
 
 def _flatten_to_dict(tree) -> dict:

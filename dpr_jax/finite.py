@@ -3,7 +3,7 @@
 A NaN or infinite value anywhere in the parameters spreads to every score the model computes,
 and comparisons with NaN are all false: a rank counted as "scores strictly above the positive"
 is then 0 for every question, which reads as perfect accuracy. The training loops
-(:mod:`dpr_jax.train`, :mod:`dpr_jax.train_reader`) therefore
+(:mod:`dpr_jax.training.loop`, for both models) therefore
 
 - stop with :class:`DivergenceError`, naming the step, as soon as a step's loss or gradient
   norm is not finite (:func:`check_step_metrics`);

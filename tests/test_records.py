@@ -12,12 +12,12 @@ import pytest
 
 pytest.importorskip("array_record", reason="pip install 'dpr-jax[records]'")
 
-from dpr_jax.retriever.batching import BatchSpec, BiencoderBatches, DataPosition, ctx_passage  # noqa: E402
 from dpr_jax.cli import main as dpr_jax_main  # noqa: E402
 from dpr_jax.data.records import (  # noqa: E402
     iter_json_records,
     open_biencoder_records,
 )
+from dpr_jax.retriever.batching import BatchSpec, BiencoderBatches, DataPosition, ctx_passage  # noqa: E402
 from dpr_jax.retriever.task import read_examples  # noqa: E402
 
 

@@ -1,4 +1,5 @@
-"""The training loop (dpr_jax/train.py) and its batches (dpr_jax/batching.py).
+"""The bi-encoder training task (dpr_jax/retriever/task.py, through dpr_jax/training/loop.py) and its
+batches (dpr_jax/retriever/batching.py).
 
 One module-scoped fixture trains the tiny config on a small real SQuAD biencoder set (the Notre
 Dame fixture article: 220 train / 49 dev questions, one lexical hard negative each) three ways:

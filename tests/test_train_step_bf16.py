@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from test_train_step import FAST_COMPILE, LOSS, TX, _init_params, make_batch, tiny_model
 
-from dpr_jax.retriever.model import BiEncoder
 from dpr_jax.parallel import make_mesh
+from dpr_jax.retriever.model import BiEncoder
 from dpr_jax.retriever.step import TrainState, make_train_step
 
 STEPS = 3

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("index", "build a ScaNN / FAISS / exact index from embeddings"),
     "retrieve": ("retrieve", "retrieve passages for questions (dense, BM25, hybrid)"),
     "evaluate": ("evaluate", "top-k accuracy of a retrieval-results JSON"),
+    "mine": ("mine", "hard negatives from a dense retriever (biencoder file)"),
     "train-reader": ("train_reader", "train the extractive reader"),
     "read": ("read", "read answers from retrieval results (EM / F1)"),
     "ask": ("ask", "question -> passages -> answer"),

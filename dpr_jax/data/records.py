@@ -37,6 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from dpr_jax.data.formats import BiencoderExample, _check_answers, _check_str, _ctx_list, open_text
+from dpr_jax.retriever.batching import Passage
+
 FORMAT = "dpr-jax-biencoder-records"
 VERSION = 1
 RECORDS = "records.array_record"
@@ -64,7 +67,6 @@ def iter_json_records(path: str | Path, chunk_chars: int = 1 << 20) -> Iterator[
     """(where, record) of a JSON list or JSON-lines file (optionally gzipped), one record at a
     time: the list is parsed element by element, never loaded whole. ``where`` is
     "record i" / "line n" for error messages."""
-    from dpr_jax.data.formats import open_text
 
     path = Path(path)
     decoder = json.JSONDecoder()
@@ -149,7 +151,6 @@ def iter_json_records(path: str | Path, chunk_chars: int = 1 << 20) -> Iterator[
 
 def _example_from_json(rec: Any, where: str):
     """A BiencoderExample from a DPR biencoder record (formats.read_biencoder's checks)."""
-    from dpr_jax.data.formats import BiencoderExample, _check_answers, _check_str, _ctx_list
 
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
@@ -258,7 +259,6 @@ class _Positives(Sequence):
         return len(self._index)
 
     def __getitem__(self, k):
-        from dpr_jax.batching import Passage
 
         if isinstance(k, slice):
             return _Positives(self._source, self._index[k])

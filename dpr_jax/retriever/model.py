@@ -5,6 +5,13 @@ sim(q, p) = E_Q(q)^T E_P(p), where each tower is a BERT whose representation is 
 ``encode_proj``). The towers are separate by default; ``shared=True`` uses one BERT for both (the
 "single encoder" variant of DPR's ablations).
 
+``normalize=True`` L2-normalises each tower's output, so that the dot product is the cosine
+similarity, as contrastive sentence encoders are trained (sentence-transformers' ``Normalize``
+module; Reimers & Gurevych 2019): all-MiniLM-L6-v2 is mean pooling + normalisation. Training
+such a model multiplies the cosine by a scale (1 / temperature; ``TrainConfig.scale``, 20 in
+sentence-transformers' MultipleNegativesRankingLoss); DPR itself (``normalize=False``) scores
+with the raw dot product.
+
 Parameter tree (names mirror Hugging Face's DPR classes, for conversion)::
 
     {"question_encoder": {"bert_model": <BertModule>, ["encode_proj": Dense]},
@@ -34,6 +41,7 @@ class EncoderConfig:
     pooling: str = "cls"
     projection_dim: int = 0  # 0: no encode_proj
     add_pooling_layer: bool = False  # keep a BERT pooler (needed for pooling="pooler")
+    normalize: bool = False  # L2-normalise the output vector (dot product = cosine)
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
@@ -42,6 +50,8 @@ class EncoderConfig:
             raise ValueError("pooling='pooler' needs add_pooling_layer=True")
         if self.projection_dim < 0:
             raise ValueError(f"projection_dim must be >= 0, got {self.projection_dim}")
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"normalize must be true or false, got {self.normalize!r}")
 
     @property
     def embedding_dim(self) -> int:
@@ -59,7 +69,8 @@ class EncoderConfig:
 
 
 class Encoder(nn.Module):
-    """One tower: BERT -> pooled vector (B, D) -> optional encode_proj. Output is float32."""
+    """One tower: BERT -> pooled vector (B, D) -> optional encode_proj -> optional L2
+    normalisation. Output is float32."""
 
     config: EncoderConfig
     dtype: Any = jnp.float32
@@ -90,7 +101,10 @@ class Encoder(nn.Module):
                 cfg.projection_dim, dtype=self.dtype, param_dtype=jnp.float32,
                 kernel_init=nn.initializers.normal(cfg.bert.initializer_range), name="encode_proj",
             )(v)  # fmt: skip
-        return v.astype(jnp.float32)
+        v = v.astype(jnp.float32)
+        if cfg.normalize:
+            v = l2_normalize(v)
+        return v
 
 
 class BiEncoder(nn.Module):
@@ -125,6 +139,15 @@ def init_biencoder_params(config: EncoderConfig, rng: jax.Array) -> dict:
     return BiEncoder(config).init(rng, ids, mask, ids, mask)["params"]
 
 
+def l2_normalize(v: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """v / max(||v||, eps) along the last axis (torch.nn.functional.normalize, which
+    sentence-transformers' Normalize calls): a zero vector stays zero, the gradient stays finite."""
+    # max(||v||, eps) as sqrt(max(||v||^2, eps^2)): no sqrt'(0) = inf for a zero row
+    norm = jnp.sqrt(jnp.maximum(jnp.sum(v * v, axis=-1, keepdims=True), eps * eps))  # (B, 1)
+    return v / norm
+
+
 def similarity(q: jax.Array, p: jax.Array) -> jax.Array:
-    """Dot-product similarity. (Nq, D) . (Np, D)^T -> (Nq, Np)."""
+    """Dot-product similarity (the cosine for ``normalize=True`` towers). (Nq, D) . (Np, D)^T
+    -> (Nq, Np)."""
     return jnp.einsum("qd,pd->qp", q, p)

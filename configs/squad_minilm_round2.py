@@ -1,0 +1,67 @@
+"""Round 2 of DPR fine-tuning on SQuAD: from the round-1 model, on negatives it mined itself.
+
+DPR trains once, on BM25 hard negatives (Karpukhin et al. 2020, sec. 3.2). ANCE (Xiong et al.
+2021) and RocketQA (Qu et al. 2021) then retrain on negatives retrieved by the dense model, with
+the passages that contain an answer removed (they would be false negatives). Here round 1 is
+``configs/squad_minilm.py``; its model encodes and indexes the *training* articles' passages,
+``dpr-jax mine`` retrieves 100 passages per training question, drops the positive and every
+passage containing an answer (DPR's has_answer), skips the 3 highest-ranked survivors (the
+likeliest unlabelled positives) and keeps the next 30, then appends the question's BM25 negative
+(``--existing append``), so that each step's hard negative (one per question, drawn at random from
+the question's list by the batcher) is a dense-mined one about 30 times in 31::
+
+    SQ=/tmp/squad_dpr R1=runs/retriever            # prepare-squad output, round-1 workdir
+    dpr-jax encode --model $R1 --passages $SQ/train.passages.tsv --out runs/emb-train
+    dpr-jax index --embeddings runs/emb-train --backend exact --out runs/index-train
+    dpr-jax mine --model $R1 --index runs/index-train --passages $SQ/train.passages.tsv \\
+        --biencoder $SQ/train.biencoder.json --out $SQ/train.dense-mined.biencoder.json \\
+        --n 30 --skip 3 --depth 100 --existing append      # add --shard i/n per process
+    dpr-jax train --config configs/squad_minilm_round2.py --workdir runs/retriever-round2
+
+Everything else is round 1's recipe (batch 16, one hard negative, 250 steps, lr 5e-5), so the two
+rounds differ only in their negatives and starting point. The similarity is the round-1 model's
+(``scale`` 1: DPR's dot product). A round 1 trained from a normalising sentence-transformers
+conversion (mean + cosine, ``dpr-jax convert`` without ``--pooling``) scores cosines and needs
+a temperature: ``--set scale=20`` (sentence-transformers' MultipleNegativesRankingLoss).
+
+Inputs (environment variables, or --set): ``DPR_JAX_SQUAD_DPR`` (default /tmp/squad_dpr),
+``DPR_JAX_ROUND1`` (default runs/retriever: the round-1 training workdir or its model
+directory), ``DPR_JAX_MINED`` (default $DPR_JAX_SQUAD_DPR/train.dense-mined.biencoder.json).
+"""
+
+import os
+
+from dpr_jax.retriever.task import TrainConfig
+
+SQUAD = os.environ.get("DPR_JAX_SQUAD_DPR", "/tmp/squad_dpr")
+
+
+def get_config() -> TrainConfig:
+    return TrainConfig(
+        name="squad_minilm_round2",
+        train_path=os.environ.get("DPR_JAX_MINED", f"{SQUAD}/train.dense-mined.biencoder.json"),
+        dev_path=f"{SQUAD}/dev.biencoder.json",
+        max_dev_examples=256,
+        init_from=os.environ.get("DPR_JAX_ROUND1", "runs/retriever"),
+        batch_size=16,
+        eval_batch_size=64,
+        n_hard=1,
+        shuffle_hard=True,  # each epoch draws a question's hard negative from its whole list
+        q_max_len=32,
+        p_max_len=144,
+        dropout=0.1,
+        dtype="float32",
+        scale=1.0,
+        learning_rate=5e-5,
+        warmup_fraction=0.1,
+        num_steps=250,
+        weight_decay=0.0,
+        adam_eps=1e-8,
+        max_grad_norm=2.0,
+        seed=12345,
+        log_every=10,
+        eval_every=0,
+        checkpoint_every=50,
+        keep_checkpoints=2,
+        async_checkpoint=False,
+    )
