@@ -34,6 +34,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train-reader": ("dpr_jax.train_reader", "cli_main", "train the extractive reader"),
     "read": ("dpr_jax.span", "cli_main", "read answers from retrieval results (EM / F1)"),
     "ask": ("dpr_jax.pipeline", "cli_main", "question -> passages -> answer"),
+    "plan": (
+        "dpr_jax.plan",
+        "cli_main",
+        "will a config fit a TPU slice? AOT-compile its train step (memory, FLOPs, MFU)",
+    ),
     "quickstart": ("dpr_jax.quickstart", "cli_main", "the README's main job on SQuAD, end to end"),
 }
 

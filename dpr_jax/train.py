@@ -108,6 +108,11 @@ class TrainConfig:
     dropout: float = -1.0  # < 0: keep the model's dropout rates
     dtype: str = "float32"  # compute dtype
     remat: bool = False
+    # with remat: a jax.checkpoint_policies name (e.g. "dots_with_no_batch_dims_saveable" keeps
+    # the matmul outputs and recomputes only the cheap elementwise ops); "": save nothing
+    remat_policy: str = ""
+    # FSDP (ZeRO-3): parameters and optimizer state sharded over the devices (dpr_jax.sharding)
+    fsdp: bool = False
     # -- loss
     scale: float = 1.0  # multiplies q.p (DPR: 1, plain dot product)
     in_batch: bool = True
@@ -165,6 +170,8 @@ class TrainConfig:
             bad("keep_checkpoints", "must be >= 1")
         if not self.scale > 0:
             bad("scale", "must be > 0")
+        if self.remat_policy and not hasattr(jax.checkpoint_policies, self.remat_policy):
+            bad("remat_policy", "must name a jax.checkpoint_policies policy")
         if not self.init_from and not self.model:
             raise ValueError(
                 "TrainConfig: set init_from (a model directory) or model (random init)"
@@ -376,6 +383,11 @@ def encoder_config(config: TrainConfig):
         )
         enc_cfg = dataclasses.replace(enc_cfg, bert=bert)
     return enc_cfg
+
+
+def remat_setting(config) -> bool | str:
+    """The models' ``remat`` argument: False, True, or the ``remat_policy`` name."""
+    return (config.remat_policy or True) if config.remat else False
 
 
 def initial_params(config: TrainConfig, enc_cfg, rng: jax.Array) -> dict:
@@ -811,7 +823,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict[str, fl
     latest = ckpts.latest_step()
     saved = ckpts.check(latest, expect) if latest is not None else None
     tokenizer = load_tokenizer(config, enc_cfg)
-    model = BiEncoder(enc_cfg, dtype=jnp.dtype(config.dtype), remat=config.remat)
+    model = BiEncoder(enc_cfg, dtype=jnp.dtype(config.dtype), remat=remat_setting(config))
     loss_cfg = LossConfig(
         group_size=1 + config.n_hard, scale=config.scale, in_batch=config.in_batch
     )
@@ -834,13 +846,21 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict[str, fl
     rep = replicated(mesh)
 
     def build_step():
-        tx, schedule = make_optimizer(config, total_steps, warmup)
-        create = jax.jit(lambda p: TrainState.create(p, tx), out_shardings=rep)
-        return create, schedule, make_train_step(model, tx, mesh, loss_cfg, chunk)
+        from dpr_jax.checkpoint import abstract_params
+        from dpr_jax.sharding import state_shardings
 
-    create_state, schedule, train_step = _memo(
-        ("train", enc_cfg, config.dtype, config.remat, _optimizer_key(config), total_steps,
-         warmup, mesh, loss_cfg, chunk),
+        tx, schedule = make_optimizer(config, total_steps, warmup)
+        abstract = jax.eval_shape(
+            lambda p: TrainState.create(p, tx), abstract_params("biencoder", enc_cfg)
+        )
+        placed = state_shardings(abstract, mesh, config.fsdp)
+        create = jax.jit(lambda p: TrainState.create(p, tx), out_shardings=placed)
+        step = make_train_step(model, tx, mesh, loss_cfg, chunk, state_sharding=placed)
+        return create, schedule, step, placed
+
+    create_state, schedule, train_step, placed = _memo(
+        ("train", enc_cfg, config.dtype, remat_setting(config), _optimizer_key(config),
+         total_steps, warmup, mesh, loss_cfg, chunk, config.fsdp),
         build_step,
     )  # fmt: skip
     resolved = {
@@ -869,8 +889,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict[str, fl
         from dpr_jax.checkpoint import abstract_params
 
         abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             jax.eval_shape(create_state, abstract_params("biencoder", enc_cfg)),
+            placed,
         )
         restored = ckpts.restore(latest, abstract)
         state = TrainState(restored["step"], restored["params"], restored["opt_state"])
@@ -887,7 +908,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict[str, fl
 
     def run_eval(step: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        m = evaluator(state.params)
+        m = evaluator(jax.device_put(state.params, rep) if config.fsdp else state.params)
         m["eval_seconds"] = time.perf_counter() - t0
         log.write({"split": "dev", "step": step, **m})
         if primary:
@@ -974,7 +995,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict[str, fl
                 f"{ckpts.directory / str(step)}"
             )
     elif config.export:
-        params_host = _replicated_to_host(state.params)
+        params_host = _replicated_to_host(
+            jax.device_put(state.params, rep) if config.fsdp else state.params
+        )
         if primary:
             out = save_model(
                 workdir / "model", params_host, "biencoder", enc_cfg, tokenizer,
