@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -83,7 +84,9 @@ CHIPS: dict[str, Chip] = {
     # (megacore): https://cloud.google.com/tpu/docs/v4
     "v4": Chip("TPU v4", 32 - 0.25, 275e12, 1200e9, 300e9, "https://cloud.google.com/tpu/docs/v4"),
     # 197 TFLOPs bf16, 16 GB HBM2 at 819 GBps, ICI 400 GBps: https://cloud.google.com/tpu/docs/v5e
-    "v5e": Chip("TPU v5e", 16 - 0.25, 197e12, 819e9, 400e9, "https://cloud.google.com/tpu/docs/v5e"),
+    "v5e": Chip(
+        "TPU v5e", 16 - 0.25, 197e12, 819e9, 400e9, "https://cloud.google.com/tpu/docs/v5e"
+    ),
     # 459 TFLOPs bf16, 95 GB HBM2e at 2765 GBps, ICI 1200 GBps:
     # https://cloud.google.com/tpu/docs/v5p
     "v5p": Chip(
@@ -105,8 +108,11 @@ def libtpu_available() -> bool:
 
 
 def _configure_env() -> None:
-    """Before jax is imported: keep the runtime on the CPU and libtpu off the metadata server."""
+    """Before jax is imported: keep the runtime on the CPU, libtpu off the metadata server, and
+    off its one-process-per-host lock file (/tmp/libtpu_lockfile): a planner touches no chip, so
+    several may run at once, also on a TPU host while it trains."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if "jax" not in sys.modules:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -596,13 +602,14 @@ def fit(
     base_overrides: list[str],
     max_compiles: int = 4,
     margin: float = 1.5,
-    log=print,
+    log=None,
 ) -> tuple[Plan | None, list[dict]]:
     """The cheapest setting that fits: candidates ranked by estimated step time (then: no FSDP,
     larger GradCache chunks, fewer changes); those whose analytic memory exceeds ``margin`` x
     HBM are skipped; the others are compiled in order until one fits (at most
     ``max_compiles``). After each compile, the estimate is rescaled by measured / estimated.
     Returns (the plan that fits or None, a log of the candidates tried)."""
+    log = log or functools.partial(print, flush=True)
     n = len(devices)
     scored = []
     for changes in candidate_overrides(config, n):
@@ -611,8 +618,12 @@ def fit(
             job = build_job(cand, devices)
         except PlanError:
             continue
-        key = (round(estimate_step_s(job, chip, n), 6), changes.get("fsdp", False),
-               -(changes.get("grad_cache_chunk") or 1 << 30), len(_as_overrides(config, changes)))
+        key = (
+            round(estimate_step_s(job, chip, n), 6),
+            changes.get("fsdp", False),
+            -(changes.get("grad_cache_chunk") or 1 << 30),
+            len(_as_overrides(config, changes)),
+        )
         scored.append((key, changes, cand, estimate_memory(job, n)))  # fmt: skip
     scored.sort(key=lambda s: s[0])
     scale = 1.0

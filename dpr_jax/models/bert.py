@@ -373,8 +373,12 @@ class BertModule(nn.Module):
         x = BertEmbeddings(cfg, self.dtype, name="embeddings")(
             input_ids, token_type_ids, position_ids, deterministic, dropout_rows
         )
-        policy = getattr(jax.checkpoint_policies, self.remat) if isinstance(self.remat, str) else None
-        layer_cls = nn.remat(BertLayer, static_argnums=(3, 4), policy=policy) if self.remat else BertLayer
+        policy = (
+            getattr(jax.checkpoint_policies, self.remat) if isinstance(self.remat, str) else None
+        )
+        layer_cls = (
+            nn.remat(BertLayer, static_argnums=(3, 4), policy=policy) if self.remat else BertLayer
+        )
         hidden = [x]
         for i in range(cfg.num_hidden_layers):
             last = first_token_only and i == cfg.num_hidden_layers - 1
