@@ -291,6 +291,15 @@ def _total_steps(config) -> tuple[int, int]:
     return total, config.warmup_steps or int(config.warmup_fraction * total)
 
 
+@functools.cache
+def _abstract_params(kind: str, model_cfg):
+    """Parameter shapes (``jax.eval_shape`` of the init), once per architecture: --fit builds
+    dozens of candidate steps over the same model."""
+    from dpr_jax.checkpoint import abstract_params
+
+    return abstract_params(kind, model_cfg)
+
+
 def _count(tree) -> int:
     import jax
 
@@ -303,7 +312,6 @@ def build_job(config, devices) -> Job:
     import jax
     import jax.numpy as jnp
 
-    from dpr_jax.checkpoint import abstract_params
     from dpr_jax.parallel import batch_sharding, make_mesh, replicated
     from dpr_jax.train import make_optimizer
     from dpr_jax.train_step import TrainState
@@ -330,7 +338,7 @@ def build_job(config, devices) -> Job:
 
         bert, note = _reader_model_cfg(config)
         model = Reader(bert, dtype=jnp.dtype(config.dtype), remat=config.remat)
-        params = abstract_params("reader", bert)
+        params = _abstract_params("reader", bert)
         state = jax.eval_shape(lambda p: TrainState.create(p, tx), params)
         state = jax.tree.map(lambda x: sds(x.shape, x.dtype, rep), state)
         m, t, a = config.passages_per_question, config.max_length, config.max_answers
@@ -353,7 +361,7 @@ def build_job(config, devices) -> Job:
     model = BiEncoder(enc_cfg, dtype=jnp.dtype(config.dtype), remat=remat_setting(config))
     loss_cfg = LossConfig(group_size=1 + config.n_hard, scale=config.scale,
                           in_batch=config.in_batch)  # fmt: skip
-    params = abstract_params("biencoder", enc_cfg)
+    params = _abstract_params("biencoder", enc_cfg)
     abstract = jax.eval_shape(lambda p: TrainState.create(p, tx), params)
     placed = state_shardings(abstract, mesh, config.fsdp)
     state = jax.tree.map(lambda x, s: sds(x.shape, x.dtype, s), abstract, placed)
