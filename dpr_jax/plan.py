@@ -707,9 +707,10 @@ def run(args) -> dict[str, Any]:
         plan, tried = fit(config, chip, devices, args.topology, list(args.set),
                           max_compiles=args.max_compiles)  # fmt: skip
         if plan is None:
+            measured = [t["per_chip_gib"] for t in tried if "per_chip_gib" in t]
             record = {"fits": False, "overrides": None, "hbm_gib": chip.hbm_gib, "tried": tried,
-                      "per_chip_gib": min((t.get("per_chip_gib", math.inf) for t in tried),
-                                          default=None)}  # fmt: skip
+                      "per_chip_gib": min(measured, default=None), "xla_flops_per_step": None,
+                      "model_flops_per_step": None, "est_step_s": None, "est_mfu": None}  # fmt: skip
             print("no setting fits within --max-compiles; tried:\n" + json.dumps(tried, indent=1))
             return record
         print(format_plan(plan))

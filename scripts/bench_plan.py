@@ -76,8 +76,8 @@ def table(out: Path) -> str:
             name, "yes" if r.get("fits") else "no",
             f"{r['per_chip_gib']:.2f}" if r.get("per_chip_gib") is not None else "-",
             f"{r['hbm_gib']:.2f}",
-            f"{100 * r['est_mfu']:.1f}%" if "est_mfu" in r else "-",
-            f"{1e3 * r['est_step_s']:.0f}" if "est_step_s" in r else "-",
+            f"{100 * r['est_mfu']:.1f}%" if r.get("est_mfu") is not None else "-",
+            f"{1e3 * r['est_step_s']:.0f}" if r.get("est_step_s") is not None else "-",
             " ".join(f"--set {o}" for o in over) if over else ("(none)" if over == [] else "-"),
             f"{compile_s:.0f}",
         ))  # fmt: skip
