@@ -82,8 +82,11 @@ def test_fsdp_steps_equal_replicated_steps(chunk):
 
 def test_remat_policy_equals_plain():
     """Recomputation fuses the float32 ops differently: last-bit differences in the gradient,
-    which AdamW's normalisation turns into ~1e-6 parameter differences after three steps."""
-    tol = dict(rtol=1e-5, atol=1e-5)
+    which AdamW's normalisation (eps 1e-6) amplifies for near-zero gradients: up to ~2e-5 after
+    three steps of lr 3e-3 (updates of ~1e-2), within the bound test_train_step.py uses for
+    reordered float32 sums (1e-4). A wrong dropout mask in the recomputation would move the
+    parameters by ~1e-3."""
+    tol = dict(rtol=0, atol=1e-4)
     _assert_same(_run(False, remat="dots_with_no_batch_dims_saveable"), _plain(), tol)
     _assert_same(_run(False, remat=True), _plain(), tol)
 
