@@ -544,7 +544,13 @@ def compile_plan(config, chip: Chip, devices, topology: str, overrides: list[str
     t0 = time.perf_counter()
     with _tracing_for_tpu():
         lowered = job.step.lower(*job.args)
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # XLA:TPU refuses a program over HBM: RESOURCE_EXHAUSTED, "Used X of Y"
+        used = _oom_used_bytes(str(e))
+        if used is None:
+            raise
+        return _oom_plan(job, chip, n, topology, overrides, used, time.perf_counter() - t0)
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -567,6 +573,37 @@ def compile_plan(config, chip: Chip, devices, topology: str, overrides: list[str
         hbm_bytes_per_chip=hbm_bytes, collective_bytes=coll, est_step_s=step_s, est_mfu=mfu,
         est_memory_gib=estimate_memory(job, n) / GIB, compile_s=compile_s,
         overrides=list(overrides), note=job.note,
+    )  # fmt: skip
+
+
+_OOM = re.compile(r"Used\s+([\d.]+)([KMGT]?)i?B?\s+of\s+([\d.]+)([KMGT]?)i?B?\s+hbm", re.I)
+
+
+def _oom_used_bytes(message: str) -> float | None:
+    """Bytes the program needs, from XLA:TPU's out-of-memory compile error (None: another
+    error)."""
+    if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message.lower():
+        return None
+    m = _OOM.search(message)
+    if not m:
+        return None
+    unit = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
+    return float(m.group(1)) * unit
+
+
+def _oom_plan(job, chip, n, topology, overrides, used, compile_s) -> Plan:
+    """A plan for a program the compiler refused as too large: its total from the error; the
+    rest (no HLO to read) from the analytic model."""
+    step_s = estimate_step_s(job, chip, n)
+    return Plan(
+        topology=topology, chips=n, chip=chip.name, hbm_gib=chip.hbm_gib, argument_gib=0.0,
+        output_gib=0.0, alias_gib=0.0, temp_gib=0.0, per_chip_gib=used / GIB, fits=False,
+        params=job.param_count, xla_flops_per_step=0.0, model_flops_per_step=job.model_flops,
+        hbm_bytes_per_chip=0.0, collective_bytes=dict.fromkeys(COLLECTIVES, 0),
+        est_step_s=step_s, est_mfu=job.model_flops / n / chip.peak_flops / step_s,
+        est_memory_gib=estimate_memory(job, n) / GIB, compile_s=compile_s,
+        overrides=list(overrides),
+        note="the TPU compiler refused the program: out of HBM (total from its error message)",
     )  # fmt: skip
 
 
