@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-reader": ("train_reader", "train the extractive reader"),
     "read": ("read", "read answers from retrieval results (EM / F1)"),
     "ask": ("ask", "question -> passages -> answer"),
+    "plan": ("plan", "will a config fit a TPU slice? AOT-compile its train step (memory, MFU)"),
     "quickstart": ("quickstart", "the README's main job on SQuAD, end to end"),
 }
 

@@ -330,13 +330,14 @@ class BertModule(nn.Module):
 
     Params: ``embeddings/...``, ``encoder/layer_{i}/...``, ``pooler/dense`` (if
     ``add_pooling_layer``). ``remat`` recomputes each layer in the backward pass (activation
-    memory O(1 layer) instead of O(N)).
+    memory O(1 layer) instead of O(N)); a string names the ``jax.checkpoint_policies`` policy
+    that decides what is saved instead (e.g. ``"dots_with_no_batch_dims_saveable"``).
     """
 
     config: BertConfig
     dtype: Any = jnp.float32
     add_pooling_layer: bool = True
-    remat: bool = False
+    remat: bool | str = False
 
     @nn.compact
     def __call__(
@@ -372,7 +373,12 @@ class BertModule(nn.Module):
         x = BertEmbeddings(cfg, self.dtype, name="embeddings")(
             input_ids, token_type_ids, position_ids, deterministic, dropout_rows
         )
-        layer_cls = nn.remat(BertLayer, static_argnums=(3, 4)) if self.remat else BertLayer
+        policy = (
+            getattr(jax.checkpoint_policies, self.remat) if isinstance(self.remat, str) else None
+        )
+        layer_cls = (
+            nn.remat(BertLayer, static_argnums=(3, 4), policy=policy) if self.remat else BertLayer
+        )
         hidden = [x]
         for i in range(cfg.num_hidden_layers):
             last = first_token_only and i == cfg.num_hidden_layers - 1

@@ -282,6 +282,7 @@ def make_train_step(
     loss_cfg: LossConfig | Mapping[str, Any],
     grad_cache_chunk: int | None = None,
     axis: str = DATA_AXIS,
+    state_sharding: Any = None,
 ) -> CheckedStep:
     """Build the jitted ``train_step(state, batch, rng) -> (state, metrics)``.
 
@@ -293,6 +294,10 @@ def make_train_step(
       grad_cache_chunk: if set, GradCache with this many sequences per encoder call per device;
         must divide the per-device question count. None: encode the whole local batch at once.
       axis: mesh axis name of the batch.
+      state_sharding: where ``state`` lives, a pytree of shardings matching it (e.g.
+        :func:`dpr_jax.sharding.state_shardings` with ``fsdp=True``); None: replicated. The
+        encoders see the full parameters either way (XLA gathers sharded ones), so the loss and
+        gradients do not depend on it; the updated state keeps the same placement.
 
     The returned step takes ``rng`` (a PRNG key, the same every step is fine: it is folded with
     ``state.step``) and returns metrics ``loss, accuracy, rank, candidates, questions,
@@ -315,10 +320,11 @@ def make_train_step(
         return new_state, metrics
 
     rep = replicated(mesh)
+    state_sharding = rep if state_sharding is None else state_sharding
     jitted = jax.jit(
         train_step,
-        in_shardings=(rep, batch_sharding(mesh, axis), rep),
-        out_shardings=(rep, rep),
+        in_shardings=(state_sharding, batch_sharding(mesh, axis), rep),
+        out_shardings=(state_sharding, rep),
         donate_argnums=0,
     )
     return CheckedStep(jitted, functools.partial(

@@ -83,6 +83,7 @@ from dpr_jax.retriever.batching import BatchSpec, BiencoderBatches, DataPosition
 from dpr_jax.retriever.loss import dpr_loss
 from dpr_jax.retriever.model import BiEncoder, EncoderConfig, init_biencoder_params
 from dpr_jax.retriever.step import LossConfig, make_train_step
+from dpr_jax.sharding import state_shardings
 from dpr_jax.training import config as training_config
 from dpr_jax.training import loop
 from dpr_jax.training.config import check_training_fields
@@ -135,6 +136,11 @@ class TrainConfig:
     dropout: float = -1.0  # < 0: keep the model's dropout rates
     dtype: str = "float32"  # compute dtype
     remat: bool = False
+    # with remat: a jax.checkpoint_policies name (e.g. "dots_with_no_batch_dims_saveable" keeps
+    # the matmul outputs and recomputes only the cheap elementwise ops); "": save nothing
+    remat_policy: str = ""
+    # FSDP (ZeRO-3): parameters and optimizer state sharded over the devices (dpr_jax.sharding)
+    fsdp: bool = False
     # -- loss
     scale: float = 1.0  # multiplies q.p (DPR: 1, plain dot product)
     in_batch: bool = True
@@ -181,6 +187,8 @@ class TrainConfig:
         check_training_fields(self, bad)
         if not self.scale > 0:
             bad("scale", "must be > 0")
+        if self.remat_policy and not hasattr(jax.checkpoint_policies, self.remat_policy):
+            bad("remat_policy", "must name a jax.checkpoint_policies policy")
         if not self.init_from and not self.model:
             raise ValueError(
                 "TrainConfig: set init_from (a model directory) or model (random init)"
@@ -230,6 +238,11 @@ def encoder_config(config: TrainConfig):
         )
         enc_cfg = dataclasses.replace(enc_cfg, bert=bert)
     return enc_cfg
+
+
+def remat_setting(config) -> bool | str:
+    """The models' ``remat`` argument: False, True, or the ``remat_policy`` name."""
+    return (config.remat_policy or True) if config.remat else False
 
 
 def initial_params(config: TrainConfig, enc_cfg, rng: jax.Array) -> dict:
@@ -417,7 +430,7 @@ def evaluate_model(config: TrainConfig) -> dict[str, float]:
     mesh = make_mesh()
     enc_cfg = encoder_config(config)
     tokenizer = load_tokenizer(config, enc_cfg)
-    model = BiEncoder(enc_cfg, dtype=jnp.dtype(config.dtype), remat=config.remat)
+    model = BiEncoder(enc_cfg, dtype=jnp.dtype(config.dtype), remat=remat_setting(config))
     evaluator = _dev_evaluator(
         config, _batch_spec(config), tokenizer, model, mesh, _loss_config(config)
     )
@@ -449,7 +462,7 @@ class RetrieverTask:
         config, enc_cfg = self.config, self.enc_cfg
         self.mesh = mesh
         self.tokenizer = load_tokenizer(config, enc_cfg)
-        self.model = BiEncoder(enc_cfg, dtype=jnp.dtype(config.dtype), remat=config.remat)
+        self.model = BiEncoder(enc_cfg, dtype=jnp.dtype(config.dtype), remat=remat_setting(config))
         self.loss_cfg = loss_cfg = _loss_config(config)
         self.train_examples = read_examples(
             config.train_path, config.max_train_examples, "train_path"
@@ -467,17 +480,21 @@ class RetrieverTask:
         )
         self.warmup = config.warmup_steps or int(config.warmup_fraction * self.total_steps)
         chunk = config.grad_cache_chunk or None
-        rep = replicated(mesh)
         total, warmup, model = self.total_steps, self.warmup, self.model
 
         def build_step():
             tx, schedule = make_optimizer(config, total, warmup)
-            create = jax.jit(lambda p: TrainState.create(p, tx), out_shardings=rep)
-            return create, schedule, make_train_step(model, tx, mesh, loss_cfg, chunk)
+            abstract = jax.eval_shape(
+                lambda p: TrainState.create(p, tx), abstract_params("biencoder", enc_cfg)
+            )
+            placed = state_shardings(abstract, mesh, config.fsdp)
+            create = jax.jit(lambda p: TrainState.create(p, tx), out_shardings=placed)
+            step = make_train_step(model, tx, mesh, loss_cfg, chunk, state_sharding=placed)
+            return create, schedule, step, placed
 
-        self.create_state, self.schedule, self.train_step = memo(
-            ("train", enc_cfg, config.dtype, config.remat, optimizer_key(config), total,
-             warmup, mesh, loss_cfg, chunk),
+        self.create_state, self.schedule, self.train_step, self.placed = memo(
+            ("train", enc_cfg, config.dtype, remat_setting(config), optimizer_key(config), total,
+             warmup, mesh, loss_cfg, chunk, config.fsdp),
             build_step,
         )  # fmt: skip
 
@@ -495,10 +512,10 @@ class RetrieverTask:
         return self.create_state(initial_params(self.config, self.enc_cfg, init_rng))
 
     def abstract_state(self):
-        rep = replicated(self.mesh)
         return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             jax.eval_shape(self.create_state, abstract_params("biencoder", self.enc_cfg)),
+            self.placed,
         )
 
     def initial_position(self) -> DataPosition:
@@ -518,7 +535,10 @@ class RetrieverTask:
         return position.epoch + position.batch / self.steps_per_epoch
 
     def evaluate(self, state) -> dict[str, float]:
-        return self.evaluator(state.params)
+        params = state.params
+        if self.config.fsdp:  # the evaluator's jitted encoder takes replicated parameters
+            params = jax.device_put(params, replicated(self.mesh))
+        return self.evaluator(params)
 
     def eval_line(self, m: dict[str, float], step: int) -> str:
         return (

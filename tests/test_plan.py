@@ -1,0 +1,135 @@
+"""``dpr-jax plan`` on the tiny bi-encoder for a TPU v5e 2x2 slice (4 chips), compiled by libtpu
+on this CPU host: the JSON record, memory growing with the batch, the model-FLOP formula against
+a hand count, a batch too large for 15.75 GiB a chip, and ``--fit`` finding a setting that then
+compiles within it. Also the HLO collective parser on a hand-written module.
+
+Needs libtpu (``pip install 'dpr-jax[tpu]'``, as CI does); no TPU. Skips only without libtpu.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dpr_jax import plan
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.py")
+TOPOLOGY = "v5e:2x2"
+KEYS = ("fits", "per_chip_gib", "hbm_gib", "xla_flops_per_step", "model_flops_per_step",
+        "est_step_s", "est_mfu", "overrides")  # fmt: skip
+# 512 questions + 512 passages of 512 tokens per chip: ~2x a v5e chip's HBM in activations
+TOO_BIG = ["batch_size=2048", "p_max_len=512", "q_max_len=64"]
+
+needs_libtpu = pytest.mark.skipif(
+    not plan.libtpu_available(),
+    reason="libtpu is not importable: pip install 'dpr-jax[tpu]' to compile for TPU",
+)
+
+
+def _plan(tmp_path: Path, name: str, sets: list[str], fit: bool = False) -> dict:
+    out = tmp_path / f"{name}.json"
+    argv = ["--config", TINY, "--topology", TOPOLOGY, "--json", str(out)]
+    for s in sets:
+        argv += ["--set", s]
+    if fit:
+        argv.append("--fit")
+    assert plan.cli_main(argv) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return _plan(tmp_path_factory.mktemp("plan"), "small", [])
+
+
+@pytest.fixture(scope="module")
+def too_big(tmp_path_factory):
+    return _plan(tmp_path_factory.mktemp("plan"), "big", TOO_BIG)
+
+
+@needs_libtpu
+def test_tiny_plan_fits_and_reports(small):
+    assert all(k in small for k in KEYS)
+    assert small["fits"] is True
+    assert small["hbm_gib"] == 15.75 and small["chips"] == 4
+    assert 0 < small["per_chip_gib"] < 1
+    assert small["xla_flops_per_step"] > 0 and 0 < small["est_mfu"] <= 1
+    assert small["overrides"] == []
+    # the gradient all-reduce moves at least the float32 gradient of every parameter
+    assert small["collective_bytes"]["all-reduce"] >= 4 * small["params"]
+
+
+@needs_libtpu
+def test_model_flops_hand_count(small):
+    """configs/tiny.py: H=32, I=37, 2 layers, B=4 questions of 16 tokens, G=2 passages of 48."""
+    h, i, layers = 32, 37, 2
+    q_tok, p_tok = 4 * 16, 8 * 48
+    matmul = 2 * (4 * h * h + 2 * h * i) * (q_tok + p_tok) * layers  # weight matmuls
+    attention = layers * 4 * h * (4 * 16**2 + 8 * 48**2)  # QK^T and PV per sequence
+    scores = 2 * 4 * 8 * h  # (4, 32) . (32, 8)
+    assert small["model_flops_per_step"] == 3 * (matmul + attention + scores) == 49_698_816
+
+
+@needs_libtpu
+def test_memory_grows_with_batch_and_too_big_does_not_fit(small, too_big):
+    # (XLA:TPU may refuse the big program outright: then the total comes from its error)
+    assert too_big["per_chip_gib"] > 10 * small["per_chip_gib"]
+    assert too_big["fits"] is False and too_big["per_chip_gib"] > too_big["hbm_gib"]
+
+
+@needs_libtpu
+def test_fit_finds_a_setting_that_fits(tmp_path, too_big):
+    found = _plan(tmp_path, "fit", TOO_BIG, fit=True)
+    assert found["fits"] is True and found["overrides"]
+    assert set(o.split("=")[0] for o in found["overrides"]) <= {
+        "grad_cache_chunk", "remat", "remat_policy", "fsdp",
+    }  # fmt: skip
+    again = _plan(tmp_path, "again", TOO_BIG + found["overrides"])  # compiled afresh
+    assert again["fits"] is True
+    assert again["per_chip_gib"] == pytest.approx(found["per_chip_gib"])
+    assert again["per_chip_gib"] < too_big["per_chip_gib"]
+
+
+@needs_libtpu
+def test_bad_topology_is_one_line(capsys):
+    assert plan.cli_main(["--config", TINY, "--topology", "v9x:2x2"]) == 2
+    err = capsys.readouterr().err
+    assert "v5e:4x4" in err and len(err.strip().splitlines()) == 1
+
+
+def test_out_of_memory_compile_error_is_read():
+    msg = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
+           "space hbm. Used 34.60G of 15.75G hbm. Exceeded hbm capacity by 18.85G.")  # fmt: skip
+    assert plan._oom_used_bytes(msg) == pytest.approx(34.60 * 2**30)
+    assert plan._oom_used_bytes("INTERNAL: something else") is None
+
+
+def test_collective_bytes_of_hlo_text():
+    hlo = """HloModule m
+
+%body (p: (s32[], f32[8,128])) -> (s32[], f32[8,128]) {
+  %ag = bf16[64,128]{1,0} all-gather(bf16[16,128]{1,0} %x), dimensions={0}
+  ROOT %t = (s32[], f32[8,128]) tuple(%i, %y)
+}
+
+%cond (p: (s32[], f32[8,128])) -> pred[] {
+  ROOT %lt = pred[] compare(%a, %b), direction=LT
+}
+
+ENTRY %main (a: f32[1024]) -> f32[1024] {
+  %ars = f32[1024]{0} all-reduce-start(f32[1024]{0} %a), to_apply=%add
+  %ard = f32[1024]{0} all-reduce-done(f32[1024]{0} %ars)
+  %rs = f32[256]{0} reduce-scatter(f32[1024]{0} %ard), dimensions={0}
+  %w = (s32[], f32[8,128]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %cp = f32[1024]{0} collective-permute(f32[1024]{0} %ard), source_target_pairs={{0,1}}
+}
+"""
+    got = plan.collective_bytes(hlo)
+    assert got == {
+        "all-gather": 3 * 64 * 128 * 2,  # inside a 3-trip loop
+        "all-reduce": 1024 * 4,  # the async pair once
+        "reduce-scatter": 256 * 4,
+        "all-to-all": 0,
+        "collective-permute": 1024 * 4,
+    }

@@ -1,0 +1,118 @@
+"""FSDP (sharded parameters and optimizer state) and remat policies change where and how the step
+computes, not what: on 8 CPU devices, three FSDP steps end with the parameters of three
+replicated steps (same global batches, dropout on), with and without GradCache, and a step under
+a ``jax.checkpoint_policies`` policy equals the plain one. Tolerances: float32 with
+``jax_default_matmul_precision=highest`` (tests/conftest.py); both sides run the same
+per-device computation, only the placement of the state differs.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+from multihost_worker import build_squad_biencoder
+from test_train_step import LOSS, TX, fresh_state, make_batch, tiny_model
+
+from dpr_jax.checkpoint import load_model
+from dpr_jax.parallel import make_mesh
+from dpr_jax.retriever.step import make_train_step
+from dpr_jax.retriever.task import load_config, train_and_evaluate
+from dpr_jax.sharding import FSDP_MIN_SIZE, leaf_spec, state_shardings
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+PARAM_TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def test_leaf_spec_rule():
+    assert leaf_spec((30522, 768), 8) == P(None, "data")  # 30522 is not divisible by 8
+    assert leaf_spec((3072, 768), 8) == P("data")  # the largest divisible dimension
+    assert leaf_spec((768, 768), 8) == P("data")  # ties: the first
+    assert leaf_spec((768,), 8) == P()  # small: replicated
+    assert leaf_spec((), 8) == P()
+    assert leaf_spec((999, 333), 8, min_size=1) == P()  # nothing divisible
+    assert leaf_spec((1024, 1024), 1) == P()  # one device
+    assert leaf_spec((256, 256), 8) == P("data") and 256 * 256 >= FSDP_MIN_SIZE
+
+
+def _run(fsdp: bool, chunk=None, remat=False, steps=3, min_size=1):
+    model = tiny_model(False, 0.1)
+    if remat:
+        model = model.clone(remat=remat)
+    mesh = make_mesh(jax.devices()[:8])
+    state = fresh_state(model)
+    placed = state_shardings(jax.eval_shape(lambda s: s, state), mesh, fsdp, min_size=min_size)
+    step = make_train_step(model, TX, mesh, LOSS, chunk, state_sharding=placed)
+    state = jax.device_put(state, placed)
+    losses = []
+    for i in range(steps):
+        state, metrics = step(state, make_batch(30 + i), jax.random.key(7))
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def _assert_same(a, b, tol=PARAM_TOL):
+    (sa, la), (sb, lb) = a, b
+    assert int(sa.step) == int(sb.step) == 3
+    np.testing.assert_allclose(la, lb, rtol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **tol),
+                 jax.device_get(sa.params), jax.device_get(sb.params))  # fmt: skip
+
+
+@functools.cache
+def _plain(chunk=None):
+    return _run(False, chunk)
+
+
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_fsdp_steps_equal_replicated_steps(chunk):
+    sharded = _run(True, chunk)
+    state = sharded[0]
+    # the state really is split: every kernel of this tiny model has a dimension divisible by 8
+    kernel = state.params["ctx_encoder"]["bert_model"]["encoder_layer_0"]["intermediate_dense"]
+    assert kernel["kernel"].sharding.spec in (P("data"), P(None, "data"))
+    assert len(kernel["kernel"].addressable_shards[0].data.shape) == 2
+    assert kernel["kernel"].addressable_shards[0].data.size == kernel["kernel"].size // 8
+    mu = jax.tree.leaves(state.opt_state)  # AdamW moments are placed like the parameters
+    assert sum(x.sharding.spec != P() for x in mu) > 0
+    _assert_same(sharded, _plain(chunk))
+
+
+def test_remat_policy_equals_plain():
+    """Recomputation fuses the float32 ops differently: last-bit differences in the gradient,
+    which AdamW's normalisation (eps 1e-6) amplifies for near-zero gradients: up to ~2e-5 after
+    three steps of lr 3e-3 (updates of ~1e-2), within the bound test_train_step.py uses for
+    reordered float32 sums (1e-4). A wrong dropout mask in the recomputation would move the
+    parameters by ~1e-3."""
+    tol = dict(rtol=0, atol=1e-4)
+    _assert_same(_run(False, remat="dots_with_no_batch_dims_saveable"), _plain(), tol)
+    _assert_same(_run(False, remat=True), _plain(), tol)
+
+
+def test_remat_policy_must_exist():
+    with pytest.raises(ValueError, match="remat_policy: must name a jax.checkpoint_policies"):
+        load_config(REPO / "configs" / "tiny.py", ["remat=true", "remat_policy=no_such_policy"])
+
+
+def test_train_with_fsdp_resumes_and_equals_replicated(tmp_path, data_dir, minilm_dir):
+    """``dpr-jax train`` with fsdp=True: stopped at step 2 and resumed from its (sharded)
+    checkpoint, it exports the parameters of a replicated run of 4 steps."""
+    train, _, _, _ = build_squad_biencoder(
+        data_dir / "fixtures/squad-train-v1.1.University_of_Notre_Dame.official.json", tmp_path
+    )
+    base = load_config(REPO / "configs" / "tiny.py", [
+        f"train_path={train}", "dev_path=", "batch_size=16", "num_steps=4", "log_every=1",
+        "checkpoint_every=2", "eval_at_start=false",
+    ])  # fmt: skip
+    train_and_evaluate(base, tmp_path / "plain")
+    fsdp = dataclasses.replace(base, fsdp=True)
+    stopped = train_and_evaluate(dataclasses.replace(fsdp, stop_at_step=2), tmp_path / "fsdp")
+    assert stopped["step"] == 2
+    train_and_evaluate(fsdp, tmp_path / "fsdp")
+    a = jax.tree.leaves(load_model(tmp_path / "plain")[2])
+    b = jax.tree.leaves(load_model(tmp_path / "fsdp")[2])
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, **PARAM_TOL)
