@@ -211,7 +211,7 @@ def load_jax_minilm(hf_dir: str):
     from dpr_jax.convert import convert_from_hf
 
     with tempfile.TemporaryDirectory() as tmp:
-        out = convert_from_hf(hf_dir, Path(tmp) / "minilm")
+        out = convert_from_hf(hf_dir, Path(tmp) / "minilm", pooling="cls")  # PyTorch side: [CLS]
         _, enc_cfg, params, _ = load_model(out, "biencoder")
     return enc_cfg, params
 

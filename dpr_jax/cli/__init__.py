@@ -47,7 +47,7 @@ def _usage() -> str:
 # MiniLM passage encoding is ~1.35x faster with 8 than with 1 on 2 cores
 # (scripts/bench_encode.py --devices). Training keeps XLA's default (one CPU device), which
 # measured faster for the train step (scripts/bench_train.py --devices).
-CPU_PARALLEL_COMMANDS = {"encode", "index", "retrieve", "read", "ask"}
+CPU_PARALLEL_COMMANDS = {"encode", "index", "retrieve", "read", "ask", "mine"}
 DEFAULT_CPU_DEVICES = 8
 
 
