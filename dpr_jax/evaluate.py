@@ -4,13 +4,8 @@ Retrieval (sec. 5.2, Table 2): *top-k accuracy* is the fraction of questions for
 one of the top-k retrieved passages contains an answer, "contains" being DPR's ``has_answer``
 (:mod:`dpr_jax.data.answers`, re-exported here with the reader's exact match and F1).
 
-Questions without gold answers (an empty answers list) are **kept and counted as misses** by every
-command, as DPR's retrieval validation does (``calculate_matches`` divides by all questions, and
-``has_answer`` of no answers is false): ``retrieve`` writes them with every ``has_answer`` false,
-``evaluate`` counts them as misses at every k, ``read`` and ``ask`` score their answers EM 0 and
-F1 0 (:func:`exact_match_score` / :func:`f1_score` of no gold answers are 0, where SQuAD's script
-would fail on ``max()`` of nothing). The commands report how many there were
-(:func:`count_without_answers`), so a file with many of them is noticed.
+Questions without gold answers are kept and counted as misses, as DPR does (see
+:mod:`dpr_jax.data.answers`); the commands report how many there were.
 
 ANN recall: the fraction of the exact top-k ids that an approximate index also returns in its
 top-k, averaged over queries (how much ScaNN/FAISS lose against brute force).

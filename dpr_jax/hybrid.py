@@ -86,6 +86,18 @@ def _normalizer(values: Sequence[float], normalization: str):
     return (lambda s: (s - lo) / (hi - lo)) if hi > lo else (lambda s: 1.0)
 
 
+def _paired_hits(dense_scores, dense_ids, sparse_scores, sparse_ids, k: int):
+    """Both runs as per-query hit lists, after checking ``k`` and that they cover the same
+    queries."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    dense = _hits(dense_scores, dense_ids, "dense")
+    sparse = _hits(sparse_scores, sparse_ids, "sparse")
+    if len(dense) != len(sparse):
+        raise ValueError(f"{len(dense)} dense vs {len(sparse)} sparse queries")
+    return dense, sparse
+
+
 def linear_fusion(
     dense_scores: Any,
     dense_ids: Any,
@@ -99,12 +111,7 @@ def linear_fusion(
     """pyserini's normalised linear combination (see the module docstring)."""
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    dense = _hits(dense_scores, dense_ids, "dense")
-    sparse = _hits(sparse_scores, sparse_ids, "sparse")
-    if len(dense) != len(sparse):
-        raise ValueError(f"{len(dense)} dense vs {len(sparse)} sparse queries")
+    dense, sparse = _paired_hits(dense_scores, dense_ids, sparse_scores, sparse_ids, k)
     out_s, out_i = [], []
     for dh, sh in zip(dense, sparse):
         dd, sd = dict(dh), dict(sh)
@@ -133,14 +140,9 @@ def rrf_fusion(
     rrf_k: float = 60.0,
 ) -> tuple[np.ndarray, list[list[str]]]:
     """Reciprocal-rank fusion: ``score(d) = sum_lists 1 / (rrf_k + rank(d))``, ranks from 1."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
     if rrf_k < 0:
         raise ValueError(f"rrf_k must be >= 0, got {rrf_k}")
-    dense = _hits(dense_scores, dense_ids, "dense")
-    sparse = _hits(sparse_scores, sparse_ids, "sparse")
-    if len(dense) != len(sparse):
-        raise ValueError(f"{len(dense)} dense vs {len(sparse)} sparse queries")
+    dense, sparse = _paired_hits(dense_scores, dense_ids, sparse_scores, sparse_ids, k)
     out_s, out_i = [], []
     for dh, sh in zip(dense, sparse):
         fused: dict[str, float] = {}

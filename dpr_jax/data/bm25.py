@@ -34,6 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dpr_jax.data.answers import AnswerMatcher
+from dpr_jax.io import replace_dir
 
 TOKEN_PATTERN = r"(?u)\b\w+\b"
 
@@ -184,13 +185,7 @@ class BM25Retriever:
                    "created_by": "dpr_jax.data.bm25"}  # fmt: skip
             (tmp / self.CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
             (tmp / self.IDS_FILE).write_text(json.dumps(self.ids))
-            if out_dir.exists():
-                old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-                os.replace(out_dir, old)
-                os.replace(tmp, out_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out_dir)
+            replace_dir(tmp, out_dir)  # the path never stops naming a whole index
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

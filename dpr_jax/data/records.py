@@ -27,7 +27,6 @@ its rows.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from dpr_jax.data.formats import BiencoderExample, _check_answers, _check_str, _ctx_list, open_text
+from dpr_jax.io import replace_dir
 from dpr_jax.retriever.batching import Passage
 
 FORMAT = "dpr-jax-biencoder-records"
@@ -212,13 +212,7 @@ def convert_biencoder(src: str | Path, out_dir: str | Path, overwrite: bool = Fa
             "seconds": round(time.perf_counter() - t0, 3),
         }
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)  # the path never stops naming a whole directory
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
