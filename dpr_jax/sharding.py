@@ -2,8 +2,8 @@
 
 Data parallelism keeps a full copy of the parameters and of the optimizer state on every
 device: for AdamW with float32 master weights that is 16 bytes a parameter (params, two
-moments, and the gradient while the step runs), ~22 GiB for a 1.4B-parameter model, more than
-a TPU v5e chip holds. Fully sharded data parallelism (Rajbhandari et al. 2020, "ZeRO: Memory
+moments, and the gradient while the step runs), 14.9 GiB for the 1.0B parameters of
+configs/bert_1b_pair.py, nearly all of a TPU v5e chip's 15.75 GiB. Fully sharded data parallelism (Rajbhandari et al. 2020, "ZeRO: Memory
 Optimizations Toward Training Trillion Parameter Models", stage 3; Zhao et al. 2023, PyTorch
 FSDP) splits each large parameter and its optimizer moments over the data axis, so a device
 holds 1/n of them; the compiler gathers a parameter before it is used and reduce-scatters its
