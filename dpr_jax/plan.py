@@ -36,7 +36,6 @@ TPU devices; the command sets both variables when it starts a fresh process.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -45,11 +44,12 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from dpr_jax.errors import UserError
 
 GIB = 1 << 30
 TPU_INSTALL_HINT = "pip install 'dpr-jax[tpu]'"
@@ -60,7 +60,7 @@ COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "coll
 FIT_REMAT_POLICY = "dots_with_no_batch_dims_saveable"
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """A planner input that cannot be planned (topology, config, missing libtpu)."""
 
 
@@ -105,16 +105,6 @@ CHIPS: dict[str, Chip] = {
 
 def libtpu_available() -> bool:
     return importlib.util.find_spec("libtpu") is not None
-
-
-def _configure_env() -> None:
-    """Before jax is imported: keep the runtime on the CPU, libtpu off the metadata server, and
-    off its one-process-per-host lock file (/tmp/libtpu_lockfile): a planner touches no chip, so
-    several may run at once, also on a TPU host while it trains."""
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    if "jax" not in sys.modules:
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def tpu_topology(name: str) -> tuple[Chip, list]:
@@ -717,24 +707,6 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dpr-jax plan",
-        description="AOT-compile a config's train step for a TPU topology (no TPU needed): "
-        "memory per chip, FLOPs, collectives, roofline step time; --fit finds a setting that fits.",
-    )
-    p.add_argument("--config", required=True, help="a train or train-reader config file")
-    p.add_argument("--topology", required=True,
-                   help=f"TPU topology, e.g. {', '.join(TOPOLOGY_EXAMPLES)}")  # fmt: skip
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field (repeatable), e.g. --set batch_size=4096")  # fmt: skip
-    p.add_argument("--fit", action="store_true",
-                   help="search grad_cache_chunk / remat / fsdp for the cheapest setting that fits")  # fmt: skip
-    p.add_argument("--max-compiles", type=int, default=4, help="--fit: compile at most this many")
-    p.add_argument("--json", metavar="OUT", help="write the result as JSON")
-    return p
-
-
 def run(args) -> dict[str, Any]:
     """The planner behind the CLI; returns the JSON record."""
     if not libtpu_available():
@@ -759,20 +731,3 @@ def run(args) -> dict[str, Any]:
     plan = compile_plan(config, chip, devices, args.topology, list(args.set))
     print(format_plan(plan))
     return plan.to_dict()
-
-
-def cli_main(argv: list[str]) -> int:
-    _configure_env()
-    args = build_parser().parse_args(argv)
-    try:
-        record = run(args)
-    except (PlanError, ValueError, FileNotFoundError) as e:
-        print(f"dpr-jax plan: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        Path(args.json).write_text(json.dumps(record, indent=2, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli_main(sys.argv[1:]))

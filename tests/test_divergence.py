@@ -211,18 +211,29 @@ def test_checkpoint_with_flipped_bytes_is_refused(tiny, tmp_path):
     assert _steps(work) == [3, 4] and not (work / "model").exists()
 
 
-def test_validation_of_a_nan_model_is_nan_not_perfect(tiny, tiny_biencoder_dir, tmp_path):
+def test_validation_of_a_nan_model_is_nan_not_perfect(
+    tiny, tiny_biencoder_dir, tmp_path, monkeypatch
+):
     from dpr_jax.checkpoint import load_model, save_model
+    from dpr_jax.io import IntegrityError
+    from dpr_jax.retriever import task
 
     kind, cfg, params, _ = load_model(tiny_biencoder_dir)
     nan_params = jax.tree.map(lambda x: np.full_like(np.asarray(x), np.nan), params)
     nan_dir = save_model(tmp_path / "nan_model", nan_params, kind, cfg, tiny_biencoder_dir)
-    config = dataclasses.replace(tiny, init_from=str(nan_dir), model=None, tokenizer="")
+    with pytest.raises(IntegrityError, match="is not finite"):  # a model directory refuses it
+        load_model(nan_dir)
+    # past that check (parameters from elsewhere), validation still never reads as perfect
+    config = dataclasses.replace(tiny, init_from=str(tiny_biencoder_dir), model=None, tokenizer="")
+    healthy = task.initial_params
+    monkeypatch.setattr(task, "initial_params", lambda *a: jax.tree.map(np.asarray, nan_params))
     m = evaluate_model(config)
     for k in ("loss", "accuracy", "rank", "pool_rank", "pool_top1", "pool_top5"):
         assert math.isnan(m[k]), (k, m[k])
     # the same model from a healthy init gives finite numbers (the evaluator works)
-    ok = evaluate_model(dataclasses.replace(config, init_from=str(tiny_biencoder_dir)))
+    with monkeypatch.context() as mp:
+        mp.setattr(task, "initial_params", healthy)
+        ok = evaluate_model(config)
     assert all(math.isfinite(ok[k]) for k in ("loss", "accuracy", "pool_top1"))
     with pytest.raises(DivergenceError, match=r"^step 0: the initial parameters are not finite"):
         train_and_evaluate(config, tmp_path / "from_nan")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dpr_jax import plan
+from dpr_jax.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")
@@ -34,7 +35,7 @@ def _plan(tmp_path: Path, name: str, sets: list[str], fit: bool = False) -> dict
         argv += ["--set", s]
     if fit:
         argv.append("--fit")
-    assert plan.cli_main(argv) == 0
+    assert main(["plan", *argv]) == 0
     return json.loads(out.read_text())
 
 
@@ -93,7 +94,7 @@ def test_fit_finds_a_setting_that_fits(tmp_path, too_big):
 
 @needs_libtpu
 def test_bad_topology_is_one_line(capsys):
-    assert plan.cli_main(["--config", TINY, "--topology", "v9x:2x2"]) == 2
+    assert main(["plan", "--config", TINY, "--topology", "v9x:2x2"]) == 2
     err = capsys.readouterr().err
     assert "v5e:4x4" in err and len(err.strip().splitlines()) == 1
 

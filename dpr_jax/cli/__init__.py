@@ -96,6 +96,16 @@ def train_xla_flags() -> None:
         os.environ["XLA_FLAGS"] = " ".join([flags, *new]).strip()
 
 
+def plan_env() -> None:
+    """Before jax is imported, for `dpr-jax plan`: keep the runtime on the CPU, libtpu off the
+    metadata server and off its one-process-per-host lock file (/tmp/libtpu_lockfile): a
+    planner touches no chip, so several may run at once, also on a TPU host while it trains."""
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if "jax" not in sys.modules:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -108,5 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     _default_cpu_devices(name)
     if name in TRAIN_COMMANDS:
         train_xla_flags()
+    if name == "plan":
+        plan_env()
     module = importlib.import_module(f"dpr_jax.cli.{COMMANDS[name][0]}")
     return run_command(name, module.cli_main, rest)

@@ -1,7 +1,40 @@
-"""`dpr-jax plan`: the command line over :mod:`dpr_jax.plan`."""
+"""`dpr-jax plan`: the command line over :mod:`dpr_jax.plan`.
+
+The environment it needs (the JAX runtime on the CPU, libtpu off the metadata server and off
+its one-process lock file) is set by :func:`dpr_jax.cli.plan_env` before jax is imported.
+"""
 
 from __future__ import annotations
 
-from dpr_jax.plan import cli_main
+import argparse
+import json
+from pathlib import Path
 
-__all__ = ["cli_main"]
+from dpr_jax.cli.errors import Parser
+from dpr_jax.plan import TOPOLOGY_EXAMPLES, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog="dpr-jax plan",
+        description="AOT-compile a config's train step for a TPU topology (no TPU needed): "
+        "memory per chip, FLOPs, collectives, roofline step time; --fit finds a setting that fits.",
+    )
+    p.add_argument("--config", required=True, help="a train or train-reader config file")
+    p.add_argument("--topology", required=True,
+                   help=f"TPU topology, e.g. {', '.join(TOPOLOGY_EXAMPLES)}")  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable), e.g. --set batch_size=4096")  # fmt: skip
+    p.add_argument("--fit", action="store_true",
+                   help="search grad_cache_chunk / remat / fsdp for the cheapest setting that fits")  # fmt: skip
+    p.add_argument("--max-compiles", type=int, default=4, help="--fit: compile at most this many")
+    p.add_argument("--json", metavar="OUT", help="write the result as JSON")
+    return p
+
+
+def cli_main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    record = run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2, default=str))
+    return 0
