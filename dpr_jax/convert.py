@@ -105,6 +105,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from dpr_jax.checkpoint import load_model, resolve_model_dir, save_model
+from dpr_jax.errors import optional_import
 from dpr_jax.io import check_output_path, replace_dir
 from dpr_jax.models.bert import BertConfig
 from dpr_jax.reader.model import init_reader_params
@@ -407,12 +408,7 @@ def _load_weights(path: Path) -> tuple[dict[str, np.ndarray], Path]:
         return sd, index
     binary = path / "pytorch_model.bin"
     if binary.is_file():
-        try:
-            import torch
-        except ImportError:
-            raise ImportError(
-                f"{binary}: reading pytorch_model.bin needs torch: pip install 'dpr-jax[torch]'"
-            ) from None
+        torch = optional_import("torch", "torch", f"{binary}: reading pytorch_model.bin")
         sd = torch.load(binary, map_location="cpu", weights_only=True)
         sd = {
             k: (v.float() if v.is_floating_point() else v).numpy()

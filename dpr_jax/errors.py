@@ -9,6 +9,8 @@ keeps its traceback (exit 1).
 
 from __future__ import annotations
 
+import importlib
+
 
 class UserError(ValueError):
     """A user mistake: missing, empty or malformed input, a bad option, artifacts that do not
@@ -17,6 +19,23 @@ class UserError(ValueError):
 
 class UsageError(UserError):
     """A bad command-line option or value."""
+
+
+class MissingDependency(UserError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
+
+
+def optional_import(module: str, extra: str, what: str):
+    """``importlib.import_module(module)``, or :class:`MissingDependency` saying
+    ``"<what> needs <module>: pip install 'dpr-jax[<extra>]'"``. Heavy optional dependencies
+    (torch, faiss, scann, tensorflow-datasets, bm25s, array-record) are imported through it, when
+    first used."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingDependency(
+            f"{what} needs {module.split('.')[0]}: pip install 'dpr-jax[{extra}]' ({e})"
+        ) from None
 
 
 def where(path: object, line: int | None = None) -> str:

@@ -58,8 +58,6 @@ def _raised_by_dpr_jax(exc: BaseException) -> bool:
 def is_user_error(exc: BaseException) -> bool:
     if isinstance(exc, (UserError, *_USER_OS_ERRORS)):
         return True
-    if isinstance(exc, ImportError) and "pip install" in str(exc):
-        return True  # a missing optional dependency, named with the extra that brings it
     return isinstance(exc, ValueError) and _raised_by_dpr_jax(exc)
 
 

@@ -34,16 +34,14 @@ import numpy as np
 from tqdm import tqdm
 
 from dpr_jax.data.answers import AnswerMatcher
+from dpr_jax.errors import optional_import
 from dpr_jax.io import replace_dir
 
 TOKEN_PATTERN = r"(?u)\b\w+\b"
 
 
 def _import_bm25s():
-    try:
-        import bm25s
-    except ImportError as e:
-        raise ImportError(f"BM25 needs bm25s: pip install 'dpr-jax[bm25]' ({e})") from None
+    bm25s = optional_import("bm25s", "bm25", "BM25")
     logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets its own logger to DEBUG
     return bm25s
 

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from dpr_jax.data.formats import BiencoderExample, _check_answers, _check_str, _ctx_list, open_text
+from dpr_jax.errors import optional_import
 from dpr_jax.io import replace_dir
 from dpr_jax.retriever.batching import Passage
 
@@ -50,13 +51,9 @@ MAX_RECORD_CHARS = 1 << 28  # a record larger than this is taken for a broken fi
 
 
 def _array_record():
-    try:
-        from array_record.python import array_record_data_source, array_record_module
-    except ImportError as e:
-        raise ImportError(
-            f"ArrayRecord data needs the array-record package: pip install 'dpr-jax[records]' ({e})"
-        ) from None
-    return array_record_module, array_record_data_source
+    what = "ArrayRecord data"
+    return (optional_import("array_record.python.array_record_module", "records", what),
+            optional_import("array_record.python.array_record_data_source", "records", what))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dpr_jax.data.formats import Question
+from dpr_jax.errors import optional_import
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,13 +55,7 @@ TRIVIA_ANSWER_FIELDS = ("aliases", "normalized_aliases", "value")
 
 
 def _import_tfds():
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError as e:
-        raise ImportError(
-            f"tensorflow-datasets is needed for tfds sources: pip install 'dpr-jax[tfds]' ({e})"
-        ) from None
-    return tfds
+    return optional_import("tensorflow_datasets", "tfds", "a tfds source")
 
 
 def _to_str(value: Any) -> str:

@@ -28,19 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
+from dpr_jax.errors import optional_import
 from dpr_jax.index.base import Index
 
 FAISS_FILE = "faiss.index"
 
 
 def import_faiss():
-    try:
-        import faiss
-    except ImportError as e:
-        raise ImportError(
-            f"the FAISS index needs the faiss package: pip install 'dpr-jax[faiss]' ({e})"
-        ) from e
-    return faiss
+    return optional_import("faiss", "faiss", "the FAISS index")
 
 
 def set_faiss_threads(num_threads: int) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dpr_jax.errors import optional_import
 from dpr_jax.index.base import Index
 from dpr_jax.index.tune import ladder
 
@@ -44,13 +45,7 @@ SCANN_PICKLE = "scann_docids.pkl"  # written and unpickled by ScaNN for docids; 
 
 
 def import_scann():
-    try:
-        from scann.scann_ops.py import scann_ops_pybind
-    except ImportError as e:
-        raise ImportError(
-            f"the ScaNN index needs the scann package: pip install 'dpr-jax[scann]' ({e})"
-        ) from e
-    return scann_ops_pybind
+    return optional_import("scann.scann_ops.py.scann_ops_pybind", "scann", "the ScaNN index")
 
 
 def _threads(n: int) -> int:
