@@ -42,7 +42,13 @@ def _squad_path(data: str | None) -> str | None:
     if not data:
         return None  # load_squad downloads the official file
     p = Path(data)
-    return str(p / "squad" / "train-v1.1.json") if p.is_dir() else str(p)
+    path = p / "squad" / "train-v1.1.json" if p.is_dir() else p
+    if not path.is_file():  # checked before any work starts
+        raise FileNotFoundError(
+            f"{path}: no SQuAD v1.1 JSON here (--data: a folder with squad/train-v1.1.json, or "
+            "the JSON itself; without --data and $DPR_JAX_DATA the official file is downloaded)"
+        )
+    return str(path)
 
 
 def _spread(n: int, m: int) -> list[int]:
@@ -140,6 +146,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     say = lambda msg: print(f"[{time.time() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
+    squad_path = _squad_path(args.data)
+
     # 1. the retriever
     model_dir = Path(args.retriever) if args.retriever else work / "minilm-dpr"
     if not args.retriever and not model_dir.exists():
@@ -147,7 +155,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         convert_from_hf(minilm_path(), model_dir)
 
     # 2. SQuAD validation articles
-    squad = load_squad(_squad_path(args.data))
+    squad = load_squad(squad_path)
     train_articles, val_articles = split_articles(len(squad), args.val_fraction, seed=0)
     if args.max_articles > 0:
         val_articles = val_articles[: args.max_articles]
@@ -196,7 +204,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     reader_dir = Path(args.reader) if args.reader else work / "reader"
     if not args.reader and not (reader_dir / "model").exists():
         say(f"training a MiniLM reader for {args.reader_steps} steps on training articles")
-        train_reader_quick(_squad_path(args.data), squad, train_articles, reader_dir,
+        train_reader_quick(squad_path, squad, train_articles, reader_dir,
                            args.reader_steps)  # fmt: skip
     pipe = QAPipeline(dense, passages, reader_dir / "model" if not args.reader else reader_dir,
                       n_passages=20)  # fmt: skip

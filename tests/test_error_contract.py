@@ -1,0 +1,215 @@
+"""The command line's error contract, command by command (issue: one error contract).
+
+Every command, given a bad input, prints exactly one line ``dpr-jax <command>: ...`` on stderr
+that names the file (or the option) at fault, exits 2 and shows no traceback; ``--debug`` shows
+it. Ctrl-C exits 130 with one line; a bug in dpr-jax keeps its traceback.
+"""
+
+import json
+
+import pytest
+
+from dpr_jax.cli import main
+
+BAD_UTF8 = b"id\ttext\ttitle\n1\tcaf\xe9 au lait\tCafe\n"
+
+
+def _files(d):
+    """Bad inputs of each kind, in ``d``."""
+    (d / "broken.json").write_text('[{"question": "q", "answers": ["a"], "ctxs": [')
+    (d / "latin1.tsv").write_bytes(BAD_UTF8)
+    (d / "quote.qas.tsv").write_text('"who is here\t["a"]\nwhat\t["b"]\n')
+    (d / "ok.tsv").write_text("id\ttext\ttitle\n1\tsome text\tT\n")
+    (d / "ok.qas.tsv").write_text('who\t["a"]\n')
+    (d / "no_get_config.py").write_text("x = 1\n")
+    (d / "squad_bad.json").write_text(json.dumps({"data": [{"title": "t"}]}))
+    return d
+
+
+# command argv (with {d} = the folder of bad inputs) -> what the line must name
+CASES = [
+    (["convert", "--from-hf", "{d}/no_such_model", "--out", "{d}/m"], "no_such_model"),
+    (["add-manifest", "{d}/no_such_model"], "no_such_model"),
+    (["prepare-squad", "--squad", "{d}/squad_bad.json", "--out", "{d}/sq"], "squad_bad.json"),
+    (["convert-data", "--biencoder", "{d}/broken.json", "--out", "{d}/rec"], "broken.json"),
+    (["train", "--config", "{d}/no_such_config.py", "--workdir", "{d}/w"], "no_such_config.py"),
+    (["train", "--config", "{d}/no_get_config.py", "--workdir", "{d}/w"], "no_get_config.py"),
+    (
+        ["train-reader", "--config", "{d}/no_such_config.py", "--workdir", "{d}/w"],
+        "no_such_config.py",
+    ),
+    (
+        ["encode", "--model", "{tiny}", "--passages", "{d}/latin1.tsv", "--out", "{d}/emb"],
+        "latin1.tsv, line 2",
+    ),
+    (
+        ["index", "--embeddings", "{d}/no_such_emb", "--backend", "exact", "--out", "{d}/i"],
+        "no_such_emb",
+    ),
+    (
+        [
+            "retrieve",
+            "--mode",
+            "bm25",
+            "--passages",
+            "{d}/ok.tsv",
+            "--questions",
+            "{d}/quote.qas.tsv",
+            "--out",
+            "{d}/r.json",
+        ],
+        "quote.qas.tsv, line 1",
+    ),
+    (
+        [
+            "retrieve",
+            "--mode",
+            "bm25",
+            "--passages",
+            "{d}/latin1.tsv",
+            "--questions",
+            "{d}/ok.qas.tsv",
+            "--out",
+            "{d}/r.json",
+        ],
+        "latin1.tsv, line 2",
+    ),
+    (["evaluate", "--results", "{d}/broken.json"], "broken.json"),
+    (
+        [
+            "mine",
+            "--biencoder",
+            "{d}/broken.json",
+            "--out",
+            "{d}/mined.json",
+            "--model",
+            "{tiny}",
+            "--index",
+            "{d}/no_such_index",
+            "--passages",
+            "{d}/ok.tsv",
+        ],
+        "broken.json, line 1",
+    ),
+    (["read", "--model", "{d}/no_such_reader", "--results", "{d}/broken.json"], "broken.json"),
+    (
+        [
+            "ask",
+            "a question",
+            "--retriever",
+            "{tiny}",
+            "--index",
+            "{d}/no_such_index",
+            "--passages",
+            "{d}/ok.tsv",
+            "--reader",
+            "{d}/no_such_reader",
+        ],
+        "no_such_index",
+    ),
+    (
+        ["quickstart", "--data", "{d}/no_such_data.json", "--workdir", "{d}/qs", "--no-reader"],
+        "no_such_data.json",
+    ),
+]
+# option mistakes: the line names the option
+OPTION_CASES = [
+    (
+        [
+            "train",
+            "--config",
+            "{repo}/configs/tiny.py",
+            "--workdir",
+            "{d}/w",
+            "--set",
+            "batch_size=many",
+        ],
+        "batch_size",
+    ),
+    (
+        ["train", "--config", "{repo}/configs/tiny.py", "--workdir", "{d}/w", "--set", "nope=1"],
+        "nope",
+    ),
+    (["evaluate", "--results", "{d}/broken.json", "--ks", "0"], "--ks"),
+    (
+        [
+            "encode",
+            "--model",
+            "{tiny}",
+            "--passages",
+            "{d}/ok.tsv",
+            "--out",
+            "{d}/e",
+            "--shard",
+            "x",
+        ],
+        "--shard",
+    ),
+    (
+        [
+            "retrieve",
+            "--mode",
+            "dense",
+            "--passages",
+            "{d}/ok.tsv",
+            "--questions",
+            "{d}/ok.qas.tsv",
+            "--out",
+            "{d}/r.json",
+        ],
+        "--model",
+    ),
+    (["index", "--embeddings", "{d}", "--backend", "nope", "--out", "{d}/i"], "--backend"),
+]
+
+
+def _run(argv, d, tiny, capsys):
+    from conftest import REPO
+
+    argv = [a.format(d=d, tiny=tiny, repo=REPO) for a in argv]
+    capsys.readouterr()
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,names", CASES + OPTION_CASES, ids=lambda x: " ".join(x[:2])
+                         if isinstance(x, list) else None)  # fmt: skip
+def test_user_error_is_one_line_naming_the_file_exit_2(
+    argv, names, tmp_path, tiny_biencoder_dir, capsys, monkeypatch
+):
+    monkeypatch.delenv("DPR_JAX_DEBUG", raising=False)
+    d = _files(tmp_path)
+    rc, err = _run(argv, d, tiny_biencoder_dir, capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2, err
+    assert "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith(f"dpr-jax {argv[0]}: "), err
+    assert names in lines[0], (names, lines[0])
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    rc = main(["evaluate", "--results", str(tmp_path / "missing.json"), "--debug"])
+    err = capsys.readouterr().err
+    assert (
+        rc == 2
+        and "Traceback" in err
+        and err.strip().splitlines()[-1].startswith("dpr-jax evaluate: ")
+    )
+
+
+def test_ctrl_c_is_130_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    from dpr_jax.cli import evaluate
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "cli_main", interrupted)
+    assert main(["evaluate", "--results", "x.json"]) == 130
+    assert capsys.readouterr().err.strip() == "dpr-jax evaluate: interrupted"
+
+    def bug(argv):
+        return {}["missing key"]  # a KeyError inside dpr-jax is a bug, not the user's
+
+    monkeypatch.setattr(evaluate, "cli_main", bug)
+    with pytest.raises(KeyError):
+        main(["evaluate", "--results", "x.json"])
