@@ -567,7 +567,14 @@ def compile_plan(config, chip: Chip, devices, topology: str, overrides: list[str
     )  # fmt: skip
 
 
-_OOM = re.compile(r"Used\s+([\d.]+)([KMGT]?)i?B?\s+of\s+([\d.]+)([KMGT]?)i?B?\s+hbm", re.I)
+# XLA:TPU's two out-of-memory messages: "Used 34.60G of 15.75G hbm" (the whole program) and
+# "the total memory required for HLO temporaries (20.93G) exceeds available HBM" (temporaries
+# alone: the program needs at least that)
+_OOM = re.compile(
+    r"Used\s+([\d.]+)([KMGT]?)i?B?\s+of\s+[\d.]+[KMGT]?i?B?\s+hbm"
+    r"|memory required for HLO temporaries \(([\d.]+)([KMGT]?)i?B?\)",
+    re.I,
+)
 
 
 def _oom_used_bytes(message: str) -> float | None:
@@ -578,8 +585,10 @@ def _oom_used_bytes(message: str) -> float | None:
     m = _OOM.search(message)
     if not m:
         return None
-    unit = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
-    return float(m.group(1)) * unit
+    value, unit = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    return (
+        float(value) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit.upper()]
+    )
 
 
 def _oom_plan(job, chip, n, topology, overrides, used, compile_s) -> Plan:

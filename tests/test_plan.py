@@ -19,8 +19,13 @@ TINY = str(REPO / "configs" / "tiny.py")
 TOPOLOGY = "v5e:2x2"
 KEYS = ("fits", "per_chip_gib", "hbm_gib", "xla_flops_per_step", "model_flops_per_step",
         "est_step_s", "est_mfu", "overrides")  # fmt: skip
-# 512 questions + 512 passages of 512 tokens per chip: ~2x a v5e chip's HBM in activations
-TOO_BIG = ["batch_size=2048", "p_max_len=512", "q_max_len=64"]
+# Too big by its parameters, cheap to compile: a 16M-token vocabulary makes the tiny pair
+# 1.0e9 parameters, ~17 bytes each replicated (weights, AdamW moments, gradients) > 15.75 GiB of
+# v5e HBM; FSDP over the 4 chips shards the weights and moments.
+BIG_VOCAB = {"bert": {"vocab_size": 16_000_000, "hidden_size": 32, "num_hidden_layers": 2,
+                      "num_attention_heads": 4, "intermediate_size": 37,
+                      "max_position_embeddings": 512}, "pooling": "mean"}  # fmt: skip
+TOO_BIG = [f"model={json.dumps(BIG_VOCAB)}"]
 
 needs_libtpu = pytest.mark.skipif(
     not plan.libtpu_available(),
@@ -104,6 +109,9 @@ def test_out_of_memory_compile_error_is_read():
            "space hbm. Used 34.60G of 15.75G hbm. Exceeded hbm capacity by 18.85G.")  # fmt: skip
     assert plan._oom_used_bytes(msg) == pytest.approx(34.60 * 2**30)
     assert plan._oom_used_bytes("INTERNAL: something else") is None
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+           "temporaries (20.93G) exceeds available HBM (15.75G).")  # fmt: skip
+    assert plan._oom_used_bytes(msg) == pytest.approx(20.93 * 2**30)
 
 
 def test_collective_bytes_of_hlo_text():
