@@ -7,11 +7,10 @@ trains with ``fsdp=True`` (and GradCache). A random init from ``model``: ``dpr-j
     dpr-jax plan --config configs/bert_1b_pair.py --topology v5e:4x4 --fit
 """
 
-import os
+import dataclasses
+from pathlib import Path
 
-from dpr_jax.retriever.task import TrainConfig
-
-NQ = os.environ.get("DPR_JAX_NQ", "~/dpr_data/retriever")
+from dpr_jax.retriever.task import TrainConfig, load_config
 
 BERT_1B_TOWER = dict(
     vocab_size=30522,
@@ -26,22 +25,6 @@ BERT_1B_TOWER = dict(
 
 
 def get_config() -> TrainConfig:
-    return TrainConfig(
-        name="bert_1b_pair",
-        train_path=f"{NQ}/biencoder-nq-train.json",
-        dev_path=f"{NQ}/biencoder-nq-dev.json",
-        model={"bert": BERT_1B_TOWER},
-        tokenizer=os.environ.get("DPR_JAX_TOKENIZER", "minilm"),
-        batch_size=4096,
-        eval_batch_size=4096,
-        n_hard=1,
-        q_max_len=64,
-        p_max_len=256,
-        dropout=0.1,
-        dtype="bfloat16",
-        learning_rate=1e-5,
-        warmup_steps=100,
-        num_epochs=40,
-        max_grad_norm=2.0,
-        seed=12345,
-    )
+    """configs/bert_large_pair.py's recipe (data, batch 4096, optimizer) with the 1B towers."""
+    large = load_config(Path(__file__).with_name("bert_large_pair.py"))
+    return dataclasses.replace(large, name="bert_1b_pair", model={"bert": BERT_1B_TOWER})
