@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 
 from dpr_jax.errors import UserError
 from dpr_jax.finite import check_finite_state, check_step_metrics, divergence_hint, nonfinite_leaves
+from dpr_jax.io import MANIFEST, IntegrityError, verify_manifest, write_manifest
 
 
 class CheckpointError(UserError):
@@ -94,6 +95,8 @@ class Checkpoints:
         check_finite_state(
             state_dict(state), step, "the state to checkpoint is", self.stop_after_divergence
         )
+        self.manager.wait_until_finished()  # the previous save: seal it before the next
+        self._seal()
         self._rotate(incoming=step)
         self.manager.save(
             step,
@@ -105,6 +108,33 @@ class Checkpoints:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        self._seal()
+
+    def _seal(self) -> None:
+        """A manifest (size and sha256 of every file) in each finished checkpoint that lacks
+        one, so that damage that still decodes (flipped bytes) is caught on resume. One process
+        only: in a multi-process job each host writes its own files."""
+        if jax.process_count() > 1:
+            return
+        for step in self.manager.all_steps():
+            d = self.directory / str(step)
+            if d.is_dir() and not (d / MANIFEST).exists():
+                write_manifest(d, "dpr-jax training checkpoint")
+
+    def _verify(self, step: int) -> None:
+        """Check checkpoint ``step`` against its manifest (when it has one: a run killed during
+        its last save leaves none)."""
+        where = self.directory / str(step)
+        if not (where / MANIFEST).exists():
+            return
+        try:
+            verify_manifest(where, what="training checkpoint")
+        except IntegrityError as e:
+            earlier = [s for s in self.manager.all_steps() if s < step]
+            then = f"resume from step {max(earlier)}" if earlier else "start again from step 0"
+            raise CheckpointError(
+                f"{where}: {e}; the checkpoint is truncated or corrupt: delete it to {then}"
+            ) from None
 
     def check_steps(self, records) -> None:
         """Raise :class:`~dpr_jax.finite.DivergenceError` (after :meth:`stop_after_divergence`)
@@ -152,6 +182,7 @@ class Checkpoints:
         """The data item of checkpoint ``step`` (position, config, model), after checking that it
         was written by a compatible configuration. Raises CheckpointError."""
         where = self.directory / str(step)
+        self._verify(step)
         try:
             data = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))[
                 "data"
