@@ -29,39 +29,24 @@ Inputs (environment variables, or --set): ``DPR_JAX_SQUAD_DPR`` (default /tmp/sq
 directory), ``DPR_JAX_MINED`` (default $DPR_JAX_SQUAD_DPR/train.dense-mined.biencoder.json).
 """
 
+import dataclasses
 import os
+from pathlib import Path
 
-from dpr_jax.retriever.task import TrainConfig
+from dpr_jax.retriever.task import TrainConfig, load_config
 
 SQUAD = os.environ.get("DPR_JAX_SQUAD_DPR", "/tmp/squad_dpr")
 
 
 def get_config() -> TrainConfig:
-    return TrainConfig(
+    """configs/squad_minilm.py's recipe, from round 1 on the dense-mined negatives (shuffle_hard:
+    each epoch draws a question's hard negative from its whole mined list)."""
+    round1 = load_config(Path(__file__).with_name("squad_minilm.py"))
+    return dataclasses.replace(
+        round1,
         name="squad_minilm_round2",
         train_path=os.environ.get("DPR_JAX_MINED", f"{SQUAD}/train.dense-mined.biencoder.json"),
-        dev_path=f"{SQUAD}/dev.biencoder.json",
-        max_dev_examples=256,
         init_from=os.environ.get("DPR_JAX_ROUND1", "runs/retriever"),
-        batch_size=16,
-        eval_batch_size=64,
-        n_hard=1,
-        shuffle_hard=True,  # each epoch draws a question's hard negative from its whole list
-        q_max_len=32,
-        p_max_len=144,
-        dropout=0.1,
-        dtype="float32",
+        shuffle_hard=True,
         scale=1.0,
-        learning_rate=5e-5,
-        warmup_fraction=0.1,
-        num_steps=250,
-        weight_decay=0.0,
-        adam_eps=1e-8,
-        max_grad_norm=2.0,
-        seed=12345,
-        log_every=10,
-        eval_every=0,
-        checkpoint_every=50,
-        keep_checkpoints=2,
-        async_checkpoint=False,
     )
