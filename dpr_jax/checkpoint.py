@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +44,8 @@ from dpr_jax.io import (
     MANIFEST,
     IntegrityError,
     fingerprint_arrays,
-    replace_dir,
-    temp_dir_for,
+    read_json_object,
+    staged_dir,
     verify_manifest,
     write_manifest,
 )
@@ -136,8 +135,7 @@ def save_model(
     check_params(params, abstract_params(kind, config), f"save_model({out_dir})")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir}: exists (pass overwrite=True to replace it)")
-    tmp = temp_dir_for(out_dir)
-    try:
+    with staged_dir(out_dir) as tmp:
         params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
         # this process alone: in a multi-process job one process writes the model directory
         # (training/loop.py), and orbax's default checkpointer would wait for all of them
@@ -162,20 +160,13 @@ def save_model(
             save = getattr(tokenizer, "save", None) or tokenizer.save_pretrained
             save(str(tmp))
         write_manifest(tmp, MODEL_FORMAT)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
 def read_model_meta(model_dir: str | Path) -> dict[str, Any]:
     model_dir = resolve_model_dir(model_dir)
     path = model_dir / MODEL_JSON
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    meta = read_json_object(path, "model directory", error=ValueError)
     if meta.get("kind") not in KINDS:
         raise ValueError(f"{path}: field 'kind' must be one of {KINDS}, got {meta.get('kind')!r}")
     if "model" not in meta:

@@ -96,7 +96,6 @@ import json
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -106,7 +105,7 @@ from safetensors.numpy import load_file, save_file
 
 from dpr_jax.checkpoint import load_model, resolve_model_dir, save_model
 from dpr_jax.errors import optional_import
-from dpr_jax.io import check_output_path, replace_dir
+from dpr_jax.io import check_output_path, read_json_object, staged_dir
 from dpr_jax.models.bert import BertConfig
 from dpr_jax.reader.model import init_reader_params
 from dpr_jax.retriever.model import EncoderConfig
@@ -447,14 +446,7 @@ def read_hf(src: str | Path) -> HFCheckpoint:
     """Read a Hugging Face BERT / DPR checkpoint (local directory or hub id) into numpy."""
     path = _resolve_source(src)
     config_path = path / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{config_path}: config file not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path}: expected a JSON object")
+    config = read_json_object(config_path, error=ValueError, missing="config file not found")
     try:
         bert = BertConfig.from_dict(config)
     except (TypeError, ValueError) as e:
@@ -512,13 +504,6 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
     return out
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``, replacing it (old content removed only afterwards;
-    ``out`` never stops existing, :func:`dpr_jax.io.replace_dir`)."""
-
-    replace_dir(tmp, out)
-
-
 def _check_out(out: str | Path, *inputs: str | Path | None) -> None:
     """Refuse ``--out`` equal to, above or inside a local input, before anything is deleted."""
 
@@ -543,6 +528,102 @@ def _tower(ckpt: HFCheckpoint, keep_pooler: bool) -> dict:
             raise ValueError(f"{ckpt.path}: a {ckpt.arch} has no BERT pooler (pooling 'pooler')")
         return ckpt.flax_params()[_TOWER[ckpt.arch]]
     raise ValueError(f"{ckpt.path}: a {ckpt.arch} is not a bi-encoder tower")
+
+
+def _st_similarity(ckpt: HFCheckpoint, made: dict, pooling, normalize) -> tuple[str, bool]:
+    """Pooling and normalisation of a biencoder converted from ``ckpt``: a sentence-transformers
+    model keeps its own similarity unless ``pooling`` is given; else [CLS], unnormalised."""
+    if pooling is None:
+        st = read_st_modules(ckpt.path, ckpt.bert.hidden_size)
+        if st is not None:
+            pooling = st.pooling
+            normalize = st.normalize if normalize is None else normalize
+            print(f"{st.modules_file}: sentence-transformers {st.describe()} "
+                  f"(normalize={normalize}; --pooling overrides)", file=sys.stderr)  # fmt: skip
+            made["sentence_transformers"] = {
+                "pooling": st.pooling, "normalize": st.normalize,
+                "max_seq_length": st.max_seq_length,
+            }  # fmt: skip
+    return pooling or "cls", bool(normalize)
+
+
+def _ctx_tower(ckpt: HFCheckpoint, ctx_from: str | Path, keep_pooler: bool) -> tuple[dict, str]:
+    """The passage tower from ``--ctx-from``, checked to match the question tower's shape."""
+    ctx = read_hf(ctx_from)
+    for k in ctx.dropped:
+        print(f"{ctx.path}: ignoring {k}", file=sys.stderr)
+    if ctx.arch not in ("DPRContextEncoder", "BertModel"):
+        raise ValueError(
+            f"{ctx.path}: --ctx-from must be a DPRContextEncoder or a BertModel, found a {ctx.arch}"
+        )
+    if ctx.bert != ckpt.bert or ctx.projection_dim != ckpt.projection_dim:
+        diff = [
+            f"{f.name}: {getattr(ckpt.bert, f.name)} vs {getattr(ctx.bert, f.name)}"
+            for f in dataclasses.fields(BertConfig)
+            if getattr(ckpt.bert, f.name) != getattr(ctx.bert, f.name)
+        ]
+        if ctx.projection_dim != ckpt.projection_dim:
+            diff.append(f"projection_dim: {ckpt.projection_dim} vs {ctx.projection_dim}")
+        raise ValueError(
+            f"{ckpt.path / 'config.json'} and {ctx.path / 'config.json'} describe "
+            f"different towers ({'; '.join(diff)})"
+        )
+    return _tower(ctx, keep_pooler), ctx.source
+
+
+def _biencoder_from_hf(
+    ckpt: HFCheckpoint, made: dict, ctx_from, shared: bool, pooling, normalize
+) -> tuple[dict, EncoderConfig]:
+    pooling, normalize = _st_similarity(ckpt, made, pooling, normalize)
+    keep_pooler = pooling == "pooler"
+    q = _tower(ckpt, keep_pooler)
+    if ctx_from is not None and shared:
+        raise ValueError("--ctx-from and --shared exclude each other")
+    params = {"question_encoder": q}
+    if ctx_from is not None:
+        params["ctx_encoder"], made["ctx_from"] = _ctx_tower(ckpt, ctx_from, keep_pooler)
+    elif ckpt.arch == "BertModel":
+        if not shared:  # DPR's start point: both towers are copies of the same BERT
+            params["ctx_encoder"] = _copy_tree(q)
+    elif not shared:
+        raise ValueError(
+            f"{ckpt.path}: a {ckpt.arch} holds one tower; pass --ctx-from with the "
+            "DPRContextEncoder, or --shared to use this tower for questions and passages"
+        )
+    elif ckpt.arch == "DPRContextEncoder":
+        print(f"{ckpt.path}: DPRContextEncoder used for both towers (--shared)", file=sys.stderr)
+    config = EncoderConfig(
+        ckpt.bert, shared=shared, pooling=pooling, projection_dim=ckpt.projection_dim,
+        add_pooling_layer=keep_pooler, normalize=normalize,
+    )  # fmt: skip
+    return params, config
+
+
+def _bert_from_hf(ckpt: HFCheckpoint) -> tuple[dict, tuple[BertConfig, bool]]:
+    if ckpt.arch == "DPRReader" or ckpt.projection_dim:
+        raise ValueError(
+            f"{ckpt.path}: --kind bert takes a BertModel or a DPR encoder without "
+            f"encode_proj, not a {ckpt.arch}"
+            + (f" with projection_dim={ckpt.projection_dim}" if ckpt.projection_dim else "")
+        )
+    return _tower(ckpt, ckpt.has_pooler)["bert_model"], (ckpt.bert, ckpt.has_pooler)
+
+
+def _reader_from_hf(ckpt: HFCheckpoint, made: dict, seed: int) -> tuple[dict, BertConfig]:
+    if ckpt.arch == "DPRReader":
+        return ckpt.flax_params(), ckpt.bert
+    if ckpt.arch != "BertModel":
+        raise ValueError(f"{ckpt.path}: a {ckpt.arch} cannot become a reader")
+    import jax
+
+    fresh = init_reader_params(ckpt.bert, jax.random.PRNGKey(seed))
+    made["fresh_heads_seed"] = seed
+    params = {
+        "encoder": {"bert_model": ckpt.flax_params(add_pooling_layer=False)},
+        "qa_outputs": jax.tree.map(np.asarray, fresh["qa_outputs"]),
+        "qa_classifier": jax.tree.map(np.asarray, fresh["qa_classifier"]),
+    }
+    return params, ckpt.bert
 
 
 def convert_from_hf(
@@ -577,90 +658,12 @@ def convert_from_hf(
             "--ctx-from, --shared, --pooling and --normalize only apply to --kind biencoder"
         )
     made = {"source": ckpt.source, "architecture": ckpt.arch, "kind": kind}
-
     if kind == "biencoder":
-        if pooling is None:  # a sentence-transformers model keeps its own similarity
-            st = read_st_modules(ckpt.path, ckpt.bert.hidden_size)
-            if st is not None:
-                pooling = st.pooling
-                normalize = st.normalize if normalize is None else normalize
-                print(f"{st.modules_file}: sentence-transformers {st.describe()} "
-                      f"(normalize={normalize}; --pooling overrides)", file=sys.stderr)  # fmt: skip
-                made["sentence_transformers"] = {
-                    "pooling": st.pooling, "normalize": st.normalize,
-                    "max_seq_length": st.max_seq_length,
-                }  # fmt: skip
-        pooling = pooling or "cls"
-        normalize = bool(normalize)
-        keep_pooler = pooling == "pooler"
-        q = _tower(ckpt, keep_pooler)
-        if ctx_from is not None and shared:
-            raise ValueError("--ctx-from and --shared exclude each other")
-        params = {"question_encoder": q}
-        if ctx_from is not None:
-            ctx = read_hf(ctx_from)
-            for k in ctx.dropped:
-                print(f"{ctx.path}: ignoring {k}", file=sys.stderr)
-            if ctx.arch not in ("DPRContextEncoder", "BertModel"):
-                raise ValueError(
-                    f"{ctx.path}: --ctx-from must be a DPRContextEncoder or a BertModel, "
-                    f"found a {ctx.arch}"
-                )
-            if ctx.bert != ckpt.bert or ctx.projection_dim != ckpt.projection_dim:
-                diff = [
-                    f"{f.name}: {getattr(ckpt.bert, f.name)} vs {getattr(ctx.bert, f.name)}"
-                    for f in dataclasses.fields(BertConfig)
-                    if getattr(ckpt.bert, f.name) != getattr(ctx.bert, f.name)
-                ]
-                if ctx.projection_dim != ckpt.projection_dim:
-                    diff.append(f"projection_dim: {ckpt.projection_dim} vs {ctx.projection_dim}")
-                raise ValueError(
-                    f"{ckpt.path / 'config.json'} and {ctx.path / 'config.json'} describe "
-                    f"different towers ({'; '.join(diff)})"
-                )
-            params["ctx_encoder"] = _tower(ctx, keep_pooler)
-            made["ctx_from"] = ctx.source
-        elif ckpt.arch == "BertModel":
-            if not shared:  # DPR's start point: both towers are copies of the same BERT
-                params["ctx_encoder"] = _copy_tree(q)
-        elif not shared:
-            raise ValueError(
-                f"{ckpt.path}: a {ckpt.arch} holds one tower; pass --ctx-from with the "
-                "DPRContextEncoder, or --shared to use this tower for questions and passages"
-            )
-        elif ckpt.arch == "DPRContextEncoder":
-            print(
-                f"{ckpt.path}: DPRContextEncoder used for both towers (--shared)", file=sys.stderr
-            )
-        config = EncoderConfig(
-            ckpt.bert, shared=shared, pooling=pooling, projection_dim=ckpt.projection_dim,
-            add_pooling_layer=keep_pooler, normalize=normalize,
-        )  # fmt: skip
+        params, config = _biencoder_from_hf(ckpt, made, ctx_from, shared, pooling, normalize)
     elif kind == "bert":
-        if ckpt.arch == "DPRReader" or ckpt.projection_dim:
-            raise ValueError(
-                f"{ckpt.path}: --kind bert takes a BertModel or a DPR encoder without "
-                f"encode_proj, not a {ckpt.arch}"
-                + (f" with projection_dim={ckpt.projection_dim}" if ckpt.projection_dim else "")
-            )
-        params = _tower(ckpt, ckpt.has_pooler)["bert_model"]
-        config = (ckpt.bert, ckpt.has_pooler)
+        params, config = _bert_from_hf(ckpt)
     else:
-        if ckpt.arch == "DPRReader":
-            params = ckpt.flax_params()
-        elif ckpt.arch == "BertModel":
-            import jax
-
-            fresh = init_reader_params(ckpt.bert, jax.random.PRNGKey(seed))
-            params = {
-                "encoder": {"bert_model": ckpt.flax_params(add_pooling_layer=False)},
-                "qa_outputs": jax.tree.map(np.asarray, fresh["qa_outputs"]),
-                "qa_classifier": jax.tree.map(np.asarray, fresh["qa_classifier"]),
-            }
-            made["fresh_heads_seed"] = seed
-        else:
-            raise ValueError(f"{ckpt.path}: a {ckpt.arch} cannot become a reader")
-        config = ckpt.bert
+        params, config = _reader_from_hf(ckpt, made, seed)
 
     tok = Path(tokenizer) if tokenizer is not None else (ckpt.path if ckpt.has_tokenizer else None)
     if tok is None:
@@ -678,6 +681,105 @@ def _copy_tree(tree: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 # model directory -> Hugging Face
 # --------------------------------------------------------------------------------------------
+
+
+# (relative dir, arch, bert config, projection_dim, HF state dict) of one exported directory
+_Export = tuple[str, str, BertConfig, int, dict]
+
+
+def _pooler_ok(model_dir: Path, has_pooler: bool, what: str, allow_missing: bool) -> bool:
+    """Whether to export the BERT pooler; refuse a missing one unless ``allow_missing``."""
+    if has_pooler:
+        return True
+    if not allow_missing:
+        raise ValueError(
+            f"{model_dir}: {what} has no BERT pooler weights, and BertModel.from_pretrained "
+            "always builds a pooler (it would be initialised randomly). Pass "
+            "--allow-missing-pooler to export without it (last_hidden_state is exact, "
+            "pooler_output is not), or use --as dpr"
+        )
+    print(f"{model_dir}: {what}: exporting without pooler weights", file=sys.stderr)
+    return False
+
+
+def _dpr_tower_export(model_dir: Path, config, tp: dict, name: str, hf_dir: str) -> _Export:
+    if config.pooling != "cls":
+        raise ValueError(
+            f"{model_dir}: pooling is {config.pooling!r}, DPR's Hugging Face classes "
+            "take the [CLS] vector; export with --as sentence-transformers, or --as bert "
+            "and pool yourself"
+        )
+    if config.normalize:
+        raise ValueError(
+            f"{model_dir}: the model L2-normalises its vectors, DPR's Hugging Face "
+            "classes do not; export with --as sentence-transformers"
+        )
+    arch = "DPRQuestionEncoder" if name == "question" else "DPRContextEncoder"
+    bert_p = {k: v for k, v in tp["bert_model"].items() if k != "pooler_dense"}
+    tree = {hf_dir: {"bert_model": bert_p}}
+    if config.projection_dim:
+        tree[hf_dir]["encode_proj"] = tp["encode_proj"]
+    sd = flax_to_hf_state_dict(
+        tree, arch, config.bert, config.projection_dim, False, where=str(model_dir)
+    )
+    return hf_dir, arch, config.bert, config.projection_dim, sd
+
+
+def _biencoder_exports(
+    model_dir: Path, config, params: dict, tower: str, as_: str, allow_missing_pooler: bool
+) -> list[_Export]:
+    towers = {"question": "question_encoder", "ctx": "ctx_encoder"}
+    todo = []
+    for name in list(towers) if tower == "both" else [tower]:
+        src_tower = "question_encoder" if config.shared else towers[name]
+        tp = params[src_tower]
+        if as_ == "dpr":
+            todo.append(_dpr_tower_export(model_dir, config, tp, name, towers[name]))
+            continue
+        if config.projection_dim:
+            raise ValueError(
+                f"{model_dir}: the towers have an encode_proj (projection_dim="
+                f"{config.projection_dim}) that BertModel cannot hold; use --as dpr"
+            )
+        pool = "pooler_dense" in tp["bert_model"]
+        if as_ != "sentence-transformers":  # sentence-transformers never reads the BERT pooler
+            pool = _pooler_ok(model_dir, pool, f"tower {src_tower}", allow_missing_pooler)
+        sd = flax_to_hf_state_dict(
+            tp["bert_model"], "BertModel", config.bert, 0, pool, where=str(model_dir)
+        )
+        todo.append((towers[name], "BertModel", config.bert, 0, sd))
+    return todo
+
+
+def _single_export(
+    model_dir: Path, kind: str, config, params: dict, as_: str, allow_missing_pooler: bool
+) -> _Export:
+    if kind == "bert":
+        if as_ != "bert":
+            raise ValueError(f"{model_dir}: a bert model exports as BertModel (--as bert)")
+        bert, _ = config
+        pool = _pooler_ok(model_dir, "pooler_dense" in params, "the model", allow_missing_pooler)
+        sd = flax_to_hf_state_dict(params, "BertModel", bert, 0, pool, where=str(model_dir))
+        return "", "BertModel", bert, 0, sd
+    if as_ != "dpr":
+        raise ValueError(f"{model_dir}: a reader exports as DPRReader (--as dpr)")
+    sd = flax_to_hf_state_dict(params, "DPRReader", config, where=str(model_dir))
+    return "", "DPRReader", config, 0, sd
+
+
+def _write_exports(
+    out: Path, todo: list[_Export], record: dict, model_dir: Path, st_export
+) -> None:
+    """Write every exported directory into a temporary sibling of ``out``, then swap it in."""
+    with staged_dir(out) as tmp:
+        for rel, arch, bert, proj, sd in todo:
+            d = tmp / rel if rel else tmp
+            write_hf_dir(d, arch, bert, sd, proj, tokenizer_from=model_dir)
+            if st_export:
+                write_st_modules(d, st_export[0], st_export[1], bert.hidden_size, st_export[2])
+            (d / "dpr_jax_export.json").write_text(
+                json.dumps({**record, "architecture": arch}, indent=2) + "\n"
+            )
 
 
 def convert_to_hf(
@@ -704,105 +806,26 @@ def convert_to_hf(
     kind, config, params, meta = load_model(model_dir)
     params = _flatten_to_dict(params)
 
-    def pooler_check(has_pooler: bool, what: str) -> bool:
-        if has_pooler:
-            return True
-        if not allow_missing_pooler:
-            raise ValueError(
-                f"{model_dir}: {what} has no BERT pooler weights, and BertModel.from_pretrained "
-                "always builds a pooler (it would be initialised randomly). Pass "
-                "--allow-missing-pooler to export without it (last_hidden_state is exact, "
-                "pooler_output is not), or use --as dpr"
-            )
-        print(f"{model_dir}: {what}: exporting without pooler weights", file=sys.stderr)
-        return False
-
-    # (relative dir, arch, bert config, projection_dim, HF state dict)
-    todo: list[tuple[str, str, BertConfig, int, dict]] = []
     st_export = None  # (pooling, normalize, max_seq_length) for --as sentence-transformers
     if as_ == "sentence-transformers":
         st_export = _st_export_settings(model_dir, kind, config, meta)
     if kind == "biencoder":
-        towers = {"question": "question_encoder", "ctx": "ctx_encoder"}
-        names = list(towers) if tower == "both" else [tower]
-        for name in names:
-            src_tower = "question_encoder" if config.shared else towers[name]
-            tp = params[src_tower]
-            if as_ == "dpr":
-                if config.pooling != "cls":
-                    raise ValueError(
-                        f"{model_dir}: pooling is {config.pooling!r}, DPR's Hugging Face classes "
-                        "take the [CLS] vector; export with --as sentence-transformers, or --as bert "
-                        "and pool yourself"
-                    )
-                if config.normalize:
-                    raise ValueError(
-                        f"{model_dir}: the model L2-normalises its vectors, DPR's Hugging Face "
-                        "classes do not; export with --as sentence-transformers"
-                    )
-                arch = "DPRQuestionEncoder" if name == "question" else "DPRContextEncoder"
-                bert_p = {k: v for k, v in tp["bert_model"].items() if k != "pooler_dense"}
-                tree = {towers[name]: {"bert_model": bert_p}}
-                if config.projection_dim:
-                    tree[towers[name]]["encode_proj"] = tp["encode_proj"]
-                sd = flax_to_hf_state_dict(
-                    tree, arch, config.bert, config.projection_dim, False, where=str(model_dir)
-                )
-                todo.append((towers[name], arch, config.bert, config.projection_dim, sd))
-            else:
-                if config.projection_dim:
-                    raise ValueError(
-                        f"{model_dir}: the towers have an encode_proj (projection_dim="
-                        f"{config.projection_dim}) that BertModel cannot hold; use --as dpr"
-                    )
-                if st_export:  # sentence-transformers never reads the BERT pooler
-                    pool = "pooler_dense" in tp["bert_model"]
-                else:
-                    pool = pooler_check("pooler_dense" in tp["bert_model"], f"tower {src_tower}")
-                sd = flax_to_hf_state_dict(
-                    tp["bert_model"], "BertModel", config.bert, 0, pool, where=str(model_dir)
-                )
-                todo.append((towers[name], "BertModel", config.bert, 0, sd))
+        todo = _biencoder_exports(model_dir, config, params, tower, as_, allow_missing_pooler)
+    elif tower != "both":
+        raise ValueError(f"--tower only applies to bi-encoders; {model_dir} holds a {kind}")
     else:
-        if tower != "both":
-            raise ValueError(f"--tower only applies to bi-encoders; {model_dir} holds a {kind}")
-        if kind == "bert":
-            if as_ != "bert":
-                raise ValueError(f"{model_dir}: a bert model exports as BertModel (--as bert)")
-            bert, _ = config
-            pool = pooler_check("pooler_dense" in params, "the model")
-            sd = flax_to_hf_state_dict(params, "BertModel", bert, 0, pool, where=str(model_dir))
-            todo.append(("", "BertModel", bert, 0, sd))
-        else:
-            if as_ != "dpr":
-                raise ValueError(f"{model_dir}: a reader exports as DPRReader (--as dpr)")
-            sd = flax_to_hf_state_dict(params, "DPRReader", config, where=str(model_dir))
-            todo.append(("", "DPRReader", config, 0, sd))
+        todo = [_single_export(model_dir, kind, config, params, as_, allow_missing_pooler)]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        record = {
-            "source": str(model_dir.absolute()),
-            "source_kind": kind,
-            "source_model": meta.get("model"),
-            "tower": tower,
-            "as": as_,
-            "allow_missing_pooler": allow_missing_pooler,
-            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        }
-        for rel, arch, bert, proj, sd in todo:
-            d = tmp / rel if rel else tmp
-            write_hf_dir(d, arch, bert, sd, proj, tokenizer_from=model_dir)
-            if st_export:
-                write_st_modules(d, st_export[0], st_export[1], bert.hidden_size, st_export[2])
-            (d / "dpr_jax_export.json").write_text(
-                json.dumps({**record, "architecture": arch}, indent=2) + "\n"
-            )
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    record = {
+        "source": str(model_dir.absolute()),
+        "source_kind": kind,
+        "source_model": meta.get("model"),
+        "tower": tower,
+        "as": as_,
+        "allow_missing_pooler": allow_missing_pooler,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    }
+    _write_exports(out, todo, record, model_dir, st_export)
     return [out / rel if rel else out for rel, *_ in todo]
 
 

@@ -86,34 +86,33 @@ def _normalizer(values: Sequence[float], normalization: str):
     return (lambda s: (s - lo) / (hi - lo)) if hi > lo else (lambda s: 1.0)
 
 
-def _paired_hits(dense_scores, dense_ids, sparse_scores, sparse_ids, k: int):
-    """Both runs as per-query hit lists, after checking ``k`` and that they cover the same
-    queries."""
+def _fuse(runs: tuple, k: int, score) -> tuple[np.ndarray, list[list[str]]]:
+    """Fuse the dense and sparse runs ``(dense_scores, dense_ids, sparse_scores, sparse_ids)``
+    query by query: ``score(dense_hits, sparse_hits)`` -> {doc: fused score}; top ``k`` each."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    dense_scores, dense_ids, sparse_scores, sparse_ids = runs
     dense = _hits(dense_scores, dense_ids, "dense")
     sparse = _hits(sparse_scores, sparse_ids, "sparse")
     if len(dense) != len(sparse):
         raise ValueError(f"{len(dense)} dense vs {len(sparse)} sparse queries")
-    return dense, sparse
+    out_s, out_i = [], []
+    for dh, sh in zip(dense, sparse):
+        s_row, i_row = _top_k(score(dh, sh), _tie_order(dh, sh), k)
+        out_s.append(s_row)
+        out_i.append(i_row)
+    return np.asarray(out_s, np.float32).reshape(len(out_s), k), out_i
 
 
 def linear_fusion(
-    dense_scores: Any,
-    dense_ids: Any,
-    sparse_scores: Any,
-    sparse_ids: Any,
-    k: int = 100,
-    alpha: float = 1.0,
-    normalization: str = "pyserini",
-    weight_on_dense: bool = False,
-) -> tuple[np.ndarray, list[list[str]]]:
+    dense_scores: Any, dense_ids: Any, sparse_scores: Any, sparse_ids: Any, k: int = 100,
+    alpha: float = 1.0, normalization: str = "pyserini", weight_on_dense: bool = False,
+) -> tuple[np.ndarray, list[list[str]]]:  # fmt: skip
     """pyserini's normalised linear combination (see the module docstring)."""
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    dense, sparse = _paired_hits(dense_scores, dense_ids, sparse_scores, sparse_ids, k)
-    out_s, out_i = [], []
-    for dh, sh in zip(dense, sparse):
+
+    def score(dh, sh) -> dict[str, float]:
         dd, sd = dict(dh), dict(sh)
         fused: dict[str, float] = {}
         if dd or sd:
@@ -125,31 +124,24 @@ def linear_fusion(
                 d = d_norm(dd.get(doc, d_min))
                 s = s_norm(sd.get(doc, s_min))
                 fused[doc] = s + alpha * d if weight_on_dense else d + alpha * s
-        s_row, i_row = _top_k(fused, _tie_order(dh, sh), k)
-        out_s.append(s_row)
-        out_i.append(i_row)
-    return np.asarray(out_s, np.float32).reshape(len(out_s), k), out_i
+        return fused
+
+    return _fuse((dense_scores, dense_ids, sparse_scores, sparse_ids), k, score)
 
 
 def rrf_fusion(
-    dense_scores: Any,
-    dense_ids: Any,
-    sparse_scores: Any,
-    sparse_ids: Any,
-    k: int = 100,
+    dense_scores: Any, dense_ids: Any, sparse_scores: Any, sparse_ids: Any, k: int = 100,
     rrf_k: float = 60.0,
-) -> tuple[np.ndarray, list[list[str]]]:
+) -> tuple[np.ndarray, list[list[str]]]:  # fmt: skip
     """Reciprocal-rank fusion: ``score(d) = sum_lists 1 / (rrf_k + rank(d))``, ranks from 1."""
     if rrf_k < 0:
         raise ValueError(f"rrf_k must be >= 0, got {rrf_k}")
-    dense, sparse = _paired_hits(dense_scores, dense_ids, sparse_scores, sparse_ids, k)
-    out_s, out_i = [], []
-    for dh, sh in zip(dense, sparse):
+
+    def score(dh, sh) -> dict[str, float]:
         fused: dict[str, float] = {}
         for hits in (dh, sh):
             for rank, (doc, _) in enumerate(hits, 1):
                 fused[doc] = fused.get(doc, 0.0) + 1.0 / (rrf_k + rank)
-        s_row, i_row = _top_k(fused, _tie_order(dh, sh), k)
-        out_s.append(s_row)
-        out_i.append(i_row)
-    return np.asarray(out_s, np.float32).reshape(len(out_s), k), out_i
+        return fused
+
+    return _fuse((dense_scores, dense_ids, sparse_scores, sparse_ids), k, score)

@@ -158,16 +158,29 @@ def atomic_save_npy(path: str | Path, array: np.ndarray) -> Path:
     return _atomic(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
-def read_json_object(path: str | Path, what: str = "file") -> dict:
+def read_json(
+    path: str | Path, what: str = "file", error: type[Exception] = IntegrityError,
+    missing: str | None = None,
+) -> Any:  # fmt: skip
+    """The JSON value of a small file. A missing file is a FileNotFoundError saying ``missing``
+    (default "not found (not a {what}?)"); undecodable JSON an ``error`` naming the file."""
     path = Path(path)
     try:
-        obj = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found (not a {what}?)") from None
+        raise FileNotFoundError(f"{path}: {missing or f'not found (not a {what}?)'}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IntegrityError(f"{path}: invalid JSON ({e})") from None
+        raise error(f"{path}: not valid JSON ({e})") from None
+
+
+def read_json_object(
+    path: str | Path, what: str = "file", error: type[Exception] = IntegrityError,
+    missing: str | None = None,
+) -> dict:  # fmt: skip
+    """:func:`read_json` of a file that must hold a JSON object."""
+    obj = read_json(path, what, error, missing)
     if not isinstance(obj, dict):
-        raise IntegrityError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+        raise error(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
 
 
@@ -246,6 +259,20 @@ def replace_dir(tmp: str | Path, dest: str | Path) -> Path:
         raise
     shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+@contextlib.contextmanager
+def staged_dir(dest: str | Path) -> Iterator[Path]:
+    """Write a directory artifact whole or not at all: yields a new sibling of ``dest`` to fill;
+    when the block ends normally it replaces ``dest`` (:func:`replace_dir`), when it raises (or
+    is interrupted) it is deleted and ``dest`` is left as it was."""
+    tmp = temp_dir_for(dest)
+    try:
+        yield tmp
+        replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _is_within(path: Path, root: Path) -> bool:

@@ -40,7 +40,6 @@ import numpy as np
 
 from dpr_jax.data.formats import (
     BiencoderExample,
-    Context,
     Passage,
     atomic_write_text,
     read_biencoder,
@@ -78,7 +77,7 @@ def _shard_chunks(num_chunks: int, shard: int, num_shards: int) -> range:
     return range(*shard_range(num_chunks, shard, num_shards))
 
 
-def _ctx_key(c: Context | Passage) -> tuple[str, str]:
+def _ctx_key(c: Passage) -> tuple[str, str]:
     return (c.title.strip(), " ".join(c.text.split()))
 
 
@@ -93,13 +92,13 @@ def select_negatives(
     match: str = "string",
     matcher=None,
     counts: dict[str, int] | None = None,
-) -> list[Context]:
+) -> list[Passage]:
     """The hard negatives of one question from its ranked (passage id, score) list."""
 
     pos_ids = {c.id for c in example.positive_ctxs if c.id is not None}
     pos_keys = {_ctx_key(c) for c in example.positive_ctxs}
     keys = matcher.answer_keys(example.answers) if matcher is not None else None
-    cands: list[Context] = []
+    cands: list[Passage] = []
     c = counts if counts is not None else {}
     for pid, score in ranked:
         p = passages[pid]
@@ -114,7 +113,7 @@ def select_negatives(
         if hit:
             c["dropped_answer"] = c.get("dropped_answer", 0) + 1
             continue
-        cands.append(Context(p.text, p.title, pid, round(float(score), 4)))
+        cands.append(Passage(p.text, p.title, pid, round(float(score), 4)))
     pool = cands[skip:]
     if sample and len(pool) > n:
         picked = np.sort(rng.choice(len(pool), n, replace=False))
@@ -126,7 +125,7 @@ def select_negatives(
     return chosen
 
 
-def _with_negatives(ex: BiencoderExample, mined: list[Context], existing: str) -> BiencoderExample:
+def _with_negatives(ex: BiencoderExample, mined: list[Passage], existing: str) -> BiencoderExample:
     hard = list(mined)
     if existing == "append":
         seen = {c.id for c in mined} | {_ctx_key(c) for c in mined}

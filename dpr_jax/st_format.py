@@ -27,6 +27,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dpr_jax.io import read_json
+
 MODULES_JSON = "modules.json"
 ST_CONFIG = "sentence_bert_config.json"
 DEFAULT_MAX_SEQ_LENGTH = 256  # DPR's passage length; sentence_bert_config.json's when absent
@@ -62,12 +64,7 @@ def is_st_dir(path: str | Path) -> bool:
 
 
 def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: {what} not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path, error=ValueError, missing=f"{what} not found")
 
 
 def _pooling_mode(config: Any, path: Path, hidden_size: int | None) -> str:

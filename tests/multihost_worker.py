@@ -29,7 +29,7 @@ def build_squad_biencoder(squad_json: Path, out_dir: Path, dev_paragraphs: int =
     Returns (train_path, dev_path, n_train, n_dev)."""
     import re
 
-    from dpr_jax.data.formats import BiencoderExample, Context, write_biencoder
+    from dpr_jax.data.formats import BiencoderExample, Passage, write_biencoder
 
     data = json.loads(Path(squad_json).read_text())["data"]
     paras = [(a["title"], p["context"], p["qas"]) for a in data for p in a["paragraphs"]]
@@ -48,9 +48,9 @@ def build_squad_biencoder(squad_json: Path, out_dir: Path, dev_paragraphs: int =
             ex = BiencoderExample(
                 qa["question"],
                 answers,
-                [Context(ctx, title)],
+                [Passage(ctx, title)],
                 [],
-                [Context(paras[j][1], paras[j][0])],
+                [Passage(paras[j][1], paras[j][0])],
             )
             (dev if k < dev_paragraphs else train).append(ex)
     out_dir = Path(out_dir)

@@ -15,12 +15,18 @@ from dpr_jax.evaluate import has_answer
 from dpr_jax.hybrid import linear_fusion, rrf_fusion
 
 CORPUS = [
-    Passage("p0", "The cat sat on the mat in the kitchen.", "Cats"),
-    Passage("p1", "Dogs bark loudly at night and chase cats.", "Dogs"),
-    Passage("p2", "In 1858 the Virgin Mary appeared to Bernadette at Lourdes.", "Lourdes"),
-    Passage("p3", "Paris is the capital and largest city of France.", "Paris"),
-    Passage("p4", "The Eiffel Tower was built in 1889 in Paris.", "Eiffel Tower"),
-    Passage("p5", "Bernadette Soubirous was a miller's daughter from Lourdes.", "Bernadette"),
+    Passage(text="The cat sat on the mat in the kitchen.", title="Cats", id="p0"),
+    Passage(text="Dogs bark loudly at night and chase cats.", title="Dogs", id="p1"),
+    Passage(
+        text="In 1858 the Virgin Mary appeared to Bernadette at Lourdes.", title="Lourdes", id="p2"
+    ),
+    Passage(text="Paris is the capital and largest city of France.", title="Paris", id="p3"),
+    Passage(text="The Eiffel Tower was built in 1889 in Paris.", title="Eiffel Tower", id="p4"),
+    Passage(
+        text="Bernadette Soubirous was a miller's daughter from Lourdes.",
+        title="Bernadette",
+        id="p5",
+    ),
 ]
 
 

@@ -13,16 +13,18 @@ from dpr_jax.cli import main
 from dpr_jax.data.formats import Passage, Question, write_passages_tsv, write_qas_tsv
 
 PASSAGES = [
-    Passage("p0", "The Eiffel Tower is in Paris, the capital of France.", "Eiffel Tower"),
-    Passage("p1", "Mount Everest is the highest mountain on Earth.", "Mount Everest"),
-    Passage("p2", "The Amazon is the largest rainforest in the world.", "Amazon"),
-    Passage("p3", "Tokyo is the capital city of Japan.", "Tokyo"),
-    Passage("p4", "The Nile is a long river in Africa that flows north.", "Nile"),
-    Passage("p5", "Shakespeare wrote Hamlet and Macbeth.", "Shakespeare"),
-    Passage("p6", "Water boils at 100 degrees Celsius at sea level.", "Water"),
-    Passage("p7", "The Great Wall of China is very long.", "Great Wall"),
-    Passage("p8", "Albert Einstein developed the theory of relativity.", "Einstein"),
-    Passage("p9", "The Pacific is the largest ocean.", "Pacific Ocean"),
+    Passage(
+        text="The Eiffel Tower is in Paris, the capital of France.", title="Eiffel Tower", id="p0"
+    ),
+    Passage(text="Mount Everest is the highest mountain on Earth.", title="Mount Everest", id="p1"),
+    Passage(text="The Amazon is the largest rainforest in the world.", title="Amazon", id="p2"),
+    Passage(text="Tokyo is the capital city of Japan.", title="Tokyo", id="p3"),
+    Passage(text="The Nile is a long river in Africa that flows north.", title="Nile", id="p4"),
+    Passage(text="Shakespeare wrote Hamlet and Macbeth.", title="Shakespeare", id="p5"),
+    Passage(text="Water boils at 100 degrees Celsius at sea level.", title="Water", id="p6"),
+    Passage(text="The Great Wall of China is very long.", title="Great Wall", id="p7"),
+    Passage(text="Albert Einstein developed the theory of relativity.", title="Einstein", id="p8"),
+    Passage(text="The Pacific is the largest ocean.", title="Pacific Ocean", id="p9"),
 ]
 QUESTIONS = [
     Question("where is the eiffel tower", ["Paris"], "q0"),

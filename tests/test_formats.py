@@ -7,7 +7,6 @@ import pytest
 
 from dpr_jax.data.formats import (
     BiencoderExample,
-    Context,
     Passage,
     Question,
     atomic_open,
@@ -38,21 +37,21 @@ def test_read_dpr_style_passages(tmp_path):
     )
     ps = read_passages_tsv(path)
     assert ps == [
-        Passage("1", 'Aaron Aaron ( or ; "Ahärôn") is a prophet', "Aaron"),
-        Passage("2", "plain text, no quotes", "Second"),
+        Passage(text='Aaron Aaron ( or ; "Ahärôn") is a prophet', title="Aaron", id="1"),
+        Passage(text="plain text, no quotes", title="Second", id="2"),
     ]
 
 
 @pytest.mark.parametrize("name", ["p.tsv", "p.tsv.gz"])
 def test_passages_round_trip(tmp_path, name):
     ps = [
-        Passage("a-0", '"Quoted" at the start and "end"', 'Title "x"'),
-        Passage("a-1", "tab\tinside and\nnewline", ""),
-        Passage("7", "unicode: Beyoncé 東京", "Tōkyō"),
+        Passage(text='"Quoted" at the start and "end"', title='Title "x"', id="a-0"),
+        Passage(text="tab\tinside and\nnewline", title="", id="a-1"),
+        Passage(text="unicode: Beyoncé 東京", title="Tōkyō", id="7"),
     ]
     path = write_passages_tsv(tmp_path / name, ps, config={"made_by": "test"})
     # no field of the format spans lines: the writer stores a line break as a space
-    ps[1] = Passage("a-1", "tab\tinside and newline", "")
+    ps[1] = Passage(text="tab\tinside and newline", title="", id="a-1")
     assert read_passages_tsv(path) == ps
     assert json.loads((tmp_path / f"{name}.config.json").read_text()) == {"made_by": "test"}
     if name.endswith(".gz"):
@@ -171,10 +170,10 @@ def test_read_biencoder_fixture(data_dir):
 @pytest.mark.parametrize("name", ["b.json", "b.jsonl", "b.json.gz", "b.jsonl.gz"])
 def test_biencoder_round_trip_and_skip(tmp_path, name):
     keep = BiencoderExample(
-        "q1", ["a"], [Context("pos text", "T", "7", 1.5)], [Context("neg", "")],
-        [Context("hard", "H", "9", 3.25)], id="x1", dataset="d",
+        "q1", ["a"], [Passage("pos text", "T", "7", 1.5)], [Passage("neg", "")],
+        [Passage("hard", "H", "9", 3.25)], id="x1", dataset="d",
     )  # fmt: skip
-    no_pos = BiencoderExample("q2", ["b"], [], [], [Context("hard only", "H", "3")])
+    no_pos = BiencoderExample("q2", ["b"], [], [], [Passage("hard only", "H", "3")])
     path = write_biencoder(tmp_path / name, [keep, no_pos])
     examples, stats = read_biencoder(path)
     assert examples == [keep]
@@ -248,11 +247,11 @@ def test_reader_predictions_round_trip(tmp_path):
 
 def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
     path = tmp_path / "passages.tsv"
-    write_passages_tsv(path, [Passage("1", "old", "T")])
+    write_passages_tsv(path, [Passage(text="old", title="T", id="1")])
     before = path.read_bytes()
 
     def exploding():
-        yield Passage("2", "new", "T")
+        yield Passage(text="new", title="T", id="2")
         raise RuntimeError("crash in the middle of writing")
 
     with pytest.raises(RuntimeError, match="crash"):

@@ -55,8 +55,8 @@ def test_unterminated_quote_is_reported_where_the_row_starts(tmp_path, name):
     # quoted fields with tabs and doubled quotes, on one line, are fine
     ok = _write(tmp_path, "ok.tsv", HEADER + b'1\t"say ""hi""\tthere"\tT1\n2\tsecond\tT2\n')
     assert read_passages_tsv(ok) == [
-        Passage("1", 'say "hi"\tthere', "T1"),
-        Passage("2", "second", "T2"),
+        Passage(text='say "hi"\tthere', title="T1", id="1"),
+        Passage(text="second", title="T2", id="2"),
     ]
 
 

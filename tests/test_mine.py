@@ -14,7 +14,6 @@ import pytest
 
 from dpr_jax.data.formats import (
     BiencoderExample,
-    Context,
     Passage,
     read_biencoder,
     write_biencoder,
@@ -29,7 +28,7 @@ WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu x
 def _corpus(n=40) -> list[Passage]:
     rs = np.random.RandomState(0)
     return [
-        Passage(f"p{i}", " ".join(rs.choice(WORDS, 12)) + f" number{i}", f"T{i % 5}")
+        Passage(text=" ".join(rs.choice(WORDS, 12)) + f" number{i}", title=f"T{i % 5}", id=f"p{i}")
         for i in range(n)
     ]
 
@@ -62,8 +61,8 @@ def _examples(passages, n=23) -> list[BiencoderExample]:
             BiencoderExample(
                 f"question {i}?",
                 [answer],
-                [Context(pos.text, pos.title, pos.id)],
-                hard_negative_ctxs=[Context(f"bm25 negative {i}", "B", f"bm{i}")],
+                [Passage(pos.text, pos.title, pos.id)],
+                hard_negative_ctxs=[Passage(f"bm25 negative {i}", "B", f"bm{i}")],
                 id=f"q{i}",
             )  # fmt: skip
         )
@@ -100,16 +99,18 @@ def _reference(passages, ex, retriever, n, skip=0, depth=100, sample=False, seed
 
 def test_answer_aware_exclusion_and_rank_order(tmp_path):
     passages = [
-        Passage("a", "the capital is Paris today", "France"),  # answer
-        Passage("b", "nothing to see here", "X"),
-        Passage("c", "PARIS, the city", "Y"),  # answer (case-insensitive tokens)
-        Passage("d", "Parisian cafes are nice", "Z"),  # not the token "paris"
-        Passage("e", "gold passage text", "Gold"),  # the positive, by id
-        Passage("f", "gold passage  text", "Gold"),  # the positive's text without an id
-        Passage("g", "plain negative", "W"),
+        Passage(text="the capital is Paris today", title="France", id="a"),  # answer
+        Passage(text="nothing to see here", title="X", id="b"),
+        Passage(text="PARIS, the city", title="Y", id="c"),  # answer (case-insensitive tokens)
+        Passage(text="Parisian cafes are nice", title="Z", id="d"),  # not the token "paris"
+        Passage(text="gold passage text", title="Gold", id="e"),  # the positive, by id
+        Passage(
+            text="gold passage  text", title="Gold", id="f"
+        ),  # the positive's text without an id
+        Passage(text="plain negative", title="W", id="g"),
     ]
-    ex = BiencoderExample("where?", ["Paris"], [Context("gold passage text", "Gold", "e")], id="q0")
-    ex2 = BiencoderExample("where?", ["Paris"], [Context("gold passage text", "Gold")], id="q1")
+    ex = BiencoderExample("where?", ["Paris"], [Passage("gold passage text", "Gold", "e")], id="q0")
+    ex2 = BiencoderExample("where?", ["Paris"], [Passage("gold passage text", "Gold")], id="q1")
     path = tmp_path / "in.json"
     write_biencoder(path, [ex, ex2])
 

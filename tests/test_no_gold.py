@@ -20,7 +20,10 @@ from dpr_jax.reader.span import QuestionPrediction, SpanPrediction, evaluate_pre
 from dpr_jax.retrieve import results_for
 
 QUESTIONS = [Question("where did the cat sit?", ["mat"]), Question("what is it?", [])]
-PASSAGES = {"1": Passage("1", "the cat sat on the mat", "Cats"), "2": Passage("2", "", "Empty")}
+PASSAGES = {
+    "1": Passage(text="the cat sat on the mat", title="Cats", id="1"),
+    "2": Passage(text="", title="Empty", id="2"),
+}
 
 
 def test_retrieve_keeps_them_with_every_has_answer_false():

@@ -104,7 +104,8 @@ def test_encode_and_retrieve_use_cosine(unit_model_dir, tiny_biencoder_dir):
     from dpr_jax.retriever.encode import TowerEncoder
 
     passages = [
-        Passage(str(i), f"passage number {i} about topic {i % 3}", f"t{i}") for i in range(12)
+        Passage(text=f"passage number {i} about topic {i % 3}", title=f"t{i}", id=str(i))
+        for i in range(12)
     ]
     questions = ["which passage is about topic 1", "number 7", "what is it about"]
     _, plain_cfg, params, _ = load_model(tiny_biencoder_dir)

@@ -129,10 +129,10 @@ def test_resume_gives_identical_params(reference, tmp_path, fixture_path):
 
 
 def test_bad_inputs(minilm_dir, tmp_path, fixture_path, capsys):
+    from dpr_jax.data.formats import Passage
     from dpr_jax.reader.data import (
         ReaderExample,
         ReaderInputConfig,
-        ReaderPassage,
         ReaderTokenizer,
         ReaderTrainData,
     )
@@ -142,11 +142,11 @@ def test_bad_inputs(minilm_dir, tmp_path, fixture_path, capsys):
     long_q = "What " + "very " * 100 + "long question is this?"
     examples = [
         # empty positive text: no span, so the question is skipped and counted
-        ReaderExample("q1", ("Grotto",), (ReaderPassage("", "T", has_answer=True),)),
+        ReaderExample("q1", ("Grotto",), (Passage("", "T", has_answer=True),)),
         # a question longer than max_length: cut to max_question_length, passage intact
         ReaderExample(long_q, ("a Marian place of prayer",),
-                      (ReaderPassage(text, "Grotto", has_answer=True),
-                       ReaderPassage("", "empty negative", has_answer=False))),
+                      (Passage(text, "Grotto", has_answer=True),
+                       Passage("", "empty negative", has_answer=False))),
     ]  # fmt: skip
     data = ReaderTrainData(examples, tok, passages_per_question=2)
     assert data.stats["kept"] == 1 and data.stats["skipped_no_positive"] == 1

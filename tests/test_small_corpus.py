@@ -16,9 +16,9 @@ from dpr_jax.index import build_index
 from dpr_jax.retrieve import HybridRetriever, results_for
 
 PASSAGES = [
-    Passage("a", "the cat sat on the mat", "Cats"),
-    Passage("b", "dogs bark at night", "Dogs"),
-    Passage("c", "birds fly south in winter", "Birds"),
+    Passage(text="the cat sat on the mat", title="Cats", id="a"),
+    Passage(text="dogs bark at night", title="Dogs", id="b"),
+    Passage(text="birds fly south in winter", title="Birds", id="c"),
 ]
 QUESTIONS = [Question("where did the cat sit?", ["mat"]), Question("what do dogs do?", ["bark"])]
 DIM = 8

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dpr_jax.data.formats import Passage
 from dpr_jax.reader.data import (
     ReaderExample,
     ReaderInputConfig,
-    ReaderPassage,
     ReaderTokenizer,
     ReaderTrainData,
     find_answer_spans,
@@ -122,9 +122,9 @@ def predictor(minilm_dir):
 def test_prediction_stays_in_passage_text_and_follows_relevance(predictor):
     q = "Where is the Golden Dome of Notre Dame?"
     passages = [
-        ReaderPassage("", "Empty"),  # scored, yields no span
-        ReaderPassage("The Golden Dome sits atop the Main Building.", "Notre Dame"),
-        ReaderPassage("Notre Dame's Main Building has a Golden Dome.", "Notre Dame"),
+        Passage("", "Empty"),  # scored, yields no span
+        Passage("The Golden Dome sits atop the Main Building.", "Notre Dame"),
+        Passage("Notre Dame's Main Building has a Golden Dome.", "Notre Dame"),
     ]
     toks = predictor.tokenizer.passage_tokens(passages)
     n1, n2 = len(toks[1].text_ids), len(toks[2].text_ids)
@@ -152,7 +152,7 @@ def test_prediction_stays_in_passage_text_and_follows_relevance(predictor):
 
 def test_long_question_is_truncated_not_the_passage(predictor):
     q = " ".join(["why"] * 200)
-    p = ReaderPassage("Saint Bernadette Soubirous.", "Grotto")
+    p = Passage("Saint Bernadette Soubirous.", "Grotto")
     (q_ids,) = predictor.tokenizer.question_ids([q])
     assert len(q_ids) == 16  # max_question_length
     seq = predictor.tokenizer.sequence(q_ids, predictor.tokenizer.passage_tokens([p])[0])
@@ -178,7 +178,7 @@ def test_input_config_rejects_no_room_for_text():
 def test_answer_positions_every_occurrence(minilm_dir):
     tok = ReaderTokenizer(minilm_dir, ReaderInputConfig(128, 16))
     text = "Notre Dame is a catholic university. The Notre Dame campus has a cat, not catapults."
-    (pt,) = tok.passage_tokens([ReaderPassage(text, "ND")])
+    (pt,) = tok.passage_tokens([Passage(text, "ND")])
     words = tok.tok.convert_ids_to_tokens(pt.text_ids.tolist())
     assert words[:2] == ["notre", "dame"] and words[8:10] == ["notre", "dame"]
     spans = find_answer_spans(pt.text_ids, tok.answer_ids(["Notre Dame", "cat"]), pt.subword)
@@ -191,8 +191,8 @@ def test_answer_positions_every_occurrence(minilm_dir):
 
     # In a training batch the spans are sequence positions of the positive (passage 0).
     ex = ReaderExample("Which university?", ("Notre Dame",),
-                       (ReaderPassage(text, "ND", has_answer=True),
-                        ReaderPassage("", "empty negative", has_answer=False)))  # fmt: skip
+                       (Passage(text, "ND", has_answer=True),
+                        Passage("", "empty negative", has_answer=False)))  # fmt: skip
     data = ReaderTrainData([ex], tok, passages_per_question=3, max_answers=4)
     b = data.batch(0, 1)
     assert b["answer_mask"][0].tolist() == [1, 1, 0, 0]

@@ -29,8 +29,8 @@ from multihost_worker import build_squad_biencoder
 from dpr_jax.checkpoint import load_model
 from dpr_jax.cli import main
 from dpr_jax.cli.train import cli_main
-from dpr_jax.data.formats import BiencoderExample, Context
-from dpr_jax.retriever.batching import BatchSpec, BiencoderBatches, DataPosition, Passage
+from dpr_jax.data.formats import BiencoderExample, Passage
+from dpr_jax.retriever.batching import BatchSpec, BiencoderBatches, DataPosition
 from dpr_jax.retriever.task import TrainConfig, load_config, train_and_evaluate
 from dpr_jax.training.checkpoints import CheckpointError
 from dpr_jax.training.config import apply_overrides
@@ -307,9 +307,9 @@ class _FakeTokenizer:
 def _examples(n: int, n_hard: int = 3) -> list[BiencoderExample]:
     out = []
     for i in range(n):
-        hard = [Context(f"hard {i}.{j}", f"t{i}") for j in range(n_hard)]
-        neg = [Context(f"neg {i}.{j}", f"t{i}") for j in range(2)]
-        out.append(BiencoderExample(f"q{i}", ["a"], [Context(f"pos {i}", f"t{i}")], neg, hard))
+        hard = [Passage(f"hard {i}.{j}", f"t{i}") for j in range(n_hard)]
+        neg = [Passage(f"neg {i}.{j}", f"t{i}") for j in range(2)]
+        out.append(BiencoderExample(f"q{i}", ["a"], [Passage(f"pos {i}", f"t{i}")], neg, hard))
     return out
 
 
@@ -328,7 +328,9 @@ def test_batches_layout_and_determinism():
         for row, i in enumerate(idx):
             q, group = stream.question_group(0, b, row)
             assert q == f"q{i}" and batch["q_ids"][row, 0] == tok.ids[q]
-            assert group[0] == Passage(f"t{i}", f"pos {i}")  # positive first: passage row*G
+            assert group[0] == Passage(
+                text=f"pos {i}", title=f"t{i}"
+            )  # positive first: passage row*G
             assert {p.text for p in group[1:]} <= {f"hard {i}.{j}" for j in range(3)}
             assert len({p.text for p in group[1:]}) == 2
             assert [tok.ids[f"{p.title}|{p.text}"] for p in group] == list(
@@ -378,9 +380,9 @@ def test_batches_resume_position_and_process_rows():
 def test_batches_fallbacks_and_eval_padding():
     tok = _FakeTokenizer()
     exs = [
-        BiencoderExample("q0", [], [Context("pos 0", "t")], [Context("neg 0", "t")], []),
-        BiencoderExample("q1", [], [Context("pos 1", "t")], [], []),
-        BiencoderExample("q2", [], [Context("pos 2", "t")], [], [Context("hard 2", "t")]),
+        BiencoderExample("q0", [], [Passage("pos 0", "t")], [Passage("neg 0", "t")], []),
+        BiencoderExample("q1", [], [Passage("pos 1", "t")], [], []),
+        BiencoderExample("q2", [], [Passage("pos 2", "t")], [], [Passage("hard 2", "t")]),
     ]
     spec = BatchSpec(batch_size=2, n_hard=2, q_max_len=8, p_max_len=8)
     stream = BiencoderBatches(exs, tok, spec, train=False)

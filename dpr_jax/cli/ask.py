@@ -1,11 +1,14 @@
-"""`dpr-jax ask`: the command line over :mod:`dpr_jax.pipeline`."""
+"""`dpr-jax ask`: answer questions end to end: dense retrieval over an index, then the reader.
+
+The command line over :mod:`dpr_jax.pipeline`.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
 
-from dpr_jax.cli.errors import Parser
+from dpr_jax.cli.errors import command_parser
 from dpr_jax.data.answers import exact_match_score, f1_score
 from dpr_jax.data.formats import read_qas
 from dpr_jax.pipeline import QAPipeline
@@ -13,10 +16,7 @@ from dpr_jax.reader.span import QuestionPrediction, write_predictions
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    ap = Parser(
-        prog="dpr-jax ask",
-        description="Answer questions end to end: dense retrieval over an index, then the reader.",
-    )
+    ap = command_parser(__name__, __doc__)
     ap.add_argument("question", nargs="?", help="one question (or use --questions FILE)")
     ap.add_argument("--questions", help="qas TSV / NQ-open JSONL / SQuAD JSON: batch mode")
     ap.add_argument("--out", help="batch mode: reader-predictions JSON to write")

@@ -1,4 +1,8 @@
-"""`dpr-jax convert`: the command line over :mod:`dpr_jax.convert`."""
+"""`dpr-jax convert`: convert Hugging Face BERT / DPR / sentence-transformers checkpoints to dpr-
+jax model directories (--from-hf) and back (--to-hf).
+
+The command line over :mod:`dpr_jax.convert`.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,12 @@ import argparse
 import sys
 
 from dpr_jax.checkpoint import read_model_meta
-from dpr_jax.cli.errors import Parser
+from dpr_jax.cli.errors import command_parser
 from dpr_jax.convert import EXPORT_FORMATS, convert_from_hf, convert_to_hf
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    ap = Parser(
-        prog="dpr-jax convert",
-        description="Convert Hugging Face BERT / DPR / sentence-transformers checkpoints to "
-        "dpr-jax model directories (--from-hf) and back (--to-hf).",
-    )
+    ap = command_parser(__name__, __doc__)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-hf", metavar="SRC", help="HF directory or hub id to convert from")
     src.add_argument("--to-hf", metavar="MODEL_DIR", help="dpr-jax model directory to export")

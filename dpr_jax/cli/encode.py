@@ -1,4 +1,8 @@
-"""`dpr-jax encode`: the command line over :mod:`dpr_jax.retriever.encode`."""
+"""`dpr-jax encode`: encode a passage corpus (psgs_w100-style TSV) with a bi-encoder's passage
+tower into resumable .npy embedding shards.
+
+The command line over :mod:`dpr_jax.retriever.encode`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import time
 from pathlib import Path
 
 from dpr_jax.checkpoint import resolve_model_dir
-from dpr_jax.cli.errors import Parser
+from dpr_jax.cli.errors import command_parser
 from dpr_jax.data.formats import read_passages_tsv, read_qas
 from dpr_jax.data.squad import load_squad, squad_passages
 from dpr_jax.io import atomic_save_npy, check_output_path
@@ -22,11 +26,7 @@ def _read_passages(path: str):
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    ap = Parser(
-        prog="dpr-jax encode",
-        description="Encode a passage corpus (psgs_w100-style TSV) with a bi-encoder's passage "
-        "tower into resumable .npy embedding shards.",
-    )
+    ap = command_parser(__name__, __doc__)
     ap.add_argument("--checkpoint", "--model", dest="model", required=True,
                     help="bi-encoder model directory (or training workdir)")  # fmt: skip
     what = ap.add_mutually_exclusive_group(required=True)

@@ -39,6 +39,16 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+def command_parser(module: str, description: str) -> Parser:
+    """The parser of the command implemented by ``module`` (``dpr_jax.cli.train_reader`` is
+    ``dpr-jax train-reader``), described by the first paragraph of ``description`` (the module
+    docstring: "`dpr-jax NAME`: what it does ...")."""
+    prog = "dpr-jax " + module.rsplit(".", 1)[-1].replace("_", "-")
+    first = " ".join(description.strip().split("\n\n")[0].split())
+    first = first.removeprefix(f"`{prog}`: ")
+    return Parser(prog=prog, description=first[:1].upper() + first[1:])
+
+
 def _raised_by_dpr_jax(exc: BaseException) -> bool:
     """True when the innermost frame that raised ``exc`` is dpr-jax's own code: a deliberate
     check, not a ValueError from deep inside numpy or jax."""

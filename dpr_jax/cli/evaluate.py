@@ -1,11 +1,15 @@
-"""`dpr-jax evaluate`: the command line over :mod:`dpr_jax.evaluate`."""
+"""`dpr-jax evaluate`: DPR top-k retrieval accuracy of a retrieval-results JSON (and ANN recall
+against exact results).
+
+The command line over :mod:`dpr_jax.evaluate`.
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from dpr_jax.cli.errors import Parser
+from dpr_jax.cli.errors import command_parser
 from dpr_jax.cli.options import parse_ks
 from dpr_jax.data.formats import atomic_write_text, read_retrieval_results
 from dpr_jax.evaluate import MATCH_TYPES, ann_recall, count_without_answers, top_k_accuracy
@@ -20,11 +24,7 @@ def format_table(rows: list[tuple[str, str]], header: tuple[str, str]) -> str:
 
 def cli_main(argv: list[str] | None = None) -> int:
 
-    ap = Parser(
-        prog="dpr-jax evaluate",
-        description="DPR top-k retrieval accuracy of a retrieval-results JSON "
-        "(and ANN recall against exact results).",
-    )
+    ap = command_parser(__name__, __doc__)
     ap.add_argument("--results", required=True, help="retrieval-results JSON (DPR format)")
     ap.add_argument("--ks", type=parse_ks, default=[1, 5, 20, 100], help="e.g. 1,5,20,100")
     ap.add_argument("--match", default="string", choices=list(MATCH_TYPES),

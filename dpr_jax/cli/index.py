@@ -1,12 +1,12 @@
-"""``dpr-jax index``: build a passage index from embeddings (Karpukhin et al. 2020, sec. 3.1).
+"""`dpr-jax index`: build a ScaNN / FAISS / exact JAX index over passage embeddings.
 
-Reads one or more embeddings directories (``dpr-jax encode`` output), builds the chosen backend
+The passage index of Karpukhin et al. 2020, sec. 3.1. Reads one or more embeddings directories (``dpr-jax encode`` output), builds the chosen backend
 and saves it with its config, which includes the embeddings' ``config.json`` so that the index
 says which model made its vectors (``model_fingerprint``, a hash of its parameters) and from which
 passages. An unfinished encoding (missing chunks or shards) is refused unless ``--allow-partial``
 is given, which the index config records::
 
-    dpr-jax index --embeddings runs/emb --backend scann --out runs/index \\
+    dpr-jax index --embeddings runs/emb --backend scann --out runs/index \
         --option num_leaves=2000 --option reorder=200
 
 With ``--target-recall R --tune-queries Q.npy`` the search knobs are then tuned
@@ -20,7 +20,7 @@ import json
 import sys
 import time
 
-from dpr_jax.cli.errors import Parser
+from dpr_jax.cli.errors import command_parser
 from dpr_jax.embeddings import check_complete, load_embeddings, read_config
 from dpr_jax.index.base import BACKENDS, index_class
 from dpr_jax.index.tune import tune
@@ -46,10 +46,7 @@ def parse_option(text: str) -> tuple[str, object]:
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    ap = Parser(
-        prog="dpr-jax index",
-        description="Build a ScaNN / FAISS / exact JAX index over passage embeddings.",
-    )
+    ap = command_parser(__name__, __doc__)
     ap.add_argument("--embeddings", nargs="+", required=True,
                     help="embeddings directories written by `dpr-jax encode`")  # fmt: skip
     ap.add_argument("--backend", required=True, choices=sorted(BACKENDS))

@@ -1,20 +1,20 @@
-"""`dpr-jax mine`: the command line over :mod:`dpr_jax.mine`."""
+"""`dpr-jax mine`: mine hard negatives for a biencoder file with a dense model + index: drop
+positives and passages that contain an answer, keep the top N (or a sample).
+
+The command line over :mod:`dpr_jax.mine`.
+"""
 
 from __future__ import annotations
 
 import sys
 
-from dpr_jax.cli.errors import Parser
+from dpr_jax.cli.errors import command_parser
 from dpr_jax.data.answers import MATCH_TYPES
 from dpr_jax.mine import EXISTING, merge_parts, mine_hard_negatives
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    ap = Parser(
-        prog="dpr-jax mine",
-        description="Mine hard negatives for a biencoder file with a dense model + index: drop "
-        "positives and passages that contain an answer, keep the top N (or a sample).",
-    )
+    ap = command_parser(__name__, __doc__)
     ap.add_argument("--biencoder", required=True, help="input biencoder JSON / JSONL")
     ap.add_argument("--out", required=True, help="output biencoder file (.json or .jsonl)")
     ap.add_argument("--model", help="bi-encoder model directory (or training workdir)")

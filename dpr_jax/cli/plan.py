@@ -1,6 +1,7 @@
-"""`dpr-jax plan`: the command line over :mod:`dpr_jax.plan`.
+"""`dpr-jax plan`: AOT-compile a config's train step for a TPU topology (no TPU needed): memory per
+chip, FLOPs, collectives, roofline step time; --fit finds a setting that fits.
 
-The environment it needs (the JAX runtime on the CPU, libtpu off the metadata server and off
+The command line over :mod:`dpr_jax.plan`. The environment it needs (the JAX runtime on the CPU, libtpu off the metadata server and off
 its one-process lock file) is set by :func:`dpr_jax.cli.plan_env` before jax is imported.
 """
 
@@ -10,16 +11,12 @@ import argparse
 import json
 from pathlib import Path
 
-from dpr_jax.cli.errors import Parser
+from dpr_jax.cli.errors import command_parser
 from dpr_jax.plan import TOPOLOGY_EXAMPLES, run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(
-        prog="dpr-jax plan",
-        description="AOT-compile a config's train step for a TPU topology (no TPU needed): "
-        "memory per chip, FLOPs, collectives, roofline step time; --fit finds a setting that fits.",
-    )
+    p = command_parser(__name__, __doc__)
     p.add_argument("--config", required=True, help="a train or train-reader config file")
     p.add_argument("--topology", required=True,
                    help=f"TPU topology, e.g. {', '.join(TOPOLOGY_EXAMPLES)}")  # fmt: skip

@@ -1,19 +1,19 @@
-"""`dpr-jax prepare-squad`: the command line over :mod:`dpr_jax.data.squad`."""
+"""`dpr-jax prepare-squad`: SQuAD v1.1 JSON -> 100-word passages, qas TSV and DPR biencoder JSON
+with BM25 hard negatives, split by article into train/dev.
+
+The command line over :mod:`dpr_jax.data.squad`.
+"""
 
 from __future__ import annotations
 
 import sys
 
-from dpr_jax.cli.errors import Parser
+from dpr_jax.cli.errors import command_parser
 from dpr_jax.data.squad import CHUNKINGS, prepare_squad
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    ap = Parser(
-        prog="dpr-jax prepare-squad",
-        description="SQuAD v1.1 JSON -> 100-word passages, qas TSV and DPR biencoder JSON with "
-        "BM25 hard negatives, split by article into train/dev.",
-    )
+    ap = command_parser(__name__, __doc__)
     ap.add_argument("--squad", help="SQuAD v1.1 JSON (default: $DPR_JAX_SQUAD, "
                     "$DPR_JAX_DATA/squad/train-v1.1.json, the cache, else download)")  # fmt: skip
     ap.add_argument("--out", required=True, help="output directory")

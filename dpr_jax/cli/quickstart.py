@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dpr_jax.cli.errors import Parser
+from dpr_jax.cli.errors import Parser, command_parser
 from dpr_jax.data.answers import exact_match_score, f1_score
 from dpr_jax.data.bm25 import BM25Retriever
 from dpr_jax.data.formats import squad_questions, write_passages_tsv, write_retrieval_results
-from dpr_jax.data.squad import load_squad, split_articles, squad_passages
+from dpr_jax.data.squad import CHUNKINGS, load_squad, split_articles, squad_passages
 from dpr_jax.embeddings import load_embeddings, read_config
 from dpr_jax.evaluate import top_k_accuracy
 from dpr_jax.index import build_index, load_index
@@ -119,8 +119,8 @@ def dataclass_to_squad(article) -> dict:
         for p in article.paragraphs]}  # fmt: skip
 
 
-def cli_main(argv: list[str] | None = None) -> int:
-    ap = Parser(prog="dpr-jax quickstart", description=__doc__.split("\n")[0])
+def _parser() -> Parser:
+    ap = command_parser(__name__, __doc__.split("\n")[0])
     ap.add_argument("--data", help="folder with squad/train-v1.1.json, or the JSON itself "
                     "(default: $DPR_JAX_DATA, else download the official file)")  # fmt: skip
     ap.add_argument("--workdir", default="runs/quickstart")
@@ -132,12 +132,62 @@ def cli_main(argv: list[str] | None = None) -> int:
         "--max-articles", type=int, default=8, help="validation articles used as corpus (0: all)"
     )
     ap.add_argument("--max-questions", type=int, default=500, help="0: every question")
+    ap.add_argument("--chunking", choices=CHUNKINGS, default="balanced",
+                    help="how paragraphs are cut into ~100-word passages: balanced chunks, or "
+                    "DPR's fixed 100-word windows with short tails")  # fmt: skip
     ap.add_argument("--reader-steps", type=int, default=150)
     ap.add_argument("--reader", help="a trained reader model dir (skips reader training)")
     ap.add_argument("--no-reader", action="store_true", help="stop after retrieval")
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--examples", type=int, default=5, help="example answers to print")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _scann_index(model_dir: Path, corpus: list, work: Path, tag: str, say):
+    """Encode ``corpus`` with ``model_dir`` and build (or reuse) its ScaNN index."""
+    emb_dir = work / f"emb-{model_dir.name}{tag}"
+    encode_corpus(model_dir, corpus, emb_dir, chunk_size=2048, bucket=32)
+    index_dir = work / f"index-scann-{model_dir.name}{tag}"
+    if not index_dir.exists():
+        ids, emb = load_embeddings(emb_dir)
+        t0 = time.time()
+        index = build_index("scann", emb, ids)
+        index.meta = index_meta_from_embeddings([emb_dir], [read_config(emb_dir)])
+        index.save(index_dir)
+        say(f"ScaNN index of {len(ids):,} vectors built in {time.time() - t0:.1f}s")
+    return load_index(index_dir)
+
+
+def _answer_all(pipe: QAPipeline, questions: list, work: Path, examples: int, say) -> None:
+    """Answer every question end to end; print EM / F1 / latency and a few answers."""
+    t0 = time.time()
+    say(f"answering {len(questions):,} questions end to end ({pipe.n_passages} passages each)")
+    preds = pipe.answer([q.question for q in questions], progress=True)
+    dt = time.time() - t0
+
+    em = np.mean([exact_match_score(p.text, q.answers) for p, q in zip(preds, questions)])
+    f1 = np.mean([f1_score(p.text, q.answers) for p, q in zip(preds, questions)])
+    single = []  # latency of one question at a time (`dpr-jax ask`), after the batch warm-up
+    for q in questions[: min(10, len(questions))]:
+        t1 = time.perf_counter()
+        pipe.answer(q.question)
+        single.append(time.perf_counter() - t1)
+    latency = 1000 * float(np.median(single))
+    print(f"\nEnd to end (retrieve {pipe.n_passages} -> read): EM {100 * em:.1f}  "
+          f"F1 {100 * f1:.1f}  ({len(questions)} questions; batched "
+          f"{1000 * dt / len(questions):.0f} ms/question, one at a time {latency:.0f} ms "
+          "median)\n")  # fmt: skip
+    for p, q in list(zip(preds, questions))[:examples]:
+        print(f"Q: {q.question}\n   -> {p.text!r}  (gold: {q.answers[0]!r}; from {p.title!r})")
+    metrics = {
+        "em": em, "f1": f1, "questions": len(questions),
+        "ms_per_question_batched": 1000 * dt / len(questions), "ms_per_question_single": latency,
+    }  # fmt: skip
+    (work / "reader_metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
 
     from dpr_jax.convert import convert_from_hf
 
@@ -159,26 +209,17 @@ def cli_main(argv: list[str] | None = None) -> int:
     train_articles, val_articles = split_articles(len(squad), args.val_fraction, seed=0)
     if args.max_articles > 0:
         val_articles = val_articles[: args.max_articles]
-    corpus = squad_passages(squad, val_articles)
+    corpus = squad_passages(squad, val_articles, chunking=args.chunking)
     questions = squad_questions(squad, val_articles)
     questions = [questions[i] for i in _spread(len(questions), args.max_questions)]
     passages = {str(p.id): p for p in corpus}
-    write_passages_tsv(work / "passages.tsv", corpus)
-    say(f"corpus: {len(corpus):,} passages from {len(val_articles)} validation articles; "
-        f"{len(questions):,} questions")  # fmt: skip
+    tag = "" if args.chunking == "balanced" else f"-{args.chunking}"
+    write_passages_tsv(work / f"passages{tag}.tsv", corpus)
+    say(f"corpus: {len(corpus):,} passages ({args.chunking} chunks) from {len(val_articles)} "
+        f"validation articles; {len(questions):,} questions")  # fmt: skip
 
     # 3. encode + ScaNN index
-    emb_dir = work / f"emb-{model_dir.name}"
-    encode_corpus(model_dir, corpus, emb_dir, chunk_size=2048, bucket=32)
-    index_dir = work / f"index-scann-{model_dir.name}"
-    if not index_dir.exists():
-        ids, emb = load_embeddings(emb_dir)
-        t0 = time.time()
-        index = build_index("scann", emb, ids)
-        index.meta = index_meta_from_embeddings([emb_dir], [read_config(emb_dir)])
-        index.save(index_dir)
-        say(f"ScaNN index of {len(ids):,} vectors built in {time.time() - t0:.1f}s")
-    index = load_index(index_dir)
+    index = _scann_index(model_dir, corpus, work, tag, say)
 
     # 4. retrieval accuracy: dense, BM25, hybrid
     dense = DenseRetriever(model_dir, index)
@@ -189,18 +230,19 @@ def cli_main(argv: list[str] | None = None) -> int:
         "hybrid (linear)": HybridRetriever(dense, bm25, "linear"),
         "hybrid (rrf)": HybridRetriever(dense, bm25, "rrf"),
     }
-    rows = run_retrieval_eval(retrievers, questions, passages, work, args.k)
+    out = work / args.chunking if tag else work  # results of another chunking beside
+    out.mkdir(exist_ok=True)
+    rows = run_retrieval_eval(retrievers, questions, passages, out, args.k)
     ks = (1, 5, 20, 100)
-    print("\nRetrieval accuracy on SQuAD validation articles (DPR has_answer)\n")
+    print(f"\nRetrieval accuracy on SQuAD validation articles ({args.chunking} passages, DPR "
+          "has_answer)\n")  # fmt: skip
     print(_table(rows, ks))
-    (work / "retrieval_metrics.json").write_text(json.dumps(rows, indent=2, default=str))
-
+    (out / "retrieval_metrics.json").write_text(json.dumps(rows, indent=2, default=str))
     if args.no_reader:
         say("done")
         return 0
 
     # 5. reader + end-to-end answers
-
     reader_dir = Path(args.reader) if args.reader else work / "reader"
     if not args.reader and not (reader_dir / "model").exists():
         say(f"training a MiniLM reader for {args.reader_steps} steps on training articles")
@@ -208,35 +250,6 @@ def cli_main(argv: list[str] | None = None) -> int:
                            args.reader_steps)  # fmt: skip
     pipe = QAPipeline(dense, passages, reader_dir / "model" if not args.reader else reader_dir,
                       n_passages=20)  # fmt: skip
-    t0 = time.time()
-    say(f"answering {len(questions):,} questions end to end (20 passages each)")
-    preds = pipe.answer([q.question for q in questions], progress=True)
-    dt = time.time() - t0
-
-    em = np.mean([exact_match_score(p.text, q.answers) for p, q in zip(preds, questions)])
-    f1 = np.mean([f1_score(p.text, q.answers) for p, q in zip(preds, questions)])
-    single = []  # latency of one question at a time (`dpr-jax ask`), after the batch warm-up
-    for q in questions[: min(10, len(questions))]:
-        t1 = time.perf_counter()
-        pipe.answer(q.question)
-        single.append(time.perf_counter() - t1)
-    latency = 1000 * float(np.median(single))
-    print(f"\nEnd to end (retrieve 20 -> read): EM {100 * em:.1f}  F1 {100 * f1:.1f}  "
-          f"({len(questions)} questions; batched {1000 * dt / len(questions):.0f} ms/question, "
-          f"one at a time {latency:.0f} ms median)\n")  # fmt: skip
-    for p, q in list(zip(preds, questions))[: args.examples]:
-        print(f"Q: {q.question}\n   -> {p.text!r}  (gold: {q.answers[0]!r}; from {p.title!r})")
-    (work / "reader_metrics.json").write_text(
-        json.dumps(
-            {
-                "em": em,
-                "f1": f1,
-                "questions": len(questions),
-                "ms_per_question_batched": 1000 * dt / len(questions),
-                "ms_per_question_single": latency,
-            },
-            indent=2,
-        )  # fmt: skip
-    )
+    _answer_all(pipe, questions, work, args.examples, say)
     say("done")
     return 0

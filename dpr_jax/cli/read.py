@@ -1,11 +1,15 @@
-"""`dpr-jax read`: the command line over :mod:`dpr_jax.reader.span`."""
+"""`dpr-jax read`: read answers from retrieved passages with a reader model; EM/F1 and DPR's
+reader-predictions JSON.
+
+The command line over :mod:`dpr_jax.reader.span`.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 
-from dpr_jax.cli.errors import Parser
+from dpr_jax.cli.errors import command_parser
 from dpr_jax.cli.options import parse_ks
 from dpr_jax.errors import UserError
 from dpr_jax.reader.data import FORMATS, read_reader_examples, sample_examples
@@ -19,11 +23,7 @@ from dpr_jax.reader.span import (
 
 def cli_main(argv: list[str] | None = None) -> int:
 
-    ap = Parser(
-        prog="dpr-jax read",
-        description="Read answers from retrieved passages with a reader model; EM/F1 and DPR's "
-        "reader-predictions JSON.",
-    )
+    ap = command_parser(__name__, __doc__)
     ap.add_argument("--model", required=True, help="reader model directory (or training workdir)")
     ap.add_argument(
         "--results",

@@ -1,4 +1,7 @@
-"""`dpr-jax retrieve`: the command line over :mod:`dpr_jax.retrieve`."""
+"""`dpr-jax retrieve`: retrieve top-k passages per question and write DPR's retrieval-results JSON.
+
+The command line over :mod:`dpr_jax.retrieve`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import time
 from pathlib import Path
 
 from dpr_jax import __version__
-from dpr_jax.cli.errors import Parser
+from dpr_jax.cli.errors import command_parser
 from dpr_jax.data.bm25 import BM25Retriever
 from dpr_jax.data.formats import read_passages_tsv, read_qas, write_retrieval_results
 from dpr_jax.errors import UsageError
@@ -35,10 +38,7 @@ def _build_retriever(args, passages_list):
 
 def cli_main(argv: list[str] | None = None) -> int:
 
-    ap = Parser(
-        prog="dpr-jax retrieve",
-        description="Retrieve top-k passages per question and write DPR's retrieval-results JSON.",
-    )
+    ap = command_parser(__name__, __doc__)
     ap.add_argument("--questions", required=True,
                     help="qas TSV/CSV, NQ-open JSONL or SQuAD JSON")  # fmt: skip
     ap.add_argument("--passages", required=True, help="passages TSV (id, text, title)")

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from dpr_jax.data.answers import AnswerMatcher
 from dpr_jax.errors import optional_import
-from dpr_jax.io import replace_dir
+from dpr_jax.io import staged_dir
 
 TOKEN_PATTERN = r"(?u)\b\w+\b"
 
@@ -165,28 +165,15 @@ class BM25Retriever:
 
     def save(self, out_dir: str | Path) -> Path:
         """Write the index into ``out_dir`` (a temporary sibling renamed into place)."""
-        import os
-        import shutil
-        import tempfile
-
         if self.model is None:
             raise RuntimeError("nothing to save: the BM25 index is empty")
         out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
-        try:
+        with staged_dir(out_dir) as tmp:  # the path never stops naming a whole index
             self.model.save(str(tmp), show_progress=False)
             cfg = {**dataclasses.asdict(self.config), "size": len(self.ids),
                    "created_by": "dpr_jax.data.bm25"}  # fmt: skip
             (tmp / self.CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
             (tmp / self.IDS_FILE).write_text(json.dumps(self.ids))
-            replace_dir(tmp, out_dir)  # the path never stops naming a whole index
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return out_dir
 
     @classmethod

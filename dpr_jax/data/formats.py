@@ -161,11 +161,28 @@ def _check_answers(value: Any, where: str, field: str = "answers") -> list[str]:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Passage:
-    """One retrieval unit: DPR's 100-word passage with its article title."""
+    """The one passage type of dpr-jax: a retrieval unit (DPR's 100-word passage with its article
+    title), a biencoder positive / negative context, a reader's candidate.
 
-    id: str
+    ``id`` is the corpus id (DPR's ``passage_id``; optional for contexts and reader inputs),
+    ``score`` a retriever's score where one ranked it, ``has_answer`` DPR's answer flag where it
+    is known (reader training labels, retrieval results).
+    """
+
     text: str
     title: str = ""
+    id: str | None = None
+    score: float | None = None
+    has_answer: bool | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The biencoder-context JSON object of DPR (``passage_id``, ``score`` when known)."""
+        d: dict[str, Any] = {"title": self.title, "text": self.text}
+        if self.score is not None:
+            d["score"] = self.score
+        if self.id is not None:
+            d["passage_id"] = self.id
+        return d
 
 
 def read_passages_tsv(path: str | Path, check_unique: bool = True) -> list[Passage]:
@@ -190,8 +207,18 @@ def read_passages_tsv(path: str | Path, check_unique: bool = True) -> list[Passa
             if pid in seen:
                 raise DataFormatError(f"{path}, line {line}: duplicate passage id {pid!r}")
             seen.add(pid)
-        out.append(Passage(pid, text, title))
+        out.append(Passage(text, title, pid))
     return out
+
+
+def _write_tsv(path: str | Path, rows: Iterable[Sequence], config: dict[str, Any] | None) -> Path:
+    """Tab-separated ``rows``, atomically, each field on one line; the config beside it."""
+    with atomic_open(path, newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        for row in rows:
+            w.writerow([one_line(x) for x in row])
+    write_config(path, config)
+    return Path(path)
 
 
 def write_passages_tsv(
@@ -199,13 +226,8 @@ def write_passages_tsv(
 ) -> Path:
     """Write passages as DPR's TSV (with header), atomically. A line break inside a field is
     written as a space (no field of the format spans lines; the reader refuses one that does)."""
-    with atomic_open(path, newline="") as f:
-        w = csv.writer(f, delimiter="\t", lineterminator="\n")
-        w.writerow(PASSAGES_HEADER)
-        for p in passages:
-            w.writerow((one_line(p.id), one_line(p.text), one_line(p.title)))
-    write_config(path, config)
-    return Path(path)
+    rows = ((p.id, p.text, p.title) for p in passages)
+    return _write_tsv(path, itertools.chain([PASSAGES_HEADER], rows), config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,14 +314,9 @@ def write_qas_tsv(
     """
     questions = list(questions)
     with_ids = bool(questions) and all(q.id is not None for q in questions)
-    with atomic_open(path, newline="") as f:
-        w = csv.writer(f, delimiter="\t", lineterminator="\n")
-        for q in questions:
-            row = [q.question, repr([str(a) for a in q.answers])]
-            row = [one_line(x) for x in (row + [q.id] if with_ids else row)]
-            w.writerow(row)
-    write_config(path, config)
-    return Path(path)
+    rows = ([q.question, repr([str(a) for a in q.answers]), *([q.id] if with_ids else [])]
+            for q in questions)  # fmt: skip
+    return _write_tsv(path, rows, config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,30 +324,12 @@ def write_qas_tsv(
 
 
 @dataclasses.dataclass(frozen=True)
-class Context:
-    """A positive / negative passage of a biencoder record (``passage_id`` is optional)."""
-
-    text: str
-    title: str = ""
-    id: str | None = None
-    score: float | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"title": self.title, "text": self.text}
-        if self.score is not None:
-            d["score"] = self.score
-        if self.id is not None:
-            d["passage_id"] = self.id
-        return d
-
-
-@dataclasses.dataclass(frozen=True)
 class BiencoderExample:
     question: str
     answers: list[str]
-    positive_ctxs: list[Context]
-    negative_ctxs: list[Context] = dataclasses.field(default_factory=list)
-    hard_negative_ctxs: list[Context] = dataclasses.field(default_factory=list)
+    positive_ctxs: list[Passage]
+    negative_ctxs: list[Passage] = dataclasses.field(default_factory=list)
+    hard_negative_ctxs: list[Passage] = dataclasses.field(default_factory=list)
     id: str | None = None
     dataset: str | None = None
 
@@ -359,7 +358,7 @@ class BiencoderStats:
     skipped_no_positive: int
 
 
-def _ctx(value: Any, where: str) -> Context:
+def _ctx(value: Any, where: str) -> Passage:
     if not isinstance(value, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(value).__name__}")
     text = _check_str(value.get("text"), where, "text")
@@ -371,10 +370,10 @@ def _ctx(value: Any, where: str) -> Context:
             score = float(score)
         except (TypeError, ValueError):
             raise ValueError(f"{where}: field 'score' is not a number: {score!r:.40}") from None
-    return Context(text, title, None if pid is None else str(pid), score)
+    return Passage(text, title, None if pid is None else str(pid), score)
 
 
-def _ctx_list(rec: dict, key: str, where: str) -> list[Context]:
+def _ctx_list(rec: dict, key: str, where: str) -> list[Passage]:
     value = rec.get(key)
     if value is None:
         return []

@@ -27,8 +27,6 @@ its rows.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,10 +34,16 @@ from typing import Any
 
 import numpy as np
 
-from dpr_jax.data.formats import BiencoderExample, _check_answers, _check_str, _ctx_list, open_text
+from dpr_jax.data.formats import (
+    BiencoderExample,
+    Passage,
+    _check_answers,
+    _check_str,
+    _ctx_list,
+    open_text,
+)
 from dpr_jax.errors import optional_import
-from dpr_jax.io import replace_dir
-from dpr_jax.retriever.batching import Passage
+from dpr_jax.io import read_json_object, staged_dir
 
 FORMAT = "dpr-jax-biencoder-records"
 VERSION = 1
@@ -179,11 +183,9 @@ def convert_biencoder(src: str | Path, out_dir: str | Path, overwrite: bool = Fa
         raise FileNotFoundError(f"{src}: no such file (--biencoder)")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir}: exists (pass --overwrite to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     t0 = time.perf_counter()
     records = kept = skipped = 0
-    try:
+    with staged_dir(out_dir) as tmp:  # the path never stops naming a whole directory
         w_rec = ar.ArrayRecordWriter(str(tmp / RECORDS), WRITER_OPTIONS)
         w_pos = ar.ArrayRecordWriter(str(tmp / POSITIVES), WRITER_OPTIONS)
         for where, rec in iter_json_records(src):
@@ -209,10 +211,6 @@ def convert_biencoder(src: str | Path, out_dir: str | Path, overwrite: bool = Fa
             "seconds": round(time.perf_counter() - t0, 3),
         }
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        replace_dir(tmp, out_dir)  # the path never stops naming a whole directory
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 
@@ -254,7 +252,7 @@ class _Positives(Sequence):
         if isinstance(k, slice):
             return _Positives(self._source, self._index[k])
         d = json.loads(self._source.read(int(self._index[k])))
-        return Passage(d["title"], d["text"])
+        return Passage(text=d["text"], title=d["title"])
 
 
 class BiencoderRecords(Sequence):
@@ -313,10 +311,7 @@ def open_biencoder_records(directory: str | Path) -> BiencoderRecords:
             f"{directory}: not a biencoder record directory (no {META}); write one with "
             "`dpr-jax convert-data --biencoder FILE.json --out DIR`"
         )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
+    meta = read_json_object(meta_path, error=ValueError)
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(
             f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}, "

@@ -60,10 +60,10 @@ from dpr_jax.data.answers import AnswerMatcher
 from dpr_jax.data.bm25 import BM25Retriever, mine_hard_negatives
 from dpr_jax.data.formats import (
     BiencoderExample,
-    Context,
     Passage,
     Question,
     SquadArticle,
+    SquadQA,
     atomic_open,
     atomic_write_text,
     open_text,
@@ -218,7 +218,7 @@ def paragraph_chunks(
         art = articles[a]
         for p, par in enumerate(art.paragraphs):
             out[(a, p)] = [
-                Chunk(Passage(passage_id(a, p, c), text, art.title), s, e)
+                Chunk(Passage(text=text, title=art.title, id=passage_id(a, p, c)), s, e)
                 for c, (text, s, e) in enumerate(chunk_paragraph(par.context, words, chunking))
             ]
     return out
@@ -264,6 +264,28 @@ class SplitData:
     stats: dict[str, Any]
 
 
+def _positives(qa: SquadQA, cs: list[Chunk], matcher: AnswerMatcher, positive: str, counts: dict):
+    """The chunks of the question's paragraph that contain an answer, the one holding the
+    annotated answer start first (with ``positive="answer_start"``, that chunk alone when no
+    chunk matches); ``counts`` tallies questions, empty paragraphs and skips."""
+    counts["questions"] += 1
+    keys = matcher.answer_keys(qa.answers)
+    hits = [c for c in cs if matcher.match(keys, c.passage.text, key=c.passage.id)]
+    start = qa.answer_starts[0]
+    at = next((c for c in cs if c.char_start <= start < c.char_end), None)
+    if hits and at is not None and at in hits:
+        hits.remove(at)
+        hits.insert(0, at)
+    if not cs:
+        counts["empty_paragraph"] += 1
+    if not hits and positive == "answer_start" and at is not None:
+        hits = [at]
+        counts["positive_from_answer_start"] += 1
+    if not hits:
+        counts["skipped_no_positive"] += 1
+    return hits
+
+
 def build_split(
     articles: Sequence[SquadArticle],
     article_indices: Sequence[int],
@@ -290,39 +312,22 @@ def build_split(
     passages = [c.passage for cs in chunks.values() for c in cs]
     matcher = AnswerMatcher()
 
-    kept_qas, kept_pos, prov, questions = [], [], [], []
     counts = dict(questions=0, kept=0, skipped_no_positive=0, positive_from_answer_start=0,
                   empty_paragraph=0)  # fmt: skip
-
+    kept_qas, kept_pos, prov, questions = [], [], [], []
     for a in tqdm(article_indices, desc=f"{name}: positives", unit="article", disable=not progress):
         art = articles[a]
         for p, par in enumerate(art.paragraphs):
-            cs = chunks[(a, p)]
             for qa in par.qas:
-                counts["questions"] += 1
                 questions.append(Question(qa.question, list(qa.answers), qa.id))
-                keys = matcher.answer_keys(qa.answers)
-                hits = [c for c in cs if matcher.match(keys, c.passage.text, key=c.passage.id)]
-                start = qa.answer_starts[0]
-                at = next((c for c in cs if c.char_start <= start < c.char_end), None)
-                if hits and at is not None and at in hits:
-                    hits.remove(at)
-                    hits.insert(0, at)
-                if not cs:
-                    counts["empty_paragraph"] += 1
-                if not hits and positive == "answer_start" and at is not None:
-                    hits = [at]
-                    counts["positive_from_answer_start"] += 1
-                pos_ids = [c.passage.id for c in hits]
+                hits = _positives(qa, chunks[(a, p)], matcher, positive, counts)
                 prov.append({"id": qa.id, "question": qa.question, "answers": list(qa.answers),
                              "answer_starts": list(qa.answer_starts), "article": a,
                              "paragraph": p, "title": art.title,
-                             "positive_ids": pos_ids})  # fmt: skip
-                if not hits:
-                    counts["skipped_no_positive"] += 1
-                    continue
-                kept_qas.append(qa)
-                kept_pos.append([c.passage for c in hits])
+                             "positive_ids": [c.passage.id for c in hits]})  # fmt: skip
+                if hits:
+                    kept_qas.append(qa)
+                    kept_pos.append([c.passage for c in hits])
     counts["kept"] = len(kept_qas)
     timings["chunk_and_positives_s"] = time.time() - t0
 
@@ -351,7 +356,7 @@ def build_split(
     n_hard = []
     for qa, pos, rows, scores in zip(kept_qas, kept_pos, negs, neg_scores):
         hard = [
-            Context(passages[r].text, passages[r].title, passages[r].id, round(s, 4))
+            Passage(passages[r].text, passages[r].title, passages[r].id, round(s, 4))
             for r, s in zip(rows, scores)
         ]
         n_hard.append(len(hard))
@@ -359,7 +364,7 @@ def build_split(
             BiencoderExample(
                 question=qa.question,
                 answers=list(qa.answers),
-                positive_ctxs=[Context(p.text, p.title, p.id) for p in pos],
+                positive_ctxs=[Passage(p.text, p.title, p.id) for p in pos],
                 hard_negative_ctxs=hard,
                 id=qa.id,
                 dataset="squad1",

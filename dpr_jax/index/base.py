@@ -35,7 +35,6 @@ from __future__ import annotations
 import abc
 import datetime
 import importlib
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -44,7 +43,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from dpr_jax import __version__, io
-from dpr_jax.io import atomic_write_json
+from dpr_jax.io import atomic_write_json, read_json_object
 
 INDEX_CONFIG = "index_config.json"
 MANIFEST = "manifest.json"
@@ -298,12 +297,7 @@ def verify_manifest(directory: str | Path, checksums: bool = True) -> dict:
 
 def read_index_config(directory: str | Path) -> dict:
     p = Path(directory) / INDEX_CONFIG
-    try:
-        config = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{p}: not found (not an index directory?)") from None
-    except json.JSONDecodeError as e:
-        raise IndexIntegrityError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    config = read_json_object(p, "an index directory", error=IndexIntegrityError)
     for field in ("backend", "dim", "size"):
         if field not in config:
             raise IndexIntegrityError(f"{p}: missing field {field!r}")

@@ -68,6 +68,30 @@ def recall_at_k(got_ids: np.ndarray, true_ids: np.ndarray) -> float:
     return hits / true_ids.size
 
 
+def _check_inputs(index: Index, emb, queries, target_recall: float, k: int):
+    if not 0 < target_recall <= 1:
+        raise ValueError(f"target recall must be in (0, 1], got {target_recall}")
+    if int(k) < 1:
+        raise ValueError(f"tune k must be >= 1, got {k}")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.ndim != 2 or queries.shape[1] != index.dim or len(queries) == 0:
+        raise ValueError(f"tuning queries must be (Q, {index.dim}) with Q > 0, got {queries.shape}")
+    emb = np.asarray(emb)
+    if emb.shape != (index.size, index.dim):
+        raise ValueError(f"emb {emb.shape} is not the indexed ({index.size}, {index.dim}) vectors")
+    return queries, emb, min(int(k), index.size)
+
+
+def _qps(index: Index, queries: np.ndarray, k: int, params: dict, repeats: int, clock) -> float:
+    """Queries/s of one search setting: the best of ``repeats`` timed searches."""
+    best_s = math.inf
+    for _ in range(max(1, int(repeats))):
+        t0 = clock()
+        index.search(queries, k, **params)
+        best_s = min(best_s, clock() - t0)
+    return len(queries) / max(best_s, 1e-9)
+
+
 def tune(
     index: Index,
     emb: np.ndarray,
@@ -89,17 +113,7 @@ def tune(
     known; ``cache``: a dict kept between calls on the same index and queries (e.g. for several
     targets) so that no setting's recall is measured twice.
     """
-    if not 0 < target_recall <= 1:
-        raise ValueError(f"target recall must be in (0, 1], got {target_recall}")
-    if int(k) < 1:
-        raise ValueError(f"tune k must be >= 1, got {k}")
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    if queries.ndim != 2 or queries.shape[1] != index.dim or len(queries) == 0:
-        raise ValueError(f"tuning queries must be (Q, {index.dim}) with Q > 0, got {queries.shape}")
-    emb = np.asarray(emb)
-    if emb.shape != (index.size, index.dim):
-        raise ValueError(f"emb {emb.shape} is not the indexed ({index.size}, {index.dim}) vectors")
-    k = min(int(k), index.size)
+    queries, emb, k = _check_inputs(index, emb, queries, target_recall, k)
     space = index.tune_space(k)
     if not space:
         raise TuneError(
@@ -158,15 +172,11 @@ def tune(
             f"rebuild with a finer index (e.g. more leaves, larger M or m)"
         )
 
-    timed = []
-    for params in candidates:
-        best_s = math.inf
-        for _ in range(max(1, int(repeats))):
-            t0 = clock()
-            index.search(queries, k, **params)
-            best_s = min(best_s, clock() - t0)
-        qps = len(queries) / max(best_s, 1e-9)
-        timed.append({"params": params, "recall": round(recall_of(params), 6), "qps": qps})
+    timed = [
+        {"params": params, "recall": round(recall_of(params), 6),
+         "qps": _qps(index, queries, k, params, repeats, clock)}
+        for params in candidates
+    ]  # fmt: skip
     best = max(timed, key=lambda c: c["qps"])
     index.tuned = {
         "params": dict(best["params"]),

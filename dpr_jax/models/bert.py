@@ -14,7 +14,6 @@ Precision: parameters are always float32 (``param_dtype``); ``dtype`` is the com
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,6 +21,8 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from dpr_jax.io import read_json_object
 
 Array = jax.Array
 
@@ -97,12 +98,7 @@ class BertConfig:
     @classmethod
     def from_json_file(cls, path: str | Path) -> BertConfig:
         path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: config file not found") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        d = read_json_object(path, error=ValueError, missing="config file not found")
         # DPR configs from transformers nest nothing, but be lenient with {"bert": {...}} layouts.
         try:
             return cls.from_dict(d)

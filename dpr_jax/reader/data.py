@@ -59,7 +59,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dpr_jax.data.answers import AnswerMatcher, has_answer
-from dpr_jax.data.formats import open_text, read_biencoder, read_retrieval_results
+from dpr_jax.data.formats import Passage, open_text, read_biencoder, read_retrieval_results
 from dpr_jax.data.squad import parse_squad
 from dpr_jax.data.tokenize import DPRTokenizer
 
@@ -100,21 +100,12 @@ class ReaderInputConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ReaderPassage:
-    text: str
-    title: str = ""
-    id: str | None = None
-    has_answer: bool | None = None
-    score: float | None = None
-
-
-@dataclasses.dataclass(frozen=True)
 class ReaderExample:
     """A question with its answers and candidate passages (retrieval order)."""
 
     question: str
     answers: tuple[str, ...]
-    passages: tuple[ReaderPassage, ...]
+    passages: tuple[Passage, ...]
     id: str | None = None
 
 
@@ -192,7 +183,7 @@ class ReaderTokenizer:
             return []
         return [np.asarray(ids, np.int32) for ids in self._encode(answers)["input_ids"]]
 
-    def passage_tokens(self, passages: Sequence[ReaderPassage]) -> list[PassageTokens]:
+    def passage_tokens(self, passages: Sequence[Passage]) -> list[PassageTokens]:
         """Tokenize (title, text) of each passage; cached, new ones in one batched call."""
         keys = [(p.title or "", p.text or "") for p in passages]
         todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
@@ -439,13 +430,15 @@ def _retrieval_examples(path: Path) -> list[ReaderExample]:
     out = []
     for r in read_retrieval_results(path):
         passages = tuple(
-            ReaderPassage(
+            Passage(
                 c["text"],
                 c["title"],
                 c["id"],
-                bool(c["has_answer"]) if "has_answer" in c else has_answer(r["answers"], c["text"]),
-                c["score"],
-            )  # fmt: skip
+                score=c["score"],
+                has_answer=bool(c["has_answer"])
+                if "has_answer" in c
+                else has_answer(r["answers"], c["text"]),
+            )
             for c in r["ctxs"]
         )
         out.append(ReaderExample(r["question"], tuple(r["answers"]), passages))
@@ -456,7 +449,7 @@ def _biencoder_examples(path: Path) -> list[ReaderExample]:
     examples, _ = read_biencoder(path)
 
     def conv(c, flag):
-        return ReaderPassage(c.text, c.title, c.id, flag, c.score)
+        return Passage(c.text, c.title, c.id, score=c.score, has_answer=flag)
 
     return [
         ReaderExample(
@@ -486,9 +479,7 @@ def squad_examples(
     matcher = AnswerMatcher()
     out = []
     for a, art in enumerate(articles):
-        paras = [
-            ReaderPassage(p.context, art.title, f"{a}-{j}") for j, p in enumerate(art.paragraphs)
-        ]
+        paras = [Passage(p.context, art.title, f"{a}-{j}") for j, p in enumerate(art.paragraphs)]
         for j, par in enumerate(art.paragraphs):
             for q, qa in enumerate(par.qas):
                 rng = np.random.default_rng([seed, a, j, q])
@@ -528,12 +519,12 @@ def read_reader_examples(
     return squad_examples(parse_squad(data, path), max_negatives, seed)
 
 
-def as_passage(p: Any, where: str = "passage") -> ReaderPassage:
-    """A ReaderPassage from a ReaderPassage, a dict ({text, title?, id?}) or a plain string."""
-    if isinstance(p, ReaderPassage):
+def as_passage(p: Any, where: str = "passage") -> Passage:
+    """A Passage from a Passage, a dict ({text, title?, id?}) or a plain string."""
+    if isinstance(p, Passage):
         return p
     if isinstance(p, str):
-        return ReaderPassage(p)
+        return Passage(p)
     if isinstance(p, dict):
         text = p.get("text")
         if not isinstance(text, str):
@@ -542,13 +533,13 @@ def as_passage(p: Any, where: str = "passage") -> ReaderPassage:
         if not isinstance(title, str):
             raise ValueError(f"{where}: field 'title' must be a string")
         pid = p.get("id", p.get("passage_id"))
-        return ReaderPassage(text, title, None if pid is None else str(pid), p.get("has_answer"),
-                             p.get("score"))  # fmt: skip
+        pid = None if pid is None else str(pid)
+        return Passage(text, title, pid, score=p.get("score"), has_answer=p.get("has_answer"))
     for name in ("text", "title"):
         if not hasattr(p, name):
             raise ValueError(f"{where}: expected a dict, a string or an object with text/title")
     pid = getattr(p, "id", None)
-    return ReaderPassage(p.text, p.title or "", None if pid is None else str(pid))
+    return Passage(p.text, p.title or "", None if pid is None else str(pid))
 
 
 def sample_examples(examples: list, limit: int, seed: int) -> list:

@@ -42,11 +42,10 @@ from tqdm.auto import tqdm
 
 from dpr_jax.checkpoint import load_model, load_tokenizer
 from dpr_jax.data.answers import exact_match_score, f1_score
-from dpr_jax.data.formats import write_reader_predictions
+from dpr_jax.data.formats import Passage, write_reader_predictions
 from dpr_jax.parallel import batch_sharding, make_mesh, replicated
 from dpr_jax.reader.data import (
     ReaderInputConfig,
-    ReaderPassage,
     ReaderSequence,
     ReaderTokenizer,
     as_passage,
@@ -160,7 +159,7 @@ class PassageLogits:
 
 
 def _read_passage(
-    passage: ReaderPassage, offsets: np.ndarray, subword: np.ndarray, logits: PassageLogits,
+    passage: Passage, offsets: np.ndarray, subword: np.ndarray, logits: PassageLogits,
     idx: int, max_answer_length: int,
 ) -> SpanPrediction | None:  # fmt: skip
     n = len(logits.start)
@@ -174,7 +173,7 @@ def _read_passage(
 
 
 def select_predictions(
-    passages: Sequence[ReaderPassage],
+    passages: Sequence[Passage],
     offsets: Sequence[np.ndarray],
     subwords: Sequence[np.ndarray],
     logits: Sequence[PassageLogits],
@@ -232,7 +231,7 @@ class ReaderPredictor:
     """Reads answers out of passages with a reader model.
 
     ``predict(questions, passages_per_question)`` -> one :class:`QuestionPrediction` per
-    question. Passages may be :class:`ReaderPassage` s, dicts ``{text, title?, id?}`` or strings.
+    question. Passages may be :class:`~dpr_jax.data.formats.Passage` s, dicts ``{text, title?, id?}`` or strings.
     All (question, passage) pairs are run through the model in fixed-shape batches of
     ``batch_size`` sequences (rounded up to a multiple of the local device count), padded with
     empty sequences at the end.
@@ -286,7 +285,7 @@ class ReaderPredictor:
         self.params = jax.device_put(params, replicated(self.mesh))
 
     def passage_logits(
-        self, questions: Sequence[str], passages: Sequence[Sequence[ReaderPassage]],
+        self, questions: Sequence[str], passages: Sequence[Sequence[Passage]],
         progress: bool = False,
     ) -> tuple[list[list[PassageLogits]], list[list[Any]]]:  # fmt: skip
         """Reader outputs for every pair -> (logits[q][p], passage tokens[q][p])."""

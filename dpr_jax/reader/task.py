@@ -50,7 +50,7 @@ from dpr_jax.reader.span import ReaderPredictor, evaluate_predictions
 from dpr_jax.reader.step import make_train_step
 from dpr_jax.training import config as training_config
 from dpr_jax.training import loop
-from dpr_jax.training.config import check_training_fields
+from dpr_jax.training.config import check_model_source, check_training_fields
 from dpr_jax.training.config import expand_path as _expand
 from dpr_jax.training.config import minilm_path as _minilm_path
 from dpr_jax.training.optimizer import make_optimizer, optimizer_key
@@ -154,18 +154,8 @@ class ReaderTrainConfig:
         check_training_fields(self, bad)
         if not self.eval_top_k or min(self.eval_top_k) < 1:
             bad("eval_top_k", "must be positive integers")
-        if not self.init_from and not self.model:
-            raise ValueError(
-                "ReaderTrainConfig: set init_from (a model directory, a Hugging Face directory or "
-                "'minilm') or model (a BertConfig dict, random init)"
-            )
-        if not self.init_from and not self.tokenizer:
-            bad("tokenizer", "is needed for a random model (init_from is empty)")
-        if self.model is not None:
-            try:
-                BertConfig.from_dict(self.model)
-            except (TypeError, KeyError, ValueError) as e:
-                raise ValueError(f"ReaderTrainConfig.model: not a BertConfig dict ({e})") from None
+        check_model_source(self, bad, BertConfig.from_dict,
+                           "a model directory, a Hugging Face directory or 'minilm'")  # fmt: skip
 
     @property
     def input_config(self):

@@ -42,20 +42,16 @@ from typing import Any
 
 import numpy as np
 
-
-@dataclasses.dataclass(frozen=True)
-class Passage:
-    title: str
-    text: str
+from dpr_jax.data.formats import Passage
 
 
 def ctx_passage(ctx: Any) -> Passage:
-    """A positive/negative context of a biencoder record (dict or object) -> Passage."""
-    if isinstance(ctx, Passage):
-        return ctx
+    """What the passage tower reads of a biencoder context (a Passage, dict or object with
+    ``text`` / ``title``): a Passage of its title and text only, so that batches from JSON and
+    from records (which store no ids or scores) are equal."""
     if isinstance(ctx, dict):
-        return Passage(ctx.get("title") or "", ctx["text"])
-    return Passage(getattr(ctx, "title", "") or "", ctx.text)
+        return Passage(ctx["text"], ctx.get("title") or "")
+    return Passage(ctx.text, getattr(ctx, "title", "") or "")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -86,7 +86,7 @@ from dpr_jax.retriever.step import LossConfig, make_train_step
 from dpr_jax.sharding import state_shardings
 from dpr_jax.training import config as training_config
 from dpr_jax.training import loop
-from dpr_jax.training.config import check_training_fields
+from dpr_jax.training.config import check_model_source, check_training_fields
 from dpr_jax.training.config import expand_path as _expand
 from dpr_jax.training.config import minilm_path as _minilm_path
 from dpr_jax.training.optimizer import make_optimizer, optimizer_key
@@ -189,19 +189,7 @@ class TrainConfig:
             bad("scale", "must be > 0")
         if self.remat_policy and not hasattr(jax.checkpoint_policies, self.remat_policy):
             bad("remat_policy", "must name a jax.checkpoint_policies policy")
-        if not self.init_from and not self.model:
-            raise ValueError(
-                "TrainConfig: set init_from (a model directory) or model (random init)"
-            )
-        if not self.init_from and not self.tokenizer:
-            bad("tokenizer", "is needed for a random model (init_from is empty)")
-        if self.model is not None:
-            try:
-                EncoderConfig.from_dict(self.model)
-            except (TypeError, KeyError, ValueError) as e:
-                raise ValueError(
-                    f"TrainConfig.model: not a valid EncoderConfig dict ({e})"
-                ) from None
+        check_model_source(self, bad, EncoderConfig.from_dict, "a model directory")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -37,6 +37,22 @@ def check_training_fields(config: Any, bad) -> None:
         bad("keep_checkpoints", "must be >= 1")
 
 
+def check_model_source(config: Any, bad, parse_model, init_from: str) -> None:
+    """A config starts from ``init_from`` (``init_from`` says what it may name) or from a random
+    model given by ``config.model``, a dict ``parse_model`` accepts; a random model needs a
+    tokenizer. ``bad(field, why)`` raises."""
+    name = type(config).__name__
+    if not config.init_from and not config.model:
+        raise ValueError(f"{name}: set init_from ({init_from}) or model (random init)")
+    if not config.init_from and not config.tokenizer:
+        bad("tokenizer", "is needed for a random model (init_from is empty)")
+    if config.model is not None:
+        try:
+            parse_model(config.model)
+        except (TypeError, KeyError, ValueError) as e:
+            raise ValueError(f"{name}.model: not a valid model dict ({e})") from None
+
+
 def expand_path(path: str) -> str:
     """``~`` and ``$VARS`` expanded (an empty path stays empty)."""
     return os.path.expanduser(os.path.expandvars(path)) if path else path

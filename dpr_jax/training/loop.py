@@ -174,6 +174,40 @@ def _export(task: Task, workdir: Path, state, step: int, dev) -> None:
         raise error
 
 
+def _check_batch_sizes(config, n_dev: int) -> None:
+    for f in ("batch_size", "eval_batch_size"):
+        v = getattr(config, f, 0) or config.batch_size
+        if v % n_dev:
+            raise ValueError(
+                f"{type(config).__name__}.{f} = {v} is not a multiple of the {n_dev} devices"
+            )
+
+
+def _write_resolved_config(task: Task, path: Path, n_dev: int) -> None:
+    """The run's config and what it resolved to (steps, devices, platform) beside its output."""
+    resolved = {"config": task.config.to_dict(), "resolved": {
+        **task.resolved(), "total_steps": task.total_steps, "steps_per_epoch": task.steps_per_epoch,
+        "devices": n_dev, "processes": jax.process_count(),
+        "platform": jax.devices()[0].platform, "jax": jax.__version__,
+    }}  # fmt: skip
+    path.write_text(json.dumps(resolved, indent=2, default=str))
+
+
+def _evaluate(task: Task, state, step: int, log: MetricsLog, stop) -> dict[str, float]:
+    """Validate ``state`` at ``step``, log it; refuse non-finite parameters or scores."""
+    # NaN parameters still "read" spans and rank passages: never score a non-finite model
+    check_finite_state(state.params, step, "the parameters to validate are", stop)
+    t0 = time.perf_counter()
+    m = task.evaluate(state)
+    m["eval_seconds"] = time.perf_counter() - t0
+    log.write({"split": "dev", "step": step, **m})
+    if not all(math.isfinite(v) for v in m.values()):
+        raise DivergenceError(f"step {step}: the validation scores are not finite{stop()}")
+    if log.enabled:
+        tqdm.write(f"[dev step {step}] {task.eval_line(m, step)} ({m['eval_seconds']:.0f}s)")
+    return m
+
+
 def train_and_evaluate(task: Task, workdir: str | Path, mesh) -> dict[str, float]:
     """Train (or resume) ``task`` in ``workdir`` over ``mesh``; returns the final dev metrics (or
     the last train metrics when there is no dev set), with ``step``."""
@@ -181,13 +215,7 @@ def train_and_evaluate(task: Task, workdir: str | Path, mesh) -> dict[str, float
     workdir = Path(expand_path(str(workdir))).absolute()
     primary = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
-    n_dev = mesh.devices.size
-    for f in ("batch_size", "eval_batch_size"):
-        v = getattr(config, f, 0) or config.batch_size
-        if v % n_dev:
-            raise ValueError(
-                f"{type(config).__name__}.{f} = {v} is not a multiple of the {n_dev} devices"
-            )
+    _check_batch_sizes(config, mesh.devices.size)
 
     # A checkpoint of another configuration is refused before anything expensive happens.
     ckpts = Checkpoints(workdir / "checkpoints", config.keep_checkpoints,
@@ -196,13 +224,8 @@ def train_and_evaluate(task: Task, workdir: str | Path, mesh) -> dict[str, float
     latest = ckpts.latest_step()
     saved = ckpts.check(latest, expect) if latest is not None else None
     task.prepare(mesh)
-    resolved = {"config": config.to_dict(), "resolved": {
-        **task.resolved(), "total_steps": task.total_steps, "steps_per_epoch": task.steps_per_epoch,
-        "devices": n_dev, "processes": jax.process_count(),
-        "platform": jax.devices()[0].platform, "jax": jax.__version__,
-    }}  # fmt: skip
     if primary:
-        (workdir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
+        _write_resolved_config(task, workdir / "config.json", mesh.devices.size)
     state, position = _resume_or_init(task, ckpts, latest, saved)
     start_step = int(state.step)
     log = MetricsLog(workdir / "metrics.jsonl", primary)
@@ -217,17 +240,7 @@ def train_and_evaluate(task: Task, workdir: str | Path, mesh) -> dict[str, float
             ckpts.check_steps(zip(range(step - len(host) + 1, step + 1), host))
 
     def run_eval(step: int) -> dict[str, float]:
-        # NaN parameters still "read" spans and rank passages: never score a non-finite model
-        check_finite_state(state.params, step, "the parameters to validate are", stop)
-        t0 = time.perf_counter()
-        m = task.evaluate(state)
-        m["eval_seconds"] = time.perf_counter() - t0
-        log.write({"split": "dev", "step": step, **m})
-        if not all(math.isfinite(v) for v in m.values()):
-            raise DivergenceError(f"step {step}: the validation scores are not finite{stop()}")
-        if primary:
-            tqdm.write(f"[dev step {step}] {task.eval_line(m, step)} ({m['eval_seconds']:.0f}s)")
-        return m
+        return _evaluate(task, state, step, log, stop)
 
     last_eval: dict[str, float] | None = None
     if task.has_evaluator and config.eval_at_start and start_step == 0:
