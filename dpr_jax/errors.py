@@ -25,6 +25,11 @@ class MissingDependency(UserError, ImportError):
     """An optional dependency is not installed; the message names the extra that brings it."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, after the work was put in order; the message says what was kept (the command
+    line prints it on its one line)."""
+
+
 def optional_import(module: str, extra: str, what: str):
     """``importlib.import_module(module)``, or :class:`MissingDependency` saying
     ``"<what> needs <module>: pip install 'dpr-jax[<extra>]'"``. Heavy optional dependencies

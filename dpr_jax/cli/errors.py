@@ -93,8 +93,9 @@ def run_command(name: str, cli_main: Callable[[list[str]], int | None], argv: li
     debug, argv = debug_requested(argv)
     try:
         return int(cli_main(argv) or 0)
-    except KeyboardInterrupt:
-        print(f"dpr-jax {name}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        kept = f"; {e}" if str(e) else ""
+        print(f"dpr-jax {name}: interrupted{kept}", file=sys.stderr)
         return 130
     except Exception as e:
         if not is_user_error(e):

@@ -38,6 +38,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from dpr_jax.errors import Interrupted
 from dpr_jax.finite import DivergenceError, check_finite_state
 from dpr_jax.parallel import gather_to_host
 from dpr_jax.training.checkpoints import CheckpointError, Checkpoints, short_error
@@ -105,27 +106,27 @@ def _checkpoint_state(state):
     return gather_to_host(state) if jax.process_count() == 1 else state
 
 
-def _save_on_interrupt(task, ckpts, state, saved_step, start_step, start_position, expect):
-    """Checkpoint the last finished step after Ctrl-C. The step is read from the state itself
-    (the interrupt may fall between two statements of the loop) and its data position is
-    recomputed from the run's start, so state and position always match."""
+def _save_on_interrupt(task, ckpts, state, saved_step, start_step, start_position, expect) -> str:
+    """Checkpoint the last finished step after Ctrl-C; returns what was kept, for the one line
+    the command prints. The step is read from the state itself (the interrupt may fall between
+    two statements of the loop) and its data position is recomputed from the run's start, so
+    state and position always match."""
     if jax.process_count() > 1:  # the other processes were not interrupted: no joint save
-        return
+        return f"resume from the last checkpoint in {ckpts.directory}"
     try:
         done = int(state.step)
         if done <= saved_step:
-            tqdm.write(
-                f"interrupted: step {saved_step} is the last checkpoint in {ckpts.directory}"
-            )
-            return
+            if ckpts.latest_step() is None:
+                return "no step had finished: nothing saved"
+            return f"step {saved_step} is the last checkpoint in {ckpts.directory}"
         pos = start_position
         for _ in range(done - start_step):
             pos = task.next_position(pos)
         ckpts.save(done, _checkpoint_state(state), {"position": pos.to_dict(), **expect})
         ckpts.wait()
-        tqdm.write(f"interrupted: saved step {done} in {ckpts.directory}")
+        return f"saved step {done} in {ckpts.directory}"
     except Exception as e:  # e.g. the state's buffers were donated to a step that never ran
-        tqdm.write(f"interrupted: could not checkpoint ({type(e).__name__}: {short_error(e)})")
+        return f"could not checkpoint ({type(e).__name__}: {short_error(e)})"
 
 
 def _resume_or_init(task: Task, ckpts: Checkpoints, latest, saved) -> tuple[TrainState, Any]:
@@ -292,8 +293,10 @@ def train_and_evaluate(task: Task, workdir: str | Path, mesh) -> dict[str, float
                 )
                 saved_step = step
     except KeyboardInterrupt:  # keep the finished steps: checkpoint, then stop as asked
-        _save_on_interrupt(task, ckpts, state, saved_step, start_step, start_position, expect)
-        raise
+        bar.close()
+        kept = _save_on_interrupt(task, ckpts, state, saved_step, start_step, start_position,
+                                  expect)  # fmt: skip
+        raise Interrupted(kept) from None
     bar.close()
     ckpts.wait()
     ckpts.close()
