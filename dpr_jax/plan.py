@@ -648,11 +648,15 @@ def fit(
     max_compiles: int = 4,
     margin: float = 1.5,
     log=None,
+    calibrated_margin: float = 1.1,
 ) -> tuple[Plan | None, list[dict]]:
     """The cheapest setting that fits: candidates ranked by estimated step time (then: no FSDP,
     larger GradCache chunks, fewer changes); those whose analytic memory exceeds ``margin`` x
     HBM are skipped; the others are compiled in order until one fits (at most
-    ``max_compiles``). After each compile, the estimate is rescaled by measured / estimated.
+    ``max_compiles``). After each compile, the estimate is rescaled by measured / estimated and
+    trusted more: from then on a candidate is skipped above ``calibrated_margin`` x HBM (a
+    compile of bert-large takes ~20 min of one CPU core: a pod team should not wait for one
+    that the measured scale already rules out).
     Returns (the plan that fits or None, a log of the candidates tried)."""
     log = log or functools.partial(print, flush=True)
     n = len(devices)
@@ -676,7 +680,7 @@ def fit(
     compiles = 0
     for _, changes, cand, est in scored:
         overrides = _as_overrides(config, changes)
-        if est * scale > margin * chip.hbm_gib * GIB:
+        if est * scale > (calibrated_margin if compiles else margin) * chip.hbm_gib * GIB:
             tried.append({"overrides": overrides, "est_gib": est * scale / GIB, "skipped": True})
             continue
         if compiles >= max_compiles:
@@ -685,6 +689,8 @@ def fit(
             f"(estimated {est * scale / GIB:.1f} GiB/chip)")  # fmt: skip
         plan = compile_plan(cand, chip, devices, topology, overrides)
         compiles += 1
+        log(f"  -> {plan.per_chip_gib:.2f} GiB/chip: {'fits' if plan.fits else 'does not fit'} "
+            f"(compiled in {plan.compile_s:.0f} s)")  # fmt: skip
         scale = plan.per_chip_gib * GIB / max(est, 1.0)
         tried.append({"overrides": overrides, "est_gib": est / GIB, "per_chip_gib":
                       plan.per_chip_gib, "fits": plan.fits, "compile_s": plan.compile_s})  # fmt: skip

@@ -37,6 +37,12 @@ CASES: dict[str, tuple[str, list[str], str, bool]] = {
     "bert-base 4096 v5e:4x4": (BASE[0], [BASE[1], "batch_size=4096"], "v5e:4x4", True),
     "bert-base 65536 v5e:16x16": (BASE[0], [BASE[1], "batch_size=65536"], "v5e:16x16", True),
     "bert-large 4096 v5e:4x4": ("configs/bert_large_pair.py", [], "v5e:4x4", True),
+    "bert-large 4096 v5e:4x4 fsdp+remat+gc32": (
+        "configs/bert_large_pair.py",
+        ["fsdp=true", "remat=true", "grad_cache_chunk=32"],
+        "v5e:4x4",
+        False,
+    ),
     "1B pair 4096 v5e:4x4": ("configs/bert_1b_pair.py", [], "v5e:4x4", True),
     "1B pair 4096 v5e:4x4 fsdp+remat+gc64": (
         "configs/bert_1b_pair.py",
