@@ -8,7 +8,9 @@ turns exceptions into exit codes (see :mod:`dpr_jax.cli.errors`).
 
 from __future__ import annotations
 
+import glob
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -61,6 +63,25 @@ def _default_cpu_devices(name: str) -> None:
     n = int(os.environ.get("DPR_JAX_CPU_DEVICES", DEFAULT_CPU_DEVICES))
     if n > 0 and "jax" not in sys.modules:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+GPU_PLUGINS = ("jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin")
+
+
+def cpu_host_with_libtpu() -> None:
+    """Before jax is imported: on a host that has libtpu (the ``[tpu]`` extra, installed for
+    ``dpr-jax plan``) but no TPU chip (``/dev/accel*``, ``/dev/vfio``) and no GPU plugin, run
+    JAX on the CPU (``JAX_PLATFORMS=cpu``) instead of letting every command probe for TPUs and
+    print libtpu's warnings about worker hostnames. An explicit JAX_PLATFORMS is left alone."""
+    if "JAX_PLATFORMS" in os.environ or "jax" in sys.modules:
+        return
+    if glob.glob("/dev/accel*") or os.path.exists("/dev/vfio"):
+        return
+    if importlib.util.find_spec("libtpu") is None:
+        return
+    if any(importlib.util.find_spec(m) is not None for m in GPU_PLUGINS):
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 # The train step on XLA:CPU runs faster with its dots and reductions left to XLA's own emitters
@@ -116,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpr-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     _default_cpu_devices(name)
+    cpu_host_with_libtpu()
     if name in TRAIN_COMMANDS:
         train_xla_flags()
     if name == "plan":
