@@ -160,15 +160,15 @@ def atomic_save_npy(path: str | Path, array: np.ndarray) -> Path:
 
 def read_json(
     path: str | Path, what: str = "file", error: type[Exception] = IntegrityError,
-    missing: str | None = None,
+    missing: str | None = None, missing_error: type[Exception] = FileNotFoundError,
 ) -> Any:  # fmt: skip
-    """The JSON value of a small file. A missing file is a FileNotFoundError saying ``missing``
+    """The JSON value of a small file. A missing file is a ``missing_error`` saying ``missing``
     (default "not found (not a {what}?)"); undecodable JSON an ``error`` naming the file."""
     path = Path(path)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: {missing or f'not found (not a {what}?)'}") from None
+        raise missing_error(f"{path}: {missing or f'not found (not a {what}?)'}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path}: not valid JSON ({e})") from None
 
@@ -341,12 +341,9 @@ def verify_manifest(
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: {what} not found")
     mpath = directory / MANIFEST
-    try:
-        manifest = json.loads(mpath.read_text())
-    except FileNotFoundError:
-        raise error(f"{mpath}: missing ({missing_hint})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{mpath}: invalid JSON ({e})") from None
+    manifest = read_json(
+        mpath, error=error, missing=f"missing ({missing_hint})", missing_error=error
+    )
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict):
         raise error(f"{mpath}: field 'files' is missing")

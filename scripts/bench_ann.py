@@ -133,7 +133,7 @@ def synthetic(n: int, d: int, n_queries: int, seed: int = 0, chunk: int = 65536)
 
 
 def numpy_topk(queries, emb, k, batch: int = 64):
-    """Exact MIPS with numpy (BLAS sgemm + argpartition): rows (Q, k), scores (Q, k)."""
+    """Exact MIPS with numpy (BLAS sgemm + argpartition): scores (Q, k), rows (Q, k)."""
     import numpy as np
 
     rows = np.empty((len(queries), k), np.int64)
