@@ -13,8 +13,9 @@ On one set of passage vectors, in one process, at one search thread count:
 
 ``--mode tuned`` instead builds ScaNN, FAISS HNSW and FAISS IVF-PQ once each and auto-tunes each
 to every ``--targets`` recall (:func:`dpr_jax.index.tune.tune` on ``--tune-queries`` separate
-queries), then measures recall and q/s at the tuned knobs on the benchmark queries: every
-method at its own tuned setting, with the ScaNN / best-FAISS q/s ratio per target.
+queries), then measures recall and q/s at the tuned knobs on the benchmark queries, every tuned setting in
+turn for ``--repeats`` rounds (best kept: load changes hit all methods alike): every method at its
+own tuned setting, with the ScaNN / best-FAISS q/s ratio per target.
 ``--mode sharded`` compares numpy brute force with exact JAX search sharded over 1 and 8 CPU
 devices (``--devices``; one subprocess per device count, since XLA fixes it at start-up).
 
@@ -64,6 +65,11 @@ def parse_args(argv=None):
     ap.add_argument("--targets", default="0.90,0.95,0.99", help="recall targets (--mode tuned)")
     ap.add_argument("--tune-queries", type=int, default=500,
                     help="tuning queries, separate from the benchmark ones (--mode tuned)")  # fmt: skip
+    ap.add_argument(
+        "--scann-options",
+        default="{}",
+        help="JSON of ScaNN build options (--mode tuned), e.g. '{\"soar_lambda\": 1.5}'",
+    )
     ap.add_argument("--devices", default="1,8", help="CPU device counts (--mode sharded)")
     ap.add_argument("--sharded-child", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -307,24 +313,27 @@ class Bench:
     # auto-tuned ------------------------------------------------------------------------------
 
     def tuned(self, tune_queries, targets):
-        """Each method built once and tuned to each target on ``tune_queries``; recall and q/s
-        measured at the tuned knobs on the benchmark queries."""
+        """Each method built once and tuned to each target on ``tune_queries``; then every tuned
+        setting timed on the benchmark queries in turn, round-robin (``--repeats`` rounds, best
+        kept), so that a change in machine load hits every method alike."""
         from dpr_jax.index.tune import TuneError, tune
 
         n = len(self.emb)
         sec, (_, tune_rows) = timed(lambda: numpy_topk(tune_queries, self.emb, self.k), 1)
         self.log(f"exact neighbours of {len(tune_queries)} tuning queries in {sec:.1f}s")
+        scann_opts = {"scoring": "ah", "num_leaves": max(2, round(math.sqrt(n)))}
         methods = [
-            ("ScaNN tree-AH", "scann", {"scoring": "ah", "num_leaves": max(2, round(math.sqrt(n)))}),
+            ("ScaNN tree-AH", "scann", {**scann_opts, **json.loads(self.args.scann_options)}),
             ("FAISS HNSW", "faiss-hnsw", {"M": 32, "ef_construction": 40}),
             ("FAISS IVF-PQ + refine", "faiss-ivfpq", {"refine": True}),
         ]  # fmt: skip
         skip = set(filter(None, self.args.skip.split(",")))
         rows = self.results.setdefault("tuned", [])
+        indexes = {}
         for name, backend, opts in methods:
             if {"scann": "scann", "faiss-hnsw": "hnsw", "faiss-ivfpq": "ivfpq"}[backend] in skip:
                 continue
-            index = self.build(name, backend, **opts)
+            index = indexes[name] = self.build(name, backend, **opts)
             build_s = self.results["builds"][name]["build_s"]
             cache = {}
             for target in targets:
@@ -338,20 +347,28 @@ class Bench:
                     self.log(f"  {name} @ {target}: {e}")
                     rows.append(row)
                     continue
-                p = t["params"]
-                sec, (_, got) = timed(lambda p=p, ix=index: ix.search(self.queries, self.k, **p),
-                                      self.args.repeats)  # fmt: skip
-                row.update(params=p, tune_recall=t["recall"], tune_qps=t["qps"],
-                           recall=recall(got, self.true_ids), qps=self.qps(sec),
-                           tune_s=time.perf_counter() - t0,
-                           candidates=t["candidates"])  # fmt: skip
+                row.update(params=t["params"], tune_recall=t["recall"], tune_qps=t["qps"],
+                           tune_s=time.perf_counter() - t0, candidates=t["candidates"],
+                           qps=0.0)  # fmt: skip
                 rows.append(row)
-                self.log(f"  {name} @ {target}: {p} recall {row['recall']:.4f} "
-                         f"(tuning {t['recall']:.4f}), {row['qps']:.0f} q/s, "
-                         f"tuned in {row['tune_s']:.0f}s")  # fmt: skip
-                self.save()
-            del index
-            gc.collect()
+                self.log(f"  {name} @ {target}: tuned {t['params']} recall {t['recall']:.4f}, "
+                         f"{t['qps']:.0f} q/s in {row['tune_s']:.0f}s")  # fmt: skip
+            self.save()
+        timed_rows = [r for r in rows if r.get("params") is not None]
+        for round_ in range(self.args.repeats):
+            for r in timed_rows:
+                index, p = indexes[r["method"]], r["params"]
+                sec, (_, got) = timed(lambda p=p, ix=index: ix.search(self.queries, self.k, **p), 1)
+                r["qps"] = max(r["qps"], self.qps(sec))
+                r["recall"] = recall(got, self.true_ids)
+            self.log(f"timing round {round_ + 1}/{self.args.repeats}: "
+                     + ", ".join(f"{r['method']} @ {r['target']} {r['qps']:.0f} q/s"
+                                 for r in timed_rows))  # fmt: skip
+        for r in timed_rows:
+            self.log(f"  {r['method']} @ {r['target']}: {r['params']} recall {r['recall']:.4f} "
+                     f"(tuning {r['tune_recall']:.4f}), {r['qps']:.0f} q/s")  # fmt: skip
+        indexes.clear()
+        gc.collect()
         self.save()
 
     def tuned_headline(self):
@@ -389,6 +406,8 @@ class Bench:
             knobs = ", ".join(f"{k}={v}" for k, v in r["params"].items())
             L.append(f"| {r['method']} | {r['target']:.2f} | {knobs} | {r['tune_recall']:.4f} "
                      f"| {r['recall']:.4f} | {r['qps']:,.0f} | {r['build_s']:.1f} |")  # fmt: skip
+        L += [""] + [f"- {name} built with `{json.dumps(b['options'], sort_keys=True)}`"
+                     for name, b in self.results["builds"].items()]  # fmt: skip
         L += ["", "| target | best FAISS | ScaNN / FAISS q/s |", "|---|---|---|"]
         for target, h in self.results.get("tuned_headline", {}).items():
             ratio = f"{h['ratio']:.2f}x" if h["ratio"] else "n/a"
