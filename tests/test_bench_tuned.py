@@ -59,3 +59,30 @@ def test_tuned_headline_and_table(bench, tmp_path):
     assert "| FAISS HNSW | 0.95 | not reached |" in table
     assert "| 0.90 | FAISS IVF-PQ + refine | 2.00x |" in table
     assert "| 0.99 | FAISS HNSW | n/a |" in table
+
+
+def test_tuned_headline_second_scann_build(bench, tmp_path):
+    """With --scann-options the table carries both ScaNN builds' ratios to the same best FAISS."""
+    args = argparse.Namespace(k=10, out=str(tmp_path), skip="")
+    b = bench.Bench(args, None, None, [0] * 100)
+    b.results["config"] = {"data": "hand-made", "n": 1000, "dim": 8, "num_queries": 100,
+                           "tune_queries": 50, "threads": 1, "build_threads": 2, "cpu": "cpu",
+                           "loadavg_start": (1.0, 1.0, 1.0), "command": "python x"}  # fmt: skip
+    soar = 'ScaNN tree-AH {"soar_lambda": 1.5}'
+    b.results["builds"] = {"ScaNN tree-AH": {"options": {"num_leaves": 10}},
+                           soar: {"options": {"num_leaves": 10, "soar_lambda": 1.5}}}  # fmt: skip
+    b.results["tuned"] = [
+        {"method": m, "target": 0.95, "build_s": 1.0, "params": {"knob": 1}, "tune_recall": 0.96,
+         "recall": 0.95, "qps": q}
+        for m, q in [("ScaNN tree-AH", 1300.0), (soar, 2000.0), ("FAISS IVF-PQ + refine", 1000.0)]
+    ]  # fmt: skip
+    h = b.tuned_headline()["0.95"]
+    assert h["ratio"] == pytest.approx(1.3)
+    assert h["ratios"] == {"ScaNN tree-AH": pytest.approx(1.3), soar: pytest.approx(2.0)}
+    b.write_tuned_table()
+    table = (tmp_path / "table.md").read_text()
+    assert f"| 0.95 | FAISS IVF-PQ + refine | ScaNN tree-AH: 1.30x, {soar}: 2.00x |" in table
+    assert (
+        '- ScaNN tree-AH {"soar_lambda": 1.5} built with `{"num_leaves": 10, "soar_lambda": 1.5}`'
+        in table
+    )
