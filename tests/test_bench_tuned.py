@@ -25,12 +25,18 @@ def test_modes_parse(bench):
         bench.parse_args(["--mode", "nope"])
 
 
-def test_tuned_headline_and_table(bench, tmp_path):
+def hand_made_bench(bench, tmp_path):
+    """A Bench with a hand-made config and no data: rows are set by the test."""
     args = argparse.Namespace(k=10, out=str(tmp_path), skip="")
     b = bench.Bench(args, None, None, [0] * 100)
     b.results["config"] = {"data": "hand-made", "n": 1000, "dim": 8, "num_queries": 100,
                            "tune_queries": 50, "threads": 1, "build_threads": 2, "cpu": "cpu",
                            "loadavg_start": (1.0, 1.0, 1.0), "command": "python x"}  # fmt: skip
+    return b
+
+
+def test_tuned_headline_and_table(bench, tmp_path):
+    b = hand_made_bench(bench, tmp_path)
 
     def row(method, target, qps, params=True):
         r = {"method": method, "target": target, "build_s": 1.5}
@@ -63,11 +69,7 @@ def test_tuned_headline_and_table(bench, tmp_path):
 
 def test_tuned_headline_second_scann_build(bench, tmp_path):
     """With --scann-options the table carries both ScaNN builds' ratios to the same best FAISS."""
-    args = argparse.Namespace(k=10, out=str(tmp_path), skip="")
-    b = bench.Bench(args, None, None, [0] * 100)
-    b.results["config"] = {"data": "hand-made", "n": 1000, "dim": 8, "num_queries": 100,
-                           "tune_queries": 50, "threads": 1, "build_threads": 2, "cpu": "cpu",
-                           "loadavg_start": (1.0, 1.0, 1.0), "command": "python x"}  # fmt: skip
+    b = hand_made_bench(bench, tmp_path)
     soar = 'ScaNN tree-AH {"soar_lambda": 1.5}'
     b.results["builds"] = {"ScaNN tree-AH": {"options": {"num_leaves": 10}},
                            soar: {"options": {"num_leaves": 10, "soar_lambda": 1.5}}}  # fmt: skip
