@@ -33,6 +33,9 @@ def get_config() -> TrainConfig:
         train_path=f"{NQ}/biencoder-nq-train.json",
         dev_path=f"{NQ}/biencoder-nq-dev.json",
         init_from=os.environ.get("DPR_JAX_BERT_BASE", "~/dpr_models/bert-base-uncased-biencoder"),
+        # the architecture init_from holds: `dpr-jax plan` uses it where the weights are not
+        # (planning comes before downloading); training reads init_from's own
+        model={"bert": "bert-base-uncased", "pooling": "cls"},
         batch_size=128,
         eval_batch_size=128,
         n_hard=1,

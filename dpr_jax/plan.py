@@ -189,28 +189,37 @@ def _exists(path: str) -> bool:
     return bool(path) and Path(os.path.expanduser(os.path.expandvars(path))).exists()
 
 
-def _bert_flops_fwd(bert, sequences: int, tokens: int) -> float:
+def _bert_flops_fwd(bert, sequences: int, tokens: int, first_only: bool = False) -> float:
     """Forward FLOPs of ``sequences`` x ``tokens`` through BERT's layers: the weight matmuls
     (2 x tokens x (4H^2 + 2HI) a layer) and attention's two batched matmuls (QK^T and PV,
-    2 x 2 x T^2 x H a layer per sequence). Embedding lookups, LayerNorm, softmax, biases and
-    the last layer's [CLS]-only shortcut are not counted."""
+    2 x 2 x T^2 x H a layer per sequence). ``first_only`` ([CLS] and pooler pooling): the last
+    layer computes position 0 alone (keys and values of every position, the query, attention
+    output and feed-forward of one), as :class:`dpr_jax.models.bert.BertModule` does. Embedding
+    lookups, LayerNorm, softmax and biases are not counted."""
     h, i, n_layers = bert.hidden_size, bert.intermediate_size, bert.num_hidden_layers
     matmul = 2.0 * sequences * tokens * (4 * h * h + 2 * h * i)
     attention = 4.0 * sequences * tokens * tokens * h
-    return n_layers * (matmul + attention)
+    if not first_only:
+        return n_layers * (matmul + attention)
+    last = (
+        2.0 * sequences * (tokens * 2 * h * h + 2 * h * h + 2 * h * i)
+        + 4.0 * sequences * tokens * h
+    )
+    return (n_layers - 1) * (matmul + attention) + last
 
 
 def model_flops(kind: str, config, model_cfg) -> float:
     """Model FLOPs of one training step over the global batch (see the module docstring).
 
-    Retriever: 3 x [BERT forward of B questions x q_max_len + B*G passages x p_max_len
-    (+ the projection) + the score matrix (2 x B x B*G x D)]. Reader: 3 x [BERT forward of
-    B*M sequences x max_length + the span head (2 x 2H a token) + the relevance head]."""
+    Retriever: 3 x [BERT forward of B questions x q_max_len + B*G passages x p_max_len (the last
+    layer at [CLS] only, unless mean pooling) + the projection + the score matrix
+    (2 x B x B*G x D)]. Reader: 3 x [BERT forward of B*M sequences x max_length + the span head
+    (2 x 2H a token) + the relevance head]."""
     if kind == "retriever":
-        bert = model_cfg.bert
+        bert, first = model_cfg.bert, model_cfg.pooling != "mean"
         b, g = config.batch_size, 1 + config.n_hard
-        fwd = _bert_flops_fwd(bert, b, config.q_max_len) + _bert_flops_fwd(
-            bert, b * g, config.p_max_len
+        fwd = _bert_flops_fwd(bert, b, config.q_max_len, first) + _bert_flops_fwd(
+            bert, b * g, config.p_max_len, first
         )
         if model_cfg.projection_dim:
             fwd += 2.0 * b * (1 + g) * bert.hidden_size * model_cfg.projection_dim
@@ -233,7 +242,8 @@ def _retriever_model_cfg(config):
     if not config.model:
         raise PlanError(
             f"init_from {config.init_from} does not exist here and the config has no `model` "
-            "dict: give the architecture with --set model='{\"bert\": {...}}' or the model "
+            'dict: give the architecture with --set model=\'{"bert": "bert-base-uncased"}\' '
+            "(a preset of dpr_jax.models.bert.PRESETS, or a BertConfig dict) or the model "
             "directory with --set init_from=DIR"
         )
     stand_in = dataclasses.replace(config, init_from="", tokenizer=config.tokenizer or "-")
@@ -250,10 +260,8 @@ def _reader_model_cfg(config):
     src = os.path.expanduser(os.path.expandvars(config.init_from))
     if not src:
         bert = BertConfig.from_dict(config.model)
-    elif src == "minilm":
-        from dpr_jax.training.config import minilm_path as _minilm_path
-
-        bert = BertConfig.from_json_file(Path(_minilm_path()) / "config.json")
+    elif src == "minilm":  # its architecture, whether or not the MiniLM package is installed
+        bert = BertConfig.from_dict("all-MiniLM-L6-v2")
     elif (Path(src) / MODEL_JSON).is_file() or (Path(src) / "model" / MODEL_JSON).is_file():
         meta = read_model_meta(src)
         cfg = model_config_from_dict(meta["kind"], meta["model"])
@@ -298,13 +306,14 @@ def _count(tree) -> int:
 
 
 def build_job(config, devices) -> Job:
-    """The train step of ``config`` over ``devices`` (abstract TPU devices), as the trainers
-    build it, with abstract state, batch and rng carrying their shardings."""
+    """The train step of ``config`` over ``devices`` (abstract TPU devices or the local ones),
+    built by the trainer's own builder (:func:`dpr_jax.retriever.task.build_train_step`,
+    :func:`dpr_jax.reader.task.build_reader_step`), with abstract state, batch and rng carrying
+    their shardings."""
     import jax
     import jax.numpy as jnp
 
     from dpr_jax.parallel import batch_sharding, make_mesh, replicated
-    from dpr_jax.training.optimizer import make_optimizer
     from dpr_jax.training.state import TrainState
 
     mesh = make_mesh(devices)
@@ -313,8 +322,13 @@ def build_job(config, devices) -> Job:
         raise PlanError(
             f"batch_size {config.batch_size} is not a multiple of the {n} chips of the topology"
         )
+    chunk = getattr(config, "grad_cache_chunk", 0)
+    if chunk and (config.batch_size // n) % chunk:
+        raise PlanError(
+            f"grad_cache_chunk {chunk} does not divide the {config.batch_size // n} questions "
+            f"a chip of the {n} chips holds (batch_size {config.batch_size})"
+        )
     total, warmup = _total_steps(config)
-    tx, _ = make_optimizer(config, total, warmup)
     rep, data = replicated(mesh), batch_sharding(mesh)
     i32, f32 = jnp.int32, jnp.float32
 
@@ -324,11 +338,10 @@ def build_job(config, devices) -> Job:
     rng = sds((2,), jnp.uint32, rep)
     b = config.batch_size
     if _is_reader(config):
-        from dpr_jax.reader.model import Reader
-        from dpr_jax.reader.step import make_train_step
+        from dpr_jax.reader.task import build_reader_step
 
         bert, note = _reader_model_cfg(config)
-        model = Reader(bert, dtype=jnp.dtype(config.dtype), remat=config.remat)
+        _, tx, _, step = build_reader_step(config, bert, mesh, total, warmup)
         params = _abstract_params("reader", bert)
         state = jax.eval_shape(lambda p: TrainState.create(p, tx), params)
         state = jax.tree.map(lambda x: sds(x.shape, x.dtype, rep), state)
@@ -339,33 +352,23 @@ def build_job(config, devices) -> Job:
             "end_positions": sds((b, a), i32), "answer_mask": sds((b, a), f32),
             "question_mask": sds((b,), f32),
         }  # fmt: skip
-        step = make_train_step(model, tx, mesh)
         return Job("reader", config, step, (state, batch, rng), _count(params),
                    model_flops("reader", config, bert), [(bert, b * m, t)], note)  # fmt: skip
 
-    from dpr_jax.retriever.model import BiEncoder
-    from dpr_jax.retriever.step import LossConfig, make_train_step
-    from dpr_jax.retriever.task import remat_setting
-    from dpr_jax.sharding import state_shardings
+    from dpr_jax.retriever.task import build_train_step
 
     enc_cfg, note = _retriever_model_cfg(config)
-    model = BiEncoder(enc_cfg, dtype=jnp.dtype(config.dtype), remat=remat_setting(config))
-    loss_cfg = LossConfig(group_size=1 + config.n_hard, scale=config.scale,
-                          in_batch=config.in_batch)  # fmt: skip
-    params = _abstract_params("biencoder", enc_cfg)
-    abstract = jax.eval_shape(lambda p: TrainState.create(p, tx), params)
-    placed = state_shardings(abstract, mesh, config.fsdp)
-    state = jax.tree.map(lambda x, s: sds(x.shape, x.dtype, s), abstract, placed)
-    g = loss_cfg.group_size
+    built = build_train_step(config, enc_cfg, mesh, total, warmup)
+    state = jax.tree.map(lambda x, s: sds(x.shape, x.dtype, s), built.abstract_state, built.placed)
+    g = built.loss_cfg.group_size
     batch = {
         "q_ids": sds((b, config.q_max_len), i32), "q_mask": sds((b, config.q_max_len), i32),
         "p_ids": sds((b * g, config.p_max_len), i32), "p_mask": sds((b * g, config.p_max_len), i32),
         "valid": sds((b,), f32),
     }  # fmt: skip
-    chunk = config.grad_cache_chunk or None
-    step = make_train_step(model, tx, mesh, loss_cfg, chunk, state_sharding=placed)
     towers = [(enc_cfg.bert, b, config.q_max_len), (enc_cfg.bert, b * g, config.p_max_len)]
-    return Job("retriever", config, step, (state, batch, rng), _count(params),
+    return Job("retriever", config, built.step, (state, batch, rng),
+               _count(built.abstract_state.params),
                model_flops("retriever", config, enc_cfg), towers, note)  # fmt: skip
 
 
@@ -400,15 +403,17 @@ def _activation_bytes(bert, sequences: int, tokens: int, cbytes: int, remat, pol
 
 
 def estimate_memory(job: Job, n_chips: int) -> float:
-    """Bytes per chip, analytically: state (float32 params + 2 AdamW moments, sharded with FSDP),
-    a float32 gradient, FSDP's gathered float32 parameters, and the activations of the local
-    batch (of one GradCache chunk of one tower at a time)."""
+    """Bytes per chip, analytically: state (float32 params + 2 AdamW moments), a float32
+    gradient (both 1/n with FSDP, which also holds two layers' gathered float32 parameters at a
+    time), and the activations of the local batch (of one GradCache chunk of one tower at a
+    time). Used to rank --fit's candidates, never to rule one out."""
     config = job.config
     p = job.param_count
     fsdp = getattr(config, "fsdp", False)
     state = 12.0 * p / (n_chips if fsdp else 1)
-    grads = 4.0 * p
-    gathered = 4.0 * p if fsdp else 0.0
+    grads = 4.0 * p / (n_chips if fsdp else 1)
+    layers = max(bert.num_hidden_layers for bert, _, _ in job.towers)
+    gathered = 2 * 4.0 * p / layers if fsdp else 0.0
     cbytes = 2 if config.dtype == "bfloat16" else 4
     remat, policy = config.remat, getattr(config, "remat_policy", "")
     chunk = getattr(config, "grad_cache_chunk", 0)
@@ -427,80 +432,18 @@ def estimate_step_s(job: Job, chip: Chip, n_chips: int) -> float:
     return job.model_flops * _recompute_factor(job.config) / n_chips / chip.peak_flops
 
 
-# ---------------------------------------------------------------------------------------------
 # Compile and read the compiler's answer
-
-_DTYPE_BYTES = {
-    "pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1,
-    "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
-    "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16,
-}  # fmt: skip
-_SHAPE = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
-_COMP_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+([a-z][a-z\-]*)\(")
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-
-
-def _shape_bytes(text: str) -> int:
-    total = 0
-    for dtype, dims in _SHAPE.findall(text):
-        if dtype in _DTYPE_BYTES:
-            total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-    return total
-
-
-def collective_bytes(hlo: str) -> dict[str, int]:
-    """Bytes each kind of collective produces per chip per step, from optimized HLO text: the
-    result size of every all-gather / all-reduce / reduce-scatter / all-to-all /
-    collective-permute (async pairs counted once, at ``-done``), times the trip count of the
-    while loops around it (``known_trip_count``)."""
-    comps: dict[str, list[str]] = {}
-    entry = None
-    current = None
-    for line in hlo.splitlines():
-        m = _COMP_HEADER.match(line)
-        if m and "=" not in line.split("{")[0]:
-            current = m.group(1)
-            comps[current] = []
-            if line.startswith("ENTRY"):
-                entry = current
-            continue
-        if current is not None:
-            comps[current].append(line)
-    # multiplicity of each computation: entry 1; a while body x its trip count; called ones x1
-    mult = {entry: 1} if entry else {}
-    order = [entry] if entry else []
-    while order:
-        name = order.pop()
-        for line in comps.get(name, []):
-            trip = _TRIP.search(line)
-            for key, callee in re.findall(r"\b(body|condition|calls|to_apply|branch_computations|"
-                                          r"true_computation|false_computation)=\{?%?([\w.\-]+)",
-                                          line):  # fmt: skip
-                if key == "to_apply" or callee not in comps:
-                    continue
-                k = mult[name] * (int(trip.group(1)) if key == "body" and trip else 1)
-                if mult.get(callee, 0) < k:
-                    mult[callee] = k
-                    order.append(callee)
-    out = dict.fromkeys(COLLECTIVES, 0)
-    for name, lines in comps.items():
-        for line in lines:
-            m = _INSTR.match(line)
-            if not m:
-                continue
-            shape, op = m.group(1), m.group(2)
-            if op.endswith("-start"):
-                continue
-            base = op[: -len("-done")] if op.endswith("-done") else op
-            if base in out:
-                out[base] += _shape_bytes(shape) * mult.get(name, 1)
-    return out
 
 
 @dataclasses.dataclass
 class Plan:
-    """The compiler's answer for one setting (per chip unless named otherwise)."""
+    """The compiler's answer for one setting (per chip unless named otherwise). FLOP counts:
+    ``model_flops_per_step`` what the model computes (3 x forward, the [CLS] shortcut),
+    ``executed_flops_per_step`` what the traced step runs (recomputation and every loop trip),
+    ``xla_flops_per_step`` XLA's cost analysis (each loop body once); all over the global
+    batch. HBM bytes: ``hbm_bytes_per_chip`` every loop trip, ``xla_hbm_bytes_per_chip`` XLA's
+    (loop bodies once). Collectives: ``collective_bytes`` logical bytes per kind (each logical
+    collective once, times its loop trips), ``collectives`` counts and interconnect bytes."""
 
     topology: str
     chips: int
@@ -515,28 +458,52 @@ class Plan:
     params: int
     xla_flops_per_step: float
     model_flops_per_step: float
+    executed_flops_per_step: float
     hbm_bytes_per_chip: float
+    xla_hbm_bytes_per_chip: float
     collective_bytes: dict
+    collectives: dict
+    ici_bytes_per_chip: float
     est_step_s: float
     est_mfu: float
+    bound: str
+    terms_s: dict
     est_memory_gib: float
     compile_s: float
     overrides: list
+    unknown_loops: int = 0
+    measured_step_s: float | None = None
+    measured_mfu: float | None = None
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def compile_plan(config, chip: Chip, devices, topology: str, overrides: list[str]) -> Plan:
-    """AOT-compile ``config``'s train step for ``devices`` and read memory, FLOPs, collectives."""
+def _compile(job: Job, tpu: bool):
+    import contextlib as _c
+
+    from dpr_jax import step_costs
+
+    with _tracing_for_tpu() if tpu else _c.nullcontext():
+        lowered = job.step.lower(*job.args)
+        executed, _ = step_costs.traced_flops(job.step.jitted, job.args, 1)
+    return lowered.compile(), executed
+
+
+def compile_plan(
+    config, chip: Chip, devices, topology: str, overrides: list[str], measure: int = 0
+) -> Plan:
+    """Compile ``config``'s train step for ``devices`` and read memory, FLOPs (every loop trip),
+    HBM bytes and collectives; ``measure`` > 0 (local devices): also run the step that many
+    times and report the measured step time beside the roofline's."""
+    from dpr_jax import step_costs
+
     job = build_job(config, devices)
     n = len(devices)
     t0 = time.perf_counter()
-    with _tracing_for_tpu():
-        lowered = job.step.lower(*job.args)
     try:
-        compiled = lowered.compile()
+        compiled, executed = _compile(job, tpu=not measure)
     except Exception as e:  # XLA:TPU refuses a program over HBM: RESOURCE_EXHAUSTED, "Used X of Y"
         used = _oom_used_bytes(str(e))
         if used is None:
@@ -546,25 +513,64 @@ def compile_plan(config, chip: Chip, devices, topology: str, overrides: list[str
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
-    coll = collective_bytes(compiled.as_text())
+    module = step_costs.HloModule.parse(compiled.as_text())
+    colls = step_costs.collectives(module, n)
+    summary = step_costs.collective_summary(colls)
+    _, unknown = module.multiplicities()
+    xla_bytes = float(cost.get("bytes accessed", 0.0))
+    once = step_costs.hbm_bytes(module, with_trips=False)
+    hbm = xla_bytes * step_costs.hbm_bytes(module) / once if once else xla_bytes
+    wire = sum(c.wire_bytes for c in colls)
+    step_s, bound, terms = step_costs.roofline(
+        executed, hbm, wire, chip.peak_flops, chip.hbm_bytes_s, chip.ici_bytes_s
+    )
     arg, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
     alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
     total = arg + out - alias + temp
-    xla_flops = float(cost.get("flops", 0.0)) * n
-    hbm_bytes = float(cost.get("bytes accessed", 0.0))
-    executed = max(job.model_flops * _recompute_factor(config), xla_flops) / n
-    step_s = max(executed / chip.peak_flops, hbm_bytes / chip.hbm_bytes_s,
-                 sum(coll.values()) / chip.ici_bytes_s)  # fmt: skip
-    mfu = job.model_flops / n / chip.peak_flops / step_s if step_s > 0 else 0.0
+    measured = _measure(compiled, job, measure) if measure else None
     return Plan(
         topology=topology, chips=n, chip=chip.name, hbm_gib=chip.hbm_gib,
         argument_gib=arg / GIB, output_gib=out / GIB, alias_gib=alias / GIB, temp_gib=temp / GIB,
         per_chip_gib=total / GIB, fits=total <= chip.hbm_gib * GIB, params=job.param_count,
-        xla_flops_per_step=xla_flops, model_flops_per_step=job.model_flops,
-        hbm_bytes_per_chip=hbm_bytes, collective_bytes=coll, est_step_s=step_s, est_mfu=mfu,
-        est_memory_gib=estimate_memory(job, n) / GIB, compile_s=compile_s,
-        overrides=list(overrides), note=job.note,
+        xla_flops_per_step=float(cost.get("flops", 0.0)) * n, model_flops_per_step=job.model_flops,
+        executed_flops_per_step=executed * n, hbm_bytes_per_chip=hbm,
+        xla_hbm_bytes_per_chip=xla_bytes,
+        collective_bytes={k: v["logical_bytes"] for k, v in summary.items()},
+        collectives=summary, ici_bytes_per_chip=wire, est_step_s=step_s,
+        est_mfu=job.model_flops / n / chip.peak_flops / step_s if step_s > 0 else 0.0,
+        bound=bound, terms_s=terms, est_memory_gib=estimate_memory(job, n) / GIB,
+        compile_s=compile_s, overrides=list(overrides), unknown_loops=len(unknown),
+        measured_step_s=measured,
+        measured_mfu=job.model_flops / n / chip.peak_flops / measured if measured else None,
+        note=job.note,
     )  # fmt: skip
+
+
+def _concrete(tree):
+    """Arrays for abstract step arguments: zero state, ones in the batch (every token real,
+    every question valid), a PRNG key."""
+    import jax
+    import numpy as np
+
+    state, batch, rng = tree
+    state = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding), state)
+    batch = {k: jax.device_put(np.ones(s.shape, s.dtype), s.sharding) for k, s in batch.items()}
+    return state, batch, jax.device_put(np.zeros(rng.shape, rng.dtype), rng.sharding)
+
+
+def _measure(compiled, job: Job, repeats: int) -> float:
+    """Median seconds of ``repeats`` runs of the compiled step (after one warm-up run)."""
+    import jax
+
+    state, batch, rng = _concrete(job.args)
+    times = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch, rng)
+        jax.block_until_ready((state, metrics))
+        if i:
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
 # XLA:TPU's two out-of-memory messages: "Used 34.60G of 15.75G hbm" (the whole program) and
@@ -592,17 +598,17 @@ def _oom_used_bytes(message: str) -> float | None:
 
 
 def _oom_plan(job, chip, n, topology, overrides, used, compile_s) -> Plan:
-    """A plan for a program the compiler refused as too large: its total from the error; the
-    rest (no HLO to read) from the analytic model."""
-    step_s = estimate_step_s(job, chip, n)
+    """A plan for a program the compiler refused as too large: its total from the error; no HLO
+    to read, so no speed figures (None)."""
+    nothing = dict.fromkeys(COLLECTIVES, 0)
     return Plan(
         topology=topology, chips=n, chip=chip.name, hbm_gib=chip.hbm_gib, argument_gib=0.0,
         output_gib=0.0, alias_gib=0.0, temp_gib=0.0, per_chip_gib=used / GIB, fits=False,
-        params=job.param_count, xla_flops_per_step=0.0, model_flops_per_step=job.model_flops,
-        hbm_bytes_per_chip=0.0, collective_bytes=dict.fromkeys(COLLECTIVES, 0),
-        est_step_s=step_s, est_mfu=job.model_flops / n / chip.peak_flops / step_s,
-        est_memory_gib=estimate_memory(job, n) / GIB, compile_s=compile_s,
-        overrides=list(overrides),
+        params=job.param_count, xla_flops_per_step=None, model_flops_per_step=job.model_flops,
+        executed_flops_per_step=None, hbm_bytes_per_chip=None, xla_hbm_bytes_per_chip=None,
+        collective_bytes=nothing, collectives={}, ici_bytes_per_chip=None, est_step_s=None,
+        est_mfu=None, bound="", terms_s={}, est_memory_gib=estimate_memory(job, n) / GIB,
+        compile_s=compile_s, overrides=list(overrides),
         note="the TPU compiler refused the program: out of HBM (total from its error message)",
     )  # fmt: skip
 
@@ -639,6 +645,35 @@ def _as_overrides(config, changes: dict[str, Any]) -> list[str]:
     return out
 
 
+def _uses_no_more_memory(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Setting ``a`` needs no more memory than ``b`` by every lever: FSDP on <= off, full remat
+    <= a remat policy <= no remat, a smaller GradCache chunk <= a larger one <= no GradCache."""
+
+    def remat_rank(c):
+        return 0 if c.get("remat") and not c.get("remat_policy") else (1 if c.get("remat") else 2)
+
+    def chunk_rank(c):
+        return c.get("grad_cache_chunk") or float("inf")
+
+    return (
+        (a.get("fsdp", False) or not b.get("fsdp", False))
+        and remat_rank(a) <= remat_rank(b)
+        and chunk_rank(a) <= chunk_rank(b)
+    )
+
+
+def argument_bytes(job: Job) -> float:
+    """Bytes of the step's arguments on one chip (state shards, the local batch): a lower bound
+    of what the program needs, exact before compiling."""
+    import jax
+
+    total = 0.0
+    for x in jax.tree.leaves(job.args):
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shape) * x.dtype.itemsize
+    return total
+
+
 def fit(
     config,
     chip: Chip,
@@ -646,26 +681,26 @@ def fit(
     topology: str,
     base_overrides: list[str],
     max_compiles: int = 4,
-    margin: float = 1.5,
     log=None,
-    calibrated_margin: float = 1.1,
 ) -> tuple[Plan | None, list[dict]]:
-    """The cheapest setting that fits: candidates ranked by estimated step time (then: no FSDP,
-    larger GradCache chunks, fewer changes); those whose analytic memory exceeds ``margin`` x
-    HBM are skipped; the others are compiled in order until one fits (at most
-    ``max_compiles``). After each compile, the estimate is rescaled by measured / estimated and
-    trusted more: from then on a candidate is skipped above ``calibrated_margin`` x HBM (a
-    compile of bert-large takes ~20 min of one CPU core: a pod team should not wait for one
-    that the measured scale already rules out).
+    """The cheapest setting that fits. Candidates are ranked by estimated step time (then: no
+    FSDP, larger GradCache chunks, fewer changes) and compiled in that order until one fits (at
+    most ``max_compiles``). A candidate is skipped uncompiled only when it provably does not
+    fit: its exact argument bytes exceed HBM, or a compiled setting that needs no more memory
+    by every lever (:func:`_uses_no_more_memory`) did not fit. The analytic estimate only ranks.
+    So the first compiled setting that fits is the cheapest fitting one (the ground-truth test
+    in tests/test_plan.py compiles every candidate of a grid). Candidates that cannot be built
+    are reported; if none can, the first reason is raised.
     Returns (the plan that fits or None, a log of the candidates tried)."""
     log = log or functools.partial(print, flush=True)
     n = len(devices)
-    scored = []
+    scored, errors = [], []
     for changes in candidate_overrides(config, n):
         cand = dataclasses.replace(config, **changes)
         try:
             job = build_job(cand, devices)
-        except PlanError:
+        except PlanError as e:
+            errors.append({"overrides": _as_overrides(config, changes), "error": str(e)})
             continue
         key = (
             round(estimate_step_s(job, chip, n), 6),
@@ -673,29 +708,42 @@ def fit(
             -(changes.get("grad_cache_chunk") or 1 << 30),
             len(_as_overrides(config, changes)),
         )
-        scored.append((key, changes, cand, estimate_memory(job, n)))  # fmt: skip
+        scored.append((key, changes, cand, job))
+    if not scored:
+        raise PlanError(errors[0]["error"] if errors else "no candidate settings to try")
     scored.sort(key=lambda s: s[0])
-    scale = 1.0
-    tried: list[dict] = []
+    tried: list[dict] = list(errors)
+    failed: list[dict] = []  # settings compiled that did not fit
     compiles = 0
-    for _, changes, cand, est in scored:
+    for _, changes, cand, job in scored:
         overrides = _as_overrides(config, changes)
-        if est * scale > (calibrated_margin if compiles else margin) * chip.hbm_gib * GIB:
-            tried.append({"overrides": overrides, "est_gib": est * scale / GIB, "skipped": True})
+        args = argument_bytes(job)
+        why = ""
+        if args > chip.hbm_gib * GIB:
+            why = f"arguments alone {args / GIB:.2f} GiB/chip"
+        else:
+            worse = next((f for f in failed if _uses_no_more_memory(f, changes)), None)
+            if worse is not None:
+                why = "a setting needing no more memory did not fit: " + (
+                    " ".join(_as_overrides(config, worse)) or "(as is)"
+                )
+        if why:
+            tried.append({"overrides": overrides, "skipped": why})
             continue
         if compiles >= max_compiles:
             break
+        est = estimate_memory(job, n)
         log(f"compiling {' '.join(overrides) or '(config as is)'} "
-            f"(estimated {est * scale / GIB:.1f} GiB/chip)")  # fmt: skip
+            f"(estimated {est / GIB:.1f} GiB/chip)")  # fmt: skip
         plan = compile_plan(cand, chip, devices, topology, overrides)
         compiles += 1
         log(f"  -> {plan.per_chip_gib:.2f} GiB/chip: {'fits' if plan.fits else 'does not fit'} "
             f"(compiled in {plan.compile_s:.0f} s)")  # fmt: skip
-        scale = plan.per_chip_gib * GIB / max(est, 1.0)
         tried.append({"overrides": overrides, "est_gib": est / GIB, "per_chip_gib":
                       plan.per_chip_gib, "fits": plan.fits, "compile_s": plan.compile_s})  # fmt: skip
         if plan.fits:
             return plan, tried
+        failed.append(changes)
     return None, tried
 
 
@@ -704,45 +752,128 @@ def fit(
 
 
 def format_plan(p: Plan) -> str:
-    coll = ", ".join(f"{k} {v / GIB:.3f}" for k, v in p.collective_bytes.items() if v) or "none"
     lines = [
-        f"topology {p.topology}: {p.chips} x {p.chip} ({p.hbm_gib:.2f} GiB HBM each); "
+        f"topology {p.topology}: {p.chips} x {p.chip} ({p.hbm_gib:.2f} GiB memory each); "
         f"{p.params / 1e6:.1f}M parameters",
         f"per chip: arguments {p.argument_gib:.2f} GiB + outputs {p.output_gib:.2f} - aliased "
         f"{p.alias_gib:.2f} + temporaries {p.temp_gib:.2f} = {p.per_chip_gib:.2f} GiB "
         f"(analytic estimate {p.est_memory_gib:.2f}) -> "
-        + ("FITS" if p.fits else f"DOES NOT FIT ({p.per_chip_gib / p.hbm_gib:.2f}x HBM)"),
-        f"FLOPs per step: model {p.model_flops_per_step:.4g}, XLA {p.xla_flops_per_step:.4g}",
-        f"collectives per chip per step (GiB): {coll}",
-        f"roofline: {p.est_step_s * 1e3:.1f} ms/step, MFU {100 * p.est_mfu:.1f}% "
-        f"(compiled in {p.compile_s:.0f} s)",
+        + ("FITS" if p.fits else f"DOES NOT FIT ({p.per_chip_gib / p.hbm_gib:.2f}x memory)"),
     ]
+    if p.est_step_s is not None:
+        coll = ", ".join(
+            f"{k} {v['count']}x {v['logical_bytes'] / GIB:.3f}" for k, v in p.collectives.items()
+            if v["count"]
+        ) or "none"  # fmt: skip
+        terms = ", ".join(f"{k} {1e3 * v:.1f}" for k, v in p.terms_s.items())
+        lines += [
+            f"FLOPs per step: model {p.model_flops_per_step:.4g}, executed "
+            f"{p.executed_flops_per_step:.4g} (every loop trip), XLA {p.xla_flops_per_step:.4g} "
+            "(loop bodies once)",
+            f"per chip per step: HBM {p.hbm_bytes_per_chip / GIB:.3f} GiB; collectives (GiB): "
+            f"{coll}; interconnect {p.ici_bytes_per_chip / GIB:.3f} GiB",
+            f"roofline: {p.est_step_s * 1e3:.1f} ms/step ({p.bound}-bound; ms: {terms}), "
+            f"MFU {100 * p.est_mfu:.1f}% (compiled in {p.compile_s:.0f} s)",
+        ]
+    if p.measured_step_s is not None:
+        lines.append(
+            f"measured: {p.measured_step_s * 1e3:.1f} ms/step = "
+            f"{p.measured_step_s / p.est_step_s:.2f} x the roofline; MFU {100 * p.measured_mfu:.1f}%"
+        )
+    if p.unknown_loops:
+        lines.append(f"warning: {p.unknown_loops} loops of unknown trip count counted once")
     if p.note:
         lines.insert(0, p.note)
     return "\n".join(lines)
 
 
+# Per-device figures of accelerators `--topology local` may find (dense bf16 peak FLOP/s, memory
+# bytes/s, NVLink bytes/s, memory GiB): NVIDIA's H200 / H100 / A100 SXM datasheets.
+GPUS = {
+    "H200": (989e12, 4.8e12, 900e9, 141),
+    "H100": (989e12, 3.35e12, 900e9, 80),
+    "A100": (312e12, 2.0e12, 600e9, 80),
+}
+
+
+def _calibrate_cpu(devices) -> tuple[float, float]:
+    """(FLOP/s, memory bytes/s) one local CPU device sustains while all run at once: a float32
+    matmul and a large elementwise pass sharded over every device, best of 5."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from dpr_jax.parallel import make_mesh
+
+    mesh = make_mesh(devices)
+    n, k, m = len(devices), 512, 1 << 22
+    a = jax.device_put(jnp.ones((n * k, k), jnp.float32), NamedSharding(mesh, P("data")))
+    w = jax.device_put(jnp.ones((k, k), jnp.float32), NamedSharding(mesh, P()))
+    v = jax.device_put(jnp.ones((n * m,), jnp.float32), NamedSharding(mesh, P("data")))
+    mm, axpy = jax.jit(lambda a, w: a @ w), jax.jit(lambda v: v * 1.5 + 1.0)
+
+    def best(f, *x):
+        jax.block_until_ready(f(*x))
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*x))
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return 2.0 * k * k * k / best(mm, a, w), 2 * 4.0 * m / best(axpy, v)
+
+
+def local_topology() -> tuple[Chip, list]:
+    """(figures, devices) of this machine's own JAX devices: a known GPU's datasheet, or a CPU
+    device's measured matmul rate and memory bandwidth (the interconnect is the memory)."""
+    import jax
+
+    devices = list(jax.devices())
+    d = devices[0]
+    kind = getattr(d, "device_kind", d.platform)
+    if d.platform == "gpu":
+        for name, (peak, bw, link, gib) in GPUS.items():
+            if name in kind:
+                return Chip(kind, gib, peak, bw, link, "NVIDIA datasheet"), devices
+    peak, bw = _calibrate_cpu(devices)
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB / len(devices)
+    src = "measured: a sharded float32 matmul and an elementwise pass on these devices"
+    return Chip(f"{d.platform} ({kind})", mem, peak, bw, bw, src), devices
+
+
 def run(args) -> dict[str, Any]:
     """The planner behind the CLI; returns the JSON record."""
-    if not libtpu_available():
+    local = args.topology == "local"
+    if not local and not libtpu_available():
         raise PlanError(f"compiling for TPU needs libtpu: {TPU_INSTALL_HINT}")
     config = load_any_config(args.config, args.set)
-    chip, devices = tpu_topology(args.topology)
+    chip, devices = local_topology() if local else tpu_topology(args.topology)
+    if local:
+        print(f"local devices: {len(devices)} x {chip.name}: {chip.peak_flops / 1e9:.1f} "
+              f"GFLOP/s, {chip.hbm_bytes_s / 1e9:.1f} GB/s each ({chip.source})")  # fmt: skip
     if args.fit:
         plan, tried = fit(config, chip, devices, args.topology, list(args.set),
                           max_compiles=args.max_compiles)  # fmt: skip
         if plan is None:
-            measured = [t["per_chip_gib"] for t in tried if "per_chip_gib" in t]
-            record = {"fits": False, "overrides": None, "hbm_gib": chip.hbm_gib, "tried": tried,
-                      "per_chip_gib": min(measured, default=None), "xla_flops_per_step": None,
-                      "model_flops_per_step": None, "est_step_s": None, "est_mfu": None}  # fmt: skip
-            print("no setting fits within --max-compiles; tried:\n" + json.dumps(tried, indent=1))
+            compiled = [t for t in tried if "per_chip_gib" in t]
+            skipped = [t for t in tried if "skipped" in t]
+            proven = bool(compiled) or (bool(skipped) and len(skipped) == len(tried))
+            record = {"fits": False if proven else None, "overrides": None,
+                      "hbm_gib": chip.hbm_gib, "tried": tried,
+                      "per_chip_gib": min((t["per_chip_gib"] for t in compiled), default=None),
+                      "xla_flops_per_step": None, "model_flops_per_step": None,
+                      "est_step_s": None, "est_mfu": None}  # fmt: skip
+            print(f"no setting fits within --max-compiles {args.max_compiles}; tried:\n"
+                  + json.dumps(tried, indent=1))  # fmt: skip
             return record
         print(format_plan(plan))
         print("fits with: " + (" ".join(f"--set {o}" for o in plan.overrides) or "(as is)"))
         record = plan.to_dict()
         record["tried"] = tried
         return record
-    plan = compile_plan(config, chip, devices, args.topology, list(args.set))
+    measure = getattr(args, "measure", 3) if local else 0
+    plan = compile_plan(config, chip, devices, args.topology, list(args.set), measure=measure)
     print(format_plan(plan))
     return plan.to_dict()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dpr_jax import plan
+from dpr_jax import plan, step_costs
 from dpr_jax.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,11 +134,144 @@ ENTRY %main (a: f32[1024]) -> f32[1024] {
   ROOT %cp = f32[1024]{0} collective-permute(f32[1024]{0} %ard), source_target_pairs={{0,1}}
 }
 """
-    got = plan.collective_bytes(hlo)
+    # (XLA:GPU's form: loops carry known_trip_count; tests/test_step_costs.py reads real TPU HLO)
+    summary = step_costs.collective_summary(
+        step_costs.collectives(step_costs.HloModule.parse(hlo), 4)
+    )
+    got = {k: v["logical_bytes"] for k, v in summary.items()}
     assert got == {
         "all-gather": 3 * 64 * 128 * 2,  # inside a 3-trip loop
         "all-reduce": 1024 * 4,  # the async pair once
-        "reduce-scatter": 256 * 4,
+        "reduce-scatter": 1024 * 4,  # the full array reduced (4 x its f32[256] result)
         "all-to-all": 0,
         "collective-permute": 1024 * 4,
     }
+
+
+# -- issue 24: FSDP shards the step, --fit's ground truth, the trainer's own step, local runs --
+MID = {"bert": {"vocab_size": 1024, "hidden_size": 128, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "intermediate_size": 512,
+                "max_position_embeddings": 64}, "pooling": "cls"}  # fmt: skip
+MID_SETS = [f"model={json.dumps(MID)}", "batch_size=8", "q_max_len=8", "p_max_len=16"]
+
+
+@needs_libtpu
+def test_fsdp_reduce_scatters_the_gradient(tmp_path):
+    """Every kernel of this model has >= 2**16 elements and a dimension divisible by 4: with FSDP
+    its gradient is reduce-scattered layer by layer (no all-reduce of the whole gradient), and
+    the compiled step holds less than the replicated one."""
+    plain = _plan(tmp_path, "plain", MID_SETS)
+    fsdp = _plan(tmp_path, "fsdp", MID_SETS + ["fsdp=true"])
+    grads = 4 * plain["params"]
+    assert plain["collective_bytes"]["all-reduce"] >= grads
+    assert plain["collective_bytes"]["reduce-scatter"] < grads / 10
+    assert fsdp["collective_bytes"]["reduce-scatter"] >= grads / 2
+    assert fsdp["collective_bytes"]["all-reduce"] < grads / 2
+    assert fsdp["collective_bytes"]["all-gather"] >= grads / 2  # the layers, gathered
+    assert fsdp["argument_gib"] < plain["argument_gib"] / 2
+
+
+@needs_libtpu
+def test_fit_returns_the_cheapest_fitting_setting(tmp_path, too_big):
+    """Ground truth: compile every candidate of the grid in --fit's own order; the first that
+    fits is what --fit must return (it may skip only settings that provably do not fit)."""
+    config = plan.load_any_config(TINY, TOO_BIG)
+    chip, devices = plan.tpu_topology(TOPOLOGY)
+    order = sorted(
+        plan.candidate_overrides(config, 4),
+        key=lambda c: (
+            round(plan.estimate_step_s(plan.build_job(
+                __import__("dataclasses").replace(config, **c), devices), chip, 4), 6),
+            c.get("fsdp", False), -(c.get("grad_cache_chunk") or 1 << 30),
+            len(plan._as_overrides(config, c)),
+        ),
+    )  # fmt: skip
+    truth = None
+    for c in order:
+        cand = __import__("dataclasses").replace(config, **c)
+        p = plan.compile_plan(cand, chip, devices, TOPOLOGY, plan._as_overrides(config, c))
+        if p.fits:
+            truth = p.overrides
+            break
+    found = _plan(tmp_path, "fit", TOO_BIG, fit=True)
+    assert truth is not None and found["overrides"] == truth
+
+
+@needs_libtpu
+def test_fit_reports_why_nothing_could_be_built(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    rc = main(["plan", "--config", TINY, "--topology", TOPOLOGY, "--set", "batch_size=6", "--fit",
+               "--json", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "batch_size 6 is not a multiple of the 4 chips" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+@needs_libtpu
+def test_plan_is_the_trainers_step(tmp_path, monkeypatch):
+    """A change to the step the trainer builds (here: GradCache forced on inside the trainer's
+    builder, one extra forward pass) shows in the plan: the planner builds through
+    dpr_jax.retriever.task.build_train_step, not a copy of it."""
+    from dpr_jax.retriever import task
+
+    before = _plan(tmp_path, "before", [])["executed_flops_per_step"]
+    original = task.make_train_step
+
+    def with_grad_cache(model, tx, mesh, loss_cfg, chunk=None, **kw):
+        return original(model, tx, mesh, loss_cfg, 1, **kw)
+
+    monkeypatch.setattr(task, "make_train_step", with_grad_cache)
+    after = _plan(tmp_path, "after", [])["executed_flops_per_step"]
+    assert after == pytest.approx(before * 4 / 3, rel=0.05)
+
+
+def test_local_plan_runs_the_step(tmp_path):
+    """``--topology local`` compiles for this machine's devices, runs the step and reports the
+    measured time beside the roofline's (one CPU device, a compute-bound model): the cost
+    reading and roofline machinery end to end."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "local.json"
+    sets = [f"model={json.dumps({**MID, 'bert': {**MID['bert'], 'hidden_size': 256, 'intermediate_size': 1024, 'max_position_embeddings': 128}})}",
+            "batch_size=32", "q_max_len=32", "p_max_len=64"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [sys.executable, "-m", "dpr_jax.cli", "plan", "--config", TINY, "--topology", "local",
+           "--json", str(out), "--measure", "2"] + [a for s in sets for a in ("--set", s)]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    p = json.loads(out.read_text())
+    assert p["chips"] == 1 and p["measured_step_s"] > 0
+    assert p["executed_flops_per_step"] == pytest.approx(p["model_flops_per_step"], rel=0.01)
+    assert 0.3 < p["measured_step_s"] / p["est_step_s"] < 10, p
+
+
+@needs_libtpu
+def test_readme_plan_commands_start_without_weights(monkeypatch):
+    """Every `dpr-jax plan` command of README builds its step on abstract devices (no compile)
+    on a machine without the converted weights or the MiniLM package."""
+    import shlex
+
+    from dpr_jax.training import config as training_config
+
+    def no_minilm():
+        raise AssertionError("planning must not need the MiniLM package")
+
+    monkeypatch.setattr(training_config, "minilm_path", no_minilm)
+    monkeypatch.setenv("DPR_JAX_BERT_BASE", "/nonexistent/bert-base-biencoder")
+    cmds = [line.split("#")[0].replace("[--json plan.json]", "").strip()
+            for line in (REPO / "README.md").read_text().splitlines()
+            if line.startswith("dpr-jax plan ")]  # fmt: skip
+    assert len(cmds) >= 2
+    for cmd in cmds:
+        argv = shlex.split(cmd)[2:]
+        opts = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
+        sets = [argv[i + 1] for i in range(len(argv) - 1) if argv[i] == "--set"]
+        config = plan.load_any_config(str(REPO / opts["--config"]), sets)
+        _, devices = plan.tpu_topology(opts["--topology"])
+        assert plan.build_job(config, devices).param_count > 0, cmd
+    for name in ("bert_1b_pair.py", "reader_dpr_bert_base.py", "reader_squad_minilm.py"):
+        config = plan.load_any_config(str(REPO / "configs" / name), [])
+        _, devices = plan.tpu_topology("v5e:2x2")
+        assert plan.build_job(config, devices).param_count > 0, name

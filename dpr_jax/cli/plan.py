@@ -19,7 +19,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command_parser(__name__, __doc__)
     p.add_argument("--config", required=True, help="a train or train-reader config file")
     p.add_argument("--topology", required=True,
-                   help=f"TPU topology, e.g. {', '.join(TOPOLOGY_EXAMPLES)}")  # fmt: skip
+                   help=f"TPU topology, e.g. {', '.join(TOPOLOGY_EXAMPLES)}; or `local`: this "
+                   "machine's own devices, compiled and also run (--measure times)")  # fmt: skip
+    p.add_argument(
+        "--measure",
+        type=int,
+        default=3,
+        help="--topology local: time this many steps (after one warm-up)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (repeatable), e.g. --set batch_size=4096")  # fmt: skip
     p.add_argument("--fit", action="store_true",

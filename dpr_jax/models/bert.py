@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from dpr_jax.io import read_json_object
+from dpr_jax.models.fsdp import FsdpGather, fsdp_wrap
 
 Array = jax.Array
 
@@ -43,6 +44,18 @@ _HF_FIELDS = (
     "initializer_range",
     "pad_token_id",
 )
+
+
+# The architectures of well-known checkpoints (their Hugging Face config.json fields), so that a
+# config can name the model it fine-tunes without the weights being here.
+PRESETS: dict[str, dict[str, Any]] = {
+    "bert-base-uncased": dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12,
+                              num_attention_heads=12, intermediate_size=3072),
+    "bert-large-uncased": dict(vocab_size=30522, hidden_size=1024, num_hidden_layers=24,
+                               num_attention_heads=16, intermediate_size=4096),
+    "all-MiniLM-L6-v2": dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6,
+                             num_attention_heads=12, intermediate_size=1536),
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +92,18 @@ class BertConfig:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BertConfig:
-        """From a Hugging Face config dict (extra keys ignored, missing keys take BERT defaults)."""
+    def from_dict(cls, d: dict[str, Any] | str) -> BertConfig:
+        """From a Hugging Face config dict (extra keys ignored, missing keys take BERT defaults),
+        or a named architecture of :data:`PRESETS` (``"bert-base-uncased"``, or
+        ``{"preset": "bert-base-uncased", ...}`` with fields that override it): what
+        ``dpr-jax plan`` needs to plan a model whose weights are not on this machine."""
+        if isinstance(d, str):
+            d = {"preset": d}
+        if "preset" in d:
+            name = d["preset"]
+            if name not in PRESETS:
+                raise ValueError(f"unknown BERT preset {name!r} (have {sorted(PRESETS)})")
+            d = {**PRESETS[name], **{k: v for k, v in d.items() if k != "preset"}}
         pet = d.get("position_embedding_type", "absolute")
         if pet != "absolute":
             raise ValueError(f"position_embedding_type {pet!r} is not supported (only 'absolute')")
@@ -328,12 +351,16 @@ class BertModule(nn.Module):
     ``add_pooling_layer``). ``remat`` recomputes each layer in the backward pass (activation
     memory O(1 layer) instead of O(N)); a string names the ``jax.checkpoint_policies`` policy
     that decides what is saved instead (e.g. ``"dots_with_no_batch_dims_saveable"``).
+    ``fsdp`` (inside ``shard_map`` only): the parameters arrive as FSDP shards and each of the
+    embeddings, every layer and the pooler gathers its own just before it runs (inside the
+    remat'ed layer, so the backward pass gathers it again; :mod:`dpr_jax.models.fsdp`).
     """
 
     config: BertConfig
     dtype: Any = jnp.float32
     add_pooling_layer: bool = True
     remat: bool | str = False
+    fsdp: FsdpGather | None = None
 
     @nn.compact
     def __call__(
@@ -366,19 +393,20 @@ class BertModule(nn.Module):
             position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         key_mask = attention_mask.astype(bool)
 
-        x = BertEmbeddings(cfg, self.dtype, name="embeddings")(
-            input_ids, token_type_ids, position_ids, deterministic, dropout_rows
-        )
+        x = fsdp_wrap(self.fsdp, BertEmbeddings, self, "embeddings")(
+            cfg, self.dtype, name="embeddings"
+        )(input_ids, token_type_ids, position_ids, deterministic, dropout_rows)
         policy = (
             getattr(jax.checkpoint_policies, self.remat) if isinstance(self.remat, str) else None
-        )
-        layer_cls = (
-            nn.remat(BertLayer, static_argnums=(3, 4), policy=policy) if self.remat else BertLayer
         )
         hidden = [x]
         for i in range(cfg.num_hidden_layers):
             last = first_token_only and i == cfg.num_hidden_layers - 1
-            x = layer_cls(cfg, self.dtype, name=f"encoder_layer_{i}")(
+            name = f"encoder_layer_{i}"
+            layer_cls = fsdp_wrap(self.fsdp, BertLayer, self, name)  # gathers inside the remat
+            if self.remat:
+                layer_cls = nn.remat(layer_cls, static_argnums=(3, 4), policy=policy)
+            x = layer_cls(cfg, self.dtype, name=name)(
                 x, key_mask, deterministic, last, dropout_rows
             )
             if output_hidden_states:
@@ -386,7 +414,11 @@ class BertModule(nn.Module):
 
         pooled = None
         if self.add_pooling_layer:
-            pooled = jnp.tanh(_dense(cfg, cfg.hidden_size, "pooler_dense", self.dtype)(x[:, 0]))
+            pooler = fsdp_wrap(self.fsdp, nn.Dense, self, "pooler_dense")(
+                cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
+                kernel_init=nn.initializers.normal(cfg.initializer_range), name="pooler_dense",
+            )  # fmt: skip
+            pooled = jnp.tanh(pooler(x[:, 0]))
         return BertOutput(x, pooled, tuple(hidden) if output_hidden_states else None)
 
 

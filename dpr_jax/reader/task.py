@@ -328,6 +328,14 @@ class StepPosition:
         return {"step": self.step}
 
 
+def build_reader_step(config, bert_cfg, mesh, total: int, warmup: int):
+    """(model, optimizer, schedule, jitted train step) of a reader ``config`` over ``mesh`` (real or
+    abstract devices): the one builder both ``dpr-jax train-reader`` and ``dpr-jax plan`` use."""
+    model = Reader(bert_cfg, dtype=jnp.dtype(config.dtype), remat=config.remat)
+    tx, schedule = make_optimizer(config, total, warmup)
+    return model, tx, schedule, make_train_step(model, tx, mesh)
+
+
 class ReaderTask:
     """The reader's part of :func:`dpr_jax.training.loop.train_and_evaluate`: question batches
     that are a pure function of the step, DPR's reader loss, EM / F1 on dev questions, and the
@@ -368,16 +376,11 @@ class ReaderTask:
             )  # fmt: skip
             self.evaluator = DevEvaluator(read_examples(config, "dev"), predictor, config)
         self.has_evaluator = self.evaluator is not None
-        total, warmup, model = self.total_steps, self.warmup, self.model
-
-        def build_step():
-            tx, schedule = make_optimizer(config, total, warmup)
-            return tx, schedule, make_train_step(model, tx, mesh)
-
+        total, warmup, bert_cfg = self.total_steps, self.warmup, self.bert_cfg
         self.tx, self.schedule, self.train_step = memo(
             ("reader_step", self.bert_cfg, config.dtype, config.remat, optimizer_key(config),
              total, warmup, mesh),
-            build_step,
+            lambda: build_reader_step(config, bert_cfg, mesh, total, warmup)[1:],
         )  # fmt: skip
         self.rows = process_slice(config.batch_size, mesh)
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from dpr_jax.models.bert import BertConfig, BertModule
+from dpr_jax.models.fsdp import FsdpGather, fsdp_wrap
 
 POOLINGS = ("cls", "mean", "pooler")
 
@@ -75,6 +76,7 @@ class Encoder(nn.Module):
     config: EncoderConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    fsdp: FsdpGather | None = None  # parameters arrive as FSDP shards (dpr_jax.models.fsdp)
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, deterministic: bool = True, dropout_rows=None):
@@ -82,7 +84,7 @@ class Encoder(nn.Module):
         # DPR's convention: token_type_ids are all zero, also for "title [SEP] text" passages.
         out = BertModule(
             cfg.bert, self.dtype, add_pooling_layer=cfg.add_pooling_layer, remat=self.remat,
-            name="bert_model",
+            fsdp=self.fsdp, name="bert_model",
         )(
             input_ids, attention_mask, jnp.zeros_like(input_ids), deterministic=deterministic,
             # [CLS] and pooler pooling read position 0 alone: the last layer computes only it
@@ -97,7 +99,7 @@ class Encoder(nn.Module):
         else:
             v = out.pooler_output
         if cfg.projection_dim:
-            v = nn.Dense(
+            v = fsdp_wrap(self.fsdp, nn.Dense, self, "encode_proj")(
                 cfg.projection_dim, dtype=self.dtype, param_dtype=jnp.float32,
                 kernel_init=nn.initializers.normal(cfg.bert.initializer_range), name="encode_proj",
             )(v)  # fmt: skip
@@ -113,11 +115,12 @@ class BiEncoder(nn.Module):
     config: EncoderConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    fsdp: FsdpGather | None = None  # see Encoder
 
     def setup(self):
-        self.question_encoder = Encoder(self.config, self.dtype, self.remat)
+        self.question_encoder = Encoder(self.config, self.dtype, self.remat, self.fsdp)
         if not self.config.shared:
-            self.ctx_encoder = Encoder(self.config, self.dtype, self.remat)
+            self.ctx_encoder = Encoder(self.config, self.dtype, self.remat, self.fsdp)
 
     def encode_question(self, input_ids, attention_mask, deterministic=True, dropout_rows=None):
         return self.question_encoder(input_ids, attention_mask, deterministic, dropout_rows)

@@ -51,6 +51,7 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from dpr_jax.models.fsdp import FsdpGather, gather_dims
 from dpr_jax.parallel import DATA_AXIS, batch_sharding, replicated
 from dpr_jax.retriever.loss import sharded_dpr_loss
 from dpr_jax.retriever.model import BiEncoder
@@ -223,8 +224,11 @@ def _loss_fn(cfg: LossConfig, axis: str, batch: Batch) -> Callable:
     )
 
 
-def _local_grads(model, cfg: LossConfig, axis: str, chunk: int | None, params, batch, key):
-    """Per device: gradient of the global loss w.r.t. the replicated params, and metrics."""
+def _local_grads(model, cfg: LossConfig, axis: str, chunk: int | None, specs, params, batch, key):
+    """Per device: gradient of the global loss w.r.t. the params, and metrics. ``specs``: the
+    params' PartitionSpecs (FSDP: split leaves arrive as local shards, which the model gathers
+    layer by layer; their gradients come out reduce-scattered, the transpose of the gather),
+    or None (all replicated)."""
     q_tower, p_tower = _tower_names(model)
     enc_q = _make_encoder(model, "encode_question", q_tower, jax.random.fold_in(key, 0))
     enc_p = _make_encoder(model, "encode_passage", p_tower, jax.random.fold_in(key, 1))
@@ -236,9 +240,18 @@ def _local_grads(model, cfg: LossConfig, axis: str, chunk: int | None, params, b
     else:
         q_rows = p_rows = None
     loss_fn = _loss_fn(cfg, axis, batch)
-    # Differentiate w.r.t. a device-varying copy of the params: the gradient is then this device's
-    # contribution to d(global loss)/d(params), summed over devices by one psum at the end.
-    params = jax.lax.pcast(params, axis, to="varying")
+    # Differentiate w.r.t. a device-varying copy of the whole params: the gradient is then this
+    # device's contribution to d(global loss)/d(params), summed over devices by a psum at the end.
+    # FSDP shards are device-varying already, and their gradients arrive summed (psum_scatter).
+    whole = (
+        jax.tree.map(lambda _: True, params)
+        if specs is None
+        else jax.tree.map(
+            lambda s: all(a is None for a in s), specs, is_leaf=lambda x: isinstance(x, P)
+        )
+    )
+    params = jax.tree.map(lambda x, w: jax.lax.pcast(x, axis, to="varying") if w else x,
+                          params, whole)  # fmt: skip
     q_in = (batch["q_ids"], batch["q_mask"], q_rows)
     p_in = (batch["p_ids"], batch["p_mask"], p_rows)
 
@@ -257,7 +270,8 @@ def _local_grads(model, cfg: LossConfig, axis: str, chunk: int | None, params, b
         grads = jax.tree.map(jnp.zeros_like, params)
         grads[q_tower] = _vjp_chunks(enc_q, params[q_tower], chunk, *q_in, gq, grads[q_tower])
         grads[p_tower] = _vjp_chunks(enc_p, params[p_tower], chunk, *p_in, gp, grads[p_tower])
-    return jax.lax.psum(grads, axis), metrics
+    grads = jax.tree.map(lambda g, w: jax.lax.psum(g, axis) if w else g, grads, whole)
+    return grads, metrics
 
 
 def _local_metrics(model, cfg: LossConfig, axis: str, params, batch):
@@ -273,6 +287,17 @@ def _local_metrics(model, cfg: LossConfig, axis: str, params, batch):
 
 # ---------------------------------------------------------------------------------------------
 # Public steps
+
+
+def _param_specs(state_sharding: Any):
+    """PartitionSpecs of the params of a TrainState of shardings, or None when nothing is split
+    (replicated state: the plain data-parallel step)."""
+    params = getattr(state_sharding, "params", None)
+    if params is None:
+        return None
+    specs = jax.tree.map(lambda s: s.spec, params)
+    leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    return specs if any(any(a is not None for a in s) for s in leaves) else None
 
 
 def make_train_step(
@@ -295,9 +320,11 @@ def make_train_step(
         must divide the per-device question count. None: encode the whole local batch at once.
       axis: mesh axis name of the batch.
       state_sharding: where ``state`` lives, a pytree of shardings matching it (e.g.
-        :func:`dpr_jax.sharding.state_shardings` with ``fsdp=True``); None: replicated. The
-        encoders see the full parameters either way (XLA gathers sharded ones), so the loss and
-        gradients do not depend on it; the updated state keeps the same placement.
+        :func:`dpr_jax.sharding.state_shardings` with ``fsdp=True``); None: replicated. With
+        split parameters (FSDP) the step itself is sharded: the encoders receive the local
+        shards and gather one layer at a time (:mod:`dpr_jax.models.fsdp`), the gradients are
+        reduce-scattered to the same placement, so no device holds the whole model or its
+        whole gradient outside one layer. The loss and gradients do not depend on it.
 
     The returned step takes ``rng`` (a PRNG key, the same every step is fine: it is folded with
     ``state.step``) and returns metrics ``loss, accuracy, rank, candidates, questions,
@@ -307,8 +334,14 @@ def make_train_step(
     if grad_cache_chunk is not None and grad_cache_chunk < 1:
         raise ValueError(f"grad_cache_chunk must be >= 1 or None, got {grad_cache_chunk}")
     n_shards = mesh.shape[axis]
-    local = functools.partial(_local_grads, model, cfg, axis, grad_cache_chunk)
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis), P()), out_specs=(P(), P()))
+    specs = _param_specs(state_sharding)
+    if specs is not None:
+        model = model.clone(fsdp=FsdpGather(axis, gather_dims(specs)))
+    local = functools.partial(_local_grads, model, cfg, axis, grad_cache_chunk, specs)
+    pspec = P() if specs is None else specs
+    sharded = jax.shard_map(
+        local, mesh=mesh, in_specs=(pspec, P(axis), P()), out_specs=(pspec, P())
+    )
 
     def train_step(state: TrainState, batch: Batch, rng: Array):
         key = jax.random.fold_in(rng, state.step)

@@ -430,6 +430,37 @@ def evaluate_model(config: TrainConfig) -> dict[str, float]:
     return metrics
 
 
+@dataclasses.dataclass(frozen=True)
+class BuiltStep:
+    """What the trainer (and ``dpr-jax plan``, on abstract devices) builds for a config: the model,
+    optimizer, state placement and the jitted train step."""
+
+    model: BiEncoder
+    tx: Any
+    schedule: Any
+    loss_cfg: LossConfig
+    abstract_state: Any  # TrainState of ShapeDtypeStructs
+    placed: Any  # TrainState of shardings
+    create: Any  # params -> placed TrainState
+    step: Any  # CheckedStep: (state, batch, rng) -> (state, metrics)
+
+
+def build_train_step(config: TrainConfig, enc_cfg, mesh, total: int, warmup: int) -> BuiltStep:
+    """The train step of ``config`` over ``mesh`` (real or abstract devices): the one builder
+    both ``dpr-jax train`` and ``dpr-jax plan`` use. Reads no parameters."""
+    model = BiEncoder(enc_cfg, dtype=jnp.dtype(config.dtype), remat=remat_setting(config))
+    loss_cfg = _loss_config(config)
+    tx, schedule = make_optimizer(config, total, warmup)
+    abstract = jax.eval_shape(
+        lambda p: TrainState.create(p, tx), abstract_params("biencoder", enc_cfg)
+    )
+    placed = state_shardings(abstract, mesh, config.fsdp)
+    create = jax.jit(lambda p: TrainState.create(p, tx), out_shardings=placed)
+    chunk = config.grad_cache_chunk or None
+    step = make_train_step(model, tx, mesh, loss_cfg, chunk, state_sharding=placed)
+    return BuiltStep(model, tx, schedule, loss_cfg, abstract, placed, create, step)
+
+
 class RetrieverTask:
     """The bi-encoder's part of :func:`dpr_jax.training.loop.train_and_evaluate`: biencoder
     batches with a resumable :class:`DataPosition`, the cross-device DPR step, the dev
@@ -468,23 +499,14 @@ class RetrieverTask:
         )
         self.warmup = config.warmup_steps or int(config.warmup_fraction * self.total_steps)
         chunk = config.grad_cache_chunk or None
-        total, warmup, model = self.total_steps, self.warmup, self.model
-
-        def build_step():
-            tx, schedule = make_optimizer(config, total, warmup)
-            abstract = jax.eval_shape(
-                lambda p: TrainState.create(p, tx), abstract_params("biencoder", enc_cfg)
-            )
-            placed = state_shardings(abstract, mesh, config.fsdp)
-            create = jax.jit(lambda p: TrainState.create(p, tx), out_shardings=placed)
-            step = make_train_step(model, tx, mesh, loss_cfg, chunk, state_sharding=placed)
-            return create, schedule, step, placed
-
-        self.create_state, self.schedule, self.train_step, self.placed = memo(
+        total, warmup = self.total_steps, self.warmup
+        built = memo(
             ("train", enc_cfg, config.dtype, remat_setting(config), optimizer_key(config), total,
              warmup, mesh, loss_cfg, chunk, config.fsdp),
-            build_step,
+            lambda: build_train_step(config, enc_cfg, mesh, total, warmup),
         )  # fmt: skip
+        self.create_state, self.schedule = built.create, built.schedule
+        self.train_step, self.placed = built.step, built.placed
 
     def resolved(self) -> dict[str, Any]:
         return {
