@@ -45,6 +45,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "dpr_jax.training.config",
             "dpr_jax.training.optimizer",
             "dpr_jax.training.checkpoints",
+            "dpr_jax.training.events",
         ),
     ),  # fmt: skip
     (
