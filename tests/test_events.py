@@ -1,5 +1,8 @@
 """TensorBoard event files written without TensorFlow (dpr_jax/training/events.py), read back by
-TensorBoard's own loader."""
+TensorBoard's own loader, and the training loop's metrics log that writes them.
+
+The events of real training runs are compared with their metrics.jsonl in tests/test_train.py.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import socket
 
 import numpy as np
 
-from dpr_jax.training import events
+from dpr_jax.training import events, loop
 from dpr_jax.training.events import EventWriter, crc32c, masked_crc32c
 
 
@@ -58,3 +61,18 @@ def test_event_files_read_by_tensorboard_and_never_overwritten(tmp_path, monkeyp
     assert got[("train/loss", 2)] == 2.25 and got[("train/step_count", 3)] == 3.0
     assert got[("train/big", 3)] == -np.inf  # float32 overflows to infinity, as in numpy
     assert got[("train/lr", 1)] == float(np.float32(1e-5)) and np.isnan(got[("dev/accuracy", 2)])
+
+
+def test_metrics_log_writes_tensorboard_on_process_0_only(tmp_path):
+    log = loop.MetricsLog(tmp_path / "metrics.jsonl", True, tmp_path / "tensorboard")
+    log.write({"split": "start", "step": 0, "position": {"epoch": 0}, "resumed": False})
+    log.write({"split": "train", "step": 5, "loss": 1.5, "lr": 2e-5, "epoch": 0.5})
+    log.write({"split": "dev", "step": 5, "accuracy": 0.25, "flag": True, "note": "x"})
+    got, _ = _read_events(tmp_path / "tensorboard")
+    assert got == {("train/loss", 5): 1.5, ("train/lr", 5): float(np.float32(2e-5)),
+                   ("train/epoch", 5): 0.5, ("dev/accuracy", 5): 0.25}  # fmt: skip
+    other = tmp_path / "other"
+    loop.MetricsLog(other / "metrics.jsonl", False, other / "tensorboard").write(
+        {"split": "train", "step": 1, "loss": 1.0}
+    )
+    assert not other.exists()

@@ -184,6 +184,44 @@ def test_exported_model_and_config(runs, base_config):
     assert all(np.array_equal(x, y) for x, y in zip(a, b)) and len(a) == len(b)
 
 
+# ---------------------------------------------------------------------------------------------
+# TensorBoard events
+
+
+def _tensorboard_scalars(run: Path) -> dict[tuple[str, int], float]:
+    """Every scalar of ``run/tensorboard`` as TensorBoard itself loads the directory (its record
+    reader checks both CRCs of every record)."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={SCALARS: 0})
+    acc.Reload()
+    return {(tag, e.step): e.value for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)}
+
+
+def test_tensorboard_scalars_equal_metrics_jsonl(runs):
+    for name in ("snapshot", "resumed", "full"):
+        expected = {
+            (f"{r['split']}/{k}", r["step"]): float(np.float32(v))  # TensorBoard keeps float32
+            for split in ("train", "dev")
+            for r in _records(runs[name], split)
+            for k, v in r.items()
+            if k not in ("time", "split", "step")
+        }
+        got = _tensorboard_scalars(runs[name])
+        assert sorted(got) == sorted(expected), name
+        np.testing.assert_array_equal([got[k] for k in sorted(got)],
+                                      [expected[k] for k in sorted(got)])  # fmt: skip
+    tags = {tag for tag, _ in got}
+    assert {"train/loss", "train/accuracy", "train/lr", "train/examples_per_s",
+            "dev/loss", "dev/accuracy"} <= tags  # fmt: skip
+    assert {step for tag, step in got if tag == "train/loss"} == set(range(1, STEPS + 1))
+    # the resumed run added a file and left the first one as it was at step 17
+    first = sorted((runs["snapshot"] / "tensorboard").iterdir())
+    files = sorted((runs["resumed"] / "tensorboard").iterdir())
+    assert len(first) == 1 and len(files) == 2
+    assert files[0].name == first[0].name and files[0].read_bytes() == first[0].read_bytes()
+
+
 def test_truncated_checkpoint_is_refused(runs, base_config, tmp_path):
     work = tmp_path / "truncated"
     shutil.copytree(runs["snapshot"], work)
