@@ -83,7 +83,7 @@ def test_reader_learns_squad_spans(reference, fixture_path):
         assert a.passage[a.start_char : a.end_char] == a.text
 
 
-def test_reader_run_writes_tensorboard_events(reference):
+def test_reader_run_writes_tensorboard_events_and_curves(reference):
     """`train-reader` goes through the same loop: its train and dev figures are TensorBoard
     scalars too (equality with metrics.jsonl is tested on the retriever, tests/test_train.py)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -94,6 +94,7 @@ def test_reader_run_writes_tensorboard_events(reference):
     dev = _log(workdir, "dev")[-1]
     assert [e.value for e in acc.Scalars("dev/em@1")][-1] == pytest.approx(dev["em@1"], rel=1e-6)
     assert {"train/loss", "train/lr", "train/questions_per_s"} <= set(acc.Tags()["scalars"])
+    assert (workdir / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_read_command_reads_the_same_answers(reference, fixture_path, tmp_path, capsys):

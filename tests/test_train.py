@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import shutil
+import struct
 from pathlib import Path
 
 import jax
@@ -185,7 +186,9 @@ def test_exported_model_and_config(runs, base_config):
 
 
 # ---------------------------------------------------------------------------------------------
-# TensorBoard events
+# Training curves: TensorBoard events, curves.png, `dpr-jax plot`
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _tensorboard_scalars(run: Path) -> dict[tuple[str, int], float]:
@@ -220,6 +223,33 @@ def test_tensorboard_scalars_equal_metrics_jsonl(runs):
     files = sorted((runs["resumed"] / "tensorboard").iterdir())
     assert len(first) == 1 and len(files) == 2
     assert files[0].name == first[0].name and files[0].read_bytes() == first[0].read_bytes()
+
+
+def test_curves_png_and_plot_command_overlay_two_runs(runs, tmp_path, capsys):
+    from dpr_jax.training.curves import curves_figure
+
+    for name in ("full", "snapshot"):  # drawn at the end of a finished or stopped run
+        assert (runs[name] / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
+    out = tmp_path / "plots" / "full_vs_resumed.png"
+    argv = ["plot", str(runs["full"]), str(runs["resumed"]), "--out", str(out)]
+    assert main([*argv, "--metric", "train/loss,accuracy"]) == 0
+    assert str(out) in capsys.readouterr().err
+    data = out.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 1000
+    # three subplots side by side at 100 dpi: 3 x 4.8 in by 3.4 in (the IHDR chunk)
+    assert struct.unpack(">II", data[16:24]) == (1440, 340)
+
+    fig = curves_figure([runs["full"], runs["resumed"]], ["train/loss", "accuracy"])
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["train/loss", "train/accuracy", "dev/accuracy"]
+    for ax in axes:
+        assert [line.get_label() for line in ax.get_lines()] == ["full", "resumed"]
+    full_loss = axes[0].get_lines()[0]
+    records = _records(runs["full"], "train")
+    assert list(full_loss.get_xdata()) == [r["step"] for r in records]
+    assert list(full_loss.get_ydata()) == [r["loss"] for r in records]
+    dev_steps = list(axes[2].get_lines()[1].get_xdata())  # resumed: the dev evaluations
+    assert dev_steps == [r["step"] for r in _records(runs["resumed"], "dev")]
 
 
 def test_truncated_checkpoint_is_refused(runs, base_config, tmp_path):

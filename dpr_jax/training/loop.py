@@ -8,6 +8,7 @@ evaluator and the export. The loop owns what both share::
     WORKDIR/config.json        the config and what was resolved from it (model, data, devices)
     WORKDIR/metrics.jsonl      one JSON line per start / train log / dev evaluation
     WORKDIR/tensorboard/       the same train and dev figures as TensorBoard scalars
+    WORKDIR/curves.png         their curves, drawn at the end (with the ``plot`` extra)
     WORKDIR/checkpoints/<step> orbax {"state": {step, params, opt_state}, "data": {position, ...}}
     WORKDIR/model/             the exported model directory
 
@@ -30,6 +31,7 @@ import datetime
 import json
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,6 +46,7 @@ from dpr_jax.finite import DivergenceError, check_finite_state
 from dpr_jax.parallel import gather_to_host
 from dpr_jax.training.checkpoints import CheckpointError, Checkpoints, short_error
 from dpr_jax.training.config import expand_path
+from dpr_jax.training.curves import save_curves
 from dpr_jax.training.events import EventWriter, scalar_tags
 from dpr_jax.training.state import TrainState
 
@@ -106,6 +109,21 @@ class MetricsLog:
             if self.events is not None and record["split"] in ("train", "dev"):
                 values = {k: v for k, v in record.items() if k not in ("split", "step")}
                 self.events.scalars(record["step"], scalar_tags(values, record["split"]))
+
+
+_warned_plot = False
+
+
+def _draw_curves(workdir: Path) -> None:
+    """``WORKDIR/curves.png`` from its metrics; never fails the run that trained: a missing
+    matplotlib or an unwritable file is one warning (once per process)."""
+    global _warned_plot
+    try:
+        save_curves([workdir], workdir / "curves.png")
+    except (ImportError, OSError) as e:  # the plot extra is not installed; a full disk
+        if not _warned_plot:
+            _warned_plot = True
+            warnings.warn(f"{workdir / 'curves.png'} not drawn: {e}", stacklevel=2)
 
 
 def _checkpoint_state(state):
@@ -310,9 +328,13 @@ def train_and_evaluate(task: Task, workdir: str | Path, mesh) -> dict[str, float
     ckpts.close()
 
     if step < total_steps:  # stopped early (stop_at_step): no final evaluation or export
+        if primary:
+            _draw_curves(workdir)
         return {"step": step, **last_train}
     if task.has_evaluator:
         last_eval = run_eval(step)
+    if primary:
+        _draw_curves(workdir)
     if config.export:
         _export(task, workdir, state, step, last_eval)
     return {**(last_eval or last_train), "step": step}
