@@ -46,6 +46,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "dpr_jax.training.optimizer",
             "dpr_jax.training.checkpoints",
             "dpr_jax.step_costs",
+            "dpr_jax.training.events",
+            "dpr_jax.training.curves",
         ),
     ),  # fmt: skip
     (

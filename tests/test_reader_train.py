@@ -83,6 +83,20 @@ def test_reader_learns_squad_spans(reference, fixture_path):
         assert a.passage[a.start_char : a.end_char] == a.text
 
 
+def test_reader_run_writes_tensorboard_events_and_curves(reference):
+    """`train-reader` goes through the same loop: its train and dev figures are TensorBoard
+    scalars too (equality with metrics.jsonl is tested on the retriever, tests/test_train.py)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    workdir, _ = reference
+    acc = EventAccumulator(str(workdir / "tensorboard"))
+    acc.Reload()
+    dev = _log(workdir, "dev")[-1]
+    assert [e.value for e in acc.Scalars("dev/em@1")][-1] == pytest.approx(dev["em@1"], rel=1e-6)
+    assert {"train/loss", "train/lr", "train/questions_per_s"} <= set(acc.Tags()["scalars"])
+    assert (workdir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_read_command_reads_the_same_answers(reference, fixture_path, tmp_path, capsys):
     """`dpr-jax read` on the training run's dev sample: EM@1 as validated, predictions JSON."""
     from dpr_jax.cli import main

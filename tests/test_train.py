@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import shutil
+import struct
 from pathlib import Path
 
 import jax
@@ -182,6 +183,73 @@ def test_exported_model_and_config(runs, base_config):
     assert int(state["step"]) == STEPS
     a, b = _leaves(params), _leaves(state["params"])
     assert all(np.array_equal(x, y) for x, y in zip(a, b)) and len(a) == len(b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training curves: TensorBoard events, curves.png, `dpr-jax plot`
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _tensorboard_scalars(run: Path) -> dict[tuple[str, int], float]:
+    """Every scalar of ``run/tensorboard`` as TensorBoard itself loads the directory (its record
+    reader checks both CRCs of every record)."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={SCALARS: 0})
+    acc.Reload()
+    return {(tag, e.step): e.value for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)}
+
+
+def test_tensorboard_scalars_equal_metrics_jsonl(runs):
+    for name in ("snapshot", "resumed", "full"):
+        expected = {
+            (f"{r['split']}/{k}", r["step"]): float(np.float32(v))  # TensorBoard keeps float32
+            for split in ("train", "dev")
+            for r in _records(runs[name], split)
+            for k, v in r.items()
+            if k not in ("time", "split", "step")
+        }
+        got = _tensorboard_scalars(runs[name])
+        assert sorted(got) == sorted(expected), name
+        np.testing.assert_array_equal([got[k] for k in sorted(got)],
+                                      [expected[k] for k in sorted(got)])  # fmt: skip
+    tags = {tag for tag, _ in got}
+    assert {"train/loss", "train/accuracy", "train/lr", "train/examples_per_s",
+            "dev/loss", "dev/accuracy"} <= tags  # fmt: skip
+    assert {step for tag, step in got if tag == "train/loss"} == set(range(1, STEPS + 1))
+    # the resumed run added a file and left the first one as it was at step 17
+    first = sorted((runs["snapshot"] / "tensorboard").iterdir())
+    files = sorted((runs["resumed"] / "tensorboard").iterdir())
+    assert len(first) == 1 and len(files) == 2
+    assert files[0].name == first[0].name and files[0].read_bytes() == first[0].read_bytes()
+
+
+def test_curves_png_and_plot_command_overlay_two_runs(runs, tmp_path, capsys):
+    from dpr_jax.training.curves import curves_figure
+
+    for name in ("full", "snapshot"):  # drawn at the end of a finished or stopped run
+        assert (runs[name] / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
+    out = tmp_path / "plots" / "full_vs_resumed.png"
+    argv = ["plot", str(runs["full"]), str(runs["resumed"]), "--out", str(out)]
+    assert main([*argv, "--metric", "train/loss,accuracy"]) == 0
+    assert str(out) in capsys.readouterr().err
+    data = out.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 1000
+    # three subplots side by side at 100 dpi: 3 x 4.8 in by 3.4 in (the IHDR chunk)
+    assert struct.unpack(">II", data[16:24]) == (1440, 340)
+
+    fig = curves_figure([runs["full"], runs["resumed"]], ["train/loss", "accuracy"])
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["train/loss", "train/accuracy", "dev/accuracy"]
+    for ax in axes:
+        assert [line.get_label() for line in ax.get_lines()] == ["full", "resumed"]
+    full_loss = axes[0].get_lines()[0]
+    records = _records(runs["full"], "train")
+    assert list(full_loss.get_xdata()) == [r["step"] for r in records]
+    assert list(full_loss.get_ydata()) == [r["loss"] for r in records]
+    dev_steps = list(axes[2].get_lines()[1].get_xdata())  # resumed: the dev evaluations
+    assert dev_steps == [r["step"] for r in _records(runs["resumed"], "dev")]
 
 
 def test_truncated_checkpoint_is_refused(runs, base_config, tmp_path):

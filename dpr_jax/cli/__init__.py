@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "top-k accuracy of a retrieval-results JSON"),
     "mine": ("mine", "hard negatives from a dense retriever (biencoder file)"),
     "train-reader": ("train_reader", "train the extractive reader"),
+    "plot": ("plot", "training curves of runs overlaid in one picture (metrics.jsonl -> PNG)"),
     "read": ("read", "read answers from retrieval results (EM / F1)"),
     "ask": ("ask", "question -> passages -> answer"),
     "plan": ("plan", "will a config fit a TPU slice? AOT-compile its train step (memory, MFU)"),

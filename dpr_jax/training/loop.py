@@ -7,6 +7,8 @@ evaluator and the export. The loop owns what both share::
 
     WORKDIR/config.json        the config and what was resolved from it (model, data, devices)
     WORKDIR/metrics.jsonl      one JSON line per start / train log / dev evaluation
+    WORKDIR/tensorboard/       the same train and dev figures as TensorBoard scalars
+    WORKDIR/curves.png         their curves, drawn at the end (with the ``plot`` extra)
     WORKDIR/checkpoints/<step> orbax {"state": {step, params, opt_state}, "data": {position, ...}}
     WORKDIR/model/             the exported model directory
 
@@ -29,6 +31,7 @@ import datetime
 import json
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,6 +46,8 @@ from dpr_jax.finite import DivergenceError, check_finite_state
 from dpr_jax.parallel import gather_to_host
 from dpr_jax.training.checkpoints import CheckpointError, Checkpoints, short_error
 from dpr_jax.training.config import expand_path
+from dpr_jax.training.curves import save_curves
+from dpr_jax.training.events import EventWriter, scalar_tags
 from dpr_jax.training.state import TrainState
 
 
@@ -88,16 +93,37 @@ class Task(Protocol):
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one timestamped JSON record per line (written by process 0 only)."""
+    """``metrics.jsonl``: one timestamped JSON record per line, and the numbers of each train
+    and dev record as TensorBoard scalars ``<split>/<key>`` at its step in a new event file of
+    ``tensorboard/`` (a resumed run adds one). Written by process 0 only."""
 
-    def __init__(self, path: Path, enabled: bool):
+    def __init__(self, path: Path, enabled: bool, tensorboard: Path | None = None):
         self.path, self.enabled = path, enabled
+        self.events = EventWriter(tensorboard) if enabled and tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             record = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(), **record}
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.events is not None and record["split"] in ("train", "dev"):
+                values = {k: v for k, v in record.items() if k not in ("split", "step")}
+                self.events.scalars(record["step"], scalar_tags(values, record["split"]))
+
+
+_warned_plot = False
+
+
+def _draw_curves(workdir: Path) -> None:
+    """``WORKDIR/curves.png`` from its metrics; never fails the run that trained: a missing
+    matplotlib or an unwritable file is one warning (once per process)."""
+    global _warned_plot
+    try:
+        save_curves([workdir], workdir / "curves.png")
+    except (ImportError, OSError) as e:  # the plot extra is not installed; a full disk
+        if not _warned_plot:
+            _warned_plot = True
+            warnings.warn(f"{workdir / 'curves.png'} not drawn: {e}", stacklevel=2)
 
 
 def _checkpoint_state(state):
@@ -229,7 +255,7 @@ def train_and_evaluate(task: Task, workdir: str | Path, mesh) -> dict[str, float
         _write_resolved_config(task, workdir / "config.json", mesh.devices.size)
     state, position = _resume_or_init(task, ckpts, latest, saved)
     start_step = int(state.step)
-    log = MetricsLog(workdir / "metrics.jsonl", primary)
+    log = MetricsLog(workdir / "metrics.jsonl", primary, workdir / "tensorboard")
     log.write({"split": "start", "step": start_step, "position": position.to_dict(),
                "resumed": latest is not None})  # fmt: skip
 
@@ -302,9 +328,13 @@ def train_and_evaluate(task: Task, workdir: str | Path, mesh) -> dict[str, float
     ckpts.close()
 
     if step < total_steps:  # stopped early (stop_at_step): no final evaluation or export
+        if primary:
+            _draw_curves(workdir)
         return {"step": step, **last_train}
     if task.has_evaluator:
         last_eval = run_eval(step)
+    if primary:
+        _draw_curves(workdir)
     if config.export:
         _export(task, workdir, state, step, last_eval)
     return {**(last_eval or last_train), "step": step}
