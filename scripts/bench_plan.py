@@ -34,24 +34,25 @@ BASE = ["configs/nq_bert_base.py", f"model={json.dumps(BERT_BASE)}"]
 
 # name -> (config, --set overrides, topology, --fit)
 CASES: dict[str, tuple[str, list[str], str, bool]] = {
-    "bert-base 4096 v5e:4x4": (BASE[0], [BASE[1], "batch_size=4096"], "v5e:4x4", True),
-    "bert-base 65536 v5e:16x16": (BASE[0], [BASE[1], "batch_size=65536"], "v5e:16x16", True),
-    "bert-large 4096 v5e:4x4": ("configs/bert_large_pair.py", [], "v5e:4x4", True),
-    "bert-large 4096 v5e:4x4 fsdp+remat+gc32": (
-        "configs/bert_large_pair.py",
-        ["fsdp=true", "remat=true", "grad_cache_chunk=32"],
-        "v5e:4x4",
-        False,
-    ),
-    "1B pair 4096 v5e:4x4": ("configs/bert_1b_pair.py", [], "v5e:4x4", True),
+    "bert-base 4096 v5e:4x4 remat": (BASE[0], [BASE[1], "batch_size=4096", "remat=true"],
+                                     "v5e:4x4", False),
     "1B pair 4096 v5e:4x4 fsdp+remat+gc64": (
-        "configs/bert_1b_pair.py",
-        ["fsdp=true", "remat=true", "grad_cache_chunk=64"],
-        "v5e:4x4",
+        "configs/bert_1b_pair.py", ["fsdp=true", "remat=true", "grad_cache_chunk=64"], "v5e:4x4",
         False,
     ),
-    "reader bert-base 16x24x350 v5e:4x4": ("configs/reader_dpr_bert_base.py", [], "v5e:4x4", True),
-}
+    "bert-base 65536 v5e:16x16 remat": (BASE[0], [BASE[1], "batch_size=65536", "remat=true"],
+                                        "v5e:16x16", False),
+    "3B pair 4096 v5e:4x4 fsdp+remat+gc32": (
+        "configs/bert_3b_pair.py", ["fsdp=true", "remat=true", "grad_cache_chunk=32"], "v5e:4x4",
+        False,
+    ),
+    "bert-large 4096 v5e:4x4 fsdp+remat+gc32": (
+        "configs/bert_large_pair.py", ["fsdp=true", "remat=true", "grad_cache_chunk=32"],
+        "v5e:4x4", False,
+    ),
+    "reader bert-base 16x24x350 v5e:4x4": ("configs/reader_dpr_bert_base.py", [], "v5e:4x4", False),
+    "bert-base 4096 v5e:4x4 --fit": (BASE[0], [BASE[1], "batch_size=4096"], "v5e:4x4", True),
+}  # fmt: skip
 
 
 def _file(out: Path, name: str) -> Path:
@@ -74,22 +75,32 @@ def run_case(name: str, out: Path, max_compiles: int) -> None:
 
 
 def table(out: Path) -> str:
-    head = ("case", "fits", "GiB/chip", "HBM", "est. MFU", "step ms", "overrides", "compile s")
+    head = ("case", "fits", "GiB/chip", "exec/model FLOPs", "HBM GiB", "all-gather GiB",
+            "ICI GiB", "bound", "est. MFU", "step ms", "overrides", "compile s")  # fmt: skip
     rows = [head]
+    gib = 2**30
     for name in CASES:
         path = _file(out, name)
         if not path.is_file():
-            rows.append((name, "-", "-", "-", "-", "-", "(not run)", "-"))
+            rows.append((name, *["-"] * (len(head) - 3), "(not run)", "-"))
             continue
         r = json.loads(path.read_text())
         compile_s = sum(t.get("compile_s", 0) for t in r.get("tried", [])) or r.get("compile_s", 0)
         over = r.get("overrides")
+        ok = r.get("est_step_s") is not None
+
+        def f(v, fmt):
+            return fmt.format(v) if v is not None else "-"
+
         rows.append((
-            name, "yes" if r.get("fits") else "no",
-            f"{r['per_chip_gib']:.2f}" if r.get("per_chip_gib") is not None else "-",
-            f"{r['hbm_gib']:.2f}",
-            f"{100 * r['est_mfu']:.1f}%" if r.get("est_mfu") is not None else "-",
-            f"{1e3 * r['est_step_s']:.0f}" if r.get("est_step_s") is not None else "-",
+            name, "yes" if r.get("fits") else "no", f(r.get("per_chip_gib"), "{:.2f}"),
+            f(r["executed_flops_per_step"] / r["model_flops_per_step"], "{:.2f}") if ok else "-",
+            f(r.get("hbm_bytes_per_chip", 0) / gib, "{:.1f}") if ok else "-",
+            f(r["collective_bytes"]["all-gather"] / gib, "{:.3f}") if ok else "-",
+            f(r.get("ici_bytes_per_chip", 0) / gib, "{:.3f}") if ok else "-",
+            r.get("bound") or "-",
+            f(100 * r["est_mfu"], "{:.1f}%") if ok else "-",
+            f(1e3 * r["est_step_s"], "{:.0f}") if ok else "-",
             " ".join(f"--set {o}" for o in over) if over else ("(none)" if over == [] else "-"),
             f"{compile_s:.0f}",
         ))  # fmt: skip
