@@ -133,17 +133,35 @@ def test_ivfpq_overrides_reach_exact(gaussian):
     np.testing.assert_array_equal(got, ids[brute_force(queries, emb, 10)[1]])
 
 
-def test_fewer_candidates_than_k_are_padded(gaussian):
+def test_fewer_candidates_than_k_widen_the_search(gaussian):
     emb, queries, ids = gaussian
     index = build_index("scann", emb, ids, scoring="ah", num_leaves=20, num_leaves_to_search=1,
                         training_sample_size=1003, min_partition_size=10, num_threads=1)  # fmt: skip
-    scores, got = index.search(queries, 300)  # one leaf of ~50 points cannot fill 300
-    missing = got == ""
-    assert missing.any() and not missing[:, 0].any()
-    assert np.all(np.isneginf(scores[missing]))
-    rows = np.vectorize(lambda s: int(s[3:]) if s else 0)(got)
+    scores, got = index.search(queries, 300)  # one leaf of ~50 points cannot fill 300: widened
+    assert got.shape == (40, 300) and (got != "").all()
+    assert all(len(set(row)) == 300 for row in got.tolist())
+    rows = np.vectorize(lambda s: int(s[3:]))(got)
     true = np.einsum("qd,qkd->qk", queries, emb[rows])
-    np.testing.assert_allclose(scores[~missing], true[~missing], atol=1e-4)
+    np.testing.assert_allclose(scores, true, atol=1e-4)
+
+
+def test_short_rows_fall_back_to_exact_search_over_the_stored_vectors(gaussian, monkeypatch):
+    """A backend that keeps coming back short (here: -1s and a repeated row at every width)
+    ends with exact search over its own flat store: the brute-force top-k."""
+    emb, queries, ids = gaussian
+    index = build_index("faiss-hnsw", emb, ids, num_threads=1)
+    real = index._search
+
+    def short(q, k, **params):
+        s, r = real(q, k, **params)
+        r[:, 1], r[:, -1] = r[:, 0], -1  # a duplicate and a hole in every row
+        return s, r
+
+    monkeypatch.setattr(index, "_search", short)
+    scores, got = index.search(queries, 10)
+    want_scores, rows = brute_force(queries, emb, 10)
+    np.testing.assert_array_equal(got, ids[rows])
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
@@ -226,6 +244,102 @@ def test_bad_inputs_are_refused(gaussian):
     index = build_index("faiss-flat", emb, ids)
     with pytest.raises(ValueError, match=r"queries must be \(Q, 24\)"):
         index.search(queries[:, :10], 5)
+
+
+# backend, option, value as typed on the command line
+BAD_OPTIONS = [
+    ("faiss-hnsw", "M", "-4"),  # was an OOM kill
+    ("faiss-hnsw", "M", "0"),
+    ("faiss-hnsw", "M", "100000"),
+    ("faiss-hnsw", "M", "abc"),
+    ("faiss-hnsw", "ef_search", "0"),
+    ("faiss-hnsw", "ef_construction", "-1"),
+    ("faiss-hnsw", "num_threads", "-2"),
+    ("faiss-ivfpq", "nlist", "-1"),  # was a TypeError traceback
+    ("faiss-ivfpq", "nlist", "0"),
+    ("faiss-ivfpq", "nlist", "2.5"),
+    ("faiss-ivfpq", "nbits", "0"),
+    ("faiss-ivfpq", "nbits", "17"),
+    ("faiss-ivfpq", "m", "-2"),
+    ("faiss-ivfpq", "nprobe", "0"),
+    ("faiss-ivfpq", "k_factor", "0.5"),
+    ("faiss-ivfpq", "k_factor", "NaN"),
+    ("faiss-ivfpq", "refine", "maybe"),
+    ("faiss-ivfpq", "fast_scan", "1"),
+    ("faiss-ivfpq", "training_sample_size", "0"),
+    ("faiss-ivfpq", "train_iters", "0"),
+    ("faiss-ivfpq", "seed", "-1"),
+    ("faiss-flat", "query_batch_size", "0"),
+    ("scann", "num_leaves", "-5"),  # was a RuntimeError traceback
+    ("scann", "num_leaves", "abc"),
+    ("scann", "num_leaves_to_search", "0"),
+    ("scann", "num_neighbors", "0"),
+    ("scann", "reorder", "-1"),
+    ("scann", "scoring", "fast"),
+    ("scann", "hash_type", "lut8"),
+    ("scann", "reorder_dtype", "float64"),
+    ("scann", "dimensions_per_block", "0"),
+    ("scann", "soar_lambda", "-1"),
+    ("scann", "anisotropic_quantization_threshold", "Infinity"),
+    ("scann", "training_sample_size", "0"),
+    ("scann-bf", "num_neighbors", "0"),
+    ("exact", "block_size", "0"),  # was a ZeroDivisionError traceback
+    ("exact", "block_size", "-3"),
+    ("exact", "query_batch_size", "0"),
+    ("exact", "dtype", "int8"),
+    ("exact", "recall_target", "0"),
+    ("exact", "recall_target", "1.5"),
+]
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_every_option_has_its_allowed_range(backend):
+    cls = _cls(backend)
+    assert set(cls.OPTIONS) == set(cls.DEFAULTS)
+    assert set(cls.SEARCH_OPTIONS) == set(cls.SEARCH_PARAMS)
+    for name, default in cls.DEFAULTS.items():  # the defaults themselves are allowed
+        assert cls.OPTIONS[name].allows(default), (name, default)
+
+
+@pytest.mark.parametrize(("backend", "name", "value"), BAD_OPTIONS)
+def test_bad_options_are_refused_before_any_work(backend, name, value, tmp_path, capsys):
+    """One line naming the option and its allowed range, exit 2, before the embeddings are read
+    (the directory given does not even exist); the same refusal from the Python API."""
+    from dpr_jax.cli import main
+    from dpr_jax.errors import UserError
+
+    argv = ["index", "--embeddings", str(tmp_path / "no_such_emb"), "--backend", backend,
+            "--out", str(tmp_path / "i"), "--option", f"{name}={value}"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"dpr-jax index: {backend} option {name}=")
+    assert "must be " in err and "no_such_emb" not in err
+    assert not (tmp_path / "i").exists()
+    with pytest.raises(UserError, match=rf"^{backend} option {name}=.*: must be "):
+        build_index(
+            backend,
+            np.ones((4, 8), np.float32),
+            list("abcd"),
+            **dict([parse_option(f"{name}={value}")]),
+        )
+
+
+def test_bad_search_parameters_and_data_dependent_options_are_refused(gaussian):
+    from dpr_jax.errors import UserError
+
+    emb, queries, ids = gaussian
+    small, some = emb[:106], ids[:106]
+    index = build_index("faiss-ivfpq", small, some, num_threads=1)
+    with pytest.raises(UserError, match=r"search parameter nprobe=0: must be an integer >= 1"):
+        index.search(queries, 10, nprobe=0)
+    with pytest.raises(ValueError, match=r"nlist=500 needs at least 500 .* use nlist <= 106"):
+        build_index("faiss-ivfpq", small, some, nlist=500)
+    with pytest.raises(ValueError, match=r"num_leaves=500 needs .* use num_leaves <= 106"):
+        build_index("scann", small, some, num_leaves=500)
+    with pytest.raises(ValueError, match=r"num_leaves_to_search=20 is more than num_leaves=10"):
+        build_index("scann", small, some, num_leaves=10, num_leaves_to_search=20)
+    with pytest.raises(UserError, match=r"option M=True: must be an integer"):
+        build_index("faiss-hnsw", small, some, M=True)
 
 
 def test_parse_option():

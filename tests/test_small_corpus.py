@@ -113,3 +113,60 @@ def test_ivfpq_says_what_minimum_it_needs():
         build_index("faiss-ivfpq", emb, ids, nlist=50)
     fast = build_index("faiss-ivfpq", emb, ids, fast_scan=True)
     assert fast.options["nbits"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# every backend: exactly min(k, n) distinct passages (issue 19, item 4)
+
+# backend, options (beyond one thread): each backend at its defaults, and ScaNN's tree + AH
+# (whose default below 20k vectors is brute force)
+BACKENDS = [
+    ("exact", {}),
+    ("scann-bf", {}),
+    ("faiss-flat", {}),
+    ("faiss-hnsw", {}),
+    ("faiss-ivfpq", {}),
+    ("faiss-ivfpq", {"refine": False}),
+    ("scann", {}),
+    ("scann", {"scoring": "ah", "num_leaves": 10, "min_partition_size": 1}),
+]
+EXACT = {"exact", "scann-bf", "faiss-flat"}
+
+
+def _corpus(kind: str, n: int = 106, d: int = 32):
+    """106 Gaussian vectors (a small corpus: IVF-PQ had 2 lists, 1 probed: 48-58 of k=100), or
+    106 near-identical ones (k-means leaves most lists empty: 0 passages for most questions)."""
+    rng = np.random.default_rng(7)
+    queries = rng.standard_normal((21, d)).astype(np.float32)
+    if kind == "gaussian":
+        return rng.standard_normal((n, d)).astype(np.float32), queries
+    base = rng.standard_normal(d)
+    return (base + 1e-4 * rng.standard_normal((n, d))).astype(np.float32), queries
+
+
+@pytest.mark.parametrize("corpus", ["gaussian", "near_identical"])
+@pytest.mark.parametrize(("backend", "options"), BACKENDS, ids=lambda x: str(x) if x else "")
+def test_every_backend_returns_min_k_n_distinct_passages(backend, options, corpus):
+    if backend != "exact":
+        pytest.importorskip("faiss" if backend.startswith("faiss") else "scann")
+    from dpr_jax.index import index_class
+
+    emb, queries = _corpus(corpus)
+    ids = np.array([f"p{i}" for i in range(len(emb))])
+    cls = index_class(backend)
+    extra = {"num_threads": 1} if "num_threads" in cls.DEFAULTS else {}
+    index = build_index(backend, emb, ids, **extra, **options)
+    ref = queries.astype(np.float64) @ emb.astype(np.float64).T  # (Q, D) . (D, N) -> (Q, N)
+    for k in (100, 500):
+        want = min(k, len(emb))
+        scores, got = index.search(queries, k)
+        assert got.shape == scores.shape == (len(queries), want)
+        assert all(len(set(row)) == want and "" not in row for row in got.tolist())
+        assert np.isfinite(scores).all() and (np.diff(scores, axis=1) <= 1e-5).all()
+        if options.get("refine", True):  # true inner products (else PQ's approximate ones)
+            rows = np.vectorize(lambda s: int(s[1:]))(got)
+            np.testing.assert_allclose(scores, np.take_along_axis(ref, rows, 1), atol=1e-3)
+        if backend in EXACT:  # brute force, score for score
+            np.testing.assert_allclose(scores, -np.sort(-ref, axis=1)[:, :want], atol=1e-4)
+            if corpus == "gaussian":
+                np.testing.assert_array_equal(got, ids[np.argsort(-ref, axis=1)[:, :want]])

@@ -84,6 +84,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         options["num_threads"] = args.threads
     if args.target_recall is not None and not cls.SEARCH_PARAMS:
         ap.error(f"--target-recall: backend {args.backend!r} is exact, it has no knob to tune")
+    index = cls(**options)  # every option checked against its allowed range before any work
 
     check_output_path(args.out, args.embeddings)
     configs = [read_config(d) for d in args.embeddings]
@@ -99,7 +100,6 @@ def cli_main(argv: list[str] | None = None) -> int:
     tune_queries = None
     if args.tune_queries is not None:
         tune_queries = load_tune_queries(args.tune_queries, emb.shape[1])
-    index = cls(**options)
     index.meta = {
         "embeddings": [str(d) for d in args.embeddings],
         "embeddings_config": configs,

@@ -14,10 +14,13 @@ pay for 256 positions while the number of distinct shapes (and jit compilations)
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
+
+from dpr_jax.errors import UserError
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -25,6 +28,20 @@ TOKENIZER_FILES = (
     "vocab.txt",
     "special_tokens_map.json",
 )
+
+
+def _auto_map_file(path: str | Path) -> Path | None:
+    """The first of the directory's tokenizer_config.json / config.json with an ``auto_map``
+    (custom classes in .py files of the directory), or None."""
+    for name in ("tokenizer_config.json", "config.json"):
+        p = Path(path) / name
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and "auto_map" in data:
+            return p
+    return None
 
 
 def padded_length(longest: int, max_length: int, bucket: int | None) -> int:
@@ -41,9 +58,24 @@ class DPRTokenizer:
 
         self.path = str(path)
         try:
-            self.tok = AutoTokenizer.from_pretrained(self.path)
+            # never code from the directory: an `auto_map` naming a .py file there is ignored
+            # when a built-in class fits, refused otherwise; False (not None) also means
+            # transformers never asks "Do you wish to run the custom code? [y/N]"
+            self.tok = AutoTokenizer.from_pretrained(self.path, trust_remote_code=False)
         except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: cannot load a tokenizer from here ({e})") from None
+            remote = _auto_map_file(path)
+            if remote is not None:
+                raise UserError(
+                    f"{remote}: 'auto_map' asks to run Python code from {path}, and dpr-jax never "
+                    "runs code from a model or tokenizer directory; remove 'auto_map' or use a "
+                    "standard (BERT) tokenizer"
+                ) from None
+            raise UserError(f"{path}: cannot load a tokenizer from here ({e})") from None
+        if not type(self.tok).__module__.startswith("transformers."):  # defence in depth
+            raise UserError(
+                f"{path}: the tokenizer class {type(self.tok).__qualname__} is not one of "
+                "transformers' own; dpr-jax never runs code from a model or tokenizer directory"
+            )
         # long passages are tokenized whole and then cut into windows (the reader) or truncated
         # by us: transformers' "longer than the maximum sequence length" warning is noise here
         self.tok.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True

@@ -33,8 +33,10 @@ the sha256 and content fingerprint of each embeddings directory's corpus), which
 from __future__ import annotations
 
 import abc
+import dataclasses
 import datetime
 import importlib
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -43,6 +45,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from dpr_jax import __version__, io
+from dpr_jax.errors import UserError
 from dpr_jax.io import atomic_write_json, read_json_object
 
 INDEX_CONFIG = "index_config.json"
@@ -59,6 +62,67 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "faiss-hnsw": ("dpr_jax.index.faiss_index", "FaissHNSWIndex"),
     "faiss-ivfpq": ("dpr_jax.index.faiss_index", "FaissIVFPQIndex"),
 }
+
+
+INT_MAX = 2**31 - 1  # FAISS and ScaNN take C ints
+
+
+@dataclasses.dataclass(frozen=True)
+class Opt:
+    """The allowed values of one backend option or search parameter.
+
+    ``kind``: "int" (not bool), "float" (an int is accepted; finite), "bool" or "choice" (one of
+    ``choices``); ``lo``/``hi`` bound numbers (``lo_open``: lo itself excluded; ints are at most
+    :data:`INT_MAX`); ``null`` says what ``None`` means, ``None`` is refused when it is empty.
+    """
+
+    kind: str
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[str, ...] = ()
+    null: str = ""
+    lo_open: bool = False
+
+    def describe(self) -> str:
+        if self.kind == "bool":
+            text = "true or false"
+        elif self.kind == "choice":
+            text = "one of " + ", ".join(repr(c) for c in self.choices)
+        else:
+            text = "an integer" if self.kind == "int" else "a finite number"
+            lo = "" if self.lo is None else f"{'(' if self.lo_open else '['}{self.lo}"
+            if self.hi is not None:
+                text += f" in {lo or '(-inf'}, {self.hi}]"
+            elif self.lo is not None:
+                text += f" {'>' if self.lo_open else '>='} {self.lo}"
+        return text + (f", or null ({self.null})" if self.null else "")
+
+    def allows(self, value: Any) -> bool:
+        if value is None:
+            return bool(self.null)
+        if self.kind == "bool":
+            return isinstance(value, (bool, np.bool_))
+        if self.kind == "choice":
+            return isinstance(value, str) and value in self.choices
+        numbers = (int, np.integer) if self.kind == "int" else (int, float, np.integer, np.floating)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers):
+            return False
+        if not math.isfinite(value):
+            return False
+        hi = INT_MAX if self.hi is None and self.kind == "int" else self.hi
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return hi is None or value <= hi
+
+
+def check_option(backend: str, name: str, value: Any, spec: Opt, what: str = "option") -> None:
+    """Refuse ``value`` of ``name`` unless ``spec`` allows it: one line naming the option, its
+    allowed range and the value (:class:`UserError`, exit 2 on the command line)."""
+    if not spec.allows(value):
+        raise UserError(
+            f"{backend} {what} {name}={value!r}: must be {spec.describe()} "
+            f"(`dpr-jax index --option {name}=VALUE`)"
+        )
 
 
 class IndexIntegrityError(io.IntegrityError):
@@ -79,18 +143,24 @@ class Index(abc.ABC):
 
     backend: ClassVar[str]
     DEFAULTS: ClassVar[dict[str, Any]] = {}
+    OPTIONS: ClassVar[dict[str, Opt]] = {}  # the allowed values of every option in DEFAULTS
     SEARCH_PARAMS: ClassVar[tuple[str, ...]] = ()  # per-call overrides accepted by search()
+    SEARCH_OPTIONS: ClassVar[dict[str, Opt]] = {}  # the allowed values of each SEARCH_PARAMS
     # tuned search settings: {"params": {name: value}, "k", "target_recall", "recall", "qps", ...}
     # written by dpr_jax.index.tune; search() uses "params" unless a call overrides them
     tuned: dict[str, Any] | None = None
 
     def __init__(self, **options):
+        """Every option is checked against ``OPTIONS`` here, before any work."""
         unknown = sorted(set(options) - set(self.DEFAULTS))
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"unknown option(s) {unknown} for backend {self.backend!r}; "
                 f"known: {sorted(self.DEFAULTS)}"
             )
+        for name, value in options.items():
+            if name in self.OPTIONS:  # every built-in backend specifies all of its options
+                check_option(self.backend, name, value, self.OPTIONS[name])
         self.options: dict[str, Any] = {**self.DEFAULTS, **options}
         self.ids: np.ndarray | None = None
         self.dim: int | None = None
@@ -141,8 +211,13 @@ class Index(abc.ABC):
 
         ``k`` larger than the index is clamped to its size. ``params`` are per-call overrides of
         search settings (``SEARCH_PARAMS`` of the backend, e.g. ``leaves_to_search``); without
-        them a tuned index uses its tuned settings (``tuned["params"]``). An approximate backend
-        that finds fewer than ``k`` candidates pads with id "" and -inf.
+        them a tuned index uses its tuned settings (``tuned["params"]``).
+
+        Every row holds exactly ``min(k, size)`` distinct ids: where an approximate backend finds
+        fewer distinct candidates (too few probed lists or leaves, a narrow graph search), the
+        search of those rows widens (:meth:`_wider`: more lists, leaves or graph breadth, up to
+        all of them) and, where that is not enough, falls back to exact search over the stored
+        vectors (:meth:`_exact_search`); a row still short is a bug (``RuntimeError``).
         """
         if self.ids is None:
             raise RuntimeError(f"{self.backend} index is empty: call build() or load() first")
@@ -152,6 +227,11 @@ class Index(abc.ABC):
                 f"unknown search parameter(s) {unknown} for backend {self.backend!r}; "
                 f"known: {list(self.SEARCH_PARAMS)}"
             )
+        for name, value in params.items():
+            if name in self.SEARCH_OPTIONS:
+                check_option(
+                    self.backend, name, value, self.SEARCH_OPTIONS[name], "search parameter"
+                )
         if self.tuned:
             params = {**self.tuned["params"], **params}
         q = np.asarray(queries)
@@ -167,15 +247,63 @@ class Index(abc.ABC):
         q = np.ascontiguousarray(q, dtype=np.float32)
         if len(q) == 0:
             return np.zeros((0, k), np.float32), np.zeros((0, k), self.ids.dtype)
-        scores, rows = self._search(q, k, **params)
-        scores = np.asarray(scores, np.float32)
-        rows = np.asarray(rows, np.int64)
-        missing = (rows < 0) | (rows >= self.size)
-        ids = self.ids[np.where(missing, 0, rows)]
-        if missing.any():
-            ids[missing] = ""
-            scores = np.where(missing, -np.inf, scores).astype(np.float32)
-        return scores, ids
+        scores, rows = self._distinct(*self._search(q, k, **params))
+        short = np.flatnonzero((rows < 0).any(axis=1))
+        if len(short):
+            scores[short], rows[short] = self._complete(q[short], k, params)
+        return scores, self.ids[rows]
+
+    def _distinct(self, scores, rows) -> tuple[np.ndarray, np.ndarray]:
+        """Rows with no "none" (-1 or out of range) and no repeated row, compacted to the
+        front in their order; the freed places at the end are -1 with score -inf."""
+        scores = np.array(scores, np.float32)
+        rows = np.array(rows, np.int64)
+        bad = (rows < 0) | (rows >= self.size) | np.isnan(scores)
+        order = np.argsort(rows, axis=1, kind="stable")
+        srt = np.take_along_axis(rows, order, axis=1)
+        dup_sorted = np.zeros_like(bad)
+        dup_sorted[:, 1:] = srt[:, 1:] == srt[:, :-1]  # later copies of a row (kept: the first)
+        np.put_along_axis(bad, order, np.take_along_axis(bad, order, axis=1) | dup_sorted, axis=1)
+        if not bad.any():
+            return scores, rows
+        keep = np.argsort(bad, axis=1, kind="stable")  # good ones first, in their order
+        rows = np.where(bad, -1, rows)
+        scores = np.where(bad, -np.inf, scores).astype(np.float32)
+        return np.take_along_axis(scores, keep, axis=1), np.take_along_axis(rows, keep, axis=1)
+
+    def _complete(self, q: np.ndarray, k: int, params: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Search the rows that came back short again, wider each time (:meth:`_wider`), then
+        exactly over the stored vectors (:meth:`_exact_search`) until each has k distinct rows."""
+        scores = np.full((len(q), k), -np.inf, np.float32)
+        rows = np.full((len(q), k), -1, np.int64)
+        todo = np.arange(len(q))
+        for wider in self._wider(k, params):
+            s, r = self._distinct(*self._search(q[todo], k, **wider))
+            scores[todo], rows[todo] = s, r
+            todo = todo[(r < 0).any(axis=1)]
+            if not len(todo):
+                return scores, rows
+        exact = self._exact_search(q[todo], k)
+        if exact is not None:
+            s, r = self._distinct(*exact)
+            scores[todo], rows[todo] = s, r
+            todo = todo[(r < 0).any(axis=1)]
+        if len(todo):
+            got = int((rows[todo[0]] >= 0).sum())
+            raise RuntimeError(
+                f"{self.backend}: found {got} distinct passages of the {k} asked for (index of "
+                f"{self.size}) even at its widest search settings; this is a bug in dpr-jax"
+            )
+        return scores, rows
+
+    def _wider(self, k: int, params: dict):
+        """Search parameters in increasing breadth, up to exhaustive, for rows that came back
+        with fewer than k distinct results. None for an exact backend."""
+        return iter(())
+
+    def _exact_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Exact (scores, rows) over the stored vectors, or None where the index keeps none."""
+        return None
 
     def set_num_threads(self, num_threads: int) -> None:
         """Search threads (0: all cores) for backends with a ``num_threads`` option; a no-op for

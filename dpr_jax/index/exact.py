@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dpr_jax.index.base import Index
+from dpr_jax.index.base import Index, Opt
 
 STORE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -112,14 +112,15 @@ class ExactIndex(Index):
         "block_size": 16384,
         "recall_target": None,
     }
+    OPTIONS = {
+        "dtype": Opt("choice", choices=tuple(STORE_DTYPES)),
+        "query_batch_size": Opt("int", 1),
+        "block_size": Opt("int", 1),
+        "recall_target": Opt("float", 0, 1, lo_open=True, null="exact top-k"),
+    }
 
     def __init__(self, **options):
         super().__init__(**options)
-        if self.options["dtype"] not in STORE_DTYPES:
-            raise ValueError(f"option dtype must be one of {sorted(STORE_DTYPES)}")
-        rt = self.options["recall_target"]
-        if rt is not None and not (isinstance(rt, (int, float)) and 0 < rt <= 1):
-            raise ValueError(f"option recall_target must be None or in (0, 1], got {rt!r}")
         self._emb = None
         self._fns = {}
 

@@ -15,8 +15,10 @@ what we use). Three backends:
   ``k * k_factor`` candidates are rescored exactly (the counterpart of ScaNN's reorder). Refine
   is on by default: without it IVF-PQ does not reach recall@10 = 0.9 on our test sets.
 
-FAISS labels are int64 rows; they are mapped back to the string ids (-1, "no result", becomes
-id "" with score -inf). ``num_threads`` sets FAISS's OpenMP threads (a process-wide setting,
+FAISS labels are int64 rows; they are mapped back to the string ids. A row with -1 ("no
+result") is searched again wider (``nprobe`` up to ``nlist``, ``efSearch`` up to 8x) and then
+exactly over the index's flat store (HNSW's storage, IVF-PQ's refine vectors), so every question
+gets ``min(k, n)`` distinct passages (:meth:`Index.search`). ``num_threads`` sets FAISS's OpenMP threads (a process-wide setting,
 applied before every build and search; 0 = all cores).
 """
 
@@ -29,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from dpr_jax.errors import optional_import
-from dpr_jax.index.base import Index
+from dpr_jax.index.base import Index, Opt
 
 FAISS_FILE = "faiss.index"
 
@@ -48,6 +50,7 @@ class FaissIndex(Index):
 
     backend = "faiss"
     DEFAULTS = {"num_threads": 0, "query_batch_size": 16384}
+    OPTIONS = {"num_threads": Opt("int", 0), "query_batch_size": Opt("int", 1)}
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -70,16 +73,28 @@ class FaissIndex(Index):
             self.index.add(emb)
 
     def _search(self, queries: np.ndarray, k: int, **params):
-        set_faiss_threads(self.options["num_threads"])
         sp = self._params(k, **params)
-        kwargs = {} if sp is None else {"params": sp}
+        return self._batched(self.index, queries, k, {} if sp is None else {"params": sp})
+
+    def _batched(self, index, queries: np.ndarray, k: int, kwargs: dict):
+        set_faiss_threads(self.options["num_threads"])
         scores = np.empty((len(queries), k), np.float32)
         rows = np.empty((len(queries), k), np.int64)
         qb = int(self.options["query_batch_size"])
         for start in range(0, len(queries), qb):
-            s, r = self.index.search(queries[start : start + qb], k, **kwargs)
+            s, r = index.search(queries[start : start + qb], k, **kwargs)
             scores[start : start + len(s)], rows[start : start + len(s)] = s, r
         return scores, rows
+
+    def _flat_storage(self):
+        """The index's own exact inner-product store of every vector, or None."""
+        return None
+
+    def _exact_search(self, q, k):
+        flat = self._flat_storage()
+        if flat is None:
+            return None
+        return self._batched(flat, q, k, {})
 
     def size_bytes(self) -> int:
         return int(import_faiss().serialize_index(self.index).nbytes)
@@ -121,7 +136,14 @@ class FaissHNSWIndex(FaissIndex):
 
     backend = "faiss-hnsw"
     DEFAULTS = {**FaissIndex.DEFAULTS, "M": 32, "ef_construction": 40, "ef_search": 128}
+    OPTIONS = {
+        **FaissIndex.OPTIONS,
+        "M": Opt("int", 2, 512),  # graph degree; FAISS's own advice is 4 ... 64
+        "ef_construction": Opt("int", 1),
+        "ef_search": Opt("int", 1),
+    }
     SEARCH_PARAMS = ("ef_search",)
+    SEARCH_OPTIONS = {"ef_search": OPTIONS["ef_search"]}
 
     def _make(self, emb):
         faiss = import_faiss()
@@ -146,6 +168,17 @@ class FaissHNSWIndex(FaissIndex):
         ef = int(self.options["ef_search"] if ef_search is None else ef_search)
         return import_faiss().SearchParametersHNSW(efSearch=max(ef, k))
 
+    def _wider(self, k, params):
+        """efSearch doubled up to 8x (at most the corpus size), then exact over the storage."""
+        ef = max(int(params.get("ef_search") or self.options["ef_search"]), k)
+        top = min(self.size, 8 * ef)
+        while ef < top:
+            ef = min(2 * ef, top)
+            yield {"ef_search": ef}
+
+    def _flat_storage(self):
+        return import_faiss().downcast_index(self.index.storage)
+
 
 def _default_m(dim: int, dims_per_subquantizer: int) -> int:
     """The number of sub-quantizers closest to dim / dims_per_subquantizer that divides dim."""
@@ -168,7 +201,10 @@ class FaissIVFPQIndex(FaissIndex):
     aborts). With ``t`` training vectors the defaults adapt (``nbits`` = min(8, floor(log2 t)),
     ``nlist`` <= t), so any corpus of at least 2 vectors builds (16 with ``fast_scan``, whose
     codes are 4 bits); an explicit ``nlist`` > t or ``nbits`` with 2^nbits > t, or a smaller
-    corpus, is a ``ValueError`` that says the minimum.
+    corpus, is a ``ValueError`` that says the minimum. A search that finds fewer than k distinct
+    passages for a question (few lists probed on a small or clustered corpus: with 106 vectors,
+    2 lists, 1 probed) is repeated for that question with nprobe doubled, up to every list
+    (:meth:`Index.search`).
     """
 
     backend = "faiss-ivfpq"
@@ -185,7 +221,21 @@ class FaissIVFPQIndex(FaissIndex):
         "train_iters": 10,
         "seed": 0,
     }
+    OPTIONS = {
+        **FaissIndex.OPTIONS,
+        "nlist": Opt("int", 1, null="chosen from the corpus size"),
+        "m": Opt("int", 1, null="chosen from the dimension"),
+        "nbits": Opt("int", 1, 16, null="chosen from the training vectors"),
+        "nprobe": Opt("int", 1, null="ceil(nlist / 10)"),
+        "fast_scan": Opt("bool"),
+        "refine": Opt("bool"),
+        "k_factor": Opt("float", 1),
+        "training_sample_size": Opt("int", 1, null="min(n, 250000)"),
+        "train_iters": Opt("int", 1),
+        "seed": Opt("int", 0),
+    }
     SEARCH_PARAMS = ("nprobe", "k_factor")
+    SEARCH_OPTIONS = {"nprobe": Opt("int", 1), "k_factor": OPTIONS["k_factor"]}
 
     def _resolve(self, n: int, dim: int) -> None:
         o = self.options
@@ -234,6 +284,9 @@ class FaissIVFPQIndex(FaissIndex):
                       faiss.METRIC_INNER_PRODUCT)  # fmt: skip
         ivf.cp.niter = int(o["train_iters"])
         ivf.cp.seed = int(o["seed"])
+        # a small corpus trains 2^nbits codewords on fewer than FAISS's 39 vectors each, knowingly
+        # (see _resolve): no "WARNING clustering ... please provide at least" lines on stderr
+        ivf.pq.cp.min_points_per_centroid = 1
         ivf.nprobe = int(o["nprobe"])
         index = faiss.IndexRefineFlat(ivf) if o["refine"] else ivf
         if o["refine"]:
@@ -259,11 +312,25 @@ class FaissIVFPQIndex(FaissIndex):
             self.index.k_factor = float(self.options["k_factor"])
         import_faiss().extract_index_ivf(self.index).nprobe = int(self.options["nprobe"])
 
+    def _wider(self, k, params):
+        """nprobe doubled up to nlist (every list: every vector is a candidate); then, with
+        refine, exact search over the refine store."""
+        nlist = int(self.options["nlist"])
+        nprobe = min(int(params.get("nprobe") or self.options["nprobe"]), nlist)
+        while nprobe < nlist:
+            nprobe = min(2 * nprobe, nlist)
+            yield {**params, "nprobe": nprobe}
+
+    def _flat_storage(self):
+        if not self.options["refine"]:
+            return None
+        return import_faiss().downcast_index(self.index.refine_index)
+
     def _params(self, k, nprobe=None, k_factor=None):
         faiss = import_faiss()
         o = self.options
         ivf_params = faiss.SearchParametersIVF(
-            nprobe=int(o["nprobe"] if nprobe is None else nprobe)
+            nprobe=min(int(o["nprobe"] if nprobe is None else nprobe), int(o["nlist"]))
         )
         if not o["refine"]:
             if k_factor is not None:

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from dpr_jax.errors import optional_import
-from dpr_jax.index.base import Index
+from dpr_jax.index.base import Index, Opt
 from dpr_jax.index.tune import ladder
 
 SCANN_DIR = "scann"
@@ -83,7 +83,29 @@ class ScannIndex(Index):
         "training_threads": 0,
         "query_batch_size": 16384,
     }
+    OPTIONS = {
+        "num_neighbors": Opt("int", 1),
+        "scoring": Opt("choice", choices=("ah", "brute_force"), null="chosen from the corpus size"),
+        "num_leaves": Opt("int", 0, null="chosen from the corpus size; 0: no tree"),
+        "num_leaves_to_search": Opt("int", 1, null="ceil(num_leaves / 10)"),
+        "training_sample_size": Opt("int", 1, null="min(n, 250000)"),
+        "min_partition_size": Opt("int", 1),
+        "training_iterations": Opt("int", 1),
+        "spherical": Opt("bool"),
+        "quantize_centroids": Opt("bool"),
+        "soar_lambda": Opt("float", 0, null="no SOAR spilling"),
+        "dimensions_per_block": Opt("int", 1),
+        "anisotropic_quantization_threshold": Opt("float"),
+        "hash_type": Opt("choice", choices=("lut16", "lut256")),
+        "ah_training_sample_size": Opt("int", 1, null="min(n, 100000)"),
+        "reorder": Opt("int", 0),
+        "reorder_dtype": Opt("choice", choices=("float32", "int8", "bfloat16")),
+        "num_threads": Opt("int", 0),
+        "training_threads": Opt("int", 0),
+        "query_batch_size": Opt("int", 1),
+    }
     SEARCH_PARAMS = ("leaves_to_search", "pre_reorder_num_neighbors")
+    SEARCH_OPTIONS = {"leaves_to_search": Opt("int", 1), "pre_reorder_num_neighbors": Opt("int", 1)}
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -102,6 +124,18 @@ class ScannIndex(Index):
                 o["num_leaves_to_search"] = max(1, math.ceil(o["num_leaves"] / 10))
             if o["training_sample_size"] is None:
                 o["training_sample_size"] = min(n, 250000)
+            t = min(n, int(o["training_sample_size"]))
+            if int(o["num_leaves"]) > t:
+                raise ValueError(
+                    f"scann: option num_leaves={o['num_leaves']} needs at least as many training "
+                    f"vectors, there are {t}: use num_leaves <= {t} (0: no tree, the default "
+                    "below 100,000 vectors)"
+                )
+            if int(o["num_leaves_to_search"]) > int(o["num_leaves"]):
+                raise ValueError(
+                    f"scann: option num_leaves_to_search={o['num_leaves_to_search']} is more than "
+                    f"num_leaves={o['num_leaves']}: use num_leaves_to_search <= {o['num_leaves']}"
+                )
         if o["scoring"] == "ah" and o["ah_training_sample_size"] is None:
             o["ah_training_sample_size"] = min(n, 100000)
 
@@ -159,7 +193,7 @@ class ScannIndex(Index):
         o = self.options
         kwargs = {"final_num_neighbors": int(k)}
         if o.get("num_leaves") and leaves_to_search is not None:
-            kwargs["leaves_to_search"] = int(leaves_to_search)
+            kwargs["leaves_to_search"] = min(int(leaves_to_search), int(o["num_leaves"]))
         if o.get("scoring") == "ah" and o.get("reorder"):
             pre = o["reorder"] if pre_reorder_num_neighbors is None else pre_reorder_num_neighbors
             kwargs["pre_reorder_num_neighbors"] = max(int(pre), int(k))
@@ -179,6 +213,17 @@ class ScannIndex(Index):
             r[none] = -1
             rows[start : start + n], scores[start : start + n] = r, s
         return scores, rows
+
+    def _wider(self, k, params):
+        """leaves_to_search doubled up to every leaf (every vector a candidate); AH candidates
+        are always at least k (pre_reorder_num_neighbors >= k)."""
+        leaves = int(self.options.get("num_leaves") or 0)
+        if not leaves:
+            return
+        n = min(int(params.get("leaves_to_search") or self.options["num_leaves_to_search"]), leaves)
+        while n < leaves:
+            n = min(2 * n, leaves)
+            yield {**params, "leaves_to_search": n}
 
     def tune_space(self, k: int) -> list[tuple[str, list]]:
         """leaves_to_search (1 ... all leaves), then the reorder depth (k ... max(1000, 40 k))
@@ -228,7 +273,9 @@ class ScannBruteForceIndex(ScannIndex):
     backend = "scann-bf"
     DEFAULTS = {"num_neighbors": 10, "num_threads": 0, "training_threads": 0,
                 "query_batch_size": 16384}  # fmt: skip
+    OPTIONS = {name: ScannIndex.OPTIONS[name] for name in DEFAULTS}
     SEARCH_PARAMS = ()
+    SEARCH_OPTIONS = {}
 
     def tune_space(self, k: int) -> list[tuple[str, list]]:
         return []
