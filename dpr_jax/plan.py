@@ -477,7 +477,26 @@ class Plan:
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "definitions": DEFINITIONS}
+
+
+# What each count in the JSON record is (written beside the figures)
+DEFINITIONS = {
+    "model_flops_per_step": "3 x forward matmul and attention FLOPs of the global batch, the last "
+    "layer at [CLS] only when the model pools [CLS]; no recomputation",
+    "executed_flops_per_step": "every dot_general of the traced step x its scan trips, over the "
+    "global batch: remat and GradCache recomputation included",
+    "xla_flops_per_step": "compiled.cost_analysis() flops x chips: every op, loop bodies once",
+    "hbm_bytes_per_chip": "XLA's bytes accessed x (per-instruction HBM bytes with loop trips / "
+    "with each loop once)",
+    "collective_bytes": "per kind, the full array of each logical collective x its executions "
+    "per step (an all-gather's result, a reduce-scatter's operand)",
+    "ici_bytes_per_chip": "interconnect bytes a chip sends: ring (g-1)/g of the array, twice for "
+    "all-reduce",
+    "est_step_s": "max(executed FLOPs / peak, HBM bytes / HBM bandwidth, ICI bytes / ICI "
+    "bandwidth) per chip",
+    "est_mfu": "model FLOPs / (chips x peak x est_step_s)",
+}
 
 
 def _compile(job: Job, tpu: bool):
@@ -731,7 +750,8 @@ def fit(
             tried.append({"overrides": overrides, "skipped": why})
             continue
         if compiles >= max_compiles:
-            break
+            tried.append({"overrides": overrides, "not_compiled": f"--max-compiles {max_compiles}"})
+            continue
         est = estimate_memory(job, n)
         log(f"compiling {' '.join(overrides) or '(config as is)'} "
             f"(estimated {est / GIB:.1f} GiB/chip)")  # fmt: skip
