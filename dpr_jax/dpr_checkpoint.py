@@ -385,9 +385,11 @@ def jsonable_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 __all__ = [
+    "DPR_BERT_PREFIX",
     "DPRCheckpoint",
     "encoder_options",
     "infer_bert_config",
+    "jsonable_options",
     "load_cp",
     "projection_dim",
     "read_dpr_checkpoint",
