@@ -10,7 +10,7 @@ Data: :class:`Passage` (the one passage type: corpus rows, biencoder contexts, r
 :func:`build_index`, :func:`load_index`; reading: :class:`ReaderPredictor`, :class:`QAPipeline`;
 training: :class:`TrainConfig`, :func:`train_retriever`, :class:`ReaderTrainConfig`,
 :func:`train_reader`; models and conversion: :func:`load_model`, :func:`save_model`,
-:func:`convert_from_hf`, :func:`convert_to_hf`; evaluation: :func:`has_answer`,
+:func:`convert_from_hf`, :func:`convert_to_hf`, :func:`convert_from_dpr`; evaluation: :func:`has_answer`,
 :func:`top_k_accuracy`, :func:`exact_match_score`, :func:`f1_score`.
 """
 
@@ -42,6 +42,7 @@ _API: dict[str, tuple[str, str]] = {
     "save_model": ("dpr_jax.checkpoint", "save_model"),
     "convert_from_hf": ("dpr_jax.convert", "convert_from_hf"),
     "convert_to_hf": ("dpr_jax.convert", "convert_to_hf"),
+    "convert_from_dpr": ("dpr_jax.convert", "convert_from_dpr"),
     "has_answer": ("dpr_jax.evaluate", "has_answer"),
     "top_k_accuracy": ("dpr_jax.evaluate", "top_k_accuracy"),
     "exact_match_score": ("dpr_jax.evaluate", "exact_match_score"),

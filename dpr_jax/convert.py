@@ -58,6 +58,20 @@ Command line (``dpr-jax convert``)::
     trained with: without ``--pooling``, its Pooling and Normalize modules set both
     (:mod:`dpr_jax.st_format`; all-MiniLM-L6-v2: mean + normalize); ``--pooling`` ignores them.
 
+    # facebookresearch/DPR checkpoint file -> dpr-jax model directory
+    dpr-jax convert --from-dpr FILE.cp --out DIR --tokenizer TOK [--heads N]
+
+      A bi-encoder .cp (question_model.* / ctx_model.*) becomes a bi-encoder with both towers
+      ([CLS] pooling, encode_proj when DPR's projection_dim > 0), a reader .cp (encoder.*,
+      qa_outputs, qa_classifier) a reader: the model --from-hf makes of the same weights in
+      transformers' DPR classes (:mod:`dpr_jax.dpr_checkpoint` maps the keys as transformers'
+      conversion script does, then the tables above apply). The BERT's shape comes from the
+      weights; its heads from --heads, or from encoder_params' pretrained_model_cfg when it names
+      bert-base-* (12) or bert-large-* (16). A .cp holds no tokenizer: --tokenizer (a directory or
+      hub id, e.g. bert-base-uncased for DPR's released models) is required. The file is read
+      without running code from it: torch.load(weights_only=True), else a restricted unpickler
+      that refuses every global beyond tensors and DPR's option objects.
+
     # dpr-jax model directory -> Hugging Face
     dpr-jax convert --to-hf MODEL_DIR --out DST [--tower question|ctx|both]
                     [--as dpr|bert|sentence-transformers] [--allow-missing-pooler]
@@ -672,6 +686,105 @@ def convert_from_hf(
             "pass --tokenizer with a directory that has them"
         )
     return save_model(out, params, kind, config, tokenizer=tok, extra={"converted_from": made})
+
+
+def convert_from_dpr(
+    src: str | Path,
+    out: str | Path,
+    tokenizer: str | Path | None = None,
+    heads: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """facebookresearch/DPR checkpoint file (``.cp``) -> dpr-jax model directory.
+
+    A bi-encoder file becomes a bi-encoder (both towers, [CLS] pooling, their ``encode_proj``
+    when DPR's ``projection_dim`` > 0), a reader file a reader (span and relevance heads): the
+    model ``convert_from_hf`` makes of the equivalent transformers DPR classes. The file is read
+    without running code from it (:mod:`dpr_jax.dpr_checkpoint`); the BERT's shape comes from the
+    weights, its number of attention heads from ``heads`` or from encoder_params'
+    ``pretrained_model_cfg`` when that names a known BERT. ``tokenizer`` (a directory or hub id)
+    is required: a ``.cp`` file holds none (DPR tokenizes with ``pretrained_model_cfg``'s).
+    """
+    from dpr_jax.dpr_checkpoint import (
+        DPR_BERT_PREFIX,
+        infer_bert_config,
+        jsonable_options,
+        projection_dim,
+        read_dpr_checkpoint,
+    )
+
+    _check_out(out, src, tokenizer)
+    out = _prepare_out(Path(out), overwrite)
+    if tokenizer is None:  # before reading a file of several GB
+        raise FileNotFoundError(
+            f"{src}: a DPR checkpoint holds no tokenizer; pass --tokenizer with the tokenizer of "
+            "its pretrained_model_cfg (a directory or hub id: bert-base-uncased for DPR's "
+            "released models)"
+        )
+    cp = read_dpr_checkpoint(src)
+    towers: dict[str, HFCheckpoint] = {}
+    ignored = list(cp.dropped)
+    bert = None
+    for arch, sd in cp.state_dicts.items():
+        bert_keys = cp.bert_keys[arch]
+        where = f"{cp.path} ({DPR_BERT_PREFIX[arch]}* weights)"
+        bert = bert or infer_bert_config(bert_keys, where, heads, cp.options)
+        proj = projection_dim(bert_keys) if arch in DPR_ENCODERS else 0
+        norm, dropped = normalize_hf_state_dict(sd, arch)
+        ignored += [_dpr_key_names(repr(k)).strip("'") for k in dropped]  # pooler, position_ids
+        towers[arch] = HFCheckpoint(
+            cp.path, str(src), arch, bert, proj, norm, cp.path, dropped, False
+        )
+    try:
+        if cp.kind == "biencoder":
+            q, c = towers["DPRQuestionEncoder"], towers["DPRContextEncoder"]
+            if q.projection_dim != c.projection_dim:
+                raise ValueError(
+                    f"{cp.path}: question_model projects to {q.projection_dim or 'nothing'}, "
+                    f"ctx_model to {c.projection_dim or 'nothing'}; DPR's towers share one "
+                    "projection_dim"
+                )
+            params = {
+                "question_encoder": q.flax_params()["question_encoder"],
+                "ctx_encoder": c.flax_params()["ctx_encoder"],
+            }
+            config: Any = EncoderConfig(bert, pooling="cls", projection_dim=q.projection_dim)
+        else:
+            params, config = towers["DPRReader"].flax_params(), bert
+    except ValueError as e:  # a key or shape check: name the keys as the .cp file spells them
+        if not str(e).startswith(str(cp.path)):
+            raise
+        raise ValueError(_dpr_key_names(str(e))) from None
+    if ignored:  # BERT poolers ([CLS] is read), buffers, a reader's encode_proj
+        print(f"{cp.path}: ignoring {len(ignored)} entries the DPR model never reads "
+              f"({', '.join(ignored[:4])}{', ...' if len(ignored) > 4 else ''})", file=sys.stderr)  # fmt: skip
+    made = {
+        "source": str(src), "format": "facebookresearch/DPR checkpoint", "kind": cp.kind,
+        "encoder_params": jsonable_options(cp.options), "epoch": _plain_number(cp.epoch),
+        "offset": _plain_number(cp.offset), "num_attention_heads": bert.num_attention_heads,
+    }  # fmt: skip
+    return save_model(out, params, cp.kind, config, tokenizer=tokenizer,
+                      extra={"converted_from": made})  # fmt: skip
+
+
+def _plain_number(x):
+    return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+_DPR_PREFIXES = (  # transformers key prefix -> DPR's (the inverse of dpr_checkpoint's mapping)
+    ("question_encoder.bert_model.", "question_model."),
+    ("question_encoder.encode_proj", "question_model.encode_proj"),
+    ("ctx_encoder.bert_model.", "ctx_model."),
+    ("ctx_encoder.encode_proj", "ctx_model.encode_proj"),
+    ("span_predictor.encoder.bert_model.", "encoder."),
+    ("span_predictor.qa_", "qa_"),
+)
+
+
+def _dpr_key_names(message: str) -> str:
+    for hf, dpr in _DPR_PREFIXES:
+        message = message.replace(f"'{hf}", f"'{dpr}")
+    return message
 
 
 def _copy_tree(tree: dict) -> dict:

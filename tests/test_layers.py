@@ -38,6 +38,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "dpr_jax.reader.step",
             "dpr_jax.checkpoint",
             "dpr_jax.convert",
+            "dpr_jax.dpr_checkpoint",
             "dpr_jax.st_format",
             "dpr_jax.embeddings",
             "dpr_jax.index",

@@ -1,5 +1,6 @@
 """`dpr-jax convert`: convert Hugging Face BERT / DPR / sentence-transformers checkpoints to dpr-
-jax model directories (--from-hf) and back (--to-hf).
+jax model directories (--from-hf) and back (--to-hf); convert facebookresearch/DPR's own checkpoint
+files (--from-dpr FILE.cp, bi-encoder or reader).
 
 The command line over :mod:`dpr_jax.convert`.
 """
@@ -11,7 +12,7 @@ import sys
 
 from dpr_jax.checkpoint import read_model_meta
 from dpr_jax.cli.errors import command_parser
-from dpr_jax.convert import EXPORT_FORMATS, convert_from_hf, convert_to_hf
+from dpr_jax.convert import EXPORT_FORMATS, convert_from_dpr, convert_from_hf, convert_to_hf
 
 
 def cli_main(argv: list[str] | None = None) -> int:
@@ -19,6 +20,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-hf", metavar="SRC", help="HF directory or hub id to convert from")
     src.add_argument("--to-hf", metavar="MODEL_DIR", help="dpr-jax model directory to export")
+    src.add_argument("--from-dpr", metavar="FILE.cp",
+                     help="facebookresearch/DPR checkpoint file (bi-encoder or reader) to convert; "
+                     "needs --tokenizer")  # fmt: skip
     ap.add_argument("--out", required=True, help="destination directory")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     g = ap.add_argument_group("--from-hf")
@@ -33,10 +37,15 @@ def cli_main(argv: list[str] | None = None) -> int:
     g.add_argument("--normalize", default=None, action=argparse.BooleanOptionalAction,
                    help="L2-normalise the vectors (cosine similarity; default: a "
                    "sentence-transformers SRC's Normalize module, else off)")  # fmt: skip
-    g.add_argument("--tokenizer", help="tokenizer directory when SRC has no tokenizer files")
+    g.add_argument("--tokenizer", help="tokenizer directory or hub id: for --from-hf when SRC has "
+                   "no tokenizer files; for --from-dpr always (e.g. bert-base-uncased)")  # fmt: skip
     g.add_argument(
         "--seed", type=int, default=0, help="init of fresh reader heads (BERT -> reader)"
     )
+    g = ap.add_argument_group("--from-dpr")
+    g.add_argument("--heads", type=int, default=None,
+                   help="attention heads of the BERT (default: from the checkpoint's "
+                   "pretrained_model_cfg when it names bert-base-* or bert-large-*)")  # fmt: skip
     g = ap.add_argument_group("--to-hf")
     g.add_argument("--tower", default="both", choices=["question", "ctx", "both"],
                    help="which bi-encoder towers to export (default both)")  # fmt: skip
@@ -53,6 +62,16 @@ def cli_main(argv: list[str] | None = None) -> int:
         ap.error(
             "--kind, --ctx-from, --shared, --pooling, --normalize and --tokenizer apply to --from-hf"
         )
+    if args.heads is not None and not args.from_dpr:
+        ap.error("--heads applies to --from-dpr")
+    if args.from_dpr:
+        if (args.kind != "auto" or args.ctx_from or args.shared or args.pooling
+                or args.normalize is not None or args.tower != "both" or args.as_
+                or args.allow_missing_pooler):  # fmt: skip
+            ap.error("--from-dpr takes --out, --tokenizer, --heads and --overwrite only")
+        out = convert_from_dpr(args.from_dpr, args.out, args.tokenizer, args.heads, args.overwrite)
+        print(f"wrote {out}", file=sys.stderr)
+        return 0
     if args.from_hf:
         out = convert_from_hf(
             args.from_hf, args.out, args.kind, args.ctx_from, args.shared, args.pooling,
