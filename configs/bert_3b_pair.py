@@ -13,19 +13,11 @@ from pathlib import Path
 
 from dpr_jax.retriever.task import TrainConfig, load_config
 
-BERT_3B_TOWER = dict(
-    vocab_size=30522,
-    hidden_size=2048,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    intermediate_size=8192,
-    max_position_embeddings=512,
-    hidden_dropout_prob=0.1,
-    attention_probs_dropout_prob=0.1,
-)
-
 
 def get_config() -> TrainConfig:
-    """configs/bert_large_pair.py's recipe (data, batch 4096, optimizer) with the 3B towers."""
-    large = load_config(Path(__file__).with_name("bert_large_pair.py"))
-    return dataclasses.replace(large, name="bert_3b_pair", model={"bert": BERT_3B_TOWER})
+    """configs/bert_1b_pair.py (bert_large_pair's recipe: data, batch 4096, optimizer) with wider
+    and deeper towers."""
+    one_b = load_config(Path(__file__).with_name("bert_1b_pair.py"))
+    tower = {**one_b.model["bert"], "hidden_size": 2048, "num_hidden_layers": 28,
+             "num_attention_heads": 16, "intermediate_size": 8192}  # fmt: skip
+    return dataclasses.replace(one_b, name="bert_3b_pair", model={"bert": tower})

@@ -27,23 +27,13 @@ torch = pytest.importorskip(
 )
 transformers = pytest.importorskip("transformers")
 
+from test_convert import ATOL, TINY, VOCAB, _batch, _t  # noqa: E402  (the same tiny model)
+
 from dpr_jax.checkpoint import load_model  # noqa: E402
 from dpr_jax.cli import main  # noqa: E402
 from dpr_jax.dpr_checkpoint import encoder_options, infer_bert_config, load_cp  # noqa: E402
 from dpr_jax.reader.model import Reader  # noqa: E402
 from dpr_jax.retriever.model import BiEncoder  # noqa: E402
-
-TINY = dict(
-    vocab_size=99,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=37,
-    max_position_embeddings=64,
-)
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]
-ATOL = 1e-5
-
 
 # ------------------------------------------------------------------------------------------
 # DPR's classes, as small as they can be (dpr/models/hf_models.py, biencoder.py, reader.py)
@@ -137,20 +127,6 @@ def tok_dir(tmp_path_factory):
     (d / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     transformers.BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
     return d
-
-
-def _batch(n=3, t=11, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(5, TINY["vocab_size"], size=(n, t)).astype(np.int32)
-    ids[:, 0] = 2
-    mask = np.zeros((n, t), np.int32)
-    for i, length in enumerate([t, 7, 3, 5][:n]):
-        mask[i, :length] = 1
-    return np.where(mask == 1, ids, 0).astype(np.int32), mask
-
-
-def _t(x):
-    return torch.tensor(np.asarray(x), dtype=torch.long)
 
 
 def _hf_state_dict(model_dict, prefix, new_prefix, proj_prefix):
