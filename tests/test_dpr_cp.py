@@ -27,7 +27,7 @@ torch = pytest.importorskip(
 )
 transformers = pytest.importorskip("transformers")
 
-from test_convert import ATOL, TINY, VOCAB, _batch, _t  # noqa: E402  (the same tiny model)
+from test_convert import ATOL, TINY, VOCAB, _batch, _randomize, _t  # noqa: E402  (the same tiny model)
 
 from dpr_jax.checkpoint import load_model  # noqa: E402
 from dpr_jax.cli import main  # noqa: E402
@@ -78,15 +78,6 @@ class DPRReaderModel(torch.nn.Module):
         seq, _, _ = self.encoder(input_ids, torch.zeros_like(input_ids), attention_mask)
         start, end = self.qa_outputs(seq).split(1, dim=-1)
         return start.squeeze(-1), end.squeeze(-1), self.qa_classifier(seq[:, 0, :])
-
-
-def _randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            base = 1.0 if name.endswith("LayerNorm.weight") else 0.0
-            p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def _encoder(proj=0):
