@@ -24,7 +24,7 @@ from dpr_jax.cli.errors import command_parser
 from dpr_jax.embeddings import check_complete, load_embeddings, read_config
 from dpr_jax.index.base import BACKENDS, index_class
 from dpr_jax.index.tune import tune
-from dpr_jax.io import check_output_path
+from dpr_jax.io import INDEX, check_output
 from dpr_jax.provenance import index_meta_from_embeddings
 
 
@@ -86,7 +86,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         ap.error(f"--target-recall: backend {args.backend!r} is exact, it has no knob to tune")
     index = cls(**options)  # every option checked against its allowed range before any work
 
-    check_output_path(args.out, args.embeddings)
+    check_output(args.out, INDEX, [*args.embeddings, args.tune_queries])
     configs = [read_config(d) for d in args.embeddings]
     provenance = index_meta_from_embeddings(args.embeddings, configs)
     partial = [line for d in args.embeddings for line in check_complete(d)]

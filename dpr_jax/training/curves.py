@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dpr_jax.errors import UserError, optional_import
-from dpr_jax.io import atomic_write_bytes
+from dpr_jax.io import FILE, atomic_write_bytes, check_output
 from dpr_jax.training.events import scalar_tags
 
 METRICS_FILE = "metrics.jsonl"
@@ -129,7 +129,8 @@ def curves_figure(runs: Sequence[str | Path], metrics: Sequence[str] | None = No
 def save_curves(runs: Sequence[str | Path], out: str | Path,
                 metrics: Sequence[str] | None = None) -> Path:  # fmt: skip
     """:func:`curves_figure` written to ``out`` (PNG, or the format its suffix names),
-    atomically."""
+    atomically; never over a run's own files."""
+    check_output(out, FILE, runs)
     fig = curves_figure(runs, metrics)
     fmt = Path(out).suffix.lstrip(".").lower() or "png"
     if fmt not in fig.canvas.get_supported_filetypes():
