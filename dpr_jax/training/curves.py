@@ -28,6 +28,12 @@ NOT_BY_DEFAULT = frozenset({"eval_seconds", "questions", "candidates", "pool_siz
 Series = dict[str, dict[int, float]]  # metric -> {step: value}
 
 
+def metrics_file(run: str | Path) -> Path:
+    """The ``metrics.jsonl`` of a run directory (or the file itself)."""
+    run = Path(run)
+    return run if run.is_file() else run / METRICS_FILE
+
+
 def read_run(run: str | Path) -> Series:
     """The curves of one run directory (or of its ``metrics.jsonl`` itself), as
     ``{"<split>/<key>": {step: value}}``. A missing directory or file is a :class:`UserError`
@@ -129,8 +135,8 @@ def curves_figure(runs: Sequence[str | Path], metrics: Sequence[str] | None = No
 def save_curves(runs: Sequence[str | Path], out: str | Path,
                 metrics: Sequence[str] | None = None) -> Path:  # fmt: skip
     """:func:`curves_figure` written to ``out`` (PNG, or the format its suffix names),
-    atomically; never over a run's own files."""
-    check_output(out, FILE, runs)
+    atomically; never over (or as a directory holding) a run's metrics file."""
+    check_output(out, FILE, [metrics_file(r) for r in runs])
     fig = curves_figure(runs, metrics)
     fmt = Path(out).suffix.lstrip(".").lower() or "png"
     if fmt not in fig.canvas.get_supported_filetypes():
