@@ -50,7 +50,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embeddings", nargs="+", required=True,
                     help="embeddings directories written by `dpr-jax encode`")  # fmt: skip
     ap.add_argument("--backend", required=True, choices=sorted(BACKENDS))
-    ap.add_argument("--out", required=True, help="index directory to write (replaced atomically)")
+    ap.add_argument("--out", required=True, help="index directory to write (an index already "
+                    "there is replaced atomically; anything else is refused)")  # fmt: skip
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="backend option, repeatable (e.g. num_leaves=2000, ef_search=256)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=None,
