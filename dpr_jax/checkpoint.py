@@ -17,7 +17,8 @@ Loading first checks every file against the manifest (a flipped byte, an edited 
 planted file is refused by name), then the stored tree against the parameters the config implies
 (a missing key, an extra key or a wrong shape names the key, a head count that does not divide
 the hidden size is refused by the config), then the parameters against ``params_sha256`` and for finite values.
-Saving writes into a temporary sibling directory and swaps it into place
+Saving refuses a path that holds anything but a model directory (:func:`dpr_jax.io.check_output`),
+then writes into a temporary sibling directory and swaps it into place
 (:func:`dpr_jax.io.replace_dir`), so a failed save never leaves a half-written model where a good
 one was, and the path never stops naming a complete model. Model directories written before
 manifests existed are refused with a message; ``dpr-jax add-manifest DIR``
@@ -42,7 +43,9 @@ from dpr_jax import __version__
 from dpr_jax.data.tokenize import DPRTokenizer
 from dpr_jax.io import (
     MANIFEST,
+    MODEL,
     IntegrityError,
+    check_output,
     fingerprint_arrays,
     read_json_object,
     staged_dir,
@@ -133,6 +136,7 @@ def save_model(
 
     out_dir = Path(out_dir).absolute()
     check_params(params, abstract_params(kind, config), f"save_model({out_dir})")
+    check_output(out_dir, MODEL, what="model path")  # only a model directory is replaced
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir}: exists (pass overwrite=True to replace it)")
     with staged_dir(out_dir) as tmp:

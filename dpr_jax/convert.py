@@ -119,7 +119,7 @@ from safetensors.numpy import load_file, save_file
 
 from dpr_jax.checkpoint import load_model, resolve_model_dir, save_model
 from dpr_jax.errors import optional_import
-from dpr_jax.io import check_output_path, read_json_object, staged_dir
+from dpr_jax.io import HF_EXPORT, MODEL, check_output, read_json_object, staged_dir
 from dpr_jax.models.bert import BertConfig
 from dpr_jax.reader.model import init_reader_params
 from dpr_jax.retriever.model import EncoderConfig
@@ -518,10 +518,11 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
     return out
 
 
-def _check_out(out: str | Path, *inputs: str | Path | None) -> None:
-    """Refuse ``--out`` equal to, above or inside a local input, before anything is deleted."""
+def _check_out(out: str | Path, kind: str, *inputs: str | Path | None) -> None:
+    """Refuse ``--out`` equal to, above or inside a local input, or holding anything but a
+    ``kind`` (:func:`dpr_jax.io.check_output`), before anything is read or deleted."""
 
-    check_output_path(out, [i for i in inputs if i is not None and Path(i).exists()])
+    check_output(out, kind, [i for i in inputs if i is not None and Path(i).exists()])
 
 
 # --------------------------------------------------------------------------------------------
@@ -658,7 +659,7 @@ def convert_from_hf(
     is given, its normalisation), else "cls". ``normalize=None``: the source's, else False.
     """
 
-    _check_out(out, src, ctx_from, tokenizer)
+    _check_out(out, MODEL, src, ctx_from, tokenizer)
     out = _prepare_out(Path(out), overwrite)
     ckpt = read_hf(src)
     for k in ckpt.dropped:
@@ -914,7 +915,7 @@ def convert_to_hf(
     if as_ not in EXPORT_FORMATS:
         raise ValueError(f"--as must be one of {EXPORT_FORMATS}; got {as_!r}")
     model_dir = resolve_model_dir(model_dir)
-    _check_out(out, model_dir)
+    _check_out(out, HF_EXPORT, model_dir)
     out = _prepare_out(Path(out), overwrite)
     kind, config, params, meta = load_model(model_dir)
     params = _flatten_to_dict(params)

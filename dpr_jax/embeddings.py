@@ -40,12 +40,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dpr_jax.io import (
-    atomic_save_npy as _atomic_save_npy,
-)
-from dpr_jax.io import (
+    EMBEDDINGS,
     atomic_write_json,
+    check_output,
     read_json_object,
     sha256_file,
+)
+from dpr_jax.io import (
+    atomic_save_npy as _atomic_save_npy,
 )
 
 __all__ = ["EmbeddingWriter", "atomic_write_json", "chunk_paths", "load_embeddings", "sha256_file"]
@@ -109,7 +111,8 @@ class EmbeddingWriter:
     ):
         if not 0 <= shard < num_shards:
             raise ValueError(f"shard {shard} is not in [0, {num_shards})")
-        self.out_dir = Path(out_dir)
+        # resumes an embeddings directory; anything else that is there is never written into
+        self.out_dir = check_output(out_dir, EMBEDDINGS, what="embeddings path")
         self.shard, self.num_shards = shard, num_shards
         self.config = {**(config or {}), "shard": shard, "num_shards": num_shards}
         json.dumps(self.config)  # fail now, not after an hour of encoding, if not serialisable

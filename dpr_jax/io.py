@@ -14,8 +14,10 @@ Every artifact writer (model directories, embeddings, indexes, results) goes thr
 - ``write_manifest`` / ``verify_manifest``: ``manifest.json`` lists the size and sha256 of every
   file of a directory; verification refuses, by name, a missing, resized or altered file and any
   file the manifest does not list (a planted file is never read).
-- ``check_output_path(out, inputs)``: refuses an output path that is, contains or lies inside an
-  input, before anything is written or deleted.
+- ``check_output(out, kind, inputs)``: the one guard of every writer, called before any work:
+  refuses an output path that is, contains or lies inside an input, that lies inside an artifact
+  directory, that holds another kind of artifact (:func:`artifact_kind`, from what each
+  artifact's own writer records) or a non-empty directory that is no dpr-jax artifact.
 - ``fingerprint_arrays``: sha256 of a parameter tree's bytes (keys, dtypes, shapes, values), the
   identity of a model independent of where it is stored.
 """
@@ -279,24 +281,172 @@ def _is_within(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def check_output_path(out: str | Path, inputs: Iterable[str | Path | None], what: str = "--out"):
-    """Refuse ``out`` when it is an input, contains one or lies inside one (resolved paths)."""
-    o = Path(out).expanduser().resolve()
+# -- output paths ---------------------------------------------------------------------------------
+
+
+class OutputPathError(UserError):
+    """An output path whose writing would replace, delete or alter what the writer did not make:
+    one of its inputs, another kind of artifact, files inside an artifact, or a non-empty
+    directory of other files. The message names both paths."""
+
+
+# What a writer writes at its output path (the ``kind`` of :func:`check_output`). FILE: one file
+# (results, predictions, metrics, a biencoder file, vectors, a picture); the others: directories,
+# each recognised by what its own writer records (:func:`artifact_kind`).
+FILE = "file"
+MODEL = "model directory"  # dpr_jax.checkpoint: dpr_jax_model.json, manifest dpr-jax-model/1
+INDEX = "index directory"  # dpr_jax.index.base: index_config.json, manifest dpr-jax-index/1
+EMBEDDINGS = (
+    "embeddings directory"  # dpr_jax.embeddings: config.json {"num_shards"}, shard-SSS.json
+)
+BM25 = "BM25 index"  # dpr_jax.data.bm25: bm25_config.json
+RECORD_DIR = "record directory"  # dpr_jax.data.records: meta.json {"format": ...records}
+HF_EXPORT = "Hugging Face export"  # dpr_jax.convert --to-hf: dpr_jax_export.json
+SQUAD_DATA = "prepare-squad directory"  # dpr_jax.data.squad: config.json {"created_by": ...}
+WORKDIR = "training workdir"  # dpr_jax.training.loop: metrics.jsonl, checkpoints/, model/
+CHECKPOINT = "training checkpoint"  # dpr_jax.training.checkpoints: manifest of that format
+# kinds whose files are checked against what they were saved with: nothing may be written inside
+_SEALED = (MODEL, INDEX, EMBEDDINGS, BM25, RECORD_DIR, HF_EXPORT, CHECKPOINT)
+_MANIFEST_FORMATS = (
+    ("dpr-jax-model/", MODEL),
+    ("dpr-jax-index/", INDEX),
+    ("dpr-jax training checkpoint", CHECKPOINT),
+)
+
+
+def _small_json(path: Path) -> Any:
+    """The JSON value of a small marker file, or None (missing, unreadable, not JSON, huge)."""
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 24:
+            return None
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _field(path: Path, key: str) -> Any:
+    obj = _small_json(path)
+    return obj.get(key) if isinstance(obj, dict) else None
+
+
+def artifact_kind(path: str | Path) -> tuple[str, Path] | None:
+    """``(kind, the file that says so)`` when ``path`` is a dpr-jax artifact directory, else
+    None. The kind is read from what the artifact's own writer records: its manifest's format,
+    else its config or marker file (see the kinds above)."""
+    d = Path(path)
+    if not d.is_dir():
+        return None
+    fmt = _field(d / MANIFEST, "format")
+    if isinstance(fmt, str):
+        for prefix, kind in _MANIFEST_FORMATS:
+            if fmt.startswith(prefix):
+                return kind, d / MANIFEST
+    for kind, rel in (
+        (MODEL, "dpr_jax_model.json"),
+        (INDEX, "index_config.json"),
+        (BM25, "bm25_config.json"),
+        (HF_EXPORT, "dpr_jax_export.json"),
+        (HF_EXPORT, "question_encoder/dpr_jax_export.json"),
+        (HF_EXPORT, "ctx_encoder/dpr_jax_export.json"),
+    ):
+        if (d / rel).is_file():
+            return kind, d / rel
+    if _field(d / "meta.json", "format") == "dpr-jax-biencoder-records":
+        return RECORD_DIR, d / "meta.json"
+    config = _small_json(d / "config.json")
+    if isinstance(config, dict):
+        shard = next(d.glob("shard-[0-9][0-9][0-9]*.json"), None)
+        if shard is not None or "num_shards" in config:  # shared by every embeddings shard
+            return EMBEDDINGS, shard or d / "config.json"
+        if config.get("created_by") == "dpr_jax.data.squad.prepare_squad":
+            return SQUAD_DATA, d / "config.json"
+    for rel in ("metrics.jsonl", "checkpoints", "model/dpr_jax_model.json"):
+        if (d / rel).exists():
+            return WORKDIR, d / rel
+    return None
+
+
+def _input_clash(o: Path, out, inputs, what: str) -> None:
     for i in inputs:
         if i is None:
             continue
         p = Path(i).expanduser().resolve()
         if _is_within(p, o):
             rel = "is" if p == o else "contains"
-            raise ValueError(
+            raise OutputPathError(
                 f"{what} {out} {rel} the input {i}; writing there would replace or delete the "
                 "input. Choose an output path outside it"
             )
         if _is_within(o, p) and p.is_dir():
-            raise ValueError(
+            raise OutputPathError(
                 f"{what} {out} lies inside the input directory {i}; writing there would alter "
                 "the input. Choose an output path outside it"
             )
+
+
+def check_output(
+    out: str | Path, kind: str, inputs: Iterable[str | Path | None] = (), what: str = "--out"
+) -> Path:
+    """Refuse, before any work, an output path whose writing would destroy or alter what this
+    writer did not create (:class:`OutputPathError`, one line naming both paths):
+
+    - ``out`` is, contains or lies inside one of ``inputs`` (resolved paths, so a relative path
+      or a symbolic link to an input is the input);
+    - ``out`` lies inside an artifact directory whose files are checked against a record (a
+      model, index, embeddings, BM25 index, record directory, export or checkpoint);
+    - ``kind`` is :data:`FILE` and ``out`` is a directory; ``kind`` is a directory kind and
+      ``out`` is a file, an artifact of another kind, or a non-empty directory that is no dpr-jax
+      artifact. An existing directory is replaced (or, for embeddings, resumed) only when it is
+      an artifact of the same kind.
+
+    Returns ``Path(out)``.
+    """
+    path = Path(out)
+    o = path.expanduser().resolve()
+    _input_clash(o, out, inputs, what)
+    for parent in o.parents:
+        found = artifact_kind(parent)
+        if found is not None and found[0] in _SEALED:
+            raise OutputPathError(
+                f"{what} {out} lies inside the {found[0]} {parent} (see {found[1]}); writing "
+                "there would alter it. Choose an output path outside it"
+            )
+    if not o.exists() and not path.is_symlink():
+        return path
+    if kind == FILE:
+        if o.is_dir():
+            found = artifact_kind(o)
+            held = f"the {found[0]} {found[1].parent}" if found else "a directory"
+            raise OutputPathError(
+                f"{what} {out} is {held}, not a file; refusing to replace it. Choose a file path"
+            )
+        return path
+    if not o.is_dir():
+        raise OutputPathError(
+            f"{what} {out} is a file ({o}), not {_a(kind)}; refusing to replace it. Choose "
+            "another path, or delete the file first"
+        )
+    found = artifact_kind(o)
+    if found is not None:
+        if found[0] == kind:
+            return path
+        raise OutputPathError(
+            f"{what} {out} holds {_a(found[0])} (see {found[1]}), not {_a(kind)}; refusing to "
+            "replace it. Choose another path, or delete it first"
+        )
+    first = next(iter(sorted(o.iterdir())), None)
+    if first is not None:
+        raise OutputPathError(
+            f"{what} {out} is a non-empty directory that is no dpr-jax artifact (it holds "
+            f"{first}); refusing to replace it. Choose a new or empty directory, or delete it first"
+        )
+    return path
+
+
+def check_output_path(out: str | Path, inputs: Iterable[str | Path | None], what: str = "--out"):
+    """Refuse ``out`` when it is an input, contains one or lies inside one (resolved paths);
+    :func:`check_output` does this and checks what ``out`` holds."""
+    _input_clash(Path(out).expanduser().resolve(), out, inputs, what)
 
 
 # -- manifests ------------------------------------------------------------------------------------

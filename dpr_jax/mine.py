@@ -47,6 +47,7 @@ from dpr_jax.data.formats import (
     write_biencoder,
 )
 from dpr_jax.evaluate import AnswerMatcher, has_answer
+from dpr_jax.io import FILE, check_output, check_output_path
 from dpr_jax.retrieve import DenseRetriever
 from dpr_jax.retriever.encode import shard_range
 
@@ -156,7 +157,7 @@ def _check_or_write_config(parts: Path, config: dict[str, Any]) -> None:
 
 def merge_parts(out: str | Path) -> Path:
     """Write ``out`` from its finished parts (FileNotFoundError naming the missing chunks)."""
-    out = Path(out)
+    out = check_output(out, FILE)
     parts = parts_dir(out)
     cfg_path = parts / "config.json"
     if not cfg_path.is_file():
@@ -223,7 +224,11 @@ def mine_hard_negatives(
     if not sample and skip + n > depth:
         print(f"dpr-jax mine: depth {depth} < skip {skip} + n {n}: questions get fewer than "
               f"{n} negatives", file=sys.stderr)  # fmt: skip
-    out = Path(out)
+    # before any work: the output (and its parts) never over an input or another artifact
+    inputs = [biencoder, model_dir, index if isinstance(index, (str, Path)) else None,
+              passages if isinstance(passages, (str, Path)) else None]  # fmt: skip
+    out = check_output(out, FILE, inputs)
+    check_output_path(parts_dir(out), inputs, what="--out's parts directory")
     examples, stats = read_biencoder(biencoder)
     num_chunks = -(-len(examples) // chunk_size)
     passage_src = str(passages) if isinstance(passages, (str, Path)) else None

@@ -364,8 +364,9 @@ def test_cli_bert_model_to_biencoder_bert_and_back(hf, tmp_path, capsys):
     with torch.no_grad():
         got = model(input_ids=_t(ids), attention_mask=_t(mask))
     np.testing.assert_allclose(got.pooler_output.numpy(), ref.pooler_output.numpy(), atol=ATOL)
-    assert main(["convert", "--from-hf", str(dst2), "--kind", "bert", "--out", str(mb / "x")]) == 0
-    _array_equal_trees(load_model(mb / "x")[2], bparams)
+    b2 = tmp_path / "bert_again"
+    assert main(["convert", "--from-hf", str(dst2), "--kind", "bert", "--out", str(b2)]) == 0
+    _array_equal_trees(load_model(b2)[2], bparams)
 
 
 def test_cli_reader_round_trip(hf, tmp_path):
@@ -413,10 +414,7 @@ def test_cli_refuses_bad_checkpoint_and_leaves_destination(hf, tmp_path, capsys,
     for f in ("config.json", "vocab.txt"):
         (src / f).write_bytes((b_dir / f).read_bytes())
     save_file(bad, str(src / "model.safetensors"), metadata={"format": "pt"})
-    dst = tmp_path / "dst"
-    (dst / "sub").mkdir(parents=True)
-    (dst / "keep.txt").write_text("precious")
-    (dst / "sub" / "x.bin").write_bytes(b"\x00\x01")
+    dst = convert_from_hf(b_dir, tmp_path / "dst", kind="bert")  # a model --overwrite replaces
     before = _snapshot(dst)
     rc = main(["convert", "--from-hf", str(src), "--out", str(dst), "--overwrite"])
     err = capsys.readouterr().err
@@ -426,6 +424,14 @@ def test_cli_refuses_bad_checkpoint_and_leaves_destination(hf, tmp_path, capsys,
     # without --overwrite a non-empty destination is refused before anything is read
     assert main(["convert", "--from-hf", str(b_dir), "--out", str(dst)]) == 2
     assert "--overwrite" in capsys.readouterr().err and _snapshot(dst) == before
+    # a directory of other files is never replaced, --overwrite or not
+    other = tmp_path / "other"
+    (other / "sub").mkdir(parents=True)
+    (other / "keep.txt").write_text("precious")
+    (other / "sub" / "x.bin").write_bytes(b"\x00\x01")
+    before = _snapshot(other)
+    assert main(["convert", "--from-hf", str(b_dir), "--out", str(other), "--overwrite"]) == 2
+    assert "no dpr-jax artifact" in capsys.readouterr().err and _snapshot(other) == before
 
 
 def test_cli_to_hf_refusal_leaves_destination(hf, tmp_path, capsys):
@@ -435,9 +441,15 @@ def test_cli_to_hf_refusal_leaves_destination(hf, tmp_path, capsys):
     dst.mkdir()
     (dst / "keep.txt").write_text("precious")
     rc = main(["convert", "--to-hf", str(m), "--out", str(dst), "--overwrite"])
-    assert rc == 2 and "pooling is 'mean'" in capsys.readouterr().err
+    assert rc == 2 and "no dpr-jax artifact" in capsys.readouterr().err  # never replaced
     assert _snapshot(dst) == {"keep.txt": b"precious"}
-    # the documented way out: --as bert, and the overwrite then replaces the directory
+    (dst / "keep.txt").unlink()
+    # the documented way out: --as bert, and the overwrite then replaces an earlier export
+    paths = convert_to_hf(m, dst, as_="bert", allow_missing_pooler=True)
+    before = _snapshot(dst)
+    rc = main(["convert", "--to-hf", str(m), "--out", str(dst), "--overwrite"])
+    assert rc == 2 and "pooling is 'mean'" in capsys.readouterr().err
+    assert _snapshot(dst) == before
     paths = convert_to_hf(m, dst, as_="bert", allow_missing_pooler=True, overwrite=True)
     assert [p.name for p in paths] == ["question_encoder", "ctx_encoder"]
     assert sorted(os.listdir(dst)) == ["ctx_encoder", "question_encoder"]

@@ -10,6 +10,7 @@ from dpr_jax.cli.index import cli_main, parse_option
 from dpr_jax.embeddings import EmbeddingWriter
 from dpr_jax.index import BACKENDS, IndexIntegrityError, build_index, load_index
 from dpr_jax.index.base import MANIFEST
+from dpr_jax.io import OutputPathError
 
 pytest.importorskip("faiss", reason="pip install 'dpr-jax[faiss]'")
 pytest.importorskip("scann", reason="pip install 'dpr-jax[scann]'")
@@ -227,8 +228,9 @@ def test_failed_save_keeps_the_old_index(gaussian, tmp_path, monkeypatch):
 
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "precious.txt").write_text("x")
-    with pytest.raises(FileExistsError, match="not an index"):
+    with pytest.raises(OutputPathError, match="no dpr-jax artifact"):
         build_index("faiss-flat", emb, ids).save(tmp_path / "data")
+    assert (tmp_path / "data" / "precious.txt").read_text() == "x"
 
 
 def test_bad_inputs_are_refused(gaussian):

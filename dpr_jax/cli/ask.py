@@ -11,6 +11,7 @@ import time
 from dpr_jax.cli.errors import command_parser
 from dpr_jax.data.answers import exact_match_score, f1_score
 from dpr_jax.data.formats import read_qas
+from dpr_jax.io import FILE, check_output
 from dpr_jax.pipeline import QAPipeline
 from dpr_jax.reader.span import QuestionPrediction, write_predictions
 
@@ -29,6 +30,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.question and not args.questions:
         ap.error("give a question or --questions FILE")
+    if args.out:
+        inputs = [args.questions, args.retriever, args.index, args.passages, args.reader]
+        check_output(args.out, FILE, inputs)
 
     pipe = QAPipeline.from_dirs(
         args.retriever, args.index, args.passages, args.reader,

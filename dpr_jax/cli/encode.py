@@ -10,11 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from dpr_jax.checkpoint import resolve_model_dir
 from dpr_jax.cli.errors import command_parser
 from dpr_jax.data.formats import read_passages_tsv, read_qas
 from dpr_jax.data.squad import load_squad, squad_passages
-from dpr_jax.io import atomic_save_npy, check_output_path
+from dpr_jax.io import EMBEDDINGS, FILE, atomic_save_npy, check_output
 from dpr_jax.retriever.encode import DTYPES, TowerEncoder, encode_corpus
 
 
@@ -46,12 +45,14 @@ def cli_main(argv: list[str] | None = None) -> int:
         shard, num_shards = (int(x) for x in args.shard.split("/"))
     except ValueError:
         ap.error(f"--shard must look like i/n, got {args.shard!r}")
+    # before any work: never over an input, another artifact or a directory of other files
+    inputs = [args.model, args.questions, args.passages]
+    check_output(args.out, FILE if args.questions else EMBEDDINGS, inputs)
     t0 = time.time()
     if args.questions:
         texts = [q.question for q in read_qas(args.questions)]
         if not texts:
             raise ValueError(f"{args.questions}: no questions to encode (empty file)")
-        check_output_path(args.out, [resolve_model_dir(args.model), args.questions])
         enc = TowerEncoder(args.model, "question", args.batch_size, min(args.max_length, 64),
                            args.bucket or None, args.compute_dtype)  # fmt: skip
         vecs = enc.encode(texts)

@@ -13,6 +13,7 @@ from dpr_jax.cli.errors import command_parser
 from dpr_jax.cli.options import parse_ks
 from dpr_jax.data.formats import atomic_write_text, read_retrieval_results
 from dpr_jax.evaluate import MATCH_TYPES, ann_recall, count_without_answers, top_k_accuracy
+from dpr_jax.io import FILE, check_output
 
 
 def format_table(rows: list[tuple[str, str]], header: tuple[str, str]) -> str:
@@ -35,6 +36,8 @@ def cli_main(argv: list[str] | None = None) -> int:
                     "also report ANN recall@k of --results against it")  # fmt: skip
     ap.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file")
     args = ap.parse_args(argv)
+    if args.json_out:
+        check_output(args.json_out, FILE, [args.results, args.exact_results], what="--json")
 
     results = read_retrieval_results(args.results)
     if not results:

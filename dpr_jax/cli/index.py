@@ -24,7 +24,7 @@ from dpr_jax.cli.errors import command_parser
 from dpr_jax.embeddings import check_complete, load_embeddings, read_config
 from dpr_jax.index.base import BACKENDS, index_class
 from dpr_jax.index.tune import tune
-from dpr_jax.io import check_output_path
+from dpr_jax.io import INDEX, check_output
 from dpr_jax.provenance import index_meta_from_embeddings
 
 
@@ -50,7 +50,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embeddings", nargs="+", required=True,
                     help="embeddings directories written by `dpr-jax encode`")  # fmt: skip
     ap.add_argument("--backend", required=True, choices=sorted(BACKENDS))
-    ap.add_argument("--out", required=True, help="index directory to write (replaced atomically)")
+    ap.add_argument("--out", required=True, help="index directory to write (an index already "
+                    "there is replaced atomically; anything else is refused)")  # fmt: skip
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="backend option, repeatable (e.g. num_leaves=2000, ef_search=256)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=None,
@@ -86,7 +87,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         ap.error(f"--target-recall: backend {args.backend!r} is exact, it has no knob to tune")
     index = cls(**options)  # every option checked against its allowed range before any work
 
-    check_output_path(args.out, args.embeddings)
+    check_output(args.out, INDEX, [*args.embeddings, args.tune_queries])
     configs = [read_config(d) for d in args.embeddings]
     provenance = index_meta_from_embeddings(args.embeddings, configs)
     partial = [line for d in args.embeddings for line in check_complete(d)]

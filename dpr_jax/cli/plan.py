@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from dpr_jax.cli.errors import command_parser
+from dpr_jax.io import FILE, atomic_write_text, check_output
 from dpr_jax.plan import TOPOLOGY_EXAMPLES, run
 
 
@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.json:
+        check_output(args.json, FILE, [args.config], what="--json")
     record = run(args)
     if args.json:
-        Path(args.json).write_text(json.dumps(record, indent=2, default=str))
+        atomic_write_text(args.json, json.dumps(record, indent=2, default=str))
     return 0

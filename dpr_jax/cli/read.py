@@ -12,6 +12,7 @@ import sys
 from dpr_jax.cli.errors import command_parser
 from dpr_jax.cli.options import parse_ks
 from dpr_jax.errors import UserError
+from dpr_jax.io import FILE, check_output
 from dpr_jax.reader.data import FORMATS, read_reader_examples, sample_examples
 from dpr_jax.reader.span import (
     DEFAULT_TOP_K,
@@ -50,6 +51,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="write DPR reader-predictions JSON here")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)  # fmt: skip
+    if args.out:
+        check_output(args.out, FILE, [args.results, args.model])
 
     examples = read_reader_examples(args.results, args.format)
     if args.sample:

@@ -14,6 +14,7 @@ from dpr_jax.cli.errors import command_parser
 from dpr_jax.data.bm25 import BM25Retriever
 from dpr_jax.data.formats import read_passages_tsv, read_qas, write_retrieval_results
 from dpr_jax.errors import UsageError
+from dpr_jax.io import BM25, FILE, check_output
 from dpr_jax.provenance import check_passages
 from dpr_jax.retrieve import DenseRetriever, HybridRetriever, results_for
 
@@ -53,6 +54,10 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--match", default="string", choices=["string", "regex"])
     args = ap.parse_args(argv)
+    inputs = [args.questions, args.passages, args.model, args.index]
+    check_output(args.out, FILE, [*inputs, args.bm25_index])
+    if args.bm25_index and not Path(args.bm25_index).exists():  # built and saved here
+        check_output(args.bm25_index, BM25, [*inputs, args.out], what="--bm25-index")
 
     questions = read_qas(args.questions)
     passages_list = read_passages_tsv(args.passages)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from dpr_jax.data.answers import AnswerMatcher
 from dpr_jax.errors import optional_import
-from dpr_jax.io import staged_dir
+from dpr_jax.io import BM25, check_output, staged_dir
 
 TOKEN_PATTERN = r"(?u)\b\w+\b"
 
@@ -167,7 +167,7 @@ class BM25Retriever:
         """Write the index into ``out_dir`` (a temporary sibling renamed into place)."""
         if self.model is None:
             raise RuntimeError("nothing to save: the BM25 index is empty")
-        out_dir = Path(out_dir)
+        out_dir = check_output(out_dir, BM25, what="BM25 index path")  # only a BM25 index
         with staged_dir(out_dir) as tmp:  # the path never stops naming a whole index
             self.model.save(str(tmp), show_progress=False)
             cfg = {**dataclasses.asdict(self.config), "size": len(self.ids),

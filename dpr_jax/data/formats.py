@@ -59,7 +59,7 @@ from dpr_jax.data.textio import (
     load_json,
     one_line,
 )
-from dpr_jax.io import atomic_open, atomic_write_text  # noqa: F401  (moved; re-exported)
+from dpr_jax.io import FILE, atomic_open, atomic_write_text, check_output  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def _fmt_json_list(records: Iterable[Any], f: IO[str]) -> None:
 
 
 def _write_records(path: str | Path, records: Iterable[Any]) -> Path:
-    path = Path(path)
+    path = check_output(path, FILE, what="output path")
     jsonl = path.name.endswith((".jsonl", ".jsonl.gz"))
     with atomic_open(path) as f:
         if jsonl:
@@ -213,6 +213,7 @@ def read_passages_tsv(path: str | Path, check_unique: bool = True) -> list[Passa
 
 def _write_tsv(path: str | Path, rows: Iterable[Sequence], config: dict[str, Any] | None) -> Path:
     """Tab-separated ``rows``, atomically, each field on one line; the config beside it."""
+    check_output(path, FILE, what="output path")
     with atomic_open(path, newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         for row in rows:

@@ -43,7 +43,7 @@ from dpr_jax.data.formats import (
     open_text,
 )
 from dpr_jax.errors import optional_import
-from dpr_jax.io import read_json_object, staged_dir
+from dpr_jax.io import RECORD_DIR, check_output, read_json_object, staged_dir
 
 FORMAT = "dpr-jax-biencoder-records"
 VERSION = 1
@@ -177,8 +177,9 @@ def _example_from_json(rec: Any, where: str):
 def convert_biencoder(src: str | Path, out_dir: str | Path, overwrite: bool = False) -> dict:
     """Stream the DPR biencoder file ``src`` into the record directory ``out_dir`` (written in
     a temporary sibling, then renamed). Returns the meta dict."""
-    ar, _ = _array_record()
     src, out_dir = Path(src), Path(out_dir).absolute()
+    check_output(out_dir, RECORD_DIR, [src])
+    ar, _ = _array_record()
     if not src.is_file():
         raise FileNotFoundError(f"{src}: no such file (--biencoder)")
     if out_dir.exists() and not overwrite:

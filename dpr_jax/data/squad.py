@@ -72,6 +72,7 @@ from dpr_jax.data.formats import (
     write_passages_tsv,
     write_qas_tsv,
 )
+from dpr_jax.io import SQUAD_DATA, check_output
 
 SQUAD_URLS = {
     "train": "https://rajpurkar.github.io/SQuAD-explorer/dataset/train-v1.1.json",
@@ -416,7 +417,10 @@ def prepare_squad(
     and ``paths`` (split -> kind -> file).
     """
     t_start = time.time()
+    # before any work: only a prepare-squad directory is written over (an empty or new one too)
+    check_output(out_dir, SQUAD_DATA, [squad_json])
     src = resolve_squad_path(squad_json)
+    check_output(out_dir, SQUAD_DATA, [src])
     articles = load_squad(src)
     n_total = len(articles)
     if max_articles is not None:

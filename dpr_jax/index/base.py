@@ -21,7 +21,8 @@ An *index directory* is::
       ...                 the backend's own files
       manifest.json       size and sha256 of every file above
 
-``save`` writes into a temporary sibling directory and swaps it into place
+``save`` refuses a path that holds anything but an index (:func:`dpr_jax.io.check_output`), then
+writes into a temporary sibling directory and swaps it into place
 (:func:`dpr_jax.io.replace_dir`), so a failed save never damages an existing index and the path
 never stops naming a complete one; ``load`` checks every file against the manifest and refuses a
 truncated, corrupted or unlisted one by name (:class:`IndexIntegrityError`) before any backend
@@ -321,9 +322,7 @@ class Index(abc.ABC):
         """Atomically write the index directory (see the module docstring)."""
         if self.ids is None:
             raise RuntimeError(f"{self.backend} index is empty: nothing to save")
-        path = Path(path)
-        if path.exists() and not (path / MANIFEST).exists() and any(path.iterdir()):
-            raise FileExistsError(f"{path}: exists, is not empty and is not an index; not replaced")
+        path = io.check_output(path, io.INDEX, what="index path")  # only an index is replaced
         tmp = io.temp_dir_for(path)
         try:
             self._save_files(tmp)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from dpr_jax.checkpoint import load_model, load_tokenizer, resolve_model_dir
 from dpr_jax.embeddings import EmbeddingWriter
-from dpr_jax.io import check_output_path, fingerprint_passages, sha256_file
+from dpr_jax.io import EMBEDDINGS, check_output, fingerprint_passages, sha256_file
 from dpr_jax.retriever.model import BiEncoder
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -150,7 +150,7 @@ def encode_corpus(
     if len(passages) == 0:
         where = f"{passages_file}: " if passages_file else ""
         raise ValueError(f"{where}no passages to encode (empty corpus)")
-    check_output_path(out_dir, [resolve_model_dir(model_dir), passages_file])
+    check_output(out_dir, EMBEDDINGS, [model_dir, resolve_model_dir(model_dir), passages_file])
     enc = TowerEncoder(model_dir, "passage", batch_size, max_length, bucket, compute_dtype)
     start, stop = shard_range(len(passages), shard, num_shards)
     config = {

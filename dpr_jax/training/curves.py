@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dpr_jax.errors import UserError, optional_import
-from dpr_jax.io import atomic_write_bytes
+from dpr_jax.io import FILE, atomic_write_bytes, check_output
 from dpr_jax.training.events import scalar_tags
 
 METRICS_FILE = "metrics.jsonl"
@@ -26,6 +26,12 @@ METRICS_FILE = "metrics.jsonl"
 NOT_BY_DEFAULT = frozenset({"eval_seconds", "questions", "candidates", "pool_size"})
 
 Series = dict[str, dict[int, float]]  # metric -> {step: value}
+
+
+def metrics_file(run: str | Path) -> Path:
+    """The ``metrics.jsonl`` of a run directory (or the file itself)."""
+    run = Path(run)
+    return run if run.is_file() else run / METRICS_FILE
 
 
 def read_run(run: str | Path) -> Series:
@@ -129,7 +135,8 @@ def curves_figure(runs: Sequence[str | Path], metrics: Sequence[str] | None = No
 def save_curves(runs: Sequence[str | Path], out: str | Path,
                 metrics: Sequence[str] | None = None) -> Path:  # fmt: skip
     """:func:`curves_figure` written to ``out`` (PNG, or the format its suffix names),
-    atomically."""
+    atomically; never over (or as a directory holding) a run's metrics file."""
+    check_output(out, FILE, [metrics_file(r) for r in runs])
     fig = curves_figure(runs, metrics)
     fmt = Path(out).suffix.lstrip(".").lower() or "png"
     if fmt not in fig.canvas.get_supported_filetypes():

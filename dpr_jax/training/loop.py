@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from dpr_jax.errors import Interrupted
 from dpr_jax.finite import DivergenceError, check_finite_state
+from dpr_jax.io import OutputPathError
 from dpr_jax.parallel import gather_to_host
 from dpr_jax.training.checkpoints import CheckpointError, Checkpoints, short_error
 from dpr_jax.training.config import expand_path
@@ -120,7 +121,7 @@ def _draw_curves(workdir: Path) -> None:
     global _warned_plot
     try:
         save_curves([workdir], workdir / "curves.png")
-    except (ImportError, OSError) as e:  # the plot extra is not installed; a full disk
+    except (ImportError, OSError, OutputPathError) as e:  # no plot extra; a full disk; a dir
         if not _warned_plot:
             _warned_plot = True
             warnings.warn(f"{workdir / 'curves.png'} not drawn: {e}", stacklevel=2)
