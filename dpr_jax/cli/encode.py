@@ -12,7 +12,8 @@ from pathlib import Path
 
 from dpr_jax.checkpoint import resolve_model_dir
 from dpr_jax.cli.errors import command_parser
-from dpr_jax.data.formats import read_passages_tsv, read_qas
+from dpr_jax.data.formats import read_passages_tsv
+from dpr_jax.data.questions import is_tfds_spec, read_questions
 from dpr_jax.data.squad import load_squad, squad_passages
 from dpr_jax.io import atomic_save_npy, check_output_path
 from dpr_jax.retriever.encode import DTYPES, TowerEncoder, encode_corpus
@@ -31,7 +32,8 @@ def cli_main(argv: list[str] | None = None) -> int:
                     help="bi-encoder model directory (or training workdir)")  # fmt: skip
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--passages", help="passages TSV (id, text, title)")
-    what.add_argument("--questions", help="questions (qas TSV/CSV, NQ-open JSONL, SQuAD JSON): "
+    what.add_argument("--questions", help="questions (qas TSV/CSV, NQ-open JSONL, SQuAD JSON, "
+                      "tfds:<name>/<split>): "
                       "encoded with the question tower into one float32 .npy, --out Q.npy")  # fmt: skip
     ap.add_argument("--out", required=True, help="output directory (a .npy file for --questions)")
     ap.add_argument("--shard", default="0/1", help="i/n: encode the i-th of n contiguous shards")
@@ -48,10 +50,11 @@ def cli_main(argv: list[str] | None = None) -> int:
         ap.error(f"--shard must look like i/n, got {args.shard!r}")
     t0 = time.time()
     if args.questions:
-        texts = [q.question for q in read_qas(args.questions)]
+        texts = [q.question for q in read_questions(args.questions)]
         if not texts:
-            raise ValueError(f"{args.questions}: no questions to encode (empty file)")
-        check_output_path(args.out, [resolve_model_dir(args.model), args.questions])
+            raise ValueError(f"{args.questions}: no questions to encode (empty)")
+        questions_file = None if is_tfds_spec(args.questions) else args.questions
+        check_output_path(args.out, [resolve_model_dir(args.model), questions_file])
         enc = TowerEncoder(args.model, "question", args.batch_size, min(args.max_length, 64),
                            args.bucket or None, args.compute_dtype)  # fmt: skip
         vecs = enc.encode(texts)
