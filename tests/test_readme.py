@@ -110,3 +110,18 @@ def test_train_xla_flags_accepted_by_installed_jaxlib():
     x = [[4.0 * i + j for j in range(4)] for i in range(3)]
     expected = sum(sum(a * b for a, b in zip(r, s)) for r in x for s in x) + sum(r[1] for r in x)
     assert float(value) == expected
+
+
+def test_readme_command_block_lists_every_command(capsys):
+    """The block under "## The command line" shows each command `dpr-jax --help` lists."""
+    from dpr_jax.cli import main
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n## The command line\n", 1)[1]
+    block = re.search(r"```text\n(.*?)```", section, flags=re.S).group(1)
+    shown = set(re.findall(r"^dpr-jax ([a-z][a-z-]*)", block, flags=re.M))
+    assert main(["--help"]) == 0
+    listed = set(re.findall(r"^  ([a-z][a-z-]*)  ", capsys.readouterr().out, flags=re.M))
+    assert listed and shown == listed, (
+        f"missing from README: {sorted(listed - shown)}; unknown: {sorted(shown - listed)}"
+    )
