@@ -245,3 +245,22 @@ def test_bad_tfds_questions_are_one_line_exit_2(spec, says, monkeypatch, capsys,
         assert main([*argv, "--questions", spec]) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and spec in err and says in err, err
+
+
+def test_build_index_over_embeddings_dirs_records_provenance(corpus):
+    """The library's builder records what `dpr-jax index` records, so the Python API's indexes
+    are checked (and warned about) like the command's."""
+    from dpr_jax import build_index, load_index
+    from dpr_jax.embeddings import load_embeddings
+    from dpr_jax.errors import UserError
+
+    built = build_index("exact", corpus / "emb")
+    cli = load_index(corpus / "index").meta
+    assert built.meta == {k: v for k, v in cli.items() if k in built.meta}
+    assert built.meta["model_fingerprint"] and built.meta["passages"][0]["fingerprint"]
+    ids, emb = load_embeddings(corpus / "emb")
+    np.testing.assert_array_equal(built.ids, ids)
+    with pytest.raises(UserError, match="give no ids"):
+        build_index("exact", [corpus / "emb"], ids)
+    with pytest.raises(UserError, match="give the ids"):
+        build_index("exact", emb)
