@@ -137,7 +137,7 @@ def test_readme_python_example_runs_without_warnings(tmp_path, monkeypatch, mini
 
     import jax
     import transformers
-    from conftest import TINY_BERT
+    from conftest import TINY_BERT, transformers_warnings
 
     from dpr_jax.checkpoint import save_model
     from dpr_jax.data.formats import Passage, Question, write_passages_tsv, write_qas_tsv
@@ -163,10 +163,11 @@ def test_readme_python_example_runs_without_warnings(tmp_path, monkeypatch, mini
     params = init_reader_params(BertConfig(**TINY_BERT), jax.random.PRNGKey(0))
     save_model("runs/reader/model", params, "reader", BertConfig(**TINY_BERT), tokenizer=minilm_dir)
     capfd.readouterr()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, transformers_warnings() as logged:
         warnings.simplefilter("always")
         exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
     assert [f"{w.filename}:{w.lineno}: {w.message}" for w in caught] == []
+    assert logged == []
     out, err = capfd.readouterr()
     assert out.strip()  # the answer
     assert not re.search(r"warn|missing|unexpected", err, flags=re.I), err
