@@ -5,7 +5,8 @@ The public API, imported lazily (``import dpr_jax`` loads nothing heavy)::
     from dpr_jax import DenseRetriever, QAPipeline, build_index, convert_from_hf, top_k_accuracy
 
 Data: :class:`Passage` (the one passage type: corpus rows, biencoder contexts, reader inputs),
-:func:`read_passages_tsv`; retrieval: :class:`DenseRetriever`, :class:`BM25Retriever`, :class:`HybridRetriever`,
+:func:`read_passages_tsv`, :class:`Question`, :func:`read_questions` (a qas file or
+``tfds:<name>/<split>``); retrieval: :class:`DenseRetriever`, :class:`BM25Retriever`, :class:`HybridRetriever`,
 :class:`TowerEncoder`, :func:`encode_corpus`, :func:`load_embeddings`; indexes:
 :func:`build_index`, :func:`load_index`; reading: :class:`ReaderPredictor`, :class:`QAPipeline`;
 training: :class:`TrainConfig`, :func:`train_retriever`, :class:`ReaderTrainConfig`,
@@ -24,6 +25,8 @@ __version__ = "0.1.0"
 _API: dict[str, tuple[str, str]] = {
     "Passage": ("dpr_jax.data.formats", "Passage"),
     "read_passages_tsv": ("dpr_jax.data.formats", "read_passages_tsv"),
+    "Question": ("dpr_jax.data.formats", "Question"),
+    "read_questions": ("dpr_jax.data.questions", "read_questions"),
     "DenseRetriever": ("dpr_jax.retrieve", "DenseRetriever"),
     "HybridRetriever": ("dpr_jax.retrieve", "HybridRetriever"),
     "BM25Retriever": ("dpr_jax.data.bm25", "BM25Retriever"),

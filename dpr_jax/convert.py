@@ -85,7 +85,11 @@ Command line (``dpr-jax convert``)::
                            directories (BertModel + modules.json, 1_Pooling, 2_Normalize when
                            the model normalises) that ``SentenceTransformer(DST/...)`` loads;
                            needs pooling cls or mean and no encode_proj. sentence-transformers
-                           never reads the BERT pooler, so none is needed. Note that dpr-jax
+                           never reads the BERT pooler, so none is needed: a tower without one
+                           is exported without one and sentence_bert_config.json tells
+                           sentence-transformers to build the BertModel without it
+                           (``model_args: {add_pooling_layer: false}``), so it loads with no
+                           missing-weights report. Note that dpr-jax
                            encodes a passage as "[CLS] title [SEP] text [SEP]"; the exported
                            model encodes whatever text it is given.
       bert                 DST as BertModel
@@ -890,7 +894,8 @@ def _write_exports(
             d = tmp / rel if rel else tmp
             write_hf_dir(d, arch, bert, sd, proj, tokenizer_from=model_dir)
             if st_export:
-                write_st_modules(d, st_export[0], st_export[1], bert.hidden_size, st_export[2])
+                pooler = "pooler.dense.weight" in sd  # a tower without one loads without one
+                write_st_modules(d, *st_export[:2], bert.hidden_size, st_export[2], pooler)
             (d / "dpr_jax_export.json").write_text(
                 json.dumps({**record, "architecture": arch}, indent=2) + "\n"
             )

@@ -8,7 +8,8 @@ fingerprints of what it was made from, by content rather than by path:
 - a model directory: ``params_sha256`` (:func:`dpr_jax.io.fingerprint_arrays` of its parameters);
 - an embeddings directory: ``model_fingerprint`` (that hash), ``passages_sha256`` (of the passages
   file's bytes) and ``passages_fingerprint`` (of the passages' ids, titles and texts);
-- an index: the same three in its ``meta``, taken from its embeddings.
+- an index: the same three in its ``meta``, taken from its embeddings (by ``dpr-jax index`` and
+  by :func:`dpr_jax.index.build_index` given embeddings directories).
 
 ``retrieve`` and ``ask`` call :func:`check_model` and :func:`check_passages` before any question
 is encoded, and refuse a mismatch with a message naming both sides.
@@ -20,6 +21,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from dpr_jax.embeddings import read_config
 from dpr_jax.io import fingerprint_passages, sha256_file
 
 
@@ -45,14 +47,28 @@ def index_meta_from_embeddings(dirs: Sequence[str | Path], configs: Sequence[dic
     return {"model_fingerprint": fps[0] if fps else None, "passages": passages}
 
 
+def index_meta_for_embeddings(dirs: Sequence[str | Path]) -> dict:
+    """An index's ``meta`` for the vectors of embeddings directories ``dirs``: where they are,
+    their ``config.json`` files and the provenance (:func:`index_meta_from_embeddings`).
+
+    ``dpr-jax index`` and :func:`dpr_jax.index.build_index` over directories both record it."""
+    configs = [read_config(d) for d in dirs]
+    return {
+        "embeddings": [str(d) for d in dirs],
+        "embeddings_config": configs,
+        **index_meta_from_embeddings(dirs, configs),
+    }
+
+
 def check_model(index, fingerprint: str, model_dir: str | Path, index_dir=None) -> None:
     """Refuse a question encoder whose bi-encoder is not the one that encoded the index."""
     want = index.meta.get("model_fingerprint")
     where = index_dir or "the index"
     if want is None:
         warnings.warn(
-            f"{where}: records no model fingerprint (built by an older dpr-jax or without "
-            f"`dpr-jax index`); cannot check that {model_dir} encoded its passages",
+            f"{where}: records no model fingerprint (built by an older dpr-jax, or from bare "
+            "arrays: build it with `dpr-jax index` or build_index over the embeddings directory); "
+            f"cannot check that {model_dir} encoded its passages",
             stacklevel=2,
         )
         return

@@ -151,9 +151,15 @@ def write_st_modules(
     normalize: bool,
     hidden_size: int,
     max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
+    add_pooling_layer: bool = True,
 ) -> None:
     """modules.json, sentence_bert_config.json, 1_Pooling/config.json and (``normalize``)
-    2_Normalize/ into ``out``, which already holds the BertModel (config.json + weights)."""
+    2_Normalize/ into ``out``, which already holds the BertModel (config.json + weights).
+
+    ``add_pooling_layer=False`` (weights without the BERT pooler, which sentence-transformers
+    never reads) is recorded as ``model_args`` in sentence_bert_config.json, so that
+    ``SentenceTransformer`` builds the BertModel without a pooler instead of reporting its
+    weights missing and initialising them randomly."""
     if pooling not in _SUPPORTED_POOLING:
         raise ValueError(
             f"pooling {pooling!r} has no sentence-transformers Pooling mode (have "
@@ -169,9 +175,10 @@ def write_st_modules(
                         "type": _TYPE_PREFIX + "Normalize"})  # fmt: skip
         (out / "2_Normalize").mkdir(parents=True, exist_ok=True)
     (out / MODULES_JSON).write_text(json.dumps(modules, indent=2) + "\n")
-    (out / ST_CONFIG).write_text(
-        json.dumps({"max_seq_length": int(max_seq_length), "do_lower_case": False}, indent=2) + "\n"
-    )
+    st_config: dict[str, Any] = {"max_seq_length": int(max_seq_length), "do_lower_case": False}
+    if not add_pooling_layer:  # passed to AutoModel.from_pretrained (every version since 2.0)
+        st_config["model_args"] = {"add_pooling_layer": False}
+    (out / ST_CONFIG).write_text(json.dumps(st_config, indent=2) + "\n")
     pool = {"word_embedding_dimension": int(hidden_size)}
     # the four keys sentence-transformers 2.0 already knew (later ones would be refused by it)
     pool.update({k: m == pooling for k, m in list(_LEGACY_POOLING.items())[:4]})

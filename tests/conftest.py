@@ -1,5 +1,7 @@
 """Test setup: 8 fake CPU devices before jax is imported, float32 matmuls, shared paths."""
 
+import contextlib
+import logging
 import os
 
 os.environ["XLA_FLAGS"] = (
@@ -58,3 +60,22 @@ def tiny_biencoder_dir(tmp_path_factory, minilm_dir) -> Path:
     params = init_biencoder_params(cfg, jax.random.PRNGKey(0))
     out = tmp_path_factory.mktemp("tiny_biencoder") / "model"
     return save_model(out, params, "biencoder", cfg, tokenizer=minilm_dir)
+
+
+@contextlib.contextmanager
+def transformers_warnings():
+    """The warnings transformers logs (its LOAD REPORT of MISSING / UNEXPECTED weights among
+    them), read from its logger: its handler writes to the stderr of the time it was made, which
+    capsys / capfd may not see."""
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler, logger = Keep(logging.WARNING), logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)

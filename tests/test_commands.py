@@ -182,3 +182,85 @@ def test_quickstart_on_one_article(data_dir, tmp_path, tiny_biencoder_dir, tiny_
     assert all(0.0 <= r["acc"]["1"] <= r["acc"]["20"] <= 1.0 for r in rows)
     reader = json.loads((work / "reader_metrics.json").read_text())
     assert reader["questions"] == 6 and 0.0 <= reader["em"] <= reader["f1"] + 1e-9 <= 1.0 + 1e-9
+
+
+def _mock_tfds(tfds, questions, answers_key):
+    """tfds' mock_data serving ``questions`` as the examples of any split (bytes, as real
+    ArrayRecord sources give them)."""
+    examples = [{"question": q.question.encode(),
+                 answers_key: np.array([a.encode() for a in q.answers], dtype=object)}
+                for q in questions]  # fmt: skip
+    return tfds.testing.mock_data(as_data_source_fn=lambda self, split, **kw: examples)
+
+
+def test_retrieve_and_ask_read_tfds_questions(corpus, tiny_biencoder_dir, tiny_reader_dir):
+    """`--questions tfds:<name>/<split>`: tfds' data source, DPR's answers, the same retrieval."""
+    tfds = pytest.importorskip("tensorflow_datasets", reason="pip install 'dpr-jax[tfds]'")
+    spec = "tfds:natural_questions_open/validation"
+    out = corpus / "tfds.json"
+    with _mock_tfds(tfds, QUESTIONS, "answer"):
+        assert main(["retrieve", "--questions", spec, "--passages", str(corpus / "passages.tsv"),
+                     "--model", str(tiny_biencoder_dir), "--index", str(corpus / "index"),
+                     "--out", str(out), "--k", str(K)]) == 0  # fmt: skip
+    results = json.loads(out.read_text())
+    assert [(r["question"], r["answers"]) for r in results] == [
+        (q.question, q.answers) for q in QUESTIONS
+    ]
+    assert [[c["id"] for c in r["ctxs"]] for r in results] == _dense_reference(
+        corpus, tiny_biencoder_dir
+    )[0]
+    assert json.loads((corpus / "tfds.json.config.json").read_text())["questions"] == spec
+
+    preds = corpus / "tfds_preds.json"
+    with _mock_tfds(tfds, QUESTIONS[:2], "answers"):
+        assert main(["ask", "--questions", "tfds:web_questions/test", "--out", str(preds),
+                     "--retriever", str(tiny_biencoder_dir), "--index", str(corpus / "index"),
+                     "--passages", str(corpus / "passages.tsv"), "--reader", str(tiny_reader_dir),
+                     "--k", "3"]) == 0  # fmt: skip
+    written = json.loads(preds.read_text())
+    assert [(r["question"], r["gold_answers"]) for r in written] == [
+        (q.question, q.answers) for q in QUESTIONS[:2]
+    ]
+
+
+@pytest.mark.parametrize(
+    "spec,says",
+    [
+        ("tfds:natural_questions_open/dev", "unknown split 'dev' of natural_questions_open"),
+        ("tfds:squad/validation", "unknown tfds dataset 'squad'"),
+        ("tfds:trivia_qa/validation", "trivia_qa needs a config"),
+        ("tfds:web_questions", "expected tfds:<name>/<split>"),
+        ("tfds:natural_questions_open/validation", "pip install 'dpr-jax[tfds]'"),
+    ],
+)
+def test_bad_tfds_questions_are_one_line_exit_2(spec, says, monkeypatch, capsys, tmp_path):
+    import sys
+
+    if "dpr-jax[tfds]" in says:  # tensorflow-datasets not installed
+        monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+    for argv in (["retrieve", "--passages", "p.tsv", "--out", str(tmp_path / "r.json")],
+                 ["ask", "--retriever", "m", "--index", "i", "--passages", "p", "--reader", "r"],
+                 ["encode", "--model", "m", "--out", str(tmp_path / "q.npy")]):  # fmt: skip
+        capsys.readouterr()
+        assert main([*argv, "--questions", spec]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and spec in err and says in err, err
+
+
+def test_build_index_over_embeddings_dirs_records_provenance(corpus):
+    """The library's builder records what `dpr-jax index` records, so the Python API's indexes
+    are checked (and warned about) like the command's."""
+    from dpr_jax import build_index, load_index
+    from dpr_jax.embeddings import load_embeddings
+    from dpr_jax.errors import UserError
+
+    built = build_index("exact", corpus / "emb")
+    cli = load_index(corpus / "index").meta
+    assert built.meta == {k: v for k, v in cli.items() if k in built.meta}
+    assert built.meta["model_fingerprint"] and built.meta["passages"][0]["fingerprint"]
+    ids, emb = load_embeddings(corpus / "emb")
+    np.testing.assert_array_equal(built.ids, ids)
+    with pytest.raises(UserError, match="give no ids"):
+        build_index("exact", [corpus / "emb"], ids)
+    with pytest.raises(UserError, match="give the ids"):
+        build_index("exact", emb)

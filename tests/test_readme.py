@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 from conftest import REPO
 
 
@@ -110,3 +111,63 @@ def test_train_xla_flags_accepted_by_installed_jaxlib():
     x = [[4.0 * i + j for j in range(4)] for i in range(3)]
     expected = sum(sum(a * b for a, b in zip(r, s)) for r in x for s in x) + sum(r[1] for r in x)
     assert float(value) == expected
+
+
+def test_readme_command_block_lists_every_command(capsys):
+    """The block under "## The command line" shows each command `dpr-jax --help` lists."""
+    from dpr_jax.cli import main
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n## The command line\n", 1)[1]
+    block = re.search(r"```text\n(.*?)```", section, flags=re.S).group(1)
+    shown = set(re.findall(r"^dpr-jax ([a-z][a-z-]*)", block, flags=re.M))
+    assert main(["--help"]) == 0
+    listed = set(re.findall(r"^  ([a-z][a-z-]*)  ", capsys.readouterr().out, flags=re.M))
+    assert listed and shown == listed, (
+        f"missing from README: {sorted(listed - shown)}; unknown: {sorted(shown - listed)}"
+    )
+
+
+def test_readme_python_example_runs_without_warnings(tmp_path, monkeypatch, minilm_dir, capfd):
+    """The README's Python API example, as written, over a tiny corpus, a tiny BERT in MiniLM's
+    place (same tokenizer; the real one takes ~2x longer to compile) and a tiny reader: no
+    warning, nothing on stderr but progress bars."""
+    import shutil
+    import warnings
+
+    import jax
+    import transformers
+    from conftest import TINY_BERT, transformers_warnings
+
+    from dpr_jax.checkpoint import save_model
+    from dpr_jax.data.formats import Passage, Question, write_passages_tsv, write_qas_tsv
+    from dpr_jax.models.bert import BertConfig
+    from dpr_jax.reader.model import init_reader_params
+
+    pytest.importorskip("torch", reason="convert_from_hf needs torch: pip install 'dpr-jax[torch]'")
+    text = (REPO / "README.md").read_text()
+    (code,) = re.findall(r"## Python API\n\n```python\n(.*?)```", text, flags=re.S)
+    assert code.count('"path/to/all-MiniLM-L6-v2"') == 1
+    monkeypatch.chdir(tmp_path)
+    transformers.BertModel(transformers.BertConfig(**TINY_BERT)).save_pretrained("tiny-bert")
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(minilm_dir / name, "tiny-bert")
+    code = code.replace('"path/to/all-MiniLM-L6-v2"', '"tiny-bert"')
+    write_passages_tsv("passages.tsv", [
+        Passage("Father Edward Sorin founded the University of Notre Dame in 1842.", "Notre Dame",
+                "1"),
+        Passage("The Eiffel Tower is in Paris.", "Eiffel Tower", "2"),
+        Passage("Mount Everest is the highest mountain on Earth.", "Mount Everest", "3"),
+    ])  # fmt: skip
+    write_qas_tsv("qas.tsv", [Question("who founded the university of notre dame", ["Sorin"])])
+    params = init_reader_params(BertConfig(**TINY_BERT), jax.random.PRNGKey(0))
+    save_model("runs/reader/model", params, "reader", BertConfig(**TINY_BERT), tokenizer=minilm_dir)
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught, transformers_warnings() as logged:
+        warnings.simplefilter("always")
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    assert [f"{w.filename}:{w.lineno}: {w.message}" for w in caught] == []
+    assert logged == []
+    out, err = capfd.readouterr()
+    assert out.strip()  # the answer
+    assert not re.search(r"warn|missing|unexpected", err, flags=re.I), err

@@ -18,6 +18,8 @@ st = pytest.importorskip(
     reason="sentence-transformers export tests need it: pip install 'dpr-jax[torch]'",
 )
 
+from conftest import transformers_warnings  # noqa: E402
+
 from dpr_jax.checkpoint import load_model  # noqa: E402
 from dpr_jax.cli import main  # noqa: E402
 from dpr_jax.convert import convert_from_hf, convert_to_hf  # noqa: E402
@@ -169,7 +171,9 @@ def test_minilm_export_loads_in_sentence_transformers(minilm_converted, minilm_r
                  "--as", "sentence-transformers", "--tower", "question"]) == 0  # fmt: skip
     exported = dst / "question_encoder"
     assert read_st_modules(exported, 384).normalize
-    np.testing.assert_allclose(_st_encode(exported), minilm_reference, atol=ATOL)
+    with transformers_warnings() as logged:
+        np.testing.assert_allclose(_st_encode(exported), minilm_reference, atol=ATOL)
+    assert not [m for m in logged if "LOAD REPORT" in m], logged
     # and back: the export converts to the same model
     again = convert_from_hf(exported, tmp_path / "again")
     _, cfg0, p0, _ = load_model(minilm_converted)
@@ -183,13 +187,18 @@ def test_minilm_export_loads_in_sentence_transformers(minilm_converted, minilm_r
 
 
 def test_tiny_cls_model_export_equals_dpr_jax(tiny_biencoder_dir, tmp_path):
-    """[CLS] pooling, no normalisation, both towers (separate weights)."""
+    """[CLS] pooling, no normalisation, both towers (separate weights); the towers have no BERT
+    pooler, and the export loads without one (no missing-weights report)."""
     dst = tmp_path / "st"
     paths = convert_to_hf(tiny_biencoder_dir, dst, as_="sentence-transformers")
     assert [p.name for p in paths] == ["question_encoder", "ctx_encoder"]
     assert not (paths[0] / "2_Normalize").exists()
+    st_config = json.loads((paths[0] / "sentence_bert_config.json").read_text())
+    assert st_config["model_args"] == {"add_pooling_layer": False}
     want_q = _dpr_encode(tiny_biencoder_dir)
-    np.testing.assert_allclose(_st_encode(paths[0]), want_q, atol=ATOL)
+    with transformers_warnings() as logged:
+        np.testing.assert_allclose(_st_encode(paths[0]), want_q, atol=ATOL)
+    assert not [m for m in logged if "LOAD REPORT" in m], logged
     # the ctx export holds the passage tower: dpr-jax's passage vectors of untitled text
     # ("[CLS] [SEP] text [SEP]") differ from plain text, so compare the towers' BERT weights
     _, _, params, _ = load_model(tiny_biencoder_dir)

@@ -76,3 +76,23 @@ def test_unsupported_dataset_and_option():
         load_tfds_questions("mnist")
     with pytest.raises(ValueError, match="only trivia_qa"):
         load_tfds_questions("web_questions", answers="aliases")
+
+
+def test_read_questions_spec_dispatch(tmp_path):
+    """One reader for the CLI and the API: `tfds:<name>/<split>` or a qas file."""
+    import dpr_jax
+    from dpr_jax.data.formats import write_qas_tsv
+
+    assert dpr_jax.read_questions is dpr_jax.data.questions.read_questions
+    with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
+        spec = "tfds:trivia_qa/rc.nocontext/validation"
+        got = dpr_jax.read_questions(spec, data_dir=tmp_path)
+        first = dpr_jax.read_questions(spec, data_dir=tmp_path, limit=2)
+        want = load_tfds_questions("trivia_qa/rc.nocontext", "validation", data_dir=tmp_path)
+    assert got == want and first == want[:2] and len(want) == 3
+    qas = write_qas_tsv(tmp_path / "q.tsv", [Question("who?", ["me"])])
+    assert (
+        dpr_jax.read_questions(qas)
+        == dpr_jax.read_questions(str(qas))
+        == [Question("who?", ["me"])]
+    )

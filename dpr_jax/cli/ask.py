@@ -10,7 +10,7 @@ import time
 
 from dpr_jax.cli.errors import command_parser
 from dpr_jax.data.answers import exact_match_score, f1_score
-from dpr_jax.data.formats import read_qas
+from dpr_jax.data.questions import is_tfds_spec, read_questions
 from dpr_jax.io import FILE, check_output
 from dpr_jax.pipeline import QAPipeline
 from dpr_jax.reader.span import QuestionPrediction, write_predictions
@@ -19,7 +19,11 @@ from dpr_jax.reader.span import QuestionPrediction, write_predictions
 def cli_main(argv: list[str] | None = None) -> int:
     ap = command_parser(__name__, __doc__)
     ap.add_argument("question", nargs="?", help="one question (or use --questions FILE)")
-    ap.add_argument("--questions", help="qas TSV / NQ-open JSONL / SQuAD JSON: batch mode")
+    ap.add_argument(
+        "--questions",
+        help="batch mode: qas TSV / NQ-open JSONL / SQuAD JSON "
+        "or tfds:<name>/<split> (e.g. tfds:web_questions/test)",
+    )
     ap.add_argument("--out", help="batch mode: reader-predictions JSON to write")
     ap.add_argument("--retriever", required=True, help="bi-encoder model dir")
     ap.add_argument("--index", required=True, help="index dir (dpr-jax index)")
@@ -29,10 +33,16 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-answer-length", type=int, default=10)
     args = ap.parse_args(argv)
     if not args.question and not args.questions:
-        ap.error("give a question or --questions FILE")
+        ap.error("give a question or --questions FILE|tfds:NAME/SPLIT")
     if args.out:
-        inputs = [args.questions, args.retriever, args.index, args.passages, args.reader]
+        questions_file = None if is_tfds_spec(args.questions or "") else args.questions
+        inputs = [questions_file, args.retriever, args.index, args.passages, args.reader]
         check_output(args.out, FILE, inputs)
+    questions = []
+    if not args.question:  # batch mode; read first: a wrong spec fails before any model loads
+        questions = read_questions(args.questions)
+        if not questions:
+            raise ValueError(f"{args.questions}: no questions (empty)")
 
     pipe = QAPipeline.from_dirs(
         args.retriever, args.index, args.passages, args.reader,
@@ -44,7 +54,6 @@ def cli_main(argv: list[str] | None = None) -> int:
         print(f"{p.text}\n  (from {p.title!r}, score {p.score:.2f}, {time.time() - t0:.2f}s)")
         return 0
 
-    questions = read_qas(args.questions)
     t0 = time.time()
     preds = pipe.answer([q.question for q in questions])
     dt = time.time() - t0

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from dpr_jax.cli.errors import command_parser
-from dpr_jax.data.formats import read_passages_tsv, read_qas
+from dpr_jax.data.formats import read_passages_tsv
+from dpr_jax.data.questions import is_tfds_spec, read_questions
 from dpr_jax.data.squad import load_squad, squad_passages
 from dpr_jax.io import EMBEDDINGS, FILE, atomic_save_npy, check_output
 from dpr_jax.retriever.encode import DTYPES, TowerEncoder, encode_corpus
@@ -30,7 +31,8 @@ def cli_main(argv: list[str] | None = None) -> int:
                     help="bi-encoder model directory (or training workdir)")  # fmt: skip
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--passages", help="passages TSV (id, text, title)")
-    what.add_argument("--questions", help="questions (qas TSV/CSV, NQ-open JSONL, SQuAD JSON): "
+    what.add_argument("--questions", help="questions (qas TSV/CSV, NQ-open JSONL, SQuAD JSON, "
+                      "tfds:<name>/<split>): "
                       "encoded with the question tower into one float32 .npy, --out Q.npy")  # fmt: skip
     ap.add_argument("--out", required=True, help="output directory (a .npy file for --questions)")
     ap.add_argument("--shard", default="0/1", help="i/n: encode the i-th of n contiguous shards")
@@ -46,11 +48,12 @@ def cli_main(argv: list[str] | None = None) -> int:
     except ValueError:
         ap.error(f"--shard must look like i/n, got {args.shard!r}")
     # before any work: never over an input, another artifact or a directory of other files
-    inputs = [args.model, args.questions, args.passages]
+    questions_file = None if is_tfds_spec(args.questions or "") else args.questions
+    inputs = [args.model, questions_file, args.passages]
     check_output(args.out, FILE if args.questions else EMBEDDINGS, inputs)
     t0 = time.time()
     if args.questions:
-        texts = [q.question for q in read_qas(args.questions)]
+        texts = [q.question for q in read_questions(args.questions)]
         if not texts:
             raise ValueError(f"{args.questions}: no questions to encode (empty file)")
         enc = TowerEncoder(args.model, "question", args.batch_size, min(args.max_length, 64),

@@ -21,11 +21,11 @@ import sys
 import time
 
 from dpr_jax.cli.errors import command_parser
-from dpr_jax.embeddings import check_complete, load_embeddings, read_config
+from dpr_jax.embeddings import check_complete, load_embeddings
 from dpr_jax.index.base import BACKENDS, index_class
 from dpr_jax.index.tune import tune
 from dpr_jax.io import INDEX, check_output
-from dpr_jax.provenance import index_meta_from_embeddings
+from dpr_jax.provenance import index_meta_for_embeddings
 
 
 def parse_option(text: str) -> tuple[str, object]:
@@ -88,8 +88,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     index = cls(**options)  # every option checked against its allowed range before any work
 
     check_output(args.out, INDEX, [*args.embeddings, args.tune_queries])
-    configs = [read_config(d) for d in args.embeddings]
-    provenance = index_meta_from_embeddings(args.embeddings, configs)
+    provenance = index_meta_for_embeddings(args.embeddings)  # a mismatch fails before loading
     partial = [line for d in args.embeddings for line in check_complete(d)]
     t0 = time.time()
     ids, emb = load_embeddings(args.embeddings, verify=not args.no_verify, show_progress=True,
@@ -102,8 +101,6 @@ def cli_main(argv: list[str] | None = None) -> int:
     if args.tune_queries is not None:
         tune_queries = load_tune_queries(args.tune_queries, emb.shape[1])
     index.meta = {
-        "embeddings": [str(d) for d in args.embeddings],
-        "embeddings_config": configs,
         **provenance,
         "allow_partial": args.allow_partial,
         "partial": partial,

@@ -12,7 +12,8 @@ from pathlib import Path
 from dpr_jax import __version__
 from dpr_jax.cli.errors import command_parser
 from dpr_jax.data.bm25 import BM25Retriever
-from dpr_jax.data.formats import read_passages_tsv, read_qas, write_retrieval_results
+from dpr_jax.data.formats import read_passages_tsv, write_retrieval_results
+from dpr_jax.data.questions import describe, is_tfds_spec, read_questions
 from dpr_jax.errors import UsageError
 from dpr_jax.io import BM25, FILE, check_output
 from dpr_jax.provenance import check_passages
@@ -41,7 +42,8 @@ def cli_main(argv: list[str] | None = None) -> int:
 
     ap = command_parser(__name__, __doc__)
     ap.add_argument("--questions", required=True,
-                    help="qas TSV/CSV, NQ-open JSONL or SQuAD JSON")  # fmt: skip
+                    help="qas TSV/CSV, NQ-open JSONL, SQuAD JSON or tfds:<name>/<split> "
+                    "(e.g. tfds:natural_questions_open/validation)")  # fmt: skip
     ap.add_argument("--passages", required=True, help="passages TSV (id, text, title)")
     ap.add_argument("--out", required=True, help="retrieval-results JSON to write")
     ap.add_argument("--mode", default="dense", choices=["dense", "bm25", "hybrid"])
@@ -54,16 +56,17 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--match", default="string", choices=["string", "regex"])
     args = ap.parse_args(argv)
-    inputs = [args.questions, args.passages, args.model, args.index]
+    questions_file = None if is_tfds_spec(args.questions) else args.questions
+    inputs = [questions_file, args.passages, args.model, args.index]
     check_output(args.out, FILE, [*inputs, args.bm25_index])
     if args.bm25_index and not Path(args.bm25_index).exists():  # built and saved here
         check_output(args.bm25_index, BM25, [*inputs, args.out], what="--bm25-index")
 
-    questions = read_qas(args.questions)
+    questions = read_questions(args.questions)
     passages_list = read_passages_tsv(args.passages)
     passages = {str(p.id): p for p in passages_list}
     if not questions:
-        raise ValueError(f"{args.questions}: no questions (empty file)")
+        raise ValueError(f"{args.questions}: no questions (empty)")
     retriever = _build_retriever(args, passages_list)
     dense = retriever.dense if isinstance(retriever, HybridRetriever) else retriever
     if isinstance(dense, DenseRetriever):
@@ -77,7 +80,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         "mode": args.mode,
         "model": args.model and str(Path(args.model).absolute()),
         "index": args.index and str(Path(args.index).absolute()),
-        "questions": str(Path(args.questions).absolute()),
+        "questions": describe(args.questions),
         "passages": str(Path(args.passages).absolute()),
         "bm25_index": args.bm25_index,
         "fusion": args.fusion if args.mode == "hybrid" else None,

@@ -52,6 +52,12 @@ SPECS: dict[str, TfdsQaSpec] = {
     ),
 }
 TRIVIA_ANSWER_FIELDS = ("aliases", "normalized_aliases", "value")
+# The splits each dataset publishes (tfds' catalog), checked before tfds is asked.
+SPLITS: dict[str, tuple[str, ...]] = {
+    "natural_questions_open": ("train", "validation"),
+    "trivia_qa": ("train", "validation", "test"),
+    "web_questions": ("train", "test"),
+}
 
 
 def _import_tfds():

@@ -443,9 +443,30 @@ def index_class(backend: str) -> type[Index]:
     return getattr(importlib.import_module(module), name)
 
 
-def build_index(backend: str, emb: np.ndarray, ids, **options) -> Index:
-    """Build an index of ``backend`` (see ``BACKENDS``) over ``emb`` with ids ``ids``."""
-    return index_class(backend)(**options).build(emb, ids)
+def build_index(backend: str, emb, ids=None, **options) -> Index:
+    """Build an index of ``backend`` (see ``BACKENDS``) over ``emb`` with ids ``ids``.
+
+    ``emb`` is an (N, dim) array with ``ids`` (N,), or an embeddings directory (or a list of
+    them) written by :func:`dpr_jax.encode_corpus` / ``dpr-jax encode``: then the vectors and ids
+    are loaded from it and the index's ``meta`` records the model and passages they came from,
+    as ``dpr-jax index`` does, so that :class:`~dpr_jax.DenseRetriever` and
+    :class:`~dpr_jax.QAPipeline` can check them. An index built from bare arrays records none.
+    """
+    from dpr_jax.embeddings import load_embeddings
+    from dpr_jax.provenance import index_meta_for_embeddings
+
+    index = index_class(backend)(**options)  # options checked before any work
+    dirs = [emb] if isinstance(emb, (str, Path)) else emb
+    if isinstance(dirs, (list, tuple)) and dirs and all(isinstance(d, (str, Path)) for d in dirs):
+        if ids is not None:
+            raise UserError(
+                "build_index: the ids come from the embeddings directories; give no ids"
+            )
+        index.meta = index_meta_for_embeddings(dirs)  # a model mismatch fails before loading
+        ids, emb = load_embeddings(dirs)
+    elif ids is None:
+        raise UserError("build_index: give the ids of the embeddings' rows (or a directory)")
+    return index.build(emb, ids)
 
 
 def load_index(path: str | Path, verify: bool = True) -> Index:
