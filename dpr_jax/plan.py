@@ -506,7 +506,8 @@ def _compile(job: Job, tpu: bool):
 
     with _tracing_for_tpu() if tpu else _c.nullcontext():
         lowered = job.step.lower(*job.args)
-        executed, _ = step_costs.traced_flops(job.step.jitted, job.args, 1)
+        jitted = getattr(job.step, "jitted", job.step)  # the reader's step is a bare jit
+        executed, _ = step_costs.traced_flops(jitted, job.args, 1)
     return lowered.compile(), executed
 
 
@@ -866,6 +867,8 @@ def local_topology() -> tuple[Chip, list]:
 def run(args) -> dict[str, Any]:
     """The planner behind the CLI; returns the JSON record."""
     local = args.topology == "local"
+    if local and getattr(args, "measure", 3) < 1:
+        raise PlanError(f"--measure {args.measure}: time at least 1 step")
     if not local and not libtpu_available():
         raise PlanError(f"compiling for TPU needs libtpu: {TPU_INSTALL_HINT}")
     config = load_any_config(args.config, args.set)

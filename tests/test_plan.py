@@ -275,3 +275,20 @@ def test_readme_plan_commands_start_without_weights(monkeypatch):
         config = plan.load_any_config(str(REPO / "configs" / name), [])
         _, devices = plan.tpu_topology("v5e:2x2")
         assert plan.build_job(config, devices).param_count > 0, name
+
+
+@needs_libtpu
+def test_reader_plan(tmp_path):
+    """The reader's step (DPR's span + relevance loss) plans too: it fits, every parameter's
+    gradient is all-reduced, and the traced step runs the model's matmuls."""
+    out = tmp_path / "reader.json"
+    assert main(["plan", "--config", str(REPO / "configs" / "reader_tiny.py"), "--topology",
+                 TOPOLOGY, "--set", "batch_size=4", "--json", str(out)]) == 0  # fmt: skip
+    r = json.loads(out.read_text())
+    assert r["fits"] and r["collective_bytes"]["all-reduce"] >= 4 * r["params"]
+    assert r["executed_flops_per_step"] >= r["model_flops_per_step"] > 0
+
+
+def test_local_measure_must_be_positive(capsys):
+    assert main(["plan", "--config", TINY, "--topology", "local", "--measure", "0"]) == 2
+    assert "--measure 0" in capsys.readouterr().err
