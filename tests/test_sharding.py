@@ -118,7 +118,14 @@ def test_remat_policy_must_exist():
 
 def test_train_with_fsdp_resumes_and_equals_replicated(tmp_path, data_dir, minilm_dir):
     """``dpr-jax train`` with fsdp=True: stopped at step 2 and resumed from its (sharded)
-    checkpoint, it exports the parameters of a replicated run of 4 steps."""
+    checkpoint, it exports the parameters of a replicated run of 4 steps.
+
+    One leaf is held to a looser bound: the bias of the passage tower's last LayerNorm. Adding
+    a constant vector to every passage vector shifts each question's scores by the same amount,
+    which the softmax ignores, so its true gradient is exactly zero and what either run computes
+    is float32 rounding noise (~1e-9), whose sign AdamW turns into full-size steps. The FSDP
+    program differs from the plain one (per-module gathers), so the noise does too; the bound
+    for that leaf is what AdamW can move a parameter in 4 steps (lr 3e-3 each)."""
     train, _, _, _ = build_squad_biencoder(
         data_dir / "fixtures/squad-train-v1.1.University_of_Notre_Dame.official.json", tmp_path
     )
@@ -131,8 +138,13 @@ def test_train_with_fsdp_resumes_and_equals_replicated(tmp_path, data_dir, minil
     stopped = train_and_evaluate(dataclasses.replace(fsdp, stop_at_step=2), tmp_path / "fsdp")
     assert stopped["step"] == 2
     train_and_evaluate(fsdp, tmp_path / "fsdp")
-    a = jax.tree.leaves(load_model(tmp_path / "plain")[2])
+    a = jax.tree_util.tree_flatten_with_path(load_model(tmp_path / "plain")[2])[0]
     b = jax.tree.leaves(load_model(tmp_path / "fsdp")[2])
     assert len(a) == len(b)
-    for x, y in zip(a, b):
-        np.testing.assert_allclose(x, y, **PARAM_TOL)
+    zero_grad = "['ctx_encoder']['bert_model']['encoder_layer_1']['output_LayerNorm']['bias']"
+    assert zero_grad in [jax.tree_util.keystr(p) for p, _ in a]
+    for (path, x), y in zip(a, b):
+        if jax.tree_util.keystr(path) == zero_grad:
+            np.testing.assert_allclose(x, y, rtol=0, atol=4 * 3e-3)
+        else:
+            np.testing.assert_allclose(x, y, **PARAM_TOL)
