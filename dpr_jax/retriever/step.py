@@ -135,13 +135,18 @@ def _encode_chunks(enc, tower_params, chunk, ids, mask, rows) -> Array:
     return out.reshape((ids.shape[0],) + out.shape[2:])
 
 
-def _vjp_chunks(enc, tower_params, chunk, ids, mask, rows, emb_grad, acc):
-    """acc + sum over chunks of (d emb_chunk / d params)^T emb_grad_chunk; one chunk in memory."""
+def _vjp_chunks(enc, tower_params, chunk, ids, mask, rows, emb_grad, acc, sharded=False):
+    """acc + sum over chunks of (d emb_chunk / d params)^T emb_grad_chunk; one chunk in memory.
+    ``sharded`` (FSDP): each chunk's gradient arrives reduce-scattered; an optimization barrier
+    keeps XLA from sinking those reductions out of the loop (its all-reduce code motion would
+    accumulate whole, unscattered gradients across chunks: the whole model's size again)."""
 
     def body(acc, a):
         i, m, k, g = a
         _, vjp = jax.vjp(lambda prm: enc(prm, i, m, k), tower_params)
         (grad,) = vjp(g)
+        if sharded:
+            grad = jax.lax.optimization_barrier(grad)
         return jax.tree.map(jnp.add, acc, grad), None
 
     xs = tuple(_chunked(x, chunk) for x in (ids, mask, rows, emb_grad))
@@ -268,8 +273,9 @@ def _local_grads(model, cfg: LossConfig, axis: str, chunk: int | None, specs, pa
         p = _encode_chunks(enc_p, params[p_tower], chunk, *p_in)  # (B_l*G, D)
         (_, metrics), (gq, gp) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(q, p)
         grads = jax.tree.map(jnp.zeros_like, params)
-        grads[q_tower] = _vjp_chunks(enc_q, params[q_tower], chunk, *q_in, gq, grads[q_tower])
-        grads[p_tower] = _vjp_chunks(enc_p, params[p_tower], chunk, *p_in, gp, grads[p_tower])
+        fsdp = specs is not None
+        grads[q_tower] = _vjp_chunks(enc_q, params[q_tower], chunk, *q_in, gq, grads[q_tower], fsdp)
+        grads[p_tower] = _vjp_chunks(enc_p, params[p_tower], chunk, *p_in, gp, grads[p_tower], fsdp)
     grads = jax.tree.map(lambda g, w: jax.lax.psum(g, axis) if w else g, grads, whole)
     return grads, metrics
 
