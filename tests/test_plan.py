@@ -169,6 +169,14 @@ def test_fsdp_reduce_scatters_the_gradient(tmp_path):
     assert fsdp["collective_bytes"]["all-reduce"] < grads / 2
     assert fsdp["collective_bytes"]["all-gather"] >= grads / 2  # the layers, gathered
     assert fsdp["argument_gib"] < plain["argument_gib"] / 2
+    # with GradCache each chunk's gradient is reduce-scattered inside the loop (XLA would
+    # otherwise sink the reductions out of it and keep whole gradients across the chunks)
+    gc = _plan(tmp_path, "gc", MID_SETS + ["fsdp=true", "grad_cache_chunk=1"])
+
+    def reductions(r):
+        return r["collectives"]["reduce-scatter"]["count"] + r["collectives"]["all-reduce"]["count"]
+
+    assert reductions(gc) >= 2 * reductions(fsdp)
 
 
 @needs_libtpu
