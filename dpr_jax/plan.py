@@ -2,32 +2,31 @@
 
 The planner AOT-compiles the train step that ``dpr-jax train`` (or ``dpr-jax train-reader``)
 would run, for an abstract TPU topology (``jax.experimental.topologies``: libtpu's compiler, no
-TPU needed), and reads the compiler's own answer: bytes per chip (arguments, temporaries,
-outputs) against the chip's HBM, XLA's FLOP count, and the collectives in the compiled HLO. It
-builds the step exactly as the trainers do (:func:`dpr_jax.retriever.task.load_config`,
-:func:`~dpr_jax.retriever.task.encoder_config`, :func:`~dpr_jax.retriever.task.make_optimizer`,
-:func:`dpr_jax.retriever.step.make_train_step`) but with abstract parameters (``jax.eval_shape``):
-no weights are read, no device memory is used.
+TPU needed) or for this machine's own devices (``--topology local``, which also runs it), and
+reads the compiler's own answer. The step is built by the trainers' own builders
+(:func:`dpr_jax.retriever.task.build_train_step`, :func:`dpr_jax.reader.task.build_reader_step`)
+with abstract parameters (``jax.eval_shape``): no weights are read, no device memory is used;
+the architecture comes from ``init_from`` where it exists here, else from the config's ``model``
+(which may name a preset of :data:`dpr_jax.models.bert.PRESETS`).
 
 ``--fit`` searches GradCache chunk sizes, rematerialisation (optionally with a
-``jax.checkpoint_policies`` policy) and FSDP for the cheapest setting that fits. Compiles take
-minutes for a bert-base step on a CPU host, so an analytic memory model
-(:func:`estimate_memory`) ranks and prunes the candidates first and only the promising ones are
-compiled; the answer is always a compiled, confirmed setting.
+``jax.checkpoint_policies`` policy) and FSDP for the cheapest setting that fits
+(:func:`fit`): ranked by estimated step time, compiled in that order, skipped uncompiled only
+when provably too large.
 
-Numbers (per chip):
+Numbers (per chip; :data:`DEFINITIONS` is written into the JSON record):
 
 - memory: ``compiled.memory_analysis()``: argument + output - aliased (donated state) +
   temporaries.
 - model FLOPs per step (:func:`model_flops`): 3x the forward FLOPs (forward, then backward at
   twice the forward) of the encoder matmuls and attention, the convention of Kaplan et al.
-  2020 ("6 N D") and of PaLM's MFU (Chowdhery et al. 2022, app. B). Recomputation (remat,
-  GradCache's extra forward) is not model work and is excluded.
-- XLA FLOPs: ``compiled.cost_analysis()["flops"]`` x chips. XLA counts a loop body once, so
-  with GradCache (a ``lax.scan`` over chunks) it undercounts.
+  2020 ("6 N D") and of PaLM's MFU (Chowdhery et al. 2022, app. B), the last layer at [CLS]
+  only when the model pools [CLS]. Recomputation is not model work and is excluded.
+- executed FLOPs, HBM bytes and collectives, every loop trip counted:
+  :mod:`dpr_jax.step_costs` (from the traced step and the compiled HLO).
 - est. step time: a roofline, ``max(executed FLOPs / peak, HBM bytes / HBM bandwidth,
-  collective bytes / ICI bandwidth)`` (perfect overlap), and MFU = model FLOPs / (chips x
-  peak x step time).
+  interconnect bytes / ICI bandwidth)`` (perfect overlap), the binding term named, and MFU =
+  model FLOPs / (chips x peak x step time).
 
 Environment: the real JAX runtime stays on the CPU (``JAX_PLATFORMS=cpu`` keeps libtpu from
 probing for TPU chips and cloud metadata at start-up) while the compile targets the abstract

@@ -101,7 +101,8 @@ def table(out: Path) -> str:
             r.get("bound") or "-",
             f(100 * r["est_mfu"], "{:.1f}%") if ok else "-",
             f(1e3 * r["est_step_s"], "{:.0f}") if ok else "-",
-            " ".join(f"--set {o}" for o in over) if over else ("(none)" if over == [] else "-"),
+            " ".join(f"--set {o}" for o in over if not o.startswith("model=")) or "(none)"
+            if over is not None else "-",
             f"{compile_s:.0f}",
         ))  # fmt: skip
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
