@@ -118,13 +118,18 @@ def train_xla_flags() -> None:
         os.environ["XLA_FLAGS"] = " ".join([flags, *new]).strip()
 
 
-def plan_env() -> None:
+def plan_env(argv: list[str] | None = None) -> None:
     """Before jax is imported, for `dpr-jax plan`: keep the runtime on the CPU, libtpu off the
     metadata server and off its one-process-per-host lock file (/tmp/libtpu_lockfile): a
-    planner touches no chip, so several may run at once, also on a TPU host while it trains."""
+    planner touches no chip, so several may run at once, also on a TPU host while it trains.
+    ``--topology local`` plans (and runs) on this machine's own devices: its GPU, if any."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    if "jax" not in sys.modules:
+    argv = argv or []
+    local = any(a == "--topology=local" for a in argv) or any(
+        a == "--topology" and b == "local" for a, b in zip(argv, argv[1:])
+    )
+    if "jax" not in sys.modules and not local:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
@@ -142,6 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     if name in TRAIN_COMMANDS:
         train_xla_flags()
     if name == "plan":
-        plan_env()
+        plan_env(rest)
     module = importlib.import_module(f"dpr_jax.cli.{COMMANDS[name][0]}")
     return run_command(name, module.cli_main, rest)
