@@ -20,6 +20,8 @@ Every artifact writer (model directories, embeddings, indexes, results) goes thr
   artifact's own writer records) or a non-empty directory that is no dpr-jax artifact.
 - ``fingerprint_arrays``: sha256 of a parameter tree's bytes (keys, dtypes, shapes, values), the
   identity of a model independent of where it is stored.
+- ``progress`` / ``note``: the one way a long phase reports itself: a bar (items/s) or a line
+  on stderr, silent when not ``enabled`` (the commands' ``--quiet``); stdout stays for results.
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from dpr_jax.errors import UserError
 
@@ -520,3 +524,28 @@ def verify_manifest(
         if checksums and sha256_file(p) != meta.get("sha256"):
             raise error(f"{p}: sha256 checksum mismatch with {mpath} (file corrupted or edited)")
     return manifest
+
+
+def progress(
+    iterable: Iterable | None = None,
+    *,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    enabled: bool = True,
+    leave: bool = True,
+) -> tqdm:
+    """A progress bar on stderr over ``iterable`` (or updated by hand: ``bar.update(n)``) showing
+    the count, the rate in ``unit``/s and the time left; a no-op bar when not ``enabled``."""
+    return tqdm(
+        iterable, total=total, desc=desc, unit=unit, disable=not enabled, leave=leave,
+        file=sys.stderr, dynamic_ncols=True, mininterval=1.0,
+    )  # fmt: skip
+
+
+def note(message: str, enabled: bool = True) -> None:
+    """One line on stderr (a phase starting or ending, a tuning trial), written above any open
+    bar; nothing when not ``enabled``."""
+    if enabled:
+        tqdm.write(message, file=sys.stderr)
+        sys.stderr.flush()

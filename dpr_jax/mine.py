@@ -47,7 +47,7 @@ from dpr_jax.data.formats import (
     write_biencoder,
 )
 from dpr_jax.evaluate import AnswerMatcher, has_answer
-from dpr_jax.io import FILE, check_output, check_output_path
+from dpr_jax.io import FILE, check_output, check_output_path, note
 from dpr_jax.retrieve import DenseRetriever
 from dpr_jax.retriever.encode import shard_range
 
@@ -209,6 +209,7 @@ def mine_hard_negatives(
     missing. ``index``: a directory or an :class:`~dpr_jax.index.Index`; ``retriever``: any
     object with ``search(questions, k) -> (scores, ids)`` (replaces model_dir + index).
     ``max_chunks`` stops after that many chunks (tests use it to simulate a killed run).
+    ``progress``: bars on stderr (questions encoded and searched, per batch) and a line per chunk.
     """
 
     for name, v, lo in (("n", n, 1), ("skip", skip, 0), ("depth", depth, 1),
@@ -257,7 +258,8 @@ def mine_hard_negatives(
     for done, c in enumerate(todo, 1):
         lo, hi = c * chunk_size, min(len(examples), (c + 1) * chunk_size)
         chunk = examples[lo:hi]
-        scores, ids = retriever.search([e.question for e in chunk], depth)
+        kw = {"progress": True} if progress else {}  # bars per batch; any retriever works
+        scores, ids = retriever.search([e.question for e in chunk], depth, **kw)
         counts = dict.fromkeys(_COUNTS, 0)
         counts["questions"] = len(chunk)
         mined = []
@@ -276,10 +278,9 @@ def mine_hard_negatives(
             mined.append(_with_negatives(ex, negs, existing))
         atomic_write_text(_stats_path(parts, c), json.dumps(counts) + "\n")
         write_biencoder(_chunk_path(parts, c), mined)  # last: marks the chunk done
-        if progress:
-            print(f"dpr-jax mine: shard {shard}/{num_shards}: chunk {c} ({done}/{len(todo)}), "
-                  f"{counts['mined'] / max(1, len(chunk)):.1f} negatives/question, "
-                  f"{time.time() - t0:.0f}s", file=sys.stderr)  # fmt: skip
+        note(f"dpr-jax mine: shard {shard}/{num_shards}: chunk {c} ({done}/{len(todo)}), "
+             f"{counts['mined'] / max(1, len(chunk)):.1f} negatives/question, "
+             f"{time.time() - t0:.0f}s", progress)  # fmt: skip
     if all(_chunk_path(parts, c).is_file() for c in range(num_chunks)):
         return merge_parts(out)
     return None

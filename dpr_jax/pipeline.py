@@ -74,16 +74,17 @@ class QAPipeline:
         passages = {str(p.id): p for p in passages_list}
         return cls(retriever, passages, reader_model, **kw)
 
-    def retrieve(self, questions: Sequence[str]) -> list[list]:
-        _, ids = self.retriever.search(list(questions), self.n_passages)
+    def retrieve(self, questions: Sequence[str], progress: bool = False) -> list[list]:
+        kw = {"progress": True} if progress else {}  # any retriever: progress is optional
+        _, ids = self.retriever.search(list(questions), self.n_passages, **kw)
         return [[self.passages[str(i)] for i in row] for row in ids]
 
     def answer(self, questions: str | Sequence[str], progress: bool = False):
         """The answer to one question (an :class:`Answer`) or to each of a list; ``progress``
-        shows a bar over the reader's passage sequences (the long part of a large batch)."""
+        shows bars on stderr: questions retrieved, then the reader's passage sequences."""
         single = isinstance(questions, str)
         qs = [questions] if single else list(questions)
-        ctxs = self.retrieve(qs)
+        ctxs = self.retrieve(qs, progress)
         k = self.n_passages
         as_dicts = [
             [{"id": str(p.id), "title": p.title, "text": p.text} for p in cs] for cs in ctxs

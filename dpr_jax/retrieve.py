@@ -17,6 +17,7 @@ import numpy as np
 from dpr_jax import hybrid
 from dpr_jax.data.answers import AnswerMatcher, has_answer
 from dpr_jax.index import load_index
+from dpr_jax.io import progress as progress_bar
 from dpr_jax.provenance import check_model
 from dpr_jax.retriever.encode import TowerEncoder
 
@@ -32,11 +33,30 @@ class DenseRetriever:
         # before any question is encoded: the index's passages came from this bi-encoder
         check_model(self.index, self.encoder.fingerprint, model_dir, index_dir)
 
-    def encode(self, questions: Sequence[str]) -> np.ndarray:
-        return self.encoder.encode(list(questions))
+    # questions per index call when searching: progress between calls, a multiple of the exact
+    # index's default query batch (512), so its compiled batch shape is unchanged
+    SEARCH_CHUNK = 1024
 
-    def search(self, questions: Sequence[str], k: int = 100):
-        return self.index.search(self.encode(questions), k)
+    def encode(self, questions: Sequence[str], progress: bool = False) -> np.ndarray:
+        questions = list(questions)
+        bar = progress_bar(total=len(questions), desc="encode questions", unit="q",
+                           enabled=progress)  # fmt: skip
+        with bar:
+            return self.encoder.encode(questions, progress=bar)
+
+    def search(self, questions: Sequence[str], k: int = 100, progress: bool = False):
+        """``progress``: bars (questions/s) on stderr while encoding and while searching."""
+        q = self.encode(questions, progress)
+        if not progress or len(q) <= self.SEARCH_CHUNK:
+            return self.index.search(q, k)
+        scores, ids = [], []
+        with progress_bar(total=len(q), desc="search", unit="q") as bar:
+            for lo in range(0, len(q), self.SEARCH_CHUNK):
+                s, i = self.index.search(q[lo : lo + self.SEARCH_CHUNK], k)
+                scores.append(s)
+                ids.append(i)
+                bar.update(len(s))
+        return np.concatenate(scores), np.concatenate(ids)
 
 
 class HybridRetriever:
@@ -51,15 +71,16 @@ class HybridRetriever:
             dense, sparse, method, alpha, depth,
         )  # fmt: skip
 
-    def search(self, questions: Sequence[str], k: int = 100):
+    def search(self, questions: Sequence[str], k: int = 100, progress: bool = False):
         """``(scores (Q, k'), ids)`` with k' = min(k, the BM25 corpus size): at depth >= the
-        corpus BM25 returns every passage, so the fused lists are never padded."""
+        corpus BM25 returns every passage, so the fused lists are never padded. ``progress``:
+        each retriever's bars on stderr."""
 
         ids = getattr(self.sparse, "ids", None)
         k = min(k, len(ids)) if ids is not None and len(ids) else k
         depth = max(k, self.depth)
-        ds, di = self.dense.search(questions, depth)
-        ss, si = self.sparse.search(questions, depth)
+        ds, di = self.dense.search(questions, depth, progress=progress)
+        ss, si = self.sparse.search(questions, depth, progress=progress)
         if self.method == "linear":
             return hybrid.linear_fusion(ds, di, ss, si, k=k, alpha=self.alpha)
         return hybrid.rrf_fusion(ds, di, ss, si, k=k)

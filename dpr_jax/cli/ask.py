@@ -9,6 +9,7 @@ import sys
 import time
 
 from dpr_jax.cli.errors import command_parser
+from dpr_jax.cli.options import add_quiet
 from dpr_jax.data.answers import exact_match_score, f1_score
 from dpr_jax.data.questions import is_tfds_spec, read_questions
 from dpr_jax.io import FILE, check_output
@@ -31,6 +32,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reader", required=True, help="reader model dir")
     ap.add_argument("--k", type=int, default=50, help="passages given to the reader")
     ap.add_argument("--max-answer-length", type=int, default=10)
+    add_quiet(ap)
     args = ap.parse_args(argv)
     if not args.question and not args.questions:
         ap.error("give a question or --questions FILE|tfds:NAME/SPLIT")
@@ -55,7 +57,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         return 0
 
     t0 = time.time()
-    preds = pipe.answer([q.question for q in questions])
+    preds = pipe.answer([q.question for q in questions], progress=not args.quiet)
     dt = time.time() - t0
     em = sum(exact_match_score(p.text, q.answers) for p, q in zip(preds, questions))
     f1 = sum(f1_score(p.text, q.answers) for p, q in zip(preds, questions))

@@ -21,10 +21,11 @@ import sys
 import time
 
 from dpr_jax.cli.errors import command_parser
+from dpr_jax.cli.options import add_quiet
 from dpr_jax.embeddings import check_complete, load_embeddings
 from dpr_jax.index.base import BACKENDS, index_class
 from dpr_jax.index.tune import tune
-from dpr_jax.io import INDEX, check_output
+from dpr_jax.io import INDEX, check_output, note
 from dpr_jax.provenance import index_meta_for_embeddings
 
 
@@ -66,6 +67,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune-queries", default=None, metavar="Q.npy",
                     help="query vectors (Q, dim) float .npy for --target-recall")  # fmt: skip
     ap.add_argument("--tune-k", type=int, default=10, help="k of the tuned recall@k (default 10)")
+    add_quiet(ap)
     args = ap.parse_args(argv)
     if (args.target_recall is None) != (args.tune_queries is None):
         ap.error("--target-recall and --tune-queries go together")
@@ -91,7 +93,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     provenance = index_meta_for_embeddings(args.embeddings)  # a mismatch fails before loading
     partial = [line for d in args.embeddings for line in check_complete(d)]
     t0 = time.time()
-    ids, emb = load_embeddings(args.embeddings, verify=not args.no_verify, show_progress=True,
+    ids, emb = load_embeddings(args.embeddings, verify=not args.no_verify, show_progress=not args.quiet,
                                allow_partial=args.allow_partial)  # fmt: skip
     t_load = time.time() - t0
     print(f"{len(ids):,} vectors of dim {emb.shape[1]} from {len(args.embeddings)} "
@@ -106,12 +108,17 @@ def cli_main(argv: list[str] | None = None) -> int:
         "partial": partial,
     }
     t0 = time.time()
+    note(f"building {args.backend} index of {len(ids):,} vectors", not args.quiet)
     index.build(emb, ids)
     t_build = time.time() - t0
+    note(f"built in {t_build:.1f}s", not args.quiet)
     index.meta["build_seconds"] = round(t_build, 3)
     if tune_queries is not None:
         t0 = time.time()
-        tuned = tune(index, emb, tune_queries, args.target_recall, k=args.tune_k)
+        note(f"tuning search knobs for recall@{args.tune_k} >= {args.target_recall}",
+             not args.quiet)  # fmt: skip
+        tuned = tune(index, emb, tune_queries, args.target_recall, k=args.tune_k,
+                     report=None if args.quiet else note)  # fmt: skip
         print(f"tuned for recall@{tuned['k']} >= {args.target_recall} on {len(tune_queries)} "
               f"queries in {time.time() - t0:.1f}s: {json.dumps(tuned['params'])}, recall "
               f"{tuned['recall']:.4f}, {tuned['qps']:,.0f} q/s", file=sys.stderr)  # fmt: skip

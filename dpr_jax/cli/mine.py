@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from dpr_jax.cli.errors import command_parser
+from dpr_jax.cli.options import add_quiet
 from dpr_jax.data.answers import MATCH_TYPES
 from dpr_jax.mine import EXISTING, merge_parts, mine_hard_negatives
 
@@ -35,6 +36,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--merge-only", action="store_true",
                     help="write --out from finished parts (after all shards ran)")  # fmt: skip
+    add_quiet(ap)
     args = ap.parse_args(argv)
     try:
         shard, num_shards = (int(x) for x in args.shard.split("/"))
@@ -48,7 +50,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     done = mine_hard_negatives(
         args.model, args.index, args.passages, args.biencoder, args.out, args.n, args.skip,
         args.depth, args.sample, args.seed, args.match, args.existing, shard, num_shards,
-        args.chunk_size, args.batch_size,
+        args.chunk_size, args.batch_size, progress=not args.quiet,
     )  # fmt: skip
     if done:
         print(f"wrote {done}", file=sys.stderr)

@@ -21,6 +21,13 @@ def parse_ks(text: str) -> list[int]:
     return ks
 
 
+def add_quiet(parser: argparse.ArgumentParser) -> None:
+    """``--quiet`` (alias ``--no-progress``): no progress bars or phase lines on stderr; results
+    and the closing summary are still printed."""
+    parser.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
+                        help="no progress output on stderr")  # fmt: skip
+
+
 def training_parser(prog: str, description: str) -> Parser:
     """The options of every training command: --config, --workdir, --set, --print-config and the
     multi-host group (see :func:`start_distributed`)."""

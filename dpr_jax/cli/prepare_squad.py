@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from dpr_jax.cli.errors import command_parser
+from dpr_jax.cli.options import add_quiet
 from dpr_jax.data.squad import CHUNKINGS, prepare_squad
 
 
@@ -28,14 +29,14 @@ def cli_main(argv: list[str] | None = None) -> int:
                     help="when no chunk has the answer tokens: skip the question, or use the "
                     "chunk holding answer_start")  # fmt: skip
     ap.add_argument("--no-bm25-index", action="store_true", help="do not save the BM25 indexes")
-    ap.add_argument("--no-progress", action="store_true")
+    add_quiet(ap)
     args = ap.parse_args(argv)
     prepare_squad(
         args.squad, args.out, val_fraction=args.val_fraction, seed=args.seed,
         hard_negatives=args.hard_negatives, bm25_depth=args.bm25_depth,
         max_articles=args.max_articles, words=args.words, chunking=args.chunking,
         positive=args.positive, save_bm25=not args.no_bm25_index,
-        progress=not args.no_progress,
+        progress=not args.quiet,
         log=lambda m: print(m, file=sys.stderr),
     )  # fmt: skip
     return 0

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dpr_jax.cli.errors import Parser, command_parser
+from dpr_jax.cli.options import add_quiet
 from dpr_jax.data.answers import exact_match_score, f1_score
 from dpr_jax.data.bm25 import BM25Retriever
 from dpr_jax.data.formats import squad_questions, write_passages_tsv, write_retrieval_results
@@ -29,6 +30,8 @@ from dpr_jax.data.squad import CHUNKINGS, load_squad, split_articles, squad_pass
 from dpr_jax.embeddings import load_embeddings, read_config
 from dpr_jax.evaluate import top_k_accuracy
 from dpr_jax.index import build_index, load_index
+from dpr_jax.io import note
+from dpr_jax.io import progress as progress_bar
 from dpr_jax.pipeline import QAPipeline
 from dpr_jax.provenance import index_meta_from_embeddings
 from dpr_jax.reader.task import ReaderTrainConfig, train_and_evaluate
@@ -69,16 +72,24 @@ def _table(rows: list[dict], ks) -> str:
 
 
 def run_retrieval_eval(
-    retrievers: dict, questions, passages: dict, out_dir: Path, k: int = 100, ks=(1, 5, 20, 100)
+    retrievers: dict,
+    questions,
+    passages: dict,
+    out_dir: Path,
+    k: int = 100,
+    ks=(1, 5, 20, 100),
+    progress: bool = False,
 ) -> list[dict]:
-    """Retrieve with each named retriever, write DPR results JSON, return accuracy + speed rows."""
+    """Retrieve with each named retriever, write DPR results JSON, return accuracy + speed rows;
+    ``progress``: a line per retriever and its search bars on stderr."""
 
     rows = []
     texts = [q.question for q in questions]
     for name, retriever in retrievers.items():
+        note(f"evaluating {name} on {len(texts):,} questions", progress)
         retriever.search(texts[:256], k)  # warm-up: compile the question tower's shapes
         t0 = time.perf_counter()
-        scores, ids = retriever.search(texts, k)
+        scores, ids = retriever.search(texts, k, progress=progress)
         dt = time.perf_counter() - t0
         results = results_for(questions, scores, ids, passages)
         write_retrieval_results(out_dir / f"results.{name}.json", results)
@@ -140,6 +151,7 @@ def _parser() -> Parser:
     ap.add_argument("--no-reader", action="store_true", help="stop after retrieval")
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--examples", type=int, default=5, help="example answers to print")
+    add_quiet(ap)
     return ap
 
 
@@ -158,17 +170,21 @@ def _scann_index(model_dir: Path, corpus: list, work: Path, tag: str, say):
     return load_index(index_dir)
 
 
-def _answer_all(pipe: QAPipeline, questions: list, work: Path, examples: int, say) -> None:
+def _answer_all(
+    pipe: QAPipeline, questions: list, work: Path, examples: int, say, progress: bool = True
+) -> None:
     """Answer every question end to end; print EM / F1 / latency and a few answers."""
     t0 = time.time()
     say(f"answering {len(questions):,} questions end to end ({pipe.n_passages} passages each)")
-    preds = pipe.answer([q.question for q in questions], progress=True)
+    preds = pipe.answer([q.question for q in questions], progress=progress)
     dt = time.time() - t0
 
     em = np.mean([exact_match_score(p.text, q.answers) for p, q in zip(preds, questions)])
     f1 = np.mean([f1_score(p.text, q.answers) for p, q in zip(preds, questions)])
     single = []  # latency of one question at a time (`dpr-jax ask`), after the batch warm-up
-    for q in questions[: min(10, len(questions))]:
+    n_single = min(10, len(questions))
+    for q in progress_bar(questions[:n_single], desc="latency, one question at a time",
+                          unit="q", enabled=progress):  # fmt: skip
         t1 = time.perf_counter()
         pipe.answer(q.question)
         single.append(time.perf_counter() - t1)
@@ -232,7 +248,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     }
     out = work / args.chunking if tag else work  # results of another chunking beside
     out.mkdir(exist_ok=True)
-    rows = run_retrieval_eval(retrievers, questions, passages, out, args.k)
+    rows = run_retrieval_eval(retrievers, questions, passages, out, args.k,
+                              progress=not args.quiet)  # fmt: skip
     ks = (1, 5, 20, 100)
     print(f"\nRetrieval accuracy on SQuAD validation articles ({args.chunking} passages, DPR "
           "has_answer)\n")  # fmt: skip
@@ -250,6 +267,6 @@ def cli_main(argv: list[str] | None = None) -> int:
                            args.reader_steps)  # fmt: skip
     pipe = QAPipeline(dense, passages, reader_dir / "model" if not args.reader else reader_dir,
                       n_passages=20)  # fmt: skip
-    _answer_all(pipe, questions, work, args.examples, say)
+    _answer_all(pipe, questions, work, args.examples, say, progress=not args.quiet)
     say("done")
     return 0

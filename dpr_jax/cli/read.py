@@ -10,7 +10,7 @@ import json
 import sys
 
 from dpr_jax.cli.errors import command_parser
-from dpr_jax.cli.options import parse_ks
+from dpr_jax.cli.options import add_quiet, parse_ks
 from dpr_jax.errors import UserError
 from dpr_jax.io import FILE, check_output
 from dpr_jax.reader.data import FORMATS, read_reader_examples, sample_examples
@@ -49,7 +49,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     ap.add_argument("--seed", type=int, default=0, help="seed of --sample")
     ap.add_argument("--out", help="write DPR reader-predictions JSON here")
-    ap.add_argument("--no-progress", action="store_true")
+    add_quiet(ap)
     args = ap.parse_args(argv)  # fmt: skip
     if args.out:
         check_output(args.out, FILE, [args.results, args.model])
@@ -66,7 +66,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     )
     preds = predictor.predict(
         [e.question for e in examples], [list(e.passages) for e in examples], args.top_k,
-        [e.answers for e in examples], progress=not args.no_progress,
+        [e.answers for e in examples], progress=not args.quiet,
     )  # fmt: skip
     metrics = evaluate_predictions(preds)
     no_gold = max((m["questions_without_answers"] for m in metrics.values()), default=0)

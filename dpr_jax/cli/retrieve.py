@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dpr_jax import __version__
 from dpr_jax.cli.errors import command_parser
+from dpr_jax.cli.options import add_quiet
 from dpr_jax.data.bm25 import BM25Retriever
 from dpr_jax.data.formats import read_passages_tsv, write_retrieval_results
 from dpr_jax.data.questions import describe, is_tfds_spec, read_questions
@@ -55,6 +56,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alpha", type=float, default=1.0, help="linear fusion weight of BM25")
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--match", default="string", choices=["string", "regex"])
+    add_quiet(ap)
     args = ap.parse_args(argv)
     questions_file = None if is_tfds_spec(args.questions) else args.questions
     inputs = [questions_file, args.passages, args.model, args.index]
@@ -72,7 +74,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     if isinstance(dense, DenseRetriever):
         check_passages(dense.index, args.passages, passages_list, args.index)
     t0 = time.time()
-    scores, ids = retriever.search([q.question for q in questions], args.k)
+    scores, ids = retriever.search([q.question for q in questions], args.k,
+                                   progress=not args.quiet)  # fmt: skip
     dt = time.time() - t0
     results = results_for(questions, scores, ids, passages, args.match)
     config = {

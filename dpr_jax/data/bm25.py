@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from dpr_jax.data.answers import AnswerMatcher
 from dpr_jax.errors import optional_import
 from dpr_jax.io import BM25, check_output, staged_dir
+from dpr_jax.io import progress as progress_bar
 
 TOKEN_PATTERN = r"(?u)\b\w+\b"
 
@@ -136,9 +136,7 @@ class BM25Retriever:
         k = min(int(k), len(self.ids))
         scores = np.zeros((len(questions), k), np.float32)
         rows = np.zeros((len(questions), k), np.int64)
-        bar = None
-        if progress:
-            bar = tqdm(total=len(questions), desc=desc, unit="q")
+        bar = progress_bar(total=len(questions), desc=desc, unit="q", enabled=progress)
         for lo in range(0, len(questions), chunk):
             toks = [self.tokenize(q) for q in questions[lo : lo + chunk]]
             # numpy top-k: 1.6x faster here than bm25s' default (one jax.lax.top_k dispatch
@@ -148,17 +146,15 @@ class BM25Retriever:
             )
             rows[lo : lo + len(toks)] = r
             scores[lo : lo + len(toks)] = s
-            if bar is not None:
-                bar.update(len(toks))
-        if bar is not None:
-            bar.close()
+            bar.update(len(toks))
+        bar.close()
         return scores, rows
 
     def search(
-        self, questions: Sequence[str], k: int = 100, n_threads: int = 0
+        self, questions: Sequence[str], k: int = 100, n_threads: int = 0, progress: bool = False
     ) -> tuple[np.ndarray, list[list[str]]]:
         """``(scores float32 (Q, k), ids list[list[str]])``, best first (k clamped to corpus)."""
-        scores, rows = self.search_rows(questions, k, n_threads)
+        scores, rows = self.search_rows(questions, k, n_threads, progress=progress)
         return scores, [[self.ids[j] for j in row] for row in rows]
 
     # -----------------------------------------------------------------------------------------

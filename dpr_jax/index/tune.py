@@ -102,6 +102,7 @@ def tune(
     clock: Callable[[], float] = time.perf_counter,
     true_rows: np.ndarray | None = None,
     cache: dict | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Choose ``index``'s search knobs: the highest queries/s with recall@``k`` >= target.
 
@@ -111,8 +112,10 @@ def tune(
     ``num_threads`` and ``candidates`` (every setting timed). Raises :class:`TuneError` if no
     setting reaches the target. ``true_rows`` (Q, >= k): the exact neighbours' rows if already
     known; ``cache``: a dict kept between calls on the same index and queries (e.g. for several
-    targets) so that no setting's recall is measured twice.
+    targets) so that no setting's recall is measured twice. ``report``: called with one line
+    per trial (each recall measured, each candidate timed), e.g. to show progress.
     """
+    report = report or (lambda line: None)
     queries, emb, k = _check_inputs(index, emb, queries, target_recall, k)
     space = index.tune_space(k)
     if not space:
@@ -122,6 +125,7 @@ def tune(
         )
     index.tuned = None  # measure the knobs themselves, not a previous tuning
     if true_rows is None:
+        report(f"tune: exact top-{k} of {len(queries):,} queries over {len(emb):,} vectors")
         true_rows = exact_neighbours(emb, queries, k)
     true_ids = index.ids[np.asarray(true_rows)[:, :k]]
     recalls: dict[tuple, float] = {} if cache is None else cache.setdefault(("recall", k), {})
@@ -131,6 +135,9 @@ def tune(
         if key not in recalls:
             _, got = index.search(queries, k, **params)
             recalls[key] = recall_at_k(got, true_ids)
+            ok = ">=" if recalls[key] >= target_recall else "<"
+            report(f"tune: trial {len(recalls)}: {dict(key)} recall@{k} {recalls[key]:.4f} "
+                   f"{ok} {target_recall}")  # fmt: skip
         return recalls[key]
 
     def cheapest(values: list, fixed: dict, name: str, hi: int) -> int | None:
@@ -172,11 +179,11 @@ def tune(
             f"rebuild with a finer index (e.g. more leaves, larger M or m)"
         )
 
-    timed = [
-        {"params": params, "recall": round(recall_of(params), 6),
-         "qps": _qps(index, queries, k, params, repeats, clock)}
-        for params in candidates
-    ]  # fmt: skip
+    timed = []
+    for params in candidates:
+        timed.append({"params": params, "recall": round(recall_of(params), 6),
+                      "qps": _qps(index, queries, k, params, repeats, clock)})  # fmt: skip
+        report(f"tune: timed {params}: {timed[-1]['qps']:,.0f} q/s")
     best = max(timed, key=lambda c: c["qps"])
     index.tuned = {
         "params": dict(best["params"]),

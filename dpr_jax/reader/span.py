@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from dpr_jax.checkpoint import load_model, load_tokenizer
 from dpr_jax.data.answers import exact_match_score, f1_score
 from dpr_jax.data.formats import Passage, write_reader_predictions
+from dpr_jax.io import progress as progress_bar
 from dpr_jax.parallel import batch_sharding, make_mesh, replicated
 from dpr_jax.reader.data import (
     ReaderInputConfig,
@@ -300,8 +300,7 @@ class ReaderPredictor:
         ]
         out: list[list[PassageLogits]] = [[None] * len(ps) for ps in passages]  # type: ignore
         b = self.batch_size
-        bar = tqdm(total=len(pairs), desc="reader", unit="seq", disable=not progress,
-                   dynamic_ncols=True)  # fmt: skip
+        bar = progress_bar(total=len(pairs), desc="reader", unit="seq", enabled=progress)
         for lo in range(0, len(pairs), b):
             chunk = pairs[lo : lo + b]
             ids, mask = tok.pad([seq.ids for _, _, seq in chunk] + [np.zeros(0, np.int32)] *
