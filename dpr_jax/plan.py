@@ -498,7 +498,7 @@ DEFINITIONS = {
 }
 
 
-def _compile(job: Job, tpu: bool):
+def _compile(job: Job, tpu: bool, n: int):
     import contextlib as _c
 
     from dpr_jax import step_costs
@@ -506,7 +506,7 @@ def _compile(job: Job, tpu: bool):
     with _tracing_for_tpu() if tpu else _c.nullcontext():
         lowered = job.step.lower(*job.args)
         jitted = getattr(job.step, "jitted", job.step)  # the reader's step is a bare jit
-        executed, _ = step_costs.traced_flops(jitted, job.args, 1)
+        executed, _ = step_costs.traced_flops(jitted, job.args, n)
     return lowered.compile(), executed
 
 
@@ -522,7 +522,7 @@ def compile_plan(
     n = len(devices)
     t0 = time.perf_counter()
     try:
-        compiled, executed = _compile(job, tpu=not measure)
+        compiled, executed = _compile(job, tpu=not measure, n=n)
     except Exception as e:  # XLA:TPU refuses a program over HBM: RESOURCE_EXHAUSTED, "Used X of Y"
         used = _oom_used_bytes(str(e))
         if used is None:
