@@ -79,8 +79,10 @@ class HybridRetriever:
         ids = getattr(self.sparse, "ids", None)
         k = min(k, len(ids)) if ids is not None and len(ids) else k
         depth = max(k, self.depth)
-        ds, di = self.dense.search(questions, depth, progress=progress)
-        ss, si = self.sparse.search(questions, depth, progress=progress)
+        # only when asked: a retriever given through the API need not take the argument
+        bars = {"progress": True} if progress else {}
+        ds, di = self.dense.search(questions, depth, **bars)
+        ss, si = self.sparse.search(questions, depth, **bars)
         if self.method == "linear":
             return hybrid.linear_fusion(ds, di, ss, si, k=k, alpha=self.alpha)
         return hybrid.rrf_fusion(ds, di, ss, si, k=k)
