@@ -49,11 +49,11 @@ from pathlib import Path
 from typing import Any
 
 from dpr_jax.errors import UserError
+from dpr_jax.step_costs import COLLECTIVES
 
 GIB = 1 << 30
 TPU_INSTALL_HINT = "pip install 'dpr-jax[tpu]'"
 TOPOLOGY_EXAMPLES = ("v4:2x2x1", "v5e:2x2", "v5e:4x4", "v5e:16x16", "v5p:2x2x1", "v6e:4x4")
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 # The remat policy --fit tries besides full remat: keep every matmul output that has no batch
 # dimension (the weight matmuls), recompute the elementwise ops and attention.
 FIT_REMAT_POLICY = "dots_with_no_batch_dims_saveable"
@@ -321,12 +321,6 @@ def build_job(config, devices) -> Job:
         raise PlanError(
             f"batch_size {config.batch_size} is not a multiple of the {n} chips of the topology"
         )
-    chunk = getattr(config, "grad_cache_chunk", 0)
-    if chunk and (config.batch_size // n) % chunk:
-        raise PlanError(
-            f"grad_cache_chunk {chunk} does not divide the {config.batch_size // n} questions "
-            f"a chip of the {n} chips holds (batch_size {config.batch_size})"
-        )
     total, warmup = _total_steps(config)
     rep, data = replicated(mesh), batch_sharding(mesh)
     i32, f32 = jnp.int32, jnp.float32
@@ -340,7 +334,7 @@ def build_job(config, devices) -> Job:
         from dpr_jax.reader.task import build_reader_step
 
         bert, note = _reader_model_cfg(config)
-        _, tx, _, step = build_reader_step(config, bert, mesh, total, warmup)
+        tx, _, step = build_reader_step(config, bert, mesh, total, warmup)
         params = _abstract_params("reader", bert)
         state = jax.eval_shape(lambda p: TrainState.create(p, tx), params)
         state = jax.tree.map(lambda x: sds(x.shape, x.dtype, rep), state)
@@ -499,11 +493,9 @@ DEFINITIONS = {
 
 
 def _compile(job: Job, tpu: bool, n: int):
-    import contextlib as _c
-
     from dpr_jax import step_costs
 
-    with _tracing_for_tpu() if tpu else _c.nullcontext():
+    with _tracing_for_tpu() if tpu else contextlib.nullcontext():
         lowered = job.step.lower(*job.args)
         jitted = getattr(job.step, "jitted", job.step)  # the reader's step is a bare jit
         executed, _ = step_costs.traced_flops(jitted, job.args, n)
@@ -693,6 +685,16 @@ def argument_bytes(job: Job) -> float:
     return total
 
 
+def cost_rank(config, changes: dict[str, Any], job: Job, chip: Chip, n_chips: int) -> tuple:
+    """--fit's order: estimated step time, then no FSDP, larger GradCache chunks, fewer changes."""
+    return (
+        round(estimate_step_s(job, chip, n_chips), 6),
+        changes.get("fsdp", False),
+        -(changes.get("grad_cache_chunk") or 1 << 30),
+        len(_as_overrides(config, changes)),
+    )
+
+
 def fit(
     config,
     chip: Chip,
@@ -721,13 +723,7 @@ def fit(
         except PlanError as e:
             errors.append({"overrides": _as_overrides(config, changes), "error": str(e)})
             continue
-        key = (
-            round(estimate_step_s(job, chip, n), 6),
-            changes.get("fsdp", False),
-            -(changes.get("grad_cache_chunk") or 1 << 30),
-            len(_as_overrides(config, changes)),
-        )
-        scored.append((key, changes, cand, job))
+        scored.append((cost_rank(config, changes, job, chip, n), changes, cand, job))
     if not scored:
         raise PlanError(errors[0]["error"] if errors else "no candidate settings to try")
     scored.sort(key=lambda s: s[0])

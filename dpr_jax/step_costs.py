@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {
@@ -238,16 +237,10 @@ class Collective:
 
 def collectives(module: HloModule, n_devices: int) -> list[Collective]:
     """Every logical collective of the program, once, with its executions per step."""
-    mult, _ = module.multiplicities()
-    fusion_mult: dict[str, int] = {}  # fused computations run as often as their caller
-    for comp, instrs in module.comps.items():
-        for ins in instrs.values():
-            for key, callee in _CALLEE.findall(ins.rest):
-                if key == "calls":
-                    fusion_mult[callee] = max(fusion_mult.get(callee, 0), mult.get(comp, 0))
+    mult, _ = module.multiplicities()  # fused computations run as often as their caller
     found: dict[str, Collective] = {}
     for comp, instrs in module.comps.items():
-        times = mult.get(comp) or fusion_mult.get(comp, 0)
+        times = mult.get(comp, 0)
         if not times:
             continue  # unreachable (e.g. a reduction's to_apply)
         for ins in instrs.values():
@@ -364,7 +357,3 @@ def roofline(flops: float, hbm: float, wire: float, peak: float, hbm_bw: float, 
     terms = {"compute": flops / peak, "hbm": hbm / hbm_bw, "ici": wire / ici_bw if ici_bw else 0.0}
     bound = max(terms, key=terms.get)
     return terms[bound], bound, terms
-
-
-def summary_json(colls: list[Collective]) -> dict[str, Any]:
-    return {k: v for k, v in collective_summary(colls).items() if v["count"]}

@@ -9,6 +9,7 @@ reader's plan; README's plan commands starting on a machine without weights; and
 Needs libtpu (``pip install 'dpr-jax[tpu]'``, as CI does); no TPU. Skips only without libtpu.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -177,16 +178,13 @@ def test_fit_returns_the_cheapest_fitting_setting(tmp_path, too_big):
     chip, devices = plan.tpu_topology(TOPOLOGY)
     order = sorted(
         plan.candidate_overrides(config, 4),
-        key=lambda c: (
-            round(plan.estimate_step_s(plan.build_job(
-                __import__("dataclasses").replace(config, **c), devices), chip, 4), 6),
-            c.get("fsdp", False), -(c.get("grad_cache_chunk") or 1 << 30),
-            len(plan._as_overrides(config, c)),
+        key=lambda c: plan.cost_rank(
+            config, c, plan.build_job(dataclasses.replace(config, **c), devices), chip, 4
         ),
-    )  # fmt: skip
+    )
     truth = None
     for c in order:
-        cand = __import__("dataclasses").replace(config, **c)
+        cand = dataclasses.replace(config, **c)
         p = plan.compile_plan(cand, chip, devices, TOPOLOGY, plan._as_overrides(config, c))
         if p.fits:
             truth = p.overrides

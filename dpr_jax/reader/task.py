@@ -329,11 +329,11 @@ class StepPosition:
 
 
 def build_reader_step(config, bert_cfg, mesh, total: int, warmup: int):
-    """(model, optimizer, schedule, jitted train step) of a reader ``config`` over ``mesh`` (real or
+    """(optimizer, schedule, jitted train step) of a reader ``config`` over ``mesh`` (real or
     abstract devices): the one builder both ``dpr-jax train-reader`` and ``dpr-jax plan`` use."""
     model = Reader(bert_cfg, dtype=jnp.dtype(config.dtype), remat=config.remat)
     tx, schedule = make_optimizer(config, total, warmup)
-    return model, tx, schedule, make_train_step(model, tx, mesh)
+    return tx, schedule, make_train_step(model, tx, mesh)
 
 
 class ReaderTask:
@@ -380,7 +380,7 @@ class ReaderTask:
         self.tx, self.schedule, self.train_step = memo(
             ("reader_step", self.bert_cfg, config.dtype, config.remat, optimizer_key(config),
              total, warmup, mesh),
-            lambda: build_reader_step(config, bert_cfg, mesh, total, warmup)[1:],
+            lambda: build_reader_step(config, bert_cfg, mesh, total, warmup),
         )  # fmt: skip
         self.rows = process_slice(config.batch_size, mesh)
 

@@ -432,11 +432,9 @@ def evaluate_model(config: TrainConfig) -> dict[str, float]:
 
 @dataclasses.dataclass(frozen=True)
 class BuiltStep:
-    """What the trainer (and ``dpr-jax plan``, on abstract devices) builds for a config: the model,
-    optimizer, state placement and the jitted train step."""
+    """What the trainer (and ``dpr-jax plan``, on abstract devices) builds for a config: the
+    learning-rate schedule, loss settings, state placement and the jitted train step."""
 
-    model: BiEncoder
-    tx: Any
     schedule: Any
     loss_cfg: LossConfig
     abstract_state: Any  # TrainState of ShapeDtypeStructs
@@ -458,7 +456,7 @@ def build_train_step(config: TrainConfig, enc_cfg, mesh, total: int, warmup: int
     create = jax.jit(lambda p: TrainState.create(p, tx), out_shardings=placed)
     chunk = config.grad_cache_chunk or None
     step = make_train_step(model, tx, mesh, loss_cfg, chunk, state_sharding=placed)
-    return BuiltStep(model, tx, schedule, loss_cfg, abstract, placed, create, step)
+    return BuiltStep(schedule, loss_cfg, abstract, placed, create, step)
 
 
 class RetrieverTask:
