@@ -13,10 +13,12 @@ read::
       ids-SSS-CCCCCC.npy             numpy unicode strings, (n,), saved with allow_pickle=False
       chunk-SSS-CCCCCC.done          JSON marker: n, dim, dtype, size and sha256 of both files
 
-``config.json`` records what the vectors depend on: ``model_fingerprint`` (sha256 of the model's
-parameter bytes, :func:`dpr_jax.io.fingerprint_arrays`), ``passages_sha256`` (of the passages
-file) and ``passages_fingerprint`` (of the passages' ids, titles and texts). Resuming with another
-model or corpus is refused; the same model under another path is the same model.
+``config.json`` records what the vectors depend on: ``vectors_fingerprint``
+(:func:`dpr_jax.provenance.vectors_fingerprint`: parameters, model config, tokenizer, max
+length), ``model_fingerprint`` (sha256 of the model's parameter bytes alone,
+:func:`dpr_jax.io.fingerprint_arrays`), ``passages_sha256`` (of the passages file) and
+``passages_fingerprint`` (of the passages' ids, titles and texts). Resuming with another model or
+corpus is refused; the same model under another path is the same model.
 
 A chunk is written atomically: each file goes to a temporary name and is ``os.replace``d into
 place, embeddings first, ids second, the ``.done`` marker last. A killed job can leave an
@@ -62,6 +64,8 @@ _DATA_RE = re.compile(r"^(emb|ids)-(\d{3,})-(\d{6,})\.npy$")
 _TMP_RE = re.compile(r"^\.(?:emb|ids|chunk|shard|config)[-.].*\.tmp-[0-9a-f]+$")
 _HINTS = {
     "model_fingerprint": "these embeddings were made by a model with other parameters",
+    "vectors_fingerprint": "these embeddings were made by a model that computes other vectors "
+    "(another model config, such as its pooling, normalisation or projection, or tokenizer)",
     "passages_sha256": "these embeddings were made from another passages file",
     "passages_fingerprint": "these embeddings were made from other passages",
 }

@@ -21,6 +21,11 @@ class UsageError(UserError):
     """A bad command-line option or value."""
 
 
+class ProvenanceError(UserError):
+    """An artifact was made from another model or corpus than the one it is used with (the
+    message names both)."""
+
+
 class MissingDependency(UserError, ImportError):
     """An optional dependency is not installed; the message names the extra that brings it."""
 

@@ -22,6 +22,11 @@ Sharding and resuming, as ``dpr-jax encode``: the questions are cut into chunks 
 chunk is written atomically as ``OUT.parts/chunk-NNNNNN.jsonl`` (with its counts beside it), so a
 killed run restarts at its first unfinished chunk, and shards run as independent processes. The
 parts directory records the settings in ``config.json``; a run with other settings is refused.
+Its inputs are recorded by content, not by path (the biencoder file's sha256, the question
+tower's :func:`dpr_jax.provenance.vectors_fingerprint`, the index's
+:func:`~dpr_jax.provenance.index_fingerprint`, the passages' fingerprint), so a resumed or
+sharded run given another model, index, corpus or biencoder file is refused, and the same ones
+under other paths are accepted.
 Whichever shard finds every chunk done writes ``OUT`` (and ``OUT.config.json``: settings and
 counts); ``--merge-only`` does just that. Chunks and the random draws depend on the question's
 position in the input alone, so every sharding gives the same file.
@@ -46,9 +51,18 @@ from dpr_jax.data.formats import (
     read_passages_tsv,
     write_biencoder,
 )
+from dpr_jax.errors import UserError
 from dpr_jax.evaluate import AnswerMatcher, has_answer
-from dpr_jax.io import FILE, check_output, check_output_path, note
-from dpr_jax.retrieve import DenseRetriever
+from dpr_jax.io import (
+    FILE,
+    check_output,
+    check_output_path,
+    fingerprint_passages,
+    note,
+    sha256_file,
+)
+from dpr_jax.provenance import check_passages, index_fingerprint, vectors_fingerprint
+from dpr_jax.retrieve import QUESTION_MAX_LENGTH, DenseRetriever
 from dpr_jax.retriever.encode import shard_range
 
 EXISTING = ("drop", "append")
@@ -56,8 +70,16 @@ MATCH_TYPES = ("string", "regex")
 _COUNTS = ("questions", "retrieved", "dropped_positive", "dropped_answer", "mined", "short")
 
 
-class MineConfigError(ValueError):
-    """A parts directory made with other settings than this run's."""
+class MineConfigError(UserError):
+    """A parts directory made with other settings or inputs than this run's."""
+
+
+_HINTS = {
+    "biencoder_sha256": " (another --biencoder file)",
+    "model_fingerprint": " (another --model: other parameters, config or tokenizer)",
+    "index_fingerprint": " (another --index)",
+    "passages_fingerprint": " (other --passages)",
+}
 
 
 def parts_dir(out: str | Path) -> Path:
@@ -147,7 +169,7 @@ def _check_or_write_config(parts: Path, config: dict[str, Any]) -> None:
             if old.get(k) != v:
                 raise MineConfigError(
                     f"{path}: this output was started with {k}={old.get(k)!r}, this run has "
-                    f"{k}={v!r}; delete {parts} (and {parts.name[: -len('.parts')]}) to start "
+                    f"{k}={v!r}{_HINTS.get(k, '')}; delete {parts} (and {parts.name[: -len('.parts')]}) to start "
                     "over, or choose another --out"
                 )
         return
@@ -236,12 +258,15 @@ def mine_hard_negatives(
     if passage_src is not None:
         passages = read_passages_tsv(passages)
     by_id = {str(p.id): p for p in passages}
-    config = {
-        "biencoder": str(Path(biencoder).absolute()),
+    dense = retriever is None  # else the caller's retriever: its model cannot be fingerprinted
+    config = {  # inputs by content: a resumed or sharded run must be given the same ones
+        "biencoder_sha256": sha256_file(biencoder),
         "questions": len(examples),
-        "model": str(Path(model_dir).absolute()) if model_dir is not None else None,
-        "index": str(Path(index).absolute()) if isinstance(index, (str, Path)) else None,
-        "passages": str(Path(passage_src).absolute()) if passage_src else len(by_id),
+        "model_fingerprint": (
+            vectors_fingerprint(model_dir, "question", QUESTION_MAX_LENGTH) if dense else None
+        ),
+        "index_fingerprint": index_fingerprint(index) if dense else None,
+        "passages_fingerprint": fingerprint_passages(passages),
         "n": n, "skip": skip, "depth": depth, "sample": sample, "seed": seed, "match": match,
         "existing": existing, "chunk_size": chunk_size, "num_chunks": num_chunks,
     }  # fmt: skip
@@ -253,6 +278,8 @@ def mine_hard_negatives(
         todo = todo[:max_chunks]
     if todo and retriever is None:
         retriever = DenseRetriever(model_dir, index, batch_size=batch_size)
+        index_dir = index if isinstance(index, (str, Path)) else None
+        check_passages(retriever.index, passage_src or "the passages", passages, index_dir)
     matcher = AnswerMatcher() if match == "string" else None
     t0 = time.time()
     for done, c in enumerate(todo, 1):

@@ -21,17 +21,22 @@ from dpr_jax.io import progress as progress_bar
 from dpr_jax.provenance import check_model
 from dpr_jax.retriever.encode import TowerEncoder
 
+QUESTION_MAX_LENGTH = 64  # tokens of a question (DPR's)
+
 
 class DenseRetriever:
     """Question tower + passage index. ``search(questions, k) -> (scores (Q, k), ids (Q, k))``."""
 
-    def __init__(self, model_dir: str | Path, index, batch_size: int = 64, max_length: int = 64):
+    def __init__(
+        self, model_dir: str | Path, index, batch_size: int = 64,
+        max_length: int = QUESTION_MAX_LENGTH,
+    ):  # fmt: skip
 
         index_dir = index if isinstance(index, (str, Path)) else None
         self.index = load_index(index) if index_dir is not None else index
         self.encoder = TowerEncoder(model_dir, "question", batch_size, max_length, bucket=16)
         # before any question is encoded: the index's passages came from this bi-encoder
-        check_model(self.index, self.encoder.fingerprint, model_dir, index_dir)
+        check_model(self.index, self.encoder.meta["params_sha256"], model_dir, index_dir)
 
     # questions per index call when searching: progress between calls, a multiple of the exact
     # index's default query batch (512), so its compiled batch shape is unchanged

@@ -2,8 +2,8 @@
 
 The passage index of Karpukhin et al. 2020, sec. 3.1. Reads one or more embeddings directories (``dpr-jax encode`` output), builds the chosen backend
 and saves it with its config, which includes the embeddings' ``config.json`` so that the index
-says which model made its vectors (``model_fingerprint``, a hash of its parameters) and from which
-passages. An unfinished encoding (missing chunks or shards) is refused unless ``--allow-partial``
+says which model made its vectors (``vectors_fingerprint``: parameters, model config, tokenizer,
+max length) and from which passages. An unfinished encoding (missing chunks or shards) is refused unless ``--allow-partial``
 is given, which the index config records::
 
     dpr-jax index --embeddings runs/emb --backend scann --out runs/index \

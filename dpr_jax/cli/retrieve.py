@@ -30,6 +30,7 @@ def _build_retriever(args, passages_list):
     if args.mode in ("bm25", "hybrid"):
         if args.bm25_index and Path(args.bm25_index).exists():
             sparse = BM25Retriever.load(args.bm25_index)
+            sparse.check_corpus(passages_list, args.passages, args.bm25_index)
         else:
             sparse = BM25Retriever(passages_list)
             if args.bm25_index:

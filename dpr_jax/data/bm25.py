@@ -17,7 +17,10 @@ same split: top-1/20/100 74.2/94.3/97.3% vs 73.4/94.3/97.5% with k1=1.5, b=0.75)
 
 Scores are BM25 scores (higher is better); ``search`` returns ``(scores (Q, k) float32, ids)``
 with ``ids`` a list of lists of passage-id strings, best first. Index directories hold bm25s'
-files plus ``bm25_config.json`` (options, corpus size) and ``ids.json`` (row -> passage id).
+files plus ``bm25_config.json`` (options, corpus size, ``corpus_fingerprint``: the
+:func:`dpr_jax.io.fingerprint_passages` of the indexed passages) and ``ids.json`` (row ->
+passage id). :meth:`BM25Retriever.check_corpus` refuses a passages file that is not that corpus
+(other ids, or the same ids with other titles or texts).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import dataclasses
 import json
 import logging
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,8 +37,8 @@ from typing import Any
 import numpy as np
 
 from dpr_jax.data.answers import AnswerMatcher
-from dpr_jax.errors import optional_import
-from dpr_jax.io import BM25, check_output, staged_dir
+from dpr_jax.errors import ProvenanceError, optional_import
+from dpr_jax.io import BM25, check_output, fingerprint_passages, staged_dir
 from dpr_jax.io import progress as progress_bar
 
 TOKEN_PATTERN = r"(?u)\b\w+\b"
@@ -86,6 +90,7 @@ class BM25Retriever:
         self._stop = _stopword_set(self.config.stopwords)
         self.ids: list[str] = []
         self.model = None
+        self.corpus_fingerprint: str | None = None  # of the indexed passages (ids, titles, texts)
         self.show_progress = show_progress
         if passages is not None:
             self.index(passages)
@@ -104,6 +109,7 @@ class BM25Retriever:
         self.ids = [str(p.id) for p in passages]
         if len(set(self.ids)) != len(self.ids):
             raise ValueError("passage ids must be unique for a BM25 index")
+        self.corpus_fingerprint = fingerprint_passages(passages)
         corpus_tokens = [self.tokenize(self._doc_text(p)) for p in passages]
         c = self.config
         self.model = bm25s.BM25(k1=c.k1, b=c.b, method=c.method)
@@ -112,6 +118,30 @@ class BM25Retriever:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def check_corpus(self, passages: Sequence[Any], passages_file=None, index_dir=None) -> None:
+        """Refuse ``passages`` (read from ``passages_file``) when they are not the corpus this
+        index was built from: by its ``corpus_fingerprint``, or, for an index saved by an older
+        dpr-jax without one, by its ids (with a warning that texts cannot be checked)."""
+        where = index_dir or "the BM25 index"
+        src = passages_file or "the passages"
+        fix = f"give the passages file it was built from, or delete {where} to rebuild it"
+        if self.corpus_fingerprint is not None:
+            if fingerprint_passages(passages) != self.corpus_fingerprint:
+                raise ProvenanceError(
+                    f"{src}: not the passages {where} was built from (their ids, titles or "
+                    f"texts differ); {fix}"
+                )
+            return
+        warnings.warn(
+            f"{where}: records no corpus fingerprint (saved by an older dpr-jax); only its "
+            f"passage ids can be checked against {src}",
+            stacklevel=2,
+        )
+        known = {str(p.id) for p in passages}
+        missing = next((i for i in self.ids if i not in known), None)
+        if missing is not None:
+            raise ProvenanceError(f"{src}: lacks passage id {missing!r} of {where}; {fix}")
 
     def search_rows(
         self,
@@ -167,6 +197,7 @@ class BM25Retriever:
         with staged_dir(out_dir) as tmp:  # the path never stops naming a whole index
             self.model.save(str(tmp), show_progress=False)
             cfg = {**dataclasses.asdict(self.config), "size": len(self.ids),
+                   "corpus_fingerprint": self.corpus_fingerprint,
                    "created_by": "dpr_jax.data.bm25"}  # fmt: skip
             (tmp / self.CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
             (tmp / self.IDS_FILE).write_text(json.dumps(self.ids))
@@ -186,6 +217,7 @@ class BM25Retriever:
             raise ValueError(f"{index_dir}: unreadable BM25 index ({e})") from None
         size = cfg.pop("size", None)
         cfg.pop("created_by", None)
+        corpus_fingerprint = cfg.pop("corpus_fingerprint", None)
         try:
             config = BM25Config(**cfg)
         except TypeError as e:
@@ -195,6 +227,7 @@ class BM25Retriever:
         self = cls(config=config, show_progress=show_progress)
         self.model = bm25s.BM25.load(str(index_dir), show_progress=False)
         self.ids = [str(i) for i in ids]
+        self.corpus_fingerprint = corpus_fingerprint
         return self
 
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from dpr_jax.checkpoint import load_model, load_tokenizer, resolve_model_dir
 from dpr_jax.embeddings import EmbeddingWriter
 from dpr_jax.io import EMBEDDINGS, check_output, fingerprint_passages, sha256_file
+from dpr_jax.provenance import vectors_fingerprint
 from dpr_jax.retriever.model import BiEncoder
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -56,6 +57,7 @@ class TowerEncoder:
         self.tokenizer = load_tokenizer(self.model_dir)
         self.tower = tower
         self.max_length = max_length or (64 if tower == "question" else 256)
+        self._fingerprint = None
         self.bucket = bucket
         devices = jax.local_devices()
         self.mesh = Mesh(np.array(devices), ("data",))
@@ -74,8 +76,11 @@ class TowerEncoder:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the bi-encoder's parameter bytes (the model's identity, not its path)."""
-        return self.meta["params_sha256"]
+        """What this tower computes, by content (:func:`dpr_jax.provenance.vectors_fingerprint`:
+        parameters, model config, tokenizer files, tower, max length), not its path."""
+        if self._fingerprint is None:
+            self._fingerprint = vectors_fingerprint(self.model_dir, self.tower, self.max_length)
+        return self._fingerprint
 
     @property
     def dim(self) -> int:
@@ -156,7 +161,8 @@ def encode_corpus(
     config = {
         "model_dir": str(enc.model_dir.resolve()),
         "model": enc.meta["model"],
-        "model_fingerprint": enc.fingerprint,
+        "model_fingerprint": enc.meta["params_sha256"],  # the parameters alone (older readers)
+        "vectors_fingerprint": enc.fingerprint,
         "passages_sha256": sha256_file(passages_file) if passages_file else None,
         "passages_fingerprint": fingerprint_passages(passages),
         "tower": "passage",
