@@ -47,6 +47,7 @@ from dpr_jax.io import (
     check_output,
     read_json_object,
     sha256_file,
+    writing,
 )
 from dpr_jax.io import (
     atomic_save_npy as _atomic_save_npy,
@@ -127,7 +128,8 @@ class EmbeddingWriter:
         num_chunks = self.config.get("num_chunks")
         if num_chunks is not None and (not isinstance(num_chunks, int) or num_chunks < 0):
             raise ValueError(f"config field 'num_chunks' must be an int >= 0, got {num_chunks!r}")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with writing(self.out_dir):
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temporaries()
         shared = self._shared = json.loads(json.dumps(_shared(self.config)))
         cfg_path = self.out_dir / CONFIG_JSON

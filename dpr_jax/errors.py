@@ -21,6 +21,11 @@ class UsageError(UserError):
     """A bad command-line option or value."""
 
 
+class ArgumentTypeError(UserError, TypeError):
+    """An API argument of the wrong type (one string where a list of strings is expected, None
+    where a string is): a :class:`UserError` that is also a ``TypeError``."""
+
+
 class ProvenanceError(UserError):
     """An artifact was made from another model or corpus than the one it is used with (the
     message names both)."""

@@ -20,6 +20,13 @@ Every artifact writer (model directories, embeddings, indexes, results) goes thr
   artifact's own writer records) or a non-empty directory that is no dpr-jax artifact.
 - ``fingerprint_arrays``: sha256 of a parameter tree's bytes (keys, dtypes, shapes, values), the
   identity of a model independent of where it is stored.
+- ``writing(path)``: a disk that is full, a read-only file system or a path without permission,
+  met while writing ``path``, is one :class:`OutputWriteError` (a user error: one line, exit 2)
+  naming ``path``; every atomic writer above uses it, and since they write to temporaries
+  nothing partial is left and what ``path`` held before is intact.
+- ``workdir_lock(dir)``: one run at a time in a directory: an ``fcntl`` lock on ``dir/LOCK``,
+  which holds the holder's pid and host; a second run is refused naming them; the lock of a
+  process that died is released by the kernel and taken over.
 - ``progress`` / ``note``: the one way a long phase reports itself: a bar (items/s) or a line
   on stderr, silent when not ``enabled`` (the commands' ``--quiet``); stdout stays for results.
 """
@@ -29,12 +36,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import datetime
 import errno
 import gzip
 import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -97,6 +106,136 @@ def fingerprint_passages(passages: Iterable) -> str:
     return h.hexdigest()
 
 
+# -- environment faults ---------------------------------------------------------------------------
+
+
+class OutputWriteError(UserError):
+    """Writing an output failed because of its environment: no space left, a read-only file
+    system, no permission. Nothing partial was left; what the path held before is intact."""
+
+    path: Path | None = None  # the output it names
+    errno: int | None = None
+
+
+_FAULTS = {
+    errno.ENOSPC: ("no space left on the device", "free some space or write elsewhere"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or write elsewhere"),
+    errno.EFBIG: ("file too large for the file system", "write elsewhere"),
+    errno.EROFS: ("read-only file system", "choose a path on a writable file system"),
+    errno.EACCES: ("permission denied", "choose a path you may write, or fix its permissions"),
+    errno.EPERM: ("operation not permitted", "choose a path you may write"),
+}
+_DENIED = (errno.EACCES, errno.EPERM)
+
+
+def _concerns(filename, own: tuple[Path, ...]) -> bool:
+    """True when an OSError about ``filename`` is about one of the paths being written (or a
+    directory above one of them): a permission error while reading an input is not."""
+    if filename is None:
+        return True
+    f = Path(os.fsdecode(filename)).absolute()
+    return any(_is_within(f, o) or _is_within(o, f) for o in own)
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, *also: str | Path) -> Iterator[None]:
+    """Turn an environment fault met while writing ``path`` (or its temporaries ``also``) into
+    one :class:`OutputWriteError` naming ``path``: a full disk or quota, a read-only file
+    system, a permission refused on the output. Any other error passes unchanged."""
+    own = tuple(Path(p).absolute() for p in (path, *also))
+    try:
+        yield
+    except OutputWriteError as e:
+        temporaries = own[1:]
+        if e.path is None or not _concerns(e.path, temporaries) or not temporaries:
+            raise
+        raise _write_error(path, e.errno, e.__cause__) from e.__cause__  # the user's path
+    except OSError as e:
+        fault = _FAULTS.get(e.errno)
+        if fault is None or (e.errno in _DENIED and not _concerns(e.filename, own)):
+            raise
+        raise _write_error(path, e.errno, e) from e
+
+
+def _write_error(path, code: int, cause) -> OutputWriteError:
+    reason, hint = _FAULTS[code]
+    kept = "what it held before is intact" if Path(path).exists() else "nothing was written"
+    err = OutputWriteError(
+        f"{path}: cannot write it ({reason}); {hint}. No partial output was left and {kept}"
+    )
+    err.path, err.errno = Path(path), code
+    return err
+
+
+# -- one run at a time ----------------------------------------------------------------------------
+
+LOCK = "dpr_jax.lock"
+
+
+class DirectoryBusyError(UserError):
+    """Another live process holds the directory's lock (the message names its pid and host)."""
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+@contextlib.contextmanager
+def workdir_lock(directory: str | Path, what: str = "directory") -> Iterator[Path]:
+    """Hold ``directory/LOCK`` while the block runs; :class:`DirectoryBusyError` when another
+    live process holds it. The lock is an ``fcntl.flock`` (released by the kernel when its
+    holder dies, however it dies); the file holds the holder's pid, host and start time, for the
+    message. Where the file system has no locks, a lock file whose pid is alive on this host
+    refuses, and one of a dead pid is taken over."""
+    import fcntl
+
+    directory = Path(directory)
+    path = directory / LOCK
+    with writing(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            holder = _small_json(path) or {}
+            raise DirectoryBusyError(
+                f"{directory}: this {what} is in use by another run (pid {holder.get('pid', '?')}"
+                f" on {holder.get('host', '?')}, since {holder.get('started', '?')}; lock "
+                f"{path}); wait for it to end, or choose another {what}"
+            ) from None
+        except OSError:  # no locks on this file system: the pid in the file decides
+            locked = False
+            holder = _small_json(path) or {}
+            if holder.get("host") == socket.gethostname() and _pid_alive(holder.get("pid")):
+                if holder.get("pid") != os.getpid():
+                    raise DirectoryBusyError(
+                        f"{directory}: this {what} is in use by another run (pid "
+                        f"{holder['pid']}, lock {path}); wait for it to end, or choose another "
+                        f"{what}"
+                    ) from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+        with writing(path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        try:
+            yield path
+        finally:
+            if not locked:
+                path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)  # releases the flock
+
+
 # -- atomic files ---------------------------------------------------------------------------------
 
 
@@ -108,11 +247,11 @@ def _atomic(path: str | Path, write) -> Path:
     path = Path(path)
     tmp = _tmp_name(path)
     try:
-        with open(tmp, "wb") as f:
+        with writing(path, tmp), open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -130,21 +269,22 @@ def atomic_open(path: str | Path, newline: str | None = None) -> Iterator[IO[str
     is renamed over ``path`` only when the ``with`` block finishes without an exception.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        if path.suffix == ".gz":
-            with gzip.open(tmp, "wt", encoding="utf-8", newline=newline) as f:
-                yield f
-        else:
-            with open(tmp, "x", encoding="utf-8", newline=newline) as f:
-                yield f
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        with writing(path, tmp):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.suffix == ".gz":
+                with gzip.open(tmp, "wt", encoding="utf-8", newline=newline) as f:
+                    yield f
+            else:
+                with open(tmp, "x", encoding="utf-8", newline=newline) as f:
+                    yield f
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -272,13 +412,15 @@ def staged_dir(dest: str | Path) -> Iterator[Path]:
     """Write a directory artifact whole or not at all: yields a new sibling of ``dest`` to fill;
     when the block ends normally it replaces ``dest`` (:func:`replace_dir`), when it raises (or
     is interrupted) it is deleted and ``dest`` is left as it was."""
-    tmp = temp_dir_for(dest)
-    try:
-        yield tmp
-        replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writing(dest):
+        tmp = temp_dir_for(dest)
+        try:
+            with writing(dest, tmp):
+                yield tmp
+                replace_dir(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def _is_within(path: Path, root: Path) -> bool:
@@ -364,7 +506,7 @@ def artifact_kind(path: str | Path) -> tuple[str, Path] | None:
             return EMBEDDINGS, shard or d / "config.json"
         if config.get("created_by") == "dpr_jax.data.squad.prepare_squad":
             return SQUAD_DATA, d / "config.json"
-    for rel in ("metrics.jsonl", "checkpoints", "model/dpr_jax_model.json"):
+    for rel in ("metrics.jsonl", "checkpoints", "model/dpr_jax_model.json", LOCK):
         if (d / rel).exists():
             return WORKDIR, d / rel
     return None

@@ -51,7 +51,7 @@ from dpr_jax.data.formats import (
     read_passages_tsv,
     write_biencoder,
 )
-from dpr_jax.errors import UserError
+from dpr_jax.errors import Interrupted, UserError
 from dpr_jax.evaluate import AnswerMatcher, has_answer
 from dpr_jax.io import (
     FILE,
@@ -253,6 +253,11 @@ def mine_hard_negatives(
     out = check_output(out, FILE, inputs)
     check_output_path(parts_dir(out), inputs, what="--out's parts directory")
     examples, stats = read_biencoder(biencoder)
+    if not examples:  # an empty output would pass for a mined file
+        raise UserError(
+            f"{biencoder}: no usable records ({stats.records} read, {stats.skipped_no_positive} "
+            "without positive_ctxs); nothing to mine, nothing written"
+        )
     num_chunks = -(-len(examples) // chunk_size)
     passage_src = str(passages) if isinstance(passages, (str, Path)) else None
     if passage_src is not None:
@@ -282,32 +287,41 @@ def mine_hard_negatives(
         check_passages(retriever.index, passage_src or "the passages", passages, index_dir)
     matcher = AnswerMatcher() if match == "string" else None
     t0 = time.time()
-    for done, c in enumerate(todo, 1):
-        lo, hi = c * chunk_size, min(len(examples), (c + 1) * chunk_size)
-        chunk = examples[lo:hi]
-        kw = {"progress": True} if progress else {}  # bars per batch; any retriever works
-        scores, ids = retriever.search([e.question for e in chunk], depth, **kw)
-        counts = dict.fromkeys(_COUNTS, 0)
-        counts["questions"] = len(chunk)
-        mined = []
-        for j, ex in enumerate(chunk):
-            ranked = []
-            for pid, s in zip(ids[j], scores[j]):
-                pid = str(pid)
-                if pid not in by_id:
-                    raise ValueError(
-                        f"passage id {pid!r} from the index is not in the passages "
-                        f"({passage_src or 'given list'}): index and passages do not match"
-                    )
-                ranked.append((pid, float(s)))
-            rng = np.random.default_rng([seed, lo + j])  # depends on the question alone
-            negs = select_negatives(ranked, ex, by_id, n, skip, sample, rng, match, matcher, counts)
-            mined.append(_with_negatives(ex, negs, existing))
-        atomic_write_text(_stats_path(parts, c), json.dumps(counts) + "\n")
-        write_biencoder(_chunk_path(parts, c), mined)  # last: marks the chunk done
-        note(f"dpr-jax mine: shard {shard}/{num_shards}: chunk {c} ({done}/{len(todo)}), "
-             f"{counts['mined'] / max(1, len(chunk)):.1f} negatives/question, "
-             f"{time.time() - t0:.0f}s", progress)  # fmt: skip
+    try:  # each chunk is written atomically as it finishes
+        for done, c in enumerate(todo, 1):
+            lo, hi = c * chunk_size, min(len(examples), (c + 1) * chunk_size)
+            chunk = examples[lo:hi]
+            kw = {"progress": True} if progress else {}  # bars per batch; any retriever works
+            scores, ids = retriever.search([e.question for e in chunk], depth, **kw)
+            counts = dict.fromkeys(_COUNTS, 0)
+            counts["questions"] = len(chunk)
+            mined = []
+            for j, ex in enumerate(chunk):
+                ranked = []
+                for pid, s in zip(ids[j], scores[j]):
+                    pid = str(pid)
+                    if pid not in by_id:
+                        raise ValueError(
+                            f"passage id {pid!r} from the index is not in the passages "
+                            f"({passage_src or 'given list'}): index and passages do not match"
+                        )
+                    ranked.append((pid, float(s)))
+                rng = np.random.default_rng([seed, lo + j])  # depends on the question alone
+                negs = select_negatives(
+                    ranked, ex, by_id, n, skip, sample, rng, match, matcher, counts
+                )
+                mined.append(_with_negatives(ex, negs, existing))
+            atomic_write_text(_stats_path(parts, c), json.dumps(counts) + "\n")
+            write_biencoder(_chunk_path(parts, c), mined)  # last: marks the chunk done
+            note(f"dpr-jax mine: shard {shard}/{num_shards}: chunk {c} ({done}/{len(todo)}), "
+                 f"{counts['mined'] / max(1, len(chunk)):.1f} negatives/question, "
+                 f"{time.time() - t0:.0f}s", progress)  # fmt: skip
+    except KeyboardInterrupt:
+        kept = sum(_chunk_path(parts, c).is_file() for c in range(num_chunks))
+        raise Interrupted(
+            f"{kept} of {num_chunks} chunks are finished and kept in {parts}; rerun the same "
+            "command to resume"
+        ) from None
     if all(_chunk_path(parts, c).is_file() for c in range(num_chunks)):
         return merge_parts(out)
     return None

@@ -16,6 +16,7 @@ import numpy as np
 
 from dpr_jax import hybrid
 from dpr_jax.data.answers import AnswerMatcher, has_answer
+from dpr_jax.data.questions import question_texts
 from dpr_jax.index import load_index
 from dpr_jax.io import progress as progress_bar
 from dpr_jax.provenance import check_model
@@ -43,7 +44,7 @@ class DenseRetriever:
     SEARCH_CHUNK = 1024
 
     def encode(self, questions: Sequence[str], progress: bool = False) -> np.ndarray:
-        questions = list(questions)
+        questions = question_texts(questions)
         bar = progress_bar(total=len(questions), desc="encode questions", unit="q",
                            enabled=progress)  # fmt: skip
         with bar:
@@ -81,6 +82,7 @@ class HybridRetriever:
         corpus BM25 returns every passage, so the fused lists are never padded. ``progress``:
         each retriever's bars on stderr."""
 
+        questions = question_texts(questions)
         ids = getattr(self.sparse, "ids", None)
         k = min(k, len(ids)) if ids is not None and len(ids) else k
         depth = max(k, self.depth)

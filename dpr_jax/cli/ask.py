@@ -9,7 +9,7 @@ import sys
 import time
 
 from dpr_jax.cli.errors import command_parser
-from dpr_jax.cli.options import add_quiet
+from dpr_jax.cli.options import POSITIVE, add_quiet, refuse_together
 from dpr_jax.data.answers import exact_match_score, f1_score
 from dpr_jax.data.questions import is_tfds_spec, read_questions
 from dpr_jax.io import FILE, check_output
@@ -30,12 +30,16 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--index", required=True, help="index dir (dpr-jax index)")
     ap.add_argument("--passages", required=True, help="passages TSV of the index")
     ap.add_argument("--reader", required=True, help="reader model dir")
-    ap.add_argument("--k", type=int, default=50, help="passages given to the reader")
-    ap.add_argument("--max-answer-length", type=int, default=10)
+    ap.add_argument("--k", type=POSITIVE, default=50, help="passages given to the reader")
+    ap.add_argument("--max-answer-length", type=POSITIVE, default=10)
     add_quiet(ap)
     args = ap.parse_args(argv)
     if not args.question and not args.questions:
         ap.error("give a question or --questions FILE|tfds:NAME/SPLIT")
+    args.__dict__["<question>"] = args.question
+    refuse_together(ap, args, ("<question>", "questions"))
+    if args.out and not args.questions:
+        ap.error("--out writes the predictions of --questions; one question is answered on stdout")
     if args.out:
         questions_file = None if is_tfds_spec(args.questions or "") else args.questions
         inputs = [questions_file, args.retriever, args.index, args.passages, args.reader]

@@ -12,6 +12,7 @@ import sys
 
 from dpr_jax.checkpoint import read_model_meta
 from dpr_jax.cli.errors import command_parser
+from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE
 from dpr_jax.convert import EXPORT_FORMATS, convert_from_dpr, convert_from_hf, convert_to_hf
 
 
@@ -40,10 +41,10 @@ def cli_main(argv: list[str] | None = None) -> int:
     g.add_argument("--tokenizer", help="tokenizer directory or hub id: for --from-hf when SRC has "
                    "no tokenizer files; for --from-dpr always (e.g. bert-base-uncased)")  # fmt: skip
     g.add_argument(
-        "--seed", type=int, default=0, help="init of fresh reader heads (BERT -> reader)"
+        "--seed", type=NON_NEGATIVE, default=0, help="init of fresh reader heads (BERT -> reader)"
     )
     g = ap.add_argument_group("--from-dpr")
-    g.add_argument("--heads", type=int, default=None,
+    g.add_argument("--heads", type=POSITIVE, default=None,
                    help="attention heads of the BERT (default: from the checkpoint's "
                    "pretrained_model_cfg when it names bert-base-* or bert-large-*)")  # fmt: skip
     g = ap.add_argument_group("--to-hf")

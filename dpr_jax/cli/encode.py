@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from dpr_jax.cli.errors import command_parser
+from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE
 from dpr_jax.data.formats import read_passages_tsv
 from dpr_jax.data.questions import is_tfds_spec, read_questions
 from dpr_jax.data.squad import load_squad, squad_passages
@@ -36,10 +37,12 @@ def cli_main(argv: list[str] | None = None) -> int:
                       "encoded with the question tower into one float32 .npy, --out Q.npy")  # fmt: skip
     ap.add_argument("--out", required=True, help="output directory (a .npy file for --questions)")
     ap.add_argument("--shard", default="0/1", help="i/n: encode the i-th of n contiguous shards")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--bucket", type=int, default=32, help="pad to a multiple of this (0: off)")
-    ap.add_argument("--chunk-size", type=int, default=8192, help="passages per resumable chunk")
+    ap.add_argument("--batch-size", type=POSITIVE, default=64)
+    ap.add_argument("--max-length", type=POSITIVE, default=256)
+    ap.add_argument("--bucket", type=NON_NEGATIVE, default=32,
+                    help="pad to a multiple of this (0: off)")  # fmt: skip
+    ap.add_argument("--chunk-size", type=POSITIVE, default=8192,
+                    help="passages per resumable chunk")  # fmt: skip
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     ap.add_argument("--compute-dtype", default="float32", choices=sorted(DTYPES))
     args = ap.parse_args(argv)

@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 from dpr_jax.cli.errors import command_parser
-from dpr_jax.cli.options import add_quiet
+from dpr_jax.cli.options import POSITIVE, add_quiet, number
 from dpr_jax.embeddings import check_complete, load_embeddings
+from dpr_jax.errors import Interrupted
 from dpr_jax.index.base import BACKENDS, index_class
 from dpr_jax.index.tune import tune
 from dpr_jax.io import INDEX, check_output, note
@@ -55,26 +57,26 @@ def cli_main(argv: list[str] | None = None) -> int:
                     "there is replaced atomically; anything else is refused)")  # fmt: skip
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="backend option, repeatable (e.g. num_leaves=2000, ef_search=256)")  # fmt: skip
-    ap.add_argument("--threads", type=int, default=None,
+    ap.add_argument("--threads", type=POSITIVE, default=None,
                     help="build/search threads for ScaNN and FAISS (default: all cores)")  # fmt: skip
     ap.add_argument("--allow-partial", action="store_true",
                     help="index an unfinished encoding (missing chunks or shards); recorded in "
                     "the index config")  # fmt: skip
     ap.add_argument("--no-verify", action="store_true",
                     help="skip the sha256 check of the embedding chunks (sizes are still checked)")  # fmt: skip
-    ap.add_argument("--target-recall", type=float, default=None, metavar="R",
+    ap.add_argument("--target-recall", type=number(float, 0, 1, lo_open=True), default=None, metavar="R",
                     help="tune the search knobs: fastest setting with recall@k >= R (0 < R <= 1)")  # fmt: skip
     ap.add_argument("--tune-queries", default=None, metavar="Q.npy",
                     help="query vectors (Q, dim) float .npy for --target-recall")  # fmt: skip
-    ap.add_argument("--tune-k", type=int, default=10, help="k of the tuned recall@k (default 10)")
+    ap.add_argument(
+        "--tune-k", type=POSITIVE, default=10, help="k of the tuned recall@k (default 10)"
+    )
     add_quiet(ap)
     args = ap.parse_args(argv)
     if (args.target_recall is None) != (args.tune_queries is None):
         ap.error("--target-recall and --tune-queries go together")
     if args.target_recall is not None and not 0 < args.target_recall <= 1:
         ap.error(f"--target-recall must be in (0, 1], got {args.target_recall}")
-    if args.tune_k < 1:
-        ap.error(f"--tune-k must be >= 1, got {args.tune_k}")
 
     try:
         options = dict(parse_option(o) for o in args.option)
@@ -90,6 +92,18 @@ def cli_main(argv: list[str] | None = None) -> int:
     index = cls(**options)  # every option checked against its allowed range before any work
 
     check_output(args.out, INDEX, [*args.embeddings, args.tune_queries])
+    existed = Path(args.out).exists()
+    try:
+        return _build_and_save(args, index)
+    except KeyboardInterrupt:  # an index is saved whole or not at all
+        was = "is as it was" if existed else "was not created"
+        raise Interrupted(
+            f"no index was written: {args.out} {was}; the embeddings are untouched"
+        ) from None
+
+
+def _build_and_save(args, index) -> int:
+    """Load the embeddings, build, tune and save the index (``index`` checked, not built)."""
     provenance = index_meta_for_embeddings(args.embeddings)  # a mismatch fails before loading
     partial = [line for d in args.embeddings for line in check_complete(d)]
     t0 = time.time()

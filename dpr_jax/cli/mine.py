@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from dpr_jax.cli.errors import command_parser
-from dpr_jax.cli.options import add_quiet
+from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE, add_quiet
 from dpr_jax.data.answers import MATCH_TYPES
 from dpr_jax.mine import EXISTING, merge_parts, mine_hard_negatives
 
@@ -21,19 +21,21 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="bi-encoder model directory (or training workdir)")
     ap.add_argument("--index", help="index directory (`dpr-jax index`) of the passages")
     ap.add_argument("--passages", help="passages TSV the index was built from")
-    ap.add_argument("--n", type=int, default=30, help="hard negatives per question")
-    ap.add_argument("--skip", type=int, default=0,
+    ap.add_argument("--n", type=POSITIVE, default=30, help="hard negatives per question")
+    ap.add_argument("--skip", type=NON_NEGATIVE, default=0,
                     help="leave out the first S candidates (after exclusion)")  # fmt: skip
-    ap.add_argument("--depth", type=int, default=100, help="passages retrieved per question")
+    ap.add_argument("--depth", type=POSITIVE, default=100, help="passages retrieved per question")
     ap.add_argument("--sample", action="store_true",
                     help="draw N from all candidates after --skip instead of the top N")  # fmt: skip
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=NON_NEGATIVE, default=0)
     ap.add_argument("--match", default="string", choices=MATCH_TYPES)
     ap.add_argument("--existing", default="drop", choices=EXISTING,
                     help="the input's hard negatives: drop, or append after the mined ones")  # fmt: skip
     ap.add_argument("--shard", default="0/1", help="i/n: the i-th of n contiguous chunk ranges")
-    ap.add_argument("--chunk-size", type=int, default=1000, help="questions per resumable chunk")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument(
+        "--chunk-size", type=POSITIVE, default=1000, help="questions per resumable chunk"
+    )
+    ap.add_argument("--batch-size", type=POSITIVE, default=64)
     ap.add_argument("--merge-only", action="store_true",
                     help="write --out from finished parts (after all shards ran)")  # fmt: skip
     add_quiet(ap)

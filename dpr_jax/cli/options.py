@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from dpr_jax.cli.errors import Parser
 from dpr_jax.parallel import initialize_distributed
@@ -19,6 +20,54 @@ def parse_ks(text: str) -> list[int]:
     if not ks or min(ks) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return ks
+
+
+def number(kind: type = int, lo: float | None = None, hi: float | None = None,
+           lo_open: bool = False, hi_open: bool = False):  # fmt: skip
+    """An argparse ``type=``: a finite ``kind`` (int or float) in the range ``[lo, hi]`` (``(lo``
+    / ``hi)`` when open). A bad value is one line naming the option, exit 2 (``argument --k:
+    expected an integer >= 1, got '0'``); NaN and infinities are refused."""
+    noun = "an integer" if kind is int else "a number"
+    bounds = []
+    if lo is not None:
+        bounds.append(f"{'>' if lo_open else '>='} {lo}")
+    if hi is not None:
+        bounds.append(f"{'<' if hi_open else '<='} {hi}")
+    want = f"{noun} {' and '.join(bounds)}".strip()
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if lo is not None and (value < lo or (lo_open and value == lo)):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        if hi is not None and (value > hi or (hi_open and value == hi)):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+POSITIVE = number(int, 1)  # counts and sizes: --k, --batch-size, --max-length, --limit ...
+NON_NEGATIVE = number(int, 0)  # seeds, --skip, counts where 0 means none
+FRACTION = number(float, 0.0, 1.0, hi_open=True)  # [0, 1): --val-fraction
+
+
+def refuse_together(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                    *pairs: tuple[str, str]) -> None:  # fmt: skip
+    """Refuse options given together that exclude each other (one line, exit 2): each pair is
+    ``(dest_a, dest_b)``; an option counts as given when it is not None (nor False)."""
+    for a, b in pairs:
+        if getattr(args, a) not in (None, False) and getattr(args, b) not in (None, False):
+            parser.error(f"{_flag(a)} and {_flag(b)} exclude each other: give one of them")
+
+
+def _flag(dest: str) -> str:
+    return dest if dest.startswith("<") else "--" + dest.replace("_", "-")
 
 
 def add_quiet(parser: argparse.ArgumentParser) -> None:
@@ -40,8 +89,8 @@ def training_parser(prog: str, description: str) -> Parser:
                    help="override a config field (repeatable), e.g. --set num_steps=100")  # fmt: skip
     g = p.add_argument_group("multi-host (jax.distributed)")
     g.add_argument("--coordinator", help="host:port of process 0")
-    g.add_argument("--num-processes", type=int)
-    g.add_argument("--process-id", type=int)
+    g.add_argument("--num-processes", type=POSITIVE)
+    g.add_argument("--process-id", type=NON_NEGATIVE)
     p.add_argument("--print-config", action="store_true", help="print the config and exit")
     return p
 

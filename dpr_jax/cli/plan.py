@@ -11,6 +11,7 @@ import argparse
 import json
 
 from dpr_jax.cli.errors import command_parser
+from dpr_jax.cli.options import POSITIVE
 from dpr_jax.io import FILE, atomic_write_text, check_output
 from dpr_jax.plan import TOPOLOGY_EXAMPLES, run
 
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "machine's own devices, compiled and also run (--measure times)")  # fmt: skip
     p.add_argument(
         "--measure",
-        type=int,
+        type=POSITIVE,
         default=3,
         help="--topology local: time this many steps (after one warm-up)",
     )
@@ -31,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field (repeatable), e.g. --set batch_size=4096")  # fmt: skip
     p.add_argument("--fit", action="store_true",
                    help="search grad_cache_chunk / remat / fsdp for the cheapest setting that fits")  # fmt: skip
-    p.add_argument("--max-compiles", type=int, default=4, help="--fit: compile at most this many")
+    p.add_argument(
+        "--max-compiles", type=POSITIVE, default=4, help="--fit: compile at most this many"
+    )
     p.add_argument("--json", metavar="OUT", help="write the result as JSON")
     return p
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from dpr_jax.cli.errors import command_parser
-from dpr_jax.cli.options import add_quiet
+from dpr_jax.cli.options import FRACTION, NON_NEGATIVE, POSITIVE, add_quiet
 from dpr_jax.data.squad import CHUNKINGS, prepare_squad
 
 
@@ -18,12 +18,18 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--squad", help="SQuAD v1.1 JSON (default: $DPR_JAX_SQUAD, "
                     "$DPR_JAX_DATA/squad/train-v1.1.json, the cache, else download)")  # fmt: skip
     ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--val-fraction", type=float, default=0.1, help="fraction of articles for dev")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the article split")
-    ap.add_argument("--hard-negatives", type=int, default=10, help="BM25 negatives kept/question")
-    ap.add_argument("--bm25-depth", type=int, default=50, help="BM25 results searched for them")
-    ap.add_argument("--max-articles", type=int, help="use only the first N articles")
-    ap.add_argument("--words", type=int, default=100, help="max words per passage")
+    ap.add_argument(
+        "--val-fraction", type=FRACTION, default=0.1, help="fraction of articles for dev"
+    )
+    ap.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the article split")
+    ap.add_argument(
+        "--hard-negatives", type=NON_NEGATIVE, default=10, help="BM25 negatives kept/question"
+    )
+    ap.add_argument(
+        "--bm25-depth", type=POSITIVE, default=50, help="BM25 results searched for them"
+    )
+    ap.add_argument("--max-articles", type=POSITIVE, help="use only the first N articles")
+    ap.add_argument("--words", type=POSITIVE, default=100, help="max words per passage")
     ap.add_argument("--chunking", default="balanced", choices=list(CHUNKINGS))
     ap.add_argument("--positive", default="skip", choices=["skip", "answer_start"],
                     help="when no chunk has the answer tokens: skip the question, or use the "

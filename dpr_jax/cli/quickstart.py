@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dpr_jax.cli.errors import Parser, command_parser
-from dpr_jax.cli.options import add_quiet
+from dpr_jax.cli.options import FRACTION, NON_NEGATIVE, POSITIVE, add_quiet
 from dpr_jax.data.answers import exact_match_score, f1_score
 from dpr_jax.data.bm25 import BM25Retriever
 from dpr_jax.data.formats import squad_questions, write_passages_tsv, write_retrieval_results
@@ -138,19 +138,22 @@ def _parser() -> Parser:
     ap.add_argument(
         "--retriever", help="a trained bi-encoder model dir (default: zero-shot MiniLM)"
     )
-    ap.add_argument("--val-fraction", type=float, default=0.1)
+    ap.add_argument("--val-fraction", type=FRACTION, default=0.1)
     ap.add_argument(
-        "--max-articles", type=int, default=8, help="validation articles used as corpus (0: all)"
+        "--max-articles",
+        type=NON_NEGATIVE,
+        default=8,
+        help="validation articles used as corpus (0: all)",
     )
-    ap.add_argument("--max-questions", type=int, default=500, help="0: every question")
+    ap.add_argument("--max-questions", type=NON_NEGATIVE, default=500, help="0: every question")
     ap.add_argument("--chunking", choices=CHUNKINGS, default="balanced",
                     help="how paragraphs are cut into ~100-word passages: balanced chunks, or "
                     "DPR's fixed 100-word windows with short tails")  # fmt: skip
-    ap.add_argument("--reader-steps", type=int, default=150)
+    ap.add_argument("--reader-steps", type=POSITIVE, default=150)
     ap.add_argument("--reader", help="a trained reader model dir (skips reader training)")
     ap.add_argument("--no-reader", action="store_true", help="stop after retrieval")
-    ap.add_argument("--k", type=int, default=100)
-    ap.add_argument("--examples", type=int, default=5, help="example answers to print")
+    ap.add_argument("--k", type=POSITIVE, default=100)
+    ap.add_argument("--examples", type=NON_NEGATIVE, default=5, help="example answers to print")
     add_quiet(ap)
     return ap
 

@@ -10,7 +10,7 @@ import json
 import sys
 
 from dpr_jax.cli.errors import command_parser
-from dpr_jax.cli.options import add_quiet, parse_ks
+from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE, add_quiet, parse_ks
 from dpr_jax.errors import UserError
 from dpr_jax.io import FILE, check_output
 from dpr_jax.reader.data import FORMATS, read_reader_examples, sample_examples
@@ -40,14 +40,14 @@ def cli_main(argv: list[str] | None = None) -> int:
         default=list(DEFAULT_TOP_K),
         help="numbers of retrieved passages to read, e.g. 1,10,50",
     )
-    ap.add_argument("--max-answer-length", type=int, default=10)
-    ap.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
-    ap.add_argument("--limit", type=int, default=0, help="only the first N questions")
+    ap.add_argument("--max-answer-length", type=POSITIVE, default=10)
+    ap.add_argument("--batch-size", type=POSITIVE, default=32, help="sequences per forward pass")
+    ap.add_argument("--limit", type=POSITIVE, default=None, help="only the first N questions")
     ap.add_argument(
-        "--sample", type=int, default=0,
+        "--sample", type=POSITIVE, default=None,
         help="a seeded random sample of N questions (files list questions by article)",
     )  # fmt: skip
-    ap.add_argument("--seed", type=int, default=0, help="seed of --sample")
+    ap.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of --sample")
     ap.add_argument("--out", help="write DPR reader-predictions JSON here")
     add_quiet(ap)
     args = ap.parse_args(argv)  # fmt: skip

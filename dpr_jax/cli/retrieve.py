@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dpr_jax import __version__
 from dpr_jax.cli.errors import command_parser
-from dpr_jax.cli.options import add_quiet
+from dpr_jax.cli.options import POSITIVE, add_quiet, number
 from dpr_jax.data.bm25 import BM25Retriever
 from dpr_jax.data.formats import read_passages_tsv, write_retrieval_results
 from dpr_jax.data.questions import describe, is_tfds_spec, read_questions
@@ -53,12 +53,21 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--index", help="index dir from `dpr-jax index` (dense, hybrid)")
     ap.add_argument("--bm25-index", help="BM25 index dir (built from --passages and saved here "
                     "if it does not exist)")  # fmt: skip
-    ap.add_argument("--fusion", default="linear", choices=["linear", "rrf"])
-    ap.add_argument("--alpha", type=float, default=1.0, help="linear fusion weight of BM25")
-    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--fusion", choices=["linear", "rrf"], help="hybrid: linear (default) or rrf")
+    ap.add_argument("--alpha", type=number(float, 0), default=None,
+                    help="hybrid, linear fusion: weight of BM25 (default 1)")  # fmt: skip
+    ap.add_argument("--k", type=POSITIVE, default=100)
     ap.add_argument("--match", default="string", choices=["string", "regex"])
     add_quiet(ap)
     args = ap.parse_args(argv)
+    if args.mode != "hybrid" and (args.fusion is not None or args.alpha is not None):
+        ap.error(f"--fusion and --alpha apply to --mode hybrid, not {args.mode}")
+    if args.mode == "dense" and args.bm25_index:
+        ap.error("--bm25-index applies to --mode bm25 and hybrid, not dense")
+    if args.fusion == "rrf" and args.alpha is not None:
+        ap.error("--alpha weighs the linear fusion; --fusion rrf has no weight")
+    args.fusion = args.fusion or "linear"
+    args.alpha = 1.0 if args.alpha is None else args.alpha
     questions_file = None if is_tfds_spec(args.questions) else args.questions
     inputs = [questions_file, args.passages, args.model, args.index]
     check_output(args.out, FILE, [*inputs, args.bm25_index])
@@ -71,8 +80,11 @@ def cli_main(argv: list[str] | None = None) -> int:
     if not questions:
         raise ValueError(f"{args.questions}: no questions (empty)")
     retriever = _build_retriever(args, passages_list)
-    dense = retriever.dense if isinstance(retriever, HybridRetriever) else retriever
-    if isinstance(dense, DenseRetriever):
+    hybrid = isinstance(retriever, HybridRetriever)
+    dense = retriever.dense if hybrid else retriever
+    sparse = retriever.sparse if hybrid else retriever
+    dense = dense if isinstance(dense, DenseRetriever) else None
+    if dense is not None:
         check_passages(dense.index, args.passages, passages_list, args.index)
     t0 = time.time()
     scores, ids = retriever.search([q.question for q in questions], args.k,
@@ -84,6 +96,9 @@ def cli_main(argv: list[str] | None = None) -> int:
         "mode": args.mode,
         "model": args.model and str(Path(args.model).absolute()),
         "index": args.index and str(Path(args.index).absolute()),
+        # what computed the passage vectors (and, checked above, the question's model)
+        "vectors_fingerprint": dense.index.meta.get("vectors_fingerprint") if dense else None,
+        "bm25_corpus_fingerprint": getattr(sparse, "corpus_fingerprint", None),
         "questions": describe(args.questions),
         "passages": str(Path(args.passages).absolute()),
         "bm25_index": args.bm25_index,

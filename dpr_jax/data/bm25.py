@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from dpr_jax.data.answers import AnswerMatcher
+from dpr_jax.data.questions import question_texts
 from dpr_jax.errors import ProvenanceError, optional_import
 from dpr_jax.io import BM25, check_output, fingerprint_passages, staged_dir
 from dpr_jax.io import progress as progress_bar
@@ -159,8 +160,7 @@ class BM25Retriever:
         """
         if self.model is None:
             raise RuntimeError("BM25 index is empty: call index() or load() first")
-        if isinstance(questions, str):
-            raise TypeError("questions must be a list of strings")
+        questions = question_texts(questions)
         if int(k) < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         k = min(int(k), len(self.ids))

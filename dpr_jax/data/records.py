@@ -42,7 +42,7 @@ from dpr_jax.data.formats import (
     _ctx_list,
     open_text,
 )
-from dpr_jax.errors import optional_import
+from dpr_jax.errors import UserError, optional_import
 from dpr_jax.io import RECORD_DIR, check_output, read_json_object, staged_dir
 
 FORMAT = "dpr-jax-biencoder-records"
@@ -201,6 +201,11 @@ def convert_biencoder(src: str | Path, out_dir: str | Path, overwrite: bool = Fa
             kept += 1
         w_rec.close()
         w_pos.close()
+        if not kept:  # refused inside the staged directory: nothing is written
+            raise UserError(
+                f"{src}: no usable records ({records} read, {skipped} without positive_ctxs); "
+                "an empty record directory would train on nothing, nothing written"
+            )
         meta = {
             "format": FORMAT,
             "version": VERSION,

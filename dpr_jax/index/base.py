@@ -202,7 +202,16 @@ class Index(abc.ABC):
         if bad.any():
             r = int(np.argmax(bad))
             raise ValueError(f"embedding row {r} (id {str(ids[r])!r}) is not finite")
-        self.ids = ids.astype(str)
+        str_ids = ids.astype(str)
+        uniq, counts = np.unique(str_ids, return_counts=True)
+        if len(uniq) != len(str_ids):
+            dup = int(np.argmax(counts > 1))
+            rows = np.flatnonzero(str_ids == uniq[dup])[:2].tolist()
+            raise UserError(
+                f"ids: {str(uniq[dup])!r} appears {int(counts[dup])} times (rows {rows[0]} and "
+                f"{rows[1]}); an index maps each passage id to one vector: give unique ids"
+            )
+        self.ids = str_ids
         self.dim = int(emb.shape[1])
         self._build(emb)
         return self
@@ -242,6 +251,12 @@ class Index(abc.ABC):
             raise ValueError(f"queries must be (Q, {self.dim}), got shape {np.shape(queries)}")
         if q.dtype.kind != "f":
             raise ValueError(f"queries must be floating point, got {q.dtype}")
+        bad = ~np.isfinite(q).all(axis=1)
+        if bad.any():
+            raise UserError(
+                f"queries: row {int(np.argmax(bad))} is not finite (NaN or infinity): its scores "
+                "would be NaN and its order arbitrary"
+            )
         if int(k) < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         k = min(int(k), self.size)
@@ -323,16 +338,18 @@ class Index(abc.ABC):
         if self.ids is None:
             raise RuntimeError(f"{self.backend} index is empty: nothing to save")
         path = io.check_output(path, io.INDEX, what="index path")  # only an index is replaced
-        tmp = io.temp_dir_for(path)
+        with io.writing(path):  # a full disk, a read-only path: one line, nothing left
+            tmp = io.temp_dir_for(path)
         try:
-            self._save_files(tmp)
-            with open(tmp / IDS_FILE, "wb") as f:
-                np.save(f, self.ids, allow_pickle=False)
-            config = self.config
-            config["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
-            atomic_write_json(tmp / INDEX_CONFIG, config)
-            write_manifest(tmp)
-            io.replace_dir(tmp, path)
+            with io.writing(path, tmp):
+                self._save_files(tmp)
+                with open(tmp / IDS_FILE, "wb") as f:
+                    np.save(f, self.ids, allow_pickle=False)
+                config = self.config
+                config["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+                atomic_write_json(tmp / INDEX_CONFIG, config)
+                write_manifest(tmp)
+                io.replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -14,6 +14,7 @@ are encoded with E_Q at query time. ``encode_corpus``:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -27,7 +28,8 @@ from tqdm.auto import tqdm
 
 from dpr_jax.checkpoint import load_model, load_tokenizer, resolve_model_dir
 from dpr_jax.embeddings import EmbeddingWriter
-from dpr_jax.io import EMBEDDINGS, check_output, fingerprint_passages, sha256_file
+from dpr_jax.errors import ArgumentTypeError, Interrupted, UserError
+from dpr_jax.io import EMBEDDINGS, OutputWriteError, check_output, fingerprint_passages, sha256_file
 from dpr_jax.provenance import vectors_fingerprint
 from dpr_jax.retriever.model import BiEncoder
 
@@ -52,11 +54,14 @@ class TowerEncoder:
     ):
         if tower not in ("question", "passage"):
             raise ValueError(f"tower must be 'question' or 'passage', got {tower!r}")
+        max_length = max_length or (64 if tower == "question" else 256)
+        _check_sizes(batch_size=batch_size, max_length=max_length, bucket=bucket)
         self.model_dir = resolve_model_dir(model_dir)
         _, self.config, params, self.meta = loaded or load_model(self.model_dir, "biencoder")
         self.tokenizer = load_tokenizer(self.model_dir)
+        _check_model_fits(self.model_dir, self.config.bert, self.tokenizer, max_length)
         self.tower = tower
-        self.max_length = max_length or (64 if tower == "question" else 256)
+        self.max_length = max_length
         self._fingerprint = None
         self.bucket = bucket
         devices = jax.local_devices()
@@ -116,6 +121,44 @@ class TowerEncoder:
         return out
 
 
+def _check_sizes(**sizes) -> None:
+    """Batch sizes, lengths and the bucket: integers >= 1 (``bucket`` may be None: off)."""
+    for name, value in sizes.items():
+        if value is None and name == "bucket":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            off = " (or None: no bucketing)" if name == "bucket" else ""
+            raise UserError(f"{name} must be an integer >= 1{off}, got {value!r}")
+
+
+def _check_model_fits(model_dir: Path, bert, tokenizer, max_length: int) -> None:
+    """Refuse a tokenizer whose ids the model cannot embed (more tokens than its vocabulary) or
+    that covers much less of it (a small vocabulary would turn most words into [UNK]), and a
+    length beyond the model's position embeddings."""
+    n_tok, n_model = tokenizer.vocab_size, bert.vocab_size
+    if n_tok > n_model or n_tok < n_model // 2:
+        raise UserError(
+            f"{model_dir}: its tokenizer has {n_tok:,} tokens but the model's vocabulary "
+            f"{n_model:,} (vocab_size); the tokenizer is not the model's: save the model with "
+            "the tokenizer it was trained with"
+        )
+    if max_length > bert.max_position_embeddings:
+        raise UserError(
+            f"max_length {max_length} exceeds the {bert.max_position_embeddings} positions of "
+            f"{model_dir} (max_position_embeddings); give at most that"
+        )
+
+
+def _check_passages(passages: Sequence, where: str) -> None:
+    """Passages must be objects with ``id``, ``text`` and ``title`` (strings)."""
+    for i, p in enumerate(itertools.islice(passages, 1000)):  # the API's mistakes show early
+        if not all(hasattr(p, f) for f in ("id", "text", "title")) or not isinstance(p.text, str):
+            raise ArgumentTypeError(
+                f"{where}passages[{i}]: expected a passage with id, title and text (e.g. "
+                f"dpr_jax.data.formats.Passage), got {type(p).__name__} ({p!r:.40})"
+            )
+
+
 def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
     """Contiguous [start, stop) of shard ``shard`` of ``num_shards`` over n items."""
     if not 0 <= shard < num_shards:
@@ -146,15 +189,14 @@ def encode_corpus(
 
     if out_dtype not in ("float16", "float32"):
         raise ValueError(f"out_dtype must be float16 or float32, got {out_dtype!r}")
-    for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size),
-                        ("max_length", max_length)):  # fmt: skip
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    _check_sizes(chunk_size=chunk_size, batch_size=batch_size, max_length=max_length,
+                 bucket=bucket, num_shards=num_shards)  # fmt: skip
     if not 0 <= shard < num_shards:
         raise ValueError(f"shard {shard} is not in [0, {num_shards})")
+    where = f"{passages_file}: " if passages_file else ""
     if len(passages) == 0:
-        where = f"{passages_file}: " if passages_file else ""
         raise ValueError(f"{where}no passages to encode (empty corpus)")
+    _check_passages(passages, where)
     check_output(out_dir, EMBEDDINGS, [model_dir, resolve_model_dir(model_dir), passages_file])
     enc = TowerEncoder(model_dir, "passage", batch_size, max_length, bucket, compute_dtype)
     start, stop = shard_range(len(passages), shard, num_shards)
@@ -187,11 +229,20 @@ def encode_corpus(
     total = sum(min(chunk_size, stop - start - c * chunk_size) for c in todo)
     bar = tqdm(total=total, desc=f"encode shard {shard}/{num_shards}", unit="psg",
                disable=not show_progress)  # fmt: skip
-    for c in todo:
-        lo = start + c * chunk_size
-        hi = min(stop, lo + chunk_size)
-        chunk = passages[lo:hi]
-        emb = enc.encode(chunk, progress=bar).astype(out_dtype)
-        writer.write_chunk(c, np.array([str(p.id) for p in chunk]), emb)
+    try:
+        for c in todo:
+            lo = start + c * chunk_size
+            hi = min(stop, lo + chunk_size)
+            chunk = passages[lo:hi]
+            emb = enc.encode(chunk, progress=bar).astype(out_dtype)
+            writer.write_chunk(c, np.array([str(p.id) for p in chunk]), emb)
+    except (KeyboardInterrupt, OutputWriteError) as e:  # say what was kept, and how to go on
+        bar.close()
+        kept = (f"{len(writer.done_chunks())} of {len(chunks)} chunks of shard {shard}/"
+                f"{num_shards} are finished and kept in {out_dir}; rerun the same command to "
+                "resume")  # fmt: skip
+        if isinstance(e, OutputWriteError):
+            raise OutputWriteError(f"{e}; {kept}") from e
+        raise Interrupted(kept) from None
     bar.close()
     return Path(out_dir)

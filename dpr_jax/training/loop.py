@@ -27,6 +27,7 @@ of an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -43,7 +44,7 @@ from tqdm.auto import tqdm
 
 from dpr_jax.errors import Interrupted
 from dpr_jax.finite import DivergenceError, check_finite_state
-from dpr_jax.io import OutputPathError
+from dpr_jax.io import OutputPathError, workdir_lock, writing
 from dpr_jax.parallel import gather_to_host
 from dpr_jax.training.checkpoints import CheckpointError, Checkpoints, short_error
 from dpr_jax.training.config import expand_path
@@ -238,11 +239,22 @@ def _evaluate(task: Task, state, step: int, log: MetricsLog, stop) -> dict[str, 
 
 def train_and_evaluate(task: Task, workdir: str | Path, mesh) -> dict[str, float]:
     """Train (or resume) ``task`` in ``workdir`` over ``mesh``; returns the final dev metrics (or
-    the last train metrics when there is no dev set), with ``step``."""
-    config = task.config
+    the last train metrics when there is no dev set), with ``step``.
+
+    One run at a time in a workdir: process 0 holds ``WORKDIR/dpr_jax.lock``
+    (:func:`dpr_jax.io.workdir_lock`), and a second run in the same workdir is refused, naming
+    the holder's pid, before anything is read or written."""
     workdir = Path(expand_path(str(workdir))).absolute()
+    with writing(workdir):
+        workdir.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
-    workdir.mkdir(parents=True, exist_ok=True)
+    lock = workdir_lock(workdir, "training workdir") if primary else contextlib.nullcontext()
+    with lock:
+        return _train_and_evaluate(task, workdir, mesh, primary)
+
+
+def _train_and_evaluate(task: Task, workdir: Path, mesh, primary: bool) -> dict[str, float]:
+    config = task.config
     _check_batch_sizes(config, mesh.devices.size)
 
     # A checkpoint of another configuration is refused before anything expensive happens.
