@@ -23,6 +23,24 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("DPR_JAX_DATA", REPO.parent / "shared" / "data"))
 
 
+def _small_corpus():
+    from dpr_jax.data.formats import Passage, Question
+
+    passages = [
+        Passage("The Eiffel Tower is in Paris.", "Eiffel Tower", "p0"),
+        Passage("Mount Everest is the highest mountain.", "Everest", "p1"),
+        Passage("Tokyo is the capital of Japan.", "Tokyo", "p2"),
+        Passage("Shakespeare wrote Hamlet.", "Shakespeare", "p3"),
+    ]
+    questions = [Question("where is the eiffel tower", ["Paris"], "q0"),
+                 Question("who wrote hamlet", ["Shakespeare"], "q1")]  # fmt: skip
+    return passages, questions
+
+
+# four passages and two questions answered by two of them: the inputs of the artifact tests
+FOUR_PASSAGES, TWO_QUESTIONS = _small_corpus()
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not DATA_DIR.exists():

@@ -15,26 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FOUR_PASSAGES, TWO_QUESTIONS
 
 from dpr_jax.cli import main
 from dpr_jax.data.formats import (
     BiencoderExample,
-    Passage,
-    Question,
     write_biencoder,
     write_passages_tsv,
     write_qas_tsv,
 )
 from dpr_jax.io import OutputPathError
 
-PASSAGES = [
-    Passage("The Eiffel Tower is in Paris.", "Eiffel Tower", "p0"),
-    Passage("Mount Everest is the highest mountain.", "Everest", "p1"),
-    Passage("Tokyo is the capital of Japan.", "Tokyo", "p2"),
-    Passage("Shakespeare wrote Hamlet.", "Shakespeare", "p3"),
-]
-QUESTIONS = [Question("where is the eiffel tower", ["Paris"], "q0"),
-             Question("who wrote hamlet", ["Shakespeare"], "q1")]  # fmt: skip
+PASSAGES, QUESTIONS = FOUR_PASSAGES, TWO_QUESTIONS
 
 
 @pytest.fixture(scope="module")

@@ -23,25 +23,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FOUR_PASSAGES, TWO_QUESTIONS
 
 from dpr_jax.cli import main
 from dpr_jax.data.formats import (
     BiencoderExample,
-    Passage,
-    Question,
     write_biencoder,
     write_passages_tsv,
     write_qas_tsv,
 )
 
-PASSAGES = [
-    Passage("The Eiffel Tower is in Paris.", "Eiffel Tower", "p0"),
-    Passage("Mount Everest is the highest mountain.", "Everest", "p1"),
-    Passage("Tokyo is the capital of Japan.", "Tokyo", "p2"),
-    Passage("Shakespeare wrote Hamlet.", "Shakespeare", "p3"),
-]
-QUESTIONS = [Question("where is the eiffel tower", ["Paris"], "q0"),
-             Question("who wrote hamlet", ["Shakespeare"], "q1")]  # fmt: skip
+PASSAGES, QUESTIONS = FOUR_PASSAGES, TWO_QUESTIONS
 
 
 def _ok(argv):
@@ -75,6 +67,8 @@ def art(tmp_path_factory, tiny_biencoder_dir):
                      QUESTIONS])  # fmt: skip
     (d / "no_positives.json").write_text(json.dumps([{"question": "q", "answers": ["a"],
                                                       "positive_ctxs": []}]))  # fmt: skip
+    (d / "no_text.json").write_text(json.dumps([{"question": "q", "answers": ["a"],
+                                                 "ctxs": [{"id": "p0", "score": 1.0}]}]))  # fmt: skip
     tiny = Path(tiny_biencoder_dir)
     _ok(["encode", "--model", tiny, "--passages", d / "passages.tsv", "--out", d / "emb",
          "--max-length", "16", "--bucket", "8"])  # fmt: skip
@@ -85,6 +79,7 @@ def art(tmp_path_factory, tiny_biencoder_dir):
     return {"dir": d, "model": tiny, "emb": d / "emb", "index": d / "index",
             "passages": d / "passages.tsv", "qas": d / "qas.tsv", "results": d / "results.json",
             "biencoder": d / "biencoder.json", "empty_bi": d / "no_positives.json",
+            "no_text": d / "no_text.json",
             "small_vocab": d / "small_vocab", "tiny_config": Path(__file__).parents[1]
             / "configs" / "tiny.py"}  # fmt: skip
 
@@ -149,6 +144,8 @@ OPTION_ROWS = [
     ("mine no usable records", [*MINE, "--biencoder", "{empty_bi}"], "no usable records"),
     ("convert-data no usable records", ["convert-data", "--biencoder", "{empty_bi}", "--out",
      "{tmp}/rec"], "no usable records"),
+    ("evaluate ctxs without text or has_answer", ["evaluate", "--results", "{no_text}"],
+     "neither 'text' nor 'has_answer'"),
     ("index --threads 0", ["index", "--embeddings", "{emb}", "--backend", "faiss-flat",
      "--threads", "0", "--out", "{tmp}/i"], "--threads"),
     ("index --target-recall nan", ["index", "--embeddings", "{emb}", "--backend", "faiss-hnsw",
@@ -191,22 +188,26 @@ def _digest(path: Path) -> str:
 def _fault(monkeypatch, kind: str, after: int = 0):
     """Make the (``after``+1)-th fsync (a full disk shows at the latest there) or os.replace
     (a read-only file system, a refused permission) fail like the real fault does."""
-    calls = {"n": 0}
     if kind == "ENOSPC":
         name, err = "fsync", OSError(errno.ENOSPC, "No space left on device")
     elif kind == "EROFS":
         name, err = "replace", OSError(errno.EROFS, "Read-only file system")
     else:
         name, err = "replace", PermissionError(errno.EACCES, "Permission denied")
-    real = getattr(os, name)
+    _fail_after(monkeypatch, os, name, after, err)
+
+
+def _fail_after(monkeypatch, owner, name: str, after: int, exc: BaseException) -> None:
+    """``owner.name`` works ``after`` times, then raises ``exc`` at every call."""
+    real, calls = getattr(owner, name), {"n": 0}
 
     def failing(*a, **k):
         calls["n"] += 1
         if calls["n"] > after:
-            raise err
+            raise exc
         return real(*a, **k)
 
-    monkeypatch.setattr(os, name, failing)
+    monkeypatch.setattr(owner, name, failing)
 
 
 # (name, argv, fault, fsyncs that succeed first, the output (copied from an artifact of `art`
@@ -338,15 +339,7 @@ def test_ctrl_c_says_what_was_kept(art, row, tmp_path, capsys, monkeypatch):
     _, argv, target, after, says = row
     module, cls, fn = target.rsplit(".", 2)
     owner = getattr(importlib.import_module(module), cls)
-    real, calls = getattr(owner, fn), {"n": 0}
-
-    def interrupted(*a, **k):
-        calls["n"] += 1
-        if calls["n"] > after:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(owner, fn, interrupted)
+    _fail_after(monkeypatch, owner, fn, after, KeyboardInterrupt())
     capsys.readouterr()
     line = _one_line(capsys, main(_fill(argv, art, tmp_path)), want_rc=130)
     assert "interrupted; " in line and says in line, line

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FOUR_PASSAGES, TWO_QUESTIONS
 
 from dpr_jax.checkpoint import MODEL_FORMAT, MODEL_JSON, load_model
 from dpr_jax.cli import main
 from dpr_jax.data.formats import (
     BiencoderExample,
     Passage,
-    Question,
     read_biencoder,
     write_biencoder,
     write_passages_tsv,
@@ -32,16 +32,9 @@ from dpr_jax.data.formats import (
 from dpr_jax.io import write_manifest
 from dpr_jax.provenance import ProvenanceError, vectors_fingerprint
 
-PASSAGES = [
-    Passage("The Eiffel Tower is in Paris.", "Eiffel Tower", "p0"),
-    Passage("Mount Everest is the highest mountain.", "Everest", "p1"),
-    Passage("Tokyo is the capital of Japan.", "Tokyo", "p2"),
-    Passage("Shakespeare wrote Hamlet.", "Shakespeare", "p3"),
-    Passage("The Nile is a long river in Africa.", "Nile", "p4"),
-    Passage("Mozart composed many symphonies.", "Mozart", "p5"),
-]
-QUESTIONS = [Question("where is the eiffel tower", ["Paris"], "q0"),
-             Question("who wrote hamlet", ["Shakespeare"], "q1")]  # fmt: skip
+PASSAGES = [*FOUR_PASSAGES, Passage("The Nile is a long river in Africa.", "Nile", "p4"),
+            Passage("Mozart composed many symphonies.", "Mozart", "p5")]  # fmt: skip
+QUESTIONS = TWO_QUESTIONS
 ENC = ["--max-length", "32", "--bucket", "8", "--dtype", "float32"]
 
 

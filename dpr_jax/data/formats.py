@@ -477,6 +477,11 @@ def _result_record(rec: Any, where: str) -> dict[str, Any]:
             if not isinstance(flag, bool):
                 raise ValueError(f"{cw}: field 'has_answer' must be true/false, got {flag!r:.20}")
             ctx["has_answer"] = flag
+        elif c.get("text") is None:  # scored as a miss, silently, until issue 19
+            raise ValueError(
+                f"{cw}: has neither 'text' nor 'has_answer', so whether it holds an answer "
+                "cannot be told; write the passages' text into the results"
+            )
         out_ctxs.append(ctx)
     return {"question": question, "answers": answers, "ctxs": out_ctxs}
 
