@@ -121,10 +121,11 @@ from typing import Any, NamedTuple
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from dpr_jax.checkpoint import load_model, resolve_model_dir, save_model
 from dpr_jax.errors import optional_import
 from dpr_jax.io import HF_EXPORT, MODEL, check_output, read_json_object, staged_dir
+from dpr_jax.model_dir import load_model, resolve_model_dir, save_model
 from dpr_jax.models.bert import BertConfig
+from dpr_jax.models.kind import without_pooler
 from dpr_jax.reader.model import init_reader_params
 from dpr_jax.retriever.model import EncoderConfig
 from dpr_jax.st_format import DEFAULT_MAX_SEQ_LENGTH, read_st_modules, write_st_modules
@@ -373,6 +374,15 @@ class HFCheckpoint:
     @property
     def has_pooler(self) -> bool:
         return "pooler.dense.weight" in self.state_dict
+
+    def bert_body(self) -> dict:
+        """The BERT's parameters without its pooler: a BertModel's, a DPR encoder's tower's or a
+        DPRReader's encoder's (what a reader or a [CLS] tower starts from)."""
+        if self.arch == "BertModel":
+            return self.flax_params(add_pooling_layer=False)
+        if self.arch == "DPRReader":
+            return self.flax_params()["encoder"]["bert_model"]
+        return without_pooler(self.flax_params()[_TOWER[self.arch]]["bert_model"])
 
     def flax_params(self, add_pooling_layer: bool | None = None) -> dict:
         """Flax parameters; ``add_pooling_layer=False`` leaves a BertModel's pooler out."""

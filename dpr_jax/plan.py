@@ -3,9 +3,9 @@
 The planner AOT-compiles the train step that ``dpr-jax train`` (or ``dpr-jax train-reader``)
 would run, for an abstract TPU topology (``jax.experimental.topologies``: libtpu's compiler, no
 TPU needed) or for this machine's own devices (``--topology local``, which also runs it), and
-reads the compiler's own answer. The step is built by the trainers' own builders
-(:func:`dpr_jax.retriever.task.build_train_step`, :func:`dpr_jax.reader.task.build_reader_step`)
-with abstract parameters (``jax.eval_shape``): no weights are read, no device memory is used;
+reads the compiler's own answer. The step is built by the config's own trainer
+(:class:`dpr_jax.training.trainer.Trainer`, registered in :mod:`dpr_jax.trainers`) with abstract
+parameters (``jax.eval_shape``): no weights are read, no device memory is used;
 the architecture comes from ``init_from`` where it exists here, else from the config's ``model``
 (which may name a preset of :data:`dpr_jax.models.bert.PRESETS`).
 
@@ -45,7 +45,6 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from dpr_jax.errors import UserError
@@ -152,7 +151,7 @@ def _tracing_for_tpu() -> Iterator[None]:
 class Job:
     """A train step ready to lower: ``step.lower(*args)``, and what the estimates need."""
 
-    kind: str  # "retriever" | "reader"
+    kind: str  # the model kind the trainer trains (dpr_jax.models.kinds)
     config: Any
     step: Any
     args: tuple
@@ -160,142 +159,6 @@ class Job:
     model_flops: float
     towers: list  # [(BertConfig, sequences per step, tokens per sequence), ...] trained
     note: str = ""
-
-
-def _is_reader(config) -> bool:
-    from dpr_jax.reader.task import ReaderTrainConfig
-
-    return isinstance(config, ReaderTrainConfig)
-
-
-def load_any_config(path: str, overrides: list[str]):
-    """A bi-encoder ``TrainConfig`` or a ``ReaderTrainConfig`` file, with ``--set`` applied."""
-    from dpr_jax.reader import task as train_reader
-    from dpr_jax.retriever import task as train
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: config file not found")
-    try:
-        return train.load_config(p, overrides)
-    except ValueError as e:
-        if "not TrainConfig" not in str(e):
-            raise
-    return train_reader.load_config(p, overrides)
-
-
-def _exists(path: str) -> bool:
-    return bool(path) and Path(os.path.expanduser(os.path.expandvars(path))).exists()
-
-
-def _bert_flops_fwd(bert, sequences: int, tokens: int, first_only: bool = False) -> float:
-    """Forward FLOPs of ``sequences`` x ``tokens`` through BERT's layers: the weight matmuls
-    (2 x tokens x (4H^2 + 2HI) a layer) and attention's two batched matmuls (QK^T and PV,
-    2 x 2 x T^2 x H a layer per sequence). ``first_only`` ([CLS] and pooler pooling): the last
-    layer computes position 0 alone (keys and values of every position, the query, attention
-    output and feed-forward of one), as :class:`dpr_jax.models.bert.BertModule` does. Embedding
-    lookups, LayerNorm, softmax and biases are not counted."""
-    h, i, n_layers = bert.hidden_size, bert.intermediate_size, bert.num_hidden_layers
-    matmul = 2.0 * sequences * tokens * (4 * h * h + 2 * h * i)
-    attention = 4.0 * sequences * tokens * tokens * h
-    if not first_only:
-        return n_layers * (matmul + attention)
-    last = (
-        2.0 * sequences * (tokens * 2 * h * h + 2 * h * h + 2 * h * i)
-        + 4.0 * sequences * tokens * h
-    )
-    return (n_layers - 1) * (matmul + attention) + last
-
-
-def model_flops(kind: str, config, model_cfg) -> float:
-    """Model FLOPs of one training step over the global batch (see the module docstring).
-
-    Retriever: 3 x [BERT forward of B questions x q_max_len + B*G passages x p_max_len (the last
-    layer at [CLS] only, unless mean pooling) + the projection + the score matrix
-    (2 x B x B*G x D)]. Reader: 3 x [BERT forward of B*M sequences x max_length + the span head
-    (2 x 2H a token) + the relevance head]."""
-    if kind == "retriever":
-        bert, first = model_cfg.bert, model_cfg.pooling != "mean"
-        b, g = config.batch_size, 1 + config.n_hard
-        fwd = _bert_flops_fwd(bert, b, config.q_max_len, first) + _bert_flops_fwd(
-            bert, b * g, config.p_max_len, first
-        )
-        if model_cfg.projection_dim:
-            fwd += 2.0 * b * (1 + g) * bert.hidden_size * model_cfg.projection_dim
-        fwd += 2.0 * b * (b * g if config.in_batch else g) * model_cfg.embedding_dim
-        return 3.0 * fwd
-    bert = model_cfg
-    seqs = config.batch_size * config.passages_per_question
-    fwd = _bert_flops_fwd(bert, seqs, config.max_length)
-    fwd += 2.0 * seqs * config.max_length * 2 * bert.hidden_size + 2.0 * seqs * bert.hidden_size
-    return 3.0 * fwd
-
-
-def _retriever_model_cfg(config):
-    """EncoderConfig as :func:`dpr_jax.retriever.task.encoder_config` gives it; when ``init_from`` does
-    not exist here, the architecture comes from the config's ``model`` dict."""
-    from dpr_jax.retriever.task import encoder_config
-
-    if not config.init_from or _exists(config.init_from):
-        return encoder_config(config), ""
-    if not config.model:
-        raise PlanError(
-            f"init_from {config.init_from} does not exist here and the config has no `model` "
-            'dict: give the architecture with --set model=\'{"bert": "bert-base-uncased"}\' '
-            "(a preset of dpr_jax.models.bert.PRESETS, or a BertConfig dict) or the model "
-            "directory with --set init_from=DIR"
-        )
-    stand_in = dataclasses.replace(config, init_from="", tokenizer=config.tokenizer or "-")
-    return encoder_config(stand_in), f"init_from {config.init_from} not found: using `model`"
-
-
-def _reader_model_cfg(config):
-    """The reader's BertConfig as :func:`dpr_jax.reader.task.build_reader` finds it, without
-    reading any weights."""
-    from dpr_jax.checkpoint import MODEL_JSON, model_config_from_dict, read_model_meta
-    from dpr_jax.models.bert import BertConfig
-
-    note = ""
-    src = os.path.expanduser(os.path.expandvars(config.init_from))
-    if not src:
-        bert = BertConfig.from_dict(config.model)
-    elif src == "minilm":  # its architecture, whether or not the MiniLM package is installed
-        bert = BertConfig.from_dict("all-MiniLM-L6-v2")
-    elif (Path(src) / MODEL_JSON).is_file() or (Path(src) / "model" / MODEL_JSON).is_file():
-        meta = read_model_meta(src)
-        cfg = model_config_from_dict(meta["kind"], meta["model"])
-        bert = {"reader": lambda c: c, "bert": lambda c: c[0], "biencoder": lambda c: c.bert}[
-            meta["kind"]
-        ](cfg)
-    elif (Path(src) / "config.json").is_file():
-        bert = BertConfig.from_json_file(Path(src) / "config.json")
-    elif config.model:
-        bert, note = BertConfig.from_dict(config.model), f"init_from {src} not found: using `model`"
-    else:
-        raise PlanError(
-            f"init_from {src} does not exist here and the config has no `model` dict: give the "
-            "architecture with --set model='{...}' (a BertConfig dict) or --set init_from=DIR"
-        )
-    if config.dropout >= 0:
-        bert = dataclasses.replace(bert, hidden_dropout_prob=config.dropout,
-                                   attention_probs_dropout_prob=config.dropout)  # fmt: skip
-    return bert, note
-
-
-def _total_steps(config) -> tuple[int, int]:
-    """The schedule's length only sets constants of the program; without the data, use
-    ``num_steps`` or 1000."""
-    total = config.num_steps or 1000
-    return total, config.warmup_steps or int(config.warmup_fraction * total)
-
-
-@functools.cache
-def _abstract_params(kind: str, model_cfg):
-    """Parameter shapes (``jax.eval_shape`` of the init), once per architecture: --fit builds
-    dozens of candidate steps over the same model."""
-    from dpr_jax.checkpoint import abstract_params
-
-    return abstract_params(kind, model_cfg)
 
 
 def _count(tree) -> int:
@@ -306,63 +169,34 @@ def _count(tree) -> int:
 
 def build_job(config, devices) -> Job:
     """The train step of ``config`` over ``devices`` (abstract TPU devices or the local ones),
-    built by the trainer's own builder (:func:`dpr_jax.retriever.task.build_train_step`,
-    :func:`dpr_jax.reader.task.build_reader_step`), with abstract state, batch and rng carrying
-    their shardings."""
+    built by its trainer's own builder (:class:`dpr_jax.training.trainer.Trainer`, found in
+    :mod:`dpr_jax.trainers`), with abstract state, batch and rng carrying their shardings. The
+    schedule's length only sets constants of the program: without the data, ``num_steps`` or
+    1000 steps."""
     import jax
     import jax.numpy as jnp
 
     from dpr_jax.parallel import batch_sharding, make_mesh, replicated
-    from dpr_jax.training.state import TrainState
+    from dpr_jax.trainers import trainer_for
 
+    trainer = trainer_for(config)
     mesh = make_mesh(devices)
     n = mesh.devices.size
     if config.batch_size % n:
         raise PlanError(
             f"batch_size {config.batch_size} is not a multiple of the {n} chips of the topology"
         )
-    total, warmup = _total_steps(config)
-    rep, data = replicated(mesh), batch_sharding(mesh)
-    i32, f32 = jnp.int32, jnp.float32
-
-    def sds(shape, dtype, sharding=data):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-
-    rng = sds((2,), jnp.uint32, rep)
-    b = config.batch_size
-    if _is_reader(config):
-        from dpr_jax.reader.task import build_reader_step
-
-        bert, note = _reader_model_cfg(config)
-        tx, _, step = build_reader_step(config, bert, mesh, total, warmup)
-        params = _abstract_params("reader", bert)
-        state = jax.eval_shape(lambda p: TrainState.create(p, tx), params)
-        state = jax.tree.map(lambda x: sds(x.shape, x.dtype, rep), state)
-        m, t, a = config.passages_per_question, config.max_length, config.max_answers
-        batch = {
-            "input_ids": sds((b, m, t), i32), "attention_mask": sds((b, m, t), i32),
-            "passage_mask": sds((b, m), f32), "start_positions": sds((b, a), i32),
-            "end_positions": sds((b, a), i32), "answer_mask": sds((b, a), f32),
-            "question_mask": sds((b,), f32),
-        }  # fmt: skip
-        return Job("reader", config, step, (state, batch, rng), _count(params),
-                   model_flops("reader", config, bert), [(bert, b * m, t)], note)  # fmt: skip
-
-    from dpr_jax.retriever.task import build_train_step
-
-    enc_cfg, note = _retriever_model_cfg(config)
-    built = build_train_step(config, enc_cfg, mesh, total, warmup)
-    state = jax.tree.map(lambda x, s: sds(x.shape, x.dtype, s), built.abstract_state, built.placed)
-    g = built.loss_cfg.group_size
-    batch = {
-        "q_ids": sds((b, config.q_max_len), i32), "q_mask": sds((b, config.q_max_len), i32),
-        "p_ids": sds((b * g, config.p_max_len), i32), "p_mask": sds((b * g, config.p_max_len), i32),
-        "valid": sds((b,), f32),
-    }  # fmt: skip
-    towers = [(enc_cfg.bert, b, config.q_max_len), (enc_cfg.bert, b * g, config.p_max_len)]
-    return Job("retriever", config, built.step, (state, batch, rng),
-               _count(built.abstract_state.params),
-               model_flops("retriever", config, enc_cfg), towers, note)  # fmt: skip
+    model_cfg, note = trainer.architecture(config, True)
+    built = trainer.build_step(config, model_cfg, mesh, *config.total_steps(None))
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         built.abstract_state, built.placed)  # fmt: skip
+    data = batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=data)
+             for k, (shape, dtype) in trainer.batch_shapes(config).items()}  # fmt: skip
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated(mesh))
+    return Job(trainer.kind.name, config, built.step, (state, batch, rng),
+               _count(built.abstract_state.params), trainer.model_flops(config, model_cfg),
+               trainer.towers(config, model_cfg), note)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -632,19 +466,18 @@ def candidate_overrides(config, n_chips: int) -> list[dict[str, Any]]:
     """Settings --fit may choose: GradCache chunk (powers of two dividing the per-chip
     questions, and off), remat (off, full, the dots-saveable policy), FSDP (off, on). The reader
     has no GradCache or FSDP: remat only."""
+    levers = {f.name for f in dataclasses.fields(config)}  # those its trainer has
     remats = [{"remat": False}, {"remat": True}]
-    if _is_reader(config):
-        return remats
-    remats.insert(1, {"remat": True, "remat_policy": FIT_REMAT_POLICY})
+    if "remat_policy" in levers:
+        remats = [{**r, "remat_policy": ""} for r in remats]
+        remats.insert(1, {"remat": True, "remat_policy": FIT_REMAT_POLICY})
     per_chip = config.batch_size // n_chips
-    chunks = [0] + [c for c in (2**k for k in range(20)) if c < per_chip and per_chip % c == 0]
-    out = []
-    for fsdp in (False, True):
-        for chunk in chunks:
-            for r in remats:
-                cand = {"grad_cache_chunk": chunk, "fsdp": fsdp, "remat_policy": "", **r}
-                out.append(cand)
-    return out
+    chunks = [{}]
+    if "grad_cache_chunk" in levers:
+        chunks = [{"grad_cache_chunk": c} for c in [0] + [
+            c for c in (2**k for k in range(20)) if c < per_chip and per_chip % c == 0]]  # fmt: skip
+    fsdps = [{"fsdp": False}, {"fsdp": True}] if "fsdp" in levers else [{}]
+    return [{**c, **f, **r} for f in fsdps for c in chunks for r in remats]
 
 
 def _as_overrides(config, changes: dict[str, Any]) -> list[str]:
@@ -866,6 +699,8 @@ def run(args) -> dict[str, Any]:
         raise PlanError(f"--measure {args.measure}: time at least 1 step")
     if not local and not libtpu_available():
         raise PlanError(f"compiling for TPU needs libtpu: {TPU_INSTALL_HINT}")
+    from dpr_jax.trainers import load_any_config
+
     config = load_any_config(args.config, args.set)
     chip, devices = local_topology() if local else tpu_topology(args.topology)
     if local:

@@ -18,7 +18,6 @@ transformers = pytest.importorskip("transformers")
 from flax.traverse_util import flatten_dict  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from dpr_jax.checkpoint import load_model  # noqa: E402
 from dpr_jax.cli import main  # noqa: E402
 from dpr_jax.convert import (  # noqa: E402
     convert_from_hf,
@@ -28,6 +27,7 @@ from dpr_jax.convert import (  # noqa: E402
     hf_state_dict_to_flax,
     normalize_hf_state_dict,
 )
+from dpr_jax.model_dir import load_model  # noqa: E402
 from dpr_jax.models.bert import BertConfig, BertModule  # noqa: E402
 from dpr_jax.reader.model import Reader  # noqa: E402
 from dpr_jax.retriever.model import BiEncoder, Encoder, EncoderConfig  # noqa: E402

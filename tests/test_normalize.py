@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from dpr_jax.checkpoint import MODEL_JSON, load_model, save_model
+from dpr_jax.model_dir import MODEL_JSON, load_model, save_model
 from dpr_jax.models.bert import BertConfig
 from dpr_jax.parallel import make_mesh
 from dpr_jax.retriever import loss as losses

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dpr_jax.checkpoint import read_model_meta
 from dpr_jax.cli.errors import command_parser
 from dpr_jax.convert import EXPORT_FORMATS, convert_from_dpr, convert_from_hf, convert_to_hf
+from dpr_jax.model_dir import read_model_meta
 
 
 def cli_main(argv: list[str] | None = None) -> int:

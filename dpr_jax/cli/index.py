@@ -23,7 +23,7 @@ import time
 from dpr_jax.cli.errors import command_parser
 from dpr_jax.cli.options import add_quiet
 from dpr_jax.embeddings import check_complete, load_embeddings
-from dpr_jax.index.base import BACKENDS, index_class
+from dpr_jax.index.backends import BACKENDS, index_class
 from dpr_jax.index.tune import tune
 from dpr_jax.io import INDEX, check_output, note
 from dpr_jax.provenance import index_meta_for_embeddings

@@ -61,9 +61,8 @@ def _stopword_set(name: str | None) -> frozenset[str]:
         return frozenset()
     if name != "en":
         raise ValueError(f"stopwords must be 'en' or None, got {name!r}")
-    from bm25s.tokenization import STOPWORDS_EN
-
-    return frozenset(STOPWORDS_EN)
+    tokenization = optional_import("bm25s.tokenization", "bm25", "BM25 stopwords")
+    return frozenset(tokenization.STOPWORDS_EN)
 
 
 class BM25Retriever:
