@@ -519,3 +519,12 @@ def test_reads_pytorch_bin_and_sharded_safetensors(hf, tmp_path):
         got = read_hf(d)
         assert got.arch == "BertModel" and got.has_pooler and got.has_tokenizer
         _array_equal_trees(got.flax_params(), want.flax_params())
+
+
+def test_every_model_kind_converts_both_ways():
+    """The per-kind conversion tables cover exactly the registered model kinds: a new kind that
+    forgets its import or export fails here."""
+    from dpr_jax.convert import FROM_HF, TO_HF
+    from dpr_jax.models.kinds import KINDS
+
+    assert set(FROM_HF) == set(KINDS) == set(TO_HF)
