@@ -5,7 +5,7 @@ The public API, imported lazily (``import dpr_jax`` loads nothing heavy)::
     from dpr_jax import DenseRetriever, QAPipeline, build_index, convert_from_hf, top_k_accuracy
 
 Data: :class:`Passage` (the one passage type: corpus rows, biencoder contexts, reader inputs),
-:func:`read_passages_tsv`, :class:`Question`, :func:`read_questions` (a qas file or
+:func:`read_passages` (TSV, SQuAD or DPR JSON), :func:`read_passages_tsv`, :class:`Question`, :func:`read_questions` (a qas file or
 ``tfds:<name>/<split>``); retrieval: :class:`DenseRetriever`, :class:`BM25Retriever`, :class:`HybridRetriever`,
 :class:`TowerEncoder`, :func:`encode_corpus`, :func:`load_embeddings`; indexes:
 :func:`build_index`, :func:`load_index`; reading: :class:`ReaderPredictor`, :class:`QAPipeline`;
@@ -26,10 +26,11 @@ _API = Registry(
     {
         "Passage": "dpr_jax.data.formats:Passage",
         "read_passages_tsv": "dpr_jax.data.formats:read_passages_tsv",
+        "read_passages": "dpr_jax.data.corpus:read_passages",
         "Question": "dpr_jax.data.formats:Question",
         "read_questions": "dpr_jax.data.questions:read_questions",
-        "DenseRetriever": "dpr_jax.retrieve:DenseRetriever",
-        "HybridRetriever": "dpr_jax.retrieve:HybridRetriever",
+        "DenseRetriever": "dpr_jax.search:DenseRetriever",
+        "HybridRetriever": "dpr_jax.search:HybridRetriever",
         "BM25Retriever": "dpr_jax.data.bm25:BM25Retriever",
         "TowerEncoder": "dpr_jax.retriever.encode:TowerEncoder",
         "encode_corpus": "dpr_jax.retriever.encode:encode_corpus",

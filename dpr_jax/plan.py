@@ -47,6 +47,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from dpr_jax.chips import CHIPS, Chip
 from dpr_jax.errors import UserError
 from dpr_jax.step_costs import COLLECTIVES
 
@@ -60,41 +61,6 @@ FIT_REMAT_POLICY = "dots_with_no_batch_dims_saveable"
 
 class PlanError(UserError):
     """A planner input that cannot be planned (topology, config, missing libtpu)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """Per-chip figures of one TPU generation (bf16 peak, HBM, ICI)."""
-
-    name: str
-    hbm_gib: float  # usable HBM: the nominal capacity less 0.25 GiB that the runtime reserves
-    peak_flops: float  # bf16 FLOP/s
-    hbm_bytes_s: float
-    ici_bytes_s: float  # bidirectional inter-chip interconnect bandwidth per chip
-    source: str
-
-
-# Public sources (Cloud TPU system architecture pages). The 0.25 GiB reserve is what a v5e chip
-# reports (15.75 GiB of 16 GiB usable, the figure of the project's issue 10); it is assumed
-# for the other generations.
-CHIPS: dict[str, Chip] = {
-    # 275 TFLOPs bf16, 32 GiB HBM2 at 1200 GBps, ICI 2400 Gbps; one JAX device per chip
-    # (megacore): https://cloud.google.com/tpu/docs/v4
-    "v4": Chip("TPU v4", 32 - 0.25, 275e12, 1200e9, 300e9, "https://cloud.google.com/tpu/docs/v4"),
-    # 197 TFLOPs bf16, 16 GB HBM2 at 819 GBps, ICI 400 GBps: https://cloud.google.com/tpu/docs/v5e
-    "v5e": Chip(
-        "TPU v5e", 16 - 0.25, 197e12, 819e9, 400e9, "https://cloud.google.com/tpu/docs/v5e"
-    ),
-    # 459 TFLOPs bf16, 95 GB HBM2e at 2765 GBps, ICI 1200 GBps:
-    # https://cloud.google.com/tpu/docs/v5p
-    "v5p": Chip(
-        "TPU v5p", 95 - 0.25, 459e12, 2765e9, 1200e9, "https://cloud.google.com/tpu/docs/v5p"
-    ),
-    # 918 TFLOPs bf16, 32 GB HBM at 1638 GBps, ICI 800 GBps: https://cloud.google.com/tpu/docs/v6e
-    "v6e": Chip(
-        "TPU v6e", 32 - 0.25, 918e12, 1638e9, 800e9, "https://cloud.google.com/tpu/docs/v6e"
-    ),
-}
 
 
 # ---------------------------------------------------------------------------------------------

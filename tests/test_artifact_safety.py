@@ -368,8 +368,8 @@ def test_index_refuses_partial_embeddings_unless_allowed(tmp_path, capsys):
 def test_retrieve_refuses_another_model_or_corpus_before_encoding(
     tiny_biencoder_dir, tmp_path, monkeypatch
 ):
-    from dpr_jax.retrieve import DenseRetriever
     from dpr_jax.retriever.encode import TowerEncoder
+    from dpr_jax.search import DenseRetriever
 
     passages = _corpus()
     tsv = tmp_path / "psgs.tsv"

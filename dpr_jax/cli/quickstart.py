@@ -25,8 +25,14 @@ from dpr_jax.cli.errors import Parser, command_parser
 from dpr_jax.cli.options import add_quiet
 from dpr_jax.data.answers import exact_match_score, f1_score
 from dpr_jax.data.bm25 import BM25Retriever
-from dpr_jax.data.formats import squad_questions, write_passages_tsv, write_retrieval_results
-from dpr_jax.data.squad import CHUNKINGS, load_squad, split_articles, squad_passages
+from dpr_jax.data.formats import write_passages_tsv, write_retrieval_results
+from dpr_jax.data.squad import (
+    CHUNKINGS,
+    load_squad,
+    split_articles,
+    squad_passages,
+    squad_questions,
+)
 from dpr_jax.embeddings import load_embeddings, read_config
 from dpr_jax.evaluate import top_k_accuracy
 from dpr_jax.index import build_index, load_index
@@ -35,8 +41,8 @@ from dpr_jax.io import progress as progress_bar
 from dpr_jax.pipeline import QAPipeline
 from dpr_jax.provenance import index_meta_from_embeddings
 from dpr_jax.reader.task import ReaderTrainConfig, train_and_evaluate
-from dpr_jax.retrieve import DenseRetriever, HybridRetriever, results_for
 from dpr_jax.retriever.encode import encode_corpus
+from dpr_jax.search import DenseRetriever, HybridRetriever, results_for
 from dpr_jax.training.config import minilm_path
 
 

@@ -197,7 +197,7 @@ class BM25Retriever:
         return self
 
 
-def mine_hard_negatives(
+def bm25_hard_negatives(
     retriever: BM25Retriever,
     questions: Sequence[str],
     answers: Sequence[Sequence[str]],

@@ -25,6 +25,8 @@ import re
 from pathlib import Path
 
 from dpr_jax.data.formats import Question, read_qas
+from dpr_jax.data.squad import parse_squad, squad_questions
+from dpr_jax.data.textio import load_json
 from dpr_jax.data.tfds_source import SPLITS, load_tfds_questions
 from dpr_jax.errors import UserError
 
@@ -92,8 +94,18 @@ def read_questions(
     """
     if is_tfds_spec(spec):
         return _read_tfds(str(spec), data_dir, limit)
-    questions = read_qas(spec)
+    questions = _read_file(Path(spec))
     return questions if limit is None else questions[:limit]
+
+
+def _read_file(path: Path) -> list[Question]:
+    """A qas TSV/CSV or NQ-open JSONL (:func:`dpr_jax.data.formats.read_qas`), or SQuAD JSON
+    (every question of every paragraph)."""
+    if path.name.removesuffix(".gz").endswith(".json"):
+        data = load_json(path)
+        if isinstance(data, dict) and "data" in data:
+            return squad_questions(parse_squad(data, path))
+    return read_qas(path)
 
 
 def describe(spec: str | Path) -> str:

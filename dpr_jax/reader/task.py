@@ -68,8 +68,6 @@ from dpr_jax.training.optimizer import make_optimizer, optimizer_key
 from dpr_jax.training.state import TrainState
 from dpr_jax.training.trainer import BuiltStep, Trainer
 
-_NEG = -1e9  # logit of masked positions / passages
-
 
 @dataclasses.dataclass(frozen=True)
 class ReaderTrainConfig(RunConfig):

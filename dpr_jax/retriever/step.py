@@ -298,7 +298,7 @@ def make_train_step(
         must divide the per-device question count. None: encode the whole local batch at once.
       axis: mesh axis name of the batch.
       state_sharding: where ``state`` lives, a pytree of shardings matching it (e.g.
-        :func:`dpr_jax.sharding.state_shardings` with ``fsdp=True``); None: replicated. With
+        :func:`dpr_jax.parallel.state_shardings` with ``fsdp=True``); None: replicated. With
         split parameters (FSDP) the step itself is sharded: the encoders receive the local
         shards and gather one layer at a time (:mod:`dpr_jax.models.fsdp`), the gradients are
         reduce-scattered to the same placement, so no device holds the whole model or its

@@ -78,12 +78,12 @@ from dpr_jax.parallel import (
     make_mesh,
     process_slice,
     replicated,
+    state_shardings,
 )
 from dpr_jax.retriever.batching import BatchSpec, BiencoderBatches, DataPosition
 from dpr_jax.retriever.loss import LOSSES, LossConfig, dpr_loss
 from dpr_jax.retriever.model import BIENCODER, BiEncoder, EncoderConfig, init_biencoder_params
 from dpr_jax.retriever.step import make_train_step
-from dpr_jax.sharding import state_shardings
 from dpr_jax.training import config as training_config
 from dpr_jax.training import loop
 from dpr_jax.training.config import RunConfig
@@ -125,7 +125,7 @@ class TrainConfig(RunConfig):
     # "dots_with_no_batch_dims_saveable" keeps the matmul outputs and recomputes only the cheap
     # elementwise ops; "": save nothing)
     remat_policy: str = ""
-    # FSDP (ZeRO-3): parameters and optimizer state sharded over the devices (dpr_jax.sharding)
+    # FSDP (ZeRO-3): parameters and optimizer state sharded over the devices (dpr_jax.parallel)
     fsdp: bool = False
     grad_cache_chunk: int = 0  # 0: off; c: GradCache with c sequences per device per call
     # -- loss (dpr_jax.retriever.loss.LOSSES names the choices)
@@ -217,7 +217,7 @@ def initial_params(config: TrainConfig, enc_cfg, rng: jax.Array) -> dict:
     return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
 
 
-def load_tokenizer(config: TrainConfig, enc_cfg):
+def training_tokenizer(config: TrainConfig, enc_cfg):
     tokenizer = DPRTokenizer(_resolve_tokenizer_path(config))
     if tokenizer.vocab_size > enc_cfg.bert.vocab_size:
         raise ValueError(
@@ -243,8 +243,7 @@ def read_examples(
     if Path(path).is_dir():
         examples = open_biencoder_records(path)
     else:
-        out = read_biencoder(path)
-        examples = list(out[0] if isinstance(out, tuple) else out)
+        examples = read_biencoder(path)[0]
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(examples))
         examples = (
@@ -392,7 +391,7 @@ def evaluate_model(config: TrainConfig) -> dict[str, float]:
         raise UserError("TrainConfig.dev_path is empty: nothing to evaluate")
     mesh = make_mesh()
     enc_cfg = encoder_config(config)
-    tokenizer = load_tokenizer(config, enc_cfg)
+    tokenizer = training_tokenizer(config, enc_cfg)
     model = BiEncoder(enc_cfg, dtype=jnp.dtype(config.dtype), remat=remat_setting(config))
     evaluator = _dev_evaluator(
         config, _batch_spec(config), tokenizer, model, mesh, _loss_config(config)
@@ -440,7 +439,7 @@ class RetrieverTask:
     def prepare(self, mesh) -> None:
         config, enc_cfg = self.config, self.enc_cfg
         self.mesh = mesh
-        self.tokenizer = load_tokenizer(config, enc_cfg)
+        self.tokenizer = training_tokenizer(config, enc_cfg)
         self.model = BiEncoder(enc_cfg, dtype=jnp.dtype(config.dtype), remat=remat_setting(config))
         self.loss_cfg = loss_cfg = _loss_config(config)
         self.train_examples = read_examples(
