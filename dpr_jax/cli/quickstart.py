@@ -33,13 +33,11 @@ from dpr_jax.data.squad import (
     squad_passages,
     squad_questions,
 )
-from dpr_jax.embeddings import load_embeddings, read_config
 from dpr_jax.evaluate import top_k_accuracy
 from dpr_jax.index import build_index, load_index
 from dpr_jax.io import note
 from dpr_jax.io import progress as progress_bar
 from dpr_jax.pipeline import QAPipeline
-from dpr_jax.provenance import index_meta_from_embeddings
 from dpr_jax.reader.task import ReaderTrainConfig, train_and_evaluate
 from dpr_jax.retriever.encode import encode_corpus
 from dpr_jax.search import DenseRetriever, HybridRetriever, results_for
@@ -167,12 +165,10 @@ def _scann_index(model_dir: Path, corpus: list, work: Path, tag: str, say):
     encode_corpus(model_dir, corpus, emb_dir, chunk_size=2048, bucket=32)
     index_dir = work / f"index-scann-{model_dir.name}{tag}"
     if not index_dir.exists():
-        ids, emb = load_embeddings(emb_dir)
         t0 = time.time()
-        index = build_index("scann", emb, ids)
-        index.meta = index_meta_from_embeddings([emb_dir], [read_config(emb_dir)])
+        index = build_index("scann", emb_dir)  # records the model and passages it came from
         index.save(index_dir)
-        say(f"ScaNN index of {len(ids):,} vectors built in {time.time() - t0:.1f}s")
+        say(f"ScaNN index of {index.size:,} vectors built in {time.time() - t0:.1f}s")
     return load_index(index_dir)
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpr_jax.embeddings import load_embeddings
+import numpy as np
+
+from dpr_jax.embeddings import check_complete, load_embeddings
 from dpr_jax.errors import UserError
 from dpr_jax.index.base import INDEX_CONFIG, Index, read_index_config, verify_manifest
 from dpr_jax.provenance import index_meta_for_embeddings
@@ -48,11 +50,26 @@ def build_index(backend: str, emb, ids=None, **options) -> Index:
             raise UserError(
                 "build_index: the ids come from the embeddings directories; give no ids"
             )
-        index.meta = index_meta_for_embeddings(dirs)  # a model mismatch fails before loading
-        ids, emb = load_embeddings(dirs)
+        ids, emb, index.meta = load_for_index(dirs)
     elif ids is None:
         raise UserError("build_index: give the ids of the embeddings' rows (or a directory)")
     return index.build(emb, ids)
+
+
+def load_for_index(
+    dirs: list[str | Path], verify: bool = True, allow_partial: bool = False,
+    show_progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray, dict]:  # fmt: skip
+    """``(ids, vectors, meta)`` of embeddings directories, ``meta`` being what an index built
+    over them records: where they are, their configs and provenance
+    (:func:`dpr_jax.provenance.index_meta_for_embeddings`: a model mismatch fails before
+    anything is loaded) and, with ``allow_partial``, the chunks that were missing. ``dpr-jax
+    index``, :func:`build_index` and the quickstart all assemble an index's meta here."""
+    meta = index_meta_for_embeddings(dirs)
+    partial = [line for d in dirs for line in check_complete(d)]
+    ids, emb = load_embeddings(dirs, verify=verify, show_progress=show_progress,
+                               allow_partial=allow_partial)  # fmt: skip
+    return ids, emb, {**meta, "allow_partial": allow_partial, "partial": partial}
 
 
 def load_index(path: str | Path, verify: bool = True) -> Index:
