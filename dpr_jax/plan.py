@@ -47,9 +47,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from dpr_jax import step_costs
 from dpr_jax.chips import CHIPS, Chip
 from dpr_jax.errors import UserError
+from dpr_jax.parallel import batch_sharding, make_mesh, replicated
 from dpr_jax.step_costs import COLLECTIVES
+from dpr_jax.trainers import load_any_config, trainer_for
 
 GIB = 1 << 30
 TPU_INSTALL_HINT = "pip install 'dpr-jax[tpu]'"
@@ -141,9 +144,6 @@ def build_job(config, devices) -> Job:
     1000 steps."""
     import jax
     import jax.numpy as jnp
-
-    from dpr_jax.parallel import batch_sharding, make_mesh, replicated
-    from dpr_jax.trainers import trainer_for
 
     trainer = trainer_for(config)
     mesh = make_mesh(devices)
@@ -293,8 +293,6 @@ DEFINITIONS = {
 
 
 def _compile(job: Job, tpu: bool, n: int):
-    from dpr_jax import step_costs
-
     with _tracing_for_tpu() if tpu else contextlib.nullcontext():
         lowered = job.step.lower(*job.args)
         jitted = getattr(job.step, "jitted", job.step)  # the reader's step is a bare jit
@@ -308,8 +306,6 @@ def compile_plan(
     """Compile ``config``'s train step for ``devices`` and read memory, FLOPs (every loop trip),
     HBM bytes and collectives; ``measure`` > 0 (local devices): also run the step that many
     times and report the measured step time beside the roofline's."""
-    from dpr_jax import step_costs
-
     job = build_job(config, devices)
     n = len(devices)
     t0 = time.perf_counter()
@@ -619,8 +615,6 @@ def _calibrate_cpu(devices) -> tuple[float, float]:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from dpr_jax.parallel import make_mesh
-
     mesh = make_mesh(devices)
     n, k, m = len(devices), 512, 1 << 22
     a = jax.device_put(jnp.ones((n * k, k), jnp.float32), NamedSharding(mesh, P("data")))
@@ -665,8 +659,6 @@ def run(args) -> dict[str, Any]:
         raise PlanError(f"--measure {args.measure}: time at least 1 step")
     if not local and not libtpu_available():
         raise PlanError(f"compiling for TPU needs libtpu: {TPU_INSTALL_HINT}")
-    from dpr_jax.trainers import load_any_config
-
     config = load_any_config(args.config, args.set)
     chip, devices = local_topology() if local else tpu_topology(args.topology)
     if local:

@@ -79,7 +79,14 @@ import argparse
 import sys
 
 from dpr_jax.cli.errors import command_parser
-from dpr_jax.convert import EXPORT_FORMATS, convert_from_dpr, convert_from_hf, convert_to_hf
+from dpr_jax.convert import (
+    EXPORT_FORMATS,
+    FROM_HF,
+    TO_HF,
+    convert_from_dpr,
+    convert_from_hf,
+    convert_to_hf,
+)
 from dpr_jax.model_dir import read_model_meta
 
 
@@ -94,7 +101,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="destination directory")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     g = ap.add_argument_group("--from-hf")
-    g.add_argument("--kind", default="auto", choices=["auto", "biencoder", "bert", "reader"],
+    g.add_argument("--kind", default="auto", choices=["auto", *FROM_HF],
                    help="auto: reader for a DPRReader, biencoder otherwise")  # fmt: skip
     g.add_argument("--ctx-from", metavar="SRC2",
                    help="passage tower (DPRContextEncoder or BertModel) for a question encoder SRC")  # fmt: skip
@@ -148,8 +155,8 @@ def cli_main(argv: list[str] | None = None) -> int:
         print(f"wrote {out}", file=sys.stderr)
         return 0
     as_ = args.as_
-    if as_ is None:
-        as_ = "bert" if read_model_meta(args.to_hf)["kind"] == "bert" else "dpr"
+    if as_ is None:  # the kind's first format: dpr for bi-encoders and readers, bert for a bert
+        as_ = TO_HF[read_model_meta(args.to_hf)["kind"]].formats[0]
     for d in convert_to_hf(
         args.to_hf, args.out, args.tower, as_, args.allow_missing_pooler, args.overwrite
     ):

@@ -23,6 +23,7 @@ import numpy as np
 
 from dpr_jax.cli.errors import Parser, command_parser
 from dpr_jax.cli.options import add_quiet
+from dpr_jax.convert import convert_from_hf
 from dpr_jax.data.answers import exact_match_score, f1_score
 from dpr_jax.data.bm25 import BM25Retriever
 from dpr_jax.data.formats import write_passages_tsv, write_retrieval_results
@@ -206,8 +207,6 @@ def _answer_all(
 
 def cli_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-
-    from dpr_jax.convert import convert_from_hf
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
