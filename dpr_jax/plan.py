@@ -148,10 +148,7 @@ def build_job(config, devices) -> Job:
     trainer = trainer_for(config)
     mesh = make_mesh(devices)
     n = mesh.devices.size
-    if config.batch_size % n:
-        raise PlanError(
-            f"batch_size {config.batch_size} is not a multiple of the {n} chips of the topology"
-        )
+    config.check_divides(n, "chips of the topology", ("batch_size",))
     model_cfg, note = trainer.architecture(config, True)
     built = trainer.build_step(config, model_cfg, mesh, *config.total_steps(None))
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

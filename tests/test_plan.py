@@ -207,7 +207,7 @@ def test_fit_reports_why_nothing_could_be_built(tmp_path, capsys):
     rc = main(["plan", "--config", TINY, "--topology", TOPOLOGY, "--set", "batch_size=6", "--fit",
                "--json", str(out)])  # fmt: skip
     err = capsys.readouterr().err
-    assert rc == 2 and "batch_size 6 is not a multiple of the 4 chips" in err
+    assert rc == 2 and "batch_size = 6 is not a multiple of the 4 chips" in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 

@@ -120,6 +120,21 @@ class RunConfig:
         d = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
+    def check_divides(
+        self,
+        n: int,
+        what: str = "devices",
+        fields: tuple[str, ...] = ("batch_size", "eval_batch_size"),
+    ) -> None:
+        """The batch sizes split evenly over ``n`` devices (0 for eval_batch_size: batch_size);
+        the one check the loop and the planner share."""
+        for f in fields:
+            v = getattr(self, f) or self.batch_size
+            if v % n:
+                raise UserError(
+                    f"{type(self).__name__}.{f} = {v} is not a multiple of the {n} {what}"
+                )
+
     def total_steps(self, steps_per_epoch: int | None) -> tuple[int, int]:
         """(steps, warmup steps) of the schedule: ``num_steps``, else ``num_epochs`` epochs of
         ``steps_per_epoch`` (None: the data is not known, as when planning: 1000 steps)."""
