@@ -440,7 +440,7 @@ class OutputPathError(UserError):
 # (results, predictions, metrics, a biencoder file, vectors, a picture); the others: directories,
 # each recognised by what its own writer records (:func:`artifact_kind`).
 FILE = "file"
-MODEL = "model directory"  # dpr_jax.checkpoint: dpr_jax_model.json, manifest dpr-jax-model/1
+MODEL = "model directory"  # dpr_jax.model_dir: dpr_jax_model.json, manifest dpr-jax-model/1
 INDEX = "index directory"  # dpr_jax.index.base: index_config.json, manifest dpr-jax-index/1
 EMBEDDINGS = (
     "embeddings directory"  # dpr_jax.embeddings: config.json {"num_shards"}, shard-SSS.json

@@ -6,7 +6,7 @@ teach it more, provided that passages which actually answer the question (false 
 left out. ``dpr-jax mine`` does that for a DPR biencoder file:
 
 1. retrieve the top ``depth`` passages of every question with a model + index
-   (:class:`dpr_jax.retrieve.DenseRetriever`);
+   (:class:`dpr_jax.search.DenseRetriever`);
 2. drop the question's positives (by passage id, or by title + text when a positive has no id)
    and every passage that contains an answer (DPR's ``has_answer``, string or regex matching, as
    :mod:`dpr_jax.evaluate`);
@@ -43,12 +43,13 @@ from typing import Any
 
 import numpy as np
 
+from dpr_jax.data.answers import MATCH_TYPES
+from dpr_jax.data.corpus import read_passages
 from dpr_jax.data.formats import (
     BiencoderExample,
     Passage,
     atomic_write_text,
     read_biencoder,
-    read_passages_tsv,
     write_biencoder,
 )
 from dpr_jax.errors import Interrupted, UserError
@@ -62,11 +63,10 @@ from dpr_jax.io import (
     sha256_file,
 )
 from dpr_jax.provenance import check_passages, index_fingerprint, vectors_fingerprint
-from dpr_jax.retrieve import QUESTION_MAX_LENGTH, DenseRetriever
 from dpr_jax.retriever.encode import shard_range
+from dpr_jax.search import QUESTION_MAX_LENGTH, DenseRetriever
 
 EXISTING = ("drop", "append")
-MATCH_TYPES = ("string", "regex")
 _COUNTS = ("questions", "retrieved", "dropped_positive", "dropped_answer", "mined", "short")
 
 
@@ -261,7 +261,7 @@ def mine_hard_negatives(
     num_chunks = -(-len(examples) // chunk_size)
     passage_src = str(passages) if isinstance(passages, (str, Path)) else None
     if passage_src is not None:
-        passages = read_passages_tsv(passages)
+        passages = read_passages(passages)
     by_id = {str(p.id): p for p in passages}
     dense = retriever is None  # else the caller's retriever: its model cannot be fingerprinted
     config = {  # inputs by content: a resumed or sharded run must be given the same ones

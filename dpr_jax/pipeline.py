@@ -12,10 +12,10 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-from dpr_jax.data.formats import read_passages_tsv
+from dpr_jax.data.corpus import read_passages
 from dpr_jax.provenance import check_passages
 from dpr_jax.reader.span import ReaderPredictor
-from dpr_jax.retrieve import DenseRetriever
+from dpr_jax.search import DenseRetriever
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +68,7 @@ class QAPipeline:
         **kw,
     ) -> QAPipeline:
 
-        passages_list = read_passages_tsv(passages_tsv)
+        passages_list = read_passages(passages_tsv)
         retriever = DenseRetriever(retriever_model, index_dir)  # checks the model against it
         check_passages(retriever.index, passages_tsv, passages_list, index_dir)
         passages = {str(p.id): p for p in passages_list}

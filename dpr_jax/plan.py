@@ -3,9 +3,9 @@
 The planner AOT-compiles the train step that ``dpr-jax train`` (or ``dpr-jax train-reader``)
 would run, for an abstract TPU topology (``jax.experimental.topologies``: libtpu's compiler, no
 TPU needed) or for this machine's own devices (``--topology local``, which also runs it), and
-reads the compiler's own answer. The step is built by the trainers' own builders
-(:func:`dpr_jax.retriever.task.build_train_step`, :func:`dpr_jax.reader.task.build_reader_step`)
-with abstract parameters (``jax.eval_shape``): no weights are read, no device memory is used;
+reads the compiler's own answer. The step is built by the config's own trainer
+(:class:`dpr_jax.training.trainer.Trainer`, registered in :mod:`dpr_jax.trainers`) with abstract
+parameters (``jax.eval_shape``): no weights are read, no device memory is used;
 the architecture comes from ``init_from`` where it exists here, else from the config's ``model``
 (which may name a preset of :data:`dpr_jax.models.bert.PRESETS`).
 
@@ -45,11 +45,14 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
+from dpr_jax import step_costs
+from dpr_jax.chips import CHIPS, Chip
 from dpr_jax.errors import UserError
+from dpr_jax.parallel import batch_sharding, make_mesh, replicated
 from dpr_jax.step_costs import COLLECTIVES
+from dpr_jax.trainers import load_any_config, trainer_for
 
 GIB = 1 << 30
 TPU_INSTALL_HINT = "pip install 'dpr-jax[tpu]'"
@@ -61,41 +64,6 @@ FIT_REMAT_POLICY = "dots_with_no_batch_dims_saveable"
 
 class PlanError(UserError):
     """A planner input that cannot be planned (topology, config, missing libtpu)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """Per-chip figures of one TPU generation (bf16 peak, HBM, ICI)."""
-
-    name: str
-    hbm_gib: float  # usable HBM: the nominal capacity less 0.25 GiB that the runtime reserves
-    peak_flops: float  # bf16 FLOP/s
-    hbm_bytes_s: float
-    ici_bytes_s: float  # bidirectional inter-chip interconnect bandwidth per chip
-    source: str
-
-
-# Public sources (Cloud TPU system architecture pages). The 0.25 GiB reserve is what a v5e chip
-# reports (15.75 GiB of 16 GiB usable, the figure of the project's issue 10); it is assumed
-# for the other generations.
-CHIPS: dict[str, Chip] = {
-    # 275 TFLOPs bf16, 32 GiB HBM2 at 1200 GBps, ICI 2400 Gbps; one JAX device per chip
-    # (megacore): https://cloud.google.com/tpu/docs/v4
-    "v4": Chip("TPU v4", 32 - 0.25, 275e12, 1200e9, 300e9, "https://cloud.google.com/tpu/docs/v4"),
-    # 197 TFLOPs bf16, 16 GB HBM2 at 819 GBps, ICI 400 GBps: https://cloud.google.com/tpu/docs/v5e
-    "v5e": Chip(
-        "TPU v5e", 16 - 0.25, 197e12, 819e9, 400e9, "https://cloud.google.com/tpu/docs/v5e"
-    ),
-    # 459 TFLOPs bf16, 95 GB HBM2e at 2765 GBps, ICI 1200 GBps:
-    # https://cloud.google.com/tpu/docs/v5p
-    "v5p": Chip(
-        "TPU v5p", 95 - 0.25, 459e12, 2765e9, 1200e9, "https://cloud.google.com/tpu/docs/v5p"
-    ),
-    # 918 TFLOPs bf16, 32 GB HBM at 1638 GBps, ICI 800 GBps: https://cloud.google.com/tpu/docs/v6e
-    "v6e": Chip(
-        "TPU v6e", 32 - 0.25, 918e12, 1638e9, 800e9, "https://cloud.google.com/tpu/docs/v6e"
-    ),
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +120,7 @@ def _tracing_for_tpu() -> Iterator[None]:
 class Job:
     """A train step ready to lower: ``step.lower(*args)``, and what the estimates need."""
 
-    kind: str  # "retriever" | "reader"
+    kind: str  # the model kind the trainer trains (dpr_jax.models.kinds)
     config: Any
     step: Any
     args: tuple
@@ -160,142 +128,6 @@ class Job:
     model_flops: float
     towers: list  # [(BertConfig, sequences per step, tokens per sequence), ...] trained
     note: str = ""
-
-
-def _is_reader(config) -> bool:
-    from dpr_jax.reader.task import ReaderTrainConfig
-
-    return isinstance(config, ReaderTrainConfig)
-
-
-def load_any_config(path: str, overrides: list[str]):
-    """A bi-encoder ``TrainConfig`` or a ``ReaderTrainConfig`` file, with ``--set`` applied."""
-    from dpr_jax.reader import task as train_reader
-    from dpr_jax.retriever import task as train
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: config file not found")
-    try:
-        return train.load_config(p, overrides)
-    except ValueError as e:
-        if "not TrainConfig" not in str(e):
-            raise
-    return train_reader.load_config(p, overrides)
-
-
-def _exists(path: str) -> bool:
-    return bool(path) and Path(os.path.expanduser(os.path.expandvars(path))).exists()
-
-
-def _bert_flops_fwd(bert, sequences: int, tokens: int, first_only: bool = False) -> float:
-    """Forward FLOPs of ``sequences`` x ``tokens`` through BERT's layers: the weight matmuls
-    (2 x tokens x (4H^2 + 2HI) a layer) and attention's two batched matmuls (QK^T and PV,
-    2 x 2 x T^2 x H a layer per sequence). ``first_only`` ([CLS] and pooler pooling): the last
-    layer computes position 0 alone (keys and values of every position, the query, attention
-    output and feed-forward of one), as :class:`dpr_jax.models.bert.BertModule` does. Embedding
-    lookups, LayerNorm, softmax and biases are not counted."""
-    h, i, n_layers = bert.hidden_size, bert.intermediate_size, bert.num_hidden_layers
-    matmul = 2.0 * sequences * tokens * (4 * h * h + 2 * h * i)
-    attention = 4.0 * sequences * tokens * tokens * h
-    if not first_only:
-        return n_layers * (matmul + attention)
-    last = (
-        2.0 * sequences * (tokens * 2 * h * h + 2 * h * h + 2 * h * i)
-        + 4.0 * sequences * tokens * h
-    )
-    return (n_layers - 1) * (matmul + attention) + last
-
-
-def model_flops(kind: str, config, model_cfg) -> float:
-    """Model FLOPs of one training step over the global batch (see the module docstring).
-
-    Retriever: 3 x [BERT forward of B questions x q_max_len + B*G passages x p_max_len (the last
-    layer at [CLS] only, unless mean pooling) + the projection + the score matrix
-    (2 x B x B*G x D)]. Reader: 3 x [BERT forward of B*M sequences x max_length + the span head
-    (2 x 2H a token) + the relevance head]."""
-    if kind == "retriever":
-        bert, first = model_cfg.bert, model_cfg.pooling != "mean"
-        b, g = config.batch_size, 1 + config.n_hard
-        fwd = _bert_flops_fwd(bert, b, config.q_max_len, first) + _bert_flops_fwd(
-            bert, b * g, config.p_max_len, first
-        )
-        if model_cfg.projection_dim:
-            fwd += 2.0 * b * (1 + g) * bert.hidden_size * model_cfg.projection_dim
-        fwd += 2.0 * b * (b * g if config.in_batch else g) * model_cfg.embedding_dim
-        return 3.0 * fwd
-    bert = model_cfg
-    seqs = config.batch_size * config.passages_per_question
-    fwd = _bert_flops_fwd(bert, seqs, config.max_length)
-    fwd += 2.0 * seqs * config.max_length * 2 * bert.hidden_size + 2.0 * seqs * bert.hidden_size
-    return 3.0 * fwd
-
-
-def _retriever_model_cfg(config):
-    """EncoderConfig as :func:`dpr_jax.retriever.task.encoder_config` gives it; when ``init_from`` does
-    not exist here, the architecture comes from the config's ``model`` dict."""
-    from dpr_jax.retriever.task import encoder_config
-
-    if not config.init_from or _exists(config.init_from):
-        return encoder_config(config), ""
-    if not config.model:
-        raise PlanError(
-            f"init_from {config.init_from} does not exist here and the config has no `model` "
-            'dict: give the architecture with --set model=\'{"bert": "bert-base-uncased"}\' '
-            "(a preset of dpr_jax.models.bert.PRESETS, or a BertConfig dict) or the model "
-            "directory with --set init_from=DIR"
-        )
-    stand_in = dataclasses.replace(config, init_from="", tokenizer=config.tokenizer or "-")
-    return encoder_config(stand_in), f"init_from {config.init_from} not found: using `model`"
-
-
-def _reader_model_cfg(config):
-    """The reader's BertConfig as :func:`dpr_jax.reader.task.build_reader` finds it, without
-    reading any weights."""
-    from dpr_jax.checkpoint import MODEL_JSON, model_config_from_dict, read_model_meta
-    from dpr_jax.models.bert import BertConfig
-
-    note = ""
-    src = os.path.expanduser(os.path.expandvars(config.init_from))
-    if not src:
-        bert = BertConfig.from_dict(config.model)
-    elif src == "minilm":  # its architecture, whether or not the MiniLM package is installed
-        bert = BertConfig.from_dict("all-MiniLM-L6-v2")
-    elif (Path(src) / MODEL_JSON).is_file() or (Path(src) / "model" / MODEL_JSON).is_file():
-        meta = read_model_meta(src)
-        cfg = model_config_from_dict(meta["kind"], meta["model"])
-        bert = {"reader": lambda c: c, "bert": lambda c: c[0], "biencoder": lambda c: c.bert}[
-            meta["kind"]
-        ](cfg)
-    elif (Path(src) / "config.json").is_file():
-        bert = BertConfig.from_json_file(Path(src) / "config.json")
-    elif config.model:
-        bert, note = BertConfig.from_dict(config.model), f"init_from {src} not found: using `model`"
-    else:
-        raise PlanError(
-            f"init_from {src} does not exist here and the config has no `model` dict: give the "
-            "architecture with --set model='{...}' (a BertConfig dict) or --set init_from=DIR"
-        )
-    if config.dropout >= 0:
-        bert = dataclasses.replace(bert, hidden_dropout_prob=config.dropout,
-                                   attention_probs_dropout_prob=config.dropout)  # fmt: skip
-    return bert, note
-
-
-def _total_steps(config) -> tuple[int, int]:
-    """The schedule's length only sets constants of the program; without the data, use
-    ``num_steps`` or 1000."""
-    total = config.num_steps or 1000
-    return total, config.warmup_steps or int(config.warmup_fraction * total)
-
-
-@functools.cache
-def _abstract_params(kind: str, model_cfg):
-    """Parameter shapes (``jax.eval_shape`` of the init), once per architecture: --fit builds
-    dozens of candidate steps over the same model."""
-    from dpr_jax.checkpoint import abstract_params
-
-    return abstract_params(kind, model_cfg)
 
 
 def _count(tree) -> int:
@@ -306,63 +138,28 @@ def _count(tree) -> int:
 
 def build_job(config, devices) -> Job:
     """The train step of ``config`` over ``devices`` (abstract TPU devices or the local ones),
-    built by the trainer's own builder (:func:`dpr_jax.retriever.task.build_train_step`,
-    :func:`dpr_jax.reader.task.build_reader_step`), with abstract state, batch and rng carrying
-    their shardings."""
+    built by its trainer's own builder (:class:`dpr_jax.training.trainer.Trainer`, found in
+    :mod:`dpr_jax.trainers`), with abstract state, batch and rng carrying their shardings. The
+    schedule's length only sets constants of the program: without the data, ``num_steps`` or
+    1000 steps."""
     import jax
     import jax.numpy as jnp
 
-    from dpr_jax.parallel import batch_sharding, make_mesh, replicated
-    from dpr_jax.training.state import TrainState
-
+    trainer = trainer_for(config)
     mesh = make_mesh(devices)
     n = mesh.devices.size
-    if config.batch_size % n:
-        raise PlanError(
-            f"batch_size {config.batch_size} is not a multiple of the {n} chips of the topology"
-        )
-    total, warmup = _total_steps(config)
-    rep, data = replicated(mesh), batch_sharding(mesh)
-    i32, f32 = jnp.int32, jnp.float32
-
-    def sds(shape, dtype, sharding=data):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-
-    rng = sds((2,), jnp.uint32, rep)
-    b = config.batch_size
-    if _is_reader(config):
-        from dpr_jax.reader.task import build_reader_step
-
-        bert, note = _reader_model_cfg(config)
-        tx, _, step = build_reader_step(config, bert, mesh, total, warmup)
-        params = _abstract_params("reader", bert)
-        state = jax.eval_shape(lambda p: TrainState.create(p, tx), params)
-        state = jax.tree.map(lambda x: sds(x.shape, x.dtype, rep), state)
-        m, t, a = config.passages_per_question, config.max_length, config.max_answers
-        batch = {
-            "input_ids": sds((b, m, t), i32), "attention_mask": sds((b, m, t), i32),
-            "passage_mask": sds((b, m), f32), "start_positions": sds((b, a), i32),
-            "end_positions": sds((b, a), i32), "answer_mask": sds((b, a), f32),
-            "question_mask": sds((b,), f32),
-        }  # fmt: skip
-        return Job("reader", config, step, (state, batch, rng), _count(params),
-                   model_flops("reader", config, bert), [(bert, b * m, t)], note)  # fmt: skip
-
-    from dpr_jax.retriever.task import build_train_step
-
-    enc_cfg, note = _retriever_model_cfg(config)
-    built = build_train_step(config, enc_cfg, mesh, total, warmup)
-    state = jax.tree.map(lambda x, s: sds(x.shape, x.dtype, s), built.abstract_state, built.placed)
-    g = built.loss_cfg.group_size
-    batch = {
-        "q_ids": sds((b, config.q_max_len), i32), "q_mask": sds((b, config.q_max_len), i32),
-        "p_ids": sds((b * g, config.p_max_len), i32), "p_mask": sds((b * g, config.p_max_len), i32),
-        "valid": sds((b,), f32),
-    }  # fmt: skip
-    towers = [(enc_cfg.bert, b, config.q_max_len), (enc_cfg.bert, b * g, config.p_max_len)]
-    return Job("retriever", config, built.step, (state, batch, rng),
-               _count(built.abstract_state.params),
-               model_flops("retriever", config, enc_cfg), towers, note)  # fmt: skip
+    config.check_divides(n, "chips of the topology", ("batch_size",))
+    model_cfg, note = trainer.architecture(config, True)
+    built = trainer.build_step(config, model_cfg, mesh, *config.total_steps(None))
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         built.abstract_state, built.placed)  # fmt: skip
+    data = batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=data)
+             for k, (shape, dtype) in trainer.batch_shapes(config).items()}  # fmt: skip
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated(mesh))
+    return Job(trainer.kind.name, config, built.step, (state, batch, rng),
+               _count(built.abstract_state.params), trainer.model_flops(config, model_cfg),
+               trainer.towers(config, model_cfg), note)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,8 +290,6 @@ DEFINITIONS = {
 
 
 def _compile(job: Job, tpu: bool, n: int):
-    from dpr_jax import step_costs
-
     with _tracing_for_tpu() if tpu else contextlib.nullcontext():
         lowered = job.step.lower(*job.args)
         jitted = getattr(job.step, "jitted", job.step)  # the reader's step is a bare jit
@@ -508,8 +303,6 @@ def compile_plan(
     """Compile ``config``'s train step for ``devices`` and read memory, FLOPs (every loop trip),
     HBM bytes and collectives; ``measure`` > 0 (local devices): also run the step that many
     times and report the measured step time beside the roofline's."""
-    from dpr_jax import step_costs
-
     job = build_job(config, devices)
     n = len(devices)
     t0 = time.perf_counter()
@@ -632,19 +425,18 @@ def candidate_overrides(config, n_chips: int) -> list[dict[str, Any]]:
     """Settings --fit may choose: GradCache chunk (powers of two dividing the per-chip
     questions, and off), remat (off, full, the dots-saveable policy), FSDP (off, on). The reader
     has no GradCache or FSDP: remat only."""
+    levers = {f.name for f in dataclasses.fields(config)}  # those its trainer has
     remats = [{"remat": False}, {"remat": True}]
-    if _is_reader(config):
-        return remats
-    remats.insert(1, {"remat": True, "remat_policy": FIT_REMAT_POLICY})
+    if "remat_policy" in levers:
+        remats = [{**r, "remat_policy": ""} for r in remats]
+        remats.insert(1, {"remat": True, "remat_policy": FIT_REMAT_POLICY})
     per_chip = config.batch_size // n_chips
-    chunks = [0] + [c for c in (2**k for k in range(20)) if c < per_chip and per_chip % c == 0]
-    out = []
-    for fsdp in (False, True):
-        for chunk in chunks:
-            for r in remats:
-                cand = {"grad_cache_chunk": chunk, "fsdp": fsdp, "remat_policy": "", **r}
-                out.append(cand)
-    return out
+    chunks = [{}]
+    if "grad_cache_chunk" in levers:
+        chunks = [{"grad_cache_chunk": c} for c in [0] + [
+            c for c in (2**k for k in range(20)) if c < per_chip and per_chip % c == 0]]  # fmt: skip
+    fsdps = [{"fsdp": False}, {"fsdp": True}] if "fsdp" in levers else [{}]
+    return [{**c, **f, **r} for f in fsdps for c in chunks for r in remats]
 
 
 def _as_overrides(config, changes: dict[str, Any]) -> list[str]:
@@ -819,8 +611,6 @@ def _calibrate_cpu(devices) -> tuple[float, float]:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
-
-    from dpr_jax.parallel import make_mesh
 
     mesh = make_mesh(devices)
     n, k, m = len(devices), 512, 1 << 22

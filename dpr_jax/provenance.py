@@ -29,10 +29,10 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from dpr_jax.checkpoint import MODEL_JSON, ModelIntegrityError, read_model_meta, resolve_model_dir
 from dpr_jax.embeddings import read_config
 from dpr_jax.errors import ProvenanceError
 from dpr_jax.io import MANIFEST, fingerprint_passages, read_json_object, sha256_file
+from dpr_jax.model_dir import MODEL_JSON, ModelIntegrityError, read_model_meta, resolve_model_dir
 
 VECTORS_FORMAT = "dpr-jax-vectors/1"
 __all__ = ["ProvenanceError", "check_model", "check_passages", "index_fingerprint",

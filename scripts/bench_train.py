@@ -207,8 +207,8 @@ def step_flops(bert, b: int, g: int, tq: int, tp: int, dim: int) -> float:
 
 
 def load_jax_minilm(hf_dir: str):
-    from dpr_jax.checkpoint import load_model
     from dpr_jax.convert import convert_from_hf
+    from dpr_jax.model_dir import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
         out = convert_from_hf(hf_dir, Path(tmp) / "minilm", pooling="cls")  # PyTorch side: [CLS]

@@ -70,7 +70,7 @@ TINY_BERT = dict(
 @pytest.fixture(scope="session")
 def tiny_biencoder_dir(tmp_path_factory, minilm_dir) -> Path:
     """A random tiny bi-encoder model directory with the real MiniLM tokenizer."""
-    from dpr_jax.checkpoint import save_model
+    from dpr_jax.model_dir import save_model
     from dpr_jax.models.bert import BertConfig
     from dpr_jax.retriever.model import EncoderConfig, init_biencoder_params
 

@@ -9,7 +9,8 @@ import dpr_jax
 def test_every_public_name_resolves_to_its_module_attribute():
     import importlib
 
-    for name, (module, attr) in dpr_jax._API.items():
+    for name, target in dpr_jax._API.items():
+        module, attr = target.split(":")
         assert getattr(dpr_jax, name) is getattr(importlib.import_module(module), attr), name
 
 

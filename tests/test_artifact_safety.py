@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from dpr_jax import io
-from dpr_jax.checkpoint import ModelIntegrityError, add_manifest, load_model, save_model
 from dpr_jax.embeddings import EmbeddingsIncompleteError, EmbeddingWriter, load_embeddings
 from dpr_jax.index import build_index, load_index
 from dpr_jax.index.base import IndexIntegrityError
+from dpr_jax.model_dir import ModelIntegrityError, add_manifest, load_model, save_model
 from dpr_jax.provenance import ProvenanceError, check_model, check_passages
 
 Psg = namedtuple("Psg", "id text title")
@@ -368,8 +368,8 @@ def test_index_refuses_partial_embeddings_unless_allowed(tmp_path, capsys):
 def test_retrieve_refuses_another_model_or_corpus_before_encoding(
     tiny_biencoder_dir, tmp_path, monkeypatch
 ):
-    from dpr_jax.retrieve import DenseRetriever
     from dpr_jax.retriever.encode import TowerEncoder
+    from dpr_jax.search import DenseRetriever
 
     passages = _corpus()
     tsv = tmp_path / "psgs.tsv"

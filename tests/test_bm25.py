@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from dpr_jax.data.bm25 import BM25Retriever, mine_hard_negatives
+from dpr_jax.data.bm25 import BM25Retriever, bm25_hard_negatives
 from dpr_jax.data.formats import Passage
 from dpr_jax.evaluate import has_answer
 from dpr_jax.hybrid import linear_fusion, rrf_fusion
@@ -97,7 +97,7 @@ def test_save_load_round_trip(tmp_path, retriever):
 def test_mine_hard_negatives(retriever):
     questions = ["where did the virgin mary appear to bernadette", "the largest city of france"]
     answers = [["Lourdes"], ["Paris"]]
-    rows, scores = mine_hard_negatives(
+    rows, scores = bm25_hard_negatives(
         retriever, questions, answers, CORPUS, n=2, depth=6, exclude=[["p0"], []]
     )
     full_s, full_ids = retriever.search(questions, k=6)

@@ -52,7 +52,7 @@ def corpus(tmp_path_factory, tiny_biencoder_dir):
 def tiny_reader_dir(tmp_path_factory, minilm_dir):
     from conftest import TINY_BERT
 
-    from dpr_jax.checkpoint import save_model
+    from dpr_jax.model_dir import save_model
     from dpr_jax.models.bert import BertConfig
     from dpr_jax.reader.model import init_reader_params
 

@@ -18,7 +18,6 @@ transformers = pytest.importorskip("transformers")
 from flax.traverse_util import flatten_dict  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from dpr_jax.checkpoint import load_model  # noqa: E402
 from dpr_jax.cli import main  # noqa: E402
 from dpr_jax.convert import (  # noqa: E402
     convert_from_hf,
@@ -28,6 +27,7 @@ from dpr_jax.convert import (  # noqa: E402
     hf_state_dict_to_flax,
     normalize_hf_state_dict,
 )
+from dpr_jax.model_dir import load_model  # noqa: E402
 from dpr_jax.models.bert import BertConfig, BertModule  # noqa: E402
 from dpr_jax.reader.model import Reader  # noqa: E402
 from dpr_jax.retriever.model import BiEncoder, Encoder, EncoderConfig  # noqa: E402
@@ -519,3 +519,12 @@ def test_reads_pytorch_bin_and_sharded_safetensors(hf, tmp_path):
         got = read_hf(d)
         assert got.arch == "BertModel" and got.has_pooler and got.has_tokenizer
         _array_equal_trees(got.flax_params(), want.flax_params())
+
+
+def test_every_model_kind_converts_both_ways():
+    """The per-kind conversion tables cover exactly the registered model kinds: a new kind that
+    forgets its import or export fails here."""
+    from dpr_jax.convert import FROM_HF, TO_HF
+    from dpr_jax.models.kinds import KINDS
+
+    assert set(FROM_HF) == set(KINDS) == set(TO_HF)

@@ -153,7 +153,7 @@ def test_diverged_run_keeps_the_last_checkpoint_that_trained_finitely(diverged, 
     assert out["step"] == tiny.num_steps and math.isfinite(out["loss"])
     starts = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in starts if r["split"] == "start"][-1] == proven
-    from dpr_jax.checkpoint import load_model
+    from dpr_jax.model_dir import load_model
 
     assert _all_finite(load_model(work)[2])
 
@@ -218,8 +218,8 @@ def test_checkpoint_with_flipped_bytes_is_refused(tiny, tmp_path):
 def test_validation_of_a_nan_model_is_nan_not_perfect(
     tiny, tiny_biencoder_dir, tmp_path, monkeypatch
 ):
-    from dpr_jax.checkpoint import load_model, save_model
     from dpr_jax.io import IntegrityError
+    from dpr_jax.model_dir import load_model, save_model
     from dpr_jax.retriever import task
 
     kind, cfg, params, _ = load_model(tiny_biencoder_dir)

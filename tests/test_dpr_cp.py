@@ -29,9 +29,9 @@ transformers = pytest.importorskip("transformers")
 
 from test_convert import ATOL, TINY, VOCAB, _batch, _randomize, _t  # noqa: E402  (the same tiny model)
 
-from dpr_jax.checkpoint import load_model  # noqa: E402
 from dpr_jax.cli import main  # noqa: E402
 from dpr_jax.dpr_checkpoint import encoder_options, infer_bert_config, load_cp  # noqa: E402
+from dpr_jax.model_dir import load_model  # noqa: E402
 from dpr_jax.reader.model import Reader  # noqa: E402
 from dpr_jax.retriever.model import BiEncoder  # noqa: E402
 

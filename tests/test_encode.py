@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from dpr_jax.checkpoint import load_model, load_tokenizer
 from dpr_jax.embeddings import load_embeddings
+from dpr_jax.model_dir import load_model, load_tokenizer
 from dpr_jax.retriever.encode import TowerEncoder, encode_corpus, shard_range
 from dpr_jax.retriever.model import BiEncoder
 

@@ -218,10 +218,10 @@ def test_simple_tokenize_equals_dpr_finditer():
 
 
 def test_results_for_flags_equal_has_answer():
-    """dpr_jax.retrieve.results_for (cached matching) flags every ctx as has_answer does."""
+    """dpr_jax.search.results_for (cached matching) flags every ctx as has_answer does."""
     from types import SimpleNamespace as NS
 
-    from dpr_jax.retrieve import results_for
+    from dpr_jax.search import results_for
 
     texts = ["Paris is the capital of France.", "The café in São Paulo", "U.S. history",
              "no answer here", "Beyoncé's 2003 debut album", "a 10,000-seat arena"]  # fmt: skip

@@ -9,7 +9,6 @@ from dpr_jax.data.formats import (
     BiencoderExample,
     Passage,
     Question,
-    atomic_open,
     read_biencoder,
     read_passages_tsv,
     read_qas,
@@ -21,6 +20,8 @@ from dpr_jax.data.formats import (
     write_reader_predictions,
     write_retrieval_results,
 )
+from dpr_jax.data.questions import read_questions
+from dpr_jax.io import atomic_open
 
 # ---------------------------------------------------------------------------------------------
 # Passages TSV
@@ -136,7 +137,7 @@ def test_read_nq_open_jsonl(tmp_path):
 
 def test_read_squad_questions(data_dir):
     path = data_dir / "fixtures/squad-train-v1.1.University_of_Notre_Dame.official.json"
-    qs = read_qas(path)
+    qs = read_questions(path)
     raw = json.loads(path.read_text())
     n = sum(len(p["qas"]) for a in raw["data"] for p in a["paragraphs"])
     assert len(qs) == n == 269
@@ -264,3 +265,30 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
             raise KeyError("boom")
     assert not (tmp_path / "new.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["passages.tsv"]
+
+
+def test_one_passage_reader_for_every_format(tmp_path, data_dir):
+    """read_passages (what encode, retrieve, mine, ask and QAPipeline read) gives the same
+    passages from a TSV, from SQuAD JSON (prepare-squad's chunks and ids) and from DPR JSON
+    (a biencoder file's distinct contexts, by id, in order of first appearance)."""
+    from dpr_jax.data.corpus import read_passages
+    from dpr_jax.data.squad import load_squad, squad_passages
+
+    squad = data_dir / "fixtures/squad-train-v1.1.University_of_Notre_Dame.official.json"
+    from_squad = read_passages(squad)
+    assert from_squad == squad_passages(load_squad(squad)) and len(from_squad) > 10
+    tsv = tmp_path / "p.tsv"
+    write_passages_tsv(tsv, from_squad)
+    assert read_passages(tsv) == read_passages_tsv(tsv) == from_squad
+    a, b, c = from_squad[:3]
+    records = [
+        BiencoderExample("q1", ["x"], [a], [b], [c]),
+        BiencoderExample("q2", ["y"], [b], [], [a, c]),
+    ]
+    path = tmp_path / "b.json"
+    write_biencoder(path, records)
+    assert [p.id for p in read_passages(path)] == [a.id, b.id, c.id]
+    assert read_passages(path)[1] == b
+    write_biencoder(path, [BiencoderExample("q", ["x"], [Passage("t", "T")])])
+    with pytest.raises(ValueError, match=r"b\.json: a context has no passage_id"):
+        read_passages(path)

@@ -195,3 +195,41 @@ def test_gradient_reaches_remote_passages():
     gp_detached = jax.jit(jax.grad(detached, argnums=1))(q, p)
     assert np.abs(np.asarray(gp_detached[g:])).max() == 0.0
     assert not np.allclose(gp_detached, gp_ref, rtol=RTOL, atol=1e-7)
+
+
+def test_a_new_loss_is_one_function_and_one_name(monkeypatch):
+    """Registering a per-question loss in LOSSES is all a new loss takes: the reference, the
+    8-device sharded form (and its gradients) and TrainConfig.loss pick it up. Here a hinge on
+    the margin between the positive and the best other candidate, checked by hand in numpy."""
+    from dpr_jax.retriever.task import TrainConfig
+
+    def hinge(scores, labels):
+        pos = jnp.take_along_axis(scores, labels[:, None], axis=1)[:, 0]
+        others = scores.at[jnp.arange(scores.shape[0]), labels].set(losses.MASKED_SCORE)
+        return jax.nn.relu(1.0 - pos + others.max(axis=1))
+
+    monkeypatch.setitem(losses.LOSSES, "hinge", hinge)
+    assert TrainConfig(init_from="x", loss="hinge").loss == "hinge"
+    with pytest.raises(ValueError, match="TrainConfig.loss: must be one of"):
+        TrainConfig(init_from="x", loss="nope")
+
+    mesh = make_mesh()
+    g, b, d = 2, 16, 4
+    rng = np.random.default_rng(5)
+    q = jnp.asarray(rng.normal(size=(b, d)), jnp.float32)
+    p = jnp.asarray(rng.normal(size=(b * g, d)), jnp.float32)
+    s = np.asarray(q) @ np.asarray(p).T  # (B, B*G): in-batch, every passage a candidate
+    pos = s[np.arange(b), np.arange(b) * g]
+    s[np.arange(b), np.arange(b) * g] = -np.inf
+    want = np.maximum(0.0, 1.0 - pos + s.max(1)).mean()
+
+    kw = dict(group_size=g, loss="hinge")
+    ref = jax.jit(lambda q, p: losses.dpr_loss(q, p, **kw)[0])
+    shard = _sharded(lambda q, p: sharded_dpr_loss(q, p, axis_name="data", **kw)[0], mesh, 2)
+    assert float(ref(q, p)) == pytest.approx(want, rel=RTOL)
+    assert float(shard(q, p)) == pytest.approx(want, rel=RTOL)
+    assert float(losses.dpr_loss(q, p, g)[0]) != pytest.approx(want, rel=1e-3)  # not the NLL
+    gq, gp = jax.grad(lambda q, p: shard(q, p), argnums=(0, 1))(q, p)
+    gq_ref, gp_ref = jax.grad(ref, argnums=(0, 1))(q, p)
+    np.testing.assert_allclose(gq, gq_ref, rtol=RTOL, atol=1e-7)
+    np.testing.assert_allclose(gp, gp_ref, rtol=RTOL, atol=1e-7)

@@ -94,7 +94,7 @@ def _wait(procs: list) -> None:
 def _model_params(workdir: Path) -> dict[str, np.ndarray]:
     from flax.traverse_util import flatten_dict
 
-    from dpr_jax.checkpoint import load_model
+    from dpr_jax.model_dir import load_model
 
     kind, _, params, meta = load_model(workdir / "model", "biencoder")
     assert meta["step"] == STEPS

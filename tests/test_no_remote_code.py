@@ -20,10 +20,10 @@ import sys
 import pytest
 
 from dpr_jax import io as dio
-from dpr_jax.checkpoint import MODEL_FORMAT, load_tokenizer
 from dpr_jax.cli import main
 from dpr_jax.data.tokenize import DPRTokenizer
 from dpr_jax.errors import UserError
+from dpr_jax.model_dir import MODEL_FORMAT, load_tokenizer
 
 EVIL = """\
 import pathlib

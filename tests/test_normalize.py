@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from dpr_jax.checkpoint import MODEL_JSON, load_model, save_model
+from dpr_jax.model_dir import MODEL_JSON, load_model, save_model
 from dpr_jax.models.bert import BertConfig
 from dpr_jax.parallel import make_mesh
 from dpr_jax.retriever import loss as losses
@@ -100,8 +100,8 @@ def unit_model_dir(tiny_biencoder_dir, tmp_path_factory):
 def test_encode_and_retrieve_use_cosine(unit_model_dir, tiny_biencoder_dir):
     from dpr_jax.data.formats import Passage
     from dpr_jax.index import build_index
-    from dpr_jax.retrieve import DenseRetriever
     from dpr_jax.retriever.encode import TowerEncoder
+    from dpr_jax.search import DenseRetriever
 
     passages = [
         Passage(text=f"passage number {i} about topic {i % 3}", title=f"t{i}", id=str(i))

@@ -142,8 +142,8 @@ def test_refused_before_any_work_and_the_victim_is_intact(art, row, capsys):
 
 def test_the_same_kind_is_still_replaced(art, capsys):
     """An index over an index, results over results, a model over a model: replaced."""
-    from dpr_jax.checkpoint import load_model, save_model
     from dpr_jax.index import load_index
+    from dpr_jax.model_dir import load_model, save_model
 
     d = art["dir"]
     old = _digest(art["index"])

@@ -17,6 +17,7 @@ import pytest
 
 from dpr_jax import plan, step_costs
 from dpr_jax.cli import main
+from dpr_jax.trainers import load_any_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")
@@ -174,7 +175,7 @@ def test_fsdp_reduce_scatters_the_gradient(tmp_path):
 def test_fit_returns_the_cheapest_fitting_setting(tmp_path, too_big):
     """Ground truth: compile every candidate of the grid in --fit's own order; the first that
     fits is what --fit must return (it may skip only settings that provably do not fit)."""
-    config = plan.load_any_config(TINY, TOO_BIG)
+    config = load_any_config(TINY, TOO_BIG)
     chip, devices = plan.tpu_topology(TOPOLOGY)
     order = sorted(
         plan.candidate_overrides(config, 4),
@@ -206,7 +207,7 @@ def test_fit_reports_why_nothing_could_be_built(tmp_path, capsys):
     rc = main(["plan", "--config", TINY, "--topology", TOPOLOGY, "--set", "batch_size=6", "--fit",
                "--json", str(out)])  # fmt: skip
     err = capsys.readouterr().err
-    assert rc == 2 and "batch_size 6 is not a multiple of the 4 chips" in err
+    assert rc == 2 and "batch_size = 6 is not a multiple of the 4 chips" in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
@@ -271,11 +272,11 @@ def test_readme_plan_commands_start_without_weights(monkeypatch):
         argv = shlex.split(cmd)[2:]
         opts = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
         sets = [argv[i + 1] for i in range(len(argv) - 1) if argv[i] == "--set"]
-        config = plan.load_any_config(str(REPO / opts["--config"]), sets)
+        config = load_any_config(str(REPO / opts["--config"]), sets)
         _, devices = plan.tpu_topology(opts["--topology"])
         assert plan.build_job(config, devices).param_count > 0, cmd
     for name in ("bert_1b_pair.py", "reader_dpr_bert_base.py", "reader_squad_minilm.py"):
-        config = plan.load_any_config(str(REPO / "configs" / name), [])
+        config = load_any_config(str(REPO / "configs" / name), [])
         _, devices = plan.tpu_topology("v5e:2x2")
         assert plan.build_job(config, devices).param_count > 0, name
 

@@ -10,7 +10,7 @@ import numpy as np
 from test_commands import QUESTIONS, corpus, tiny_reader_dir  # noqa: F401 (fixtures)
 
 from dpr_jax.cli import main
-from dpr_jax.retrieve import DenseRetriever
+from dpr_jax.search import DenseRetriever
 
 
 def _run(capsys, argv):

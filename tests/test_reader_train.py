@@ -115,7 +115,7 @@ def test_read_command_reads_the_same_answers(reference, fixture_path, tmp_path, 
 
 
 def test_resume_gives_identical_params(reference, tmp_path, fixture_path):
-    from dpr_jax.checkpoint import load_model
+    from dpr_jax.model_dir import load_model
 
     ref_dir, _ = reference
     cfg = _config(fixture_path, dev_path="", eval_at_start=False)
@@ -208,7 +208,7 @@ def test_bad_inputs(minilm_dir, tmp_path, fixture_path, capsys):
 
 
 def test_init_from_biencoder_passage_tower(tiny_biencoder_dir, fixture_path):
-    from dpr_jax.checkpoint import load_model
+    from dpr_jax.model_dir import load_model
     from dpr_jax.reader.task import build_reader
 
     cfg = _config(fixture_path, init_from=str(tiny_biencoder_dir), model=None, tokenizer="")

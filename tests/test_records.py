@@ -203,7 +203,7 @@ def test_training_on_records_equals_training_on_json(data, tmp_path, minilm_dir)
     import jax
     from flax.traverse_util import flatten_dict
 
-    from dpr_jax.checkpoint import load_model
+    from dpr_jax.model_dir import load_model
     from dpr_jax.retriever.task import load_config, train_and_evaluate
 
     _, src, out = data

@@ -44,7 +44,7 @@ def _small_vocab_model(d: Path, tiny: Path) -> Path:
     """The tiny bi-encoder (vocab_size 30522) saved with a tokenizer of 8 tokens."""
     import transformers
 
-    from dpr_jax.checkpoint import load_model, save_model
+    from dpr_jax.model_dir import load_model, save_model
 
     (d / "tok").mkdir()
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "is", "in"]
@@ -328,7 +328,7 @@ INTERRUPT_ROWS = [
     ("index", ["index", "--embeddings", "{emb}", "--backend", "exact", "--out", "{tmp}/out"],
      "dpr_jax.index.exact.ExactIndex._build", 0, "no index was written"),
     ("mine", [*MINE[:-1], "{tmp}/out", "--biencoder", "{biencoder}", "--chunk-size", "1"],
-     "dpr_jax.retrieve.DenseRetriever.search", 1, "1 of 2 chunks are finished and kept in"),
+     "dpr_jax.search.DenseRetriever.search", 1, "1 of 2 chunks are finished and kept in"),
 ]  # fmt: skip
 
 
@@ -349,7 +349,7 @@ def test_ctrl_c_says_what_was_kept(art, row, tmp_path, capsys, monkeypatch):
 
 
 def _dense(a):
-    from dpr_jax.retrieve import DenseRetriever
+    from dpr_jax.search import DenseRetriever
 
     return DenseRetriever(a["model"], a["index"])
 
@@ -367,7 +367,7 @@ def _exact(a, ids=("a", "b", "c")):
 
 
 def _hybrid(a):
-    from dpr_jax.retrieve import HybridRetriever
+    from dpr_jax.search import HybridRetriever
 
     return HybridRetriever(_dense(a), _bm25(a))
 

@@ -17,11 +17,10 @@ from jax.sharding import PartitionSpec as P
 from multihost_worker import build_squad_biencoder
 from test_train_step import LOSS, TX, fresh_state, make_batch, tiny_model
 
-from dpr_jax.checkpoint import load_model
-from dpr_jax.parallel import make_mesh
+from dpr_jax.model_dir import load_model
+from dpr_jax.parallel import FSDP_MIN_SIZE, leaf_spec, make_mesh, state_shardings
 from dpr_jax.retriever.step import make_train_step
 from dpr_jax.retriever.task import load_config, train_and_evaluate
-from dpr_jax.sharding import FSDP_MIN_SIZE, leaf_spec, state_shardings
 from dpr_jax.training.state import TrainState
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]

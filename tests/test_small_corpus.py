@@ -1,5 +1,5 @@
 """Retrieval on corpora smaller than k: hybrid retrieval and FAISS IVF-PQ
-(dpr_jax/retrieve.py HybridRetriever, dpr_jax/index/faiss_index.py build parameters).
+(dpr_jax/search.py HybridRetriever, dpr_jax/index/faiss_index.py build parameters).
 
 References are brute force: numpy inner products for the dense side, and the same fusion
 computed at k = the corpus size.
@@ -13,7 +13,7 @@ import pytest
 from dpr_jax.data.bm25 import BM25Retriever
 from dpr_jax.data.formats import Passage, Question
 from dpr_jax.index import build_index
-from dpr_jax.retrieve import HybridRetriever, results_for
+from dpr_jax.search import HybridRetriever, results_for
 
 PASSAGES = [
     Passage(text="the cat sat on the mat", title="Cats", id="a"),

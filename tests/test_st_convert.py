@@ -20,9 +20,9 @@ st = pytest.importorskip(
 
 from conftest import transformers_warnings  # noqa: E402
 
-from dpr_jax.checkpoint import load_model  # noqa: E402
 from dpr_jax.cli import main  # noqa: E402
 from dpr_jax.convert import convert_from_hf, convert_to_hf  # noqa: E402
+from dpr_jax.model_dir import load_model  # noqa: E402
 from dpr_jax.retriever.encode import TowerEncoder  # noqa: E402
 from dpr_jax.st_format import read_st_modules, write_st_modules  # noqa: E402
 

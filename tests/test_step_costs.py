@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dpr_jax import plan, step_costs
+from dpr_jax.models.bert import bert_forward_flops
 
 pytestmark = pytest.mark.skipif(not plan.libtpu_available(), reason="needs libtpu: dpr-jax[tpu]")
 N, D = 4096, 768  # the global [N, D] bf16 array, 1024 rows a chip
@@ -126,5 +127,5 @@ def test_cls_pooling_flops_hand_count():
     h, i, t, s = 64, 128, 10, 3
     full_layer = 2 * s * t * (4 * h * h + 2 * h * i) + 4 * s * t * t * h
     last = 2 * s * t * 2 * h * h + 2 * s * (2 * h * h + 2 * h * i) + 4 * s * t * h
-    assert plan._bert_flops_fwd(bert, s, t) == 2 * full_layer
-    assert plan._bert_flops_fwd(bert, s, t, first_only=True) == full_layer + last
+    assert bert_forward_flops(bert, s, t) == 2 * full_layer
+    assert bert_forward_flops(bert, s, t, first_only=True) == full_layer + last

@@ -27,10 +27,10 @@ import numpy as np
 import pytest
 from multihost_worker import build_squad_biencoder
 
-from dpr_jax.checkpoint import load_model
 from dpr_jax.cli import main
 from dpr_jax.cli.train import cli_main
 from dpr_jax.data.formats import BiencoderExample, Passage
+from dpr_jax.model_dir import load_model
 from dpr_jax.retriever.batching import BatchSpec, BiencoderBatches, DataPosition
 from dpr_jax.retriever.task import TrainConfig, load_config, train_and_evaluate
 from dpr_jax.training.checkpoints import CheckpointError

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 from conftest import FOUR_PASSAGES, TWO_QUESTIONS
 
-from dpr_jax.checkpoint import MODEL_FORMAT, MODEL_JSON, load_model
 from dpr_jax.cli import main
 from dpr_jax.data.formats import (
     BiencoderExample,
@@ -30,6 +29,7 @@ from dpr_jax.data.formats import (
     write_qas_tsv,
 )
 from dpr_jax.io import write_manifest
+from dpr_jax.model_dir import MODEL_FORMAT, MODEL_JSON, load_model
 from dpr_jax.provenance import ProvenanceError, vectors_fingerprint
 
 PASSAGES = [*FOUR_PASSAGES, Passage("The Nile is a long river in Africa.", "Nile", "p4"),

@@ -15,32 +15,53 @@ import os
 import sys
 
 from dpr_jax.cli.errors import run_command
+from dpr_jax.registry import Registry
 
-# subcommand -> (module under dpr_jax.cli, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "convert": ("convert", "Hugging Face <-> dpr-jax checkpoints (both ways)"),
-    "add-manifest": ("add_manifest", "checksums for a model directory of an older dpr-jax"),
-    "prepare-squad": ("prepare_squad", "SQuAD JSON -> passages TSV, qas TSV, biencoder JSON"),
-    "convert-data": ("convert_data", "biencoder JSON -> ArrayRecord directory (per-host reads)"),
-    "train": ("train", "contrastive training of the bi-encoder"),
-    "encode": ("encode", "encode a passage corpus into embedding shards"),
-    "index": ("index", "build a ScaNN / FAISS / exact index from embeddings"),
-    "retrieve": ("retrieve", "retrieve passages for questions (dense, BM25, hybrid)"),
-    "evaluate": ("evaluate", "top-k accuracy of a retrieval-results JSON"),
-    "mine": ("mine", "hard negatives from a dense retriever (biencoder file)"),
-    "train-reader": ("train_reader", "train the extractive reader"),
-    "plot": ("plot", "training curves of runs overlaid in one picture (metrics.jsonl -> PNG)"),
-    "read": ("read", "read answers from retrieval results (EM / F1)"),
-    "ask": ("ask", "question -> passages -> answer"),
-    "plan": ("plan", "will a config fit a TPU slice? AOT-compile its train step (memory, MFU)"),
-    "quickstart": ("quickstart", "the README's main job on SQuAD, end to end"),
+# subcommand -> "module:function" (imported when the subcommand runs), and its one-line help
+COMMANDS = Registry(
+    {
+        "convert": "dpr_jax.cli.convert:cli_main",
+        "add-manifest": "dpr_jax.cli.add_manifest:cli_main",
+        "prepare-squad": "dpr_jax.cli.prepare_squad:cli_main",
+        "convert-data": "dpr_jax.cli.convert_data:cli_main",
+        "train": "dpr_jax.cli.train:cli_main",
+        "encode": "dpr_jax.cli.encode:cli_main",
+        "index": "dpr_jax.cli.index:cli_main",
+        "retrieve": "dpr_jax.cli.retrieve:cli_main",
+        "evaluate": "dpr_jax.cli.evaluate:cli_main",
+        "mine": "dpr_jax.cli.mine:cli_main",
+        "train-reader": "dpr_jax.cli.train_reader:cli_main",
+        "plot": "dpr_jax.cli.plot:cli_main",
+        "read": "dpr_jax.cli.read:cli_main",
+        "ask": "dpr_jax.cli.ask:cli_main",
+        "plan": "dpr_jax.cli.plan:cli_main",
+        "quickstart": "dpr_jax.cli.quickstart:cli_main",
+    }
+)
+HELP = {
+    "convert": "Hugging Face <-> dpr-jax checkpoints (both ways)",
+    "add-manifest": "checksums for a model directory of an older dpr-jax",
+    "prepare-squad": "SQuAD JSON -> passages TSV, qas TSV, biencoder JSON",
+    "convert-data": "biencoder JSON -> ArrayRecord directory (per-host reads)",
+    "train": "contrastive training of the bi-encoder",
+    "encode": "encode a passage corpus into embedding shards",
+    "index": "build a ScaNN / FAISS / exact index from embeddings",
+    "retrieve": "retrieve passages for questions (dense, BM25, hybrid)",
+    "evaluate": "top-k accuracy of a retrieval-results JSON",
+    "mine": "hard negatives from a dense retriever (biencoder file)",
+    "train-reader": "train the extractive reader",
+    "plot": "training curves of runs overlaid in one picture (metrics.jsonl -> PNG)",
+    "read": "read answers from retrieval results (EM / F1)",
+    "ask": "question -> passages -> answer",
+    "plan": "will a config fit a TPU slice? AOT-compile its train step (memory, MFU)",
+    "quickstart": "the README's main job on SQuAD, end to end",
 }
 
 
 def _usage() -> str:
     width = max(len(name) for name in COMMANDS)
     lines = ["usage: dpr-jax <command> [options]", "", "commands:"]
-    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<{width}}  {HELP[name]}" for name in COMMANDS]
     lines += ["", "`dpr-jax <command> --help` for the options of one command."]
     return "\n".join(lines)
 
@@ -148,5 +169,4 @@ def main(argv: list[str] | None = None) -> int:
         train_xla_flags()
     if name == "plan":
         plan_env(rest)
-    module = importlib.import_module(f"dpr_jax.cli.{COMMANDS[name][0]}")
-    return run_command(name, module.cli_main, rest)
+    return run_command(name, COMMANDS.load(name), rest)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from dpr_jax.checkpoint import MANIFEST, add_manifest
 from dpr_jax.cli.errors import command_parser
+from dpr_jax.model_dir import MANIFEST, add_manifest
 
 
 def cli_main(argv: list[str] | None = None) -> int:

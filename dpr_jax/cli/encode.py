@@ -12,18 +12,10 @@ from pathlib import Path
 
 from dpr_jax.cli.errors import command_parser
 from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE
-from dpr_jax.data.formats import read_passages_tsv
+from dpr_jax.data.corpus import read_passages
 from dpr_jax.data.questions import is_tfds_spec, read_questions
-from dpr_jax.data.squad import load_squad, squad_passages
 from dpr_jax.io import EMBEDDINGS, FILE, atomic_save_npy, check_output
 from dpr_jax.retriever.encode import DTYPES, TowerEncoder, encode_corpus
-
-
-def _read_passages(path: str):
-
-    if path.endswith(".json"):
-        return squad_passages(load_squad(path))
-    return read_passages_tsv(path)
 
 
 def cli_main(argv: list[str] | None = None) -> int:
@@ -68,7 +60,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         print(f"{len(texts):,} questions from {args.questions} -> {out} "
               f"in {time.time() - t0:.1f}s", file=sys.stderr)  # fmt: skip
         return 0
-    passages = _read_passages(args.passages)
+    passages = read_passages(args.passages)
     print(f"{len(passages):,} passages from {args.passages}", file=sys.stderr)
     encode_corpus(
         args.model, passages, args.out, shard, num_shards, args.chunk_size, args.batch_size,

@@ -11,9 +11,9 @@ from typing import Any
 
 from dpr_jax.cli.errors import command_parser
 from dpr_jax.cli.options import parse_ks
-from dpr_jax.data.formats import atomic_write_text, read_retrieval_results
+from dpr_jax.data.formats import read_retrieval_results
 from dpr_jax.evaluate import MATCH_TYPES, ann_recall, count_without_answers, top_k_accuracy
-from dpr_jax.io import FILE, check_output
+from dpr_jax.io import FILE, atomic_write_text, check_output
 
 
 def format_table(rows: list[tuple[str, str]], header: tuple[str, str]) -> str:

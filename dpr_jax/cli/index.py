@@ -23,12 +23,10 @@ from pathlib import Path
 
 from dpr_jax.cli.errors import command_parser
 from dpr_jax.cli.options import POSITIVE, add_quiet, number
-from dpr_jax.embeddings import check_complete, load_embeddings
 from dpr_jax.errors import Interrupted
-from dpr_jax.index.base import BACKENDS, index_class
+from dpr_jax.index.backends import BACKENDS, index_class, load_for_index
 from dpr_jax.index.tune import tune
 from dpr_jax.io import INDEX, check_output, note
-from dpr_jax.provenance import index_meta_for_embeddings
 
 
 def parse_option(text: str) -> tuple[str, object]:
@@ -104,11 +102,9 @@ def cli_main(argv: list[str] | None = None) -> int:
 
 def _build_and_save(args, index) -> int:
     """Load the embeddings, build, tune and save the index (``index`` checked, not built)."""
-    provenance = index_meta_for_embeddings(args.embeddings)  # a mismatch fails before loading
-    partial = [line for d in args.embeddings for line in check_complete(d)]
     t0 = time.time()
-    ids, emb = load_embeddings(args.embeddings, verify=not args.no_verify, show_progress=not args.quiet,
-                               allow_partial=args.allow_partial)  # fmt: skip
+    ids, emb, meta = load_for_index(args.embeddings, verify=not args.no_verify,
+                                    allow_partial=args.allow_partial, show_progress=not args.quiet)  # fmt: skip
     t_load = time.time() - t0
     print(f"{len(ids):,} vectors of dim {emb.shape[1]} from {len(args.embeddings)} "
           f"director{'y' if len(args.embeddings) == 1 else 'ies'} in {t_load:.1f}s",
@@ -116,11 +112,7 @@ def _build_and_save(args, index) -> int:
     tune_queries = None
     if args.tune_queries is not None:
         tune_queries = load_tune_queries(args.tune_queries, emb.shape[1])
-    index.meta = {
-        **provenance,
-        "allow_partial": args.allow_partial,
-        "partial": partial,
-    }
+    index.meta = meta
     t0 = time.time()
     note(f"building {args.backend} index of {len(ids):,} vectors", not args.quiet)
     index.build(emb, ids)

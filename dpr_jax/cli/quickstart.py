@@ -23,20 +23,25 @@ import numpy as np
 
 from dpr_jax.cli.errors import Parser, command_parser
 from dpr_jax.cli.options import FRACTION, NON_NEGATIVE, POSITIVE, add_quiet
+from dpr_jax.convert import convert_from_hf
 from dpr_jax.data.answers import exact_match_score, f1_score
 from dpr_jax.data.bm25 import BM25Retriever
-from dpr_jax.data.formats import squad_questions, write_passages_tsv, write_retrieval_results
-from dpr_jax.data.squad import CHUNKINGS, load_squad, split_articles, squad_passages
-from dpr_jax.embeddings import load_embeddings, read_config
+from dpr_jax.data.formats import write_passages_tsv, write_retrieval_results
+from dpr_jax.data.squad import (
+    CHUNKINGS,
+    load_squad,
+    split_articles,
+    squad_passages,
+    squad_questions,
+)
 from dpr_jax.evaluate import top_k_accuracy
 from dpr_jax.index import build_index, load_index
 from dpr_jax.io import note
 from dpr_jax.io import progress as progress_bar
 from dpr_jax.pipeline import QAPipeline
-from dpr_jax.provenance import index_meta_from_embeddings
 from dpr_jax.reader.task import ReaderTrainConfig, train_and_evaluate
-from dpr_jax.retrieve import DenseRetriever, HybridRetriever, results_for
 from dpr_jax.retriever.encode import encode_corpus
+from dpr_jax.search import DenseRetriever, HybridRetriever, results_for
 from dpr_jax.training.config import minilm_path
 
 
@@ -164,12 +169,10 @@ def _scann_index(model_dir: Path, corpus: list, work: Path, tag: str, say):
     encode_corpus(model_dir, corpus, emb_dir, chunk_size=2048, bucket=32)
     index_dir = work / f"index-scann-{model_dir.name}{tag}"
     if not index_dir.exists():
-        ids, emb = load_embeddings(emb_dir)
         t0 = time.time()
-        index = build_index("scann", emb, ids)
-        index.meta = index_meta_from_embeddings([emb_dir], [read_config(emb_dir)])
+        index = build_index("scann", emb_dir)  # records the model and passages it came from
         index.save(index_dir)
-        say(f"ScaNN index of {len(ids):,} vectors built in {time.time() - t0:.1f}s")
+        say(f"ScaNN index of {index.size:,} vectors built in {time.time() - t0:.1f}s")
     return load_index(index_dir)
 
 
@@ -207,8 +210,6 @@ def _answer_all(
 
 def cli_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-
-    from dpr_jax.convert import convert_from_hf
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

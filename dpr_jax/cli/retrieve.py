@@ -1,6 +1,6 @@
 """`dpr-jax retrieve`: retrieve top-k passages per question and write DPR's retrieval-results JSON.
 
-The command line over :mod:`dpr_jax.retrieve`.
+The command line over :mod:`dpr_jax.search`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from dpr_jax import __version__
 from dpr_jax.cli.errors import command_parser
 from dpr_jax.cli.options import POSITIVE, add_quiet, number
 from dpr_jax.data.bm25 import BM25Retriever
-from dpr_jax.data.formats import read_passages_tsv, write_retrieval_results
+from dpr_jax.data.corpus import read_passages
+from dpr_jax.data.formats import write_retrieval_results
 from dpr_jax.data.questions import describe, is_tfds_spec, read_questions
 from dpr_jax.errors import UsageError
 from dpr_jax.io import BM25, FILE, check_output
 from dpr_jax.provenance import check_passages
-from dpr_jax.retrieve import DenseRetriever, HybridRetriever, results_for
+from dpr_jax.search import DenseRetriever, HybridRetriever, results_for
 
 
 def _build_retriever(args, passages_list):
@@ -75,7 +76,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         check_output(args.bm25_index, BM25, [*inputs, args.out], what="--bm25-index")
 
     questions = read_questions(args.questions)
-    passages_list = read_passages_tsv(args.passages)
+    passages_list = read_passages(args.passages)
     passages = {str(p.id): p for p in passages_list}
     if not questions:
         raise ValueError(f"{args.questions}: no questions (empty)")

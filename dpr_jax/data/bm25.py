@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from dpr_jax.data.answers import AnswerMatcher
-from dpr_jax.data.questions import question_texts
+from dpr_jax.data.checks import question_texts
 from dpr_jax.errors import ProvenanceError, optional_import
 from dpr_jax.io import BM25, check_output, fingerprint_passages, staged_dir
 from dpr_jax.io import progress as progress_bar
@@ -66,9 +66,8 @@ def _stopword_set(name: str | None) -> frozenset[str]:
         return frozenset()
     if name != "en":
         raise ValueError(f"stopwords must be 'en' or None, got {name!r}")
-    from bm25s.tokenization import STOPWORDS_EN
-
-    return frozenset(STOPWORDS_EN)
+    tokenization = optional_import("bm25s.tokenization", "bm25", "BM25 stopwords")
+    return frozenset(tokenization.STOPWORDS_EN)
 
 
 class BM25Retriever:
@@ -231,7 +230,7 @@ class BM25Retriever:
         return self
 
 
-def mine_hard_negatives(
+def bm25_hard_negatives(
     retriever: BM25Retriever,
     questions: Sequence[str],
     answers: Sequence[Sequence[str]],

@@ -15,8 +15,8 @@ pyserini's and ours are interchangeable:
 - **qas** (``nq-test.csv``, tab separated despite the name): ``question<TAB>answers`` where
   ``answers`` is a Python list literal (``['Linda Davis']``), parsed with ``ast.literal_eval``
   (never ``eval``); an optional third column is the question id. :func:`read_qas` also reads
-  NQ-open JSONL (``{"question": ..., "answer": [...]}``) and SQuAD JSON (via
-  :mod:`dpr_jax.data.squad`).
+  NQ-open JSONL (``{"question": ..., "answer": [...]}``); SQuAD JSON is :mod:`dpr_jax.data.squad`'s,
+  and :func:`dpr_jax.data.questions.read_questions` reads all of them.
 - **biencoder JSON** (``biencoder-nq-train.json``): a list of
   ``{question, answers, positive_ctxs, negative_ctxs, hard_negative_ctxs}``, each ctx
   ``{title, text, passage_id?, score?}``. JSON list, JSONL, optionally gzipped.
@@ -59,7 +59,8 @@ from dpr_jax.data.textio import (
     load_json,
     one_line,
 )
-from dpr_jax.io import FILE, atomic_open, atomic_write_text, check_output  # noqa: F401  (re-exported)
+from dpr_jax.errors import UserError
+from dpr_jax.io import FILE, atomic_open, atomic_write_text, check_output
 
 logger = logging.getLogger(__name__)
 
@@ -283,11 +284,11 @@ def _question_from_record(rec: Any, where: str) -> Question:
 
 
 def read_qas(path: str | Path) -> list[Question]:
-    """Questions with answers from a DPR qas TSV/CSV, NQ-open JSONL or SQuAD JSON file.
+    """Questions with answers from a DPR qas TSV/CSV or NQ-open JSONL file (SQuAD JSON too,
+    through :func:`dpr_jax.data.questions.read_questions`).
 
-    - ``*.json`` holding ``{"data": [...]}``: SQuAD v1.1 (every question of every paragraph);
-      holding a list: records with ``question`` and ``answers`` (or ``answer``), e.g. a
-      retrieval-results or biencoder file.
+    - ``*.json`` holding a list: records with ``question`` and ``answers`` (or ``answer``), e.g.
+      a retrieval-results or biencoder file.
     - ``*.jsonl[.gz]``: one ``{"question": ..., "answer"|"answers": [...], "id"?}`` per line.
     - anything else: tab-separated ``question, answers-list-literal[, id]``.
     """
@@ -296,9 +297,12 @@ def read_qas(path: str | Path) -> list[Question]:
     if name.endswith(".json"):
         data = load_json(path)
         if isinstance(data, dict) and "data" in data:
-            return squad_questions(parse_squad(data, path))
+            raise UserError(
+                f"{path}: SQuAD JSON; read its questions with dpr_jax.read_questions "
+                "(dpr_jax.data.questions)"
+            )
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected SQuAD JSON ({{'data': ...}}) or a list of records")
+            raise ValueError(f"{path}: expected a list of question records")
         return [_question_from_record(r, f"{path}, record {i}") for i, r in enumerate(data)]
     if name.endswith(".jsonl"):
         return [_question_from_record(r, f"{path}, {w}") for w, r in _json_records(path)]
@@ -577,82 +581,3 @@ def write_reader_predictions(
 def read_reader_predictions(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     return [_prediction_record(r, f"{path}, {w}") for w, r in _json_records(path)]
-
-
-# ---------------------------------------------------------------------------------------------
-# SQuAD v1.1 JSON (read here so that read_qas accepts it; dpr_jax.data.squad builds on it)
-
-
-@dataclasses.dataclass(frozen=True)
-class SquadQA:
-    id: str
-    question: str
-    answers: tuple[str, ...]
-    answer_starts: tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class SquadParagraph:
-    context: str
-    qas: tuple[SquadQA, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class SquadArticle:
-    title: str
-    paragraphs: tuple[SquadParagraph, ...]
-
-
-def _need(d: Any, key: str, kind: type, where: str) -> Any:
-    if not isinstance(d, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
-    if key not in d:
-        raise ValueError(f"{where}: missing field {key!r}")
-    value = d[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"{where}.{key}: expected {kind.__name__}, got {type(value).__name__}")
-    return value
-
-
-def parse_squad(data: Any, source: str | Path = "<squad>") -> list[SquadArticle]:
-    """Validate a SQuAD v1.1 JSON object and convert it; errors name ``source`` and the field."""
-    articles = []
-    for a, art in enumerate(_need(data, "data", list, f"{source}")):
-        aw = f"{source}: data[{a}]"
-        title = _need(art, "title", str, aw)
-        paragraphs = []
-        for p, par in enumerate(_need(art, "paragraphs", list, aw)):
-            pw = f"{aw}.paragraphs[{p}]"
-            context = _need(par, "context", str, pw)
-            qas = []
-            for q, qa in enumerate(_need(par, "qas", list, pw)):
-                qw = f"{pw}.qas[{q}]"
-                question = _need(qa, "question", str, qw)
-                qid = str(qa.get("id", f"{a}-{p}-{q}"))
-                texts, starts = [], []
-                for j, ans in enumerate(_need(qa, "answers", list, qw)):
-                    aw2 = f"{qw}.answers[{j}]"
-                    text = _need(ans, "text", str, aw2)
-                    start = _need(ans, "answer_start", int, aw2)
-                    if text not in texts:
-                        texts.append(text)
-                        starts.append(start)
-                if not texts:
-                    raise ValueError(f"{qw}: no answers (SQuAD v2 unanswerable questions are "
-                                     "not supported)")  # fmt: skip
-                qas.append(SquadQA(qid, question, tuple(texts), tuple(starts)))
-            paragraphs.append(SquadParagraph(context, tuple(qas)))
-        articles.append(SquadArticle(title, tuple(paragraphs)))
-    return articles
-
-
-def squad_questions(
-    articles: Sequence[SquadArticle], article_indices: Sequence[int] | None = None
-) -> list[Question]:
-    idx = range(len(articles)) if article_indices is None else article_indices
-    return [
-        Question(qa.question, list(qa.answers), qa.id)
-        for a in idx
-        for par in articles[a].paragraphs
-        for qa in par.qas
-    ]

@@ -25,8 +25,10 @@ import re
 from pathlib import Path
 
 from dpr_jax.data.formats import Question, read_qas
+from dpr_jax.data.squad import parse_squad, squad_questions
+from dpr_jax.data.textio import load_json
 from dpr_jax.data.tfds_source import SPLITS, load_tfds_questions
-from dpr_jax.errors import ArgumentTypeError, UserError
+from dpr_jax.errors import UserError
 
 TFDS_PREFIX = "tfds:"
 
@@ -92,37 +94,21 @@ def read_questions(
     """
     if is_tfds_spec(spec):
         return _read_tfds(str(spec), data_dir, limit)
-    questions = read_qas(spec)
+    questions = _read_file(Path(spec))
     return questions if limit is None else questions[:limit]
+
+
+def _read_file(path: Path) -> list[Question]:
+    """A qas TSV/CSV or NQ-open JSONL (:func:`dpr_jax.data.formats.read_qas`), or SQuAD JSON
+    (every question of every paragraph)."""
+    if path.name.removesuffix(".gz").endswith(".json"):
+        data = load_json(path)
+        if isinstance(data, dict) and "data" in data:
+            return squad_questions(parse_squad(data, path))
+    return read_qas(path)
 
 
 def describe(spec: str | Path) -> str:
     """How an artifact's config records the questions: the tfds spec, or the file's absolute
     path."""
     return str(spec) if is_tfds_spec(spec) else str(Path(spec).absolute())
-
-
-def question_texts(questions, what: str = "questions") -> list[str]:
-    """``questions`` as a list of question strings, or :class:`UserError`: one string (which
-    would be searched character by character), a non-string item (None, a number, a
-    :class:`~dpr_jax.data.formats.Question`: give ``q.question``) or an empty string, named by
-    its position. The one check of every retriever's ``search`` (dense, BM25, hybrid)."""
-    if isinstance(questions, (str, bytes)):
-        raise ArgumentTypeError(
-            f"{what}: expected a list of question strings, got one string; "
-            "wrap it in a list: search([question], k)"
-        )
-    try:
-        texts = list(questions)
-    except TypeError:
-        raise ArgumentTypeError(
-            f"{what}: expected a list of question strings, got {type(questions).__name__}"
-        ) from None
-    for i, q in enumerate(texts):
-        if not isinstance(q, str):
-            raise ArgumentTypeError(
-                f"{what}[{i}]: expected a question string, got {type(q).__name__} ({q!r:.40})"
-            )
-        if not q.strip():
-            raise UserError(f"{what}[{i}]: an empty question")
-    return texts

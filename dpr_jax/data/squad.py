@@ -57,22 +57,96 @@ import numpy as np
 from tqdm import tqdm
 
 from dpr_jax.data.answers import AnswerMatcher
-from dpr_jax.data.bm25 import BM25Retriever, mine_hard_negatives
+from dpr_jax.data.bm25 import BM25Retriever, bm25_hard_negatives
 from dpr_jax.data.formats import (
     BiencoderExample,
     Passage,
     Question,
-    SquadArticle,
-    SquadQA,
-    atomic_open,
-    atomic_write_text,
     open_text,
-    parse_squad,
     write_biencoder,
     write_passages_tsv,
     write_qas_tsv,
 )
-from dpr_jax.io import SQUAD_DATA, check_output
+from dpr_jax.io import SQUAD_DATA, atomic_open, atomic_write_text, check_output
+
+# ---------------------------------------------------------------------------------------------
+# SQuAD v1.1 JSON
+
+
+@dataclasses.dataclass(frozen=True)
+class SquadQA:
+    id: str
+    question: str
+    answers: tuple[str, ...]
+    answer_starts: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SquadParagraph:
+    context: str
+    qas: tuple[SquadQA, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SquadArticle:
+    title: str
+    paragraphs: tuple[SquadParagraph, ...]
+
+
+def _need(d: Any, key: str, kind: type, where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    if key not in d:
+        raise ValueError(f"{where}: missing field {key!r}")
+    value = d[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{where}.{key}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def parse_squad(data: Any, source: str | Path = "<squad>") -> list[SquadArticle]:
+    """Validate a SQuAD v1.1 JSON object and convert it; errors name ``source`` and the field."""
+    articles = []
+    for a, art in enumerate(_need(data, "data", list, f"{source}")):
+        aw = f"{source}: data[{a}]"
+        title = _need(art, "title", str, aw)
+        paragraphs = []
+        for p, par in enumerate(_need(art, "paragraphs", list, aw)):
+            pw = f"{aw}.paragraphs[{p}]"
+            context = _need(par, "context", str, pw)
+            qas = []
+            for q, qa in enumerate(_need(par, "qas", list, pw)):
+                qw = f"{pw}.qas[{q}]"
+                question = _need(qa, "question", str, qw)
+                qid = str(qa.get("id", f"{a}-{p}-{q}"))
+                texts, starts = [], []
+                for j, ans in enumerate(_need(qa, "answers", list, qw)):
+                    aw2 = f"{qw}.answers[{j}]"
+                    text = _need(ans, "text", str, aw2)
+                    start = _need(ans, "answer_start", int, aw2)
+                    if text not in texts:
+                        texts.append(text)
+                        starts.append(start)
+                if not texts:
+                    raise ValueError(f"{qw}: no answers (SQuAD v2 unanswerable questions are "
+                                     "not supported)")  # fmt: skip
+                qas.append(SquadQA(qid, question, tuple(texts), tuple(starts)))
+            paragraphs.append(SquadParagraph(context, tuple(qas)))
+        articles.append(SquadArticle(title, tuple(paragraphs)))
+    return articles
+
+
+def squad_questions(
+    articles: Sequence[SquadArticle], article_indices: Sequence[int] | None = None
+) -> list[Question]:
+    idx = range(len(articles)) if article_indices is None else article_indices
+    return [
+        Question(qa.question, list(qa.answers), qa.id)
+        for a in idx
+        for par in articles[a].paragraphs
+        for qa in par.qas
+    ]
+
 
 SQUAD_URLS = {
     "train": "https://rajpurkar.github.io/SQuAD-explorer/dataset/train-v1.1.json",
@@ -340,7 +414,7 @@ def build_split(
         retriever = BM25Retriever(passages, show_progress=False, **(bm25_options or {}))
         timings["bm25_index_s"] = time.time() - t1
         t2 = time.time()
-        negs, neg_scores = mine_hard_negatives(
+        negs, neg_scores = bm25_hard_negatives(
             retriever,
             [qa.question for qa in kept_qas],
             [qa.answers for qa in kept_qas],

@@ -36,7 +36,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import datetime
-import importlib
 import math
 import shutil
 import tempfile
@@ -53,16 +52,6 @@ INDEX_CONFIG = "index_config.json"
 MANIFEST = "manifest.json"
 IDS_FILE = "ids.npy"
 FORMAT = "dpr-jax-index/1"
-
-# backend name -> (module, class); imported lazily so that faiss / scann are only needed when used
-BACKENDS: dict[str, tuple[str, str]] = {
-    "exact": ("dpr_jax.index.exact", "ExactIndex"),
-    "scann": ("dpr_jax.index.scann_index", "ScannIndex"),
-    "scann-bf": ("dpr_jax.index.scann_index", "ScannBruteForceIndex"),
-    "faiss-flat": ("dpr_jax.index.faiss_index", "FaissFlatIndex"),
-    "faiss-hnsw": ("dpr_jax.index.faiss_index", "FaissHNSWIndex"),
-    "faiss-ivfpq": ("dpr_jax.index.faiss_index", "FaissIVFPQIndex"),
-}
 
 
 INT_MAX = 2**31 - 1  # FAISS and ScaNN take C ints
@@ -445,50 +434,4 @@ def read_index_config(directory: str | Path) -> dict:
     for field in ("backend", "dim", "size"):
         if field not in config:
             raise IndexIntegrityError(f"{p}: missing field {field!r}")
-    if config["backend"] not in BACKENDS:
-        raise ValueError(f"{p}: unknown backend {config['backend']!r} (have {sorted(BACKENDS)})")
     return config
-
-
-# -- registry ------------------------------------------------------------------------------------
-
-
-def index_class(backend: str) -> type[Index]:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown index backend {backend!r}; choose from {sorted(BACKENDS)}")
-    module, name = BACKENDS[backend]
-    return getattr(importlib.import_module(module), name)
-
-
-def build_index(backend: str, emb, ids=None, **options) -> Index:
-    """Build an index of ``backend`` (see ``BACKENDS``) over ``emb`` with ids ``ids``.
-
-    ``emb`` is an (N, dim) array with ``ids`` (N,), or an embeddings directory (or a list of
-    them) written by :func:`dpr_jax.encode_corpus` / ``dpr-jax encode``: then the vectors and ids
-    are loaded from it and the index's ``meta`` records the model and passages they came from,
-    as ``dpr-jax index`` does, so that :class:`~dpr_jax.DenseRetriever` and
-    :class:`~dpr_jax.QAPipeline` can check them. An index built from bare arrays records none.
-    """
-    from dpr_jax.embeddings import load_embeddings
-    from dpr_jax.provenance import index_meta_for_embeddings
-
-    index = index_class(backend)(**options)  # options checked before any work
-    dirs = [emb] if isinstance(emb, (str, Path)) else emb
-    if isinstance(dirs, (list, tuple)) and dirs and all(isinstance(d, (str, Path)) for d in dirs):
-        if ids is not None:
-            raise UserError(
-                "build_index: the ids come from the embeddings directories; give no ids"
-            )
-        index.meta = index_meta_for_embeddings(dirs)  # a model mismatch fails before loading
-        ids, emb = load_embeddings(dirs)
-    elif ids is None:
-        raise UserError("build_index: give the ids of the embeddings' rows (or a directory)")
-    return index.build(emb, ids)
-
-
-def load_index(path: str | Path, verify: bool = True) -> Index:
-    """Load any saved index; the backend is read from its index_config.json."""
-    path = Path(path)
-    verify_manifest(path, checksums=verify)
-    backend = read_index_config(path)["backend"]
-    return index_class(backend).load(path, verify=False)  # already verified above

@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dpr_jax.chips import tpu_slice
 from dpr_jax.index.base import Index, Opt
 
 STORE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -206,14 +207,9 @@ class ExactIndex(Index):
 
 # -- memory per device ---------------------------------------------------------------------------
 
-# chips and HBM bytes per chip of some TPU slices (Cloud TPU docs: v5e 16 GiB, v4 32 GiB,
-# v5p 95 GiB per chip)
-TPU_TOPOLOGIES: dict[str, tuple[int, int]] = {
-    "v5e:2x2": (4, 16 * 2**30),
-    "v5e:2x4": (8, 16 * 2**30),
-    "v5e:4x4": (16, 16 * 2**30),
-    "v4:2x2x1": (4, 32 * 2**30),
-    "v5p:2x2x1": (4, 95 * 2**30),
+# chips and usable HBM bytes per chip of some TPU slices (dpr_jax.chips: the planner's table)
+TPU_TOPOLOGIES: dict[str, tuple[int, float]] = {
+    name: tpu_slice(name) for name in ("v5e:2x2", "v5e:2x4", "v5e:4x4", "v4:2x2x1", "v5p:2x2x1")
 }
 
 

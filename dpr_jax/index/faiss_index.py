@@ -32,6 +32,7 @@ import numpy as np
 
 from dpr_jax.errors import optional_import
 from dpr_jax.index.base import Index, Opt
+from dpr_jax.index.tune import ladder
 
 FAISS_FILE = "faiss.index"
 
@@ -160,8 +161,6 @@ class FaissHNSWIndex(FaissIndex):
 
     def tune_space(self, k):
         """efSearch from k to max(4096, 8 k) (FAISS searches with max(efSearch, k))."""
-        from dpr_jax.index.tune import ladder
-
         return [("ef_search", ladder(k, max(4096, 8 * k), ratio=1.2))]
 
     def _params(self, k, ef_search=None):
@@ -300,8 +299,6 @@ class FaissIVFPQIndex(FaissIndex):
 
     def tune_space(self, k):
         """nprobe from 1 to nlist, then the refine k_factor from 1 to 256 (with refine)."""
-        from dpr_jax.index.tune import ladder
-
         space = [("nprobe", ladder(1, int(self.options["nlist"])))]
         if self.options["refine"]:
             space.append(("k_factor", ladder(1, max(1, min(256, self.size // k)))))

@@ -142,8 +142,9 @@ class ScannIndex(Index):
     def _builder(self, emb: np.ndarray):
         sp = import_scann()
         o = self.options
-        from scann.scann_ops.py.scann_builder import ReorderType
-
+        ReorderType = optional_import(  # noqa: N806 (scann's class)
+            "scann.scann_ops.py.scann_builder", "scann", "the ScaNN index"
+        ).ReorderType
         b = sp.builder(emb, int(o["num_neighbors"]), "dot_product")
         b = b.set_n_training_threads(int(o["training_threads"]))
         if o["num_leaves"]:

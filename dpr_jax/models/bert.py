@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from dpr_jax.io import read_json_object
 from dpr_jax.models.fsdp import FsdpGather, fsdp_wrap
+from dpr_jax.models.kind import ModelKind, without_pooler
 
 Array = jax.Array
 
@@ -426,3 +427,41 @@ def init_bert_params(config: BertConfig, rng: Array, add_pooling_layer: bool = T
     """Random parameters (HF initialisation: N(0, initializer_range), zero biases)."""
     ids = jnp.zeros((1, 8), jnp.int32)
     return BertModule(config, add_pooling_layer=add_pooling_layer).init(rng, ids)["params"]
+
+
+def bert_forward_flops(bert, sequences: int, tokens: int, first_only: bool = False) -> float:
+    """Forward FLOPs of ``sequences`` x ``tokens`` through BERT's layers: the weight matmuls
+    (2 x tokens x (4H^2 + 2HI) a layer) and attention's two batched matmuls (QK^T and PV,
+    2 x 2 x T^2 x H a layer per sequence). ``first_only`` ([CLS] and pooler pooling): the last
+    layer computes position 0 alone (keys and values of every position, the query, attention
+    output and feed-forward of one), as :class:`dpr_jax.models.bert.BertModule` does. Embedding
+    lookups, LayerNorm, softmax and biases are not counted."""
+    h, i, n_layers = bert.hidden_size, bert.intermediate_size, bert.num_hidden_layers
+    matmul = 2.0 * sequences * tokens * (4 * h * h + 2 * h * i)
+    attention = 4.0 * sequences * tokens * tokens * h
+    if not first_only:
+        return n_layers * (matmul + attention)
+    last = (
+        2.0 * sequences * (tokens * 2 * h * h + 2 * h * h + 2 * h * i)
+        + 4.0 * sequences * tokens * h
+    )
+    return (n_layers - 1) * (matmul + attention) + last
+
+
+class PlainBertConfig(NamedTuple):
+    """The config of a ``bert`` model directory: a plain BERT, with or without its pooler."""
+
+    bert: BertConfig
+    add_pooling_layer: bool = True
+
+
+BERT = ModelKind(
+    name="bert",
+    config_from_dict=lambda d: PlainBertConfig(
+        BertConfig.from_dict(d["bert"]), bool(d.get("add_pooling_layer", True))
+    ),
+    config_to_dict=lambda c: {"bert": c.bert.to_dict(), "add_pooling_layer": c.add_pooling_layer},
+    init=lambda c, rng: init_bert_params(c.bert, rng, c.add_pooling_layer),
+    bert_of=lambda c: c.bert,
+    bert_body=lambda c, params: (without_pooler(params), ""),
+)

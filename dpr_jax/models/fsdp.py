@@ -11,7 +11,7 @@ the layer again instead of keeping it. JAX transposes a tiled ``all_gather`` int
 i.e. XLA emits a reduce-scatter per layer instead of an all-reduce of the whole gradient.
 
 Which dimension of a leaf is split is decided once for the whole state by
-:func:`dpr_jax.sharding.leaf_spec` and handed to the model as ``dims`` (parameter path -> split
+:func:`dpr_jax.parallel.leaf_spec` and handed to the model as ``dims`` (parameter path -> split
 dimension); a path absent from ``dims`` is a whole (replicated) leaf.
 """
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from dpr_jax.models.bert import BertConfig, BertModule
+from dpr_jax.models.kind import ModelKind
 
 
 class ReaderOutput(NamedTuple):
@@ -66,3 +67,13 @@ class Reader(nn.Module):
 def init_reader_params(config: BertConfig, rng: jax.Array) -> dict:
     ids = jnp.zeros((1, 1, 8), jnp.int32)
     return Reader(config).init(rng, ids, jnp.ones_like(ids))["params"]
+
+
+READER = ModelKind(
+    name="reader",
+    config_from_dict=lambda d: BertConfig.from_dict(d["bert"]),
+    config_to_dict=lambda c: {"bert": c.to_dict()},
+    init=init_reader_params,
+    bert_of=lambda c: c,
+    bert_body=lambda c, params: (params["encoder"]["bert_model"], "encoder"),
+)

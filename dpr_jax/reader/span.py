@@ -39,10 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from dpr_jax.checkpoint import load_model, load_tokenizer
 from dpr_jax.data.answers import exact_match_score, f1_score
 from dpr_jax.data.formats import Passage, write_reader_predictions
 from dpr_jax.io import progress as progress_bar
+from dpr_jax.model_dir import load_model, load_tokenizer
 from dpr_jax.parallel import batch_sharding, make_mesh, replicated
 from dpr_jax.reader.data import (
     ReaderInputConfig,

@@ -18,7 +18,7 @@ from each dev question's first ``eval_passages`` passages, at every k of ``eval_
 from __future__ import annotations
 
 import dataclasses
-import math
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpr_jax.cache import memo
-from dpr_jax.checkpoint import MODEL_JSON, abstract_params, check_params, load_model, save_model
+from dpr_jax.convert import read_hf
 from dpr_jax.data.tokenize import DPRTokenizer
-from dpr_jax.models.bert import BertConfig
+from dpr_jax.errors import UserError
+from dpr_jax.model_dir import (
+    MODEL_JSON,
+    check_params,
+    load_model,
+    model_config,
+    read_model_meta,
+    resolve_model_dir,
+    save_model,
+)
+from dpr_jax.models.bert import BertConfig, bert_forward_flops
+from dpr_jax.models.kinds import KINDS
 from dpr_jax.parallel import (
     gather_to_host,
     global_batch_from_local,
@@ -45,126 +56,71 @@ from dpr_jax.reader.data import (
     read_reader_examples,
     sample_examples,
 )
-from dpr_jax.reader.model import Reader, init_reader_params
+from dpr_jax.reader.model import READER, Reader, init_reader_params
 from dpr_jax.reader.span import ReaderPredictor, evaluate_predictions
 from dpr_jax.reader.step import make_train_step
 from dpr_jax.training import config as training_config
 from dpr_jax.training import loop
-from dpr_jax.training.config import check_model_source, check_training_fields
+from dpr_jax.training.config import RunConfig
 from dpr_jax.training.config import expand_path as _expand
 from dpr_jax.training.config import minilm_path as _minilm_path
 from dpr_jax.training.optimizer import make_optimizer, optimizer_key
 from dpr_jax.training.state import TrainState
-
-_NEG = -1e9  # logit of masked positions / passages
+from dpr_jax.training.trainer import BuiltStep, Trainer
 
 
 @dataclasses.dataclass(frozen=True)
-class ReaderTrainConfig:
-    """Everything a reader training run needs. Paths may use ``~`` and ``$VARS``.
+class ReaderTrainConfig(RunConfig):
+    """A reader training run: :class:`~dpr_jax.training.config.RunConfig`'s fields with DPR's
+    reader defaults, plus the reader's data layout and dev evaluation.
 
-    Model: ``init_from`` is a dpr-jax model directory (kind reader, bert or biencoder: the
-    passage tower), a Hugging Face directory (BertModel, DPRReader, DPR encoder), or "minilm"
-    (the offline MiniLM package); empty: a random BERT from ``model`` (a BertConfig dict) with
-    the tokenizer ``tokenizer``. Fresh span / relevance heads are initialised unless the source
-    is a reader.
+    Model: ``init_from`` is a dpr-jax model directory of any kind (a biencoder gives its passage
+    tower), a Hugging Face directory (BertModel, DPRReader, DPR encoder), or "minilm" (the
+    offline MiniLM package); empty: a random BERT from ``model`` (a BertConfig dict) with the
+    tokenizer ``tokenizer``. Fresh span / relevance heads are initialised unless the source is a
+    reader.
     """
 
     name: str = "reader"
-    # -- data
-    train_path: str = ""
-    dev_path: str = ""
-    data_format: str = "auto"  # auto | retrieval | biencoder | squad
-    max_train_examples: int = 0  # 0: all
-    max_dev_examples: int = 0  # 0: all
     batch_size: int = 16  # questions per global batch (DPR: 16)
+    eval_batch_size: int = 32  # sequences per forward pass of the dev evaluation
+    # DPR's reader: lr 1e-5, eps 1e-8, clip 1.0, no warmup, no weight decay, one epoch
+    learning_rate: float = 1e-5
+    num_epochs: float = 1.0
+    max_grad_norm: float = 1.0
+    eval_at_start: bool = False
+    # -- data
+    data_format: str = "auto"  # auto | retrieval | biencoder | squad
     passages_per_question: int = 24  # M, positive included (DPR: 24)
     max_negatives: int = 50  # negatives drawn from the first ones of each question
     max_answers: int = 10  # gold spans kept per positive (DPR's max_n_answers)
     max_length: int = 350  # tokens per (question, passage) sequence (DPR: 350)
     max_question_length: int = 64
     trailing_sep: bool = False
-    # -- model
-    init_from: str = ""
-    model: dict | None = None
-    tokenizer: str = ""  # "": the tokenizer of init_from; "minilm": the offline MiniLM's
-    dropout: float = -1.0  # < 0: keep the model's rates
-    dtype: str = "float32"  # compute dtype
-    remat: bool = False
-    # -- optimizer (DPR's reader: lr 1e-5, eps 1e-8, clip 1.0, no warmup, no weight decay)
-    learning_rate: float = 1e-5
-    warmup_steps: int = 0
-    warmup_fraction: float = 0.0  # used when warmup_steps == 0
-    num_epochs: float = 1.0
-    num_steps: int = 0  # > 0: overrides num_epochs
-    weight_decay: float = 0.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0  # 0: no clipping
     # -- dev evaluation
     eval_passages: int = 50  # passages read per dev question (DPR: 50)
     eval_top_k: tuple[int, ...] = (1, 50)
     max_answer_length: int = 10
-    eval_batch_size: int = 32  # sequences per forward pass
-    # -- loop
-    seed: int = 12345
-    log_every: int = 10
-    eval_every: int = 0  # 0: only at the end (and at the start with eval_at_start)
-    eval_at_start: bool = False
-    checkpoint_every: int = 500  # 0: only at the end
-    keep_checkpoints: int = 3
-    async_checkpoint: bool = True
-    stop_at_step: int = 0  # > 0: checkpoint and return at this step (no final eval / export)
-    export: bool = True
-    progress: bool = True
 
-    def __post_init__(self):
-        def bad(field: str, why: str):
-            raise ValueError(f"ReaderTrainConfig.{field}: {why}, got {getattr(self, field)!r}")
+    INIT_FROM: typing.ClassVar[str] = "a model directory, a Hugging Face directory or 'minilm'"
+    parse_model = staticmethod(BertConfig.from_dict)
 
-        for f in (
-            "batch_size",
-            "passages_per_question",
-            "max_answers",
-            "eval_passages",
-            "max_answer_length",
-            "eval_batch_size",
-            "log_every",
-            "keep_checkpoints",
-        ):
+    def check(self, bad) -> None:
+        for f in ("passages_per_question", "max_answers", "eval_passages", "max_answer_length",
+                  "eval_batch_size", "log_every"):  # fmt: skip
             if getattr(self, f) < 1:
                 bad(f, "must be >= 1")
-        for f in (
-            "max_train_examples",
-            "max_dev_examples",
-            "max_negatives",
-            "warmup_steps",
-            "num_steps",
-            "eval_every",
-            "checkpoint_every",
-            "stop_at_step",
-        ):
-            if getattr(self, f) < 0:
-                bad(f, "must be >= 0")  # fmt: skip
-
+        if self.max_negatives < 0:
+            bad("max_negatives", "must be >= 0")
         if self.data_format not in FORMATS:
             bad("data_format", f"must be one of {FORMATS}")
         ReaderInputConfig(self.max_length, self.max_question_length, self.trailing_sep)
-        check_training_fields(self, bad)
         if not self.eval_top_k or min(self.eval_top_k) < 1:
             bad("eval_top_k", "must be positive integers")
-        check_model_source(self, bad, BertConfig.from_dict,
-                           "a model directory, a Hugging Face directory or 'minilm'")  # fmt: skip
 
     @property
     def input_config(self):
         return ReaderInputConfig(self.max_length, self.max_question_length, self.trailing_sep)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["eval_top_k"] = list(self.eval_top_k)
-        return d
 
 
 # Fields that fix the data order: a checkpoint written with other values cannot be resumed.
@@ -174,78 +130,94 @@ _RESUME_FIELDS = (
 )  # fmt: skip
 
 
-# ---------------------------------------------------------------------------------------------
-# Config files and overrides
-
-
-# ---------------------------------------------------------------------------------------------
-# Loss and step
-
-
-# ---------------------------------------------------------------------------------------------
-# Model
-
-
-def _no_pooler(bert: dict) -> dict:
-    return {k: v for k, v in bert.items() if not k.startswith("pooler")}
-
-
 def _init_reader(bert_config, rng):
     # one compilation instead of one per eager initializer op
     init = memo(("reader_init",), lambda: jax.jit(init_reader_params, static_argnums=0))
     return init(bert_config, rng)
 
 
+def _with_dropout(config: ReaderTrainConfig, bert_cfg: BertConfig) -> BertConfig:
+    if config.dropout < 0:
+        return bert_cfg
+    return dataclasses.replace(bert_cfg, hidden_dropout_prob=config.dropout,
+                               attention_probs_dropout_prob=config.dropout)  # fmt: skip
+
+
+def _source(config: ReaderTrainConfig) -> tuple[str, Path | None]:
+    """Where the reader starts: ("random" | "model" | "hf", path)."""
+    src = _expand(config.init_from)
+    if not src:
+        return "random", None
+    path = Path(_minilm_path() if src == "minilm" else src)
+    if (path / MODEL_JSON).is_file() or (path / "model" / MODEL_JSON).is_file():
+        return "model", path
+    if (path / "config.json").is_file():
+        return "hf", path
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model directory (ReaderTrainConfig.init_from)")
+    raise FileNotFoundError(
+        f"{path}: neither a dpr-jax model directory nor a Hugging Face one (no config.json)"
+    )
+
+
+def architecture(config: ReaderTrainConfig, planning: bool = False) -> tuple[BertConfig, str]:
+    """(BertConfig, note) of the reader ``config`` trains, as :func:`build_reader` finds it,
+    without reading any weights. ``planning``: a source that is not on this machine gives way
+    to the config's ``model`` dict ("minilm" to its preset), and the note says so."""
+    note = ""
+    try:
+        where, path = _source(config)
+    except (FileNotFoundError, UserError):
+        if not planning:
+            raise
+        if _expand(config.init_from) == "minilm":  # the package is not installed here
+            return _with_dropout(config, BertConfig.from_dict("all-MiniLM-L6-v2")), ""
+        if not config.model:
+            raise UserError(
+                f"init_from {config.init_from} does not exist here and the config has no "
+                "`model` dict: give the architecture with --set model='{...}' (a BertConfig "
+                "dict) or --set init_from=DIR"
+            ) from None
+        where, path, note = "random", None, f"init_from {config.init_from} not found: using `model`"
+    if where == "random":
+        bert = BertConfig.from_dict(config.model)
+    elif where == "model":
+        meta = read_model_meta(path)
+        bert = KINDS[meta["kind"]].bert_of(model_config(meta, path))
+    else:
+        bert = BertConfig.from_json_file(path / "config.json")
+    return _with_dropout(config, bert), note
+
+
 def build_reader(config: ReaderTrainConfig, rng: jax.Array):
     """-> (BertConfig, float32 reader params, DPRTokenizer, description of the source)."""
 
-    src = _expand(config.init_from)
+    where, path = _source(config)
     params = bert = None
-    tok_path = None
-    info: dict[str, Any] = {"init_from": src or "random"}
-    if not src:
+    info: dict[str, Any] = {"init_from": str(path) if path else "random"}
+    if where == "random":
         bert_cfg = BertConfig.from_dict(config.model)
-    else:
-        if src == "minilm":
-            src = _minilm_path()
-        path = Path(src)
-        if (path / MODEL_JSON).is_file() or (path / "model" / MODEL_JSON).is_file():
-            kind, cfg, p, _ = load_model(path)
-            info["kind"] = kind
-            if kind == "reader":
-                bert_cfg, params = cfg, p
-            elif kind == "bert":
-                bert_cfg, bert = cfg[0], _no_pooler(p)
-            else:  # biencoder: the passage tower reads passages, as the reader does
-                tower = "question_encoder" if cfg.shared else "ctx_encoder"
-                bert_cfg, bert = cfg.bert, _no_pooler(p[tower]["bert_model"])
+    elif where == "model":
+        kind, cfg, p, _ = load_model(path)
+        spec = KINDS[kind]
+        info["kind"] = kind
+        bert_cfg = spec.bert_of(cfg)
+        if spec is READER:
+            params = p
+        else:  # a BERT, or a bi-encoder's passage tower: it reads passages, as the reader does
+            bert, tower = spec.bert_body(cfg, p)
+            if tower:
                 info["tower"] = tower
-            tok_path = path if (path / MODEL_JSON).is_file() else path / "model"
-        elif (path / "config.json").is_file():
-            from dpr_jax.convert import read_hf
-
-            ck = read_hf(path)
-            info["architecture"] = ck.arch
-            bert_cfg = ck.bert
-            if ck.arch == "DPRReader":
-                params = ck.flax_params()
-            elif ck.arch == "BertModel":
-                bert = ck.flax_params(add_pooling_layer=False)
-            else:
-                tower = "question_encoder" if ck.arch == "DPRQuestionEncoder" else "ctx_encoder"
-                bert = _no_pooler(ck.flax_params()[tower]["bert_model"])
-            tok_path = path
-        elif not path.exists():
-            raise FileNotFoundError(
-                f"{path}: no such model directory (ReaderTrainConfig.init_from)"
-            )
+    else:
+        ck = read_hf(path)
+        info["architecture"] = ck.arch
+        bert_cfg = ck.bert
+        if ck.arch == "DPRReader":
+            params = ck.flax_params()
         else:
-            raise FileNotFoundError(
-                f"{path}: neither a dpr-jax model directory nor a Hugging Face one (no config.json)"
-            )
-    if config.dropout >= 0:
-        bert_cfg = dataclasses.replace(bert_cfg, hidden_dropout_prob=config.dropout,
-                                       attention_probs_dropout_prob=config.dropout)  # fmt: skip
+            bert = ck.bert_body()
+    tok_path = None if path is None else resolve_model_dir(path) if where == "model" else path
+    bert_cfg = _with_dropout(config, bert_cfg)
     if params is None:  # dropout rates do not change the parameters: one compilation for all
         fresh = _init_reader(dataclasses.replace(bert_cfg, hidden_dropout_prob=0.0,
                                                  attention_probs_dropout_prob=0.0), rng)  # fmt: skip
@@ -256,7 +228,7 @@ def build_reader(config: ReaderTrainConfig, rng: jax.Array):
         }  # fmt: skip
         info["fresh_heads"] = True
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-    check_params(params, abstract_params("reader", bert_cfg), f"reader from {src or 'random'}")
+    check_params(params, READER.abstract_params(bert_cfg), f"reader from {path or 'random'}")
     if config.tokenizer == "minilm":
         tok_path = _minilm_path()
     elif config.tokenizer:
@@ -328,12 +300,41 @@ class StepPosition:
         return {"step": self.step}
 
 
-def build_reader_step(config, bert_cfg, mesh, total: int, warmup: int):
-    """(optimizer, schedule, jitted train step) of a reader ``config`` over ``mesh`` (real or
-    abstract devices): the one builder both ``dpr-jax train-reader`` and ``dpr-jax plan`` use."""
+def build_reader_step(config, bert_cfg, mesh, total: int, warmup: int) -> BuiltStep:
+    """The train step of a reader ``config`` over ``mesh`` (real or abstract devices): the one
+    builder both ``dpr-jax train-reader`` and ``dpr-jax plan`` use. Reads no parameters."""
     model = Reader(bert_cfg, dtype=jnp.dtype(config.dtype), remat=config.remat)
     tx, schedule = make_optimizer(config, total, warmup)
-    return tx, schedule, make_train_step(model, tx, mesh)
+    abstract = jax.eval_shape(lambda p: TrainState.create(p, tx), READER.abstract_params(bert_cfg))
+    placed = jax.tree.map(lambda _: replicated(mesh), abstract)
+    create = jax.jit(lambda p: TrainState.create(p, tx), out_shardings=placed)
+    return BuiltStep(schedule, abstract, placed, create, make_train_step(model, tx, mesh))
+
+
+def batch_shapes(config: ReaderTrainConfig) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Shapes and dtypes of one global batch (:class:`ReaderTrainData` makes them)."""
+    b, m, t, a = (config.batch_size, config.passages_per_question, config.max_length,
+                  config.max_answers)  # fmt: skip
+    i32, f32 = jnp.int32, jnp.float32
+    return {
+        "input_ids": ((b, m, t), i32), "attention_mask": ((b, m, t), i32),
+        "passage_mask": ((b, m), f32), "start_positions": ((b, a), i32),
+        "end_positions": ((b, a), i32), "answer_mask": ((b, a), f32), "question_mask": ((b,), f32),
+    }  # fmt: skip
+
+
+def towers(config: ReaderTrainConfig, bert: BertConfig) -> list:
+    """[(BertConfig, sequences, tokens)] one step encodes: B*M (question, passage) pairs."""
+    return [(bert, config.batch_size * config.passages_per_question, config.max_length)]
+
+
+def model_flops(config: ReaderTrainConfig, bert: BertConfig) -> float:
+    """Model FLOPs of one step over the global batch: 3 x [BERT forward of B*M sequences x
+    max_length + the span head (2 x 2H a token) + the relevance head]."""
+    seqs, t = config.batch_size * config.passages_per_question, config.max_length
+    fwd = bert_forward_flops(bert, seqs, t)
+    fwd += 2.0 * seqs * t * 2 * bert.hidden_size + 2.0 * seqs * bert.hidden_size
+    return 3.0 * fwd
 
 
 class ReaderTask:
@@ -364,10 +365,7 @@ class ReaderTask:
             config.progress and primary,
         )  # fmt: skip
         self.steps_per_epoch = self.train.batches_per_epoch(config.batch_size)
-        self.total_steps = config.num_steps or max(
-            1, math.ceil(config.num_epochs * self.steps_per_epoch)
-        )
-        self.warmup = config.warmup_steps or int(config.warmup_fraction * self.total_steps)
+        self.total_steps, self.warmup = config.total_steps(self.steps_per_epoch)
         self.evaluator = None
         if config.dev_path:
             predictor = ReaderPredictor(
@@ -377,11 +375,13 @@ class ReaderTask:
             self.evaluator = DevEvaluator(read_examples(config, "dev"), predictor, config)
         self.has_evaluator = self.evaluator is not None
         total, warmup, bert_cfg = self.total_steps, self.warmup, self.bert_cfg
-        self.tx, self.schedule, self.train_step = memo(
+        built = memo(
             ("reader_step", self.bert_cfg, config.dtype, config.remat, optimizer_key(config),
              total, warmup, mesh),
             lambda: build_reader_step(config, bert_cfg, mesh, total, warmup),
         )  # fmt: skip
+        self.create_state, self.schedule, self.train_step = built.create, built.schedule, built.step
+        self.abstract = built.abstract_state
         self.rows = process_slice(config.batch_size, mesh)
 
     def resolved(self) -> dict[str, Any]:
@@ -389,13 +389,12 @@ class ReaderTask:
                 "train_data": self.train.stats, "warmup_steps": self.warmup}  # fmt: skip
 
     def init_state(self) -> TrainState:
-        return jax.device_put(TrainState.create(self.params, self.tx), replicated(self.mesh))
+        return self.create_state(self.params)
 
     def abstract_state(self):
         rep = replicated(self.mesh)
         return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-            jax.eval_shape(lambda p: TrainState.create(p, self.tx), self.params),
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), self.abstract
         )
 
     def initial_position(self) -> StepPosition:
@@ -432,7 +431,7 @@ class ReaderTask:
 
     def export(self, workdir: Path, params, step: int, dev: dict | None) -> Path:
         return save_model(
-            workdir / "model", params, "reader", self.bert_cfg, self.tokenizer,
+            workdir / "model", params, READER.name, self.bert_cfg, self.tokenizer,
             extra={"reader_input": self.config.input_config.to_dict(),
                    "train_config": self.config.to_dict(), "step": step, "dev_metrics": dev,
                    "init": self.init_info},
@@ -449,3 +448,15 @@ def train_and_evaluate(config: ReaderTrainConfig, workdir: str | Path) -> dict[s
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ReaderTrainConfig:
     """A reader config file (``get_config()`` -> ReaderTrainConfig or a dict) with overrides."""
     return training_config.load_config(path, ReaderTrainConfig, overrides)
+
+
+TRAINER = Trainer(
+    kind=READER,
+    config_cls=ReaderTrainConfig,
+    task=lambda config: ReaderTask(config),
+    architecture=architecture,
+    build_step=build_reader_step,
+    batch_shapes=batch_shapes,
+    towers=towers,
+    model_flops=model_flops,
+)

@@ -26,10 +26,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from dpr_jax.checkpoint import load_model, load_tokenizer, resolve_model_dir
 from dpr_jax.embeddings import EmbeddingWriter
 from dpr_jax.errors import ArgumentTypeError, Interrupted, UserError
 from dpr_jax.io import EMBEDDINGS, OutputWriteError, check_output, fingerprint_passages, sha256_file
+from dpr_jax.model_dir import load_model, load_tokenizer, resolve_model_dir
 from dpr_jax.provenance import vectors_fingerprint
 from dpr_jax.retriever.model import BiEncoder
 

@@ -35,6 +35,10 @@ question); ``questions`` (sum of weights).
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -75,15 +79,61 @@ def _weights(valid: Array | None, p_valid: Array | None, b: int, group_size: int
     return w, cand
 
 
-def _nll_and_stats(scores: Array, labels: Array, cand: Array, w: Array):
-    """Per-question weighted sums of nll, accuracy, rank and candidate count.
+def nll(scores: Array, labels: Array) -> Array:
+    """DPR's loss: -log softmax(scores)[label] per question. scores (b, N) float32, masked
+    candidates already at :data:`MASKED_SCORE`; labels (b,) -> (b,)."""
+    pos = jnp.take_along_axis(scores, labels[:, None], axis=1)[:, 0]  # (b,)
+    return jax.nn.logsumexp(scores, axis=1) - pos
+
+
+# The losses a run can train with (``TrainConfig.loss``). Each maps the (b, N) scores of the
+# local questions against every candidate (masked ones at MASKED_SCORE) and the (b,) column of
+# each question's positive to a (b,) per-question loss; the reference and the sharded forms
+# below weight, sum and average it the same way, so a new loss is one function and one entry.
+LOSSES: dict[str, Callable[[Array, Array], Array]] = {"nll": nll}
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """How questions are scored: G = 1 + hard negatives, score scale, in-batch negatives on/off,
+    and which loss of :data:`LOSSES`."""
+
+    group_size: int
+    scale: float = 1.0
+    in_batch: bool = True
+    name: str = "nll"
+
+    def __post_init__(self):
+        if self.group_size < 1:
+            raise ValueError(f"LossConfig.group_size must be >= 1, got {self.group_size}")
+        if not self.scale > 0:
+            raise ValueError(f"LossConfig.scale must be > 0, got {self.scale}")
+        if self.name not in LOSSES:
+            raise ValueError(f"LossConfig.name must be one of {tuple(LOSSES)}, got {self.name!r}")
+
+    @classmethod
+    def coerce(cls, cfg: LossConfig | Mapping[str, Any] | Any) -> LossConfig:
+        """Accepts a LossConfig, a mapping, or any object with the fields as attributes."""
+        if isinstance(cfg, cls):
+            return cfg
+        names = [f.name for f in dataclasses.fields(cls)]
+        if isinstance(cfg, Mapping):
+            unknown = set(cfg) - set(names)
+            if unknown:
+                raise ValueError(f"unknown loss config fields {sorted(unknown)} (have {names})")
+            return cls(**cfg)
+        return cls(**{n: getattr(cfg, n) for n in names if hasattr(cfg, n)})
+
+
+def _loss_and_stats(scores: Array, labels: Array, cand: Array, w: Array, loss: str = "nll"):
+    """Per-question weighted sums of the loss, accuracy, rank and candidate count.
 
     scores (b, N) float32, labels (b,) int, cand (b, N) bool, w (b,) float32.
     Returns a dict of scalar sums (to be divided by the weight sum, possibly after a psum).
     """
     scores = jnp.where(cand, scores, MASKED_SCORE)
+    per_question = LOSSES[loss](scores, labels)  # (b,)
     pos = jnp.take_along_axis(scores, labels[:, None], axis=1)  # (b, 1)
-    nll = jax.nn.logsumexp(scores, axis=1) - pos[:, 0]  # (b,)
     # Rank under a stable descending sort: strictly higher scores, plus ties at lower indices.
     s = jax.lax.stop_gradient(scores)
     ps = jax.lax.stop_gradient(pos)
@@ -92,7 +142,7 @@ def _nll_and_stats(scores: Array, labels: Array, cand: Array, w: Array):
     rank = above.sum(1).astype(jnp.float32)
     ncand = cand.sum(1).astype(jnp.float32)
     return {
-        "loss": jnp.sum(w * nll),
+        "loss": jnp.sum(w * per_question),
         "accuracy": jnp.sum(w * (rank == 0)),
         "rank": jnp.sum(w * rank),
         "candidates": jnp.sum(w * ncand),
@@ -121,8 +171,9 @@ def dpr_loss(
     in_batch: bool = True,
     valid: Array | None = None,
     p_valid: Array | None = None,
+    loss: str = "nll",
 ) -> tuple[Array, dict[str, Array]]:
-    """DPR's NLL loss on a whole (global) batch, on one device: the reference.
+    """DPR's NLL loss (or another of :data:`LOSSES`) on a whole (global) batch, on one device: the reference.
 
     Args:
       q: (B, D) question vectors.
@@ -146,7 +197,7 @@ def dpr_loss(
     cand = jnp.broadcast_to(cand[None, :], scores.shape)  # (B, B*G)
     if not in_batch:
         cand = cand & _group_mask(b, group_size, scores.shape[1], 0)
-    return _finish(_nll_and_stats(scores, labels, cand, w))
+    return _finish(_loss_and_stats(scores, labels, cand, w, loss))
 
 
 def sharded_dpr_loss(
@@ -158,8 +209,9 @@ def sharded_dpr_loss(
     in_batch: bool = True,
     valid: Array | None = None,
     p_valid: Array | None = None,
+    loss: str = "nll",
 ) -> tuple[Array, dict[str, Array]]:
-    """DPR's NLL loss for use inside ``jax.shard_map`` over ``axis_name``: every device's
+    """DPR's NLL loss (or another of :data:`LOSSES`) for use inside ``jax.shard_map`` over ``axis_name``: every device's
     questions are scored against the passages of every device.
 
     Args are the per-device shards of :func:`dpr_loss`'s: ``q_local`` (B_l, D), ``p_local``
@@ -189,6 +241,6 @@ def sharded_dpr_loss(
     cand = jnp.broadcast_to(cand_all[None, :], scores.shape)
     if not in_batch:
         cand = cand & _group_mask(b, group_size, scores.shape[1], offset)
-    sums = _nll_and_stats(scores, labels, cand, w)
+    sums = _loss_and_stats(scores, labels, cand, w, loss)
     sums = jax.lax.psum(sums, axis_name)
     return _finish(sums)

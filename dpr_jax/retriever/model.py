@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from dpr_jax.models.bert import BertConfig, BertModule
 from dpr_jax.models.fsdp import FsdpGather, fsdp_wrap
+from dpr_jax.models.kind import ModelKind, without_pooler
 
 POOLINGS = ("cls", "mean", "pooler")
 
@@ -140,6 +141,22 @@ def init_biencoder_params(config: EncoderConfig, rng: jax.Array) -> dict:
     ids = jnp.zeros((1, 8), jnp.int32)
     mask = jnp.ones((1, 8), jnp.int32)
     return BiEncoder(config).init(rng, ids, mask, ids, mask)["params"]
+
+
+def _passage_tower(config: EncoderConfig, params: dict) -> tuple[dict, str]:
+    """The passage tower's BERT (a reader reads passages, as this tower does)."""
+    tower = "question_encoder" if config.shared else "ctx_encoder"
+    return without_pooler(params[tower]["bert_model"]), tower
+
+
+BIENCODER = ModelKind(
+    name="biencoder",
+    config_from_dict=EncoderConfig.from_dict,
+    config_to_dict=EncoderConfig.to_dict,
+    init=init_biencoder_params,
+    bert_of=lambda c: c.bert,
+    bert_body=_passage_tower,
+)
 
 
 def l2_normalize(v: jax.Array, eps: float = 1e-12) -> jax.Array:

@@ -40,7 +40,6 @@ sets the compute dtype of the encoders; encoder outputs, scores and the loss are
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -53,7 +52,7 @@ from jax.sharding import PartitionSpec as P
 
 from dpr_jax.models.fsdp import FsdpGather, gather_dims
 from dpr_jax.parallel import DATA_AXIS, batch_sharding, replicated
-from dpr_jax.retriever.loss import sharded_dpr_loss
+from dpr_jax.retriever.loss import LossConfig, sharded_dpr_loss
 from dpr_jax.retriever.model import BiEncoder
 from dpr_jax.training.state import TrainState
 
@@ -63,34 +62,6 @@ Batch = Mapping[str, Array]
 REQUIRED_FIELDS = ("q_ids", "q_mask", "p_ids", "p_mask")
 OPTIONAL_FIELDS = ("valid", "p_valid")
 _QUESTION_ROWS = ("q_ids", "q_mask", "valid")  # fields with B rows; the others have B*G
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """How questions are scored: G = 1 + hard negatives, score scale, in-batch negatives on/off."""
-
-    group_size: int
-    scale: float = 1.0
-    in_batch: bool = True
-
-    def __post_init__(self):
-        if self.group_size < 1:
-            raise ValueError(f"LossConfig.group_size must be >= 1, got {self.group_size}")
-        if not self.scale > 0:
-            raise ValueError(f"LossConfig.scale must be > 0, got {self.scale}")
-
-    @classmethod
-    def coerce(cls, cfg: LossConfig | Mapping[str, Any] | Any) -> LossConfig:
-        """Accepts a LossConfig, a mapping, or any object with the fields as attributes."""
-        if isinstance(cfg, cls):
-            return cfg
-        names = [f.name for f in dataclasses.fields(cls)]
-        if isinstance(cfg, Mapping):
-            unknown = set(cfg) - set(names)
-            if unknown:
-                raise ValueError(f"unknown loss config fields {sorted(unknown)} (have {names})")
-            return cls(**cfg)
-        return cls(**{n: getattr(cfg, n) for n in names if hasattr(cfg, n)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +195,7 @@ def _loss_fn(cfg: LossConfig, axis: str, batch: Batch) -> Callable:
         axis_name=axis,
         scale=cfg.scale,
         in_batch=cfg.in_batch,
+        loss=cfg.name,
         valid=batch.get("valid"),
         p_valid=batch.get("p_valid"),
     )
@@ -326,7 +298,7 @@ def make_train_step(
         must divide the per-device question count. None: encode the whole local batch at once.
       axis: mesh axis name of the batch.
       state_sharding: where ``state`` lives, a pytree of shardings matching it (e.g.
-        :func:`dpr_jax.sharding.state_shardings` with ``fsdp=True``); None: replicated. With
+        :func:`dpr_jax.parallel.state_shardings` with ``fsdp=True``); None: replicated. With
         split parameters (FSDP) the step itself is sharded: the encoders receive the local
         shards and gather one layer at a time (:mod:`dpr_jax.models.fsdp`), the gradients are
         reduce-scattered to the same placement, so no device holds the whole model or its

@@ -13,7 +13,7 @@ Work directory::
     WORKDIR/metrics.jsonl      one JSON line per log / validation: {"step", "split", ...}
     WORKDIR/checkpoints/<step> orbax: {"state": {step, params, opt_state},
                                        "data": {position, config, model}}
-    WORKDIR/model/             the exported model directory (dpr_jax.checkpoint.save_model)
+    WORKDIR/model/             the exported model directory (dpr_jax.model_dir.save_model)
 
 Resuming: a run started on a work directory with checkpoints continues from the latest one, at
 its step *and* data position, so an interrupted and resumed run ends with exactly the parameters
@@ -58,19 +58,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpr_jax.cache import memo
-from dpr_jax.checkpoint import (
-    abstract_params,
-    load_model,
-    model_config_from_dict,
-    read_model_meta,
-    resolve_model_dir,
-    save_model,
-)
 from dpr_jax.data.formats import read_biencoder
 from dpr_jax.data.records import open_biencoder_records
 from dpr_jax.data.tokenize import DPRTokenizer
 from dpr_jax.errors import UserError
 from dpr_jax.finite import rank_of_positive
+from dpr_jax.model_dir import (
+    load_model,
+    model_config,
+    read_model_meta,
+    resolve_model_dir,
+    save_model,
+)
+from dpr_jax.models.bert import bert_forward_flops
 from dpr_jax.parallel import (
     batch_sharding,
     gather_to_host,
@@ -78,19 +78,20 @@ from dpr_jax.parallel import (
     make_mesh,
     process_slice,
     replicated,
+    state_shardings,
 )
 from dpr_jax.retriever.batching import BatchSpec, BiencoderBatches, DataPosition
-from dpr_jax.retriever.loss import dpr_loss
-from dpr_jax.retriever.model import BiEncoder, EncoderConfig, init_biencoder_params
-from dpr_jax.retriever.step import LossConfig, make_train_step
-from dpr_jax.sharding import state_shardings
+from dpr_jax.retriever.loss import LOSSES, LossConfig, dpr_loss
+from dpr_jax.retriever.model import BIENCODER, BiEncoder, EncoderConfig, init_biencoder_params
+from dpr_jax.retriever.step import make_train_step
 from dpr_jax.training import config as training_config
 from dpr_jax.training import loop
-from dpr_jax.training.config import check_model_source, check_training_fields
+from dpr_jax.training.config import RunConfig
 from dpr_jax.training.config import expand_path as _expand
 from dpr_jax.training.config import minilm_path as _minilm_path
 from dpr_jax.training.optimizer import make_optimizer, optimizer_key
 from dpr_jax.training.state import TrainState
+from dpr_jax.training.trainer import BuiltStep, Trainer
 
 # Fields that fix the data order or the meaning of a data position: a checkpoint written with
 # other values cannot be resumed exactly.
@@ -108,91 +109,46 @@ _RESUME_FIELDS = (
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run needs. Paths may use ``~`` and ``$VARS``.
+class TrainConfig(RunConfig):
+    """A bi-encoder training run: :class:`~dpr_jax.training.config.RunConfig`'s fields (data,
+    model source, optimizer, loop) with DPR's defaults, plus the batch layout, the loss and the
+    memory levers. ``model`` is an ``EncoderConfig`` dict; ``init_from`` a bi-encoder model
+    directory (e.g. from ``dpr-jax convert``)."""
 
-    Model: ``init_from`` (a bi-encoder model directory, e.g. from ``dpr-jax convert``) or, when
-    it is empty, a random model built from ``model`` (an ``EncoderConfig`` dict) with the
-    tokenizer ``tokenizer`` ("minilm" = the offline MiniLM package's).
-    """
-
-    name: str = "train"
-    # -- data
-    train_path: str = ""
-    dev_path: str = ""
-    max_train_examples: int = 0  # 0: all
-    max_dev_examples: int = 0  # 0: all
-    batch_size: int = 128  # questions per global batch (all devices of all processes)
-    eval_batch_size: int = 0  # 0: batch_size
+    # -- batches
     n_hard: int = 1  # hard negatives per question; G = 1 + n_hard
     q_max_len: int = 64
     p_max_len: int = 256
     bucket: int = 0  # 0: pad to the max lengths; k: pad each batch to a multiple of k
     shuffle_hard: bool = True
-    # -- model
-    init_from: str = ""
-    model: dict | None = None
-    tokenizer: str = ""  # "": the tokenizer of init_from; "minilm": the offline MiniLM's
-    dropout: float = -1.0  # < 0: keep the model's dropout rates
-    dtype: str = "float32"  # compute dtype
-    remat: bool = False
-    # with remat: a jax.checkpoint_policies name (e.g. "dots_with_no_batch_dims_saveable" keeps
-    # the matmul outputs and recomputes only the cheap elementwise ops); "": save nothing
+    # -- memory (with remat: a jax.checkpoint_policies name, e.g.
+    # "dots_with_no_batch_dims_saveable" keeps the matmul outputs and recomputes only the cheap
+    # elementwise ops; "": save nothing)
     remat_policy: str = ""
-    # FSDP (ZeRO-3): parameters and optimizer state sharded over the devices (dpr_jax.sharding)
+    # FSDP (ZeRO-3): parameters and optimizer state sharded over the devices (dpr_jax.parallel)
     fsdp: bool = False
-    # -- loss
+    grad_cache_chunk: int = 0  # 0: off; c: GradCache with c sequences per device per call
+    # -- loss (dpr_jax.retriever.loss.LOSSES names the choices)
+    loss: str = "nll"
     scale: float = 1.0  # multiplies q.p (DPR: 1, plain dot product)
     in_batch: bool = True
-    grad_cache_chunk: int = 0  # 0: off; c: GradCache with c sequences per device per call
-    # -- optimizer (DPR: AdamW, eps 1e-8, linear warmup then linear decay, clip 2.0)
-    learning_rate: float = 2e-5
-    warmup_steps: int = 0
-    warmup_fraction: float = 0.0  # used when warmup_steps == 0
-    num_epochs: float = 40.0
-    num_steps: int = 0  # > 0: overrides num_epochs
-    weight_decay: float = 0.0  # not on biases and LayerNorm (as DPR)
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 2.0  # 0: no clipping
-    # -- loop
-    seed: int = 12345
-    log_every: int = 10
-    eval_every: int = 0  # 0: only at the start (eval_at_start) and the end
-    eval_at_start: bool = True
-    checkpoint_every: int = 500  # 0: only at the end
-    keep_checkpoints: int = 3
-    async_checkpoint: bool = True
-    stop_at_step: int = 0  # > 0: checkpoint and return at this step, without the final export
-    export: bool = True
-    progress: bool = True
+    # DPR's defaults (train_dense_encoder.py, conf/train/biencoder_nq.yaml): eval_batch_size 0
+    # means batch_size; the optimizer fields are RunConfig's
 
-    def __post_init__(self):
-        def bad(field: str, why: str):
-            raise ValueError(f"TrainConfig.{field}: {why}, got {getattr(self, field)!r}")
+    parse_model = staticmethod(EncoderConfig.from_dict)
 
-        for f in ("batch_size",):
-            if getattr(self, f) < 1:
-                bad(f, "must be >= 1")
-        for f in (
-            "eval_batch_size", "n_hard", "max_train_examples", "max_dev_examples", "bucket",
-            "grad_cache_chunk", "warmup_steps", "num_steps", "log_every", "eval_every",
-            "checkpoint_every", "stop_at_step",
-        ):  # fmt: skip
+    def check(self, bad) -> None:
+        for f in ("n_hard", "bucket", "grad_cache_chunk"):
             if getattr(self, f) < 0:
                 bad(f, "must be >= 0")
         if self.q_max_len < 2 or self.p_max_len < 3:
             bad("q_max_len" if self.q_max_len < 2 else "p_max_len", "too small")
-        check_training_fields(self, bad)
         if not self.scale > 0:
             bad("scale", "must be > 0")
+        if self.loss not in LOSSES:
+            bad("loss", f"must be one of {tuple(LOSSES)} (dpr_jax.retriever.loss.LOSSES)")
         if self.remat_policy and not hasattr(jax.checkpoint_policies, self.remat_policy):
             bad("remat_policy", "must name a jax.checkpoint_policies policy")
-        check_model_source(self, bad, EncoderConfig.from_dict, "a model directory")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _resolve_tokenizer_path(config: TrainConfig) -> str:
@@ -204,18 +160,35 @@ def _resolve_tokenizer_path(config: TrainConfig) -> str:
     return str(resolve_model_dir(_expand(config.init_from)))
 
 
-def encoder_config(config: TrainConfig):
+def encoder_config(config: TrainConfig, planning: bool = False) -> EncoderConfig:
     """The EncoderConfig to train: ``init_from``'s (read from its metadata) or ``model``, with
-    the ``dropout`` override applied. Reads no parameters."""
+    the ``dropout`` override applied. Reads no parameters. ``planning``: an ``init_from`` that
+    does not exist here gives way to ``model`` (:func:`architecture`)."""
+    return architecture(config, planning)[0]
 
-    if config.init_from:
-        meta = read_model_meta(_expand(config.init_from))
-        if meta["kind"] != "biencoder":
+
+def architecture(config: TrainConfig, planning: bool = False) -> tuple[EncoderConfig, str]:
+    """(EncoderConfig, note): :func:`encoder_config`, and a note when planning took the
+    architecture from ``model`` because ``init_from`` is not on this machine."""
+    note = ""
+    src = _expand(config.init_from)
+    if src and planning and not Path(src).exists():
+        if not config.model:
+            raise UserError(
+                f"init_from {config.init_from} does not exist here and the config has no `model` "
+                'dict: give the architecture with --set model=\'{"bert": "bert-base-uncased"}\' '
+                "(a preset of dpr_jax.models.bert.PRESETS, or a BertConfig dict) or the model "
+                "directory with --set init_from=DIR"
+            )
+        src, note = "", f"init_from {config.init_from} not found: using `model`"
+    if src:
+        meta = read_model_meta(src)
+        if meta["kind"] != BIENCODER.name:
             raise ValueError(
                 f"TrainConfig.init_from {config.init_from}: holds a {meta['kind']!r} model, not a "
                 "'biencoder' (convert a BERT with `dpr-jax convert --from-hf ... --out DIR`)"
             )
-        enc_cfg = model_config_from_dict("biencoder", meta["model"])
+        enc_cfg = model_config(meta, src)
     else:
         enc_cfg = EncoderConfig.from_dict(config.model)
     if config.dropout >= 0:
@@ -225,7 +198,7 @@ def encoder_config(config: TrainConfig):
             attention_probs_dropout_prob=config.dropout,
         )
         enc_cfg = dataclasses.replace(enc_cfg, bert=bert)
-    return enc_cfg
+    return enc_cfg, note
 
 
 def remat_setting(config) -> bool | str:
@@ -237,14 +210,14 @@ def initial_params(config: TrainConfig, enc_cfg, rng: jax.Array) -> dict:
     """float32 parameters to start from: ``init_from``'s, or a random init from ``rng``."""
 
     if config.init_from:
-        params = load_model(_expand(config.init_from), "biencoder")[2]
+        params = load_model(_expand(config.init_from), BIENCODER.name)[2]
     else:  # jitted: one compilation instead of one per eager initializer op
         init = memo(("init",), lambda: jax.jit(init_biencoder_params, static_argnums=0))
         params = init(enc_cfg, rng)
     return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
 
 
-def load_tokenizer(config: TrainConfig, enc_cfg):
+def training_tokenizer(config: TrainConfig, enc_cfg):
     tokenizer = DPRTokenizer(_resolve_tokenizer_path(config))
     if tokenizer.vocab_size > enc_cfg.bert.vocab_size:
         raise ValueError(
@@ -270,8 +243,7 @@ def read_examples(
     if Path(path).is_dir():
         examples = open_biencoder_records(path)
     else:
-        out = read_biencoder(path)
-        examples = list(out[0] if isinstance(out, tuple) else out)
+        examples = read_biencoder(path)[0]
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(examples))
         examples = (
@@ -317,7 +289,9 @@ class Evaluator:
         g = loss_cfg.group_size
 
         def metrics(q, p, valid):
-            return dpr_loss(q, p, g, loss_cfg.scale, loss_cfg.in_batch, valid)[1]
+            return dpr_loss(q, p, g, loss_cfg.scale, loss_cfg.in_batch, valid, loss=loss_cfg.name)[
+                1
+            ]
 
         return (
             jax.jit(encode, in_shardings=(replicated(mesh), data), out_shardings=(data, data)),
@@ -399,7 +373,7 @@ def _dev_evaluator(config: TrainConfig, spec, tokenizer, model, mesh, loss_cfg):
 
 
 def _loss_config(config: TrainConfig) -> LossConfig:
-    return LossConfig(group_size=1 + config.n_hard, scale=config.scale, in_batch=config.in_batch)
+    return LossConfig(1 + config.n_hard, config.scale, config.in_batch, config.loss)
 
 
 def _batch_spec(config: TrainConfig) -> BatchSpec:
@@ -417,7 +391,7 @@ def evaluate_model(config: TrainConfig) -> dict[str, float]:
         raise UserError("TrainConfig.dev_path is empty: nothing to evaluate")
     mesh = make_mesh()
     enc_cfg = encoder_config(config)
-    tokenizer = load_tokenizer(config, enc_cfg)
+    tokenizer = training_tokenizer(config, enc_cfg)
     model = BiEncoder(enc_cfg, dtype=jnp.dtype(config.dtype), remat=remat_setting(config))
     evaluator = _dev_evaluator(
         config, _batch_spec(config), tokenizer, model, mesh, _loss_config(config)
@@ -430,19 +404,6 @@ def evaluate_model(config: TrainConfig) -> dict[str, float]:
     return metrics
 
 
-@dataclasses.dataclass(frozen=True)
-class BuiltStep:
-    """What the trainer (and ``dpr-jax plan``, on abstract devices) builds for a config: the
-    learning-rate schedule, loss settings, state placement and the jitted train step."""
-
-    schedule: Any
-    loss_cfg: LossConfig
-    abstract_state: Any  # TrainState of ShapeDtypeStructs
-    placed: Any  # TrainState of shardings
-    create: Any  # params -> placed TrainState
-    step: Any  # CheckedStep: (state, batch, rng) -> (state, metrics)
-
-
 def build_train_step(config: TrainConfig, enc_cfg, mesh, total: int, warmup: int) -> BuiltStep:
     """The train step of ``config`` over ``mesh`` (real or abstract devices): the one builder
     both ``dpr-jax train`` and ``dpr-jax plan`` use. Reads no parameters."""
@@ -450,13 +411,13 @@ def build_train_step(config: TrainConfig, enc_cfg, mesh, total: int, warmup: int
     loss_cfg = _loss_config(config)
     tx, schedule = make_optimizer(config, total, warmup)
     abstract = jax.eval_shape(
-        lambda p: TrainState.create(p, tx), abstract_params("biencoder", enc_cfg)
+        lambda p: TrainState.create(p, tx), BIENCODER.abstract_params(enc_cfg)
     )
     placed = state_shardings(abstract, mesh, config.fsdp)
     create = jax.jit(lambda p: TrainState.create(p, tx), out_shardings=placed)
     chunk = config.grad_cache_chunk or None
     step = make_train_step(model, tx, mesh, loss_cfg, chunk, state_sharding=placed)
-    return BuiltStep(schedule, loss_cfg, abstract, placed, create, step)
+    return BuiltStep(schedule, abstract, placed, create, step, loss_cfg)
 
 
 class RetrieverTask:
@@ -478,7 +439,7 @@ class RetrieverTask:
     def prepare(self, mesh) -> None:
         config, enc_cfg = self.config, self.enc_cfg
         self.mesh = mesh
-        self.tokenizer = load_tokenizer(config, enc_cfg)
+        self.tokenizer = training_tokenizer(config, enc_cfg)
         self.model = BiEncoder(enc_cfg, dtype=jnp.dtype(config.dtype), remat=remat_setting(config))
         self.loss_cfg = loss_cfg = _loss_config(config)
         self.train_examples = read_examples(
@@ -492,10 +453,7 @@ class RetrieverTask:
         self.evaluator = _dev_evaluator(config, spec, self.tokenizer, self.model, mesh, loss_cfg)
         self.has_evaluator = self.evaluator is not None
         self.steps_per_epoch = self.train.batches_per_epoch
-        self.total_steps = config.num_steps or max(
-            1, int(math.ceil(config.num_epochs * self.steps_per_epoch))
-        )
-        self.warmup = config.warmup_steps or int(config.warmup_fraction * self.total_steps)
+        self.total_steps, self.warmup = config.total_steps(self.steps_per_epoch)
         chunk = config.grad_cache_chunk or None
         total, warmup = self.total_steps, self.warmup
         built = memo(
@@ -522,7 +480,7 @@ class RetrieverTask:
     def abstract_state(self):
         return jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            jax.eval_shape(self.create_state, abstract_params("biencoder", self.enc_cfg)),
+            jax.eval_shape(self.create_state, BIENCODER.abstract_params(self.enc_cfg)),
             self.placed,
         )
 
@@ -561,9 +519,37 @@ class RetrieverTask:
 
     def export(self, workdir: Path, params, step: int, dev: dict | None) -> Path:
         return save_model(
-            workdir / "model", params, "biencoder", self.enc_cfg, self.tokenizer,
+            workdir / "model", params, BIENCODER.name, self.enc_cfg, self.tokenizer,
             extra={"train_config": self.config.to_dict(), "step": step, "dev_metrics": dev},
         )  # fmt: skip
+
+
+def batch_shapes(config: TrainConfig) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Shapes and dtypes of one global batch (:class:`BiencoderBatches` makes them)."""
+    b, g = config.batch_size, 1 + config.n_hard
+    q, p = (b, config.q_max_len), (b * g, config.p_max_len)
+    return {"q_ids": (q, jnp.int32), "q_mask": (q, jnp.int32), "p_ids": (p, jnp.int32),
+            "p_mask": (p, jnp.int32), "valid": ((b,), jnp.float32)}  # fmt: skip
+
+
+def towers(config: TrainConfig, enc_cfg: EncoderConfig) -> list:
+    """[(BertConfig, sequences, tokens)] one step encodes: the questions and the passages."""
+    b, g = config.batch_size, 1 + config.n_hard
+    return [(enc_cfg.bert, b, config.q_max_len), (enc_cfg.bert, b * g, config.p_max_len)]
+
+
+def model_flops(config: TrainConfig, enc_cfg: EncoderConfig) -> float:
+    """Model FLOPs of one step over the global batch: 3 x [BERT forward of B questions x
+    q_max_len + B*G passages x p_max_len (the last layer at [CLS] only, unless mean pooling) +
+    the projection + the score matrix (2 x B x B*G x D)] (forward, then backward at twice it)."""
+    bert, first = enc_cfg.bert, enc_cfg.pooling != "mean"
+    b, g = config.batch_size, 1 + config.n_hard
+    fwd = bert_forward_flops(bert, b, config.q_max_len, first)
+    fwd += bert_forward_flops(bert, b * g, config.p_max_len, first)
+    if enc_cfg.projection_dim:
+        fwd += 2.0 * b * (1 + g) * bert.hidden_size * enc_cfg.projection_dim
+    fwd += 2.0 * b * (b * g if config.in_batch else g) * enc_cfg.embedding_dim
+    return 3.0 * fwd
 
 
 def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict[str, float]:
@@ -576,3 +562,15 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict[str, fl
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """A bi-encoder config file (``get_config()`` -> TrainConfig) with ``key=value`` overrides."""
     return training_config.load_config(path, TrainConfig, overrides)
+
+
+TRAINER = Trainer(
+    kind=BIENCODER,
+    config_cls=TrainConfig,
+    task=lambda config: RetrieverTask(config),
+    architecture=architecture,
+    build_step=build_train_step,
+    batch_shapes=batch_shapes,
+    towers=towers,
+    model_flops=model_flops,
+)

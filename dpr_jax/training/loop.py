@@ -203,15 +203,6 @@ def _export(task: Task, workdir: Path, state, step: int, dev) -> None:
         raise error
 
 
-def _check_batch_sizes(config, n_dev: int) -> None:
-    for f in ("batch_size", "eval_batch_size"):
-        v = getattr(config, f, 0) or config.batch_size
-        if v % n_dev:
-            raise ValueError(
-                f"{type(config).__name__}.{f} = {v} is not a multiple of the {n_dev} devices"
-            )
-
-
 def _write_resolved_config(task: Task, path: Path, n_dev: int) -> None:
     """The run's config and what it resolved to (steps, devices, platform) beside its output."""
     resolved = {"config": task.config.to_dict(), "resolved": {
@@ -255,7 +246,7 @@ def train_and_evaluate(task: Task, workdir: str | Path, mesh) -> dict[str, float
 
 def _train_and_evaluate(task: Task, workdir: Path, mesh, primary: bool) -> dict[str, float]:
     config = task.config
-    _check_batch_sizes(config, mesh.devices.size)
+    config.check_divides(mesh.devices.size)
 
     # A checkpoint of another configuration is refused before anything expensive happens.
     ckpts = Checkpoints(workdir / "checkpoints", config.keep_checkpoints,

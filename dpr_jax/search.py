@@ -16,7 +16,7 @@ import numpy as np
 
 from dpr_jax import hybrid
 from dpr_jax.data.answers import AnswerMatcher, has_answer
-from dpr_jax.data.questions import question_texts
+from dpr_jax.data.checks import question_texts
 from dpr_jax.index import load_index
 from dpr_jax.io import progress as progress_bar
 from dpr_jax.provenance import check_model

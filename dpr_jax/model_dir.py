@@ -52,56 +52,14 @@ from dpr_jax.io import (
     verify_manifest,
     write_manifest,
 )
-from dpr_jax.models.bert import BertConfig, BertModule
-from dpr_jax.reader.model import Reader
-from dpr_jax.retriever.model import BiEncoder, EncoderConfig
+from dpr_jax.models.kinds import KINDS, model_kind
 
 MODEL_JSON = "dpr_jax_model.json"
-KINDS = ("biencoder", "bert", "reader")
 MODEL_FORMAT = "dpr-jax-model/1"
 
 
 class ModelIntegrityError(IntegrityError):
     """A model directory's file is missing, altered, unlisted or inconsistent with its config."""
-
-
-def model_config_from_dict(kind: str, d: dict[str, Any]):
-    if kind == "biencoder":
-        return EncoderConfig.from_dict(d)
-    if kind == "bert":
-        return BertConfig.from_dict(d["bert"]), bool(d.get("add_pooling_layer", True))
-    if kind == "reader":
-        return BertConfig.from_dict(d["bert"])
-    raise ValueError(f"unknown model kind {kind!r} (have {KINDS})")
-
-
-def model_config_to_dict(kind: str, config) -> dict[str, Any]:
-    if kind == "biencoder":
-        return config.to_dict()
-    if kind == "bert":
-        bert, pool = config
-        return {"bert": bert.to_dict(), "add_pooling_layer": pool}
-    if kind == "reader":
-        return {"bert": config.to_dict()}
-    raise ValueError(f"unknown model kind {kind!r} (have {KINDS})")
-
-
-def abstract_params(kind: str, config) -> dict:
-    """The parameter shapes a config implies (no FLOPs, no memory)."""
-    rng = jax.random.PRNGKey(0)
-    if kind == "biencoder":
-        ids = np.zeros((1, 8), np.int32)
-        fn = lambda: BiEncoder(config).init(rng, ids, ids, ids, ids)["params"]
-    elif kind == "bert":
-        bert, pool = config
-        ids = np.zeros((1, 8), np.int32)
-        fn = lambda: BertModule(bert, add_pooling_layer=pool).init(rng, ids)["params"]
-    elif kind == "reader":
-        ids = np.zeros((1, 1, 8), np.int32)
-        fn = lambda: Reader(config).init(rng, ids, ids)["params"]
-    else:
-        raise ValueError(f"unknown model kind {kind!r} (have {KINDS})")
-    return jax.eval_shape(fn)
 
 
 def check_params(params: dict, expected: dict, where: str) -> None:
@@ -135,7 +93,8 @@ def save_model(
     import orbax.checkpoint as ocp
 
     out_dir = Path(out_dir).absolute()
-    check_params(params, abstract_params(kind, config), f"save_model({out_dir})")
+    spec = model_kind(kind, f"save_model({out_dir})")
+    check_params(params, spec.abstract_params(config), f"save_model({out_dir})")
     check_output(out_dir, MODEL, what="model path")  # only a model directory is replaced
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir}: exists (pass overwrite=True to replace it)")
@@ -150,8 +109,8 @@ def save_model(
         ckptr.wait_until_finished()
         ckptr.close()
         meta = {
-            "kind": kind,
-            "model": model_config_to_dict(kind, config),
+            "kind": spec.name,
+            "model": spec.config_to_dict(config),
             "created_by": f"dpr-jax {__version__}",
             "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             **(extra or {}),
@@ -171,8 +130,7 @@ def read_model_meta(model_dir: str | Path) -> dict[str, Any]:
     model_dir = resolve_model_dir(model_dir)
     path = model_dir / MODEL_JSON
     meta = read_json_object(path, "model directory", error=ValueError)
-    if meta.get("kind") not in KINDS:
-        raise ValueError(f"{path}: field 'kind' must be one of {KINDS}, got {meta.get('kind')!r}")
+    model_kind(meta.get("kind"), f"{path}: field 'kind'")
     if "model" not in meta:
         raise ValueError(f"{path}: field 'model' is missing")
     return meta
@@ -202,10 +160,10 @@ def load_model(model_dir: str | Path, expect_kind: str | None = None):
     kind = meta["kind"]
     if expect_kind is not None and kind != expect_kind:
         raise ValueError(f"{model_dir}: holds a {kind!r} model, expected {expect_kind!r}")
-    config = _config_of(model_dir, meta)
+    config = model_config(meta, model_dir / MODEL_JSON)
     params = _restore(model_dir)
     params_dir = model_dir / "params"
-    check_params(params, abstract_params(kind, config), str(params_dir))
+    check_params(params, KINDS[kind].abstract_params(config), str(params_dir))
     want = meta.get("params_sha256")
     got = fingerprint_arrays(params)
     if want != got:
@@ -219,13 +177,13 @@ def load_model(model_dir: str | Path, expect_kind: str | None = None):
     return kind, config, params, meta
 
 
-def _config_of(model_dir: Path, meta: dict):
-    kind = meta["kind"]
+def model_config(meta: dict, where: object = "model config"):
+    """The config of the model that ``meta`` (a ``dpr_jax_model.json``) describes (a head count
+    that does not divide the hidden size is refused by BertConfig)."""
     try:
-        config = model_config_from_dict(kind, meta["model"])
+        return KINDS[meta["kind"]].config_from_dict(meta["model"])
     except (TypeError, KeyError, ValueError) as e:
-        raise ValueError(f"{model_dir / MODEL_JSON}: bad model config ({e})") from None
-    return config  # BertConfig refuses a head count that does not divide the hidden size
+        raise ValueError(f"{where}: bad model config ({e})") from None
 
 
 def _restore(model_dir: Path) -> dict:
@@ -266,9 +224,9 @@ def add_manifest(model_dir: str | Path) -> Path:
     if (model_dir / MANIFEST).exists():
         raise FileExistsError(f"{model_dir / MANIFEST}: exists already")
     meta = read_model_meta(model_dir)
-    config = _config_of(model_dir, meta)
+    config = model_config(meta, model_dir / MODEL_JSON)
     params = _restore(model_dir)
-    check_params(params, abstract_params(meta["kind"], config), str(model_dir / "params"))
+    check_params(params, KINDS[meta["kind"]].abstract_params(config), str(model_dir / "params"))
     meta["params_sha256"] = fingerprint_arrays(params)
     (model_dir / MODEL_JSON).write_text(json.dumps(meta, indent=2))
     write_manifest(model_dir, MODEL_FORMAT)
