@@ -428,3 +428,14 @@ def test_the_api_refuses_the_same_mistakes(art, row):
         call(art)
     assert isinstance(e.value, UserError)  # the command line's one line, exit 2
     assert not (art["dir"] / "api_emb").exists() and not (art["dir"] / "api_mined.json").exists()
+
+
+def test_a_long_field_is_read_not_blamed_on_a_quote(tmp_path):
+    """A passage of 200,000 characters (over the csv module's default field limit, whose error
+    read as an unclosed quote) is read whole."""
+    from dpr_jax.data.formats import read_passages_tsv
+
+    text = "word " * 40_000
+    (tmp_path / "long.tsv").write_text(f"id\ttext\ttitle\np0\t{text}\tLong\np1\tshort\tS\n")
+    got = read_passages_tsv(tmp_path / "long.tsv")
+    assert [p.id for p in got] == ["p0", "p1"] and got[0].text == text

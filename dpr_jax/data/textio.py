@@ -98,6 +98,9 @@ def one_line(field: str) -> str:
     return _LINE_BREAK.sub(" ", field)
 
 
+MAX_FIELD = 1 << 28  # characters in one TSV field
+
+
 def iter_tsv_rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
     """``(line number, fields)`` of a tab-separated file in DPR's dialect (``"`` quoting with
     doubled quotes), one row per line: no field of DPR's TSV formats spans lines. A quoted field
@@ -116,6 +119,9 @@ def iter_tsv_rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
         "An unterminated '\"'? Close the quote right before the next tab or the line end, and "
         'write a quote inside a quoted field as ""'
     )
+    # a field may be long (the csv module's default limit is 131,072 characters, whose error
+    # would read as a quote left open); a bound stays, for a file that is not text at all
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_FIELD))
     reader = csv.reader(lines(), delimiter="\t", strict=True)
     last = 0
     try:
@@ -129,6 +135,11 @@ def iter_tsv_rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
             yield start, row
     except csv.Error as e:
         start = last + 1
+        if "field larger than field limit" in str(e):
+            raise DataFormatError(
+                f"{path}, line {start}: a field longer than {MAX_FIELD:,} characters; is this a "
+                "passages or questions file?"
+            ) from None
         span = f" (read on to line {where[0]})" if where[0] > start else ""
         raise DataFormatError(
             f"{path}, line {start}: a quoted field is not closed properly{span}: {e}. {fix}"
