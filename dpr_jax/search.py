@@ -9,6 +9,7 @@ own scripts and pyserini can read them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 from dpr_jax import hybrid
 from dpr_jax.data.answers import AnswerMatcher, has_answer
 from dpr_jax.data.checks import question_texts
+from dpr_jax.errors import UserError
 from dpr_jax.index import load_index
 from dpr_jax.io import progress as progress_bar
 from dpr_jax.provenance import check_model
@@ -73,6 +75,14 @@ class HybridRetriever:
     ):
         if method not in ("linear", "rrf"):
             raise ValueError(f"hybrid method must be 'linear' or 'rrf', got {method!r}")
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not (math.isfinite(alpha) and alpha >= 0)
+        ):  # NaN would make every fused score NaN and the order arbitrary
+            raise UserError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise UserError(f"depth must be an integer >= 1, got {depth!r}")
         self.dense, self.sparse, self.method, self.alpha, self.depth = (
             dense, sparse, method, alpha, depth,
         )  # fmt: skip

@@ -366,10 +366,10 @@ def _exact(a, ids=("a", "b", "c")):
     return build_index("exact", np.eye(3, dtype=np.float32), list(ids))
 
 
-def _hybrid(a):
+def _hybrid(a, **kw):
     from dpr_jax.search import HybridRetriever
 
-    return HybridRetriever(_dense(a), _bm25(a))
+    return HybridRetriever(_dense(a), _bm25(a), **kw)
 
 
 def _encode_corpus(a, passages, **kw):
@@ -403,6 +403,8 @@ API_ROWS = [
      "got one string"),
     ("HybridRetriever.search(one string)", lambda a: _hybrid(a).search("paris", 2), TypeError,
      "got one string"),
+    ("HybridRetriever(alpha=nan)", lambda a: _hybrid(a, alpha=float("nan")), ValueError,
+     "alpha must be a finite number >= 0, got nan"),
     ("build_index with duplicate ids", lambda a: _exact(a, ("a", "b", "a")), ValueError,
      r"'a' appears 2 times \(rows 0 and 2\)"),
     ("Index.search(NaN query)", lambda a: _exact(a).search(np.full((1, 3), np.nan, np.float32),
