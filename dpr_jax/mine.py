@@ -61,6 +61,7 @@ from dpr_jax.io import (
     fingerprint_passages,
     note,
     sha256_file,
+    writing,
 )
 from dpr_jax.provenance import check_passages, index_fingerprint, vectors_fingerprint
 from dpr_jax.retriever.encode import shard_range
@@ -173,7 +174,8 @@ def _check_or_write_config(parts: Path, config: dict[str, Any]) -> None:
                     "over, or choose another --out"
                 )
         return
-    parts.mkdir(parents=True, exist_ok=True)
+    with writing(parts):
+        parts.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -14,7 +14,7 @@ from dpr_jax.cli.errors import command_parser
 from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE
 from dpr_jax.data.corpus import read_passages
 from dpr_jax.data.questions import is_tfds_spec, read_questions
-from dpr_jax.io import EMBEDDINGS, FILE, atomic_save_npy, check_output
+from dpr_jax.io import EMBEDDINGS, FILE, atomic_save_npy, check_output, writing
 from dpr_jax.retriever.encode import DTYPES, TowerEncoder, encode_corpus
 
 
@@ -55,7 +55,8 @@ def cli_main(argv: list[str] | None = None) -> int:
                            args.bucket or None, args.compute_dtype)  # fmt: skip
         vecs = enc.encode(texts)
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        with writing(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
         atomic_save_npy(out, vecs)  # a killed job leaves no half-written file
         print(f"{len(texts):,} questions from {args.questions} -> {out} "
               f"in {time.time() - t0:.1f}s", file=sys.stderr)  # fmt: skip
