@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from dpr_jax.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
@@ -51,5 +53,5 @@ def tpu_slice(topology: str) -> tuple[int, float]:
     generation, _, shape = topology.partition(":")
     dims = [int(x) for x in shape.split("x")] if shape else []
     if generation not in CHIPS or not dims or min(dims) < 1:
-        raise ValueError(f"unknown TPU topology {topology!r} (e.g. v5e:4x4; have {sorted(CHIPS)})")
+        raise UserError(f"unknown TPU topology {topology!r} (e.g. v5e:4x4; have {sorted(CHIPS)})")
     return math.prod(dims), CHIPS[generation].hbm_gib * 2**30

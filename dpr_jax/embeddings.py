@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from dpr_jax.errors import UserError
 from dpr_jax.io import (
     EMBEDDINGS,
     atomic_write_json,
@@ -72,7 +73,7 @@ _HINTS = {
 }
 
 
-class EmbeddingsIncompleteError(ValueError):
+class EmbeddingsIncompleteError(UserError):
     """An embeddings directory lacks chunks or shards (an unfinished ``encode``)."""
 
 
@@ -115,7 +116,7 @@ class EmbeddingWriter:
         config: dict | None = None,
     ):
         if not 0 <= shard < num_shards:
-            raise ValueError(f"shard {shard} is not in [0, {num_shards})")
+            raise UserError(f"shard {shard} is not in [0, {num_shards})")
         # resumes an embeddings directory; anything else that is there is never written into
         self.out_dir = check_output(out_dir, EMBEDDINGS, what="embeddings path")
         self.shard, self.num_shards = shard, num_shards
@@ -124,10 +125,10 @@ class EmbeddingWriter:
         self.dim = self.config.get("dim")
         self.dtype = self.config.get("dtype")
         if self.dtype is not None and self.dtype not in _DTYPES:
-            raise ValueError(f"config field 'dtype' must be one of {_DTYPES}, got {self.dtype!r}")
+            raise UserError(f"config field 'dtype' must be one of {_DTYPES}, got {self.dtype!r}")
         num_chunks = self.config.get("num_chunks")
         if num_chunks is not None and (not isinstance(num_chunks, int) or num_chunks < 0):
-            raise ValueError(f"config field 'num_chunks' must be an int >= 0, got {num_chunks!r}")
+            raise UserError(f"config field 'num_chunks' must be an int >= 0, got {num_chunks!r}")
         with writing(self.out_dir):
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temporaries()
@@ -139,7 +140,7 @@ class EmbeddingWriter:
             if diff:
                 k = diff[0]
                 hint = _HINTS.get(k, "this is a different encoding")
-                raise ValueError(
+                raise UserError(
                     f"{cfg_path}: field {k!r} is {old.get(k)!r} but this writer has "
                     f"{shared.get(k)!r} ({hint}); write it into another directory, or delete "
                     f"{self.out_dir} to start over"
@@ -167,7 +168,7 @@ class EmbeddingWriter:
     def write_chunk(self, chunk_idx: int, ids: Iterable[str] | np.ndarray, emb: np.ndarray) -> None:
         """Atomically write chunk ``chunk_idx``: embeddings, then ids, then the done marker."""
         if chunk_idx < 0:
-            raise ValueError(f"chunk index must be >= 0, got {chunk_idx}")
+            raise UserError(f"chunk index must be >= 0, got {chunk_idx}")
         emb = np.asarray(emb)
         ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
         if ids.dtype.kind == "O" or ids.size == 0:
@@ -176,21 +177,21 @@ class EmbeddingWriter:
             ids = ids.astype(str)
         where = f"chunk {chunk_idx} of shard {self.shard} in {self.out_dir}"
         if emb.ndim != 2:
-            raise ValueError(f"{where}: embeddings must be (n, dim), got shape {emb.shape}")
+            raise UserError(f"{where}: embeddings must be (n, dim), got shape {emb.shape}")
         if ids.ndim != 1 or len(ids) != len(emb):
-            raise ValueError(
+            raise UserError(
                 f"{where}: ids shape {ids.shape} does not match embeddings shape {emb.shape}"
             )
         if emb.dtype.name not in _DTYPES:
-            raise ValueError(f"{where}: embeddings dtype must be one of {_DTYPES}, got {emb.dtype}")
+            raise UserError(f"{where}: embeddings dtype must be one of {_DTYPES}, got {emb.dtype}")
         if self.dtype is not None and emb.dtype.name != self.dtype:
-            raise ValueError(f"{where}: embeddings dtype {emb.dtype} != config dtype {self.dtype}")
+            raise UserError(f"{where}: embeddings dtype {emb.dtype} != config dtype {self.dtype}")
         if self.dim is not None and emb.shape[1] != self.dim:
-            raise ValueError(f"{where}: embedding dim {emb.shape[1]} != config dim {self.dim}")
+            raise UserError(f"{where}: embedding dim {emb.shape[1]} != config dim {self.dim}")
         emb_p, ids_p, done_p = chunk_paths(self.out_dir, self.shard, chunk_idx)
         cfg_path = self.out_dir / CONFIG_JSON
         if _read_json(cfg_path) != self._shared:  # another writer replaced it meanwhile
-            raise ValueError(f"{cfg_path}: changed by another writer; this encoding differs")
+            raise UserError(f"{cfg_path}: changed by another writer; this encoding differs")
         done_p.unlink(missing_ok=True)  # rewriting a chunk: it is unfinished until the new marker
         _atomic_save_npy(emb_p, np.ascontiguousarray(emb))
         _atomic_save_npy(ids_p, ids)
@@ -218,21 +219,21 @@ def _finished_chunks(emb_dir: Path) -> list[tuple[int, int, Path]]:
 
 def _check_file(path: Path, meta: dict | None, verify: bool) -> None:
     if not path.exists():
-        raise ValueError(f"{path}: missing, although its chunk is marked done")
+        raise UserError(f"{path}: missing, although its chunk is marked done")
     if meta is None:
-        raise ValueError(f"{path}: not listed in its .done marker")
+        raise UserError(f"{path}: not listed in its .done marker")
     size = path.stat().st_size
     if size != meta["size"]:
-        raise ValueError(f"{path}: {size} bytes, expected {meta['size']} (truncated or modified)")
+        raise UserError(f"{path}: {size} bytes, expected {meta['size']} (truncated or modified)")
     if verify and sha256_file(path) != meta["sha256"]:
-        raise ValueError(f"{path}: sha256 checksum mismatch (file corrupted)")
+        raise UserError(f"{path}: sha256 checksum mismatch (file corrupted)")
 
 
 def _load_npy(path: Path, mmap: bool) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable .npy file (truncated or corrupt?): {e}") from e
+        raise UserError(f"{path}: not a readable .npy file (truncated or corrupt?): {e}") from e
 
 
 def check_complete(emb_dir: str | Path) -> list[str]:
@@ -261,7 +262,7 @@ def check_complete(emb_dir: str | Path) -> list[str]:
         elif _DATA_RE.match(name) or _TMP_RE.match(name):
             lacking.append(f"{p}: left by an unfinished chunk (no .done marker)")
         else:
-            raise ValueError(
+            raise UserError(
                 f"{p}: not a file of an embeddings directory (config.json, shard-SSS.json, "
                 "chunk markers and the chunks they list); remove it and try again"
             )
@@ -284,7 +285,7 @@ def check_complete(emb_dir: str | Path) -> list[str]:
             lacking.append(f"{d}: shard {s} lacks chunks {missing[:10]}{total} (unfinished)")
         extra = sorted(chunks - want)
         if isinstance(expected, int) and extra:
-            raise ValueError(
+            raise UserError(
                 f"{d}: shard {s} has chunk {extra[0]} but its shard-{s:03d}.json says "
                 f"{expected} chunks (mixed encodings?); delete {d} and encode again"
             )
@@ -316,7 +317,7 @@ def load_embeddings(
         else list(map(Path, dir_or_dirs))
     )
     if not dirs:
-        raise ValueError("no embeddings directory given")
+        raise UserError("no embeddings directory given")
     plan = []  # (emb path, ids path, n)
     dim = None
     dim_src = None
@@ -336,20 +337,20 @@ def load_embeddings(
             warnings.warn(f"{line}; indexing the finished chunks only", stacklevel=2)
         chunks = _finished_chunks(d)
         if not chunks:
-            raise ValueError(f"{d}: no finished chunks (no chunk-*.done markers)")
+            raise UserError(f"{d}: no finished chunks (no chunk-*.done markers)")
         for shard, chunk, done_p in chunks:
             marker = _read_json(done_p)
             for field in ("n", "dim", "files"):
                 if field not in marker:
-                    raise ValueError(f"{done_p}: missing field {field!r}")
+                    raise UserError(f"{done_p}: missing field {field!r}")
             emb_p, ids_p, _ = chunk_paths(d, shard, chunk)
             if dim is None:
                 dim, dim_src = int(marker["dim"]), done_p
             elif int(marker["dim"]) != dim:
-                raise ValueError(f"{done_p}: dim {marker['dim']} != dim {dim} of {dim_src}")
+                raise UserError(f"{done_p}: dim {marker['dim']} != dim {dim} of {dim_src}")
             plan.append((emb_p, ids_p, int(marker["n"]), marker["files"]))
         if "dim" in cfg and cfg["dim"] != dim:
-            raise ValueError(f"{d / CONFIG_JSON}: field 'dim' is {cfg['dim']}, chunks have {dim}")
+            raise UserError(f"{d / CONFIG_JSON}: field 'dim' is {cfg['dim']}, chunks have {dim}")
     total = sum(n for _, _, n, _ in plan)
     emb = np.empty((total, dim), dtype=dtype)
     all_ids = []
@@ -361,13 +362,13 @@ def load_embeddings(
         e = _load_npy(emb_p, mmap=True)
         i = _load_npy(ids_p, mmap=False)
         if e.ndim != 2 or e.shape != (n, dim):
-            raise ValueError(f"{emb_p}: shape {e.shape}, expected ({n}, {dim}) from its marker")
+            raise UserError(f"{emb_p}: shape {e.shape}, expected ({n}, {dim}) from its marker")
         if e.dtype.name not in _DTYPES:
-            raise ValueError(f"{emb_p}: dtype {e.dtype}, expected one of {_DTYPES}")
+            raise UserError(f"{emb_p}: dtype {e.dtype}, expected one of {_DTYPES}")
         if i.ndim != 1 or len(i) != n:
-            raise ValueError(f"{ids_p}: {i.shape} ids for {n} embeddings in {emb_p.name}")
+            raise UserError(f"{ids_p}: {i.shape} ids for {n} embeddings in {emb_p.name}")
         if i.dtype.kind != "U":
-            raise ValueError(f"{ids_p}: ids dtype {i.dtype}, expected unicode strings")
+            raise UserError(f"{ids_p}: ids dtype {i.dtype}, expected unicode strings")
         emb[row : row + n] = e
         all_ids.append(i)
         row += n
@@ -380,5 +381,5 @@ def load_embeddings(
         rows = np.flatnonzero(ids == dup)[:2]
         ends = np.cumsum([n for _, _, n, _ in plan])
         files = [plan[int(np.searchsorted(ends, r, side="right"))][1] for r in rows]
-        raise ValueError(f"duplicate passage id {dup!r}: in {files[0]} and again in {files[1]}")
+        raise UserError(f"duplicate passage id {dup!r}: in {files[0]} and again in {files[1]}")
     return ids, emb

@@ -1,7 +1,7 @@
 """The exceptions that mean "the user gave something wrong", as opposed to a bug in dpr-jax.
 
-Library code raises :class:`UserError` (or one of its subclasses, or a plain ``ValueError`` /
-``OSError`` from its own checks) with a message that starts with the file it concerns and says
+Library code raises :class:`UserError` (or one of its subclasses, or a ``FileNotFoundError`` /
+``PermissionError`` for a path) with a message that starts with the file it concerns and says
 what to do: ``"<file>, line N: <what is wrong>; <what to do>"``. The command line
 (:mod:`dpr_jax.cli.errors`) prints such errors as one line and exits 2; anything else is a bug and
 keeps its traceback (exit 1).

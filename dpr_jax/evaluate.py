@@ -29,6 +29,7 @@ from dpr_jax.data.answers import (
     regex_match,
     simple_tokenize,
 )
+from dpr_jax.errors import UserError
 
 __all__ = [
     "MATCH_TYPES", "AnswerMatcher", "ann_recall", "count_without_answers", "exact_match_score", "f1_score", "has_answer",
@@ -53,7 +54,7 @@ def question_hits(results: Sequence[Any], match_type: str = "string") -> list[li
         answers = _field(r, "answers")
         ctxs = _field(r, "ctxs")
         if answers is None or ctxs is None:
-            raise ValueError(f"result {i}: needs 'answers' and 'ctxs'")
+            raise UserError(f"result {i}: needs 'answers' and 'ctxs'")
         hits = []
         for c in ctxs:
             flag = _field(c, "has_answer")
@@ -80,7 +81,7 @@ def top_k_accuracy(
     same number per question).
     """
     if not results:
-        raise ValueError("no results to evaluate")
+        raise UserError("no results to evaluate")
     if recompute:
         results = [
             {
@@ -100,9 +101,9 @@ def ann_recall(approx_ids: Sequence[Sequence[Any]], exact_ids: Sequence[Sequence
     Empty ids ("" / None, how indexes pad missing results) are ignored on both sides.
     """
     if len(approx_ids) != len(exact_ids):
-        raise ValueError(f"{len(approx_ids)} approximate vs {len(exact_ids)} exact result rows")
+        raise UserError(f"{len(approx_ids)} approximate vs {len(exact_ids)} exact result rows")
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise UserError(f"k must be >= 1, got {k}")
     recalls = []
     for a, e in zip(approx_ids, exact_ids):
         truth = {str(x) for x in list(e)[:k] if x is not None and str(x) != ""}
@@ -111,5 +112,5 @@ def ann_recall(approx_ids: Sequence[Sequence[Any]], exact_ids: Sequence[Sequence
         found = {str(x) for x in list(a)[:k]}
         recalls.append(len(truth & found) / len(truth))
     if not recalls:
-        raise ValueError("no query has exact results to compare with")
+        raise UserError("no query has exact results to compare with")
     return float(sum(recalls) / len(recalls))

@@ -23,8 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpr_jax.errors import UserError
 
-class DivergenceError(ValueError):
+
+class DivergenceError(UserError):
     """Training produced a non-finite loss, gradient norm, parameter or validation score."""
 
 

@@ -37,20 +37,22 @@ from typing import Any
 
 import numpy as np
 
+from dpr_jax.errors import UserError
+
 NORMALIZATIONS = ("pyserini", "minmax", "none")
 
 
 def _hits(scores: Any, ids: Any, what: str) -> list[list[tuple[str, float]]]:
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2:
-        raise ValueError(f"{what} scores must be (Q, depth), got shape {scores.shape}")
+        raise UserError(f"{what} scores must be (Q, depth), got shape {scores.shape}")
     if len(ids) != scores.shape[0]:
-        raise ValueError(f"{what}: {scores.shape[0]} score rows but {len(ids)} id rows")
+        raise UserError(f"{what}: {scores.shape[0]} score rows but {len(ids)} id rows")
     out = []
     for q, (row_s, row_i) in enumerate(zip(scores, ids)):
         row_i = list(row_i)
         if len(row_i) != len(row_s):
-            raise ValueError(f"{what}, query {q}: {len(row_s)} scores but {len(row_i)} ids")
+            raise UserError(f"{what}, query {q}: {len(row_s)} scores but {len(row_i)} ids")
         hits, seen = [], set()
         for s, d in zip(row_s, row_i):
             if d is None or str(d) == "" or not math.isfinite(s):
@@ -90,12 +92,12 @@ def _fuse(runs: tuple, k: int, score) -> tuple[np.ndarray, list[list[str]]]:
     """Fuse the dense and sparse runs ``(dense_scores, dense_ids, sparse_scores, sparse_ids)``
     query by query: ``score(dense_hits, sparse_hits)`` -> {doc: fused score}; top ``k`` each."""
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise UserError(f"k must be >= 1, got {k}")
     dense_scores, dense_ids, sparse_scores, sparse_ids = runs
     dense = _hits(dense_scores, dense_ids, "dense")
     sparse = _hits(sparse_scores, sparse_ids, "sparse")
     if len(dense) != len(sparse):
-        raise ValueError(f"{len(dense)} dense vs {len(sparse)} sparse queries")
+        raise UserError(f"{len(dense)} dense vs {len(sparse)} sparse queries")
     out_s, out_i = [], []
     for dh, sh in zip(dense, sparse):
         s_row, i_row = _top_k(score(dh, sh), _tie_order(dh, sh), k)
@@ -110,7 +112,7 @@ def linear_fusion(
 ) -> tuple[np.ndarray, list[list[str]]]:  # fmt: skip
     """pyserini's normalised linear combination (see the module docstring)."""
     if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        raise UserError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
 
     def score(dh, sh) -> dict[str, float]:
         dd, sd = dict(dh), dict(sh)
@@ -135,7 +137,7 @@ def rrf_fusion(
 ) -> tuple[np.ndarray, list[list[str]]]:  # fmt: skip
     """Reciprocal-rank fusion: ``score(d) = sum_lists 1 / (rrf_k + rank(d))``, ranks from 1."""
     if rrf_k < 0:
-        raise ValueError(f"rrf_k must be >= 0, got {rrf_k}")
+        raise UserError(f"rrf_k must be >= 0, got {rrf_k}")
 
     def score(dh, sh) -> dict[str, float]:
         fused: dict[str, float] = {}

@@ -239,13 +239,13 @@ def mine_hard_negatives(
     for name, v, lo in (("n", n, 1), ("skip", skip, 0), ("depth", depth, 1),
                         ("chunk_size", chunk_size, 1)):  # fmt: skip
         if v < lo:
-            raise ValueError(f"{name} must be >= {lo}, got {v}")
+            raise UserError(f"{name} must be >= {lo}, got {v}")
     if match not in MATCH_TYPES:
-        raise ValueError(f"match must be one of {MATCH_TYPES}, got {match!r}")
+        raise UserError(f"match must be one of {MATCH_TYPES}, got {match!r}")
     if existing not in EXISTING:
-        raise ValueError(f"existing must be one of {EXISTING}, got {existing!r}")
+        raise UserError(f"existing must be one of {EXISTING}, got {existing!r}")
     if not 0 <= shard < num_shards:
-        raise ValueError(f"shard {shard} is not in [0, {num_shards})")
+        raise UserError(f"shard {shard} is not in [0, {num_shards})")
     if not sample and skip + n > depth:
         print(f"dpr-jax mine: depth {depth} < skip {skip} + n {n}: questions get fewer than "
               f"{n} negatives", file=sys.stderr)  # fmt: skip
@@ -303,7 +303,7 @@ def mine_hard_negatives(
                 for pid, s in zip(ids[j], scores[j]):
                     pid = str(pid)
                     if pid not in by_id:
-                        raise ValueError(
+                        raise UserError(
                             f"passage id {pid!r} from the index is not in the passages "
                             f"({passage_src or 'given list'}): index and passages do not match"
                         )

@@ -41,6 +41,7 @@ from flax.traverse_util import flatten_dict
 
 from dpr_jax import __version__
 from dpr_jax.data.tokenize import DPRTokenizer
+from dpr_jax.errors import UserError
 from dpr_jax.io import (
     MANIFEST,
     MODEL,
@@ -69,12 +70,12 @@ def check_params(params: dict, expected: dict, where: str) -> None:
     missing = sorted(set(want) - set(got))
     extra = sorted(set(got) - set(want))
     if missing:
-        raise ValueError(f"{where}: missing parameter {missing[0]!r} ({len(missing)} missing)")
+        raise UserError(f"{where}: missing parameter {missing[0]!r} ({len(missing)} missing)")
     if extra:
-        raise ValueError(f"{where}: unexpected parameter {extra[0]!r} ({len(extra)} extra)")
+        raise UserError(f"{where}: unexpected parameter {extra[0]!r} ({len(extra)} extra)")
     for k in sorted(want):
         if tuple(got[k].shape) != tuple(want[k].shape):
-            raise ValueError(
+            raise UserError(
                 f"{where}: parameter {k!r} has shape {tuple(got[k].shape)}, "
                 f"the config expects {tuple(want[k].shape)}"
             )
@@ -129,10 +130,10 @@ def save_model(
 def read_model_meta(model_dir: str | Path) -> dict[str, Any]:
     model_dir = resolve_model_dir(model_dir)
     path = model_dir / MODEL_JSON
-    meta = read_json_object(path, "model directory", error=ValueError)
+    meta = read_json_object(path, "model directory", error=UserError)
     model_kind(meta.get("kind"), f"{path}: field 'kind'")
     if "model" not in meta:
-        raise ValueError(f"{path}: field 'model' is missing")
+        raise UserError(f"{path}: field 'model' is missing")
     return meta
 
 
@@ -159,7 +160,7 @@ def load_model(model_dir: str | Path, expect_kind: str | None = None):
     meta = read_model_meta(model_dir)
     kind = meta["kind"]
     if expect_kind is not None and kind != expect_kind:
-        raise ValueError(f"{model_dir}: holds a {kind!r} model, expected {expect_kind!r}")
+        raise UserError(f"{model_dir}: holds a {kind!r} model, expected {expect_kind!r}")
     config = model_config(meta, model_dir / MODEL_JSON)
     params = _restore(model_dir)
     params_dir = model_dir / "params"
@@ -183,7 +184,7 @@ def model_config(meta: dict, where: object = "model config"):
     try:
         return KINDS[meta["kind"]].config_from_dict(meta["model"])
     except (TypeError, KeyError, ValueError) as e:
-        raise ValueError(f"{where}: bad model config ({e})") from None
+        raise UserError(f"{where}: bad model config ({e})") from None
 
 
 def _restore(model_dir: Path) -> dict:
@@ -195,7 +196,7 @@ def _restore(model_dir: Path) -> dict:
     try:
         return ocp.StandardCheckpointer().restore(params_dir.absolute())
     except Exception as e:  # orbax raises many types for truncated / foreign data
-        raise ValueError(
+        raise UserError(
             f"{params_dir}: cannot read the parameters ({type(e).__name__}: {e})"
         ) from e
 

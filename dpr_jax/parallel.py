@@ -22,6 +22,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dpr_jax.errors import UserError
+
 DATA_AXIS = "data"
 
 
@@ -38,9 +40,9 @@ def initialize_distributed(
     need the gloo implementation; it is selected here (it has no effect on GPU/TPU).
     """
     if num_processes is not None and num_processes < 1:
-        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+        raise UserError(f"num_processes must be >= 1, got {num_processes}")
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
-        raise ValueError(f"process_id {process_id} not in [0, {num_processes})")
+        raise UserError(f"process_id {process_id} not in [0, {num_processes})")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
@@ -58,7 +60,7 @@ def make_mesh(devices: Sequence[jax.Device] | None = None, axis: str = DATA_AXIS
     """
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
-        raise ValueError("make_mesh: no devices")
+        raise UserError("make_mesh: no devices")
     devices.sort(key=lambda d: (d.process_index, d.id))
     return Mesh(np.asarray(devices), (axis,))
 
@@ -85,26 +87,26 @@ def process_slice(
     if mesh is None:
         n, i = jax.process_count(), jax.process_index()
         if global_batch_size % n:
-            raise ValueError(
+            raise UserError(
                 f"global batch size {global_batch_size} is not divisible by the {n} processes"
             )
         per = global_batch_size // n
         return i * per, (i + 1) * per
     devices = list(mesh.devices.reshape(-1)) if len(mesh.axis_names) == 1 else None
     if devices is None:
-        raise ValueError(f"process_slice expects a 1-D mesh, got axes {mesh.axis_names}")
+        raise UserError(f"process_slice expects a 1-D mesh, got axes {mesh.axis_names}")
     n_dev = len(devices)
     if global_batch_size % n_dev:
-        raise ValueError(
+        raise UserError(
             f"global batch size {global_batch_size} is not divisible by the {n_dev} devices "
             f"of mesh axis {axis!r}"
         )
     per_dev = global_batch_size // n_dev
     mine = [k for k, d in enumerate(devices) if d.process_index == jax.process_index()]
     if not mine:
-        raise ValueError("process_slice: this process owns no device of the mesh")
+        raise UserError("process_slice: this process owns no device of the mesh")
     if mine != list(range(mine[0], mine[-1] + 1)):
-        raise ValueError(
+        raise UserError(
             f"process_slice: this process's devices are not contiguous on axis {axis!r} "
             f"(positions {mine}); build the mesh with make_mesh"
         )
@@ -125,7 +127,7 @@ def global_batch_from_local(
     for name, x in local_batch.items():
         x = np.asarray(x)
         if x.ndim == 0:
-            raise ValueError(f"batch field {name!r} is a scalar; every field needs a batch axis")
+            raise UserError(f"batch field {name!r} is a scalar; every field needs a batch axis")
         out[name] = jax.make_array_from_process_local_data(sharding, x)
     return out
 

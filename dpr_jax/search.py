@@ -74,7 +74,7 @@ class HybridRetriever:
         self, dense, sparse, method: str = "linear", alpha: float = 1.0, depth: int = 1000
     ):
         if method not in ("linear", "rrf"):
-            raise ValueError(f"hybrid method must be 'linear' or 'rrf', got {method!r}")
+            raise UserError(f"hybrid method must be 'linear' or 'rrf', got {method!r}")
         if (
             isinstance(alpha, bool)
             or not isinstance(alpha, (int, float))

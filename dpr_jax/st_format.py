@@ -27,6 +27,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dpr_jax.errors import UserError
 from dpr_jax.io import read_json
 
 MODULES_JSON = "modules.json"
@@ -64,15 +65,15 @@ def is_st_dir(path: str | Path) -> bool:
 
 
 def _read_json(path: Path, what: str) -> Any:
-    return read_json(path, error=ValueError, missing=f"{what} not found")
+    return read_json(path, error=UserError, missing=f"{what} not found")
 
 
 def _pooling_mode(config: Any, path: Path, hidden_size: int | None) -> str:
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise UserError(f"{path}: expected a JSON object")
     dim = config.get("embedding_dimension", config.get("word_embedding_dimension"))
     if hidden_size is not None and dim is not None and int(dim) != hidden_size:
-        raise ValueError(
+        raise UserError(
             f"{path}: the pooling's embedding dimension is {dim}, the BERT's hidden size "
             f"{hidden_size}"
         )
@@ -82,7 +83,7 @@ def _pooling_mode(config: Any, path: Path, hidden_size: int | None) -> str:
     else:  # legacy booleans; none set means mean, as sentence-transformers reads them
         modes = [m for k, m in _LEGACY_POOLING.items() if config.get(k)] or ["mean"]
     if len(modes) != 1 or modes[0] not in _SUPPORTED_POOLING:
-        raise ValueError(
+        raise UserError(
             f"{path}: pooling {modes} is not supported (a bi-encoder tower pools with one of "
             f"{_SUPPORTED_POOLING}); convert with --pooling to choose one explicitly"
         )
@@ -98,7 +99,7 @@ def read_st_modules(path: str | Path, hidden_size: int | None = None) -> STModul
         return None
     modules = _read_json(modules_file, "module list")
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
-        raise ValueError(f"{modules_file}: expected a JSON list of module objects")
+        raise UserError(f"{modules_file}: expected a JSON list of module objects")
     kinds = []
     for i, m in enumerate(sorted(modules, key=lambda m: m.get("idx", 0))):
         kind = str(m.get("type", "")).rsplit(".", 1)[-1]
@@ -109,33 +110,33 @@ def read_st_modules(path: str | Path, hidden_size: int | None = None) -> STModul
     for pos, (kind, m, i) in enumerate(kinds):
         if kind == "Transformer":
             if pos != 0:
-                raise ValueError(f"{modules_file}: module {i} (Transformer) is not the first")
+                raise UserError(f"{modules_file}: module {i} (Transformer) is not the first")
             if str(m.get("path", "")) not in ("", "."):
-                raise ValueError(
+                raise UserError(
                     f"{modules_file}: the Transformer lives in {m.get('path')!r}; convert that "
                     "folder's BERT with --pooling instead"
                 )
         elif kind == "Pooling":
             if pooling is not None:
-                raise ValueError(f"{modules_file}: more than one Pooling module")
+                raise UserError(f"{modules_file}: more than one Pooling module")
             cfg_path = path / str(m.get("path", "")) / "config.json"
             pooling = _pooling_mode(_read_json(cfg_path, "pooling config"), cfg_path, hidden_size)
         elif kind == "Normalize":
             if pooling is None or pos != len(kinds) - 1:
-                raise ValueError(
+                raise UserError(
                     f"{modules_file}: Normalize must come last, after the Pooling ({names})"
                 )
             normalize = True
         else:
-            raise ValueError(
+            raise UserError(
                 f"{modules_file}: module {i} is a {m.get('type')!r}; only Transformer, Pooling "
                 "and Normalize map onto a bi-encoder tower (convert with --pooling to take the "
                 "BERT alone)"
             )
     if not names or names[0] != "Transformer":
-        raise ValueError(f"{modules_file}: the first module must be a Transformer, got {names}")
+        raise UserError(f"{modules_file}: the first module must be a Transformer, got {names}")
     if pooling is None:
-        raise ValueError(f"{modules_file}: no Pooling module (token embeddings only)")
+        raise UserError(f"{modules_file}: no Pooling module (token embeddings only)")
     max_len = None
     st_cfg_path = path / ST_CONFIG
     if st_cfg_path.is_file():
@@ -161,7 +162,7 @@ def write_st_modules(
     ``SentenceTransformer`` builds the BertModel without a pooler instead of reporting its
     weights missing and initialising them randomly."""
     if pooling not in _SUPPORTED_POOLING:
-        raise ValueError(
+        raise UserError(
             f"pooling {pooling!r} has no sentence-transformers Pooling mode (have "
             f"{_SUPPORTED_POOLING})"
         )

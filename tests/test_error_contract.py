@@ -213,3 +213,31 @@ def test_ctrl_c_is_130_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
     monkeypatch.setattr(evaluate, "cli_main", bug)
     with pytest.raises(KeyError):
         main(["evaluate", "--results", "x.json"])
+
+
+def test_a_value_error_inside_the_library_is_a_bug(monkeypatch, capsys):
+    """Only UserError (which every check of dpr-jax raises) and missing files exit 2: a plain
+    ValueError raised inside dpr-jax's own code (here the registry helper refusing a malformed
+    table, a programming error) keeps its traceback, exit 1 from the shell."""
+    from dpr_jax.cli import evaluate
+    from dpr_jax.cli.errors import is_user_error
+    from dpr_jax.errors import UserError
+    from dpr_jax.registry import Registry
+
+    monkeypatch.setattr(evaluate, "cli_main", lambda argv: Registry({"x": "no colon"}))
+    with pytest.raises(ValueError, match="expected 'module:attribute'") as raised:
+        main(["evaluate", "--results", "x.json"])
+    assert raised.type is ValueError and not is_user_error(raised.value)
+    assert "dpr_jax/registry.py" in str(raised.traceback[-1].path)
+    assert is_user_error(UserError("x")) and is_user_error(FileNotFoundError(2, "no", "f"))
+    # from the shell: exit 1 with the traceback
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from dpr_jax.cli import evaluate, main; from dpr_jax.registry import "
+        "Registry; evaluate.cli_main = lambda a: Registry({'x': 'y'}); "
+        "sys.exit(main(['evaluate', '--results', 'x.json']))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "ValueError" in proc.stderr

@@ -12,6 +12,7 @@ from dpr_jax.cli.errors import command_parser
 from dpr_jax.cli.options import POSITIVE, add_quiet, refuse_together
 from dpr_jax.data.answers import exact_match_score, f1_score
 from dpr_jax.data.questions import is_tfds_spec, read_questions
+from dpr_jax.errors import UserError
 from dpr_jax.io import FILE, check_output
 from dpr_jax.pipeline import QAPipeline
 from dpr_jax.reader.span import QuestionPrediction, write_predictions
@@ -48,7 +49,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     if not args.question:  # batch mode; read first: a wrong spec fails before any model loads
         questions = read_questions(args.questions)
         if not questions:
-            raise ValueError(f"{args.questions}: no questions (empty)")
+            raise UserError(f"{args.questions}: no questions (empty)")
 
     pipe = QAPipeline.from_dirs(
         args.retriever, args.index, args.passages, args.reader,

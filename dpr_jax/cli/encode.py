@@ -14,6 +14,7 @@ from dpr_jax.cli.errors import command_parser
 from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE
 from dpr_jax.data.corpus import read_passages
 from dpr_jax.data.questions import is_tfds_spec, read_questions
+from dpr_jax.errors import UserError
 from dpr_jax.io import EMBEDDINGS, FILE, atomic_save_npy, check_output, writing
 from dpr_jax.retriever.encode import DTYPES, TowerEncoder, encode_corpus
 
@@ -50,7 +51,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     if args.questions:
         texts = [q.question for q in read_questions(args.questions)]
         if not texts:
-            raise ValueError(f"{args.questions}: no questions to encode (empty file)")
+            raise UserError(f"{args.questions}: no questions to encode (empty file)")
         enc = TowerEncoder(args.model, "question", args.batch_size, min(args.max_length, 64),
                            args.bucket or None, args.compute_dtype)  # fmt: skip
         vecs = enc.encode(texts)

@@ -1,10 +1,11 @@
 """The command line's one error contract.
 
-- A user error (:class:`dpr_jax.errors.UserError`, a ``ValueError`` raised by dpr-jax's own
-  checks, or a missing / unreadable file) prints one line
+- A user error (:class:`dpr_jax.errors.UserError`, which every check of dpr-jax raises, or a
+  missing / unreadable file) prints one line
   ``dpr-jax <command>: <file>[, line N]: <what is wrong and what to do>`` on stderr, exit 2.
 - Ctrl-C prints one line (commands that save on interruption say what they saved first), exit 130.
-- Anything else is a bug in dpr-jax: the traceback is kept, exit 1.
+- Anything else is a bug in dpr-jax, a ``ValueError`` from inside the library included: the
+  traceback is kept, exit 1.
 
 ``--debug`` (any position) or ``DPR_JAX_DEBUG=1`` shows the traceback of user errors too.
 """
@@ -49,26 +50,11 @@ def command_parser(module: str, description: str) -> Parser:
     return Parser(prog=prog, description=first[:1].upper() + first[1:])
 
 
-def _raised_by_dpr_jax(exc: BaseException) -> bool:
-    """True when the innermost frame that raised ``exc`` is dpr-jax's own code: a deliberate
-    check, not a ValueError from deep inside numpy or jax."""
-    tb = exc.__traceback__
-    last = None
-    while tb is not None:
-        last = tb
-        tb = tb.tb_next
-    if last is None:
-        return False
-    try:
-        return Path(last.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
-    except (OSError, ValueError):
-        return False
-
-
 def is_user_error(exc: BaseException) -> bool:
-    if isinstance(exc, (UserError, *_USER_OS_ERRORS)):
-        return True
-    return isinstance(exc, ValueError) and _raised_by_dpr_jax(exc)
+    """A :class:`~dpr_jax.errors.UserError` (every check of dpr-jax raises one) or a path that
+    is missing, of the wrong kind, or not the user's to touch. Any other exception, a
+    ``ValueError`` included, is a bug and keeps its traceback."""
+    return isinstance(exc, (UserError, *_USER_OS_ERRORS))
 
 
 def one_line(exc: BaseException) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 from dpr_jax.cli.errors import command_parser
 from dpr_jax.cli.options import parse_ks
 from dpr_jax.data.formats import read_retrieval_results
+from dpr_jax.errors import UserError
 from dpr_jax.evaluate import MATCH_TYPES, ann_recall, count_without_answers, top_k_accuracy
 from dpr_jax.io import FILE, atomic_write_text, check_output
 
@@ -41,7 +42,7 @@ def cli_main(argv: list[str] | None = None) -> int:
 
     results = read_retrieval_results(args.results)
     if not results:
-        raise ValueError(f"{args.results}: no questions in the results file")
+        raise UserError(f"{args.results}: no questions in the results file")
     acc = top_k_accuracy(results, args.ks, args.match, recompute=args.recompute)
     depth = max(len(r["ctxs"]) for r in results)
     note = lambda k: "  (k > ctxs)" if k > depth else ""
@@ -50,13 +51,13 @@ def cli_main(argv: list[str] | None = None) -> int:
     if args.exact_results:
         exact = read_retrieval_results(args.exact_results)
         if len(exact) != len(results):
-            raise ValueError(
+            raise UserError(
                 f"{args.exact_results}: {len(exact)} questions, but {args.results} has "
                 f"{len(results)}"
             )
         for i, (a, e) in enumerate(zip(results, exact)):
             if a["question"] != e["question"]:
-                raise ValueError(
+                raise UserError(
                     f"{args.exact_results}: question {i} is {e['question']!r}, but in "
                     f"{args.results} it is {a['question']!r}"
                 )

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from dpr_jax.cli.errors import command_parser
 from dpr_jax.cli.options import POSITIVE, add_quiet, number
-from dpr_jax.errors import Interrupted
+from dpr_jax.errors import Interrupted, UserError
 from dpr_jax.index.backends import BACKENDS, index_class, load_for_index
 from dpr_jax.index.tune import tune
 from dpr_jax.io import INDEX, check_output, note
@@ -34,7 +34,7 @@ def parse_option(text: str) -> tuple[str, object]:
     true/false, null), else kept as a string."""
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise ValueError(f"--option must look like key=value, got {text!r}")
+        raise UserError(f"--option must look like key=value, got {text!r}")
     low = value.strip().lower()
     if low in ("none", "null"):
         return key, None
@@ -149,12 +149,12 @@ def load_tune_queries(path: str, dim: int):
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: --tune-queries file not found") from None
     except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable .npy file ({e}); save it with numpy.save") from e
+        raise UserError(f"{path}: not a readable .npy file ({e}); save it with numpy.save") from e
     if q.ndim != 2 or q.shape[1] != dim or len(q) == 0 or q.dtype.kind != "f":
-        raise ValueError(
+        raise UserError(
             f"{path}: tuning queries must be a non-empty float (Q, {dim}) array like the "
             f"embeddings, got {q.dtype} {q.shape}"
         )
     if not np.isfinite(q).all():
-        raise ValueError(f"{path}: row {int(np.argmax(~np.isfinite(q).all(1)))} is not finite")
+        raise UserError(f"{path}: row {int(np.argmax(~np.isfinite(q).all(1)))} is not finite")
     return q.astype(np.float32)

@@ -16,7 +16,7 @@ from dpr_jax.data.bm25 import BM25Retriever
 from dpr_jax.data.corpus import read_passages
 from dpr_jax.data.formats import write_retrieval_results
 from dpr_jax.data.questions import describe, is_tfds_spec, read_questions
-from dpr_jax.errors import UsageError
+from dpr_jax.errors import UsageError, UserError
 from dpr_jax.io import BM25, FILE, check_output
 from dpr_jax.provenance import check_passages
 from dpr_jax.search import DenseRetriever, HybridRetriever, results_for
@@ -79,7 +79,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     passages_list = read_passages(args.passages)
     passages = {str(p.id): p for p in passages_list}
     if not questions:
-        raise ValueError(f"{args.questions}: no questions (empty)")
+        raise UserError(f"{args.questions}: no questions (empty)")
     retriever = _build_retriever(args, passages_list)
     hybrid = isinstance(retriever, HybridRetriever)
     dense = retriever.dense if hybrid else retriever

@@ -21,6 +21,7 @@ from dpr_jax.dpr_checkpoint import (
     projection_dim,
     read_dpr_checkpoint,
 )
+from dpr_jax.errors import UserError
 from dpr_jax.io import MODEL
 from dpr_jax.model_dir import save_model
 from dpr_jax.models.bert import BERT, BertConfig, PlainBertConfig
@@ -33,15 +34,15 @@ def _tower(ckpt: HFCheckpoint, keep_pooler: bool) -> dict:
     """{"bert_model": ..., ["encode_proj": ...]} from a BertModel or a DPR encoder."""
     if ckpt.arch == "BertModel":
         if keep_pooler and not ckpt.has_pooler:
-            raise ValueError(
+            raise UserError(
                 f"{ckpt.path}: pooling 'pooler' needs the BERT pooler, this checkpoint has none"
             )
         return {"bert_model": ckpt.flax_params(add_pooling_layer=keep_pooler)}
     if ckpt.arch in DPR_ENCODERS:
         if keep_pooler:
-            raise ValueError(f"{ckpt.path}: a {ckpt.arch} has no BERT pooler (pooling 'pooler')")
+            raise UserError(f"{ckpt.path}: a {ckpt.arch} has no BERT pooler (pooling 'pooler')")
         return ckpt.flax_params()[TOWER[ckpt.arch]]
-    raise ValueError(f"{ckpt.path}: a {ckpt.arch} is not a bi-encoder tower")
+    raise UserError(f"{ckpt.path}: a {ckpt.arch} is not a bi-encoder tower")
 
 
 def _st_similarity(ckpt: HFCheckpoint, made: dict, pooling, normalize) -> tuple[str, bool]:
@@ -67,7 +68,7 @@ def _ctx_tower(ckpt: HFCheckpoint, ctx_from: str | Path, keep_pooler: bool) -> t
     for k in ctx.dropped:
         print(f"{ctx.path}: ignoring {k}", file=sys.stderr)
     if ctx.arch not in ("DPRContextEncoder", "BertModel"):
-        raise ValueError(
+        raise UserError(
             f"{ctx.path}: --ctx-from must be a DPRContextEncoder or a BertModel, found a {ctx.arch}"
         )
     if ctx.bert != ckpt.bert or ctx.projection_dim != ckpt.projection_dim:
@@ -78,7 +79,7 @@ def _ctx_tower(ckpt: HFCheckpoint, ctx_from: str | Path, keep_pooler: bool) -> t
         ]
         if ctx.projection_dim != ckpt.projection_dim:
             diff.append(f"projection_dim: {ckpt.projection_dim} vs {ctx.projection_dim}")
-        raise ValueError(
+        raise UserError(
             f"{ckpt.path / 'config.json'} and {ctx.path / 'config.json'} describe "
             f"different towers ({'; '.join(diff)})"
         )
@@ -92,7 +93,7 @@ def _biencoder_from_hf(
     keep_pooler = pooling == "pooler"
     q = _tower(ckpt, keep_pooler)
     if ctx_from is not None and shared:
-        raise ValueError("--ctx-from and --shared exclude each other")
+        raise UserError("--ctx-from and --shared exclude each other")
     params = {"question_encoder": q}
     if ctx_from is not None:
         params["ctx_encoder"], made["ctx_from"] = _ctx_tower(ckpt, ctx_from, keep_pooler)
@@ -100,7 +101,7 @@ def _biencoder_from_hf(
         if not shared:  # DPR's start point: both towers are copies of the same BERT
             params["ctx_encoder"] = _copy_tree(q)
     elif not shared:
-        raise ValueError(
+        raise UserError(
             f"{ckpt.path}: a {ckpt.arch} holds one tower; pass --ctx-from with the "
             "DPRContextEncoder, or --shared to use this tower for questions and passages"
         )
@@ -115,7 +116,7 @@ def _biencoder_from_hf(
 
 def _no_tower_options(kind: str, ctx_from, shared, pooling, normalize) -> None:
     if ctx_from or shared or pooling or normalize is not None:
-        raise ValueError(
+        raise UserError(
             f"--ctx-from, --shared, --pooling and --normalize only apply to --kind biencoder, "
             f"not {kind}"
         )
@@ -124,7 +125,7 @@ def _no_tower_options(kind: str, ctx_from, shared, pooling, normalize) -> None:
 def _bert_from_hf(ckpt: HFCheckpoint, made: dict, seed, **tower_options):
     _no_tower_options(BERT.name, **tower_options)
     if ckpt.arch == "DPRReader" or ckpt.projection_dim:
-        raise ValueError(
+        raise UserError(
             f"{ckpt.path}: --kind bert takes a BertModel or a DPR encoder without "
             f"encode_proj, not a {ckpt.arch}"
             + (f" with projection_dim={ckpt.projection_dim}" if ckpt.projection_dim else "")
@@ -137,7 +138,7 @@ def _reader_from_hf(ckpt: HFCheckpoint, made: dict, seed: int, **tower_options):
     if ckpt.arch == "DPRReader":
         return ckpt.flax_params(), ckpt.bert
     if ckpt.arch != "BertModel":
-        raise ValueError(f"{ckpt.path}: a {ckpt.arch} cannot become a reader")
+        raise UserError(f"{ckpt.path}: a {ckpt.arch} cannot become a reader")
     import jax
 
     fresh = init_reader_params(ckpt.bert, jax.random.PRNGKey(seed))
@@ -185,7 +186,7 @@ def convert_from_hf(
     if kind == "auto":
         kind = READER.name if ckpt.arch == "DPRReader" else BIENCODER.name
     if kind not in FROM_HF:
-        raise ValueError(f"kind must be auto or one of {tuple(FROM_HF)}; got {kind!r}")
+        raise UserError(f"kind must be auto or one of {tuple(FROM_HF)}; got {kind!r}")
     made = {"source": ckpt.source, "architecture": ckpt.arch, "kind": kind}
     options = {"ctx_from": ctx_from, "shared": shared, "pooling": pooling,
                "normalize": normalize, "seed": seed}  # fmt: skip
@@ -243,7 +244,7 @@ def convert_from_dpr(
         if cp.kind == BIENCODER.name:
             q, c = towers["DPRQuestionEncoder"], towers["DPRContextEncoder"]
             if q.projection_dim != c.projection_dim:
-                raise ValueError(
+                raise UserError(
                     f"{cp.path}: question_model projects to {q.projection_dim or 'nothing'}, "
                     f"ctx_model to {c.projection_dim or 'nothing'}; DPR's towers share one "
                     "projection_dim"
@@ -258,7 +259,7 @@ def convert_from_dpr(
     except ValueError as e:  # a key or shape check: name the keys as the .cp file spells them
         if not str(e).startswith(str(cp.path)):
             raise
-        raise ValueError(_dpr_key_names(str(e))) from None
+        raise UserError(_dpr_key_names(str(e))) from None
     if ignored:  # BERT poolers ([CLS] is read), buffers, a reader's encode_proj
         print(f"{cp.path}: ignoring {len(ignored)} entries the DPR model never reads "
               f"({', '.join(ignored[:4])}{', ...' if len(ignored) > 4 else ''})", file=sys.stderr)  # fmt: skip

@@ -22,7 +22,7 @@ from dpr_jax.convert.tables import (
     hf_state_dict_to_flax,
     normalize_hf_state_dict,
 )
-from dpr_jax.errors import optional_import
+from dpr_jax.errors import UserError, optional_import
 from dpr_jax.io import check_output, read_json_object
 from dpr_jax.models.bert import BertConfig
 from dpr_jax.models.kind import without_pooler
@@ -78,7 +78,7 @@ def _resolve_source(src: str | Path) -> Path:
     path = Path(src).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ValueError(f"{path}: expected a directory with config.json and the weights")
+            raise UserError(f"{path}: expected a directory with config.json and the weights")
         return path
     s = str(src)
     if s.startswith((".", "/", "~")) or s.count("/") > 1:
@@ -100,14 +100,12 @@ def _load_weights(path: Path) -> tuple[dict[str, np.ndarray], Path]:
         try:
             return load_file(single), single
         except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise ValueError(f"{single}: cannot read ({type(e).__name__}: {e})") from e
+            raise UserError(f"{single}: cannot read ({type(e).__name__}: {e})") from e
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(
-                f"{index}: not a safetensors index (field 'weight_map': {e})"
-            ) from None
+            raise UserError(f"{index}: not a safetensors index (field 'weight_map': {e})") from None
         sd: dict[str, np.ndarray] = {}
         for shard in sorted(set(weight_map.values())):
             sd.update(load_file(path / shard))
@@ -139,11 +137,11 @@ def _detect_arch(config: dict, keys: list[str], config_path: Path) -> str:
         for arch, (pre, _) in BERT_PREFIX.items():
             if pre and any(k.startswith(pre) for k in keys):
                 return arch
-        raise ValueError(
+        raise UserError(
             f"{config_path}: model_type 'dpr' but neither the field 'architectures' ({archs}) nor "
             "the weight names say which DPR model this is"
         )
-    raise ValueError(
+    raise UserError(
         f"{config_path}: field 'model_type' is {model_type!r} and 'architectures' {archs}: not a "
         f"BERT or DPR checkpoint (supported: {ARCHITECTURES} and BertFor* models)"
     )
@@ -153,16 +151,16 @@ def read_hf(src: str | Path) -> HFCheckpoint:
     """Read a Hugging Face BERT / DPR checkpoint (local directory or hub id) into numpy."""
     path = _resolve_source(src)
     config_path = path / "config.json"
-    config = read_json_object(config_path, error=ValueError, missing="config file not found")
+    config = read_json_object(config_path, error=UserError, missing="config file not found")
     try:
         bert = BertConfig.from_dict(config)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{config_path}: bad BERT config ({e})") from None
+        raise UserError(f"{config_path}: bad BERT config ({e})") from None
     raw, weights_file = _load_weights(path)
     arch = _detect_arch(config, list(raw), config_path)
     projection_dim = int(config.get("projection_dim") or 0)
     if arch == "DPRReader" and projection_dim:
-        raise ValueError(
+        raise UserError(
             f"{config_path}: field 'projection_dim' is {projection_dim}; a DPRReader with an "
             "encode_proj is not supported (its span heads read the BERT output)"
         )

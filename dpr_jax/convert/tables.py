@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from dpr_jax.errors import UserError
 from dpr_jax.models.bert import BertConfig
 
 ARCHITECTURES = ("BertModel", "DPRQuestionEncoder", "DPRContextEncoder", "DPRReader")
@@ -88,7 +89,7 @@ def _bert_entries(cfg: BertConfig, pooler: bool, hf_pre: str, fx: tuple[str, ...
 
 def check_arch(arch: str) -> None:
     if arch not in ARCHITECTURES:
-        raise ValueError(f"architecture {arch!r} is not supported (have {ARCHITECTURES})")
+        raise UserError(f"architecture {arch!r} is not supported (have {ARCHITECTURES})")
 
 
 def param_entries(
@@ -97,9 +98,9 @@ def param_entries(
     """Every (HF key, Flax path, HF shape, transpose) that ``arch`` with this config holds."""
     check_arch(arch)
     if arch != "BertModel" and add_pooling_layer:
-        raise ValueError(f"{arch} has no BERT pooler in transformers 5 (add_pooling_layer=False)")
+        raise UserError(f"{arch} has no BERT pooler in transformers 5 (add_pooling_layer=False)")
     if projection_dim and arch not in DPR_ENCODERS:
-        raise ValueError(f"projection_dim={projection_dim} only exists for {DPR_ENCODERS}")
+        raise UserError(f"projection_dim={projection_dim} only exists for {DPR_ENCODERS}")
     hf_pre, fx = BERT_PREFIX[arch]
     entries = list(_bert_entries(bert, add_pooling_layer, hf_pre, fx))
     h = bert.hidden_size
@@ -125,12 +126,12 @@ def _check_keys(got: Mapping[str, tuple], want: Mapping[str, tuple], where: str,
     missing = [k for k in want if k not in got]
     extra = sorted(k for k in got if k not in want)
     if missing:
-        raise ValueError(f"{where}: missing {what} {missing[0]!r} ({len(missing)} missing)")
+        raise UserError(f"{where}: missing {what} {missing[0]!r} ({len(missing)} missing)")
     if extra:
-        raise ValueError(f"{where}: unexpected {what} {extra[0]!r} ({len(extra)} unexpected)")
+        raise UserError(f"{where}: unexpected {what} {extra[0]!r} ({len(extra)} unexpected)")
     for k, shape in want.items():
         if tuple(got[k]) != tuple(shape):
-            raise ValueError(
+            raise UserError(
                 f"{where}: {what} {k!r} has shape {tuple(got[k])}, the config implies {tuple(shape)}"
             )
 

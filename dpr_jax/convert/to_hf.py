@@ -15,6 +15,7 @@ import numpy as np
 
 from dpr_jax.convert.hf_dir import check_out, prepare_out, write_hf_dir
 from dpr_jax.convert.tables import flax_to_hf_state_dict
+from dpr_jax.errors import UserError
 from dpr_jax.io import HF_EXPORT, staged_dir
 from dpr_jax.model_dir import load_model, resolve_model_dir
 from dpr_jax.models.bert import BERT, BertConfig
@@ -34,7 +35,7 @@ def _pooler_ok(model_dir: Path, has_pooler: bool, what: str, allow_missing: bool
     if has_pooler:
         return True
     if not allow_missing:
-        raise ValueError(
+        raise UserError(
             f"{model_dir}: {what} has no BERT pooler weights, and BertModel.from_pretrained "
             "always builds a pooler (it would be initialised randomly). Pass "
             "--allow-missing-pooler to export without it (last_hidden_state is exact, "
@@ -46,13 +47,13 @@ def _pooler_ok(model_dir: Path, has_pooler: bool, what: str, allow_missing: bool
 
 def _dpr_tower_export(model_dir: Path, config, tp: dict, name: str, hf_dir: str) -> _Export:
     if config.pooling != "cls":
-        raise ValueError(
+        raise UserError(
             f"{model_dir}: pooling is {config.pooling!r}, DPR's Hugging Face classes "
             "take the [CLS] vector; export with --as sentence-transformers, or --as bert "
             "and pool yourself"
         )
     if config.normalize:
-        raise ValueError(
+        raise UserError(
             f"{model_dir}: the model L2-normalises its vectors, DPR's Hugging Face "
             "classes do not; export with --as sentence-transformers"
         )
@@ -80,7 +81,7 @@ def _biencoder_exports(
             todo.append(_dpr_tower_export(model_dir, config, tp, name, towers[name]))
             continue
         if config.projection_dim:
-            raise ValueError(
+            raise UserError(
                 f"{model_dir}: the towers have an encode_proj (projection_dim="
                 f"{config.projection_dim}) that BertModel cannot hold; use --as dpr"
             )
@@ -156,9 +157,9 @@ def convert_to_hf(
     """
 
     if tower not in ("question", "ctx", "both"):
-        raise ValueError(f"tower must be question, ctx or both; got {tower!r}")
+        raise UserError(f"tower must be question, ctx or both; got {tower!r}")
     if as_ not in EXPORT_FORMATS:
-        raise ValueError(f"--as must be one of {EXPORT_FORMATS}; got {as_!r}")
+        raise UserError(f"--as must be one of {EXPORT_FORMATS}; got {as_!r}")
     model_dir = resolve_model_dir(model_dir)
     check_out(out, HF_EXPORT, model_dir)
     out = prepare_out(Path(out), overwrite)
@@ -167,11 +168,11 @@ def convert_to_hf(
 
     exporter = TO_HF[kind]
     if as_ not in exporter.formats:
-        raise ValueError(
+        raise UserError(
             f"{model_dir}: a {kind} model exports with --as {' or --as '.join(exporter.formats)}"
         )
     if tower != "both" and not exporter.towers:
-        raise ValueError(f"--tower only applies to bi-encoders; {model_dir} holds a {kind}")
+        raise UserError(f"--tower only applies to bi-encoders; {model_dir} holds a {kind}")
     st_export = None  # (pooling, normalize, max_seq_length) for --as sentence-transformers
     if as_ == "sentence-transformers":
         st_export = _st_export_settings(model_dir, config, meta)
@@ -195,12 +196,12 @@ def _st_export_settings(model_dir: Path, config, meta: dict) -> tuple[str, bool,
     ValueError."""
 
     if config.pooling not in ("cls", "mean"):
-        raise ValueError(
+        raise UserError(
             f"{model_dir}: pooling {config.pooling!r} has no sentence-transformers Pooling mode "
             "(cls and mean do)"
         )
     if config.projection_dim:
-        raise ValueError(
+        raise UserError(
             f"{model_dir}: the towers have an encode_proj (projection_dim="
             f"{config.projection_dim}); the sentence-transformers export holds BERT + pooling "
             "(+ Normalize) only"

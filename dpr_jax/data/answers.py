@@ -43,6 +43,8 @@ from typing import Any
 
 import regex
 
+from dpr_jax.errors import UserError
+
 # DrQA / DPR SimpleTokenizer.
 ALPHA_NUM = r"[\p{L}\p{N}\p{M}]+"
 NON_WS = r"[^\p{Z}\p{C}]"
@@ -94,7 +96,7 @@ def has_answer(answers: Iterable[str], text: str, match_type: str = "string") ->
         return False
     if match_type == "regex":
         return any(regex_match(text, _normalize(a)) for a in answers)
-    raise ValueError(f"match_type must be one of {MATCH_TYPES}, got {match_type!r}")
+    raise UserError(f"match_type must be one of {MATCH_TYPES}, got {match_type!r}")
 
 
 class AnswerMatcher:

@@ -38,7 +38,7 @@ import numpy as np
 
 from dpr_jax.data.answers import AnswerMatcher
 from dpr_jax.data.checks import question_texts
-from dpr_jax.errors import ProvenanceError, optional_import
+from dpr_jax.errors import ProvenanceError, UserError, optional_import
 from dpr_jax.io import BM25, check_output, fingerprint_passages, staged_dir
 from dpr_jax.io import progress as progress_bar
 
@@ -65,7 +65,7 @@ def _stopword_set(name: str | None) -> frozenset[str]:
     if name is None:
         return frozenset()
     if name != "en":
-        raise ValueError(f"stopwords must be 'en' or None, got {name!r}")
+        raise UserError(f"stopwords must be 'en' or None, got {name!r}")
     tokenization = optional_import("bm25s.tokenization", "bm25", "BM25 stopwords")
     return frozenset(tokenization.STOPWORDS_EN)
 
@@ -84,7 +84,7 @@ class BM25Retriever:
         **options,
     ):
         if config is not None and options:
-            raise ValueError("give either config or keyword options, not both")
+            raise UserError("give either config or keyword options, not both")
         self.config = config or BM25Config(**options)
         self._pattern = re.compile(self.config.token_pattern)
         self._stop = _stopword_set(self.config.stopwords)
@@ -105,10 +105,10 @@ class BM25Retriever:
     def index(self, passages: Sequence[Any]) -> BM25Retriever:
         bm25s = _import_bm25s()
         if not passages:
-            raise ValueError("cannot build a BM25 index over an empty corpus")
+            raise UserError("cannot build a BM25 index over an empty corpus")
         self.ids = [str(p.id) for p in passages]
         if len(set(self.ids)) != len(self.ids):
-            raise ValueError("passage ids must be unique for a BM25 index")
+            raise UserError("passage ids must be unique for a BM25 index")
         self.corpus_fingerprint = fingerprint_passages(passages)
         corpus_tokens = [self.tokenize(self._doc_text(p)) for p in passages]
         c = self.config
@@ -161,7 +161,7 @@ class BM25Retriever:
             raise RuntimeError("BM25 index is empty: call index() or load() first")
         questions = question_texts(questions)
         if int(k) < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise UserError(f"k must be >= 1, got {k}")
         k = min(int(k), len(self.ids))
         scores = np.zeros((len(questions), k), np.float32)
         rows = np.zeros((len(questions), k), np.int64)
@@ -213,16 +213,16 @@ class BM25Retriever:
             cfg = json.loads(cfg_path.read_text())
             ids = json.loads((index_dir / cls.IDS_FILE).read_text())
         except (json.JSONDecodeError, FileNotFoundError) as e:
-            raise ValueError(f"{index_dir}: unreadable BM25 index ({e})") from None
+            raise UserError(f"{index_dir}: unreadable BM25 index ({e})") from None
         size = cfg.pop("size", None)
         cfg.pop("created_by", None)
         corpus_fingerprint = cfg.pop("corpus_fingerprint", None)
         try:
             config = BM25Config(**cfg)
         except TypeError as e:
-            raise ValueError(f"{cfg_path}: unknown BM25 option ({e})") from None
+            raise UserError(f"{cfg_path}: unknown BM25 option ({e})") from None
         if size is not None and size != len(ids):
-            raise ValueError(f"{index_dir}: {cls.IDS_FILE} has {len(ids)} ids, config says {size}")
+            raise UserError(f"{index_dir}: {cls.IDS_FILE} has {len(ids)} ids, config says {size}")
         self = cls(config=config, show_progress=show_progress)
         self.model = bm25s.BM25.load(str(index_dir), show_progress=False)
         self.ids = [str(i) for i in ids]
@@ -255,9 +255,9 @@ def bm25_hard_negatives(
     """
 
     if len(questions) != len(answers):
-        raise ValueError(f"{len(questions)} questions but {len(answers)} answer lists")
+        raise UserError(f"{len(questions)} questions but {len(answers)} answer lists")
     if len(passages) != len(retriever):
-        raise ValueError(f"{len(passages)} passages but the index has {len(retriever)}")
+        raise UserError(f"{len(passages)} passages but the index has {len(retriever)}")
     matcher = AnswerMatcher()
     scores, rows = retriever.search_rows(
         questions, depth, n_threads=n_threads, progress=progress, desc=desc

@@ -146,13 +146,13 @@ def _check_str(value: Any, where: str, field: str, optional: bool = False) -> st
     if value is None and optional:
         return None
     if not isinstance(value, str):
-        raise ValueError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+        raise UserError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
     return value
 
 
 def _check_answers(value: Any, where: str, field: str = "answers") -> list[str]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(a, str) for a in value):
-        raise ValueError(f"{where}: field {field!r} must be a list of strings, got {value!r:.80}")
+        raise UserError(f"{where}: field {field!r} must be a list of strings, got {value!r:.80}")
     return list(value)
 
 
@@ -247,7 +247,7 @@ def _parse_answers_literal(text: str, where: str) -> list[str]:
     try:
         value = ast.literal_eval(text.strip())
     except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
-        raise ValueError(
+        raise UserError(
             f"{where}: answers column is not a list literal ({e}): {text!r:.80}"
         ) from None
     return _check_answers(value, where)
@@ -271,14 +271,14 @@ def _read_qas_tsv(path: Path) -> list[Question]:
 
 def _question_from_record(rec: Any, where: str) -> Question:
     if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     question = _check_str(rec.get("question"), where, "question")
     if "answers" in rec:
         answers = _check_answers(rec["answers"], where, "answers")
     elif "answer" in rec:
         answers = _check_answers(rec["answer"], where, "answer")
     else:
-        raise ValueError(f"{where}: no 'answer' or 'answers' field")
+        raise UserError(f"{where}: no 'answer' or 'answers' field")
     qid = rec.get("id")
     return Question(question, answers, None if qid is None else str(qid))
 
@@ -302,7 +302,7 @@ def read_qas(path: str | Path) -> list[Question]:
                 "(dpr_jax.data.questions)"
             )
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a list of question records")
+            raise UserError(f"{path}: expected a list of question records")
         return [_question_from_record(r, f"{path}, record {i}") for i, r in enumerate(data)]
     if name.endswith(".jsonl"):
         return [_question_from_record(r, f"{path}, {w}") for w, r in _json_records(path)]
@@ -365,7 +365,7 @@ class BiencoderStats:
 
 def _ctx(value: Any, where: str) -> Passage:
     if not isinstance(value, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(value).__name__}")
+        raise UserError(f"{where}: expected a JSON object, got {type(value).__name__}")
     text = _check_str(value.get("text"), where, "text")
     title = _check_str(value.get("title"), where, "title", optional=True) or ""
     pid = value.get("passage_id", value.get("id"))
@@ -374,7 +374,7 @@ def _ctx(value: Any, where: str) -> Passage:
         try:
             score = float(score)
         except (TypeError, ValueError):
-            raise ValueError(f"{where}: field 'score' is not a number: {score!r:.40}") from None
+            raise UserError(f"{where}: field 'score' is not a number: {score!r:.40}") from None
     return Passage(text, title, None if pid is None else str(pid), score)
 
 
@@ -383,7 +383,7 @@ def _ctx_list(rec: dict, key: str, where: str) -> list[Passage]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise ValueError(f"{where}: field {key!r} must be a list, got {type(value).__name__}")
+        raise UserError(f"{where}: field {key!r} must be a list, got {type(value).__name__}")
     return [_ctx(c, f"{where}, {key}[{j}]") for j, c in enumerate(value)]
 
 
@@ -402,7 +402,7 @@ def read_biencoder(path: str | Path) -> tuple[list[BiencoderExample], BiencoderS
         where = f"{path}, {w}"
         records += 1
         if not isinstance(rec, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
         question = _check_str(rec.get("question"), where, "question")
         answers = _check_answers(rec.get("answers", []), where)
         positives = _ctx_list(rec, "positive_ctxs", where)
@@ -452,24 +452,24 @@ def _score(value: Any, where: str) -> float:
     try:
         return float(value)  # DPR writes scores as numbers or as strings
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: field 'score' is not a number: {value!r:.40}") from None
+        raise UserError(f"{where}: field 'score' is not a number: {value!r:.40}") from None
 
 
 def _result_record(rec: Any, where: str) -> dict[str, Any]:
     if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     question = _check_str(rec.get("question"), where, "question")
     answers = _check_answers(rec.get("answers"), where)
     ctxs = rec.get("ctxs")
     if not isinstance(ctxs, list):
-        raise ValueError(f"{where}: field 'ctxs' must be a list, got {type(ctxs).__name__}")
+        raise UserError(f"{where}: field 'ctxs' must be a list, got {type(ctxs).__name__}")
     out_ctxs = []
     for j, c in enumerate(ctxs):
         cw = f"{where}, ctxs[{j}]"
         if not isinstance(c, dict):
-            raise ValueError(f"{cw}: expected a JSON object, got {type(c).__name__}")
+            raise UserError(f"{cw}: expected a JSON object, got {type(c).__name__}")
         if c.get("id") is None:
-            raise ValueError(f"{cw}: missing field 'id'")
+            raise UserError(f"{cw}: missing field 'id'")
         ctx = {
             "id": str(c["id"]),
             "title": _check_str(c.get("title"), cw, "title", optional=True) or "",
@@ -479,10 +479,10 @@ def _result_record(rec: Any, where: str) -> dict[str, Any]:
         flag = c.get("has_answer")
         if flag is not None:
             if not isinstance(flag, bool):
-                raise ValueError(f"{cw}: field 'has_answer' must be true/false, got {flag!r:.20}")
+                raise UserError(f"{cw}: field 'has_answer' must be true/false, got {flag!r:.20}")
             ctx["has_answer"] = flag
         elif c.get("text") is None:  # scored as a miss, silently, until issue 19
-            raise ValueError(
+            raise UserError(
                 f"{cw}: has neither 'text' nor 'has_answer', so whether it holds an answer "
                 "cannot be told; write the passages' text into the results"
             )
@@ -542,19 +542,19 @@ def _prediction_record(rec: Any, where: str) -> dict[str, Any]:
     gold = _get(rec, "gold_answers")
     preds = _get(rec, "predictions")
     if not isinstance(question, str):
-        raise ValueError(f"{where}: field 'question' must be a string")
+        raise UserError(f"{where}: field 'question' must be a string")
     _check_answers(gold, where, "gold_answers")
     if not isinstance(preds, (list, tuple)):
-        raise ValueError(f"{where}: field 'predictions' must be a list")
+        raise UserError(f"{where}: field 'predictions' must be a list")
     out = []
     for j, p in enumerate(preds):
         pw = f"{where}, predictions[{j}]"
         pred = _get(p, "prediction")
         if _get(p, "top_k") is None or pred is None:
-            raise ValueError(f"{pw}: needs 'top_k' and 'prediction'")
+            raise UserError(f"{pw}: needs 'top_k' and 'prediction'")
         missing = [k for k in PREDICTION_FIELDS if _get(pred, k) is None]
         if missing:
-            raise ValueError(f"{pw}: prediction lacks {missing}")
+            raise UserError(f"{pw}: prediction lacks {missing}")
         out.append({
             "top_k": int(_get(p, "top_k")),
             "prediction": {

@@ -86,12 +86,10 @@ def iter_json_records(path: str | Path, chunk_chars: int = 1 << 20) -> Iterator[
                     try:
                         yield f"line {n}", json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}, line {n}: invalid JSON ({e})") from None
+                        raise UserError(f"{path}, line {n}: invalid JSON ({e})") from None
             return
         if buf[pos] != "[":
-            raise ValueError(
-                f"{path}: expected a JSON list or JSON lines, starts with {buf[pos]!r}"
-            )
+            raise UserError(f"{path}: expected a JSON list or JSON lines, starts with {buf[pos]!r}")
         pos += 1
         eof = False
         i = 0
@@ -122,18 +120,18 @@ def iter_json_records(path: str | Path, chunk_chars: int = 1 << 20) -> Iterator[
             if ch == "]" and (i == 0 or not expect_value):
                 pos += 1
                 if skip_space():
-                    raise ValueError(f"{path}: unexpected data after the end of the JSON list")
+                    raise UserError(f"{path}: unexpected data after the end of the JSON list")
                 return
             if not expect_value:
                 if ch != ",":
-                    raise ValueError(
+                    raise UserError(
                         f"{path}, after record {i - 1}: expected ',' or ']', got {ch or 'EOF'!r}"
                     )
                 pos += 1
                 expect_value = True
                 continue
             if not ch:
-                raise ValueError(f"{path}, record {i}: the file ends inside the JSON list")
+                raise UserError(f"{path}, record {i}: the file ends inside the JSON list")
             while True:
                 try:
                     rec, end = decoder.raw_decode(buf, pos)
@@ -143,7 +141,7 @@ def iter_json_records(path: str | Path, chunk_chars: int = 1 << 20) -> Iterator[
                     break
                 except json.JSONDecodeError as e:
                     if len(buf) - pos > MAX_RECORD_CHARS or not more():
-                        raise ValueError(f"{path}, record {i}: invalid JSON ({e})") from None
+                        raise UserError(f"{path}, record {i}: invalid JSON ({e})") from None
             yield f"record {i}", rec
             pos = end
             i += 1
@@ -154,7 +152,7 @@ def _example_from_json(rec: Any, where: str):
     """A BiencoderExample from a DPR biencoder record (formats.read_biencoder's checks)."""
 
     if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     question = _check_str(rec.get("question"), where, "question")
     answers = _check_answers(rec.get("answers", []), where)
     qid = rec.get("id")
@@ -302,7 +300,7 @@ class BiencoderRecords(Sequence):
         try:
             rec = json.loads(self._records.read(i))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: invalid JSON ({e}); convert the data again") from None
+            raise UserError(f"{where}: invalid JSON ({e}); convert the data again") from None
         ex = _example_from_json(rec, where)
         self._last = (i, ex)
         return ex
@@ -317,9 +315,9 @@ def open_biencoder_records(directory: str | Path) -> BiencoderRecords:
             f"{directory}: not a biencoder record directory (no {META}); write one with "
             "`dpr-jax convert-data --biencoder FILE.json --out DIR`"
         )
-    meta = read_json_object(meta_path, error=ValueError)
+    meta = read_json_object(meta_path, error=UserError)
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(
+        raise UserError(
             f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}, "
             f"expected {FORMAT!r} version {VERSION}; convert the data again"
         )
@@ -331,7 +329,7 @@ def open_biencoder_records(directory: str | Path) -> BiencoderRecords:
     n = int(meta["records"])
     for s in sources:
         if len(s) != n:
-            raise ValueError(
+            raise UserError(
                 f"{s.path}: holds {len(s)} records, {meta_path} says {n}; convert the data again"
             )
     return BiencoderRecords(directory, sources[0], sources[1], np.arange(n))

@@ -67,6 +67,7 @@ from dpr_jax.data.formats import (
     write_passages_tsv,
     write_qas_tsv,
 )
+from dpr_jax.errors import UserError
 from dpr_jax.io import SQUAD_DATA, atomic_open, atomic_write_text, check_output
 
 # ---------------------------------------------------------------------------------------------
@@ -95,12 +96,12 @@ class SquadArticle:
 
 def _need(d: Any, key: str, kind: type, where: str) -> Any:
     if not isinstance(d, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        raise UserError(f"{where}: expected a JSON object, got {type(d).__name__}")
     if key not in d:
-        raise ValueError(f"{where}: missing field {key!r}")
+        raise UserError(f"{where}: missing field {key!r}")
     value = d[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"{where}.{key}: expected {kind.__name__}, got {type(value).__name__}")
+        raise UserError(f"{where}.{key}: expected {kind.__name__}, got {type(value).__name__}")
     return value
 
 
@@ -128,7 +129,7 @@ def parse_squad(data: Any, source: str | Path = "<squad>") -> list[SquadArticle]
                         texts.append(text)
                         starts.append(start)
                 if not texts:
-                    raise ValueError(f"{qw}: no answers (SQuAD v2 unanswerable questions are "
+                    raise UserError(f"{qw}: no answers (SQuAD v2 unanswerable questions are "
                                      "not supported)")  # fmt: skip
                 qas.append(SquadQA(qid, question, tuple(texts), tuple(starts)))
             paragraphs.append(SquadParagraph(context, tuple(qas)))
@@ -181,7 +182,7 @@ def resolve_squad_path(
     from the SQuAD explorer site into the cache (``download=False``: raise instead).
     """
     if split not in SQUAD_URLS:
-        raise ValueError(f"split must be one of {list(SQUAD_URLS)}, got {split!r}")
+        raise UserError(f"split must be one of {list(SQUAD_URLS)}, got {split!r}")
     if path is not None:
         path = Path(path)
         if not path.exists():
@@ -235,7 +236,7 @@ def load_squad(
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON ({e})") from None
+            raise UserError(f"{path}: invalid JSON ({e})") from None
     return parse_squad(data, path)
 
 
@@ -255,9 +256,9 @@ def chunk_paragraph(
 ) -> list[tuple[str, int, int]]:
     """Split ``context`` into whitespace-word chunks: ``[(text, char_start, char_end)]``."""
     if chunking not in CHUNKINGS:
-        raise ValueError(f"chunking must be one of {CHUNKINGS}, got {chunking!r}")
+        raise UserError(f"chunking must be one of {CHUNKINGS}, got {chunking!r}")
     if words < 1:
-        raise ValueError(f"words must be >= 1, got {words}")
+        raise UserError(f"words must be >= 1, got {words}")
     spans = [m.span() for m in re.finditer(r"\S+", context)]
     n = len(spans)
     if n == 0:
@@ -315,7 +316,7 @@ def split_articles(
 ) -> tuple[list[int], list[int]]:
     """Seeded article-level split: ``(train article indices, validation article indices)``."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
     n_val = round(val_fraction * n_articles)
     if val_fraction > 0 and n_articles >= 2:
         n_val = max(1, n_val)
@@ -380,7 +381,7 @@ def build_split(
     """
 
     if positive not in ("skip", "answer_start"):
-        raise ValueError(f"positive must be 'skip' or 'answer_start', got {positive!r}")
+        raise UserError(f"positive must be 'skip' or 'answer_start', got {positive!r}")
     timings = {}
     t0 = time.time()
     chunks = paragraph_chunks(articles, article_indices, words, chunking)
@@ -499,10 +500,10 @@ def prepare_squad(
     n_total = len(articles)
     if max_articles is not None:
         if max_articles < 1:
-            raise ValueError(f"max_articles must be >= 1, got {max_articles}")
+            raise UserError(f"max_articles must be >= 1, got {max_articles}")
         articles = articles[:max_articles]
     if hard_negatives > bm25_depth:
-        raise ValueError(f"hard_negatives ({hard_negatives}) > bm25_depth ({bm25_depth})")
+        raise UserError(f"hard_negatives ({hard_negatives}) > bm25_depth ({bm25_depth})")
     t_load = time.time() - t_start
     train_idx, val_idx = split_articles(len(articles), val_fraction, seed)
     out_dir = Path(out_dir)

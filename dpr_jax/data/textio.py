@@ -30,11 +30,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from dpr_jax.errors import UserError
+
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 UTF8_FIX = "save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`)"
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError):
     """An input file that does not follow its format; the message names the file and line."""
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dpr_jax.data.formats import Question
-from dpr_jax.errors import optional_import
+from dpr_jax.errors import UserError, optional_import
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +82,7 @@ def _get_path(example: Any, path: tuple[str, ...], where: str) -> Any:
     value = example
     for key in path:
         if not isinstance(value, dict) or key not in value:
-            raise ValueError(f"{where}: example has no feature {'.'.join(path)!r}")
+            raise UserError(f"{where}: example has no feature {'.'.join(path)!r}")
         value = value[key]
     return value
 
@@ -90,11 +90,11 @@ def _get_path(example: Any, path: tuple[str, ...], where: str) -> Any:
 def _spec_for(name: str, answers: str | None) -> TfdsQaSpec:
     base = name.split("/")[0].split(":")[0]
     if base not in SPECS:
-        raise ValueError(f"unsupported tfds dataset {name!r}; supported: {sorted(SPECS)}")
+        raise UserError(f"unsupported tfds dataset {name!r}; supported: {sorted(SPECS)}")
     spec = SPECS[base]
     if answers is not None:
         if base != "trivia_qa" or answers not in TRIVIA_ANSWER_FIELDS:
-            raise ValueError(
+            raise UserError(
                 f"answers={answers!r}: only trivia_qa has a choice, one of {TRIVIA_ANSWER_FIELDS}"
             )
         spec = dataclasses.replace(spec, answers=("answer", answers))

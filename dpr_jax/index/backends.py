@@ -30,7 +30,7 @@ BACKENDS = Registry(
 
 def index_class(backend: str) -> type[Index]:
     if backend not in BACKENDS:
-        raise ValueError(f"unknown index backend {backend!r}; choose from {sorted(BACKENDS)}")
+        raise UserError(f"unknown index backend {backend!r}; choose from {sorted(BACKENDS)}")
     return BACKENDS.load(backend)
 
 
@@ -78,7 +78,7 @@ def load_index(path: str | Path, verify: bool = True) -> Index:
     verify_manifest(path, checksums=verify)
     backend = read_index_config(path)["backend"]
     if backend not in BACKENDS:
-        raise ValueError(
+        raise UserError(
             f"{path / INDEX_CONFIG}: unknown backend {backend!r} (have {sorted(BACKENDS)})"
         )
     return index_class(backend).load(path, verify=False)  # already verified above

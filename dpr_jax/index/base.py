@@ -182,15 +182,15 @@ class Index(abc.ABC):
         emb = np.asarray(emb)
         ids = np.asarray(ids)
         if emb.ndim != 2 or emb.shape[0] == 0:
-            raise ValueError(f"embeddings must be a non-empty (N, dim) array, got {emb.shape}")
+            raise UserError(f"embeddings must be a non-empty (N, dim) array, got {emb.shape}")
         if ids.shape != (emb.shape[0],):
-            raise ValueError(f"ids shape {ids.shape} does not match embeddings {emb.shape}")
+            raise UserError(f"ids shape {ids.shape} does not match embeddings {emb.shape}")
         if emb.dtype.kind != "f":
-            raise ValueError(f"embeddings must be floating point, got {emb.dtype}")
+            raise UserError(f"embeddings must be floating point, got {emb.dtype}")
         bad = ~np.isfinite(emb).all(axis=1)
         if bad.any():
             r = int(np.argmax(bad))
-            raise ValueError(f"embedding row {r} (id {str(ids[r])!r}) is not finite")
+            raise UserError(f"embedding row {r} (id {str(ids[r])!r}) is not finite")
         str_ids = ids.astype(str)
         uniq, counts = np.unique(str_ids, return_counts=True)
         if len(uniq) != len(str_ids):
@@ -222,7 +222,7 @@ class Index(abc.ABC):
             raise RuntimeError(f"{self.backend} index is empty: call build() or load() first")
         unknown = sorted(set(params) - set(self.SEARCH_PARAMS))
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"unknown search parameter(s) {unknown} for backend {self.backend!r}; "
                 f"known: {list(self.SEARCH_PARAMS)}"
             )
@@ -237,9 +237,9 @@ class Index(abc.ABC):
         if q.ndim == 1:
             q = q[None]
         if q.ndim != 2 or q.shape[1] != self.dim:
-            raise ValueError(f"queries must be (Q, {self.dim}), got shape {np.shape(queries)}")
+            raise UserError(f"queries must be (Q, {self.dim}), got shape {np.shape(queries)}")
         if q.dtype.kind != "f":
-            raise ValueError(f"queries must be floating point, got {q.dtype}")
+            raise UserError(f"queries must be floating point, got {q.dtype}")
         bad = ~np.isfinite(q).all(axis=1)
         if bad.any():
             raise UserError(
@@ -247,7 +247,7 @@ class Index(abc.ABC):
                 "would be NaN and its order arbitrary"
             )
         if int(k) < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise UserError(f"k must be >= 1, got {k}")
         k = min(int(k), self.size)
         q = np.ascontiguousarray(q, dtype=np.float32)
         if len(q) == 0:
@@ -352,13 +352,13 @@ class Index(abc.ABC):
         verify_manifest(path, checksums=verify)
         config = read_index_config(path)
         if config["backend"] != cls.backend:
-            raise ValueError(
+            raise UserError(
                 f"{path / INDEX_CONFIG}: backend is {config['backend']!r}, not {cls.backend!r}"
             )
         options = config.get("options", {})
         unknown = sorted(set(options) - set(cls.DEFAULTS))
         if unknown:
-            raise ValueError(f"{path / INDEX_CONFIG}: unknown option(s) {unknown} in 'options'")
+            raise UserError(f"{path / INDEX_CONFIG}: unknown option(s) {unknown} in 'options'")
         index = cls(**options)
         ids_path = path / IDS_FILE
         try:
@@ -374,7 +374,7 @@ class Index(abc.ABC):
         if tuned is not None:
             params = tuned.get("params") if isinstance(tuned, dict) else None
             if not isinstance(params, dict) or set(params) - set(cls.SEARCH_PARAMS):
-                raise ValueError(
+                raise UserError(
                     f"{path / INDEX_CONFIG}: 'tuned' must hold 'params' with search parameters of "
                     f"{cls.backend!r} ({list(cls.SEARCH_PARAMS)}), got {params!r}; re-run "
                     f"`dpr-jax index --target-recall` or delete the 'tuned' field"

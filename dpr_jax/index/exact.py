@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dpr_jax.chips import tpu_slice
+from dpr_jax.errors import UserError
 from dpr_jax.index.base import Index, Opt
 
 STORE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -201,7 +202,7 @@ class ExactIndex(Index):
         p = directory / "embeddings.npy"
         emb = np.load(p, allow_pickle=False, mmap_mode="r")
         if emb.shape != (self.size, self.dim):
-            raise ValueError(f"{p}: shape {emb.shape}, expected ({self.size}, {self.dim})")
+            raise UserError(f"{p}: shape {emb.shape}, expected ({self.size}, {self.dim})")
         self._place(emb)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpr_jax.errors import optional_import
+from dpr_jax.errors import UserError, optional_import
 from dpr_jax.index.base import Index, Opt
 from dpr_jax.index.tune import ladder
 
@@ -109,9 +109,9 @@ class FaissIndex(Index):
         try:
             self.index = faiss.read_index(str(path))
         except RuntimeError as e:
-            raise ValueError(f"{path}: FAISS cannot read it: {e}") from e
+            raise UserError(f"{path}: FAISS cannot read it: {e}") from e
         if self.index.ntotal != self.size or self.index.d != self.dim:
-            raise ValueError(
+            raise UserError(
                 f"{path}: FAISS index has {self.index.ntotal} x {self.index.d} vectors, "
                 f"index_config.json says {self.size} x {self.dim}"
             )
@@ -243,7 +243,7 @@ class FaissIVFPQIndex(FaissIndex):
         t = min(n, int(o["training_sample_size"]))  # vectors k-means trains on
         least = 16 if o["fast_scan"] else 2
         if t < least:
-            raise ValueError(
+            raise UserError(
                 f"faiss-ivfpq: {t} training vectors are too few: IVF-PQ needs at least {least}"
                 f"{' with fast_scan (4-bit codes)' if o['fast_scan'] else ''}; use the "
                 "faiss-flat or exact backend for a corpus this small"
@@ -251,20 +251,20 @@ class FaissIVFPQIndex(FaissIndex):
         if o["nlist"] is None:
             o["nlist"] = int(max(1, min(round(4 * math.sqrt(n)), n // 39, t)))
         if int(o["nlist"]) > t:
-            raise ValueError(
+            raise UserError(
                 f"faiss-ivfpq: option nlist={o['nlist']} needs at least {o['nlist']} training "
                 f"vectors, there are {t}: use nlist <= {t} (the default adapts)"
             )
         if o["m"] is None:
             o["m"] = _default_m(dim, 8)
         if dim % int(o["m"]):
-            raise ValueError(f"option m={o['m']} must divide the dimension {dim}")
+            raise UserError(f"option m={o['m']} must divide the dimension {dim}")
         if o["nbits"] is None:
             o["nbits"] = 4 if o["fast_scan"] else min(8, int(math.log2(t)))
         if o["fast_scan"] and int(o["nbits"]) != 4:
-            raise ValueError(f"fast_scan needs nbits=4, got {o['nbits']}")
+            raise UserError(f"fast_scan needs nbits=4, got {o['nbits']}")
         if 2 ** int(o["nbits"]) > t:
-            raise ValueError(
+            raise UserError(
                 f"faiss-ivfpq: option nbits={o['nbits']} trains {2 ** int(o['nbits'])} centroids "
                 f"per sub-quantizer, there are {t} training vectors: use nbits <= "
                 f"{int(math.log2(t))} (the default adapts)"
@@ -331,7 +331,7 @@ class FaissIVFPQIndex(FaissIndex):
         )
         if not o["refine"]:
             if k_factor is not None:
-                raise ValueError("search parameter k_factor needs option refine=True")
+                raise UserError("search parameter k_factor needs option refine=True")
             return ivf_params
         kf = float(o["k_factor"] if k_factor is None else k_factor)
         return faiss.IndexRefineSearchParameters(k_factor=kf, base_index_params=ivf_params)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpr_jax.errors import optional_import
+from dpr_jax.errors import UserError, optional_import
 from dpr_jax.index.base import Index, Opt
 from dpr_jax.index.tune import ladder
 
@@ -116,7 +116,7 @@ class ScannIndex(Index):
         if o["scoring"] is None:
             o["scoring"] = "ah" if n >= 20000 else "brute_force"
         if o["scoring"] not in ("ah", "brute_force"):
-            raise ValueError(f"option scoring must be 'ah' or 'brute_force', got {o['scoring']!r}")
+            raise UserError(f"option scoring must be 'ah' or 'brute_force', got {o['scoring']!r}")
         if o["num_leaves"] is None:
             o["num_leaves"] = 0 if n < 100000 else max(2, round(math.sqrt(n)))
         if o["num_leaves"]:
@@ -126,13 +126,13 @@ class ScannIndex(Index):
                 o["training_sample_size"] = min(n, 250000)
             t = min(n, int(o["training_sample_size"]))
             if int(o["num_leaves"]) > t:
-                raise ValueError(
+                raise UserError(
                     f"scann: option num_leaves={o['num_leaves']} needs at least as many training "
                     f"vectors, there are {t}: use num_leaves <= {t} (0: no tree, the default "
                     "below 100,000 vectors)"
                 )
             if int(o["num_leaves_to_search"]) > int(o["num_leaves"]):
-                raise ValueError(
+                raise UserError(
                     f"scann: option num_leaves_to_search={o['num_leaves_to_search']} is more than "
                     f"num_leaves={o['num_leaves']}: use num_leaves_to_search <= {o['num_leaves']}"
                 )
@@ -161,7 +161,7 @@ class ScannIndex(Index):
         if o["scoring"] == "brute_force":
             return b.score_brute_force()
         if len(emb) < 16:
-            raise ValueError(f"ScaNN AH needs at least 16 vectors, got {len(emb)}")
+            raise UserError(f"ScaNN AH needs at least 16 vectors, got {len(emb)}")
         b = b.score_ah(
             int(o["dimensions_per_block"]),
             anisotropic_quantization_threshold=float(o["anisotropic_quantization_threshold"]),
@@ -250,19 +250,19 @@ class ScannIndex(Index):
         path = directory / SCANN_DIR
         assets = path / SCANN_ASSETS
         if (path / SCANN_PICKLE).exists():
-            raise ValueError(
+            raise UserError(
                 f"{path / SCANN_PICKLE}: a pickle in a ScaNN index directory (dpr-jax never writes "
                 "one, and unpickling runs code); not loading this index. Rebuild it with "
                 "`dpr-jax index`"
             )
         if not assets.is_file():
-            raise ValueError(f"{assets}: missing (not a ScaNN index)")
+            raise UserError(f"{assets}: missing (not a ScaNN index)")
         # scann_ops_pybind.load_searcher without its pickle of docids (see the module docstring)
         self.searcher = sp.ScannSearcher(
             sp.scann_pybind.ScannNumpy(str(path), assets.read_text()), docids=None
         )
         if self.searcher.size() != self.size:
-            raise ValueError(
+            raise UserError(
                 f"{path}: ScaNN searcher has {self.searcher.size()} points, ids {self.size}"
             )
         self._apply_threads()

@@ -29,10 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from dpr_jax.errors import UserError
 from dpr_jax.index.base import Index
 
 
-class TuneError(ValueError):
+class TuneError(UserError):
     """The recall target cannot be reached, or the index has no knob to tune."""
 
 
@@ -70,15 +71,15 @@ def recall_at_k(got_ids: np.ndarray, true_ids: np.ndarray) -> float:
 
 def _check_inputs(index: Index, emb, queries, target_recall: float, k: int):
     if not 0 < target_recall <= 1:
-        raise ValueError(f"target recall must be in (0, 1], got {target_recall}")
+        raise UserError(f"target recall must be in (0, 1], got {target_recall}")
     if int(k) < 1:
-        raise ValueError(f"tune k must be >= 1, got {k}")
+        raise UserError(f"tune k must be >= 1, got {k}")
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if queries.ndim != 2 or queries.shape[1] != index.dim or len(queries) == 0:
-        raise ValueError(f"tuning queries must be (Q, {index.dim}) with Q > 0, got {queries.shape}")
+        raise UserError(f"tuning queries must be (Q, {index.dim}) with Q > 0, got {queries.shape}")
     emb = np.asarray(emb)
     if emb.shape != (index.size, index.dim):
-        raise ValueError(f"emb {emb.shape} is not the indexed ({index.size}, {index.dim}) vectors")
+        raise UserError(f"emb {emb.shape} is not the indexed ({index.size}, {index.dim}) vectors")
     return queries, emb, min(int(k), index.size)
 
 

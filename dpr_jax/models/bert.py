@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpr_jax.errors import UserError
 from dpr_jax.io import read_json_object
 from dpr_jax.models.fsdp import FsdpGather, fsdp_wrap
 from dpr_jax.models.kind import ModelKind, without_pooler
@@ -79,12 +80,12 @@ class BertConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise UserError(
                 f"hidden_size {self.hidden_size} is not a multiple of "
                 f"num_attention_heads {self.num_attention_heads}"
             )
         if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(
+            raise UserError(
                 f"hidden_act {self.hidden_act!r} is not supported (have {sorted(_ACTIVATIONS)})"
             )
 
@@ -103,11 +104,11 @@ class BertConfig:
         if "preset" in d:
             name = d["preset"]
             if name not in PRESETS:
-                raise ValueError(f"unknown BERT preset {name!r} (have {sorted(PRESETS)})")
+                raise UserError(f"unknown BERT preset {name!r} (have {sorted(PRESETS)})")
             d = {**PRESETS[name], **{k: v for k, v in d.items() if k != "preset"}}
         pet = d.get("position_embedding_type", "absolute")
         if pet != "absolute":
-            raise ValueError(f"position_embedding_type {pet!r} is not supported (only 'absolute')")
+            raise UserError(f"position_embedding_type {pet!r} is not supported (only 'absolute')")
         return cls(**{k: d[k] for k in _HF_FIELDS if k in d})
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,12 +123,12 @@ class BertConfig:
     @classmethod
     def from_json_file(cls, path: str | Path) -> BertConfig:
         path = Path(path)
-        d = read_json_object(path, error=ValueError, missing="config file not found")
+        d = read_json_object(path, error=UserError, missing="config file not found")
         # DPR configs from transformers nest nothing, but be lenient with {"bert": {...}} layouts.
         try:
             return cls.from_dict(d)
         except TypeError as e:
-            raise ValueError(f"{path}: bad BERT config ({e})") from None
+            raise UserError(f"{path}: bad BERT config ({e})") from None
 
 
 def _gelu_erf(x: Array) -> Array:
@@ -194,12 +195,12 @@ def dropout_keep_mask(
     whole shape.
     """
     if rows is not None and rows.shape != shape[:1]:
-        raise ValueError(f"dropout rows {rows.shape} do not match the leading axis of {shape}")
+        raise UserError(f"dropout rows {rows.shape} do not match the leading axis of {shape}")
     counted = shape if rows is None else shape[1:]  # what the element counter runs over
     n = math.prod(counted)
     if n >= 2**32:
         per_row = "" if rows is None else " per row"
-        raise ValueError(
+        raise UserError(
             f"dropout over {n} elements{per_row}: more than the 2^32 the counter can index"
         )
     s0, s1 = jax.random.bits(key, (2,), jnp.uint32)
@@ -383,7 +384,7 @@ class BertModule(nn.Module):
         cfg = self.config
         b, t = input_ids.shape
         if t > cfg.max_position_embeddings:
-            raise ValueError(
+            raise UserError(
                 f"sequence length {t} exceeds max_position_embeddings {cfg.max_position_embeddings}"
             )
         if attention_mask is None:

@@ -62,6 +62,7 @@ from dpr_jax.data.answers import AnswerMatcher, has_answer
 from dpr_jax.data.formats import Passage, open_text, read_biencoder, read_retrieval_results
 from dpr_jax.data.squad import parse_squad
 from dpr_jax.data.tokenize import DPRTokenizer
+from dpr_jax.errors import UserError
 
 FORMATS = ("auto", "retrieval", "biencoder", "squad")
 
@@ -76,12 +77,12 @@ class ReaderInputConfig:
 
     def __post_init__(self):
         if self.max_question_length < 1:
-            raise ValueError(
+            raise UserError(
                 f"ReaderInputConfig.max_question_length must be >= 1, got {self.max_question_length}"
             )
         need = self.max_question_length + 4 + int(self.trailing_sep)
         if self.max_length < need:
-            raise ValueError(
+            raise UserError(
                 f"ReaderInputConfig.max_length {self.max_length} leaves no room for passage text "
                 f"after a question of max_question_length {self.max_question_length} and the "
                 f"special tokens (needs >= {need})"
@@ -95,7 +96,7 @@ class ReaderInputConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"ReaderInputConfig: unknown fields {unknown} (have {sorted(names)})")
+            raise UserError(f"ReaderInputConfig: unknown fields {unknown} (have {sorted(names)})")
         return cls(**d)
 
 
@@ -147,7 +148,7 @@ class ReaderTokenizer:
         self.dpr_tokenizer = tokenizer if isinstance(tokenizer, DPRTokenizer) else None
         self.tok = tokenizer.tok if isinstance(tokenizer, DPRTokenizer) else tokenizer
         if not getattr(self.tok, "is_fast", False):
-            raise ValueError(
+            raise UserError(
                 f"{type(self.tok).__name__}: the reader needs a fast tokenizer (character offsets)"
             )
         self.config = config or ReaderInputConfig()
@@ -291,9 +292,9 @@ class ReaderTrainData:
     ):
 
         if passages_per_question < 1:
-            raise ValueError(f"passages_per_question must be >= 1, got {passages_per_question}")
+            raise UserError(f"passages_per_question must be >= 1, got {passages_per_question}")
         if max_answers < 1:
-            raise ValueError(f"max_answers must be >= 1, got {max_answers}")
+            raise UserError(f"max_answers must be >= 1, got {max_answers}")
         self.tokenizer = tokenizer
         self.m = passages_per_question
         self.max_answers = max_answers
@@ -353,7 +354,7 @@ class ReaderTrainData:
     def batches_per_epoch(self, batch_size: int) -> int:
         n = len(self.questions) // batch_size
         if n < 1:
-            raise ValueError(
+            raise UserError(
                 f"{len(self.questions)} usable training questions, fewer than one batch of "
                 f"{batch_size}"
             )
@@ -419,7 +420,7 @@ def _peek_format(path: Path) -> str:
     }
     found = {k: v for k, v in marks.items() if v >= 0}
     if not found:
-        raise ValueError(
+        raise UserError(
             f"{path}: not a DPR retrieval-results ('ctxs'), biencoder ('positive_ctxs') or SQuAD "
             "('data'/'paragraphs') JSON file; give the format explicitly"
         )
@@ -501,7 +502,7 @@ def read_reader_examples(
     """Reader examples from a retrieval-results, biencoder or SQuAD JSON file (``fmt``)."""
     path = Path(path)
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        raise UserError(f"format must be one of {FORMATS}, got {fmt!r}")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     if fmt == "auto":
@@ -515,7 +516,7 @@ def read_reader_examples(
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON ({e})") from None
+            raise UserError(f"{path}: invalid JSON ({e})") from None
     return squad_examples(parse_squad(data, path), max_negatives, seed)
 
 
@@ -528,16 +529,16 @@ def as_passage(p: Any, where: str = "passage") -> Passage:
     if isinstance(p, dict):
         text = p.get("text")
         if not isinstance(text, str):
-            raise ValueError(f"{where}: field 'text' must be a string, got {type(text).__name__}")
+            raise UserError(f"{where}: field 'text' must be a string, got {type(text).__name__}")
         title = p.get("title") or ""
         if not isinstance(title, str):
-            raise ValueError(f"{where}: field 'title' must be a string")
+            raise UserError(f"{where}: field 'title' must be a string")
         pid = p.get("id", p.get("passage_id"))
         pid = None if pid is None else str(pid)
         return Passage(text, title, pid, score=p.get("score"), has_answer=p.get("has_answer"))
     for name in ("text", "title"):
         if not hasattr(p, name):
-            raise ValueError(f"{where}: expected a dict, a string or an object with text/title")
+            raise UserError(f"{where}: expected a dict, a string or an object with text/title")
     pid = getattr(p, "id", None)
     return Passage(p.text, p.title or "", None if pid is None else str(pid))
 

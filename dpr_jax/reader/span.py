@@ -41,6 +41,7 @@ import numpy as np
 
 from dpr_jax.data.answers import exact_match_score, f1_score
 from dpr_jax.data.formats import Passage, write_reader_predictions
+from dpr_jax.errors import UserError
 from dpr_jax.io import progress as progress_bar
 from dpr_jax.model_dir import load_model, load_tokenizer
 from dpr_jax.parallel import batch_sharding, make_mesh, replicated
@@ -86,9 +87,9 @@ def best_spans(
     e = np.asarray(end_logits, np.float64)
     n = len(s)
     if len(e) != n:
-        raise ValueError(f"start logits have {n} positions, end logits {len(e)}")
+        raise UserError(f"start logits have {n} positions, end logits {len(e)}")
     if max_answer_length < 1:
-        raise ValueError(f"max_answer_length must be >= 1, got {max_answer_length}")
+        raise UserError(f"max_answer_length must be >= 1, got {max_answer_length}")
     if n == 0 or top_spans < 1:
         return []
     length = min(max_answer_length, n)
@@ -252,7 +253,7 @@ class ReaderPredictor:
         import jax.numpy as jnp
 
         if max_answer_length < 1:
-            raise ValueError(f"max_answer_length must be >= 1, got {max_answer_length}")
+            raise UserError(f"max_answer_length must be >= 1, got {max_answer_length}")
         self.tokenizer = (
             tokenizer if isinstance(tokenizer, ReaderTokenizer)
             else ReaderTokenizer(tokenizer, input_config)
@@ -276,7 +277,7 @@ class ReaderPredictor:
             try:
                 kwargs["input_config"] = ReaderInputConfig.from_dict(ri) if ri else None
             except (TypeError, ValueError) as e:
-                raise ValueError(f"{model_dir}: bad field 'reader_input' ({e})") from None
+                raise UserError(f"{model_dir}: bad field 'reader_input' ({e})") from None
         return cls(params, bert_config, load_tokenizer(model_dir), **kwargs)
 
     def set_params(self, params: Any) -> None:
@@ -326,14 +327,14 @@ class ReaderPredictor:
         """Predictions for each question at each k of ``top_k`` (passages beyond max(top_k) are
         not read). ``block`` questions are scored at a time to bound host memory."""
         if len(questions) != len(passages_per_question):
-            raise ValueError(
+            raise UserError(
                 f"{len(questions)} questions but {len(passages_per_question)} passage lists"
             )
         if gold_answers is not None and len(gold_answers) != len(questions):
-            raise ValueError(f"{len(questions)} questions but {len(gold_answers)} answer lists")
+            raise UserError(f"{len(questions)} questions but {len(gold_answers)} answer lists")
         top_k = sorted({int(k) for k in top_k})
         if not top_k or top_k[0] < 1:
-            raise ValueError(f"top_k must be positive integers, got {top_k}")
+            raise UserError(f"top_k must be positive integers, got {top_k}")
         kmax = top_k[-1]
         results: list[QuestionPrediction] = []
         for lo in range(0, len(questions), block):

@@ -235,12 +235,12 @@ def build_reader(config: ReaderTrainConfig, rng: jax.Array):
         tok_path = _expand(config.tokenizer)
     tokenizer = DPRTokenizer(tok_path)
     if tokenizer.vocab_size > bert_cfg.vocab_size:
-        raise ValueError(
+        raise UserError(
             f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the model's "
             f"vocab_size {bert_cfg.vocab_size}"
         )
     if config.max_length > bert_cfg.max_position_embeddings:
-        raise ValueError(
+        raise UserError(
             f"ReaderTrainConfig.max_length {config.max_length} exceeds the model's "
             f"max_position_embeddings {bert_cfg.max_position_embeddings}"
         )
@@ -255,7 +255,7 @@ def build_reader(config: ReaderTrainConfig, rng: jax.Array):
 def read_examples(config: ReaderTrainConfig, which: str) -> list:
     path = getattr(config, f"{which}_path")
     if not path:
-        raise ValueError(f"ReaderTrainConfig.{which}_path is empty")
+        raise UserError(f"ReaderTrainConfig.{which}_path is empty")
     path = _expand(path)
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such file (ReaderTrainConfig.{which}_path)")
@@ -263,7 +263,7 @@ def read_examples(config: ReaderTrainConfig, which: str) -> list:
     limit = config.max_train_examples if which == "train" else config.max_dev_examples
     examples = sample_examples(examples, limit, config.seed)
     if not examples:
-        raise ValueError(f"{path}: no questions")
+        raise UserError(f"{path}: no questions")
     return examples
 
 

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from dpr_jax.data.formats import Passage
+from dpr_jax.errors import UserError
 
 
 def ctx_passage(ctx: Any) -> Passage:
@@ -87,11 +88,11 @@ class BatchSpec:
 
     def __post_init__(self):
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.n_hard < 0:
-            raise ValueError(f"n_hard must be >= 0, got {self.n_hard}")
+            raise UserError(f"n_hard must be >= 0, got {self.n_hard}")
         if self.q_max_len < 2 or self.p_max_len < 3:
-            raise ValueError(f"max lengths too small: q {self.q_max_len}, p {self.p_max_len}")
+            raise UserError(f"max lengths too small: q {self.q_max_len}, p {self.p_max_len}")
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -127,26 +128,26 @@ class BiencoderBatches:
         b = spec.batch_size
         self.rows = rows or (0, b)
         if not 0 <= self.rows[0] < self.rows[1] <= b:
-            raise ValueError(f"rows {self.rows} not within the global batch of {b}")
+            raise UserError(f"rows {self.rows} not within the global batch of {b}")
         if lazy:  # every record has a positive (the converter skips those without)
             self.positives = examples.positives
         else:
             for i, ex in enumerate(self.examples):
                 if not ex.positive_ctxs:
-                    raise ValueError(f"{where}: record {i} has no positive_ctxs")
+                    raise UserError(f"{where}: record {i} has no positive_ctxs")
             self.positives = [ctx_passage(ex.positive_ctxs[0]) for ex in self.examples]
         n = len(self.examples)
         if train:
             self.batches_per_epoch = n // b
             if self.batches_per_epoch == 0:
-                raise ValueError(
+                raise UserError(
                     f"{where}: {n} examples are fewer than one batch of {b} questions "
                     "(the last incomplete batch is dropped in training)"
                 )
         else:
             self.batches_per_epoch = -(-n // b)
             if n == 0:
-                raise ValueError(f"{where}: no examples to evaluate")
+                raise UserError(f"{where}: no examples to evaluate")
 
     # -- one question ------------------------------------------------------------------------
 
@@ -182,7 +183,7 @@ class BiencoderBatches:
         """Example indices of the global batch (None: a padding question, evaluation only)."""
         b = self.spec.batch_size
         if not 0 <= batch < self.batches_per_epoch:
-            raise ValueError(f"batch {batch} not in [0, {self.batches_per_epoch})")
+            raise UserError(f"batch {batch} not in [0, {self.batches_per_epoch})")
         order = self.order(epoch)
         idx = [int(i) for i in order[batch * b : (batch + 1) * b]]
         return idx + [None] * (b - len(idx))

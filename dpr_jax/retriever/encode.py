@@ -53,7 +53,7 @@ class TowerEncoder:
         loaded=None,
     ):
         if tower not in ("question", "passage"):
-            raise ValueError(f"tower must be 'question' or 'passage', got {tower!r}")
+            raise UserError(f"tower must be 'question' or 'passage', got {tower!r}")
         max_length = max_length or (64 if tower == "question" else 256)
         _check_sizes(batch_size=batch_size, max_length=max_length, bucket=bucket)
         self.model_dir = resolve_model_dir(model_dir)
@@ -162,7 +162,7 @@ def _check_passages(passages: Sequence, where: str) -> None:
 def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
     """Contiguous [start, stop) of shard ``shard`` of ``num_shards`` over n items."""
     if not 0 <= shard < num_shards:
-        raise ValueError(f"shard {shard} is not in [0, {num_shards})")
+        raise UserError(f"shard {shard} is not in [0, {num_shards})")
     per = -(-n // num_shards)
     return min(n, shard * per), min(n, (shard + 1) * per)
 
@@ -188,14 +188,14 @@ def encode_corpus(
     from, whose sha256 is recorded (with a fingerprint of the passages themselves)."""
 
     if out_dtype not in ("float16", "float32"):
-        raise ValueError(f"out_dtype must be float16 or float32, got {out_dtype!r}")
+        raise UserError(f"out_dtype must be float16 or float32, got {out_dtype!r}")
     _check_sizes(chunk_size=chunk_size, batch_size=batch_size, max_length=max_length,
                  bucket=bucket, num_shards=num_shards)  # fmt: skip
     if not 0 <= shard < num_shards:
-        raise ValueError(f"shard {shard} is not in [0, {num_shards})")
+        raise UserError(f"shard {shard} is not in [0, {num_shards})")
     where = f"{passages_file}: " if passages_file else ""
     if len(passages) == 0:
-        raise ValueError(f"{where}no passages to encode (empty corpus)")
+        raise UserError(f"{where}no passages to encode (empty corpus)")
     _check_passages(passages, where)
     check_output(out_dir, EMBEDDINGS, [model_dir, resolve_model_dir(model_dir), passages_file])
     enc = TowerEncoder(model_dir, "passage", batch_size, max_length, bucket, compute_dtype)

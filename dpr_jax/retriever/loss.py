@@ -42,6 +42,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from dpr_jax.errors import UserError
+
 Array = jax.Array
 
 # Score given to masked-out candidates: finite (a fully masked row stays finite, so a padding
@@ -53,13 +55,13 @@ METRIC_NAMES = ("loss", "accuracy", "rank", "candidates", "questions")
 
 def _check_shapes(q: Array, p: Array, group_size: int, where: str) -> None:
     if group_size < 1:
-        raise ValueError(f"{where}: group_size must be >= 1, got {group_size}")
+        raise UserError(f"{where}: group_size must be >= 1, got {group_size}")
     if q.ndim != 2 or p.ndim != 2 or q.shape[1] != p.shape[1]:
-        raise ValueError(
+        raise UserError(
             f"{where}: expected q (B, D) and p (B*G, D), got q {q.shape} and p {p.shape}"
         )
     if p.shape[0] != q.shape[0] * group_size:
-        raise ValueError(
+        raise UserError(
             f"{where}: p has {p.shape[0]} rows, expected B*G = {q.shape[0]}*{group_size} "
             f"(question i's positive is passage i*G, its hard negatives i*G+1..i*G+G-1)"
         )
@@ -69,12 +71,12 @@ def _weights(valid: Array | None, p_valid: Array | None, b: int, group_size: int
     """Question weights (B,) float32 and passage candidacy (B*G,) bool."""
     w = jnp.ones((b,), jnp.float32) if valid is None else jnp.asarray(valid, jnp.float32)
     if w.shape != (b,):
-        raise ValueError(f"valid must have shape ({b},), got {w.shape}")
+        raise UserError(f"valid must have shape ({b},), got {w.shape}")
     cand = jnp.repeat(w > 0, group_size)  # (B*G,)
     if p_valid is not None:
         p_valid = jnp.asarray(p_valid)
         if p_valid.shape != (b * group_size,):
-            raise ValueError(f"p_valid must have shape ({b * group_size},), got {p_valid.shape}")
+            raise UserError(f"p_valid must have shape ({b * group_size},), got {p_valid.shape}")
         cand = cand & (p_valid > 0)
     return w, cand
 
@@ -105,11 +107,11 @@ class LossConfig:
 
     def __post_init__(self):
         if self.group_size < 1:
-            raise ValueError(f"LossConfig.group_size must be >= 1, got {self.group_size}")
+            raise UserError(f"LossConfig.group_size must be >= 1, got {self.group_size}")
         if not self.scale > 0:
-            raise ValueError(f"LossConfig.scale must be > 0, got {self.scale}")
+            raise UserError(f"LossConfig.scale must be > 0, got {self.scale}")
         if self.name not in LOSSES:
-            raise ValueError(f"LossConfig.name must be one of {tuple(LOSSES)}, got {self.name!r}")
+            raise UserError(f"LossConfig.name must be one of {tuple(LOSSES)}, got {self.name!r}")
 
     @classmethod
     def coerce(cls, cfg: LossConfig | Mapping[str, Any] | Any) -> LossConfig:
@@ -120,7 +122,7 @@ class LossConfig:
         if isinstance(cfg, Mapping):
             unknown = set(cfg) - set(names)
             if unknown:
-                raise ValueError(f"unknown loss config fields {sorted(unknown)} (have {names})")
+                raise UserError(f"unknown loss config fields {sorted(unknown)} (have {names})")
             return cls(**cfg)
         return cls(**{n: getattr(cfg, n) for n in names if hasattr(cfg, n)})
 

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpr_jax.errors import UserError
 from dpr_jax.models.bert import BertConfig, BertModule
 from dpr_jax.models.fsdp import FsdpGather, fsdp_wrap
 from dpr_jax.models.kind import ModelKind, without_pooler
@@ -47,13 +48,13 @@ class EncoderConfig:
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling {self.pooling!r} not in {POOLINGS}")
+            raise UserError(f"pooling {self.pooling!r} not in {POOLINGS}")
         if self.pooling == "pooler" and not self.add_pooling_layer:
-            raise ValueError("pooling='pooler' needs add_pooling_layer=True")
+            raise UserError("pooling='pooler' needs add_pooling_layer=True")
         if self.projection_dim < 0:
-            raise ValueError(f"projection_dim must be >= 0, got {self.projection_dim}")
+            raise UserError(f"projection_dim must be >= 0, got {self.projection_dim}")
         if not isinstance(self.normalize, bool):
-            raise ValueError(f"normalize must be true or false, got {self.normalize!r}")
+            raise UserError(f"normalize must be true or false, got {self.normalize!r}")
 
     @property
     def embedding_dim(self) -> int:

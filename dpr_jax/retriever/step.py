@@ -50,6 +50,7 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from dpr_jax.errors import UserError
 from dpr_jax.models.fsdp import FsdpGather, gather_dims
 from dpr_jax.parallel import DATA_AXIS, batch_sharding, replicated
 from dpr_jax.retriever.loss import LossConfig, sharded_dpr_loss
@@ -133,10 +134,10 @@ def check_batch(batch: Batch, group_size: int, num_shards: int, chunk: int | Non
     """Raises ValueError naming the field if ``batch`` does not follow the DPR batch layout."""
     missing = [k for k in REQUIRED_FIELDS if k not in batch]
     if missing:
-        raise ValueError(f"batch is missing fields {missing} (needs {list(REQUIRED_FIELDS)})")
+        raise UserError(f"batch is missing fields {missing} (needs {list(REQUIRED_FIELDS)})")
     unknown = sorted(set(batch) - set(REQUIRED_FIELDS) - set(OPTIONAL_FIELDS))
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"batch has unknown fields {unknown} (allowed: {list(REQUIRED_FIELDS + OPTIONAL_FIELDS)})"
         )
     b = batch["q_ids"].shape[0]
@@ -145,22 +146,22 @@ def check_batch(batch: Batch, group_size: int, num_shards: int, chunk: int | Non
         want_ndim = 1 if name in OPTIONAL_FIELDS else 2
         if x.ndim != want_ndim or x.shape[0] != rows:
             what = "B" if name in _QUESTION_ROWS else f"B*G = {b}*{group_size}"
-            raise ValueError(
+            raise UserError(
                 f"batch field {name!r} has shape {tuple(x.shape)}, expected {want_ndim}-D with "
                 f"{what} = {rows} rows"
             )
     for a, m in (("q_ids", "q_mask"), ("p_ids", "p_mask")):
         if batch[a].shape != batch[m].shape:
-            raise ValueError(
+            raise UserError(
                 f"batch fields {a!r} {tuple(batch[a].shape)} and {m!r} "
                 f"{tuple(batch[m].shape)} differ in shape"
             )
     if b % num_shards:
-        raise ValueError(
+        raise UserError(
             f"batch field 'q_ids': {b} questions do not split over {num_shards} devices"
         )
     if chunk is not None and (b // num_shards) % chunk:
-        raise ValueError(
+        raise UserError(
             f"grad_cache_chunk {chunk} does not divide the {b // num_shards} questions per device "
             f"(batch field 'q_ids' has {b} rows over {num_shards} devices)"
         )
@@ -310,7 +311,7 @@ def make_train_step(
     """
     cfg = LossConfig.coerce(loss_cfg)
     if grad_cache_chunk is not None and grad_cache_chunk < 1:
-        raise ValueError(f"grad_cache_chunk must be >= 1 or None, got {grad_cache_chunk}")
+        raise UserError(f"grad_cache_chunk must be >= 1 or None, got {grad_cache_chunk}")
     n_shards = mesh.shape[axis]
     specs = _param_specs(state_sharding)
     if specs is not None:

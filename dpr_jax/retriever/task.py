@@ -184,7 +184,7 @@ def architecture(config: TrainConfig, planning: bool = False) -> tuple[EncoderCo
     if src:
         meta = read_model_meta(src)
         if meta["kind"] != BIENCODER.name:
-            raise ValueError(
+            raise UserError(
                 f"TrainConfig.init_from {config.init_from}: holds a {meta['kind']!r} model, not a "
                 "'biencoder' (convert a BERT with `dpr-jax convert --from-hf ... --out DIR`)"
             )
@@ -220,7 +220,7 @@ def initial_params(config: TrainConfig, enc_cfg, rng: jax.Array) -> dict:
 def training_tokenizer(config: TrainConfig, enc_cfg):
     tokenizer = DPRTokenizer(_resolve_tokenizer_path(config))
     if tokenizer.vocab_size > enc_cfg.bert.vocab_size:
-        raise ValueError(
+        raise UserError(
             f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the model's "
             f"vocab_size {enc_cfg.bert.vocab_size}"
         )
@@ -236,7 +236,7 @@ def read_examples(
     its rows, :mod:`dpr_jax.data.records`)."""
 
     if not path:
-        raise ValueError(f"TrainConfig.{what} is empty: give a DPR biencoder JSON file")
+        raise UserError(f"TrainConfig.{what} is empty: give a DPR biencoder JSON file")
     path = _expand(path)
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such file (TrainConfig.{what})")
@@ -252,7 +252,7 @@ def read_examples(
     if limit:
         examples = examples[:limit]
     if not examples:
-        raise ValueError(f"{path}: no usable records (every record lacks positive_ctxs?)")
+        raise UserError(f"{path}: no usable records (every record lacks positive_ctxs?)")
     return examples
 
 

@@ -85,7 +85,7 @@ class RunConfig:
         name = type(self).__name__
 
         def bad(field: str, why: str):
-            raise ValueError(f"{name}.{field}: {why}, got {getattr(self, field)!r}")
+            raise UserError(f"{name}.{field}: {why}, got {getattr(self, field)!r}")
 
         if self.batch_size < 1:
             bad("batch_size", "must be >= 1")
@@ -107,14 +107,14 @@ class RunConfig:
             bad("keep_checkpoints", "must be >= 1")
         self.check(bad)
         if not self.init_from and not self.model:
-            raise ValueError(f"{name}: set init_from ({self.INIT_FROM}) or model (random init)")
+            raise UserError(f"{name}: set init_from ({self.INIT_FROM}) or model (random init)")
         if not self.init_from and not self.tokenizer:
             bad("tokenizer", "is needed for a random model (init_from is empty)")
         if self.model is not None:
             try:
                 self.parse_model(self.model)
             except (TypeError, KeyError, ValueError) as e:
-                raise ValueError(f"{name}.model: not a valid model dict ({e})") from None
+                raise UserError(f"{name}.model: not a valid model dict ({e})") from None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
