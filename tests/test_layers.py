@@ -69,7 +69,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "dpr_jax.index",
             "dpr_jax.provenance",
             "dpr_jax.training.config",
-            "dpr_jax.training.trainer",
             "dpr_jax.training.optimizer",
             "dpr_jax.training.checkpoints",
             "dpr_jax.step_costs",
@@ -79,7 +78,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),  # fmt: skip
     (
         "inference and the loop",
-        ("dpr_jax.retriever.encode", "dpr_jax.reader.span", "dpr_jax.training.loop"),
+        (
+            "dpr_jax.retriever.encode",
+            "dpr_jax.reader.span",
+            "dpr_jax.training.loop",
+            "dpr_jax.training.trainer",
+        ),  # fmt: skip
     ),  # fmt: skip
     (
         "tasks",

@@ -119,6 +119,18 @@ class IndexIntegrityError(io.IntegrityError):
     """An index file is missing, truncated or corrupted (the message names the file)."""
 
 
+def check_options(
+    backend: str, given: dict[str, Any], known: list[str], specs: dict[str, Opt], what: str
+) -> None:
+    """Refuse a name not in ``known`` and a value outside its ``specs`` range (one line)."""
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise UserError(f"unknown {what}(s) {unknown} for backend {backend!r}; known: {known}")
+    for name, value in given.items():
+        if name in specs:
+            check_option(backend, name, value, specs[name], what)
+
+
 def _version() -> str:
     return __version__
 
@@ -142,15 +154,8 @@ class Index(abc.ABC):
 
     def __init__(self, **options):
         """Every option is checked against ``OPTIONS`` here, before any work."""
-        unknown = sorted(set(options) - set(self.DEFAULTS))
-        if unknown:
-            raise UserError(
-                f"unknown option(s) {unknown} for backend {self.backend!r}; "
-                f"known: {sorted(self.DEFAULTS)}"
-            )
-        for name, value in options.items():
-            if name in self.OPTIONS:  # every built-in backend specifies all of its options
-                check_option(self.backend, name, value, self.OPTIONS[name])
+        # every built-in backend specifies all of its options
+        check_options(self.backend, options, sorted(self.DEFAULTS), self.OPTIONS, "option")
         self.options: dict[str, Any] = {**self.DEFAULTS, **options}
         self.ids: np.ndarray | None = None
         self.dim: int | None = None
@@ -220,17 +225,8 @@ class Index(abc.ABC):
         """
         if self.ids is None:
             raise RuntimeError(f"{self.backend} index is empty: call build() or load() first")
-        unknown = sorted(set(params) - set(self.SEARCH_PARAMS))
-        if unknown:
-            raise UserError(
-                f"unknown search parameter(s) {unknown} for backend {self.backend!r}; "
-                f"known: {list(self.SEARCH_PARAMS)}"
-            )
-        for name, value in params.items():
-            if name in self.SEARCH_OPTIONS:
-                check_option(
-                    self.backend, name, value, self.SEARCH_OPTIONS[name], "search parameter"
-                )
+        check_options(self.backend, params, list(self.SEARCH_PARAMS), self.SEARCH_OPTIONS,
+                      "search parameter")  # fmt: skip
         if self.tuned:
             params = {**self.tuned["params"], **params}
         q = np.asarray(queries)

@@ -44,7 +44,6 @@ from dpr_jax.models.kinds import KINDS
 from dpr_jax.parallel import (
     gather_to_host,
     global_batch_from_local,
-    make_mesh,
     process_slice,
     replicated,
 )
@@ -59,8 +58,6 @@ from dpr_jax.reader.data import (
 from dpr_jax.reader.model import READER, Reader, init_reader_params
 from dpr_jax.reader.span import ReaderPredictor, evaluate_predictions
 from dpr_jax.reader.step import make_train_step
-from dpr_jax.training import config as training_config
-from dpr_jax.training import loop
 from dpr_jax.training.config import RunConfig
 from dpr_jax.training.config import expand_path as _expand
 from dpr_jax.training.config import minilm_path as _minilm_path
@@ -438,25 +435,8 @@ class ReaderTask:
         )  # fmt: skip
 
 
-def train_and_evaluate(config: ReaderTrainConfig, workdir: str | Path) -> dict[str, float]:
-    """Train (or resume) the reader of ``config`` in ``workdir``
-    (:func:`dpr_jax.training.loop.train_and_evaluate`); returns the final dev metrics (or the
-    last train metrics without a dev set), with ``step``."""
-    return loop.train_and_evaluate(ReaderTask(config), workdir, make_mesh())
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ReaderTrainConfig:
-    """A reader config file (``get_config()`` -> ReaderTrainConfig or a dict) with overrides."""
-    return training_config.load_config(path, ReaderTrainConfig, overrides)
-
-
-TRAINER = Trainer(
-    kind=READER,
-    config_cls=ReaderTrainConfig,
-    task=lambda config: ReaderTask(config),
-    architecture=architecture,
-    build_step=build_reader_step,
-    batch_shapes=batch_shapes,
-    towers=towers,
-    model_flops=model_flops,
-)
+# the trainer of the reader kind (fields in order: see dpr_jax.training.trainer.Trainer)
+TRAINER = Trainer(READER, ReaderTrainConfig, ReaderTask, architecture, build_reader_step,
+                  batch_shapes, towers, model_flops)  # fmt: skip
+train_and_evaluate = TRAINER.train_and_evaluate
+load_config = TRAINER.load_config

@@ -209,6 +209,7 @@ def sharded_dpr_loss(
     axis_name: str = "data",
     scale: float = 1.0,
     in_batch: bool = True,
+    *,
     valid: Array | None = None,
     p_valid: Array | None = None,
     loss: str = "nll",

@@ -84,8 +84,6 @@ from dpr_jax.retriever.batching import BatchSpec, BiencoderBatches, DataPosition
 from dpr_jax.retriever.loss import LOSSES, LossConfig, dpr_loss
 from dpr_jax.retriever.model import BIENCODER, BiEncoder, EncoderConfig, init_biencoder_params
 from dpr_jax.retriever.step import make_train_step
-from dpr_jax.training import config as training_config
-from dpr_jax.training import loop
 from dpr_jax.training.config import RunConfig
 from dpr_jax.training.config import expand_path as _expand
 from dpr_jax.training.config import minilm_path as _minilm_path
@@ -552,25 +550,8 @@ def model_flops(config: TrainConfig, enc_cfg: EncoderConfig) -> float:
     return 3.0 * fwd
 
 
-def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict[str, float]:
-    """Train (or resume) the bi-encoder of ``config`` in ``workdir``
-    (:func:`dpr_jax.training.loop.train_and_evaluate`); returns the final dev metrics (or the
-    last train metrics when there is no dev set), with ``step``."""
-    return loop.train_and_evaluate(RetrieverTask(config), workdir, make_mesh())
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """A bi-encoder config file (``get_config()`` -> TrainConfig) with ``key=value`` overrides."""
-    return training_config.load_config(path, TrainConfig, overrides)
-
-
-TRAINER = Trainer(
-    kind=BIENCODER,
-    config_cls=TrainConfig,
-    task=lambda config: RetrieverTask(config),
-    architecture=architecture,
-    build_step=build_train_step,
-    batch_shapes=batch_shapes,
-    towers=towers,
-    model_flops=model_flops,
-)
+# the trainer of the biencoder kind (fields in order: see dpr_jax.training.trainer.Trainer)
+TRAINER = Trainer(BIENCODER, TrainConfig, RetrieverTask, architecture, build_train_step,
+                  batch_shapes, towers, model_flops)  # fmt: skip
+train_and_evaluate = TRAINER.train_and_evaluate
+load_config = TRAINER.load_config

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from dpr_jax.models.kind import ModelKind
+from dpr_jax.parallel import make_mesh
+from dpr_jax.training import config as training_config
+from dpr_jax.training import loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,3 +59,14 @@ class Trainer:
     batch_shapes: Callable[[Any], dict[str, tuple[tuple[int, ...], Any]]]
     towers: Callable[[Any, Any], list]
     model_flops: Callable[[Any, Any], float]
+
+    def train_and_evaluate(self, config, workdir: str | Path) -> dict[str, float]:
+        """Train (or resume) ``config`` in ``workdir`` on every device
+        (:func:`dpr_jax.training.loop.train_and_evaluate`); returns the final dev metrics (or the
+        last train metrics when there is no dev set), with ``step``."""
+        return loop.train_and_evaluate(self.task(config), workdir, make_mesh())
+
+    def load_config(self, path: str | Path, overrides: list[str] | None = None):
+        """A config file of this trainer (``get_config()`` -> its config, or a dict of its
+        fields) with ``key=value`` overrides applied."""
+        return training_config.load_config(path, self.config_cls, overrides)
