@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from dpr_jax.data.answers import (
     MATCH_TYPES,
     AnswerMatcher,
@@ -114,3 +116,33 @@ def ann_recall(approx_ids: Sequence[Sequence[Any]], exact_ids: Sequence[Sequence
     if not recalls:
         raise UserError("no query has exact results to compare with")
     return float(sum(recalls) / len(recalls))
+
+
+def results_for(questions, scores, ids, passages: dict, match: str = "string") -> list[dict]:
+    """DPR retrieval-results records: question, answers, ctxs [{id, title, text, score, has_answer}]
+    of retrieved ``(scores, ids)`` rows: DPR's ``has_answer`` judged here, in evaluation, not
+    by the retrievers (:mod:`dpr_jax.search`)."""
+
+    # String matching tokenizes each passage once (cached by id), not once per question: the
+    # same passages come back for many questions (equal to has_answer, tests/test_evaluate.py).
+    matcher = AnswerMatcher() if match == "string" else None
+    out = []
+    for q, row_s, row_i in zip(questions, scores, ids):
+        ctxs = []
+        keys = matcher.answer_keys(q.answers) if matcher else None
+        for s, pid in zip(row_s, row_i):
+            if (pid is None or str(pid) == "") and not np.isfinite(s):
+                continue  # padding: fewer results than k (k > corpus, ANN misses)
+            p = passages.get(str(pid))
+            if p is None:
+                raise UserError(f"passage id {pid!r} from the index is not in the passages file")
+            if matcher:
+                hit = matcher.match(keys, p.text, key=str(pid))
+            else:
+                hit = has_answer(q.answers, p.text, match_type=match)
+            ctxs.append({
+                "id": str(pid), "title": p.title, "text": p.text, "score": float(s),
+                "has_answer": bool(hit),
+            })  # fmt: skip
+        out.append({"question": q.question, "answers": list(q.answers), "ctxs": ctxs})
+    return out

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from dpr_jax import hybrid
-from dpr_jax.data.answers import AnswerMatcher, has_answer
 from dpr_jax.data.checks import question_texts
 from dpr_jax.errors import UserError
 from dpr_jax.index import load_index
@@ -103,31 +102,3 @@ class HybridRetriever:
         if self.method == "linear":
             return hybrid.linear_fusion(ds, di, ss, si, k=k, alpha=self.alpha)
         return hybrid.rrf_fusion(ds, di, ss, si, k=k)
-
-
-def results_for(questions, scores, ids, passages: dict, match: str = "string") -> list[dict]:
-    """DPR retrieval-results records: question, answers, ctxs [{id, title, text, score, has_answer}]."""
-
-    # String matching tokenizes each passage once (cached by id), not once per question: the
-    # same passages come back for many questions (equal to has_answer, tests/test_evaluate.py).
-    matcher = AnswerMatcher() if match == "string" else None
-    out = []
-    for q, row_s, row_i in zip(questions, scores, ids):
-        ctxs = []
-        keys = matcher.answer_keys(q.answers) if matcher else None
-        for s, pid in zip(row_s, row_i):
-            if (pid is None or str(pid) == "") and not np.isfinite(s):
-                continue  # padding: fewer results than k (k > corpus, ANN misses)
-            p = passages.get(str(pid))
-            if p is None:
-                raise KeyError(f"passage id {pid!r} from the index is not in the passages file")
-            if matcher:
-                hit = matcher.match(keys, p.text, key=str(pid))
-            else:
-                hit = has_answer(q.answers, p.text, match_type=match)
-            ctxs.append({
-                "id": str(pid), "title": p.title, "text": p.text, "score": float(s),
-                "has_answer": bool(hit),
-            })  # fmt: skip
-        out.append({"question": q.question, "answers": list(q.answers), "ctxs": ctxs})
-    return out

@@ -218,10 +218,10 @@ def test_simple_tokenize_equals_dpr_finditer():
 
 
 def test_results_for_flags_equal_has_answer():
-    """dpr_jax.search.results_for (cached matching) flags every ctx as has_answer does."""
+    """dpr_jax.evaluate.results_for (cached matching) flags every ctx as has_answer does."""
     from types import SimpleNamespace as NS
 
-    from dpr_jax.search import results_for
+    from dpr_jax.evaluate import results_for
 
     texts = ["Paris is the capital of France.", "The café in São Paulo", "U.S. history",
              "no answer here", "Beyoncé's 2003 debut album", "a 10,000-seat arena"]  # fmt: skip
@@ -236,5 +236,7 @@ def test_results_for_flags_equal_has_answer():
         want = [[has_answer(q.answers, t, match) for t in texts] for q in questions]
         assert got == want
     assert sum(map(sum, got)) >= 4  # the cases are not all misses
-    with pytest.raises(KeyError, match="not in the passages file"):
+    from dpr_jax.errors import UserError
+
+    with pytest.raises(UserError, match="not in the passages file"):
         results_for(questions[:1], scores[:1, :1], np.array([["99"]]), passages)

@@ -34,14 +34,14 @@ from dpr_jax.data.squad import (
     squad_passages,
     squad_questions,
 )
-from dpr_jax.evaluate import top_k_accuracy
+from dpr_jax.evaluate import results_for, top_k_accuracy
 from dpr_jax.index import build_index, load_index
 from dpr_jax.io import note
 from dpr_jax.io import progress as progress_bar
 from dpr_jax.pipeline import QAPipeline
 from dpr_jax.reader.task import ReaderTrainConfig, train_and_evaluate
 from dpr_jax.retriever.encode import encode_corpus
-from dpr_jax.search import DenseRetriever, HybridRetriever, results_for
+from dpr_jax.search import DenseRetriever, HybridRetriever
 from dpr_jax.training.config import minilm_path
 
 

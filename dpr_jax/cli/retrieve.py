@@ -17,9 +17,10 @@ from dpr_jax.data.corpus import read_passages
 from dpr_jax.data.formats import write_retrieval_results
 from dpr_jax.data.questions import describe, is_tfds_spec, read_questions
 from dpr_jax.errors import UsageError, UserError
+from dpr_jax.evaluate import results_for
 from dpr_jax.io import BM25, FILE, check_output
 from dpr_jax.provenance import check_passages
-from dpr_jax.search import DenseRetriever, HybridRetriever, results_for
+from dpr_jax.search import DenseRetriever, HybridRetriever
 
 
 def _build_retriever(args, passages_list):
