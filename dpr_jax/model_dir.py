@@ -234,5 +234,26 @@ def add_manifest(model_dir: str | Path) -> Path:
     return model_dir
 
 
+def check_tokenizer_fits(
+    where, bert, tokenizer, max_length: int | None = None, trained: bool = True
+) -> None:
+    """Refuse a tokenizer whose ids the model cannot embed (more tokens than its vocabulary) or,
+    for a ``trained`` model, one that covers much less of it (a small vocabulary would turn most
+    words into [UNK]: not the model's tokenizer), and a ``max_length`` beyond the model's
+    position embeddings. The one check of encoding, reading and both trainers."""
+    n_tok, n_model = tokenizer.vocab_size, bert.vocab_size
+    if n_tok > n_model or (trained and n_tok < n_model // 2):
+        raise UserError(
+            f"{where}: its tokenizer ({tokenizer.path}) has {n_tok:,} tokens but the model's "
+            f"vocabulary {n_model:,} (vocab_size); the tokenizer is not the model's: save the "
+            "model with the tokenizer it was trained with"
+        )
+    if max_length is not None and max_length > bert.max_position_embeddings:
+        raise UserError(
+            f"{where}: max_length {max_length} exceeds the model's {bert.max_position_embeddings} "
+            "positions (max_position_embeddings); give at most that"
+        )
+
+
 def load_tokenizer(model_dir: str | Path):
     return DPRTokenizer(resolve_model_dir(model_dir))

@@ -205,7 +205,7 @@ def test_ctrl_c_is_130_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
 
     monkeypatch.setattr(evaluate, "cli_main", interrupted)
     assert main(["evaluate", "--results", "x.json"]) == 130
-    assert capsys.readouterr().err.strip() == "dpr-jax evaluate: interrupted"
+    assert capsys.readouterr().err.strip() == "dpr-jax evaluate: interrupted; nothing was written"
 
     def bug(argv):
         return {}["missing key"]  # a KeyError inside dpr-jax is a bug, not the user's

@@ -32,6 +32,10 @@ _USER_OS_ERRORS = (
 )
 
 
+# Commands that write their output once, at the end, atomically: Ctrl-C leaves nothing behind.
+WRITES_AT_END = {"retrieve", "ask", "read", "evaluate", "plan", "plot"}
+
+
 class Parser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose errors follow the contract (one line, exit 2) instead of
     printing the usage block."""
@@ -79,8 +83,8 @@ def run_command(name: str, cli_main: Callable[[list[str]], int | None], argv: li
     debug, argv = debug_requested(argv)
     try:
         return int(cli_main(argv) or 0)
-    except KeyboardInterrupt as e:
-        kept = f"; {e}" if str(e) else ""
+    except KeyboardInterrupt as e:  # commands that keep work say what (Interrupted's message)
+        kept = f"; {e}" if str(e) else ("; nothing was written" if name in WRITES_AT_END else "")
         print(f"dpr-jax {name}: interrupted{kept}", file=sys.stderr)
         return 130
     except Exception as e:

@@ -43,7 +43,7 @@ from dpr_jax.data.answers import exact_match_score, f1_score
 from dpr_jax.data.formats import Passage, write_reader_predictions
 from dpr_jax.errors import UserError
 from dpr_jax.io import progress as progress_bar
-from dpr_jax.model_dir import load_model, load_tokenizer
+from dpr_jax.model_dir import check_tokenizer_fits, load_model, load_tokenizer
 from dpr_jax.parallel import batch_sharding, make_mesh, replicated
 from dpr_jax.reader.data import (
     ReaderInputConfig,
@@ -278,7 +278,9 @@ class ReaderPredictor:
                 kwargs["input_config"] = ReaderInputConfig.from_dict(ri) if ri else None
             except (TypeError, ValueError) as e:
                 raise UserError(f"{model_dir}: bad field 'reader_input' ({e})") from None
-        return cls(params, bert_config, load_tokenizer(model_dir), **kwargs)
+        tokenizer = load_tokenizer(model_dir)
+        check_tokenizer_fits(model_dir, bert_config, tokenizer)
+        return cls(params, bert_config, tokenizer, **kwargs)
 
     def set_params(self, params: Any) -> None:
         import jax

@@ -33,6 +33,7 @@ from dpr_jax.errors import UserError
 from dpr_jax.model_dir import (
     MODEL_JSON,
     check_params,
+    check_tokenizer_fits,
     load_model,
     model_config,
     read_model_meta,
@@ -231,16 +232,8 @@ def build_reader(config: ReaderTrainConfig, rng: jax.Array):
     elif config.tokenizer:
         tok_path = _expand(config.tokenizer)
     tokenizer = DPRTokenizer(tok_path)
-    if tokenizer.vocab_size > bert_cfg.vocab_size:
-        raise UserError(
-            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the model's "
-            f"vocab_size {bert_cfg.vocab_size}"
-        )
-    if config.max_length > bert_cfg.max_position_embeddings:
-        raise UserError(
-            f"ReaderTrainConfig.max_length {config.max_length} exceeds the model's "
-            f"max_position_embeddings {bert_cfg.max_position_embeddings}"
-        )
+    check_tokenizer_fits(f"ReaderTrainConfig.init_from {path or 'random'}", bert_cfg, tokenizer,
+                         config.max_length, trained=where != "random")  # fmt: skip
     info["tokenizer"] = tokenizer.path
     return bert_cfg, params, tokenizer, info
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from dpr_jax.embeddings import EmbeddingWriter
 from dpr_jax.errors import ArgumentTypeError, Interrupted, UserError
 from dpr_jax.io import EMBEDDINGS, OutputWriteError, check_output, fingerprint_passages, sha256_file
-from dpr_jax.model_dir import load_model, load_tokenizer, resolve_model_dir
+from dpr_jax.model_dir import check_tokenizer_fits, load_model, load_tokenizer, resolve_model_dir
 from dpr_jax.provenance import vectors_fingerprint
 from dpr_jax.retriever.model import BiEncoder
 
@@ -59,7 +59,7 @@ class TowerEncoder:
         self.model_dir = resolve_model_dir(model_dir)
         _, self.config, params, self.meta = loaded or load_model(self.model_dir, "biencoder")
         self.tokenizer = load_tokenizer(self.model_dir)
-        _check_model_fits(self.model_dir, self.config.bert, self.tokenizer, max_length)
+        check_tokenizer_fits(self.model_dir, self.config.bert, self.tokenizer, max_length)
         self.tower = tower
         self.max_length = max_length
         self._fingerprint = None
@@ -129,24 +129,6 @@ def _check_sizes(**sizes) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             off = " (or None: no bucketing)" if name == "bucket" else ""
             raise UserError(f"{name} must be an integer >= 1{off}, got {value!r}")
-
-
-def _check_model_fits(model_dir: Path, bert, tokenizer, max_length: int) -> None:
-    """Refuse a tokenizer whose ids the model cannot embed (more tokens than its vocabulary) or
-    that covers much less of it (a small vocabulary would turn most words into [UNK]), and a
-    length beyond the model's position embeddings."""
-    n_tok, n_model = tokenizer.vocab_size, bert.vocab_size
-    if n_tok > n_model or n_tok < n_model // 2:
-        raise UserError(
-            f"{model_dir}: its tokenizer has {n_tok:,} tokens but the model's vocabulary "
-            f"{n_model:,} (vocab_size); the tokenizer is not the model's: save the model with "
-            "the tokenizer it was trained with"
-        )
-    if max_length > bert.max_position_embeddings:
-        raise UserError(
-            f"max_length {max_length} exceeds the {bert.max_position_embeddings} positions of "
-            f"{model_dir} (max_position_embeddings); give at most that"
-        )
 
 
 def _check_passages(passages: Sequence, where: str) -> None:

@@ -64,6 +64,7 @@ from dpr_jax.data.tokenize import DPRTokenizer
 from dpr_jax.errors import UserError
 from dpr_jax.finite import rank_of_positive
 from dpr_jax.model_dir import (
+    check_tokenizer_fits,
     load_model,
     model_config,
     read_model_meta,
@@ -217,11 +218,8 @@ def initial_params(config: TrainConfig, enc_cfg, rng: jax.Array) -> dict:
 
 def training_tokenizer(config: TrainConfig, enc_cfg):
     tokenizer = DPRTokenizer(_resolve_tokenizer_path(config))
-    if tokenizer.vocab_size > enc_cfg.bert.vocab_size:
-        raise UserError(
-            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the model's "
-            f"vocab_size {enc_cfg.bert.vocab_size}"
-        )
+    check_tokenizer_fits(f"TrainConfig.init_from {config.init_from or 'random'}", enc_cfg.bert,
+                         tokenizer, trained=bool(config.init_from))  # fmt: skip
     return tokenizer
 
 
