@@ -21,7 +21,10 @@ Multi-process: each process builds only its rows ``[start, stop)`` of the global
 ``start*G .. stop*G-1``, whole question groups. Over a random-access record source
 (:mod:`dpr_jax.data.records`) it also *reads* only those questions' records (plus one positive per
 filled passage); with ``bucket`` it reads the whole global batch, whose longest sequence fixes the
-padded length.
+padded length. The trainer reads record directories through grain instead
+(:mod:`dpr_jax.data.loader`: the same batches, :func:`build_group` and :func:`tokenize_rows` as
+grain transforms, the bucketed length agreed between processes); this class defines the batches,
+builds them from JSON and builds the evaluation batches.
 
 The last incomplete batch of an epoch is dropped (``len(examples) // batch_size`` batches per
 epoch): a partial batch would have fewer in-batch negatives and a new shape. The dropped examples
