@@ -2,7 +2,9 @@
 ArrayRecord directory through grain: each process reads only the records of its rows (counted in
 the process), each checkpoint holds each process's grain iterator state, and a job SIGKILLed
 after a checkpoint, run again with the same command, continues from those states and ends with
-the uninterrupted job's losses and parameters bit for bit."""
+the uninterrupted job's losses and parameters bit for bit. Questions are bucketed (``bucket=8``),
+so the processes agree on each batch's padded length through the loader's all-gather (a
+disagreement fails to assemble the global batch)."""
 
 from __future__ import annotations
 
@@ -51,7 +53,8 @@ def _launch(workdir: Path, records: Path, logs: Path, reads: Path | None = None)
     for i in range(2):
         cmd = [sys.executable, str(WORKER), "--workdir", str(workdir), "--train", str(records),
                "--steps", str(STEPS), "--batch-size", str(B), "--set",
-               f"checkpoint_every={CHECKPOINT_EVERY}", "--coordinator", f"127.0.0.1:{port}",
+               f"checkpoint_every={CHECKPOINT_EVERY}", "--set", "bucket=8",
+               "--coordinator", f"127.0.0.1:{port}",
                "--num-processes", "2", "--process-id", str(i)]  # fmt: skip
         if reads is not None:
             reads.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import jax
 import numpy as np
@@ -170,7 +169,7 @@ class GrainBatches:
         self.sampler = BatchOrderSampler(batches, self.shard_count)
         b = self.sampler.rows
         rows = (self.shard_index * b, (self.shard_index + 1) * b)
-        if batches.rows != (0, batches.spec.batch_size) and batches.rows != rows:
+        if batches.rows != rows:
             raise ValueError(
                 f"process rows {batches.rows} are not shard {self.shard_index} of "
                 f"{self.shard_count} (rows {rows}): build the mesh with make_mesh"
@@ -269,12 +268,6 @@ class GrainBatches:
             batch = next(it)
             pos = self.next_position(pos)
             yield pos, self._pad(batch)
-
-    def records_read(self) -> dict[str, Any]:
-        """Records read from disk so far (a record directory's counters), for tests and logs."""
-        ex = self.batches.examples
-        return {"records": getattr(ex, "records_read", None),
-                "positives": getattr(ex, "positives_read", None)}  # fmt: skip
 
 
 __all__ = ["BatchOrderSampler", "GrainBatches", "QuestionGroup", "TokenizeRows"]

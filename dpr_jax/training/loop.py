@@ -157,7 +157,11 @@ def _restore_loader(task: Task, ckpts: Checkpoints, step: int, position) -> None
     iterator = loader.iterator_at(None)
     if not ckpts.restore_loader(step, iterator):
         return  # iterate() places a fresh iterator at the position
-    at = loader.position_of(iterator)
+    try:
+        at = loader.position_of(iterator)
+    except ValueError as e:  # a state of another shard, or between two batches
+        raise CheckpointError(f"{ckpts.directory / str(step)}: {e}: the checkpoint is damaged; "
+                              "delete it to resume from an earlier one") from None  # fmt: skip
     if at != position:
         raise CheckpointError(
             f"{ckpts.directory / str(step)}: its data loader is at {at.to_dict()}, its data "
