@@ -9,9 +9,7 @@ disagreement fails to assemble the global batch)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from multihost_worker import build_squad_biencoder
+from test_multihost import _params
+from test_multihost_cli import _env, _free_port, _wait
 
 pytest.importorskip("array_record", reason="pip install 'dpr-jax[records]'")
 pytest.importorskip("grain", reason="pip install 'dpr-jax[records]'")
@@ -30,21 +30,7 @@ FIXTURE_ARTICLE = "fixtures/squad-train-v1.1.University_of_Notre_Dame.official.j
 B = 8  # global batch: 4 rows per process
 STEPS = 8
 CHECKPOINT_EVERY = 2
-TIMEOUT = 900
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return env
+TIMEOUT = 900  # as test_multihost_cli._wait
 
 
 def _launch(workdir: Path, records: Path, logs: Path, reads: Path | None = None) -> list:
@@ -60,41 +46,8 @@ def _launch(workdir: Path, records: Path, logs: Path, reads: Path | None = None)
             reads.mkdir(parents=True, exist_ok=True)
             cmd += ["--reads", str(reads)]
         log = open(logs / f"{workdir.name}.{i}.{time.monotonic_ns()}.log", "w")
-        procs.append((subprocess.Popen(cmd, env=_env(), stdout=log, stderr=log), log))
+        procs.append((subprocess.Popen(cmd, env=_env(2), stdout=log, stderr=log), log))
     return procs
-
-
-def _wait(procs: list) -> None:
-    try:
-        for p, _ in procs:
-            p.wait(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"training processes did not finish in {TIMEOUT}s")
-    finally:
-        for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            log.close()
-    for p, log in procs:
-        assert p.returncode == 0, Path(log.name).read_text()[-3000:]
-
-
-def _params(workdir: Path) -> dict[str, np.ndarray]:
-    import jax
-    import orbax.checkpoint as ocp
-    from flax.traverse_util import flatten_dict
-
-    path = (workdir / "checkpoints" / str(STEPS) / "state").absolute()
-    ckptr = ocp.StandardCheckpointer()
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-        ckptr.metadata(path).item_metadata,
-    )
-    state = ckptr.restore(path, target)
-    assert int(state["step"]) == STEPS
-    return {"/".join(k): np.asarray(v) for k, v in flatten_dict(state["params"]).items()}
 
 
 def _records(workdir: Path, split: str) -> list[dict]:
@@ -166,7 +119,7 @@ def test_two_processes_read_their_records_and_resume_bit_identically(
     got = {r["step"]: r["loss"] for r in _records(killed, "train")}
     assert sorted(want) == list(range(1, STEPS + 1))
     assert all(got[s] == want[s] for s in range(1, STEPS + 1))
-    ref, res = _params(full), _params(killed)
+    ref, res = _params(full, STEPS), _params(killed, STEPS)
     assert sorted(ref) == sorted(res)
     for k in ref:  # the same processes, devices and reductions: bit-identical
         np.testing.assert_array_equal(res[k], ref[k], err_msg=k)
