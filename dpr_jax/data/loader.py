@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -52,7 +53,11 @@ from dpr_jax.retriever.batching import (
     tokenize_rows,
 )
 
-grain = optional_import("grain.python", "records", "training on ArrayRecord data (grain)")
+
+def _grain():
+    """grain's API, imported when a loader is first built (the ``records`` extra)."""
+    return optional_import("grain.python", "records", "training on ArrayRecord data (grain)")
+
 
 READ_THREADS = 4
 MAX_EPOCHS = 1 << 30  # the sampler's length: endless in practice
@@ -74,6 +79,7 @@ class BatchOrderSampler:
         self.epoch_size = batches.batches_per_epoch * b_global
         self._orders: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
+        self._metadata = _grain().RecordMetadata
 
     def __len__(self) -> int:
         return self.epoch_size * MAX_EPOCHS
@@ -102,21 +108,31 @@ class BatchOrderSampler:
         epoch, batch = divmod(k, self.batches.batches_per_epoch)
         pos = batch * self.batches.spec.batch_size + p * self.rows + j  # its place in the epoch
         seed = self.batches.spec.seed
-        return grain.RecordMetadata(
+        return self._metadata(
             index=index,
             record_key=int(self._order(epoch)[pos]),
             rng=np.random.default_rng([seed, epoch, pos]),  # BiencoderBatches.question_group's
         )
 
 
-class QuestionGroup(grain.RandomMapTransform):
+def _random_map(fn: Callable[[Any, np.random.Generator], Any]):
+    """``fn(element, rng)`` as a grain ``RandomMapTransform``, fed the sampler's generators."""
+
+    class RandomMap(_grain().RandomMapTransform):
+        def random_map(self, element, rng: np.random.Generator):
+            return fn(element, rng)
+
+    return RandomMap()
+
+
+class QuestionGroup:
     """example -> (question, [positive, hard negatives...]): hard-negative sampling, with the
-    sampler's per-row generator."""
+    sampler's per-row generator (a ``RandomMapTransform`` of the loader)."""
 
     def __init__(self, batches: BiencoderBatches):
         self.batches = batches
 
-    def random_map(self, example, rng: np.random.Generator):
+    def __call__(self, example, rng: np.random.Generator):
         spec = self.batches.spec
         pos = ctx_passage(example.positive_ctxs[0])
         group = build_group(
@@ -164,6 +180,7 @@ class GrainBatches:
         self.batches = batches
         self.spec = batches.spec
         self.batches_per_epoch = batches.batches_per_epoch
+        grain = _grain()
         shard = shard_options or grain.ShardByJaxProcess(drop_remainder=True)
         self.shard_index, self.shard_count = shard.shard_index, shard.shard_count
         self.sampler = BatchOrderSampler(batches, self.shard_count)
@@ -180,7 +197,7 @@ class GrainBatches:
             data_source=batches.examples,
             sampler=self.sampler,
             operations=[
-                QuestionGroup(batches),
+                _random_map(QuestionGroup(batches)),
                 grain.Batch(b, drop_remainder=True, batch_fn=TokenizeRows(batches)),
             ],
             shard_options=shard,

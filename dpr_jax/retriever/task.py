@@ -59,6 +59,7 @@ import numpy as np
 
 from dpr_jax.cache import memo
 from dpr_jax.data.formats import read_biencoder
+from dpr_jax.data.loader import GrainBatches
 from dpr_jax.data.records import is_record_dir, open_biencoder_records
 from dpr_jax.data.tokenize import DPRTokenizer
 from dpr_jax.errors import UserError
@@ -452,8 +453,6 @@ class RetrieverTask:
             self.train_examples, self.tokenizer, spec, rows, True, config.train_path
         )
         if self.data_loader:  # the same batches, read through grain (the records extra)
-            from dpr_jax.data.loader import GrainBatches
-
             self.train = self.loader = GrainBatches(self.train)
         self.evaluator = _dev_evaluator(config, spec, self.tokenizer, self.model, mesh, loss_cfg)
         self.has_evaluator = self.evaluator is not None
