@@ -225,7 +225,7 @@ def _params(work: Path) -> dict:
     import jax
     from flax.traverse_util import flatten_dict
 
-    from dpr_jax.checkpoint import load_model
+    from dpr_jax.model_dir import load_model
 
     return flatten_dict(jax.device_get(load_model(work / "model", "biencoder")[2]))
 

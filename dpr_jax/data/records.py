@@ -12,9 +12,10 @@ streaming (one record in memory at a time), and writes a directory::
 
 ArrayRecord (the format of ``tfds.data_source`` / grain) is written with ``group_size:1``, one
 record per chunk, so reading record i reads and decompresses only record i; it is read through
-grain's ``ArrayRecordDataSource`` (the trainer's grain pipeline: :mod:`dpr_jax.data.loader`). Records without
-``positive_ctxs`` are skipped as :func:`dpr_jax.data.formats.read_biencoder` skips them, so
-record i is the i-th example ``read_biencoder`` returns and batches built from either are equal.
+grain's ``ArrayRecordDataSource`` (the trainer's grain pipeline: :mod:`dpr_jax.data.loader`).
+Records without ``positive_ctxs`` are skipped as :func:`dpr_jax.data.formats.read_biencoder`
+skips them, so record i is the i-th example ``read_biencoder`` returns and batches built from
+either are equal.
 The separate positives file serves the batches' "fill" passages (a random corpus positive when a
 question has too few hard negatives) without reading another question's full record.
 
