@@ -9,7 +9,6 @@ disagreement fails to assemble the global batch)."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 from multihost_worker import build_squad_biencoder
 from test_multihost import _params
-from test_multihost_cli import _env, _free_port, _wait
+from test_multihost_cli import _env, _free_port, _wait, sigkill_at
 
 pytest.importorskip("array_record", reason="pip install 'dpr-jax[records]'")
 pytest.importorskip("grain", reason="pip install 'dpr-jax[records]'")
@@ -30,7 +29,6 @@ FIXTURE_ARTICLE = "fixtures/squad-train-v1.1.University_of_Notre_Dame.official.j
 B = 8  # global batch: 4 rows per process
 STEPS = 8
 CHECKPOINT_EVERY = 2
-TIMEOUT = 900  # as test_multihost_cli._wait
 
 
 def _launch(workdir: Path, records: Path, logs: Path, reads: Path | None = None) -> list:
@@ -79,20 +77,7 @@ def test_two_processes_read_their_records_and_resume_bit_identically(
     full, killed = tmp_path / "full", tmp_path / "killed"
     procs = _launch(full, records, tmp_path, tmp_path / "reads_full")
     victims = _launch(killed, records, tmp_path)
-    target = killed / "checkpoints" / str(2 * CHECKPOINT_EVERY)  # a finished checkpoint
-    deadline = time.monotonic() + TIMEOUT
-    while not target.exists():
-        if time.monotonic() > deadline or any(p.poll() is not None for p, _ in victims):
-            for p, _ in procs + victims:
-                p.kill()
-            pytest.fail("the job ended or stalled before its second checkpoint")
-        time.sleep(0.02)
-    for p, _ in victims:
-        p.send_signal(signal.SIGKILL)
-    for p, log in victims:
-        p.wait()
-        log.close()
-        assert p.returncode == -signal.SIGKILL
+    sigkill_at(killed / "checkpoints" / str(2 * CHECKPOINT_EVERY), victims, others=procs)
     assert not (killed / "result.json").exists(), "the job finished before it was killed"
     _wait(procs)
     saved = sorted(int(d.name) for d in (killed / "checkpoints").iterdir() if d.name.isdigit())
