@@ -231,11 +231,15 @@ def _params(work: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_stopped_and_resumed_training_on_records_is_bit_identical(data, tmp_path, minilm_dir):
+def test_stopped_and_resumed_training_on_records_is_bit_identical(
+    data, tmp_path, minilm_dir, monkeypatch
+):
     """Training on the record directory, stopped at step 3 and resumed from the grain state in
     checkpoint 3, ends with the uninterrupted run's losses and parameters bit for bit; the
     resume reads that state (a state at another position is refused as damage), and a
-    checkpoint without it (saved after Ctrl-C) resumes from its data position alone."""
+    checkpoint without it resumes from its data position alone. Ctrl-C while the loader is a
+    batch ahead of the finished steps saves the loader state of the last finished step (5)."""
+    from dpr_jax.errors import Interrupted
     from dpr_jax.io import write_manifest
     from dpr_jax.retriever.task import load_config, train_and_evaluate
     from dpr_jax.training.checkpoints import CheckpointError
@@ -282,3 +286,26 @@ def test_stopped_and_resumed_training_on_records_is_bit_identical(data, tmp_path
     p_nl = _params(no_loader)
     for k in p_full:
         np.testing.assert_array_equal(p_nl[k], p_full[k], err_msg="/".join(k))
+
+    # Ctrl-C while fetching the 6th batch: the live iterator has read it, 5 steps are done
+    real_iterate = GrainBatches.iterate
+
+    def iterate(self, start=None):
+        for k, item in enumerate(real_iterate(self, start)):
+            if k == 5:
+                raise KeyboardInterrupt
+            yield item
+
+    interrupted = tmp_path / "interrupted"
+    monkeypatch.setattr(GrainBatches, "iterate", iterate)
+    with pytest.raises(Interrupted):
+        train_and_evaluate(config, interrupted)
+    monkeypatch.setattr(GrainBatches, "iterate", real_iterate)
+    saved = json.loads((interrupted / "checkpoints" / "5" / "loader" / "process_0-of-1.json")
+                       .read_text())  # fmt: skip
+    assert saved["last_seen_indices"] == {"0": 5 * B - 1}  # step 5's, not the live 6 * B - 1
+    train_and_evaluate(config, interrupted)
+    assert _losses(interrupted) == want
+    p_int = _params(interrupted)
+    for k in p_full:
+        np.testing.assert_array_equal(p_int[k], p_full[k], err_msg="/".join(k))
