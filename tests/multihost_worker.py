@@ -1,11 +1,15 @@
 """One process of the multi-host test (tests/test_multihost.py): a short tiny-config training run.
 
     python tests/multihost_worker.py --workdir DIR --train PATH --dev PATH --steps N
-        [--coordinator HOST:PORT --num-processes N --process-id I]
+        [--coordinator HOST:PORT --num-processes N --process-id I] [--set KEY=VALUE ...]
+        [--reads DIR]
 
 The number of local CPU devices comes from XLA_FLAGS (set by the test). Process 0 writes
 DIR/result.json (the returned metrics); the per-step losses are in DIR/metrics.jsonl and the
-final parameters in the exported model directory DIR/model.
+final parameters in the exported model directory DIR/model. ``--set`` overrides the config
+after the worker's own settings. With ``--reads``, each process writes
+``DIR/reads.<process>.json``: the keys of the records it read from a record directory's
+questions and positives files (tests/test_grain_multihost.py).
 """
 
 from __future__ import annotations
@@ -64,12 +68,14 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", required=True)
     p.add_argument("--train", required=True)
-    p.add_argument("--dev", required=True)
+    p.add_argument("--dev", default="")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--coordinator")
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--process-id", type=int, default=0)
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--reads")
     args = p.parse_args()
 
     import jax
@@ -81,6 +87,18 @@ def main() -> int:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
 
     from dpr_jax.retriever.task import load_config, train_and_evaluate
+
+    reads: dict[str, list[int]] = {}
+    if args.reads:  # count the records this process reads (from grain's reader threads too)
+        from dpr_jax.data import records
+
+        plain = records._Source.read
+
+        def counted(self, i):
+            reads.setdefault(self.path.name, []).append(int(i))
+            return plain(self, i)
+
+        records._Source.read = counted
 
     config = load_config(
         REPO / "configs" / "tiny.py",
@@ -97,9 +115,13 @@ def main() -> int:
             # test_train_step.py, and the dropout path doubles the compile time of the step
             "dropout=0",
             "max_dev_examples=24",
+            *args.set,
         ],
     )
     metrics = train_and_evaluate(config, args.workdir)
+    if args.reads:
+        out = Path(args.reads, f"reads.{jax.process_index()}.json")
+        out.write_text(json.dumps({"process": jax.process_index(), **reads}))
     if jax.process_index() == 0:
         info = {"metrics": metrics, "devices": jax.device_count(), "processes": jax.process_count()}
         Path(args.workdir, "result.json").write_text(json.dumps(info))

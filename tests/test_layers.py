@@ -103,7 +103,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 # Third-party modules that only optional_import may import (module -> the extra that brings it).
 OPTIONAL = {
     "torch": "torch", "faiss": "faiss", "scann": "scann", "tensorflow_datasets": "tfds",
-    "bm25s": "bm25", "array_record": "records", "matplotlib": "plot",
+    "bm25s": "bm25", "array_record": "records", "grain": "records", "matplotlib": "plot",
 }  # fmt: skip
 
 

@@ -42,12 +42,13 @@ def _env(devices: int) -> dict[str, str]:
     return env
 
 
-def _params(workdir: Path) -> dict[str, np.ndarray]:
+def _params(workdir: Path, steps: int = STEPS) -> dict[str, np.ndarray]:
+    """The parameters of checkpoint ``steps`` (on this process's first device)."""
     import jax
     import orbax.checkpoint as ocp
     from flax.traverse_util import flatten_dict
 
-    path = (workdir / "checkpoints" / str(STEPS) / "state").absolute()
+    path = (workdir / "checkpoints" / str(steps) / "state").absolute()
     ckptr = ocp.StandardCheckpointer()
     # saved on 4 devices: restore onto this process's first device
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -56,7 +57,7 @@ def _params(workdir: Path) -> dict[str, np.ndarray]:
         ckptr.metadata(path).item_metadata,
     )
     state = ckptr.restore(path, target)
-    assert int(state["step"]) == STEPS
+    assert int(state["step"]) == steps
     return {"/".join(k): np.asarray(v) for k, v in flatten_dict(state["params"]).items()}
 
 

@@ -91,6 +91,24 @@ def _wait(procs: list) -> None:
         assert p.returncode == 0, Path(log.name).read_text()[-3000:]
 
 
+def sigkill_at(target: Path, procs: list, others: list = ()) -> None:
+    """SIGKILL the processes of one job (``_launch``'s) at once as soon as ``target`` exists
+    (bounded wait; ``others``, jobs running beside it, are killed too if it never comes)."""
+    deadline = time.monotonic() + TIMEOUT
+    while not target.exists():
+        if time.monotonic() > deadline or any(p.poll() is not None for p, _ in procs):
+            for p, _ in [*procs, *others]:
+                p.kill()
+            pytest.fail(f"the job ended or stalled before {target} was written")
+        time.sleep(0.02)
+    for p, _ in procs:
+        p.send_signal(signal.SIGKILL)
+    for p, log in procs:
+        p.wait()
+        log.close()
+        assert p.returncode == -signal.SIGKILL
+
+
 def _model_params(workdir: Path) -> dict[str, np.ndarray]:
     from flax.traverse_util import flatten_dict
 
@@ -148,20 +166,7 @@ def test_sigkill_both_processes_then_rerun_equals_uninterrupted(runs):
     killed = tmp / "killed"
     procs = _launch(killed, train, 2, 2, tmp)
     # Wait (bounded) for a checkpoint past the first, then SIGKILL both processes at once.
-    target = killed / "checkpoints" / str(2 * CHECKPOINT_EVERY)
-    deadline = time.monotonic() + TIMEOUT
-    while not target.exists():
-        if time.monotonic() > deadline or any(p.poll() is not None for p, _ in procs):
-            for p, _ in procs:
-                p.kill()
-            pytest.fail("the job ended or stalled before its second checkpoint")
-        time.sleep(0.02)
-    for p, _ in procs:
-        p.send_signal(signal.SIGKILL)
-    for p, log in procs:
-        p.wait()
-        log.close()
-        assert p.returncode == -signal.SIGKILL
+    sigkill_at(killed / "checkpoints" / str(2 * CHECKPOINT_EVERY), procs)
     assert not (killed / "model").exists(), "the job finished before it was killed"
     steps = sorted(int(d.name) for d in (killed / "checkpoints").iterdir() if d.name.isdigit())
     assert steps and steps[-1] < STEPS

@@ -11,9 +11,11 @@ streaming (one record in memory at a time), and writes a directory::
     DIR/meta.json                {"format", "version", "records", "source", counts ...}
 
 ArrayRecord (the format of ``tfds.data_source`` / grain) is written with ``group_size:1``, one
-record per chunk, so reading record i reads and decompresses only record i. Records without
-``positive_ctxs`` are skipped as :func:`dpr_jax.data.formats.read_biencoder` skips them, so
-record i is the i-th example ``read_biencoder`` returns and batches built from either are equal.
+record per chunk, so reading record i reads and decompresses only record i; it is read through
+grain's ``ArrayRecordDataSource`` (the trainer's grain pipeline: :mod:`dpr_jax.data.loader`).
+Records without ``positive_ctxs`` are skipped as :func:`dpr_jax.data.formats.read_biencoder`
+skips them, so record i is the i-th example ``read_biencoder`` returns and batches built from
+either are equal.
 The separate positives file serves the batches' "fill" passages (a random corpus positive when a
 question has too few hard negatives) without reading another question's full record.
 
@@ -27,6 +29,7 @@ its rows.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -55,9 +58,12 @@ MAX_RECORD_CHARS = 1 << 28  # a record larger than this is taken for a broken fi
 
 
 def _array_record():
-    what = "ArrayRecord data"
-    return (optional_import("array_record.python.array_record_module", "records", what),
-            optional_import("array_record.python.array_record_data_source", "records", what))  # fmt: skip
+    """array_record's writer module (records are read through grain's data source)."""
+    return optional_import("array_record.python.array_record_module", "records", "ArrayRecord data")
+
+
+def _grain():
+    return optional_import("grain.python", "records", "ArrayRecord data")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +183,7 @@ def convert_biencoder(src: str | Path, out_dir: str | Path, overwrite: bool = Fa
     a temporary sibling, then renamed). Returns the meta dict."""
     src, out_dir = Path(src), Path(out_dir).absolute()
     check_output(out_dir, RECORD_DIR, [src])
-    ar, _ = _array_record()
+    ar = _array_record()
     if not src.is_file():
         raise FileNotFoundError(f"{src}: no such file (--biencoder)")
     if out_dir.exists() and not overwrite:
@@ -227,19 +233,21 @@ def is_record_dir(path: str | Path) -> bool:
 
 
 class _Source:
-    """One ArrayRecord file, random access, counting the records it reads."""
+    """One ArrayRecord file through grain's ``ArrayRecordDataSource`` (random access, safe to
+    read from grain's reader threads), counting the records it reads."""
 
     def __init__(self, path: Path):
-        _, ds = _array_record()
         self.path = path
-        self.source = ds.ArrayRecordDataSource([str(path)])
+        self.source = _grain().ArrayRecordDataSource([str(path)])
         self.reads = 0
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.source)
 
     def read(self, i: int) -> bytes:
-        self.reads += 1
+        with self._lock:
+            self.reads += 1
         return self.source[i]
 
 
@@ -284,6 +292,9 @@ class BiencoderRecords(Sequence):
     def __len__(self) -> int:
         return len(self._index)
 
+    def __repr__(self) -> str:  # grain checks a restored iterator's source by its repr
+        return f"BiencoderRecords({self.directory.name!r}, {len(self)} records)"
+
     def take(self, indices) -> BiencoderRecords:
         """The view of examples ``indices`` (positions in this sequence), in that order."""
         return BiencoderRecords(
@@ -294,8 +305,9 @@ class BiencoderRecords(Sequence):
         if isinstance(k, slice):
             return BiencoderRecords(self.directory, self._records, self._pos_source, self._index[k])
         i = int(self._index[k])
-        if self._last is not None and self._last[0] == i:  # a batch row reads its record twice
-            return self._last[1]  # (question, then group): keep the last one only
+        last = self._last  # one read of the attribute: grain's reader threads call this too
+        if last is not None and last[0] == i:  # a batch row reads its record twice
+            return last[1]  # (question, then group): keep the last one only
         where = f"{self.directory / RECORDS}, record {i}"
         try:
             rec = json.loads(self._records.read(i))

@@ -21,7 +21,10 @@ Multi-process: each process builds only its rows ``[start, stop)`` of the global
 ``start*G .. stop*G-1``, whole question groups. Over a random-access record source
 (:mod:`dpr_jax.data.records`) it also *reads* only those questions' records (plus one positive per
 filled passage); with ``bucket`` it reads the whole global batch, whose longest sequence fixes the
-padded length.
+padded length. The trainer reads record directories through grain instead
+(:mod:`dpr_jax.data.loader`: the same batches, :func:`build_group` and :func:`tokenize_rows` as
+grain transforms, the bucketed length agreed between processes); this class defines the batches,
+builds them from JSON and builds the evaluation batches.
 
 The last incomplete batch of an epoch is dropped (``len(examples) // batch_size`` batches per
 epoch): a partial batch would have fewer in-batch negatives and a new shape. The dropped examples
@@ -99,6 +102,44 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) for k in key])
 
 
+def build_group(
+    ex: Any, pos: Passage, positives: Sequence[Passage], n_hard: int, shuffle: bool,
+    rng: np.random.Generator,
+) -> list[Passage]:  # fmt: skip
+    """[positive, n_hard hard negatives] of example ``ex`` whose positive is ``pos``: its hard
+    negatives (``negative_ctxs`` when it has none), shuffled with ``rng`` when ``shuffle``,
+    filled up with random ``positives`` of the corpus other than ``pos``."""
+    hard = [ctx_passage(c) for c in (ex.hard_negative_ctxs or [])]
+    if not hard:  # DPR's hard_neg_fallback
+        hard = [ctx_passage(c) for c in (ex.negative_ctxs or [])]
+    hard = [p for p in hard if p != pos]
+    if shuffle and len(hard) > 1:
+        hard = [hard[k] for k in rng.permutation(len(hard))]
+    group = [pos] + hard[:n_hard]
+    n = len(positives)
+    tries = 0
+    while len(group) < 1 + n_hard:  # fill with random corpus passages
+        cand = positives[int(rng.integers(n))]
+        tries += 1
+        if cand != pos or tries > 100:
+            group.append(cand)
+    return group
+
+
+def tokenize_rows(
+    tokenizer, spec: BatchSpec, questions: list[str], groups: list[list[Passage]], valid: list
+) -> dict[str, np.ndarray]:
+    """The batch of these rows: {"q_ids", "q_mask": (b, Tq) int32, "p_ids", "p_mask": (b*G, Tp)
+    int32, "valid": (b,) float32}, padded to the max lengths or, with ``spec.bucket``, to a
+    multiple of it above the longest of these rows."""
+    q_ids, q_mask = tokenizer.questions(questions, spec.q_max_len, spec.bucket)
+    titles = [p.title for grp in groups for p in grp]
+    texts = [p.text for grp in groups for p in grp]
+    p_ids, p_mask = tokenizer.passages(titles, texts, spec.p_max_len, spec.bucket)
+    return {"q_ids": q_ids, "q_mask": q_mask, "p_ids": p_ids, "p_mask": p_mask,
+            "valid": np.asarray(valid, np.float32)}  # fmt: skip
+
+
 class BiencoderBatches:
     """Deterministic, resumable batches from a list of ``BiencoderExample`` s, or from a lazy
     record source (:func:`dpr_jax.data.records.open_biencoder_records`), read row by row.
@@ -152,24 +193,9 @@ class BiencoderBatches:
     # -- one question ------------------------------------------------------------------------
 
     def _group(self, idx: int, rng: np.random.Generator) -> list[Passage]:
-        ex = self.examples[idx]
-        pos = self.positives[idx]
-        n_hard = self.spec.n_hard
-        hard = [ctx_passage(c) for c in (ex.hard_negative_ctxs or [])]
-        if not hard:  # DPR's hard_neg_fallback
-            hard = [ctx_passage(c) for c in (ex.negative_ctxs or [])]
-        hard = [p for p in hard if p != pos]
-        if self.train and self.spec.shuffle_hard and len(hard) > 1:
-            hard = [hard[k] for k in rng.permutation(len(hard))]
-        group = [pos] + hard[:n_hard]
-        n = len(self.positives)
-        tries = 0
-        while len(group) < 1 + n_hard:  # fill with random corpus passages
-            cand = self.positives[int(rng.integers(n))]
-            tries += 1
-            if cand != pos or tries > 100:
-                group.append(cand)
-        return group
+        spec = self.spec
+        return build_group(self.examples[idx], self.positives[idx], self.positives,
+                              spec.n_hard, self.train and spec.shuffle_hard, rng)  # fmt: skip
 
     # -- batches -----------------------------------------------------------------------------
 
@@ -221,24 +247,12 @@ class BiencoderBatches:
             questions.append(question)
             groups.append(group)
             valid.append(0.0 if i is None else 1.0)
-        titles = [p.title for grp in groups for p in grp]
-        texts = [p.text for grp in groups for p in grp]
+        out = tokenize_rows(self.tokenizer, spec, questions, groups, valid)
         if spec.bucket:  # one padded length for the whole global batch, then keep our rows
-            q_ids, q_mask = self.tokenizer.questions(questions, spec.q_max_len, spec.bucket)
-            p_ids, p_mask = self.tokenizer.passages(titles, texts, spec.p_max_len, spec.bucket)
-            q_ids, q_mask = q_ids[start:stop], q_mask[start:stop]
-            p_ids, p_mask = p_ids[start * g : stop * g], p_mask[start * g : stop * g]
-            valid = valid[start:stop]
-        else:
-            q_ids, q_mask = self.tokenizer.questions(questions, spec.q_max_len, None)
-            p_ids, p_mask = self.tokenizer.passages(titles, texts, spec.p_max_len, None)
-        return {
-            "q_ids": q_ids,
-            "q_mask": q_mask,
-            "p_ids": p_ids,
-            "p_mask": p_mask,
-            "valid": np.asarray(valid, np.float32),
-        }
+            rows = {"q_ids": (start, stop), "q_mask": (start, stop), "valid": (start, stop),
+                    "p_ids": (start * g, stop * g), "p_mask": (start * g, stop * g)}  # fmt: skip
+            out = {k: v[rows[k][0] : rows[k][1]] for k, v in out.items()}
+        return out
 
     def next_position(self, pos: DataPosition) -> DataPosition:
         if pos.batch + 1 < self.batches_per_epoch:
@@ -261,4 +275,12 @@ class BiencoderBatches:
             yield self.batch(0, k)
 
 
-__all__ = ["BatchSpec", "BiencoderBatches", "DataPosition", "Passage", "ctx_passage"]
+__all__ = [
+    "BatchSpec",
+    "BiencoderBatches",
+    "DataPosition",
+    "Passage",
+    "ctx_passage",
+    "build_group",
+    "tokenize_rows",
+]

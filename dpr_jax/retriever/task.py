@@ -59,7 +59,8 @@ import numpy as np
 
 from dpr_jax.cache import memo
 from dpr_jax.data.formats import read_biencoder
-from dpr_jax.data.records import open_biencoder_records
+from dpr_jax.data.loader import GrainBatches
+from dpr_jax.data.records import is_record_dir, open_biencoder_records
 from dpr_jax.data.tokenize import DPRTokenizer
 from dpr_jax.errors import UserError
 from dpr_jax.finite import rank_of_positive
@@ -428,6 +429,9 @@ class RetrieverTask:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.enc_cfg = encoder_config(config)
+        # ArrayRecord training data is read through grain (its iterator state is checkpointed)
+        self.data_loader = bool(config.train_path) and is_record_dir(_expand(config.train_path))
+        self.loader = None
 
     def expect(self) -> dict[str, Any]:
         return {"model": self.enc_cfg.to_dict(), "config": self.config.to_dict()}
@@ -446,6 +450,8 @@ class RetrieverTask:
         self.train = BiencoderBatches(
             self.train_examples, self.tokenizer, spec, rows, True, config.train_path
         )
+        if self.data_loader:  # the same batches, read through grain (the records extra)
+            self.train = self.loader = GrainBatches(self.train)
         self.evaluator = _dev_evaluator(config, spec, self.tokenizer, self.model, mesh, loss_cfg)
         self.has_evaluator = self.evaluator is not None
         self.steps_per_epoch = self.train.batches_per_epoch

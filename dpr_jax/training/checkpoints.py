@@ -1,6 +1,7 @@
 """Training checkpoints: an orbax ``CheckpointManager`` in ``WORKDIR/checkpoints`` holding
-``{"state": {step, params, opt_state}, "data": {position, model, config}}``, with restores that
-are validated against the running configuration before anything is trained."""
+``{"state": {step, params, opt_state}, "data": {position, model, config}}`` and, for data read
+through grain, ``"loader"``: each process's grain iterator state (grain's orbax handler), with
+restores that are validated against the running configuration before anything is trained."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from dpr_jax.errors import UserError
+from dpr_jax.errors import UserError, optional_import
 from dpr_jax.finite import check_finite_state, check_step_metrics, divergence_hint, nonfinite_leaves
 from dpr_jax.io import MANIFEST, IntegrityError, verify_manifest, write_manifest
 
@@ -63,9 +64,11 @@ class Checkpoints:
     def __init__(
         self, directory: Path, keep: int = 3, async_save: bool = True,
         resume_fields: tuple[str, ...] = (), learning_rate: float = float("nan"),
+        data_loader: bool = False,
     ):  # fmt: skip
         """``resume_fields``: config fields that fix the data order or the meaning of a data
-        position; a checkpoint written with other values cannot be resumed exactly."""
+        position; a checkpoint written with other values cannot be resumed exactly.
+        ``data_loader``: checkpoints also hold a grain iterator's state (item "loader")."""
         self.resume_fields = resume_fields
         self.directory = Path(directory).absolute()
         self.keep = keep
@@ -76,20 +79,21 @@ class Checkpoints:
             enable_async_checkpointing=async_save,
             create=True,
         )
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+        self._grain = None
+        if data_loader:
+            self._grain = optional_import("grain.checkpoint", "records", "grain data loaders")
+            handlers["loader"] = self._grain.CheckpointHandler()
         self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=options,
-            item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "data": ocp.JsonCheckpointHandler(),
-            },
+            self.directory, options=options, item_handlers=handlers
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data: dict[str, Any]) -> None:
-        """Save ``state`` as checkpoint ``step``; a state with a NaN or infinite value is refused
+    def save(self, step: int, state, data: dict[str, Any], loader=None) -> None:
+        """Save ``state`` as checkpoint ``step`` (with the state of the grain iterator
+        ``loader``, if given); a state with a NaN or infinite value is refused
         (:class:`~dpr_jax.finite.DivergenceError`), so rotation never replaces the last finite
         checkpoint by a damaged one."""
         check_finite_state(
@@ -98,13 +102,10 @@ class Checkpoints:
         self.manager.wait_until_finished()  # the previous save: seal it before the next
         self._seal()
         self._rotate(incoming=step)
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state_dict(state)), data=ocp.args.JsonSave(data)
-            ),
-            force=True,
-        )
+        items = {"state": ocp.args.StandardSave(state_dict(state)), "data": ocp.args.JsonSave(data)}
+        if loader is not None:  # grain's handler writes this process's iterator state now
+            items["loader"] = self._grain.CheckpointSave(loader)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -211,6 +212,25 @@ class Checkpoints:
                     "another --workdir, or the same value."
                 )
         return data
+
+    def restore_loader(self, step: int, iterator) -> bool:
+        """Set the grain ``iterator`` to this process's saved state in checkpoint ``step``;
+        False when the checkpoint holds none for it (saved after Ctrl-C, or by another number
+        of processes): the data position alone then places the iterator."""
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if not (self.directory / str(step) / "loader" / name).is_file():
+            return False
+        try:
+            self.manager.restore(
+                step, args=ocp.args.Composite(loader=self._grain.CheckpointRestore(iterator))
+            )
+        except Exception as e:  # grain refuses another sampler or source (ValueError)
+            raise CheckpointError(
+                f"{self.directory / str(step) / 'loader' / name}: cannot restore the data "
+                f"loader ({type(e).__name__}: {short_error(e)}); written by another "
+                "configuration, or damaged"
+            ) from e
+        return True
 
     def restore(self, step: int, abstract_state) -> dict[str, Any]:
         """The state dict of checkpoint ``step``, checked against ``abstract_state``'s shapes and

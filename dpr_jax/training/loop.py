@@ -10,6 +10,8 @@ evaluator and the export. The loop owns what both share::
     WORKDIR/tensorboard/       the same train and dev figures as TensorBoard scalars
     WORKDIR/curves.png         their curves, drawn at the end (with the ``plot`` extra)
     WORKDIR/checkpoints/<step> orbax {"state": {step, params, opt_state}, "data": {position, ...}}
+                               (+ "loader": each process's grain iterator state, for a task
+                               whose ``loader`` reads through grain)
     WORKDIR/model/             the exported model directory
 
 It resumes from the latest checkpoint (refusing one written by another configuration before any
@@ -93,6 +95,12 @@ class Task(Protocol):
     def postfix(self, metrics: dict[str, float]) -> dict[str, str]: ...
     def export(self, workdir: Path, params: Any, step: int, dev: dict | None) -> Path: ...
 
+    # optional: a task whose training data is read through grain (dpr_jax.data.loader) says so
+    # before prepare() (``data_loader = True``: checkpoints get a "loader" item) and, after it,
+    # gives the GrainBatches its iterate() reads (``loader``)
+    data_loader: bool
+    loader: Any
+
 
 class MetricsLog:
     """``metrics.jsonl``: one timestamped JSON record per line, and the numbers of each train
@@ -134,6 +142,35 @@ def _checkpoint_state(state):
     return gather_to_host(state) if jax.process_count() == 1 else state
 
 
+def _loader_item(task: Task, position):
+    """The grain iterator whose state a checkpoint at ``position`` saves (None: no loader)."""
+    loader = getattr(task, "loader", None)
+    return None if loader is None else loader.checkpoint_item(position)
+
+
+def _restore_loader(task: Task, ckpts: Checkpoints, step: int, position) -> None:
+    """Continue from the grain iterator state saved in checkpoint ``step`` (where it holds one
+    for this process), after checking that it is at the checkpoint's data position."""
+    loader = getattr(task, "loader", None)
+    if loader is None:
+        return
+    iterator = loader.iterator_at(None)
+    if not ckpts.restore_loader(step, iterator):
+        return  # iterate() places a fresh iterator at the position
+    try:
+        at = loader.position_of(iterator)
+    except ValueError as e:  # a state of another shard, or between two batches
+        raise CheckpointError(f"{ckpts.directory / str(step)}: {e}: the checkpoint is damaged; "
+                              "delete it to resume from an earlier one") from None  # fmt: skip
+    if at != position:
+        raise CheckpointError(
+            f"{ckpts.directory / str(step)}: its data loader is at {at.to_dict()}, its data "
+            f"position is {position.to_dict()}: the checkpoint is damaged; delete it to resume "
+            "from an earlier one"
+        )
+    loader.resume(iterator)
+
+
 def _save_on_interrupt(task, ckpts, state, saved_step, start_step, start_position, expect) -> str:
     """Checkpoint the last finished step after Ctrl-C; returns what was kept, for the one line
     the command prints. The step is read from the state itself (the interrupt may fall between
@@ -150,7 +187,8 @@ def _save_on_interrupt(task, ckpts, state, saved_step, start_step, start_positio
         pos = start_position
         for _ in range(done - start_step):
             pos = task.next_position(pos)
-        ckpts.save(done, _checkpoint_state(state), {"position": pos.to_dict(), **expect})
+        data = {"position": pos.to_dict(), **expect}
+        ckpts.save(done, _checkpoint_state(state), data, _loader_item(task, pos))
         ckpts.wait()
         return f"saved step {done} in {ckpts.directory}"
     except Exception as e:  # e.g. the state's buffers were donated to a step that never ran
@@ -250,7 +288,8 @@ def _train_and_evaluate(task: Task, workdir: Path, mesh, primary: bool) -> dict[
 
     # A checkpoint of another configuration is refused before anything expensive happens.
     ckpts = Checkpoints(workdir / "checkpoints", config.keep_checkpoints,
-                        config.async_checkpoint, task.resume_fields, config.learning_rate)  # fmt: skip
+                        config.async_checkpoint, task.resume_fields, config.learning_rate,
+                        getattr(task, "data_loader", False))  # fmt: skip
     expect = task.expect()
     latest = ckpts.latest_step()
     saved = ckpts.check(latest, expect) if latest is not None else None
@@ -258,6 +297,8 @@ def _train_and_evaluate(task: Task, workdir: Path, mesh, primary: bool) -> dict[
     if primary:
         _write_resolved_config(task, workdir / "config.json", mesh.devices.size)
     state, position = _resume_or_init(task, ckpts, latest, saved)
+    if latest is not None:
+        _restore_loader(task, ckpts, latest, position)
     start_step = int(state.step)
     log = MetricsLog(workdir / "metrics.jsonl", primary, workdir / "tensorboard")
     log.write({"split": "start", "step": start_step, "position": position.to_dict(),
@@ -318,9 +359,8 @@ def _train_and_evaluate(task: Task, workdir: Path, mesh, primary: bool) -> dict[
                 config.checkpoint_every and step % config.checkpoint_every == 0
             ) or step == end_step:
                 check_pending()
-                ckpts.save(
-                    step, _checkpoint_state(state), {"position": position.to_dict(), **expect}
-                )
+                data = {"position": position.to_dict(), **expect}
+                ckpts.save(step, _checkpoint_state(state), data, _loader_item(task, position))
                 saved_step = step
     except KeyboardInterrupt:  # keep the finished steps: checkpoint, then stop as asked
         bar.close()
