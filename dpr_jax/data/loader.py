@@ -44,7 +44,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from dpr_jax.errors import optional_import
+from dpr_jax.errors import UserError, optional_import
 from dpr_jax.retriever.batching import (
     BiencoderBatches,
     DataPosition,
@@ -70,7 +70,7 @@ class BatchOrderSampler:
     def __init__(self, batches: BiencoderBatches, shard_count: int):
         b_global = batches.spec.batch_size
         if b_global % shard_count:
-            raise ValueError(
+            raise UserError(
                 f"batch_size {b_global} is not divisible by the {shard_count} processes"
             )
         self.batches = batches
@@ -224,10 +224,10 @@ class GrainBatches:
         last = int(state["last_seen_indices"]["0"])  # the global sample index last read
         n, p = self.shard_count, self.shard_index
         if (last - p) % n:
-            raise ValueError(f"loader state {last} is not a sample of shard {p} of {n}")
+            raise UserError(f"loader state {last} is not a sample of shard {p} of {n}")
         k, r = divmod((last - p) // n + 1, self.sampler.rows)
         if r:
-            raise ValueError(f"loader state {last} is not at a batch boundary")
+            raise UserError(f"loader state {last} is not at a batch boundary")
         return DataPosition(*divmod(k, self.batches_per_epoch))
 
     def iterator_at(self, position: DataPosition | None = None):
@@ -278,7 +278,7 @@ class GrainBatches:
         it, self._resumed = self._resumed or self.iterator_at(start), None
         at = self.position_of(it)
         if at != start:
-            raise ValueError(f"the data loader is at {at}, the run at {start}")
+            raise UserError(f"the data loader is at {at}, the run at {start}")
         self._live = it
         pos = start
         while True:
