@@ -29,7 +29,11 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="batch mode: reader-predictions JSON to write")
     ap.add_argument("--retriever", required=True, help="bi-encoder model dir")
     ap.add_argument("--index", required=True, help="index dir (dpr-jax index)")
-    ap.add_argument("--passages", required=True, help="passages TSV of the index")
+    ap.add_argument(
+        "--passages",
+        required=True,
+        help="the passages of the index: a passages TSV, SQuAD JSON or DPR JSON (dpr_jax.data.corpus)",
+    )
     ap.add_argument("--reader", required=True, help="reader model dir")
     ap.add_argument("--k", type=POSITIVE, default=50, help="passages given to the reader")
     ap.add_argument("--max-answer-length", type=POSITIVE, default=10)

@@ -24,7 +24,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", "--model", dest="model", required=True,
                     help="bi-encoder model directory (or training workdir)")  # fmt: skip
     what = ap.add_mutually_exclusive_group(required=True)
-    what.add_argument("--passages", help="passages TSV (id, text, title)")
+    what.add_argument("--passages", help="passages TSV (id, text, title), SQuAD JSON or DPR JSON")
     what.add_argument("--questions", help="questions (qas TSV/CSV, NQ-open JSONL, SQuAD JSON, "
                       "tfds:<name>/<split>): "
                       "encoded with the question tower into one float32 .npy, --out Q.npy")  # fmt: skip

@@ -20,7 +20,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output biencoder file (.json or .jsonl)")
     ap.add_argument("--model", help="bi-encoder model directory (or training workdir)")
     ap.add_argument("--index", help="index directory (`dpr-jax index`) of the passages")
-    ap.add_argument("--passages", help="passages TSV the index was built from")
+    ap.add_argument(
+        "--passages", help="the passages the index was built from (TSV, SQuAD JSON or DPR JSON)"
+    )
     ap.add_argument("--n", type=POSITIVE, default=30, help="hard negatives per question")
     ap.add_argument("--skip", type=NON_NEGATIVE, default=0,
                     help="leave out the first S candidates (after exclusion)")  # fmt: skip

@@ -48,7 +48,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--questions", required=True,
                     help="qas TSV/CSV, NQ-open JSONL, SQuAD JSON or tfds:<name>/<split> "
                     "(e.g. tfds:natural_questions_open/validation)")  # fmt: skip
-    ap.add_argument("--passages", required=True, help="passages TSV (id, text, title)")
+    ap.add_argument(
+        "--passages", required=True, help="passages TSV (id, text, title), SQuAD JSON or DPR JSON"
+    )
     ap.add_argument("--out", required=True, help="retrieval-results JSON to write")
     ap.add_argument("--mode", default="dense", choices=["dense", "bm25", "hybrid"])
     ap.add_argument("--model", help="bi-encoder model dir (dense, hybrid)")
