@@ -53,7 +53,7 @@ def torch_reader(params: Any, bert_cfg: Any, dropout: float | None = None):
         cfg["hidden_dropout_prob"] = cfg["attention_probs_dropout_prob"] = dropout
     model = transformers.DPRReader(transformers.DPRConfig(**cfg))
     sd = flax_to_hf_state_dict(jax_to_numpy(params), "DPRReader", bert_cfg)
-    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()},
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
                                                 strict=False)  # fmt: skip
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:

@@ -115,8 +115,10 @@ class FakeForward:
 def predictor(minilm_dir):
     from dpr_jax.models.bert import BertConfig
 
+    # bucket=0: pairs in their own order (the fake forward counts them); length-bucketed
+    # batches are compared with this path in tests/test_read_bucketed.py
     return ReaderPredictor({}, BertConfig(**TINY_BERT), minilm_dir,
-                           ReaderInputConfig(64, 16), batch_size=8)  # fmt: skip
+                           ReaderInputConfig(64, 16), batch_size=8, bucket=0)  # fmt: skip
 
 
 def test_prediction_stays_in_passage_text_and_follows_relevance(predictor):

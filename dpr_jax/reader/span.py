@@ -23,8 +23,13 @@ disjoint text regions).
 
 DPR reports EM for several numbers of retrieved passages k: the prediction at k uses only the
 first k passages of the retrieval order (step 1 runs on them). :class:`ReaderPredictor` computes
-all requested k at once, batched and jitted with one fixed shape (``(batch, 1, max_length)``
-sequences, the batch split over all local devices), and :func:`evaluate_predictions` scores them
+all requested k at once, batched and jitted, the batch split over all local devices. Batches are
+length-bucketed: the (question, passage) sequences are sorted by length and each batch is padded
+only to its longest sequence rounded up to a multiple of ``bucket`` tokens (and its rows to a
+multiple of 8 and of the device count), so a short passage is not computed at ``max_length``
+and a question with 20 passages runs 20-odd rows, not a full batch; the few shapes this makes
+compile once each. The logits are those of the unbucketed computation (padding is masked out of
+every attention; a test compares both). :func:`evaluate_predictions` scores them
 with SQuAD's exact match and F1 (:mod:`dpr_jax.evaluate`). :func:`write_predictions` writes DPR's
 reader-predictions JSON.
 """
@@ -233,9 +238,10 @@ class ReaderPredictor:
 
     ``predict(questions, passages_per_question)`` -> one :class:`QuestionPrediction` per
     question. Passages may be :class:`~dpr_jax.data.formats.Passage` s, dicts ``{text, title?, id?}`` or strings.
-    All (question, passage) pairs are run through the model in fixed-shape batches of
-    ``batch_size`` sequences (rounded up to a multiple of the local device count), padded with
-    empty sequences at the end.
+    All (question, passage) pairs are run through the model in batches of at most
+    ``batch_size`` sequences (rounded up to a multiple of the local device count), sorted by
+    length and padded to a multiple of ``bucket`` tokens (see the module docstring); ``bucket=0``
+    runs them in their own order at one fixed shape, ``(batch_size, max_length)``.
     """
 
     def __init__(
@@ -248,12 +254,16 @@ class ReaderPredictor:
         batch_size: int = 32,
         dtype: str = "float32",
         devices: Sequence[Any] | None = None,
+        bucket: int = 32,
     ):
         import jax
         import jax.numpy as jnp
 
         if max_answer_length < 1:
             raise UserError(f"max_answer_length must be >= 1, got {max_answer_length}")
+        if bucket < 0:
+            raise UserError(f"bucket must be >= 0, got {bucket}")
+        self.bucket = bucket
         self.tokenizer = (
             tokenizer if isinstance(tokenizer, ReaderTokenizer)
             else ReaderTokenizer(tokenizer, input_config)
@@ -287,6 +297,22 @@ class ReaderPredictor:
 
         self.params = jax.device_put(params, replicated(self.mesh))
 
+    def _batches(self, pairs: list) -> list[tuple[list, tuple[int, int]]]:
+        """``[(pairs of a batch, (rows, tokens) it is padded to)]``; see the class docstring."""
+        b, t_max = self.batch_size, self.input_config.max_length
+        if not self.bucket:
+            return [(pairs[lo : lo + b], (b, t_max)) for lo in range(0, len(pairs), b)]
+        # longest first: the first batch is the widest; ties keep the input order
+        order = sorted(pairs, key=lambda p: -len(p[2].ids))
+        row_step = math.lcm(8, self.mesh.devices.size)
+        out = []
+        for lo in range(0, len(order), b):
+            chunk = order[lo : lo + b]
+            rows = min(b, -(-len(chunk) // row_step) * row_step)
+            length = min(t_max, -(-len(chunk[0][2].ids) // self.bucket) * self.bucket)
+            out.append((chunk, (rows, length)))
+        return out
+
     def passage_logits(
         self, questions: Sequence[str], passages: Sequence[Sequence[Passage]],
         progress: bool = False,
@@ -302,12 +328,10 @@ class ReaderPredictor:
             for pi, pt in enumerate(pts)
         ]
         out: list[list[PassageLogits]] = [[None] * len(ps) for ps in passages]  # type: ignore
-        b = self.batch_size
         bar = progress_bar(total=len(pairs), desc="reader", unit="seq", enabled=progress)
-        for lo in range(0, len(pairs), b):
-            chunk = pairs[lo : lo + b]
+        for chunk, (rows, length) in self._batches(pairs):
             ids, mask = tok.pad([seq.ids for _, _, seq in chunk] + [np.zeros(0, np.int32)] *
-                                (b - len(chunk)))  # fmt: skip
+                                (rows - len(chunk)), length)  # fmt: skip
             start, end, rel = self._forward(self.params, ids[:, None], mask[:, None])
             start, end, rel = np.asarray(start)[:, 0], np.asarray(end)[:, 0], np.asarray(rel)
             for r, (qi, pi, seq) in enumerate(chunk):
