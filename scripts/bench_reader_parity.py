@@ -22,7 +22,6 @@ for both: the torch weights are converted back) from each held-out question's go
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -66,9 +65,9 @@ def main(argv=None):
     train_xla_flags()  # the flags `dpr-jax train-reader` runs with
     import jax
     import numpy as np
+    import reader_reference as ref
     import torch
 
-    import reader_reference as ref
     from dpr_jax.checkpoint import save_model
     from dpr_jax.parallel import make_mesh
     from dpr_jax.reader.data import ReaderTokenizer, ReaderTrainData

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from dpr_jax.data.answers import exact_match_score, f1_score
+from dpr_jax.data.answers import exact_match_score, f1_score, normalize_answer
 from dpr_jax.data.formats import Passage, write_reader_predictions
 from dpr_jax.errors import UserError
 from dpr_jax.io import progress as progress_bar
@@ -166,16 +166,25 @@ class PassageLogits:
 
 def _read_passage(
     passage: Passage, offsets: np.ndarray, subword: np.ndarray, logits: PassageLogits,
-    idx: int, max_answer_length: int,
-) -> SpanPrediction | None:  # fmt: skip
+    idx: int, max_answer_length: int, top_spans: int = 1,
+) -> list[SpanPrediction]:  # fmt: skip
     n = len(logits.start)
-    spans = best_spans(logits.start, logits.end, max_answer_length, 1, subword[:n])
-    if not spans:
-        return None
-    s, e, score = spans[0]
-    c0, c1 = int(offsets[s, 0]), int(offsets[e, 1])
-    return SpanPrediction(passage.text[c0:c1], score, logits.relevance, idx, passage.text,
-                          c0, c1, s, e)  # fmt: skip
+    out = []
+    for s, e, score in best_spans(logits.start, logits.end, max_answer_length, top_spans,
+                                  subword[:n]):  # fmt: skip
+        c0, c1 = int(offsets[s, 0]), int(offsets[e, 1])
+        out.append(SpanPrediction(passage.text[c0:c1], score, logits.relevance, idx,
+                                  passage.text, c0, c1, s, e))  # fmt: skip
+    return out
+
+
+def _logsumexp(x: np.ndarray) -> float:
+    x = np.asarray(x, np.float64)
+    m = float(x.max())
+    return m + float(np.log(np.exp(x - m).sum()))
+
+
+SELECTIONS = ("dpr", "joint", "sum")
 
 
 def select_predictions(
@@ -185,24 +194,64 @@ def select_predictions(
     logits: Sequence[PassageLogits],
     top_k: Sequence[int],
     max_answer_length: int = 10,
+    selection: str = "dpr",
+    spans_per_passage: int = 3,
 ) -> dict[int, SpanPrediction]:
-    """DPR's rule for every k: the best span of the most relevant of the first k passages that
-    yields one (:data:`NO_ANSWER` if none does)."""
+    """The answer at every k of ``top_k`` from the first k passages (:data:`NO_ANSWER` if none
+    yields a span), chosen by ``selection``:
+
+    - ``"dpr"``: DPR's rule: the best span of the most relevant passage that yields one;
+    - ``"joint"``: the span with the highest ``log P(passage) + log P(start) + log P(end)``,
+      P(passage) the softmax of the relevance logits over the k passages, P(start) / P(end)
+      the softmax of the passage's start / end logits over its text tokens (the best span of
+      each passage competes);
+    - ``"sum"``: the same probabilities, summed over the ``spans_per_passage`` best spans of
+      every passage with the same SQuAD-normalised answer string; the answer with the largest
+      sum wins (reported as its most probable occurrence).
+    """
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     rel = np.array([lg.relevance for lg in logits], np.float64)
     order = np.argsort(-rel, kind="stable")
-    cache: dict[int, SpanPrediction | None] = {}
+    per = 1 if selection != "sum" else spans_per_passage
+    cache: dict[int, list[SpanPrediction]] = {}
 
-    def read(i: int) -> SpanPrediction | None:
+    def read(i: int) -> list[SpanPrediction]:
         if i not in cache:
             cache[i] = _read_passage(passages[i], offsets[i], subwords[i], logits[i], i,
-                                     max_answer_length)  # fmt: skip
+                                     max_answer_length, per)  # fmt: skip
         return cache[i]
 
     out = {}
     for k in top_k:
-        out[int(k)] = next(
-            (p for i in order if i < k and (p := read(int(i))) is not None), NO_ANSWER
-        )
+        k = int(k)
+        if selection == "dpr":
+            out[k] = next((p[0] for i in order if i < k and (p := read(int(i)))), NO_ANSWER)
+            continue
+        n = min(k, len(logits))
+        if n == 0:
+            out[k] = NO_ANSWER
+            continue
+        log_p = rel[:n] - _logsumexp(rel[:n])  # log P(passage) over the first k
+        scored: list[tuple[float, SpanPrediction]] = []
+        for i in range(n):
+            spans = read(i)
+            if spans:
+                norm = _logsumexp(logits[i].start) + _logsumexp(logits[i].end)
+                scored += [(log_p[i] + sp.score - norm, sp) for sp in spans]
+        if not scored:
+            out[k] = NO_ANSWER
+        elif selection == "joint":
+            out[k] = max(scored, key=lambda x: x[0])[1]
+        else:
+            totals: dict[str, float] = {}
+            best: dict[str, tuple[float, SpanPrediction]] = {}
+            for lp, sp in scored:
+                key = normalize_answer(sp.text)
+                totals[key] = totals.get(key, 0.0) + float(np.exp(lp))
+                if key not in best or lp > best[key][0]:
+                    best[key] = (lp, sp)
+            out[k] = best[max(totals, key=totals.get)][1]
     return out
 
 
@@ -255,6 +304,7 @@ class ReaderPredictor:
         dtype: str = "float32",
         devices: Sequence[Any] | None = None,
         bucket: int = 32,
+        selection: str = "dpr",
     ):
         import jax
         import jax.numpy as jnp
@@ -263,7 +313,9 @@ class ReaderPredictor:
             raise UserError(f"max_answer_length must be >= 1, got {max_answer_length}")
         if bucket < 0:
             raise UserError(f"bucket must be >= 0, got {bucket}")
-        self.bucket = bucket
+        if selection not in SELECTIONS:
+            raise UserError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        self.bucket, self.selection = bucket, selection
         self.tokenizer = (
             tokenizer if isinstance(tokenizer, ReaderTokenizer)
             else ReaderTokenizer(tokenizer, input_config)
@@ -373,7 +425,7 @@ class ReaderPredictor:
             for i, q in enumerate(qs):
                 preds = select_predictions(
                     ps[i], [t.offsets for t in toks[i]], [t.subword for t in toks[i]],
-                    logits[i], top_k, self.max_answer_length,
+                    logits[i], top_k, self.max_answer_length, self.selection,
                 )  # fmt: skip
                 gold = tuple(gold_answers[lo + i]) if gold_answers is not None else ()
                 results.append(QuestionPrediction(q, gold, preds))
