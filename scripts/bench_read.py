@@ -90,9 +90,9 @@ def main(argv=None):
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
     import jax
     import numpy as np
+    import reader_reference as ref
     import torch
 
-    import reader_reference as ref
     from dpr_jax.reader.data import ReaderInputConfig, ReaderTokenizer
     from dpr_jax.reader.span import ReaderPredictor
     from dpr_jax.reader.task import ReaderTrainConfig, build_reader
@@ -180,4 +180,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     main()
