@@ -185,6 +185,7 @@ def _logsumexp(x: np.ndarray) -> float:
 
 
 SELECTIONS = ("dpr", "joint", "sum")
+DEFAULT_SELECTION = "dpr"  # scripts/bench_reader_levers.py measures the others
 
 
 def select_predictions(
@@ -194,7 +195,7 @@ def select_predictions(
     logits: Sequence[PassageLogits],
     top_k: Sequence[int],
     max_answer_length: int = 10,
-    selection: str = "dpr",
+    selection: str = DEFAULT_SELECTION,
     spans_per_passage: int = 3,
 ) -> dict[int, SpanPrediction]:
     """The answer at every k of ``top_k`` from the first k passages (:data:`NO_ANSWER` if none
@@ -304,7 +305,7 @@ class ReaderPredictor:
         dtype: str = "float32",
         devices: Sequence[Any] | None = None,
         bucket: int = 32,
-        selection: str = "dpr",
+        selection: str = DEFAULT_SELECTION,
     ):
         import jax
         import jax.numpy as jnp
