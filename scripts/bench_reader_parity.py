@@ -197,4 +197,5 @@ def report(args, runs, eval_at):
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     main()
