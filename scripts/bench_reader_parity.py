@@ -68,7 +68,7 @@ def main(argv=None):
     import reader_reference as ref
     import torch
 
-    from dpr_jax.checkpoint import save_model
+    from dpr_jax.model_dir import save_model
     from dpr_jax.parallel import make_mesh
     from dpr_jax.reader.data import ReaderTokenizer, ReaderTrainData
     from dpr_jax.reader.model import Reader

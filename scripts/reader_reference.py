@@ -44,7 +44,8 @@ def _torch():
 def torch_reader(params: Any, bert_cfg: Any, dropout: float | None = None):
     """A ``transformers.DPRReader`` holding dpr-jax reader ``params`` (float32)."""
     torch, transformers = _torch()
-    from dpr_jax.convert import flax_to_hf_state_dict, hf_config_dict
+    from dpr_jax.convert.hf_dir import hf_config_dict
+    from dpr_jax.convert.tables import flax_to_hf_state_dict
 
     cfg = hf_config_dict("DPRReader", bert_cfg)
     cfg.pop("architectures", None)
