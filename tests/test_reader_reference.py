@@ -148,3 +148,35 @@ def test_two_train_steps_match_torch_reference():
             continue
         np.testing.assert_allclose(got[k], want[k], atol=5e-7, rtol=0, err_msg=str(k))
         assert not np.allclose(got[k], start[k], atol=1e-4), k  # real steps moved it
+
+
+def test_dropout_gives_the_reference_loss_distribution():
+    """With dropout 0.1 the two draw different masks; over 200 draws on one batch the training
+    loss has the same mean and spread (dpr-jax hashes its masks, bert.dropout_keep_mask): a
+    dropout at another rate, another place or without the 1/(1-p) scaling would move both."""
+    import dataclasses
+
+    cfg = dataclasses.replace(TINY, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    params, b, n = _params(4), _batch(7, n=4, m=3, t=24), 200
+    model = Reader(cfg)
+
+    @jax.jit
+    def loss(key):
+        out = model.apply({"params": params}, b["input_ids"], b["attention_mask"],
+                          deterministic=False, rngs={"dropout": key})  # fmt: skip
+        return reader_loss(out.start_logits, out.end_logits, out.relevance_logits, b)[0]
+
+    ours = np.array([float(loss(jax.random.PRNGKey(i))) for i in range(n)])
+    tm = ref.torch_reader(params, cfg).train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        theirs = np.array([float(ref.reader_loss_torch(*ref.forward(tm, b["input_ids"],
+                                                                    b["attention_mask"]), b))
+                           for _ in range(n)])  # fmt: skip
+        no_dropout = float(ref.reader_loss_torch(*ref.forward(tm.eval(), b["input_ids"],
+                                                               b["attention_mask"]), b))  # fmt: skip
+    assert ours.std() > 0.01 and theirs.std() > 0.01  # dropout is on in both
+    se = np.sqrt(ours.var() / n + theirs.var() / n)
+    assert abs(ours.mean() - theirs.mean()) < 4 * se, (ours.mean(), theirs.mean(), se)
+    assert 0.8 < ours.std() / theirs.std() < 1.25, (ours.std(), theirs.std())
+    assert abs(ours.mean() - no_dropout) < 0.5  # same model: dropout only perturbs it
