@@ -211,7 +211,7 @@ def select_predictions(
       sum wins (reported as its most probable occurrence).
     """
     if selection not in SELECTIONS:
-        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        raise UserError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     rel = np.array([lg.relevance for lg in logits], np.float64)
     order = np.argsort(-rel, kind="stable")
     per = 1 if selection != "sum" else spans_per_passage
