@@ -16,6 +16,11 @@ read as DPR does:
 4. the answer is the original passage substring between the character offsets of the span's
    first and last tokens (original casing and spacing, unlike DPR's detokenized word pieces).
 
+That is ``selection="dpr"``, the default. Two alternatives replace steps 1-2
+(:func:`select_predictions`): ``"joint"`` scores each passage's best span by log P(passage) +
+log P(start) + log P(end), and ``"sum"`` adds those probabilities over every occurrence of the
+same answer string across passages (``scripts/bench_reader_levers.py`` compares them).
+
 :func:`best_spans` returns the best spans of one passage in score order; each span is extended
 to whole words before it is compared with those already chosen, and one that overlaps any of
 them is skipped (DPR only skips spans nested in or containing a chosen one; here the spans are
