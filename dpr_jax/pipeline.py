@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dpr_jax.data.corpus import read_passages
 from dpr_jax.provenance import check_passages
-from dpr_jax.reader.span import ReaderPredictor
+from dpr_jax.reader.span import DEFAULT_SELECTION, ReaderPredictor
 from dpr_jax.search import DenseRetriever
 
 
@@ -48,6 +48,7 @@ class QAPipeline:
         n_passages: int = 50,
         max_answer_length: int = 10,
         batch_size: int = 8,
+        selection: str = DEFAULT_SELECTION,
     ):
 
         self.retriever = retriever
@@ -55,7 +56,9 @@ class QAPipeline:
         self.n_passages = n_passages
         self.batch_size = batch_size
         if isinstance(reader, (str, Path)):
-            reader = ReaderPredictor.from_dir(reader, max_answer_length=max_answer_length)
+            reader = ReaderPredictor.from_dir(
+                reader, max_answer_length=max_answer_length, selection=selection
+            )
         self.reader = reader
 
     @classmethod

@@ -115,8 +115,10 @@ class FakeForward:
 def predictor(minilm_dir):
     from dpr_jax.models.bert import BertConfig
 
+    # bucket=0: pairs in their own order (the fake forward counts them); length-bucketed
+    # batches are compared with this path in tests/test_read_bucketed.py
     return ReaderPredictor({}, BertConfig(**TINY_BERT), minilm_dir,
-                           ReaderInputConfig(64, 16), batch_size=8)  # fmt: skip
+                           ReaderInputConfig(64, 16), batch_size=8, bucket=0)  # fmt: skip
 
 
 def test_prediction_stays_in_passage_text_and_follows_relevance(predictor):
@@ -281,3 +283,50 @@ def test_reader_examples_from_dpr_files(tmp_path, data_dir):
     bad.write_text('[{"question": "q", "answers": ["a"]}]')
     with pytest.raises(ValueError, match="bad.json"):
         read_reader_examples(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Answer selection across passages
+
+
+def _word_passage(text):
+    words = text.split()
+    offsets, pos = [], 0
+    for w in words:
+        pos = text.index(w, pos)
+        offsets.append((pos, pos + len(w)))
+        pos += len(w)
+    return Passage(text, "t"), np.array(offsets, np.int32), np.zeros(len(words), bool)
+
+
+def _select(texts, rels, starts, ends, k, selection, per=1):
+    from dpr_jax.reader.span import PassageLogits, select_predictions
+
+    ps, offs, subs = zip(*[_word_passage(t) for t in texts])
+    lg = [PassageLogits(r, np.array(s, float), np.array(e, float))
+          for r, s, e in zip(rels, starts, ends)]  # fmt: skip
+    return select_predictions(ps, offs, subs, lg, (k,), 3, selection, per)[k]
+
+
+def test_selection_rules_by_hand():
+    texts = ["alpha beta gamma", "Main Building here", "the Main Building"]
+    starts = [[3, 0, 0], [2, 0, 0], [0, 2, 0]]
+    ends = [[3, 0, 0], [0, 2, 0], [0, 0, 2]]
+    rels = [1.3, 1.0, 1.0]
+    sm = lambda x: np.exp(x) / np.exp(x).sum()
+    p_rel = sm(np.array(rels))
+    p_alpha = p_rel[0] * sm(np.array(starts[0]))[0] * sm(np.array(ends[0]))[0]  # 0.333
+    p_main = p_rel[1] * sm(np.array(starts[1]))[0] * sm(np.array(ends[1]))[1]  # 0.185 each
+    assert p_main < p_alpha < 2 * p_main  # the case the rules disagree on
+    assert _select(texts, rels, starts, ends, 3, "dpr").text == "alpha"  # most relevant passage
+    assert _select(texts, rels, starts, ends, 3, "joint").text == "alpha"
+    summed = _select(texts, rels, starts, ends, 3, "sum")
+    assert (summed.text, summed.passage_idx) == ("Main Building", 1)  # first of two equal
+    assert _select(texts, rels, starts, ends, 1, "sum").text == "alpha"  # k=1: passage 0 alone
+
+    # a most relevant passage with a diffuse span: DPR keeps it, the joint score does not
+    starts[0], ends[0], rels = [0.5, 0, 0], [0.5, 0, 0], [1.1, 1.0, -5.0]
+    assert _select(texts, rels, starts, ends, 3, "dpr").text == "alpha"
+    assert _select(texts, rels, starts, ends, 3, "joint").text == "Main Building"
+    with pytest.raises(ValueError, match="selection"):
+        _select(texts, rels, starts, ends, 3, "vote")

@@ -15,7 +15,7 @@ from dpr_jax.data.questions import is_tfds_spec, read_questions
 from dpr_jax.errors import UserError
 from dpr_jax.io import FILE, check_output
 from dpr_jax.pipeline import QAPipeline
-from dpr_jax.reader.span import QuestionPrediction, write_predictions
+from dpr_jax.reader.span import DEFAULT_SELECTION, SELECTIONS, QuestionPrediction, write_predictions
 
 
 def cli_main(argv: list[str] | None = None) -> int:
@@ -37,6 +37,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reader", required=True, help="reader model dir")
     ap.add_argument("--k", type=POSITIVE, default=50, help="passages given to the reader")
     ap.add_argument("--max-answer-length", type=POSITIVE, default=10)
+    ap.add_argument("--selection", default=DEFAULT_SELECTION, choices=SELECTIONS,
+                    help="answer selection across passages (dpr_jax.reader.span)")  # fmt: skip
     add_quiet(ap)
     args = ap.parse_args(argv)
     if not args.question and not args.questions:
@@ -57,7 +59,7 @@ def cli_main(argv: list[str] | None = None) -> int:
 
     pipe = QAPipeline.from_dirs(
         args.retriever, args.index, args.passages, args.reader,
-        n_passages=args.k, max_answer_length=args.max_answer_length,
+        n_passages=args.k, max_answer_length=args.max_answer_length, selection=args.selection,
     )  # fmt: skip
     if args.question:
         t0 = time.time()

@@ -15,7 +15,9 @@ from dpr_jax.errors import UserError
 from dpr_jax.io import FILE, check_output
 from dpr_jax.reader.data import FORMATS, read_reader_examples, sample_examples
 from dpr_jax.reader.span import (
+    DEFAULT_SELECTION,
     DEFAULT_TOP_K,
+    SELECTIONS,
     ReaderPredictor,
     evaluate_predictions,
     write_predictions,
@@ -41,6 +43,8 @@ def cli_main(argv: list[str] | None = None) -> int:
         help="numbers of retrieved passages to read, e.g. 1,10,50",
     )
     ap.add_argument("--max-answer-length", type=POSITIVE, default=10)
+    ap.add_argument("--selection", default=DEFAULT_SELECTION, choices=SELECTIONS,
+                    help="answer selection across passages (dpr_jax.reader.span)")  # fmt: skip
     ap.add_argument("--batch-size", type=POSITIVE, default=32, help="sequences per forward pass")
     ap.add_argument("--limit", type=POSITIVE, default=None, help="only the first N questions")
     ap.add_argument(
@@ -62,7 +66,10 @@ def cli_main(argv: list[str] | None = None) -> int:
     if not examples:
         raise UserError(f"{args.results}: no questions")
     predictor = ReaderPredictor.from_dir(
-        args.model, max_answer_length=args.max_answer_length, batch_size=args.batch_size
+        args.model,
+        max_answer_length=args.max_answer_length,
+        batch_size=args.batch_size,
+        selection=args.selection,
     )
     preds = predictor.predict(
         [e.question for e in examples], [list(e.passages) for e in examples], args.top_k,

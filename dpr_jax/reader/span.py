@@ -16,6 +16,11 @@ read as DPR does:
 4. the answer is the original passage substring between the character offsets of the span's
    first and last tokens (original casing and spacing, unlike DPR's detokenized word pieces).
 
+That is ``selection="dpr"``, the default. Two alternatives replace steps 1-2
+(:func:`select_predictions`): ``"joint"`` scores each passage's best span by log P(passage) +
+log P(start) + log P(end), and ``"sum"`` adds those probabilities over every occurrence of the
+same answer string across passages (``scripts/bench_reader_levers.py`` compares them).
+
 :func:`best_spans` returns the best spans of one passage in score order; each span is extended
 to whole words before it is compared with those already chosen, and one that overlaps any of
 them is skipped (DPR only skips spans nested in or containing a chosen one; here the spans are
@@ -23,8 +28,13 @@ disjoint text regions).
 
 DPR reports EM for several numbers of retrieved passages k: the prediction at k uses only the
 first k passages of the retrieval order (step 1 runs on them). :class:`ReaderPredictor` computes
-all requested k at once, batched and jitted with one fixed shape (``(batch, 1, max_length)``
-sequences, the batch split over all local devices), and :func:`evaluate_predictions` scores them
+all requested k at once, batched and jitted, the batch split over all local devices. Batches are
+length-bucketed: the (question, passage) sequences are sorted by length and each batch is padded
+only to its longest sequence rounded up to a multiple of ``bucket`` tokens (and its rows to a
+multiple of 8 and of the device count), so a short passage is not computed at ``max_length``
+and a question with 20 passages runs 20-odd rows, not a full batch; the few shapes this makes
+compile once each. The logits are those of the unbucketed computation (padding is masked out of
+every attention; a test compares both). :func:`evaluate_predictions` scores them
 with SQuAD's exact match and F1 (:mod:`dpr_jax.evaluate`). :func:`write_predictions` writes DPR's
 reader-predictions JSON.
 """
@@ -39,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from dpr_jax.data.answers import exact_match_score, f1_score
+from dpr_jax.data.answers import exact_match_score, f1_score, normalize_answer
 from dpr_jax.data.formats import Passage, write_reader_predictions
 from dpr_jax.errors import UserError
 from dpr_jax.io import progress as progress_bar
@@ -161,16 +171,26 @@ class PassageLogits:
 
 def _read_passage(
     passage: Passage, offsets: np.ndarray, subword: np.ndarray, logits: PassageLogits,
-    idx: int, max_answer_length: int,
-) -> SpanPrediction | None:  # fmt: skip
+    idx: int, max_answer_length: int, top_spans: int = 1,
+) -> list[SpanPrediction]:  # fmt: skip
     n = len(logits.start)
-    spans = best_spans(logits.start, logits.end, max_answer_length, 1, subword[:n])
-    if not spans:
-        return None
-    s, e, score = spans[0]
-    c0, c1 = int(offsets[s, 0]), int(offsets[e, 1])
-    return SpanPrediction(passage.text[c0:c1], score, logits.relevance, idx, passage.text,
-                          c0, c1, s, e)  # fmt: skip
+    out = []
+    for s, e, score in best_spans(logits.start, logits.end, max_answer_length, top_spans,
+                                  subword[:n]):  # fmt: skip
+        c0, c1 = int(offsets[s, 0]), int(offsets[e, 1])
+        out.append(SpanPrediction(passage.text[c0:c1], score, logits.relevance, idx,
+                                  passage.text, c0, c1, s, e))  # fmt: skip
+    return out
+
+
+def _logsumexp(x: np.ndarray) -> float:
+    x = np.asarray(x, np.float64)
+    m = float(x.max())
+    return m + float(np.log(np.exp(x - m).sum()))
+
+
+SELECTIONS = ("dpr", "joint", "sum")
+DEFAULT_SELECTION = "dpr"  # scripts/bench_reader_levers.py measures the others
 
 
 def select_predictions(
@@ -180,24 +200,64 @@ def select_predictions(
     logits: Sequence[PassageLogits],
     top_k: Sequence[int],
     max_answer_length: int = 10,
+    selection: str = DEFAULT_SELECTION,
+    spans_per_passage: int = 3,
 ) -> dict[int, SpanPrediction]:
-    """DPR's rule for every k: the best span of the most relevant of the first k passages that
-    yields one (:data:`NO_ANSWER` if none does)."""
+    """The answer at every k of ``top_k`` from the first k passages (:data:`NO_ANSWER` if none
+    yields a span), chosen by ``selection``:
+
+    - ``"dpr"``: DPR's rule: the best span of the most relevant passage that yields one;
+    - ``"joint"``: the span with the highest ``log P(passage) + log P(start) + log P(end)``,
+      P(passage) the softmax of the relevance logits over the k passages, P(start) / P(end)
+      the softmax of the passage's start / end logits over its text tokens (the best span of
+      each passage competes);
+    - ``"sum"``: the same probabilities, summed over the ``spans_per_passage`` best spans of
+      every passage with the same SQuAD-normalised answer string; the answer with the largest
+      sum wins (reported as its most probable occurrence).
+    """
+    if selection not in SELECTIONS:
+        raise UserError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     rel = np.array([lg.relevance for lg in logits], np.float64)
     order = np.argsort(-rel, kind="stable")
-    cache: dict[int, SpanPrediction | None] = {}
+    per = 1 if selection != "sum" else spans_per_passage
+    cache: dict[int, list[SpanPrediction]] = {}
 
-    def read(i: int) -> SpanPrediction | None:
+    def read(i: int) -> list[SpanPrediction]:
         if i not in cache:
             cache[i] = _read_passage(passages[i], offsets[i], subwords[i], logits[i], i,
-                                     max_answer_length)  # fmt: skip
+                                     max_answer_length, per)  # fmt: skip
         return cache[i]
 
     out = {}
     for k in top_k:
-        out[int(k)] = next(
-            (p for i in order if i < k and (p := read(int(i))) is not None), NO_ANSWER
-        )
+        k = int(k)
+        if selection == "dpr":
+            out[k] = next((p[0] for i in order if i < k and (p := read(int(i)))), NO_ANSWER)
+            continue
+        n = min(k, len(logits))
+        if n == 0:
+            out[k] = NO_ANSWER
+            continue
+        log_p = rel[:n] - _logsumexp(rel[:n])  # log P(passage) over the first k
+        scored: list[tuple[float, SpanPrediction]] = []
+        for i in range(n):
+            spans = read(i)
+            if spans:
+                norm = _logsumexp(logits[i].start) + _logsumexp(logits[i].end)
+                scored += [(log_p[i] + sp.score - norm, sp) for sp in spans]
+        if not scored:
+            out[k] = NO_ANSWER
+        elif selection == "joint":
+            out[k] = max(scored, key=lambda x: x[0])[1]
+        else:
+            totals: dict[str, float] = {}
+            best: dict[str, tuple[float, SpanPrediction]] = {}
+            for lp, sp in scored:
+                key = normalize_answer(sp.text)
+                totals[key] = totals.get(key, 0.0) + float(np.exp(lp))
+                if key not in best or lp > best[key][0]:
+                    best[key] = (lp, sp)
+            out[k] = best[max(totals, key=totals.get)][1]
     return out
 
 
@@ -233,9 +293,10 @@ class ReaderPredictor:
 
     ``predict(questions, passages_per_question)`` -> one :class:`QuestionPrediction` per
     question. Passages may be :class:`~dpr_jax.data.formats.Passage` s, dicts ``{text, title?, id?}`` or strings.
-    All (question, passage) pairs are run through the model in fixed-shape batches of
-    ``batch_size`` sequences (rounded up to a multiple of the local device count), padded with
-    empty sequences at the end.
+    All (question, passage) pairs are run through the model in batches of at most
+    ``batch_size`` sequences (rounded up to a multiple of the local device count), sorted by
+    length and padded to a multiple of ``bucket`` tokens (see the module docstring); ``bucket=0``
+    runs them in their own order at one fixed shape, ``(batch_size, max_length)``.
     """
 
     def __init__(
@@ -248,12 +309,19 @@ class ReaderPredictor:
         batch_size: int = 32,
         dtype: str = "float32",
         devices: Sequence[Any] | None = None,
+        bucket: int = 32,
+        selection: str = DEFAULT_SELECTION,
     ):
         import jax
         import jax.numpy as jnp
 
         if max_answer_length < 1:
             raise UserError(f"max_answer_length must be >= 1, got {max_answer_length}")
+        if bucket < 0:
+            raise UserError(f"bucket must be >= 0, got {bucket}")
+        if selection not in SELECTIONS:
+            raise UserError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        self.bucket, self.selection = bucket, selection
         self.tokenizer = (
             tokenizer if isinstance(tokenizer, ReaderTokenizer)
             else ReaderTokenizer(tokenizer, input_config)
@@ -287,6 +355,22 @@ class ReaderPredictor:
 
         self.params = jax.device_put(params, replicated(self.mesh))
 
+    def _batches(self, pairs: list) -> list[tuple[list, tuple[int, int]]]:
+        """``[(pairs of a batch, (rows, tokens) it is padded to)]``; see the class docstring."""
+        b, t_max = self.batch_size, self.input_config.max_length
+        if not self.bucket:
+            return [(pairs[lo : lo + b], (b, t_max)) for lo in range(0, len(pairs), b)]
+        # longest first: the first batch is the widest; ties keep the input order
+        order = sorted(pairs, key=lambda p: -len(p[2].ids))
+        row_step = math.lcm(8, self.mesh.devices.size)
+        out = []
+        for lo in range(0, len(order), b):
+            chunk = order[lo : lo + b]
+            rows = min(b, -(-len(chunk) // row_step) * row_step)
+            length = min(t_max, -(-len(chunk[0][2].ids) // self.bucket) * self.bucket)
+            out.append((chunk, (rows, length)))
+        return out
+
     def passage_logits(
         self, questions: Sequence[str], passages: Sequence[Sequence[Passage]],
         progress: bool = False,
@@ -302,12 +386,10 @@ class ReaderPredictor:
             for pi, pt in enumerate(pts)
         ]
         out: list[list[PassageLogits]] = [[None] * len(ps) for ps in passages]  # type: ignore
-        b = self.batch_size
         bar = progress_bar(total=len(pairs), desc="reader", unit="seq", enabled=progress)
-        for lo in range(0, len(pairs), b):
-            chunk = pairs[lo : lo + b]
+        for chunk, (rows, length) in self._batches(pairs):
             ids, mask = tok.pad([seq.ids for _, _, seq in chunk] + [np.zeros(0, np.int32)] *
-                                (b - len(chunk)))  # fmt: skip
+                                (rows - len(chunk)), length)  # fmt: skip
             start, end, rel = self._forward(self.params, ids[:, None], mask[:, None])
             start, end, rel = np.asarray(start)[:, 0], np.asarray(end)[:, 0], np.asarray(rel)
             for r, (qi, pi, seq) in enumerate(chunk):
@@ -349,7 +431,7 @@ class ReaderPredictor:
             for i, q in enumerate(qs):
                 preds = select_predictions(
                     ps[i], [t.offsets for t in toks[i]], [t.subword for t in toks[i]],
-                    logits[i], top_k, self.max_answer_length,
+                    logits[i], top_k, self.max_answer_length, self.selection,
                 )  # fmt: skip
                 gold = tuple(gold_answers[lo + i]) if gold_answers is not None else ()
                 results.append(QuestionPrediction(q, gold, preds))

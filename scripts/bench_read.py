@@ -1,0 +1,184 @@
+"""Reading speed: dpr-jax's :class:`ReaderPredictor` vs a PyTorch reference on the same CPU and
+the same passages (issue 21, item 4).
+
+Each question of a seeded sample of SQuAD validation questions (``dpr-jax prepare-squad``'s
+``dev.biencoder.json``) comes with 20 passages: its gold passage and BM25 negatives, filled up to
+20 with random validation passages (``dev.passages.tsv``), in a seeded random order. Both sides
+read the same (question, passage) sequences, built by dpr-jax's reader tokenizer
+(``[CLS] question [SEP] title [SEP] text``, ``--max-length`` tokens at most), with the same
+weights (``--model``, a reader model directory; default: MiniLM-L6 with fresh heads: the speed
+does not depend on the weights).
+
+- dpr-jax: ``ReaderPredictor.predict`` end to end (tokenization from its cache, the jitted
+  reader, span decoding and answer selection in numpy), over 8 XLA CPU devices as ``dpr-jax
+  read`` / ``ask`` run it, length-bucketed (``--bucket``) and, for comparison, padded to
+  ``--max-length`` (``bucket 0``, the path before bucketing);
+- PyTorch: Hugging Face ``DPRReader`` forward passes only (``torch.inference_mode``, float32,
+  the default SDPA attention), no span decoding (a handicap for dpr-jax), with its best
+  settings: each batch padded to its own longest sequence, sequences sorted by length, every
+  combination of ``--torch-batch`` and ``--torch-threads`` tried and the fastest kept.
+
+Two modes: ``one``, one question at a time (``dpr-jax ask``'s path: 20 sequences per call) and
+``all``, every question in one call (``dpr-jax read``'s path). The figure is milliseconds per
+question, the median of ``--rounds`` rounds; rounds alternate between the settings so that both
+sides see the same machine load.
+
+    python scripts/bench_read.py --data SQUAD_DPR --questions 16 --rounds 3 --json bench_read.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", required=True, help="prepare-squad output directory")
+    ap.add_argument("--model", default="", help="reader model directory (default: MiniLM)")
+    ap.add_argument("--questions", type=int, default=16)
+    ap.add_argument("--passages", type=int, default=20)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--bucket", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=32, help="dpr-jax sequences per batch")
+    ap.add_argument("--devices", type=int, default=8, help="XLA CPU devices (as read / ask)")
+    ap.add_argument("--torch-batch", default="20,64", help="torch batch sizes to try")
+    ap.add_argument("--torch-threads", default="1,2", help="torch thread counts to try")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--modes", default="one,all")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default="")
+    return ap.parse_args(argv)
+
+
+def load_questions(data: Path, n: int, k: int, seed: int):
+    import numpy as np
+
+    from dpr_jax.data.formats import read_passages_tsv
+    from dpr_jax.reader.data import read_reader_examples, sample_examples
+
+    examples = sample_examples(read_reader_examples(data / "dev.biencoder.json"), n, seed)
+    pool = read_passages_tsv(data / "dev.passages.tsv")
+    rng = np.random.default_rng(seed)
+    qs, ps = [], []
+    for e in examples:
+        own = list(e.passages[:k])
+        seen = {p.id for p in own}
+        while len(own) < k:
+            p = pool[int(rng.integers(len(pool)))]
+            if p.id not in seen:
+                own.append(p)
+                seen.add(p.id)
+        qs.append(e.question)
+        ps.append([own[i] for i in rng.permutation(k)])
+    return qs, ps
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.devices > 0:
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
+    import jax
+    import numpy as np
+    import reader_reference as ref
+    import torch
+
+    from dpr_jax.reader.data import ReaderInputConfig, ReaderTokenizer
+    from dpr_jax.reader.span import ReaderPredictor
+    from dpr_jax.reader.task import ReaderTrainConfig, build_reader
+
+    inp = ReaderInputConfig(args.max_length, 32)
+    if args.model:
+        base = ReaderPredictor.from_dir(args.model, input_config=inp)
+        params, bert_cfg, tok = base.params, base.model.config, base.tokenizer.tok
+    else:
+        cfg = ReaderTrainConfig(init_from="minilm", max_length=args.max_length)
+        bert_cfg, params, tok, _ = build_reader(cfg, jax.random.PRNGKey(0))
+    rtok = ReaderTokenizer(tok, inp)
+    qs, ps = load_questions(Path(args.data), args.questions, args.passages, args.seed)
+    seqs = [[rtok.sequence(q, p).ids for p in rtok.passage_tokens(pl)]
+            for q, pl in zip(rtok.question_ids(qs), ps)]  # fmt: skip
+    lengths = [len(s) for row in seqs for s in row]
+    print(f"{len(qs)} questions x {args.passages} passages, sequence length mean "
+          f"{np.mean(lengths):.0f}, max {max(lengths)} (cap {args.max_length}); "
+          f"{jax.device_count()} XLA devices", file=sys.stderr)  # fmt: skip
+
+    predictors = {
+        f"dpr-jax bucket {b}": ReaderPredictor(
+            params, bert_cfg, rtok, batch_size=args.batch_size, bucket=b
+        )  # fmt: skip
+        for b in (args.bucket, 0)
+    }
+    model = ref.torch_reader(jax.tree.map(np.asarray, params), bert_cfg).eval()
+
+    def run_jax(pred, mode):
+        if mode == "one":
+            for q, pl in zip(qs, ps):
+                pred.predict([q], [pl], top_k=(args.passages,))
+        else:
+            pred.predict(qs, ps, top_k=(args.passages,))
+
+    def run_torch(batch, threads, mode):
+        torch.set_num_threads(threads)
+        groups = [[s for row in seqs for s in row]] if mode == "all" else seqs
+        with torch.inference_mode():
+            for group in groups:
+                order = sorted(group, key=len, reverse=True)
+                for lo in range(0, len(order), batch):
+                    chunk = order[lo : lo + batch]
+                    ids, mask = rtok.pad(chunk, len(chunk[0]))
+                    model(input_ids=torch.from_numpy(ids).long(),
+                          attention_mask=torch.from_numpy(mask).long())  # fmt: skip
+
+    settings = {name: (lambda mode, p=p: run_jax(p, mode)) for name, p in predictors.items()}
+    for b in [int(x) for x in args.torch_batch.split(",")]:
+        for t in [int(x) for x in args.torch_threads.split(",")]:
+            settings[f"torch batch {b}, {t} threads"] = lambda mode, b=b, t=t: run_torch(b, t, mode)
+    modes = args.modes.split(",")
+    for mode in modes:  # warm-up: compilation and caches
+        for fn in settings.values():
+            fn(mode)
+    times = {(name, mode): [] for name in settings for mode in modes}
+    for r in range(args.rounds):
+        for mode in modes:
+            for name, fn in settings.items():
+                t = time.perf_counter()
+                fn(mode)
+                times[name, mode].append(1000 * (time.perf_counter() - t) / len(qs))
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\nms per question ({args.passages} passages, median of {args.rounds} rounds; "
+          f"load average {os.getloadavg()[0]:.1f}):\n")  # fmt: skip
+    print("| setting | " + " | ".join(f"`{m}`" for m in modes) + " |")
+    print("|---|" + "---:|" * len(modes))
+    for name in settings:
+        print(f"| {name} | " + " | ".join(f"{ms[name, m]:.0f}" for m in modes) + " |")
+    summary = {}
+    for m in modes:
+        best_torch = min(v for (n, mm), v in ms.items() if mm == m and n.startswith("torch"))
+        ours = ms[f"dpr-jax bucket {args.bucket}", m]
+        summary[m] = {"dpr_jax_ms": ours, "torch_best_ms": best_torch,
+                      "ratio": best_torch / ours}  # fmt: skip
+        print(f"\n`{m}`: dpr-jax (bucket {args.bucket}) {ours:.0f} ms vs PyTorch's best "
+              f"{best_torch:.0f} ms: {best_torch / ours:.2f}x")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "args": vars(args), "ms": {f"{n} / {m}": v for (n, m), v in ms.items()},
+            "rounds": {f"{n} / {m}": v for (n, m), v in times.items()}, "summary": summary,
+        }, indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    main()
