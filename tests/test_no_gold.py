@@ -15,9 +15,14 @@ import numpy as np
 
 from dpr_jax.cli.evaluate import cli_main as evaluate_main
 from dpr_jax.data.formats import Passage, Question, read_retrieval_results
-from dpr_jax.evaluate import count_without_answers, exact_match_score, f1_score, top_k_accuracy
+from dpr_jax.evaluate import (
+    count_without_answers,
+    exact_match_score,
+    f1_score,
+    results_for,
+    top_k_accuracy,
+)
 from dpr_jax.reader.span import QuestionPrediction, SpanPrediction, evaluate_predictions
-from dpr_jax.search import results_for
 
 QUESTIONS = [Question("where did the cat sit?", ["mat"]), Question("what is it?", [])]
 PASSAGES = {

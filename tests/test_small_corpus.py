@@ -12,8 +12,9 @@ import pytest
 
 from dpr_jax.data.bm25 import BM25Retriever
 from dpr_jax.data.formats import Passage, Question
+from dpr_jax.evaluate import results_for
 from dpr_jax.index import build_index
-from dpr_jax.search import HybridRetriever, results_for
+from dpr_jax.search import HybridRetriever
 
 PASSAGES = [
     Passage(text="the cat sat on the mat", title="Cats", id="a"),
