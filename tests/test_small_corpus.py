@@ -12,6 +12,7 @@ import pytest
 
 from dpr_jax.data.bm25 import BM25Retriever
 from dpr_jax.data.formats import Passage, Question
+from dpr_jax.errors import UserError
 from dpr_jax.evaluate import results_for
 from dpr_jax.index import build_index
 from dpr_jax.search import HybridRetriever
@@ -69,7 +70,7 @@ def test_results_skip_index_padding(hybrid_parts):
     scores = np.array([[1.0, 0.5, -np.inf, -np.inf]], np.float32)
     out = results_for(QUESTIONS[:1], scores, [["a", "b", "", ""]], passages)
     assert [c["id"] for c in out[0]["ctxs"]] == ["a", "b"]
-    with pytest.raises(KeyError, match="'zz'"):  # an unknown real id is still an error
+    with pytest.raises(UserError, match="'zz'"):  # an unknown real id is still an error
         results_for(QUESTIONS[:1], scores[:, :1], [["zz"]], passages)
 
 
