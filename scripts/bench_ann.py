@@ -19,6 +19,43 @@ own tuned setting, with the ScaNN / best-FAISS q/s ratio per target.
 ``--mode sharded`` compares numpy brute force with exact JAX search sharded over 1 and 8 CPU
 devices (``--devices``; one subprocess per device count, since XLA fixes it at start-up).
 
+``--mode equal`` compares methods at equal *measured* recall on held-out queries, the rule the
+tuned mode lacks (there each method is timed wherever its held-out recall lands). A method is an
+index and a tuner: ScaNN tree-AH and FAISS IVF-PQ + refine (and HNSW unless skipped) with
+:func:`dpr_jax.index.tune.tune`, ScaNN's own ``builder(...).autopilot()`` and FAISS's own
+``ParameterSpace.explore`` (its ``OperatingPoints``) on the same FAISS index. Each tuner's
+settings (tuned on ``--tune-queries`` separate queries; the dpr_jax tuner also at targets
++-0.015 and +-0.03 so that the held-out curve brackets each target; autopilot's default and its
+``leaves_to_search`` from 1 to every leaf) are measured on the benchmark queries: recall@k per
+query for each ``--ks`` k (DPR reads 100), q/s over ``--repeats`` rounds, every setting of every
+method in turn in each round. A method's q/s at a target is read off its own held-out Pareto
+curve by linear interpolation between the two points that bracket the target (shown in the
+table); its spread is min / median / max over rounds (the same two points, each round's q/s);
+the uncertainty from the choice of queries is a bootstrap over them (``--bootstrap`` resamples:
+each point's recall re-measured on the resample, the interpolation redone; paired across
+methods). Every ratio has both. The tuners' own picks at the target are listed with their
+held-out recall, so the unequal-recall comparison stays visible. Outputs: ``table.md``,
+``results.json`` (every point, every round), ``recall_qps.png`` (every curve, recall bars =
+bootstrap 95%, q/s bars and bands = min-max over rounds, stars = q/s at the targets).
+
+Scale (``--data-dir``): the synthetic corpus is generated 65,536 rows at a time into a
+``.npy`` memory map (:func:`synthetic_memmap`, made once and reused), and the exact neighbours
+stream over it in blocks (:func:`exact_topk_chunked`), so the corpus itself never needs memory
+(the page cache holds what is read). At dim 384 a vector is 1,536 bytes of float32: 1M vectors
+are 1.5 GB and the three indexes (ScaNN tree-AH and autopilot with float32 reorder data ~1.7 KB a
+vector each, IVF-PQ + flat refine ~1.6 KB) ~5 GB together, well inside 24 GiB. 10M vectors are
+a 15.4 GB memory map and ~17 / 17 / 16 GB of indexes, ~50 GB together, which does not fit:
+``--sequential`` keeps one index at a time (build, tune, measure, free; timing round-robin
+within that index's methods only), a peak of ~17.5 GB (ScaNN's float32 copy 15.4 GB + AH codes
+1 GB + ids 0.6 GB + ``Index.build``'s finiteness check, a transient 3.8 GB bool array, before
+the copy) plus the (Q, 65,536) float32 score block of the exact search (0.2 GB at Q = 800).
+
+``--mode accel`` runs on a GPU or TPU and prints one line and exits 0 when there is none: exact
+JAX search (float32 and bfloat16 storage) and its ``approx_max_k`` search (``recall_target``
+swept) on the JAX accelerator, and, where the installed FAISS has GPU support, GPU flat, IVF-Flat
+and IVF-PQ (``nprobe`` swept through ``GpuParameterSpace``) and CAGRA (``itopk_size`` swept;
+where FAISS was built with cuVS), all read at the targets by the same rule.
+
 Data: ``--embeddings DIR [DIR ...] --queries Q.npy`` (e.g. SQuAD passages and questions encoded
 by ``dpr-jax encode``), or by default a seeded synthetic set fitted to real all-MiniLM-L6-v2
 embeddings of SQuAD (see :func:`synthetic`). Outputs in ``--out``: ``results.json``
@@ -27,6 +64,12 @@ embeddings of SQuAD (see :func:`synthetic`). Outputs in ``--out``: ``results.jso
     nice -n 10 python scripts/bench_ann.py --n 1000000 --threads 1 --out artifacts/bench_ann
     nice -n 10 python scripts/bench_ann.py --mode tuned --n 1000000 --out artifacts/bench_tuned
     nice -n 10 python scripts/bench_ann.py --mode sharded --n 1000000 --out artifacts/bench_shard
+    python scripts/bench_ann.py --mode equal --n 1000000 --threads 1 --num-queries 500 \
+        --tune-queries 300 --targets 0.90,0.95 --ks 10,100 --skip hnsw --repeats 3 \
+        --data-dir /tmp/ann_data --out artifacts/bench_equal_1m
+    python scripts/bench_ann.py --mode equal --n 10000000 ... --sequential --data-dir /big/disk
+    python scripts/bench_ann.py --mode accel --n 1000000 --num-queries 1000 --ks 10,100 \
+        --targets 0.90,0.95 --repeats 3 --out artifacts/bench_accel_1m
 """
 
 from __future__ import annotations
@@ -80,6 +123,9 @@ def parse_args(argv=None):
                     help="bootstrap resamples of the queries (--mode equal / accel)")  # fmt: skip
     ap.add_argument("--data-dir", help="write the synthetic corpus here as .npy in chunks and "
                     "memory-map it (made once, reused; for 1M-10M vectors)")  # fmt: skip
+    ap.add_argument("--reuse-indexes", action="store_true",
+                    help="--mode equal with --data-dir: keep each built index there and reload "
+                    "it in later runs (which report the first build's time)")  # fmt: skip
     ap.add_argument("--sequential", action="store_true",
                     help="--mode equal: one index in memory at a time (build, tune, measure, "
                     "free); rounds are round-robin within an index only")  # fmt: skip
@@ -638,6 +684,8 @@ class Bench:
 # Pareto points that bracket the target. The pure arithmetic is in the functions below (tested by
 # hand in tests/test_bench_tuned.py); :class:`EqualRecall` runs the libraries.
 
+BUILD_RECORD = ".build.json"  # <index dir>.build.json, beside an index kept by --reuse-indexes
+
 RULE = (
     "q/s at a target = linear interpolation in (recall, q/s) between the two points of the "
     "method's held-out Pareto frontier (median q/s over rounds) that bracket the target; "
@@ -856,6 +904,7 @@ class EqualRecall:
         self.out.mkdir(parents=True, exist_ok=True)
         self.t_start = time.time()
         self.groups, self.methods = {}, {}
+        self.data_key = None  # names the corpus when it is a reusable --data-dir memmap
         self.results = {"config": {}, "rule": RULE, "builds": {}, "methods": {}, "headline": {}}
 
     def log(self, msg):
@@ -895,8 +944,37 @@ class EqualRecall:
                                         "options": options, "loadavg": os.getloadavg(), **extra}  # fmt: skip
         self.log(f"{name}: built in {build_s:.1f}s, {size / n:.1f} bytes/vector")
 
+    def saved_build(self, name: str, spec: dict) -> Path | None:
+        """Where a build of ``name`` with ``spec`` is kept under ``--data-dir`` with
+        ``--reuse-indexes`` (None otherwise): an index is built once per corpus and options and
+        reloaded by later runs, which then report the first build's time and load average."""
+        if not (self.args.reuse_indexes and self.data_key):
+            return None
+        import hashlib
+
+        key = json.dumps({**spec, "data": self.data_key}, sort_keys=True, default=str)
+        slug = "".join(c if c.isalnum() else "_" for c in name)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        return Path(self.args.data_dir) / "indexes" / f"{slug}-{digest}"
+
+    def _reuse(self, name: str, where: Path | None) -> bool:
+        record = None if where is None else where.with_name(where.name + BUILD_RECORD)
+        if record is None or not record.exists():
+            return False
+        self.results["builds"][name] = {**json.loads(record.read_text()),
+                                        "reused_from": str(where)}  # fmt: skip
+        self.log(f"{name}: reusing the build in {where}")
+        return True
+
+    def _keep(self, name: str, where: Path | None, save) -> None:
+        if where is not None:
+            where.parent.mkdir(parents=True, exist_ok=True)
+            save(where)
+            record = where.with_name(where.name + BUILD_RECORD)  # written last: the build is whole
+            record.write_text(json.dumps(self.results["builds"][name], default=str))
+
     def build_project(self, name, backend, **options):
-        from dpr_jax.index import build_index
+        from dpr_jax.index import build_index, load_index
         from dpr_jax.index.faiss_index import set_faiss_threads
 
         bt = self.args.build_threads
@@ -904,39 +982,56 @@ class EqualRecall:
         opts = {"num_threads": bt, **options}
         if backend == "scann":
             opts["training_threads"] = bt
-        t0 = time.perf_counter()
-        index = build_index(backend, self.emb, self.ids, **opts)
-        build_s = time.perf_counter() - t0
+        where = self.saved_build(name, {"backend": backend, **options})
+        if self._reuse(name, where):
+            index = load_index(where)
+        else:
+            t0 = time.perf_counter()
+            index = build_index(backend, self.emb, self.ids, **opts)
+            build_s = time.perf_counter() - t0
+            extra = {}
+            if backend.startswith("faiss"):
+                extra["index_factory"] = faiss_factory_key(index)
+            self._record_build(name, backend, build_s, index.size_bytes(), index.options, **extra)
+            self._keep(name, where, index.save)
         index.set_num_threads(self.args.threads)
-        extra = {}
-        if backend.startswith("faiss"):
-            extra["index_factory"] = faiss_factory_key(index)
-        self._record_build(name, backend, build_s, index.size_bytes(), index.options, **extra)
         self.groups[name] = index
         return index
 
     def build_autopilot(self):
+        import tempfile
+
         import numpy as np
 
         from dpr_jax.index.scann_index import import_scann
 
         sp = import_scann()
-        emb = np.ascontiguousarray(self.emb, np.float32)
-        builder = sp.builder(emb, max(self.ks), "dot_product").autopilot()
-        builder = builder.set_n_training_threads(self.args.build_threads)
-        config = autopilot_config(len(emb), emb.shape[1], max(self.ks))
-        t0 = time.perf_counter()
-        searcher = builder.build()
-        build_s = time.perf_counter() - t0
+        config = autopilot_config(len(self.emb), self.emb.shape[1], max(self.ks))
+        where = self.saved_build(self.AUTOPILOT, {"k": max(self.ks)})
+        if self._reuse(self.AUTOPILOT, where):
+            path = where / "scann"  # ScannIndex._load_files' pickle-free load_searcher
+            assets = (path / "scann_assets.pbtxt").read_text()
+            searcher = sp.ScannSearcher(sp.scann_pybind.ScannNumpy(str(path), assets), docids=None)
+        else:
+            emb = np.ascontiguousarray(self.emb, np.float32)
+            builder = sp.builder(emb, max(self.ks), "dot_product").autopilot()
+            builder = builder.set_n_training_threads(self.args.build_threads)
+            t0 = time.perf_counter()
+            searcher = builder.build()
+            build_s = time.perf_counter() - t0
+            with tempfile.TemporaryDirectory(prefix="bench_autopilot_") as tmp:
+                searcher.serialize(tmp)
+                size = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
+            self._record_build(self.AUTOPILOT, "scann autopilot()", build_s, size,
+                               {"autopilot": "tree_ah, reordering_dtype FLOAT32"}, chosen=config)  # fmt: skip
+
+            def save(d):
+                (d / "scann").mkdir(parents=True)
+                searcher.serialize(str(d / "scann"), relative_path=True)
+
+            self._keep(self.AUTOPILOT, where, save)
         if self.args.threads > 1:
             searcher.set_num_threads(self.args.threads)
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="bench_autopilot_") as tmp:
-            searcher.serialize(tmp)
-            size = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
-        self._record_build(self.AUTOPILOT, "scann autopilot()", build_s, size,
-                           {"autopilot": "tree_ah, reordering_dtype FLOAT32"}, chosen=config)  # fmt: skip
         self.groups[self.AUTOPILOT] = searcher
         return searcher, config
 
@@ -981,10 +1076,13 @@ class EqualRecall:
                         lambda q, k, p, ix=index: ix.search(q, k, **p)[1], points, picks)  # fmt: skip
 
     def autopilot_method(self, searcher, config):
+        """ScaNN's own choice: the searcher ``autopilot()`` built (for the largest k) and, for
+        each k, the reorder depth autopilot picks for that k (it depends on k alone) with the
+        leaves it searches by default, then ``leaves_to_search`` from 1 to every leaf as the
+        curve at that depth."""
         from dpr_jax.index.tune import ladder
 
         leaves = config.get("num_leaves")
-        grid = [{}] + ([{"leaves_to_search": v} for v in ladder(1, leaves)] if leaves else [])
         parallel = self.args.threads > 1
 
         def search(q, k, p):
@@ -992,8 +1090,15 @@ class EqualRecall:
             rows, _ = fn(q, final_num_neighbors=k, **p)
             return self.rows_to_ids(rows)
 
-        pts = {k: [{"params": p, "tune_recall": None} for p in grid] for k in self.ks}
-        picks = {k: {t: {} for t in self.targets} for k in self.ks}  # autopilot's own default
+        pts, picks = {}, {}
+        for k in self.ks:
+            own = autopilot_config(len(self.emb), self.emb.shape[1], k)
+            base = {"pre_reorder_num_neighbors": own["reorder"]} if "reorder" in own else {}
+            grid = [base] + ([{**base, "leaves_to_search": v} for v in ladder(1, leaves)]
+                             if leaves else [])  # fmt: skip
+            pts[k] = [{"params": p, "tune_recall": None} for p in grid]
+            picks[k] = {t: base for t in self.targets}  # autopilot's own default
+            self.results["builds"][self.AUTOPILOT].setdefault("chosen_per_k", {})[k] = own
         self.add_method(self.AUTOPILOT, self.AUTOPILOT, "scann autopilot()", search, pts, picks)
 
     def parameter_space(self, name, group, index):
@@ -1427,6 +1532,8 @@ def equal_mode(args, ids, emb, queries, tune_queries, data: str) -> int:
     import numpy as np
 
     bench = EqualRecall(args, ids, emb, queries, tune_queries)
+    if args.data_dir and not args.embeddings:
+        bench.data_key = f"synthetic_n{args.n}_d{args.dim}_s{args.seed}"
     bench.results["config"] = {
         "data": data, "n": len(emb), "dim": emb.shape[1], "num_queries": len(queries),
         "tune_queries": len(tune_queries), "ks": bench.ks, "targets": bench.targets,

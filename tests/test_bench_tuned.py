@@ -234,3 +234,33 @@ def test_accel_mode_skips_without_accelerator(bench, tmp_path, capsys, monkeypat
     out = capsys.readouterr().out.strip().splitlines()
     assert out == ["bench_ann --mode accel: skipped, no GPU or TPU here (jax: cpu)"]
     assert not (tmp_path / "acc").exists()
+
+
+def test_equal_mode_reuses_indexes(bench, tmp_path, monkeypatch):
+    """--reuse-indexes: a second run reloads every index built by the first (its build record
+    kept) and measures the same held-out recalls."""
+    pytest.importorskip("scann")
+    pytest.importorskip("faiss")
+    monkeypatch.setattr(bench, "set_thread_env", lambda threads: None)
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"out{i}"
+        argv = ["--mode", "equal", "--n", "2500", "--dim", "16", "--num-queries", "40",
+                "--tune-queries", "40", "--targets", "0.9", "--ks", "10", "--repeats", "1",
+                "--skip", "hnsw,paramspace", "--bootstrap", "20", "--build-threads", "1",
+                "--data-dir", str(tmp_path / "data"), "--reuse-indexes", "--out", str(out)]  # fmt: skip
+        assert bench.main(argv) == 0
+        runs.append(json.loads((out / "results.json").read_text()))
+    first, second = runs
+    assert not any("reused_from" in b for b in first["builds"].values())
+    assert all("reused_from" in b for b in second["builds"].values())
+    for name, b in first["builds"].items():
+        assert second["builds"][name]["build_s"] == b["build_s"]
+    for name, m in first["methods"].items():
+        got = {
+            bench._key(p["params"]): p["recall"] for p in second["methods"][name]["curves"]["10"]
+        }
+        for p in m["curves"]["10"]:
+            key = bench._key(p["params"])
+            if key in got:
+                assert got[key] == pytest.approx(p["recall"])
