@@ -126,6 +126,9 @@ def parse_args(argv=None):
     ap.add_argument("--reuse-indexes", action="store_true",
                     help="--mode equal with --data-dir: keep each built index there and reload "
                     "it in later runs (which report the first build's time)")  # fmt: skip
+    ap.add_argument("--build-only", action="store_true",
+                    help="--mode equal with --reuse-indexes: build and keep the indexes, then "
+                    "stop (a later run measures them)")  # fmt: skip
     ap.add_argument("--sequential", action="store_true",
                     help="--mode equal: one index in memory at a time (build, tune, measure, "
                     "free); rounds are round-robin within an index only")  # fmt: skip
@@ -1406,9 +1409,11 @@ class EqualRecall:
     # the run ---------------------------------------------------------------------------------
 
     def run(self):
-        self.truth()
+        build_only = self.args.build_only
+        if not build_only:
+            self.truth()
         n = len(self.emb)
-        plan = []  # (group, [methods]) in build order
+        plan = []  # groups (indexes) in build order
         if "scann" not in self.skip:
             plan.append(self.SCANN)
         if "autopilot" not in self.skip:
@@ -1423,16 +1428,25 @@ class EqualRecall:
                 opts = {"scoring": "ah", "num_leaves": max(2, round(math.sqrt(n))),
                         **json.loads(self.args.scann_options)}  # fmt: skip
                 ix = self.build_project(group, "scann", **opts)
+                if build_only:
+                    self.free(group)
+                    continue
                 names = [group + self.TUNE]
                 self.project_tuner(names[0], group, ix)
             elif group == self.AUTOPILOT:
                 searcher, config = self.build_autopilot()
+                if build_only:
+                    self.free(group)
+                    continue
                 self.autopilot_method(searcher, config)
                 names = [self.AUTOPILOT]
             else:
                 backend, opts = (("faiss-ivfpq", {"refine": True}) if group == self.IVFPQ
                                  else ("faiss-hnsw", {"M": 32, "ef_construction": 40}))  # fmt: skip
                 ix = self.build_project(group, backend, **opts)
+                if build_only:
+                    self.free(group)
+                    continue
                 names = [group + self.TUNE]
                 self.project_tuner(names[0], group, ix)
                 if "paramspace" not in self.skip:
@@ -1444,6 +1458,9 @@ class EqualRecall:
                 self.free(group)
             else:
                 pending += names
+        if build_only:
+            self.save()
+            return
         if pending:
             self.measure(pending)
         self.summarise()
@@ -1544,7 +1561,8 @@ def equal_mode(args, ids, emb, queries, tune_queries, data: str) -> int:
         "memmap": isinstance(emb, np.memmap), "command": "python " + " ".join(sys.argv),
     }  # fmt: skip
     bench.run()
-    print((bench.out / "table.md").read_text())
+    if not args.build_only:
+        print((bench.out / "table.md").read_text())
     return 0
 
 
