@@ -25,7 +25,7 @@ index and a tuner: ScaNN tree-AH and FAISS IVF-PQ + refine (and HNSW unless skip
 :func:`dpr_jax.index.tune.tune`, ScaNN's own ``builder(...).autopilot()`` and FAISS's own
 ``ParameterSpace.explore`` (its ``OperatingPoints``) on the same FAISS index. Each tuner's
 settings (tuned on ``--tune-queries`` separate queries; the dpr_jax tuner also at targets
-+-0.015 and +-0.03 so that the held-out curve brackets each target; autopilot's default and its
++-0.02 so that the held-out curve brackets each target; autopilot's default and its
 ``leaves_to_search`` from 1 to every leaf) are measured on the benchmark queries: recall@k per
 query for each ``--ks`` k (DPR reads 100), q/s over ``--repeats`` rounds, every setting of every
 method in turn in each round. A method's q/s at a target is read off its own held-out Pareto
@@ -126,6 +126,9 @@ def parse_args(argv=None):
     ap.add_argument("--reuse-indexes", action="store_true",
                     help="--mode equal with --data-dir: keep each built index there and reload "
                     "it in later runs (which report the first build's time)")  # fmt: skip
+    ap.add_argument("--tune-only", action="store_true",
+                    help="--mode equal with --reuse-indexes: build (or reload) the indexes and "
+                    "keep every tuner's settings, then stop (a later run measures them)")  # fmt: skip
     ap.add_argument("--build-only", action="store_true",
                     help="--mode equal with --reuse-indexes: build and keep the indexes, then "
                     "stop (a later run measures them)")  # fmt: skip
@@ -976,6 +979,31 @@ class EqualRecall:
             record = where.with_name(where.name + BUILD_RECORD)  # written last: the build is whole
             record.write_text(json.dumps(self.results["builds"][name], default=str))
 
+    def saved_tuning(self, name: str, points=None, picks=None):
+        """With ``--reuse-indexes``: a tuner's settings and picks (``points``, ``picks``) kept
+        beside the indexes, keyed by the method, the corpus, the tuning queries, k and targets
+        (and ``--scann-options``); returns the kept ones (None: none kept) when not given."""
+        where = self.saved_build(name, {"tuning": name, "tune_queries": len(self.tune_queries),
+                                        "ks": self.ks, "targets": self.targets,
+                                        "scann_options": self.args.scann_options})  # fmt: skip
+        if where is None:
+            return None
+        path = where.with_name(where.name + ".tuning.json")
+        if points is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"points": points, "picks": picks,
+                                        "loadavg": os.getloadavg()}, default=str))  # fmt: skip
+            return None
+        if not path.exists():
+            return None
+        rec = json.loads(path.read_text())
+        self.log(f"  {name}: reusing the tuners' settings in {path}")
+        points = {int(k): v for k, v in rec["points"].items()}
+        picks = {int(k): {float(t): p for t, p in v.items()} for k, v in rec["picks"].items()}
+        self.results.setdefault("reused_tuning", {})[name] = {"from": str(path),
+                                                              "loadavg": rec["loadavg"]}  # fmt: skip
+        return points, picks
+
     def build_project(self, name, backend, **options):
         from dpr_jax.index import build_index, load_index
         from dpr_jax.index.faiss_index import set_faiss_threads
@@ -1049,8 +1077,13 @@ class EqualRecall:
     def project_tuner(self, name, group, index):
         from dpr_jax.index.tune import TuneError, tune
 
+        search = lambda q, k, p, ix=index: ix.search(q, k, **p)[1]  # noqa: E731
+        kept = self.saved_tuning(name)
+        if kept is not None:
+            self.add_method(name, group, "dpr_jax.index.tune", search, *kept)
+            return
         grid = sorted({round(min(0.999, max(0.05, t + m)), 4) for t in self.targets
-                       for m in (-0.03, -0.015, 0.0, 0.015, 0.03)})  # fmt: skip
+                       for m in (-0.02, 0.0, 0.02)})  # fmt: skip
         points, picks = {}, {}
         for k in self.ks:
             cache, seen, pts = {}, {}, []
@@ -1075,8 +1108,8 @@ class EqualRecall:
             index.tuned = None
             points[k] = pts
             self.log(f"  {name} k={k}: {len(pts)} settings from dpr_jax tune at {grid}")
-        self.add_method(name, group, "dpr_jax.index.tune",
-                        lambda q, k, p, ix=index: ix.search(q, k, **p)[1], points, picks)  # fmt: skip
+        self.saved_tuning(name, points, picks)
+        self.add_method(name, group, "dpr_jax.index.tune", search, points, picks)
 
     def autopilot_method(self, searcher, config):
         """ScaNN's own choice: the searcher ``autopilot()`` built (for the largest k) and, for
@@ -1117,6 +1150,7 @@ class EqualRecall:
         fi = index.index
         ps = faiss.ParameterSpace()
         ps.initialize(fi)
+        ps.verbose = 0
         ranges = {}
         for i in range(ps.parameter_ranges.size()):
             pr = ps.parameter_ranges.at(i)
@@ -1126,7 +1160,10 @@ class EqualRecall:
         saved = _faiss_state(faiss, fi)
         points, picks = {}, {}
         set_faiss_threads(self.args.threads)
-        for k in self.ks:
+        kept = self.saved_tuning(name)
+        if kept is not None:
+            points, picks = kept
+        for k in self.ks if kept is None else ():
             crit = faiss.IntersectionCriterion(len(self.tune_queries), k)
             crit.set_groundtruth(None, np.ascontiguousarray(self.tune_rows[:, :k], np.int64))
             crit.nnn = k
@@ -1146,6 +1183,8 @@ class EqualRecall:
             for target in self.targets:
                 ok = [o for o in opt if o[1] >= target]
                 picks[k][target] = {"key": min(ok, key=lambda o: o[2])[0]} if ok else None
+        if kept is None:
+            self.saved_tuning(name, points, picks)
         self.results["builds"][group].setdefault("parameter_space", ranges)
 
         def search(q, k, p):
@@ -1315,7 +1354,7 @@ class EqualRecall:
         L += [
             "## Builds",
             "",
-            "| index | build s | bytes / vector | options |",
+            "| index | build s (load average) | bytes / vector | options |",
             "|---|---|---|---|",
         ]
         for name, b in self.results["builds"].items():
@@ -1330,8 +1369,13 @@ class EqualRecall:
                 extra += "; ParameterSpace ranges: " + ", ".join(
                     f"{n} {v[0]:g}..{v[-1]:g} ({len(v)})" for n, v in b["parameter_space"].items()
                 )
-            L.append(f"| {name} | {b['build_s']:.1f} | {b['bytes_per_vector']:.0f} | "
+            reused = ", reused from an earlier run" if "reused_from" in b else ""
+            load = f" ({b['loadavg'][0]:.1f}{reused})" if b.get("loadavg") else ""
+            L.append(f"| {name} | {b['build_s']:.1f}{load} | {b['bytes_per_vector']:.0f} | "
                      f"`{json.dumps(opts, sort_keys=True)}`{extra} |")  # fmt: skip
+        for name, r in self.results.get("reused_tuning", {}).items():
+            L.append(f"\n{name}: its tuner's settings were chosen by an earlier run "
+                     f"(`--tune-only`, load average {r['loadavg'][0]:.1f}) and measured here.")  # fmt: skip
         ex = self.results.get("exact")
         if ex:
             L += ["", f"Exact top-{ex['k']} (numpy, chunked over the corpus): {ex['qps']:.1f} q/s."]
@@ -1453,12 +1497,14 @@ class EqualRecall:
                     names.append(group + self.PS)
                     self.parameter_space(names[1], group, ix)
             self.save()
-            if self.args.sequential:  # one index in memory at a time (10M): measure, free
+            if self.args.tune_only:
+                self.free(group)
+            elif self.args.sequential:  # one index in memory at a time (10M): measure, free
                 self.measure(names)
                 self.free(group)
             else:
                 pending += names
-        if build_only:
+        if build_only or self.args.tune_only:
             self.save()
             return
         if pending:
@@ -1561,7 +1607,7 @@ def equal_mode(args, ids, emb, queries, tune_queries, data: str) -> int:
         "memmap": isinstance(emb, np.memmap), "command": "python " + " ".join(sys.argv),
     }  # fmt: skip
     bench.run()
-    if not args.build_only:
+    if not (args.build_only or args.tune_only):
         print((bench.out / "table.md").read_text())
     return 0
 

@@ -237,30 +237,30 @@ def test_accel_mode_skips_without_accelerator(bench, tmp_path, capsys, monkeypat
 
 
 def test_equal_mode_reuses_indexes(bench, tmp_path, monkeypatch):
-    """--reuse-indexes: a second run reloads every index built by the first (its build record
-    kept) and measures the same held-out recalls."""
+    """--reuse-indexes: --build-only keeps the indexes, --tune-only the tuners' settings, and a
+    later run reloads both (the build records kept) and measures them."""
     pytest.importorskip("scann")
     pytest.importorskip("faiss")
     monkeypatch.setattr(bench, "set_thread_env", lambda threads: None)
     runs = []
-    for i in range(2):
+    for i, phase in enumerate(["--build-only", "--tune-only", None]):
         out = tmp_path / f"out{i}"
         argv = ["--mode", "equal", "--n", "2500", "--dim", "16", "--num-queries", "40",
                 "--tune-queries", "40", "--targets", "0.9", "--ks", "10", "--repeats", "1",
-                "--skip", "hnsw,paramspace", "--bootstrap", "20", "--build-threads", "1",
+                "--skip", "hnsw", "--bootstrap", "20", "--build-threads", "1",
                 "--data-dir", str(tmp_path / "data"), "--reuse-indexes", "--out", str(out)]  # fmt: skip
-        assert bench.main(argv) == 0
+        assert bench.main(argv + ([phase] if phase else [])) == 0
         runs.append(json.loads((out / "results.json").read_text()))
-    first, second = runs
-    assert not any("reused_from" in b for b in first["builds"].values())
-    assert all("reused_from" in b for b in second["builds"].values())
-    for name, b in first["builds"].items():
-        assert second["builds"][name]["build_s"] == b["build_s"]
-    for name, m in first["methods"].items():
-        got = {
-            bench._key(p["params"]): p["recall"] for p in second["methods"][name]["curves"]["10"]
-        }
-        for p in m["curves"]["10"]:
-            key = bench._key(p["params"])
-            if key in got:
-                assert got[key] == pytest.approx(p["recall"])
+    built, tuned, measured = runs
+    assert not any("reused_from" in b for b in built["builds"].values())
+    assert not built["methods"] and not tuned["methods"]
+    assert all("reused_from" in b for b in measured["builds"].values())
+    for name, b in built["builds"].items():
+        assert measured["builds"][name]["build_s"] == b["build_s"]
+    assert set(measured["reused_tuning"]) == {"ScaNN tree-AH + dpr_jax tune",
+                                              "FAISS IVF-PQ + refine + dpr_jax tune",
+                                              "FAISS IVF-PQ + refine + ParameterSpace"}  # fmt: skip
+    kept = json.loads(Path(measured["reused_tuning"]["ScaNN tree-AH + dpr_jax tune"]["from"])
+                      .read_text())  # fmt: skip
+    got = [p["params"] for p in measured["methods"]["ScaNN tree-AH + dpr_jax tune"]["curves"]["10"]]
+    assert got == [p["params"] for p in kept["points"]["10"]]
