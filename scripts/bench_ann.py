@@ -979,12 +979,13 @@ class EqualRecall:
             record = where.with_name(where.name + BUILD_RECORD)  # written last: the build is whole
             record.write_text(json.dumps(self.results["builds"][name], default=str))
 
-    def saved_tuning(self, name: str, points=None, picks=None):
-        """With ``--reuse-indexes``: a tuner's settings and picks (``points``, ``picks``) kept
-        beside the indexes, keyed by the method, the corpus, the tuning queries, k and targets
-        (and ``--scann-options``); returns the kept ones (None: none kept) when not given."""
+    def saved_tuning(self, name: str, k: int, points=None, picks=None):
+        """With ``--reuse-indexes``: a tuner's settings and picks at one k (``points``,
+        ``picks``) kept beside the indexes, keyed by the method, the corpus, the tuning queries,
+        k and the targets (and ``--scann-options``), so that runs for different k can tune side
+        by side; returns the kept (points, picks), None where none are, when not given them."""
         where = self.saved_build(name, {"tuning": name, "tune_queries": len(self.tune_queries),
-                                        "ks": self.ks, "targets": self.targets,
+                                        "k": k, "targets": self.targets,
                                         "scann_options": self.args.scann_options})  # fmt: skip
         if where is None:
             return None
@@ -997,12 +998,10 @@ class EqualRecall:
         if not path.exists():
             return None
         rec = json.loads(path.read_text())
-        self.log(f"  {name}: reusing the tuners' settings in {path}")
-        points = {int(k): v for k, v in rec["points"].items()}
-        picks = {int(k): {float(t): p for t, p in v.items()} for k, v in rec["picks"].items()}
-        self.results.setdefault("reused_tuning", {})[name] = {"from": str(path),
-                                                              "loadavg": rec["loadavg"]}  # fmt: skip
-        return points, picks
+        self.log(f"  {name} k={k}: reusing the tuner's settings in {path}")
+        self.results.setdefault("reused_tuning", {})[f"{name}, k={k}"] = {
+            "from": str(path), "loadavg": rec["loadavg"]}  # fmt: skip
+        return rec["points"], {float(t): p for t, p in rec["picks"].items()}
 
     def build_project(self, name, backend, **options):
         from dpr_jax.index import build_index, load_index
@@ -1077,15 +1076,14 @@ class EqualRecall:
     def project_tuner(self, name, group, index):
         from dpr_jax.index.tune import TuneError, tune
 
-        search = lambda q, k, p, ix=index: ix.search(q, k, **p)[1]  # noqa: E731
-        kept = self.saved_tuning(name)
-        if kept is not None:
-            self.add_method(name, group, "dpr_jax.index.tune", search, *kept)
-            return
         grid = sorted({round(min(0.999, max(0.05, t + m)), 4) for t in self.targets
                        for m in (-0.02, 0.0, 0.02)})  # fmt: skip
         points, picks = {}, {}
         for k in self.ks:
+            kept = self.saved_tuning(name, k)
+            if kept is not None:
+                points[k], picks[k] = kept
+                continue
             cache, seen, pts = {}, {}, []
             picks[k] = {}
             for target in grid:
@@ -1108,8 +1106,9 @@ class EqualRecall:
             index.tuned = None
             points[k] = pts
             self.log(f"  {name} k={k}: {len(pts)} settings from dpr_jax tune at {grid}")
-        self.saved_tuning(name, points, picks)
-        self.add_method(name, group, "dpr_jax.index.tune", search, points, picks)
+            self.saved_tuning(name, k, pts, picks[k])
+        self.add_method(name, group, "dpr_jax.index.tune",
+                        lambda q, k, p, ix=index: ix.search(q, k, **p)[1], points, picks)  # fmt: skip
 
     def autopilot_method(self, searcher, config):
         """ScaNN's own choice: the searcher ``autopilot()`` built (for the largest k) and, for
@@ -1160,10 +1159,11 @@ class EqualRecall:
         saved = _faiss_state(faiss, fi)
         points, picks = {}, {}
         set_faiss_threads(self.args.threads)
-        kept = self.saved_tuning(name)
-        if kept is not None:
-            points, picks = kept
-        for k in self.ks if kept is None else ():
+        for k in self.ks:
+            kept = self.saved_tuning(name, k)
+            if kept is not None:
+                points[k], picks[k] = kept
+                continue
             crit = faiss.IntersectionCriterion(len(self.tune_queries), k)
             crit.set_groundtruth(None, np.ascontiguousarray(self.tune_rows[:, :k], np.int64))
             crit.nnn = k
@@ -1183,8 +1183,7 @@ class EqualRecall:
             for target in self.targets:
                 ok = [o for o in opt if o[1] >= target]
                 picks[k][target] = {"key": min(ok, key=lambda o: o[2])[0]} if ok else None
-        if kept is None:
-            self.saved_tuning(name, points, picks)
+            self.saved_tuning(name, k, points[k], picks[k])
         self.results["builds"][group].setdefault("parameter_space", ranges)
 
         def search(q, k, p):

@@ -257,10 +257,10 @@ def test_equal_mode_reuses_indexes(bench, tmp_path, monkeypatch):
     assert all("reused_from" in b for b in measured["builds"].values())
     for name, b in built["builds"].items():
         assert measured["builds"][name]["build_s"] == b["build_s"]
-    assert set(measured["reused_tuning"]) == {"ScaNN tree-AH + dpr_jax tune",
-                                              "FAISS IVF-PQ + refine + dpr_jax tune",
-                                              "FAISS IVF-PQ + refine + ParameterSpace"}  # fmt: skip
-    kept = json.loads(Path(measured["reused_tuning"]["ScaNN tree-AH + dpr_jax tune"]["from"])
-                      .read_text())  # fmt: skip
+    assert set(measured["reused_tuning"]) == {"ScaNN tree-AH + dpr_jax tune, k=10",
+                                              "FAISS IVF-PQ + refine + dpr_jax tune, k=10",
+                                              "FAISS IVF-PQ + refine + ParameterSpace, k=10"}  # fmt: skip
+    kept = measured["reused_tuning"]["ScaNN tree-AH + dpr_jax tune, k=10"]["from"]
+    kept = json.loads(Path(kept).read_text())
     got = [p["params"] for p in measured["methods"]["ScaNN tree-AH + dpr_jax tune"]["curves"]["10"]]
-    assert got == [p["params"] for p in kept["points"]["10"]]
+    assert got == [p["params"] for p in kept["points"]]
