@@ -29,8 +29,10 @@ settings (tuned on ``--tune-queries`` separate queries; the dpr_jax tuner also a
 ``leaves_to_search`` from 1 to every leaf) are measured on the benchmark queries: recall@k per
 query for each ``--ks`` k (DPR reads 100), q/s over ``--repeats`` rounds, every setting of every
 method in turn in each round. A method's q/s at a target is read off its own held-out Pareto
-curve by linear interpolation between the two points that bracket the target (shown in the
-table); its spread is min / median / max over rounds (the same two points, each round's q/s);
+curve (each point at its best q/s over the rounds: other jobs on a shared machine only slow a
+run down, so the fastest round is the least disturbed) by linear interpolation between the two
+points that bracket the target (shown in the table); its spread is min / median / max over
+rounds (the same two points, each round's q/s);
 the uncertainty from the choice of queries is a bootstrap over them (``--bootstrap`` resamples:
 each point's recall re-measured on the resample, the interpolation redone; paired across
 methods). Every ratio has both. The tuners' own picks at the target are listed with their
@@ -694,7 +696,8 @@ BUILD_RECORD = ".build.json"  # <index dir>.build.json, beside an index kept by 
 
 RULE = (
     "q/s at a target = linear interpolation in (recall, q/s) between the two points of the "
-    "method's held-out Pareto frontier (median q/s over rounds) that bracket the target; "
+    "method's held-out Pareto frontier (each point's best q/s over the rounds: on a shared "
+    "machine other jobs only ever slow a run down) that bracket the target; "
     "'>=' where every point is above the target (a lower bound: the fastest point's q/s), "
     "'not reached' where none reaches it"
 )
@@ -1084,11 +1087,14 @@ class EqualRecall:
 
     # methods: an index and a tuner -----------------------------------------------------------
 
-    def add_method(self, name, group, tuner, search, points, picks):
+    def add_method(self, name, group, tuner, search, points, picks, ordered_from=None):
         """``search(queries, k, params) -> ids``; ``points[k]``: [{"params", "tune_recall"}];
-        ``picks[k][target]``: the params the tuner itself would serve at that target."""
-        self.methods[name] = {"group": group, "tuner": tuner, "search": search,
-                              "points": points, "picks": picks}  # fmt: skip
+        ``picks[k][target]``: the params the tuner itself would serve at that target;
+        ``ordered_from``: points[k][ordered_from:] are a sweep in increasing recall and cost,
+        measured only until one is well above the highest target."""
+        self.methods[name] = {"group": group, "tuner": tuner, "search": search, "points": points,
+                              "picks": picks,
+                              "ordered_from": math.inf if ordered_from is None else ordered_from}  # fmt: skip
 
     def project_tuner(self, name, group, index):
         from dpr_jax.index.tune import TuneError, tune
@@ -1151,7 +1157,8 @@ class EqualRecall:
             pts[k] = [{"params": p, "tune_recall": None} for p in grid]
             picks[k] = {t: base for t in self.targets}  # autopilot's own default
             self.results["builds"][self.AUTOPILOT].setdefault("chosen_per_k", {})[k] = own
-        self.add_method(self.AUTOPILOT, self.AUTOPILOT, "scann autopilot()", search, pts, picks)
+        self.add_method(self.AUTOPILOT, self.AUTOPILOT, "scann autopilot()", search, pts, picks,
+                        ordered_from=1)  # fmt: skip
 
     def parameter_space(self, name, group, index):
         """FAISS's own tuner on the same FAISS index: ``ParameterSpace.initialize`` (FAISS's
@@ -1221,7 +1228,7 @@ class EqualRecall:
         targets over ``--repeats`` rounds, round-robin over every (method, k, point)."""
 
         todo = []
-        low = min(self.targets) - 0.05
+        low, high = min(self.targets) - 0.05, min(1.0, max(self.targets) + 0.03)
         for name in names:
             m = self.methods[name]
             res = self.results["methods"].setdefault(name, {"group": m["group"],
@@ -1229,18 +1236,23 @@ class EqualRecall:
             for k in self.ks:
                 true = self.true_ids[:, :k]
                 pts = []
-                for p in m["points"][k]:
+                for i, p in enumerate(m["points"][k]):
                     got = m["search"](self.queries, k, p["params"])
                     pq = per_query_recall(got, true)
                     pts.append({**p, "recall": float(pq.mean()), "_pq": pq, "qps_rounds": []})
-                # time the points near or above the lowest target, and the best one below each
-                # target (the lower bracket)
+                    if i >= m["ordered_from"] and pts[-1]["recall"] >= high:
+                        break  # a sweep in increasing cost: the rest lie further above the targets
+                # time the points from a little below the lowest target to a little above the
+                # highest, and the nearest one on either side of each target (the brackets)
                 for p in pts:
-                    p["timed"] = p["recall"] >= low
+                    p["timed"] = low <= p["recall"] <= high
                 for t in self.targets:
                     below = [p for p in pts if p["recall"] < t]
+                    above = [p for p in pts if p["recall"] >= t]
                     if below:
                         max(below, key=lambda p: p["recall"])["timed"] = True
+                    if above:
+                        min(above, key=lambda p: p["recall"])["timed"] = True
                 res["curves"][str(k)] = pts
                 todo += [(name, k, p) for p in pts if p["timed"]]
             self.log(f"  {name}: held-out recall of {sum(len(m['points'][k]) for k in self.ks)} "
@@ -1270,7 +1282,7 @@ class EqualRecall:
             for k, pts in res["curves"].items():
                 timed = [p for p in pts if p["timed"] and p["qps"]]
                 rec = [p["recall"] for p in timed]
-                med = [p["qps"]["median"] for p in timed]
+                med = [p["qps"]["max"] for p in timed]  # best of rounds (see RULE)
                 pq = np.array([p["_pq"] for p in timed]) if timed else np.zeros((0, 1))
                 res["at"][k] = {}
                 for t in self.targets:
@@ -1316,7 +1328,7 @@ class EqualRecall:
               f"the held-out queries ({self.args.bootstrap} resamples; recall re-measured, the "
               "same resamples for every method).", ""]  # fmt: skip
         for k in map(str, self.ks):
-            L += [f"## recall@{k}", "", "| target | method | q/s at target (median) | min - max "
+            L += [f"## recall@{k}", "", "| target | method | q/s at target | rounds: min / median / max "
                   "| bootstrap 95% | bracketing points (held-out recall) |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
             for t in (f"{t:.2f}" for t in self.targets):
@@ -1330,10 +1342,11 @@ class EqualRecall:
                     ci = a.get("boot_ci")
                     br = " / ".join(f"{_key(p)} ({r:.4f})"
                                     for p, r in zip(a["bracket"], a["bracket_recall"]))  # fmt: skip
-                    L.append(f"| {t} | {name} | {ge}{a['qps']:,.0f} | {sp.get('min', 0):,.0f} - "
-                             f"{sp.get('max', 0):,.0f} | {_ci(ci, ',.0f')} | {br} |")  # fmt: skip
-            L += ["", "| target | ratio of q/s at the target | median | min - max over rounds "
-                  "| bootstrap 95% |", "|---|---|---|---|---|"]  # fmt: skip
+                    L.append(f"| {t} | {name} | {ge}{a['qps']:,.0f} | {sp.get('min', 0):,.0f} / "
+                             f"{sp.get('median', 0):,.0f} / {sp.get('max', 0):,.0f} | "
+                             f"{_ci(ci, ',.0f')} | {br} |")  # fmt: skip
+            L += ["", "| target | ratio of q/s at the target | ratio | per round: min / median / "
+                  "max | bootstrap 95% |", "|---|---|---|---|---|"]  # fmt: skip
             for t, h in self.results["headline"][k].items():
                 if not h["ratios"]:
                     L.append(
@@ -1343,11 +1356,12 @@ class EqualRecall:
                     sp = r["spread"]
                     ge = ">= " if r["bound"] else ""
                     L.append(f"| {t} | {r['num']} / {r['den']} | **{ge}{r['ratio']:.2f}x** | "
-                             f"{sp['min']:.2f} - {sp['max']:.2f}x | {_ci(r['boot_ci'], '.2f')} |")  # fmt: skip
+                             f"{sp['min']:.2f} / {sp['median']:.2f} / {sp['max']:.2f} | "
+                             f"{_ci(r['boot_ci'], '.2f')} |")  # fmt: skip
             L += ["", "What each tuner serves on its own at the target (its pick on the tuning "
                   "queries, measured on the held-out ones):", "",
                   "| target | method | pick | recall (tuning) | held-out recall [95%] | q/s "
-                  "median (min - max) |", "|---|---|---|---|---|---|"]  # fmt: skip
+                  "best (min, median) |", "|---|---|---|---|---|---|"]  # fmt: skip
             for t in self.targets:
                 for name, res in self.results["methods"].items():
                     picks = self.methods[name]["picks"][int(k)]
@@ -1362,8 +1376,7 @@ class EqualRecall:
                         continue
                     tr = "" if p["tune_recall"] is None else f"{p['tune_recall']:.4f}"
                     q = p["qps"]
-                    qs = (f"{q['median']:,.0f} ({q['min']:,.0f} - {q['max']:,.0f})" if q
-                          else "not timed")  # fmt: skip
+                    qs = _qps_cell(q) or "not timed"
                     L.append(f"| {t:.2f} | {name} | {_key(pick)} | {tr} | {p['recall']:.4f} "
                              f"{_ci(p['recall_ci'], '.4f')} | {qs} |")  # fmt: skip
             L.append("")
@@ -1399,11 +1412,11 @@ class EqualRecall:
         for name, res in self.results["methods"].items():
             for k, pts in res["curves"].items():
                 L += [f"### {name}, recall@{k}", "", "| setting | recall (tuning) | held-out "
-                      "recall [95%] | q/s median (min - max) |", "|---|---|---|---|"]  # fmt: skip
+                      "recall [95%] | q/s best (min, median) |", "|---|---|---|---|"]  # fmt: skip
                 for p in sorted(pts, key=lambda p: p["recall"]):
                     tr = "" if p["tune_recall"] is None else f"{p['tune_recall']:.4f}"
                     q = p.get("qps")
-                    qs = f"{q['median']:,.0f} ({q['min']:,.0f} - {q['max']:,.0f})" if q else ""
+                    qs = _qps_cell(q)
                     L.append(f"| {_key(p['params'])} | {tr} | {p['recall']:.4f} "
                              f"{_ci(p['recall_ci'], '.4f')} | {qs} |")  # fmt: skip
                 L.append("")
@@ -1426,11 +1439,11 @@ class EqualRecall:
                 if not pts:
                     continue
                 r = [p["recall"] for p in pts]
-                med = [p["qps"]["median"] for p in pts]
+                med = [p["qps"]["max"] for p in pts]  # best of rounds (see RULE)
                 lo = [p["recall"] - p["recall_ci"][0] for p in pts]
                 hi = [p["recall_ci"][1] - p["recall"] for p in pts]
-                ylo = [p["qps"]["median"] - p["qps"]["min"] for p in pts]
-                yhi = [p["qps"]["max"] - p["qps"]["median"] for p in pts]
+                ylo = [p["qps"]["max"] - p["qps"]["min"] for p in pts]
+                yhi = [0.0] * len(pts)
                 ax.errorbar(r, med, xerr=[lo, hi], yerr=[ylo, yhi], fmt="o", ms=3, color=c,
                             alpha=0.6, elinewidth=0.8, capsize=0)  # fmt: skip
                 front = frontier_indices(r, med)
@@ -1448,7 +1461,9 @@ class EqualRecall:
             ax.set_xlabel(
                 f"recall@{k} on {cfg['num_queries']} held-out queries (bars: 95% bootstrap)"
             )
-            ax.set_ylabel(f"queries/s, {cfg['threads']} thread(s) (bars, band: min-max of rounds)")
+            ax.set_ylabel(
+                f"queries/s, {cfg['threads']} thread(s): best of rounds (bars, band: to the slowest)"
+            )
             ax.set_title(f"{cfg['n']:,} x {cfg['dim']}, recall@{k}; stars: q/s at the targets",
                          fontsize=9)  # fmt: skip
             ax.legend(fontsize=7, loc="lower left")
@@ -1536,6 +1551,13 @@ class EqualRecall:
             self.methods[name]["search"] = None
         self.groups.pop(group, None)
         gc.collect()
+
+
+def _qps_cell(q) -> str:
+    """ "best (min, median)" of a point's q/s over the rounds."""
+    if not q:
+        return ""
+    return f"{q['max']:,.0f} ({q['min']:,.0f}, {q['median']:,.0f})"
 
 
 def _ci(ci, fmt: str) -> str:
@@ -1677,7 +1699,7 @@ class AccelRecall(EqualRecall):
 
     def sweep_method(self, name, group, search, grid, tuner):
         pts = {k: [{"params": p, "tune_recall": None} for p in grid] for k in self.ks}
-        self.add_method(name, group, tuner, search, pts, {k: {} for k in self.ks})
+        self.add_method(name, group, tuner, search, pts, {k: {} for k in self.ks}, ordered_from=0)
 
     def jax_methods(self):
         from dpr_jax.index import build_index
