@@ -931,7 +931,7 @@ class EqualRecall:
         with ``--reuse-indexes`` kept beside the indexes and reloaded by later runs."""
         import numpy as np
 
-        kmax = max(self.ks)
+        kmax = max(100, *self.ks)  # DPR's 100 whatever --ks: one kept truth serves every k
         where = self.saved_build("exact", {"k": kmax, "queries": len(self.queries),
                                            "tune_queries": len(self.tune_queries)})  # fmt: skip
         path = None if where is None else where.with_name(where.name + ".truth.npz")
