@@ -902,6 +902,7 @@ class EqualRecall:
     SCANN, AUTOPILOT, IVFPQ, HNSW = ("ScaNN tree-AH", "ScaNN autopilot()",
                                      "FAISS IVF-PQ + refine", "FAISS HNSW")  # fmt: skip
     TUNE, PS = " + dpr_jax tune", " + ParameterSpace"
+    PS_NOHT = " + ParameterSpace without ht"
 
     def __init__(self, args, ids, emb, queries, tune_queries):
         self.args, self.ids, self.emb = args, ids, emb
@@ -1160,11 +1161,13 @@ class EqualRecall:
         self.add_method(self.AUTOPILOT, self.AUTOPILOT, "scann autopilot()", search, pts, picks,
                         ordered_from=1)  # fmt: skip
 
-    def parameter_space(self, name, group, index):
+    def parameter_space(self, name, group, index, drop=()):
         """FAISS's own tuner on the same FAISS index: ``ParameterSpace.initialize`` (FAISS's
         ranges), ``explore`` with an ``IntersectionCriterion`` (recall@k) on the tuning queries,
         the ``OperatingPoints``' optimal points as the curve; the pick at a target is the fastest
-        optimal point whose recall there reaches it."""
+        optimal point whose recall there reaches it. ``drop``: ranges left out (e.g. IVF-PQ's
+        polysemous ``ht``, of no use for codes not trained to be polysemous), the others kept as
+        FAISS sets them (``ParameterSpace.add_range``)."""
         import numpy as np
 
         from dpr_jax.index.faiss_index import import_faiss, set_faiss_threads
@@ -1173,11 +1176,19 @@ class EqualRecall:
         fi = index.index
         ps = faiss.ParameterSpace()
         ps.initialize(fi)
-        ps.verbose = 0
         ranges = {}
         for i in range(ps.parameter_ranges.size()):
             pr = ps.parameter_ranges.at(i)
             ranges[pr.name] = [pr.values.at(j) for j in range(pr.values.size())]
+        if drop:
+            ps = faiss.ParameterSpace()
+            for pname, values in ranges.items():
+                if pname not in drop:
+                    pr = ps.add_range(pname)  # filled at once: the next add_range may move it
+                    for v in values:
+                        pr.values.push_back(v)
+            ranges = {n: v for n, v in ranges.items() if n not in drop}
+        ps.verbose = 0
         if self.args.ps_experiments:
             ps.n_experiments = self.args.ps_experiments
         saved = _faiss_state(faiss, fi)
@@ -1310,6 +1321,7 @@ class EqualRecall:
     def pairs(self) -> list[tuple[str, str]]:
         """Each library's own tuner against dpr_jax's on the same index (numerator first)."""
         return [(self.SCANN + self.TUNE, self.AUTOPILOT), (self.IVFPQ + self.TUNE, self.IVFPQ + self.PS),
+                (self.IVFPQ + self.TUNE, self.IVFPQ + self.PS_NOHT),
                 (self.HNSW + self.TUNE, self.HNSW + self.PS)]  # fmt: skip
 
     # report ----------------------------------------------------------------------------------
@@ -1526,7 +1538,10 @@ class EqualRecall:
                 self.project_tuner(names[0], group, ix)
                 if "paramspace" not in self.skip:
                     names.append(group + self.PS)
-                    self.parameter_space(names[1], group, ix)
+                    self.parameter_space(names[-1], group, ix)
+                if group == self.IVFPQ and "paramspace-noht" not in self.skip:
+                    names.append(group + self.PS_NOHT)
+                    self.parameter_space(names[-1], group, ix, drop=("ht",))
             self.save()
             if self.args.tune_only:
                 self.free(group)

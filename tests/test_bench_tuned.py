@@ -201,7 +201,10 @@ def test_equal_mode_tiny(bench, tmp_path, monkeypatch):
     methods = res["methods"]
     assert set(methods) == {"ScaNN tree-AH + dpr_jax tune", "ScaNN autopilot()",
                             "FAISS IVF-PQ + refine + dpr_jax tune",
-                            "FAISS IVF-PQ + refine + ParameterSpace"}  # fmt: skip
+                            "FAISS IVF-PQ + refine + ParameterSpace",
+                            "FAISS IVF-PQ + refine + ParameterSpace without ht"}  # fmt: skip
+    noht = methods["FAISS IVF-PQ + refine + ParameterSpace without ht"]["curves"]["10"]
+    assert noht and all("ht=" not in p["params"]["key"] for p in noht)
     assert methods["FAISS IVF-PQ + refine + ParameterSpace"]["tuner"] == "faiss ParameterSpace"
     assert res["builds"]["FAISS IVF-PQ + refine"]["index_factory"].endswith(",RFlat")
     assert "nprobe" in res["builds"]["FAISS IVF-PQ + refine"]["parameter_space"]
@@ -259,7 +262,8 @@ def test_equal_mode_reuses_indexes(bench, tmp_path, monkeypatch):
         assert measured["builds"][name]["build_s"] == b["build_s"]
     assert set(measured["reused_tuning"]) == {"ScaNN tree-AH + dpr_jax tune, k=10",
                                               "FAISS IVF-PQ + refine + dpr_jax tune, k=10",
-                                              "FAISS IVF-PQ + refine + ParameterSpace, k=10"}  # fmt: skip
+                                              "FAISS IVF-PQ + refine + ParameterSpace, k=10",
+                                              "FAISS IVF-PQ + refine + ParameterSpace without ht, k=10"}  # fmt: skip
     kept = measured["reused_tuning"]["ScaNN tree-AH + dpr_jax tune, k=10"]["from"]
     kept = json.loads(Path(kept).read_text())
     got = [p["params"] for p in measured["methods"]["ScaNN tree-AH + dpr_jax tune"]["curves"]["10"]]
