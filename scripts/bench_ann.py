@@ -19,6 +19,45 @@ own tuned setting, with the ScaNN / best-FAISS q/s ratio per target.
 ``--mode sharded`` compares numpy brute force with exact JAX search sharded over 1 and 8 CPU
 devices (``--devices``; one subprocess per device count, since XLA fixes it at start-up).
 
+``--mode equal`` compares methods at equal *measured* recall on held-out queries, the rule the
+tuned mode lacks (there each method is timed wherever its held-out recall lands). A method is an
+index and a tuner: ScaNN tree-AH and FAISS IVF-PQ + refine (and HNSW unless skipped) with
+:func:`dpr_jax.index.tune.tune`, ScaNN's own ``builder(...).autopilot()`` and FAISS's own
+``ParameterSpace.explore`` (its ``OperatingPoints``) on the same FAISS index. Each tuner's
+settings (tuned on ``--tune-queries`` separate queries; the dpr_jax tuner also at targets
++-0.02 so that the held-out curve brackets each target; autopilot's default and its
+``leaves_to_search`` from 1 to every leaf) are measured on the benchmark queries: recall@k per
+query for each ``--ks`` k (DPR reads 100), q/s over ``--repeats`` rounds, every setting of every
+method in turn in each round. A method's q/s at a target is read off its own held-out Pareto
+curve (each point at its best q/s over the rounds: other jobs on a shared machine only slow a
+run down, so the fastest round is the least disturbed) by linear interpolation between the two
+points that bracket the target (shown in the table); its spread is min / median / max over
+rounds (the same two points, each round's q/s);
+the uncertainty from the choice of queries is a bootstrap over them (``--bootstrap`` resamples:
+each point's recall re-measured on the resample, the interpolation redone; paired across
+methods). Every ratio has both. The tuners' own picks at the target are listed with their
+held-out recall, so the unequal-recall comparison stays visible. Outputs: ``table.md``,
+``results.json`` (every point, every round), ``recall_qps.png`` (every curve, recall bars =
+bootstrap 95%, q/s bars and bands = min-max over rounds, stars = q/s at the targets).
+
+Scale (``--data-dir``): the synthetic corpus is generated 65,536 rows at a time into a
+``.npy`` memory map (:func:`synthetic_memmap`, made once and reused), and the exact neighbours
+stream over it in blocks (:func:`exact_topk_chunked`), so the corpus itself never needs memory
+(the page cache holds what is read). At dim 384 a vector is 1,536 bytes of float32: 1M vectors
+are 1.5 GB and the three indexes (ScaNN tree-AH and autopilot with float32 reorder data ~1.7 KB a
+vector each, IVF-PQ + flat refine ~1.6 KB) ~5 GB together, well inside 24 GiB. 10M vectors are
+a 15.4 GB memory map and ~17 / 17 / 16 GB of indexes, ~50 GB together, which does not fit:
+``--sequential`` keeps one index at a time (build, tune, measure, free; timing round-robin
+within that index's methods only), a peak of ~17.5 GB (ScaNN's float32 copy 15.4 GB + AH codes
+1 GB + ids 0.6 GB + ``Index.build``'s finiteness check, a transient 3.8 GB bool array, before
+the copy) plus the (Q, 65,536) float32 score block of the exact search (0.2 GB at Q = 800).
+
+``--mode accel`` runs on a GPU or TPU and prints one line and exits 0 when there is none: exact
+JAX search (float32 and bfloat16 storage) and its ``approx_max_k`` search (``recall_target``
+swept) on the JAX accelerator, and, where the installed FAISS has GPU support, GPU flat, IVF-Flat
+and IVF-PQ (``nprobe`` swept through ``GpuParameterSpace``) and CAGRA (``itopk_size`` swept;
+where FAISS was built with cuVS), all read at the targets by the same rule.
+
 Data: ``--embeddings DIR [DIR ...] --queries Q.npy`` (e.g. SQuAD passages and questions encoded
 by ``dpr-jax encode``), or by default a seeded synthetic set fitted to real all-MiniLM-L6-v2
 embeddings of SQuAD (see :func:`synthetic`). Outputs in ``--out``: ``results.json``
@@ -27,6 +66,12 @@ embeddings of SQuAD (see :func:`synthetic`). Outputs in ``--out``: ``results.jso
     nice -n 10 python scripts/bench_ann.py --n 1000000 --threads 1 --out artifacts/bench_ann
     nice -n 10 python scripts/bench_ann.py --mode tuned --n 1000000 --out artifacts/bench_tuned
     nice -n 10 python scripts/bench_ann.py --mode sharded --n 1000000 --out artifacts/bench_shard
+    python scripts/bench_ann.py --mode equal --n 1000000 --threads 1 --num-queries 500 \
+        --tune-queries 300 --targets 0.90,0.95 --ks 10,100 --skip hnsw --repeats 3 \
+        --data-dir /tmp/ann_data --out artifacts/bench_equal_1m
+    python scripts/bench_ann.py --mode equal --n 10000000 ... --sequential --data-dir /big/disk
+    python scripts/bench_ann.py --mode accel --n 1000000 --num-queries 1000 --ks 10,100 \
+        --targets 0.90,0.95 --repeats 3 --out artifacts/bench_accel_1m
 """
 
 from __future__ import annotations
@@ -59,9 +104,13 @@ def parse_args(argv=None):
     ap.add_argument("--scaling", default="10000,100000,1000000", help="corpus sizes")
     ap.add_argument("--skip", default="", help="comma list of: exact,scann,hnsw,ivfpq,scaling")
     ap.add_argument("--out", default="artifacts/bench_ann")
-    ap.add_argument("--mode", choices=["sweep", "tuned", "sharded"], default="sweep",
+    ap.add_argument("--mode", choices=["sweep", "tuned", "equal", "accel", "sharded"],
+                    default="sweep",
                     help="sweep: knob sweeps (default); tuned: every method auto-tuned to each "
-                    "--targets recall; sharded: numpy vs exact JAX on --devices CPU devices")  # fmt: skip
+                    "--targets recall; equal: q/s at equal measured held-out recall, dpr_jax's "
+                    "tuner beside ScaNN autopilot() and FAISS ParameterSpace; accel: the same on "
+                    "a GPU/TPU (skipped without one); sharded: numpy vs exact JAX on --devices "
+                    "CPU devices")  # fmt: skip
     ap.add_argument("--targets", default="0.90,0.95,0.99", help="recall targets (--mode tuned)")
     ap.add_argument("--tune-queries", type=int, default=500,
                     help="tuning queries, separate from the benchmark ones (--mode tuned)")  # fmt: skip
@@ -70,6 +119,27 @@ def parse_args(argv=None):
         default="{}",
         help="JSON of ScaNN build options (--mode tuned), e.g. '{\"soar_lambda\": 1.5}'",
     )
+    ap.add_argument("--ks", default="10",
+                    help="recall@k values, comma list (--mode equal / accel), e.g. 10,100")  # fmt: skip
+    ap.add_argument("--bootstrap", type=int, default=1000,
+                    help="bootstrap resamples of the queries (--mode equal / accel)")  # fmt: skip
+    ap.add_argument("--data-dir", help="write the synthetic corpus here as .npy in chunks and "
+                    "memory-map it (made once, reused; for 1M-10M vectors)")  # fmt: skip
+    ap.add_argument("--reuse-indexes", action="store_true",
+                    help="--mode equal with --data-dir: keep each built index there and reload "
+                    "it in later runs (which report the first build's time)")  # fmt: skip
+    ap.add_argument("--tune-only", action="store_true",
+                    help="--mode equal with --reuse-indexes: build (or reload) the indexes and "
+                    "keep every tuner's settings, then stop (a later run measures them)")  # fmt: skip
+    ap.add_argument("--build-only", action="store_true",
+                    help="--mode equal with --reuse-indexes: build and keep the indexes, then "
+                    "stop (a later run measures them)")  # fmt: skip
+    ap.add_argument("--sequential", action="store_true",
+                    help="--mode equal: one index in memory at a time (build, tune, measure, "
+                    "free); rounds are round-robin within an index only")  # fmt: skip
+    ap.add_argument("--ps-experiments", type=int, default=0,
+                    help="FAISS ParameterSpace.n_experiments (0: FAISS's default)")  # fmt: skip
+    ap.add_argument("--accel-force-cpu", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--devices", default="1,8", help="CPU device counts (--mode sharded)")
     ap.add_argument("--sharded-child", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -91,7 +161,7 @@ def set_thread_env(threads: int) -> None:
 # -- data ----------------------------------------------------------------------------------------
 
 
-def synthetic(n: int, d: int, n_queries: int, seed: int = 0, chunk: int = 65536):
+def synthetic(n: int, d: int, n_queries: int, seed: int = 0, chunk: int = 65536, out=None):
     """A seeded stand-in for all-MiniLM-L6-v2 sentence embeddings of passages and questions.
 
     Unit vectors from a two-level mixture: topics x 20 subtopics (Dirichlet-weighted centres,
@@ -107,6 +177,10 @@ def synthetic(n: int, d: int, n_queries: int, seed: int = 0, chunk: int = 65536)
     0.552 / 0.762 / 0.873 / 0.931 real vs 0.554 / 0.751 / 0.867 / 0.940 synthetic (the
     partition difficulty that separates ANN methods; iid Gaussian data or well-separated
     clusters would make it far easier or harder).
+
+    ``out``: an (n, d) float32 array to fill (e.g. a ``np.lib.format.open_memmap``), so that the
+    corpus is written ``chunk`` rows at a time and never held in memory whole; the values are
+    the same as without it (:func:`synthetic_memmap`).
     """
     import numpy as np
 
@@ -124,7 +198,7 @@ def synthetic(n: int, d: int, n_queries: int, seed: int = 0, chunk: int = 65536)
     topics = np.repeat(gauss(n_topics), 20, axis=0)
     centres = math.sqrt(0.02) * mean + math.sqrt(0.3) * topics + math.sqrt(0.3) * gauss(len(topics))
     weights = rng.dirichlet(np.ones(len(centres)))
-    emb = np.empty((n, d), np.float32)
+    emb = np.empty((n, d), np.float32) if out is None else out
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
         x = centres[rng.choice(len(centres), m, p=weights)] + math.sqrt(0.38) * gauss(m)
@@ -609,6 +683,1203 @@ class Bench:
             plt.close(fig)
 
 
+# -- equal measured recall (--mode equal) --------------------------------------------------------
+#
+# The headline of --mode equal compares methods at the same *measured* recall on held-out queries:
+# every method contributes a set of search settings (its own tuner's choices), each measured on
+# the benchmark queries (recall per query, q/s over --repeats round-robin rounds); its q/s at a
+# target recall is read off its own recall-q/s curve by linear interpolation between the two
+# Pareto points that bracket the target. The pure arithmetic is in the functions below (tested by
+# hand in tests/test_bench_tuned.py); :class:`EqualRecall` runs the libraries.
+
+BUILD_RECORD = ".build.json"  # <index dir>.build.json, beside an index kept by --reuse-indexes
+
+RULE = (
+    "q/s at a target = linear interpolation in (recall, q/s) between the two points of the "
+    "method's held-out Pareto frontier (each point's best q/s over the rounds: on a shared "
+    "machine other jobs only ever slow a run down) that bracket the target; "
+    "'>=' where every point is above the target (a lower bound: the fastest point's q/s), "
+    "'not reached' where none reaches it"
+)
+
+
+def synthetic_memmap(data_dir, n: int, d: int, n_queries: int, seed: int = 0,
+                     chunk: int = 65536):  # fmt: skip
+    """:func:`synthetic` written to ``data_dir`` as .npy files (made once, then memory-mapped):
+    the corpus is generated ``chunk`` rows at a time into an ``open_memmap``, so a 10M x 384
+    corpus (15.4 GB of float32) never needs 15.4 GB of memory; the page cache holds what is read.
+    Returns (ids, emb memmap read-only, queries)."""
+    import numpy as np
+
+    base = Path(data_dir) / f"synthetic_n{n}_d{d}_q{n_queries}_s{seed}"
+    emb_p, q_p, done = (base.with_suffix(".emb.npy"), base.with_suffix(".queries.npy"),
+                        base.with_suffix(".done"))  # fmt: skip
+    if not done.exists():
+        base.parent.mkdir(parents=True, exist_ok=True)
+        out = np.lib.format.open_memmap(emb_p, mode="w+", dtype=np.float32, shape=(n, d))
+        _, _, q = synthetic(n, d, n_queries, seed, chunk=chunk, out=out)
+        out.flush()
+        del out
+        np.save(q_p, q)
+        done.write_text(json.dumps({"n": n, "d": d, "n_queries": n_queries, "seed": seed}))
+    emb = np.load(emb_p, mmap_mode="r")
+    return np.arange(n).astype(str), emb, np.load(q_p)
+
+
+def exact_topk_chunked(queries, emb, k: int, rows: int = 65536):
+    """Exact MIPS top-k (scores (Q, k), rows (Q, k)), best first, ties to the lower row, reading
+    the corpus ``rows`` rows at a time (a memmap is streamed once, whatever the query count:
+    memory is a (Q, rows) score block plus the running (Q, 2k) candidates)."""
+    import numpy as np
+
+    q = np.ascontiguousarray(queries, np.float32)
+    k = min(k, len(emb))
+    best_s = np.full((len(q), 0), -np.inf, np.float32)
+    best_r = np.zeros((len(q), 0), np.int64)
+    for start in range(0, len(emb), rows):
+        block = np.asarray(emb[start : start + rows], np.float32)
+        sc = q @ block.T  # (Q, D) . (D, rows) -> (Q, rows)
+        kk = min(k, sc.shape[1])
+        part = np.argpartition(-sc, kk - 1, axis=1)[:, :kk]
+        cand_s = np.concatenate([best_s, np.take_along_axis(sc, part, axis=1)], axis=1)
+        cand_r = np.concatenate([best_r, part + start], axis=1)
+        order = np.lexsort((cand_r, -cand_s), axis=1)[:, :k]  # score desc, then row asc
+        best_s = np.take_along_axis(cand_s, order, axis=1)
+        best_r = np.take_along_axis(cand_r, order, axis=1)
+    return best_s, best_r
+
+
+def per_query_recall(got_ids, true_ids):
+    """(Q,) |returned top-k ∩ exact top-k| / k per query (its mean is :func:`recall`)."""
+    import numpy as np
+
+    k = true_ids.shape[1]
+    return np.array([len(set(a) & set(b)) / k
+                     for a, b in zip(np.asarray(got_ids).tolist(), np.asarray(true_ids).tolist())])  # fmt: skip
+
+
+def frontier_indices(recalls, qps) -> list[int]:
+    """Indices of the Pareto points (no other point has both more recall and more q/s), in
+    ascending recall (so descending q/s)."""
+    order = sorted(range(len(recalls)), key=lambda i: (-recalls[i], -qps[i]))
+    out, best = [], -math.inf
+    for i in order:
+        if qps[i] > best:
+            out.append(i)
+            best = qps[i]
+    return out[::-1]
+
+
+def interpolate_at(recalls, qps, target: float) -> dict:
+    """q/s at recall ``target`` on the curve of points (``recalls[i]``, ``qps[i]``) (see RULE).
+
+    Returns ``status`` ("measured": a point at the target or two bracketing it; "lower bound":
+    every point is above it, ``qps`` is the fastest's; "not reached": ``qps`` None), ``qps``,
+    ``lo`` / ``hi`` (indices of the bracketing points; equal for a point at the target) and
+    ``w`` (qps = qps[lo] + w (qps[hi] - qps[lo]), the weight to apply to other q/s of the same
+    points, e.g. each round's)."""
+    front = frontier_indices(recalls, qps)
+    for j, i in enumerate(front):
+        if recalls[i] >= target:
+            if recalls[i] == target:
+                return {"status": "measured", "qps": qps[i], "lo": i, "hi": i, "w": 0.0}
+            if j == 0:
+                return {"status": "lower bound", "qps": qps[i], "lo": i, "hi": i, "w": 0.0}
+            lo = front[j - 1]
+            w = (target - recalls[lo]) / (recalls[i] - recalls[lo])
+            return {"status": "measured", "qps": qps[lo] + w * (qps[i] - qps[lo]), "lo": lo,
+                    "hi": i, "w": w}  # fmt: skip
+    return {"status": "not reached", "qps": None, "lo": None, "hi": None, "w": None}
+
+
+def apply_bracket(at: dict, values) -> float | None:
+    """The interpolation of ``at`` (:func:`interpolate_at`) applied to other values of the same
+    points (one round's q/s)."""
+    if at["lo"] is None:
+        return None
+    return values[at["lo"]] + at["w"] * (values[at["hi"]] - values[at["lo"]])
+
+
+def spread(values) -> dict | None:
+    """min / median / max of a list (None where empty)."""
+    import numpy as np
+
+    v = [x for x in values if x is not None]
+    if not v:
+        return None
+    return {"min": float(min(v)), "median": float(np.median(v)), "max": float(max(v))}
+
+
+def bootstrap_means(per_query, n_boot: int = 1000, seed: int = 0):
+    """(P, n_boot) means of each row of ``per_query`` (P, Q) over ``n_boot`` resamples of the
+    Q queries with replacement; the same resamples for every row (and, with the same seed and Q,
+    for every call: paired across methods)."""
+    import numpy as np
+
+    per_query = np.atleast_2d(np.asarray(per_query, np.float64))
+    nq = per_query.shape[1]
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((n_boot, nq))
+    for b in range(n_boot):
+        counts[b] = np.bincount(rng.integers(0, nq, nq), minlength=nq)
+    return per_query @ counts.T / nq  # (P, Q) . (Q, B) -> (P, B)
+
+
+def percentile_interval(samples, level: float = 0.95):
+    """(lo, hi) percentile interval of the finite samples (None where there are none)."""
+    import numpy as np
+
+    s = np.asarray([x for x in samples if x is not None and np.isfinite(x)], np.float64)
+    if not len(s):
+        return None
+    a = (1 - level) / 2
+    return float(np.quantile(s, a)), float(np.quantile(s, 1 - a))
+
+
+def bootstrap_ci(per_query, n_boot: int = 1000, seed: int = 0, level: float = 0.95):
+    """Percentile bootstrap interval of the mean of ``per_query`` (Q,) over queries."""
+    return percentile_interval(bootstrap_means(per_query, n_boot, seed)[0], level)
+
+
+def bootstrap_qps_at(per_query, qps, target: float, n_boot: int = 1000, seed: int = 0):
+    """(n_boot,) q/s at ``target`` (:func:`interpolate_at`, None where not bracketed) with each
+    point's recall re-measured on a resample of the queries: the q/s uncertainty that comes from
+    which queries were asked. ``per_query`` (P, Q) recalls of the P points, ``qps`` (P,)."""
+    means = bootstrap_means(per_query, n_boot, seed)
+    out = []
+    for b in range(means.shape[1]):
+        at = interpolate_at(list(means[:, b]), list(qps), target)
+        out.append(at["qps"] if at["status"] == "measured" else None)
+    return out
+
+
+def ratio_of(a: dict, b: dict) -> dict:
+    """a / b of two q/s-at-target rows (:meth:`EqualRecall.summarise`): of the medians, per
+    round (min / median / max: both were timed in the same rounds) and per bootstrap resample
+    (the same resamples of the queries for both); ``bound``: True where ``a`` is only a lower
+    bound (all its points above the target), so the ratio is one too."""
+    rounds = [x / y for x, y in zip(a["rounds"], b["rounds"])]
+    boot = [x / y if x is not None and y is not None else None
+            for x, y in zip(a.get("_boot", []), b.get("_boot", []))]  # fmt: skip
+    return {"ratio": a["qps"] / b["qps"], "spread": spread(rounds),
+            "boot_ci": percentile_interval(boot), "bound": a["status"] == "lower bound"}  # fmt: skip
+
+
+def headline_ratios(at: dict, pairs) -> dict:
+    """At one k and target, from each method's q/s-at-target row ``at[name]``: the best FAISS
+    method (highest median q/s among those measured at the target), every other method / that
+    FAISS, and each (numerator, denominator) of ``pairs``; a denominator must be measured, a
+    numerator may be a lower bound (then so is the ratio)."""
+    ok = {n: a for n, a in at.items() if a["status"] == "measured"}
+    num = {n: a for n, a in at.items() if a["status"] in ("measured", "lower bound")}
+    faiss = {n: a for n, a in ok.items() if n.startswith("FAISS")}
+    best = max(faiss, key=lambda n: faiss[n]["qps"]) if faiss else None
+    rows = []
+    if best is not None:
+        rows += [{"num": n, "den": best, **ratio_of(a, ok[best])}
+                 for n, a in num.items() if not n.startswith("FAISS")]  # fmt: skip
+    rows += [{"num": x, "den": y, **ratio_of(num[x], ok[y])} for x, y in pairs
+             if x in num and y in ok]  # fmt: skip
+    return {"best FAISS": best, "ratios": rows}
+
+
+def _key(params: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(params.items())) or "(defaults)"
+
+
+class EqualRecall:
+    """``--mode equal``: every method's held-out recall-q/s curve and its q/s at equal measured
+    recall.
+
+    Groups are indexes (built once each); methods are (index, tuner) pairs whose search
+    settings make the curve: ``dpr_jax.index.tune`` (the candidates it times when tuned to each
+    target and to targets around it, so that the held-out curve brackets the target), ScaNN's
+    ``autopilot()`` (the configuration ScaNN chooses from the data size; its default search and
+    ``leaves_to_search`` from 1 to every leaf) and FAISS's ``ParameterSpace.explore`` (its
+    ``OperatingPoints.optimal_pts`` on the tuning queries, with FAISS's own parameter ranges).
+    """
+
+    SCANN, AUTOPILOT, IVFPQ, HNSW = ("ScaNN tree-AH", "ScaNN autopilot()",
+                                     "FAISS IVF-PQ + refine", "FAISS HNSW")  # fmt: skip
+    TUNE, PS = " + dpr_jax tune", " + ParameterSpace"
+    PS_NOHT = " + ParameterSpace without ht"
+
+    def __init__(self, args, ids, emb, queries, tune_queries):
+        self.args, self.ids, self.emb = args, ids, emb
+        self.queries, self.tune_queries = queries, tune_queries
+        self.ks = sorted({int(k) for k in args.ks.split(",") if k})
+        self.targets = sorted(float(t) for t in args.targets.split(",") if t)
+        self.skip = set(filter(None, args.skip.split(",")))
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.t_start = time.time()
+        self.groups, self.methods = {}, {}
+        self.data_key = None  # names the corpus when it is a reusable --data-dir memmap
+        self.results = {"config": {}, "rule": RULE, "builds": {}, "methods": {}, "headline": {}}
+
+    def log(self, msg):
+        print(f"[{time.time() - self.t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    def save(self):
+        self.results["config"]["elapsed_s"] = round(time.time() - self.t_start, 1)
+        self.results["config"]["loadavg_end"] = os.getloadavg()
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=1, default=str))
+
+    # data ------------------------------------------------------------------------------------
+
+    def truth(self):
+        """Exact top-k of the benchmark and tuning queries (numpy, streamed over the corpus);
+        with ``--reuse-indexes`` kept beside the indexes and reloaded by later runs."""
+        import numpy as np
+
+        kmax = max(100, *self.ks)  # DPR's 100 whatever --ks: one kept truth serves every k
+        where = self.saved_build("exact", {"k": kmax, "queries": len(self.queries),
+                                           "tune_queries": len(self.tune_queries)})  # fmt: skip
+        path = None if where is None else where.with_name(where.name + ".truth.npz")
+        if path is not None and path.exists():
+            kept = np.load(path)
+            rows, self.tune_rows = kept["rows"], kept["tune_rows"]
+            self.results["exact"] = json.loads(str(kept["record"]))
+            self.log(f"exact neighbours reused from {path}")
+        else:
+            t0 = time.perf_counter()
+            _, rows = exact_topk_chunked(self.queries, self.emb, kmax)
+            sec = time.perf_counter() - t0
+            _, self.tune_rows = exact_topk_chunked(self.tune_queries, self.emb, kmax)
+            self.results["exact"] = {"method": "numpy brute force (chunked)", "k": kmax,
+                                     "qps": len(self.queries) / sec, "loadavg": os.getloadavg()}  # fmt: skip
+            self.log(f"exact top-{kmax} of {len(self.queries)} + {len(self.tune_queries)} "
+                     f"queries ({len(self.queries) / sec:.1f} q/s)")  # fmt: skip
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(path, rows=rows, tune_rows=self.tune_rows,
+                         record=json.dumps(self.results["exact"]))  # fmt: skip
+        self.true_ids = self.ids[rows]
+
+    def rows_to_ids(self, rows):
+        import numpy as np
+
+        rows = np.asarray(rows, np.int64)
+        return np.where(rows >= 0, self.ids[np.clip(rows, 0, len(self.ids) - 1)], "")
+
+    # groups: one index each ------------------------------------------------------------------
+
+    def _record_build(self, name, backend, build_s, size, options, **extra):
+        n = len(self.emb)
+        self.results["builds"][name] = {"backend": backend, "build_s": build_s,
+                                        "bytes_per_vector": size / n, "size_bytes": size,
+                                        "options": options, "loadavg": os.getloadavg(), **extra}  # fmt: skip
+        self.log(f"{name}: built in {build_s:.1f}s, {size / n:.1f} bytes/vector")
+
+    def saved_build(self, name: str, spec: dict) -> Path | None:
+        """Where a build of ``name`` with ``spec`` is kept under ``--data-dir`` with
+        ``--reuse-indexes`` (None otherwise): an index is built once per corpus and options and
+        reloaded by later runs, which then report the first build's time and load average."""
+        if not (self.args.reuse_indexes and self.data_key):
+            return None
+        import hashlib
+
+        key = json.dumps({**spec, "data": self.data_key}, sort_keys=True, default=str)
+        slug = "".join(c if c.isalnum() else "_" for c in name)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        return Path(self.args.data_dir) / "indexes" / f"{slug}-{digest}"
+
+    def _reuse(self, name: str, where: Path | None) -> bool:
+        record = None if where is None else where.with_name(where.name + BUILD_RECORD)
+        if record is None or not record.exists():
+            return False
+        self.results["builds"][name] = {**json.loads(record.read_text()),
+                                        "reused_from": str(where)}  # fmt: skip
+        self.log(f"{name}: reusing the build in {where}")
+        return True
+
+    def _keep(self, name: str, where: Path | None, save) -> None:
+        if where is not None:
+            where.parent.mkdir(parents=True, exist_ok=True)
+            save(where)
+            record = where.with_name(where.name + BUILD_RECORD)  # written last: the build is whole
+            record.write_text(json.dumps(self.results["builds"][name], default=str))
+
+    def saved_tuning(self, name: str, k: int, points=None, picks=None):
+        """With ``--reuse-indexes``: a tuner's settings and picks at one k (``points``,
+        ``picks``) kept beside the indexes, keyed by the method, the corpus, the tuning queries,
+        k and the targets (and ``--scann-options``), so that runs for different k can tune side
+        by side; returns the kept (points, picks), None where none are, when not given them."""
+        where = self.saved_build(name, {"tuning": name, "tune_queries": len(self.tune_queries),
+                                        "k": k, "targets": self.targets,
+                                        "scann_options": self.args.scann_options})  # fmt: skip
+        if where is None:
+            return None
+        path = where.with_name(where.name + ".tuning.json")
+        if points is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"points": points, "picks": picks,
+                                        "loadavg": os.getloadavg()}, default=str))  # fmt: skip
+            return None
+        if not path.exists():
+            return None
+        rec = json.loads(path.read_text())
+        self.log(f"  {name} k={k}: reusing the tuner's settings in {path}")
+        self.results.setdefault("reused_tuning", {})[f"{name}, k={k}"] = {
+            "from": str(path), "loadavg": rec["loadavg"]}  # fmt: skip
+        return rec["points"], {float(t): p for t, p in rec["picks"].items()}
+
+    def build_project(self, name, backend, **options):
+        from dpr_jax.index import build_index, load_index
+        from dpr_jax.index.faiss_index import set_faiss_threads
+
+        bt = self.args.build_threads
+        set_faiss_threads(bt)
+        opts = {"num_threads": bt, **options}
+        if backend == "scann":
+            opts["training_threads"] = bt
+        where = self.saved_build(name, {"backend": backend, **options})
+        if self._reuse(name, where):
+            index = load_index(where)
+        else:
+            t0 = time.perf_counter()
+            index = build_index(backend, self.emb, self.ids, **opts)
+            build_s = time.perf_counter() - t0
+            extra = {}
+            if backend.startswith("faiss"):
+                extra["index_factory"] = faiss_factory_key(index)
+            self._record_build(name, backend, build_s, index.size_bytes(), index.options, **extra)
+            self._keep(name, where, index.save)
+        index.set_num_threads(self.args.threads)
+        self.groups[name] = index
+        return index
+
+    def build_autopilot(self):
+        import tempfile
+
+        import numpy as np
+
+        from dpr_jax.index.scann_index import import_scann
+
+        sp = import_scann()
+        config = autopilot_config(len(self.emb), self.emb.shape[1], max(self.ks))
+        where = self.saved_build(self.AUTOPILOT, {"k": max(self.ks)})
+        if self._reuse(self.AUTOPILOT, where):
+            path = where / "scann"  # ScannIndex._load_files' pickle-free load_searcher
+            assets = (path / "scann_assets.pbtxt").read_text()
+            searcher = sp.ScannSearcher(sp.scann_pybind.ScannNumpy(str(path), assets), docids=None)
+        else:
+            emb = np.ascontiguousarray(self.emb, np.float32)
+            builder = sp.builder(emb, max(self.ks), "dot_product").autopilot()
+            builder = builder.set_n_training_threads(self.args.build_threads)
+            t0 = time.perf_counter()
+            searcher = builder.build()
+            build_s = time.perf_counter() - t0
+            with tempfile.TemporaryDirectory(prefix="bench_autopilot_") as tmp:
+                searcher.serialize(tmp)
+                size = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
+            self._record_build(self.AUTOPILOT, "scann autopilot()", build_s, size,
+                               {"autopilot": "tree_ah, reordering_dtype FLOAT32"}, chosen=config)  # fmt: skip
+
+            def save(d):
+                (d / "scann").mkdir(parents=True)
+                searcher.serialize(str(d / "scann"), relative_path=True)
+
+            self._keep(self.AUTOPILOT, where, save)
+        if self.args.threads > 1:
+            searcher.set_num_threads(self.args.threads)
+        self.groups[self.AUTOPILOT] = searcher
+        return searcher, config
+
+    # methods: an index and a tuner -----------------------------------------------------------
+
+    def add_method(self, name, group, tuner, search, points, picks, ordered_from=None):
+        """``search(queries, k, params) -> ids``; ``points[k]``: [{"params", "tune_recall"}];
+        ``picks[k][target]``: the params the tuner itself would serve at that target;
+        ``ordered_from``: points[k][ordered_from:] are a sweep in increasing recall and cost,
+        measured only until one is well above the highest target."""
+        self.methods[name] = {"group": group, "tuner": tuner, "search": search, "points": points,
+                              "picks": picks,
+                              "ordered_from": math.inf if ordered_from is None else ordered_from}  # fmt: skip
+
+    def project_tuner(self, name, group, index):
+        from dpr_jax.index.tune import TuneError, tune
+
+        grid = sorted({round(min(0.999, max(0.05, t + m)), 4) for t in self.targets
+                       for m in (-0.02, 0.0, 0.02)})  # fmt: skip
+        points, picks = {}, {}
+        for k in self.ks:
+            kept = self.saved_tuning(name, k)
+            if kept is not None:
+                points[k], picks[k] = kept
+                continue
+            cache, seen, pts = {}, {}, []
+            picks[k] = {}
+            for target in grid:
+                try:
+                    t = tune(index, self.emb, self.tune_queries, target, k=k,
+                             repeats=min(2, self.args.repeats), true_rows=self.tune_rows[:, :k],
+                             cache=cache)  # fmt: skip
+                except TuneError as e:
+                    self.log(f"  {name} k={k} @ {target}: {e}")
+                    if target in self.targets:
+                        picks[k][target] = None
+                    continue
+                for c in t["candidates"]:
+                    key = _key(c["params"])
+                    if key not in seen:
+                        seen[key] = True
+                        pts.append({"params": c["params"], "tune_recall": c["recall"]})
+                if target in self.targets:
+                    picks[k][target] = t["params"]
+            index.tuned = None
+            points[k] = pts
+            self.log(f"  {name} k={k}: {len(pts)} settings from dpr_jax tune at {grid}")
+            self.saved_tuning(name, k, pts, picks[k])
+        self.add_method(name, group, "dpr_jax.index.tune",
+                        lambda q, k, p, ix=index: ix.search(q, k, **p)[1], points, picks)  # fmt: skip
+
+    def autopilot_method(self, searcher, config):
+        """ScaNN's own choice: the searcher ``autopilot()`` built (for the largest k) and, for
+        each k, the reorder depth autopilot picks for that k (it depends on k alone) with the
+        leaves it searches by default, then ``leaves_to_search`` from 1 to every leaf as the
+        curve at that depth."""
+        from dpr_jax.index.tune import ladder
+
+        leaves = config.get("num_leaves")
+        parallel = self.args.threads > 1
+
+        def search(q, k, p):
+            fn = searcher.search_batched_parallel if parallel else searcher.search_batched
+            rows, _ = fn(q, final_num_neighbors=k, **p)
+            return self.rows_to_ids(rows)
+
+        pts, picks = {}, {}
+        for k in self.ks:
+            own = autopilot_config(len(self.emb), self.emb.shape[1], k)
+            base = {"pre_reorder_num_neighbors": own["reorder"]} if "reorder" in own else {}
+            grid = [base] + ([{**base, "leaves_to_search": v} for v in ladder(1, leaves)]
+                             if leaves else [])  # fmt: skip
+            pts[k] = [{"params": p, "tune_recall": None} for p in grid]
+            picks[k] = {t: base for t in self.targets}  # autopilot's own default
+            self.results["builds"][self.AUTOPILOT].setdefault("chosen_per_k", {})[k] = own
+        self.add_method(self.AUTOPILOT, self.AUTOPILOT, "scann autopilot()", search, pts, picks,
+                        ordered_from=1)  # fmt: skip
+
+    def parameter_space(self, name, group, index, drop=()):
+        """FAISS's own tuner on the same FAISS index: ``ParameterSpace.initialize`` (FAISS's
+        ranges), ``explore`` with an ``IntersectionCriterion`` (recall@k) on the tuning queries,
+        the ``OperatingPoints``' optimal points as the curve; the pick at a target is the fastest
+        optimal point whose recall there reaches it. ``drop``: ranges left out (e.g. IVF-PQ's
+        polysemous ``ht``, of no use for codes not trained to be polysemous), the others kept as
+        FAISS sets them (``ParameterSpace.add_range``)."""
+        import numpy as np
+
+        from dpr_jax.index.faiss_index import import_faiss, set_faiss_threads
+
+        faiss = import_faiss()
+        fi = index.index
+        ps = faiss.ParameterSpace()
+        ps.initialize(fi)
+        ranges = {}
+        for i in range(ps.parameter_ranges.size()):
+            pr = ps.parameter_ranges.at(i)
+            ranges[pr.name] = [pr.values.at(j) for j in range(pr.values.size())]
+        if drop:
+            ps = faiss.ParameterSpace()
+            for pname, values in ranges.items():
+                if pname not in drop:
+                    pr = ps.add_range(pname)  # filled at once: the next add_range may move it
+                    for v in values:
+                        pr.values.push_back(v)
+            ranges = {n: v for n, v in ranges.items() if n not in drop}
+        ps.verbose = 0
+        if self.args.ps_experiments:
+            ps.n_experiments = self.args.ps_experiments
+        saved = _faiss_state(faiss, fi)
+        points, picks = {}, {}
+        set_faiss_threads(self.args.threads)
+        for k in self.ks:
+            kept = self.saved_tuning(name, k)
+            if kept is not None:
+                points[k], picks[k] = kept
+                continue
+            crit = faiss.IntersectionCriterion(len(self.tune_queries), k)
+            crit.set_groundtruth(None, np.ascontiguousarray(self.tune_rows[:, :k], np.int64))
+            crit.nnn = k
+            t0 = time.perf_counter()
+            op = ps.explore(fi, np.ascontiguousarray(self.tune_queries, np.float32), crit)
+            _faiss_restore(faiss, fi, saved)
+            opt = [op.optimal_pts.at(i) for i in range(op.optimal_pts.size())]
+            opt = [(p.key, p.perf, p.t) for p in opt if p.key]
+            self.log(f"  {name} k={k}: explore {op.all_pts.size()} settings in "
+                     f"{time.perf_counter() - t0:.0f}s, {len(opt)} optimal")  # fmt: skip
+            low = min(self.targets) - 0.15
+            keep = [o for o in opt if o[1] >= low]
+            below = [o for o in opt if o[1] < low]
+            keep = below[-1:] + keep
+            points[k] = [{"params": {"key": key}, "tune_recall": perf} for key, perf, _ in keep]
+            picks[k] = {}
+            for target in self.targets:
+                ok = [o for o in opt if o[1] >= target]
+                picks[k][target] = {"key": min(ok, key=lambda o: o[2])[0]} if ok else None
+            self.saved_tuning(name, k, points[k], picks[k])
+        self.results["builds"][group].setdefault("parameter_space", ranges)
+
+        def search(q, k, p):
+            set_faiss_threads(self.args.threads)
+            ps.set_index_parameters(fi, p["key"])
+            try:
+                _, rows = fi.search(q, k)
+            finally:
+                _faiss_restore(faiss, fi, saved)
+            return self.rows_to_ids(rows)
+
+        self.add_method(name, group, "faiss ParameterSpace", search, points, picks)
+
+    # measuring -------------------------------------------------------------------------------
+
+    def measure(self, names):
+        """Held-out recall of every point of ``names``' methods, then q/s of those near the
+        targets over ``--repeats`` rounds, round-robin over every (method, k, point)."""
+
+        todo = []
+        low, high = min(self.targets) - 0.05, min(1.0, max(self.targets) + 0.03)
+        for name in names:
+            m = self.methods[name]
+            res = self.results["methods"].setdefault(name, {"group": m["group"],
+                                                            "tuner": m["tuner"], "curves": {}})  # fmt: skip
+            for k in self.ks:
+                true = self.true_ids[:, :k]
+                pts = []
+                for i, p in enumerate(m["points"][k]):
+                    got = m["search"](self.queries, k, p["params"])
+                    pq = per_query_recall(got, true)
+                    pts.append({**p, "recall": float(pq.mean()), "_pq": pq, "qps_rounds": []})
+                    if i >= m["ordered_from"] and pts[-1]["recall"] >= high:
+                        break  # a sweep in increasing cost: the rest lie further above the targets
+                # time the points from a little below the lowest target to a little above the
+                # highest, and the nearest one on either side of each target (the brackets)
+                for p in pts:
+                    p["timed"] = low <= p["recall"] <= high
+                for t in self.targets:
+                    below = [p for p in pts if p["recall"] < t]
+                    above = [p for p in pts if p["recall"] >= t]
+                    if below:
+                        max(below, key=lambda p: p["recall"])["timed"] = True
+                    if above:
+                        min(above, key=lambda p: p["recall"])["timed"] = True
+                res["curves"][str(k)] = pts
+                todo += [(name, k, p) for p in pts if p["timed"]]
+            self.log(f"  {name}: held-out recall of {sum(len(m['points'][k]) for k in self.ks)} "
+                     "settings")  # fmt: skip
+        for r in range(self.args.repeats):
+            for name, k, p in todo:
+                fn = self.methods[name]["search"]
+                t0 = time.perf_counter()
+                fn(self.queries, k, p["params"])
+                p["qps_rounds"].append(len(self.queries) / (time.perf_counter() - t0))
+            self.log(f"timing round {r + 1}/{self.args.repeats}: {len(todo)} settings")
+        for name in names:
+            for pts in self.results["methods"][name]["curves"].values():
+                for p in pts:
+                    p["qps"] = spread(p["qps_rounds"])
+                    p["recall_ci"] = bootstrap_ci(p["_pq"], self.args.bootstrap, self.args.seed)
+        self.save()
+
+    def summarise(self):
+        """Per method, k and target: q/s at the target (median curve, every round's curve,
+        bootstrap over queries); the headline ratio ScaNN (dpr_jax tune) / best FAISS."""
+        import numpy as np
+
+        B, seed = self.args.bootstrap, self.args.seed
+        for res in self.results["methods"].values():
+            res["at"] = {}
+            for k, pts in res["curves"].items():
+                timed = [p for p in pts if p["timed"] and p["qps"]]
+                rec = [p["recall"] for p in timed]
+                med = [p["qps"]["max"] for p in timed]  # best of rounds (see RULE)
+                pq = np.array([p["_pq"] for p in timed]) if timed else np.zeros((0, 1))
+                res["at"][k] = {}
+                for t in self.targets:
+                    at = interpolate_at(rec, med, t)
+                    row = {"status": at["status"], "qps": at["qps"]}
+                    if at["lo"] is not None:
+                        rounds = [apply_bracket(at, [p["qps_rounds"][r] for p in timed])
+                                  for r in range(len(timed[0]["qps_rounds"]))]  # fmt: skip
+                        row.update(rounds=rounds, spread=spread(rounds),
+                                   bracket=[timed[at["lo"]]["params"], timed[at["hi"]]["params"]],
+                                   bracket_recall=[rec[at["lo"]], rec[at["hi"]]], w=at["w"])  # fmt: skip
+                    if at["status"] == "measured":
+                        row["_boot"] = bootstrap_qps_at(pq, med, t, B, seed)
+                        row["boot_ci"] = percentile_interval(row["_boot"])
+                    res["at"][k][f"{t:.2f}"] = row
+        head = {}
+        for k in map(str, self.ks):
+            head[k] = {}
+            for t in (f"{t:.2f}" for t in self.targets):
+                at = {n: r["at"][k][t] for n, r in self.results["methods"].items()}
+                head[k][t] = headline_ratios(at, self.pairs())
+        self.results["headline"] = head
+        self.save()
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """Each library's own tuner against dpr_jax's on the same index (numerator first)."""
+        return [(self.SCANN + self.TUNE, self.AUTOPILOT), (self.IVFPQ + self.TUNE, self.IVFPQ + self.PS),
+                (self.IVFPQ + self.TUNE, self.IVFPQ + self.PS_NOHT),
+                (self.HNSW + self.TUNE, self.HNSW + self.PS)]  # fmt: skip
+
+    # report ----------------------------------------------------------------------------------
+
+    def write_table(self):
+        cfg = self.results["config"]
+        L = [f"# ANN at equal measured recall: {cfg['data']}", ""]
+        L.append(f"N = {cfg['n']:,} vectors of dim {cfg['dim']}; {cfg['num_queries']} held-out "
+                 f"queries (recall and q/s), {cfg['tune_queries']} separate tuning queries (the "
+                 f"tuners only); {cfg['threads']} search thread(s), {cfg['build_threads']} build "
+                 f"threads; {cfg['repeats']} round-robin timing rounds; {cfg['cpu']}; load "
+                 f"average {cfg['loadavg_start'][0]:.1f} at start, "
+                 f"{cfg['loadavg_end'][0]:.1f} at end.")  # fmt: skip
+        L += ["", f"**Rule.** {RULE}. Spread: min / median / max over the rounds (each round's "
+              "q/s interpolated between the same two points); [a, b]: 95% bootstrap interval over "
+              f"the held-out queries ({self.args.bootstrap} resamples; recall re-measured, the "
+              "same resamples for every method).", ""]  # fmt: skip
+        for k in map(str, self.ks):
+            L += [f"## recall@{k}", "", "| target | method | q/s at target | rounds: min / median / max "
+                  "| bootstrap 95% | bracketing points (held-out recall) |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+            for t in (f"{t:.2f}" for t in self.targets):
+                for name, res in self.results["methods"].items():
+                    a = res["at"][k][t]
+                    if a["status"] == "not reached":
+                        L.append(f"| {t} | {name} | not reached | | | |")
+                        continue
+                    ge = ">= " if a["status"] == "lower bound" else ""
+                    sp = a.get("spread") or {}
+                    ci = a.get("boot_ci")
+                    br = " / ".join(f"{_key(p)} ({r:.4f})"
+                                    for p, r in zip(a["bracket"], a["bracket_recall"]))  # fmt: skip
+                    L.append(f"| {t} | {name} | {ge}{a['qps']:,.0f} | {sp.get('min', 0):,.0f} / "
+                             f"{sp.get('median', 0):,.0f} / {sp.get('max', 0):,.0f} | "
+                             f"{_ci(ci, ',.0f')} | {br} |")  # fmt: skip
+            L += ["", "| target | ratio of q/s at the target | ratio | per round: min / median / "
+                  "max | bootstrap 95% |", "|---|---|---|---|---|"]  # fmt: skip
+            for t, h in self.results["headline"][k].items():
+                if not h["ratios"]:
+                    L.append(
+                        f"| {t} | n/a (best FAISS: {h['best FAISS'] or 'not reached'}) | | | |"
+                    )
+                for r in h["ratios"]:
+                    sp = r["spread"]
+                    ge = ">= " if r["bound"] else ""
+                    L.append(f"| {t} | {r['num']} / {r['den']} | **{ge}{r['ratio']:.2f}x** | "
+                             f"{sp['min']:.2f} / {sp['median']:.2f} / {sp['max']:.2f} | "
+                             f"{_ci(r['boot_ci'], '.2f')} |")  # fmt: skip
+            L += ["", "What each tuner serves on its own at the target (its pick on the tuning "
+                  "queries, measured on the held-out ones):", "",
+                  "| target | method | pick | recall (tuning) | held-out recall [95%] | q/s "
+                  "best (min, median) |", "|---|---|---|---|---|---|"]  # fmt: skip
+            for t in self.targets:
+                for name, res in self.results["methods"].items():
+                    picks = self.methods[name]["picks"][int(k)]
+                    if t not in picks:
+                        continue
+                    pick = picks[t]
+                    if pick is None:
+                        L.append(f"| {t:.2f} | {name} | not reached | | | |")
+                        continue
+                    p = next((p for p in res["curves"][k] if p["params"] == pick), None)
+                    if p is None:
+                        continue
+                    tr = "" if p["tune_recall"] is None else f"{p['tune_recall']:.4f}"
+                    q = p["qps"]
+                    qs = _qps_cell(q) or "not timed"
+                    L.append(f"| {t:.2f} | {name} | {_key(pick)} | {tr} | {p['recall']:.4f} "
+                             f"{_ci(p['recall_ci'], '.4f')} | {qs} |")  # fmt: skip
+            L.append("")
+        L += [
+            "## Builds",
+            "",
+            "| index | build s (load average) | bytes / vector | options |",
+            "|---|---|---|---|",
+        ]
+        for name, b in self.results["builds"].items():
+            opts = {k: v for k, v in b["options"].items()
+                    if k not in ("num_threads", "training_threads", "query_batch_size")}  # fmt: skip
+            extra = ""
+            if "index_factory" in b:
+                extra = f"; `index_factory` key {b['index_factory']}"
+            if "chosen" in b:
+                extra = f"; chosen by ScaNN: {json.dumps(b['chosen'], sort_keys=True)}"
+            if "parameter_space" in b:
+                extra += "; ParameterSpace ranges: " + ", ".join(
+                    f"{n} {v[0]:g}..{v[-1]:g} ({len(v)})" for n, v in b["parameter_space"].items()
+                )
+            reused = ", reused from an earlier run" if "reused_from" in b else ""
+            load = f" ({b['loadavg'][0]:.1f}{reused})" if b.get("loadavg") else ""
+            L.append(f"| {name} | {b['build_s']:.1f}{load} | {b['bytes_per_vector']:.0f} | "
+                     f"`{json.dumps(opts, sort_keys=True)}`{extra} |")  # fmt: skip
+        for name, r in self.results.get("reused_tuning", {}).items():
+            L.append(f"\n{name}: its tuner's settings were chosen by an earlier run "
+                     f"(`--tune-only`, load average {r['loadavg'][0]:.1f}) and measured here.")  # fmt: skip
+        ex = self.results.get("exact")
+        if ex:
+            L += ["", f"Exact top-{ex['k']} (numpy, chunked over the corpus): {ex['qps']:.1f} q/s."]
+        L += ["", "## Curves (held-out; timed points have q/s)", ""]
+        for name, res in self.results["methods"].items():
+            for k, pts in res["curves"].items():
+                L += [f"### {name}, recall@{k}", "", "| setting | recall (tuning) | held-out "
+                      "recall [95%] | q/s best (min, median) |", "|---|---|---|---|"]  # fmt: skip
+                for p in sorted(pts, key=lambda p: p["recall"]):
+                    tr = "" if p["tune_recall"] is None else f"{p['tune_recall']:.4f}"
+                    q = p.get("qps")
+                    qs = _qps_cell(q)
+                    L.append(f"| {_key(p['params'])} | {tr} | {p['recall']:.4f} "
+                             f"{_ci(p['recall_ci'], '.4f')} | {qs} |")  # fmt: skip
+                L.append("")
+        L += [f"Command: `{cfg['command']}`; total {cfg['elapsed_s']:.0f}s.", ""]
+        (self.out / "table.md").write_text("\n".join(L))
+
+    def plot(self):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        cfg = self.results["config"]
+        fig, axes = plt.subplots(1, len(self.ks), figsize=(7 * len(self.ks), 5), squeeze=False)
+        for ax, k in zip(axes[0], map(str, self.ks)):
+            for i, (name, res) in enumerate(self.results["methods"].items()):
+                c = f"C{i}"
+                pts = sorted((p for p in res["curves"][k] if p.get("qps")),
+                             key=lambda p: p["recall"])  # fmt: skip
+                if not pts:
+                    continue
+                r = [p["recall"] for p in pts]
+                med = [p["qps"]["max"] for p in pts]  # best of rounds (see RULE)
+                lo = [p["recall"] - p["recall_ci"][0] for p in pts]
+                hi = [p["recall_ci"][1] - p["recall"] for p in pts]
+                ylo = [p["qps"]["max"] - p["qps"]["min"] for p in pts]
+                yhi = [0.0] * len(pts)
+                ax.errorbar(r, med, xerr=[lo, hi], yerr=[ylo, yhi], fmt="o", ms=3, color=c,
+                            alpha=0.6, elinewidth=0.8, capsize=0)  # fmt: skip
+                front = frontier_indices(r, med)
+                fr = [r[j] for j in front]
+                ax.plot(fr, [med[j] for j in front], "-", color=c, label=name)
+                ax.fill_between(fr, [pts[j]["qps"]["min"] for j in front],
+                                [pts[j]["qps"]["max"] for j in front], color=c, alpha=0.15)  # fmt: skip
+                for t, a in res["at"][k].items():
+                    if a["status"] == "measured":
+                        ax.plot([float(t)], [a["qps"]], "*", ms=10, color=c, mec="k", mew=0.5)
+            for t in self.targets:
+                ax.axvline(t, ls="--", lw=0.6, color="k", alpha=0.4)
+            ax.set_yscale("log")
+            ax.set_xlim(max(0.5, min(self.targets) - 0.15), 1.002)
+            ax.set_xlabel(
+                f"recall@{k} on {cfg['num_queries']} held-out queries (bars: 95% bootstrap)"
+            )
+            ax.set_ylabel(
+                f"queries/s, {cfg['threads']} thread(s): best of rounds (bars, band: to the slowest)"
+            )
+            ax.set_title(f"{cfg['n']:,} x {cfg['dim']}, recall@{k}; stars: q/s at the targets",
+                         fontsize=9)  # fmt: skip
+            ax.legend(fontsize=7, loc="lower left")
+            ax.grid(alpha=0.3, which="both")
+        fig.tight_layout()
+        fig.savefig(self.out / "recall_qps.png", dpi=130)
+        plt.close(fig)
+
+    def strip_private(self):
+        for res in self.results["methods"].values():
+            for pts in res["curves"].values():
+                for p in pts:
+                    p.pop("_pq", None)
+            for ats in res.get("at", {}).values():
+                for a in ats.values():
+                    a.pop("_boot", None)
+
+    # the run ---------------------------------------------------------------------------------
+
+    def run(self):
+        build_only = self.args.build_only
+        if not build_only:
+            self.truth()
+        n = len(self.emb)
+        plan = []  # groups (indexes) in build order
+        if "scann" not in self.skip:
+            plan.append(self.SCANN)
+        if "autopilot" not in self.skip:
+            plan.append(self.AUTOPILOT)
+        if "ivfpq" not in self.skip:
+            plan.append(self.IVFPQ)
+        if "hnsw" not in self.skip:
+            plan.append(self.HNSW)
+        pending = []
+        for group in plan:
+            if group == self.SCANN:
+                opts = {"scoring": "ah", "num_leaves": max(2, round(math.sqrt(n))),
+                        **json.loads(self.args.scann_options)}  # fmt: skip
+                ix = self.build_project(group, "scann", **opts)
+                if build_only:
+                    self.free(group)
+                    continue
+                names = [group + self.TUNE]
+                self.project_tuner(names[0], group, ix)
+            elif group == self.AUTOPILOT:
+                searcher, config = self.build_autopilot()
+                if build_only:
+                    self.free(group)
+                    continue
+                self.autopilot_method(searcher, config)
+                names = [self.AUTOPILOT]
+            else:
+                backend, opts = (("faiss-ivfpq", {"refine": True}) if group == self.IVFPQ
+                                 else ("faiss-hnsw", {"M": 32, "ef_construction": 40}))  # fmt: skip
+                ix = self.build_project(group, backend, **opts)
+                if build_only:
+                    self.free(group)
+                    continue
+                names = [group + self.TUNE]
+                self.project_tuner(names[0], group, ix)
+                if "paramspace" not in self.skip:
+                    names.append(group + self.PS)
+                    self.parameter_space(names[-1], group, ix)
+                if group == self.IVFPQ and "paramspace-noht" not in self.skip:
+                    names.append(group + self.PS_NOHT)
+                    self.parameter_space(names[-1], group, ix, drop=("ht",))
+            self.save()
+            if self.args.tune_only:
+                self.free(group)
+            elif self.args.sequential:  # one index in memory at a time (10M): measure, free
+                self.measure(names)
+                self.free(group)
+            else:
+                pending += names
+        if build_only or self.args.tune_only:
+            self.save()
+            return
+        if pending:
+            self.measure(pending)
+        self.summarise()
+        self.strip_private()
+        self.save()
+        self.write_table()
+        self.plot()
+
+    def free(self, group):
+        for name in [n for n, m in self.methods.items() if m["group"] == group]:
+            self.methods[name]["search"] = None
+        self.groups.pop(group, None)
+        gc.collect()
+
+
+def _qps_cell(q) -> str:
+    """ "best (min, median)" of a point's q/s over the rounds."""
+    if not q:
+        return ""
+    return f"{q['max']:,.0f} ({q['min']:,.0f}, {q['median']:,.0f})"
+
+
+def _ci(ci, fmt: str) -> str:
+    return "" if not ci else f"[{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
+
+
+def _faiss_state(faiss, fi) -> dict:
+    """The search-time state ParameterSpace may change (nprobe, refine k_factor, IVF-PQ's
+    polysemous ht, HNSW efSearch), to restore after each of its searches so that the
+    dpr_jax-tuned rows on the same index see the index as built."""
+    state = {}
+    ivf = faiss.try_extract_index_ivf(fi)
+    if ivf is not None:
+        state["nprobe"] = ivf.nprobe
+        if hasattr(faiss.downcast_index(ivf), "polysemous_ht"):
+            state["ht"] = faiss.downcast_index(ivf).polysemous_ht
+    if hasattr(faiss.downcast_index(fi), "k_factor"):
+        state["k_factor_rf"] = faiss.downcast_index(fi).k_factor
+    hnsw = getattr(faiss.downcast_index(fi), "hnsw", None)
+    if hnsw is not None:
+        state["efSearch"] = hnsw.efSearch
+    return state
+
+
+def _faiss_restore(faiss, fi, state: dict) -> None:
+    ivf = faiss.try_extract_index_ivf(fi)
+    if "nprobe" in state:
+        ivf.nprobe = state["nprobe"]
+    if "ht" in state:
+        faiss.downcast_index(ivf).polysemous_ht = state["ht"]
+    if "k_factor_rf" in state:
+        faiss.downcast_index(fi).k_factor = state["k_factor_rf"]
+    if "efSearch" in state:
+        faiss.downcast_index(fi).hnsw.efSearch = state["efSearch"]
+
+
+def faiss_factory_key(index) -> str:
+    """The ``faiss.index_factory`` key of a project FAISS index (inner-product metric)."""
+    o = index.options
+    if index.backend == "faiss-ivfpq":
+        pq = f"PQ{o['m']}x{o['nbits']}{'fs' if o['fast_scan'] else ''}"
+        return f"IVF{o['nlist']},{pq}{',RFlat' if o['refine'] else ''}"
+    if index.backend == "faiss-hnsw":
+        return f"HNSW{o['M']},Flat"
+    return "Flat"
+
+
+def autopilot_config(n: int, dim: int, k: int) -> dict:
+    """What ScaNN's ``autopilot()`` chooses for an (n, dim) dot-product corpus
+    (``ScannNumpy.suggest_autopilot``, as its builder calls it): num_leaves, leaves searched,
+    reorder depth, AH dims per block ({} entries where it chooses brute force)."""
+    import re
+
+    import numpy as np
+
+    from dpr_jax.index.scann_index import import_scann
+
+    sp = import_scann()
+    b = sp.builder(np.zeros((1, dim), np.float32), k, "dot_product").autopilot()
+    text = sp.scann_pybind.ScannNumpy.suggest_autopilot(super(type(b), b).create_config(), n, dim)
+    out = {"scoring": "ah" if "asymmetric_hash" in text else "brute_force"}
+    for key, pat in [("num_leaves", r"num_children:\s*(\d+)"),
+                     ("leaves_to_search", r"max_spill_centers:\s*(\d+)"),
+                     ("reorder", r"approx_num_neighbors:\s*(\d+)"),
+                     ("dims_per_block", r"num_dims_per_block:\s*(\d+)")]:  # fmt: skip
+        m = re.search(pat, text)
+        if m:
+            out[key] = int(m.group(1))
+    return out
+
+
+def equal_mode(args, ids, emb, queries, tune_queries, data: str) -> int:
+    import numpy as np
+
+    bench = EqualRecall(args, ids, emb, queries, tune_queries)
+    if args.data_dir and not args.embeddings:
+        bench.data_key = f"synthetic_n{args.n}_d{args.dim}_s{args.seed}"
+    bench.results["config"] = {
+        "data": data, "n": len(emb), "dim": emb.shape[1], "num_queries": len(queries),
+        "tune_queries": len(tune_queries), "ks": bench.ks, "targets": bench.targets,
+        "threads": args.threads, "build_threads": args.build_threads, "repeats": args.repeats,
+        "bootstrap": args.bootstrap, "seed": args.seed, "sequential": args.sequential,
+        "cpu": f"{os.cpu_count()} CPU(s) {platform.processor() or platform.machine()}",
+        "versions": _versions(np), "loadavg_start": os.getloadavg(),
+        "memmap": isinstance(emb, np.memmap), "command": "python " + " ".join(sys.argv),
+    }  # fmt: skip
+    bench.run()
+    if not (args.build_only or args.tune_only):
+        print((bench.out / "table.md").read_text())
+    return 0
+
+
+# -- accelerator mode (--mode accel) -------------------------------------------------------------
+
+
+def find_accelerator(force_cpu: bool = False) -> dict:
+    """{"jax": platform or None, "faiss_gpus": count, "why": text}: JAX's GPU/TPU devices and
+    the GPUs the installed FAISS can use (0 when it is a CPU build)."""
+    import jax
+
+    plats = sorted({d.platform for d in jax.devices()})
+    acc = next((p for p in plats if p in ("gpu", "cuda", "rocm", "tpu")), None)
+    try:
+        import faiss
+
+        gpus = faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+        fv = f"faiss {faiss.__version__} " + ("with" if hasattr(faiss, "StandardGpuResources")
+                                              else "without") + " GPU support"  # fmt: skip
+    except ImportError:
+        gpus, fv = 0, "faiss not installed"
+    if force_cpu:  # testing only: the same code path with CPU stand-ins
+        acc, gpus = acc or "cpu", gpus
+    why = f"jax devices: {', '.join(plats)}; {fv}, {gpus} GPU(s) visible"
+    return {"jax": acc, "faiss_gpus": gpus, "why": why}
+
+
+class AccelRecall(EqualRecall):
+    """``--mode accel``: the project's exact search (float32, bfloat16 storage) and its
+    ``approx_max_k`` search (``recall_target`` swept) on the JAX accelerator, FAISS GPU indexes
+    (flat, IVF-Flat and IVF-PQ with ``nprobe`` swept by ``GpuParameterSpace``, CAGRA with
+    ``itopk_size`` swept, where the installed FAISS has it), every curve measured on the same
+    held-out queries and read at the targets by the same rule as ``--mode equal``."""
+
+    def __init__(self, args, ids, emb, queries, acc):
+        super().__init__(args, ids, emb, queries, queries[:1])
+        self.acc = acc
+        self.results["accelerator"] = acc
+
+    def truth(self):
+        kmax = max(self.ks)
+        t0 = time.perf_counter()
+        _, rows = exact_topk_chunked(self.queries, self.emb, kmax)
+        self.true_ids = self.ids[rows]
+        self.results["exact"] = {"method": "numpy brute force (chunked, host CPU)", "k": kmax,
+                                 "qps": len(self.queries) / (time.perf_counter() - t0)}  # fmt: skip
+
+    def pairs(self):
+        return []
+
+    def sweep_method(self, name, group, search, grid, tuner):
+        pts = {k: [{"params": p, "tune_recall": None} for p in grid] for k in self.ks}
+        self.add_method(name, group, tuner, search, pts, {k: {} for k in self.ks}, ordered_from=0)
+
+    def jax_methods(self):
+        from dpr_jax.index import build_index
+
+        for dtype in ("float32", "bfloat16"):
+            group = f"exact JAX ({dtype})"
+            t0 = time.perf_counter()
+            ix = build_index("exact", self.emb, self.ids, dtype=dtype)
+            ix.search(self.queries[:8], max(self.ks))
+            self._record_build(group, "exact", time.perf_counter() - t0, ix.size_bytes(),
+                               ix.options)  # fmt: skip
+            self.groups[group] = ix
+            self.sweep_method(group, group, lambda q, k, p, ix=ix: ix.search(q, k)[1], [{}],
+                              "none (exact)")  # fmt: skip
+            if dtype != "float32":
+                continue
+            fns = {}
+
+            def approx(q, k, p, ix=ix, fns=fns):
+                rt = p["recall_target"]
+                ix.options["recall_target"] = rt
+                ix._fns = fns.setdefault(rt, {})  # one compiled search per (target, k)
+                return ix.search(q, k)[1]
+
+            grid = [{"recall_target": r} for r in (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)]
+            self.sweep_method("JAX approx_max_k (float32)", group, approx, grid,
+                              "recall_target sweep")  # fmt: skip
+
+    def faiss_methods(self):
+        import faiss
+        import numpy as np
+
+        res = faiss.StandardGpuResources() if self.acc["faiss_gpus"] else None
+        emb = np.ascontiguousarray(self.emb, np.float32)
+        n, d = emb.shape
+        nlist = int(max(1, min(round(4 * math.sqrt(n)), n // 39)))
+        m = next(m for m in (d // 8, 48, 32, 16, 8, 4, 2, 1) if m and d % m == 0)
+
+        def to_dev(index):
+            return faiss.index_cpu_to_gpu(res, 0, index) if res is not None else index
+
+        def built(group, make):
+            t0 = time.perf_counter()
+            try:
+                index = make()
+            except Exception as e:  # a FAISS build without this index: reported, not fatal
+                self.log(f"{group}: not built ({type(e).__name__}: {e})")
+                self.results["builds"][group] = {"error": f"{type(e).__name__}: {e}"}
+                return None
+            size = 0
+            try:
+                size = int(faiss.serialize_index(faiss.index_gpu_to_cpu(index)
+                                                 if res is not None else index).nbytes)  # fmt: skip
+            except Exception:  # noqa: BLE001 (CAGRA may not serialize: size unknown)
+                size = 0
+            self._record_build(group, "faiss" + (" GPU" if res is not None else " CPU"),
+                               time.perf_counter() - t0, size, {})  # fmt: skip
+            self.groups[group] = index
+            return index
+
+        def search_of(index, setter=None):
+            def search(q, k, p):
+                if setter is not None and p:
+                    setter(index, p)
+                _, rows = index.search(q, k)
+                return self.rows_to_ids(rows)
+
+            return search
+
+        def flat():
+            ix = faiss.IndexFlatIP(d)
+            ix.add(emb)
+            return to_dev(ix)
+
+        ix = built("FAISS flat", flat)
+        if ix is not None:
+            self.sweep_method("FAISS flat", "FAISS flat", search_of(ix), [{}], "none (exact)")
+        gps = faiss.GpuParameterSpace() if res is not None else faiss.ParameterSpace()
+        for group, key in [("FAISS IVF-Flat", f"IVF{nlist},Flat"),
+                           ("FAISS IVF-PQ", f"IVF{nlist},PQ{m}")]:  # fmt: skip
+
+            def make(key=key):
+                ix = faiss.index_factory(d, key, faiss.METRIC_INNER_PRODUCT)
+                ix.train(emb[np.random.default_rng(0).choice(n, min(n, 250000), replace=False)])
+                ix.add(emb)
+                return to_dev(ix)
+
+            ix = built(f"{group} ({key})", make)
+            if ix is None:
+                continue
+            grid = [{"nprobe": p} for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+                    if p <= nlist]  # fmt: skip
+            self.sweep_method(f"{group} ({key})", f"{group} ({key})",
+                              search_of(ix, lambda i, p: gps.set_index_parameter(i, "nprobe",
+                                                                                 p["nprobe"])),
+                              grid, "nprobe sweep (GpuParameterSpace)")  # fmt: skip
+        if res is not None and hasattr(faiss, "GpuIndexCagra"):
+
+            def cagra():
+                cfg = faiss.GpuIndexCagraConfig()
+                ix = faiss.GpuIndexCagra(res, d, faiss.METRIC_INNER_PRODUCT, cfg)
+                ix.train(emb)
+                return ix
+
+            ix = built("FAISS CAGRA", cagra)
+            if ix is not None:
+
+                def cagra_search(q, k, p, ix=ix):
+                    sp = faiss.SearchParametersCagra()
+                    sp.itopk_size = max(int(p["itopk_size"]), k)
+                    _, rows = ix.search(q, k, params=sp)
+                    return self.rows_to_ids(rows)
+
+                grid = [{"itopk_size": v} for v in (32, 64, 128, 256, 512)]
+                self.sweep_method("FAISS CAGRA", "FAISS CAGRA", cagra_search, grid,
+                                  "itopk_size sweep")  # fmt: skip
+        elif res is not None:
+            self.results["builds"]["FAISS CAGRA"] = {"error": "the installed faiss has no "
+                                                     "GpuIndexCagra (needs a cuVS build)"}  # fmt: skip
+
+    def run(self):
+        self.truth()
+        self.jax_methods()
+        if self.acc["faiss_gpus"] or self.args.accel_force_cpu:
+            self.faiss_methods()
+        self.measure(list(self.methods))
+        self.summarise()
+        self.strip_private()
+        self.save()
+        self.write_table()
+        self.plot()
+
+
+def accel_mode(args, ids, emb, queries, data: str, acc: dict) -> int:
+    import numpy as np
+
+    bench = AccelRecall(args, ids, emb, queries, acc)
+    bench.results["config"] = {
+        "data": data, "n": len(emb), "dim": emb.shape[1], "num_queries": len(queries),
+        "tune_queries": 0, "ks": bench.ks, "targets": bench.targets, "threads": args.threads,
+        "build_threads": args.build_threads, "repeats": args.repeats,
+        "bootstrap": args.bootstrap, "seed": args.seed, "accelerator": acc["why"],
+        "cpu": f"{os.cpu_count()} CPU(s) {platform.processor() or platform.machine()}",
+        "versions": _versions(np), "loadavg_start": os.getloadavg(),
+        "command": "python " + " ".join(sys.argv),
+    }  # fmt: skip
+    bench.run()
+    print((bench.out / "table.md").read_text())
+    return 0
+
+
+def _versions(np) -> dict:
+    import jax
+
+    from dpr_jax import __version__
+
+    versions = {"dpr_jax": __version__, "jax": jax.__version__, "numpy": np.__version__}
+    for mod in ("faiss", "scann"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except (ImportError, AttributeError):
+            versions[mod] = None
+    return versions
+
+
 def sharded_child(args) -> int:
     """One device count: numpy brute force and exact JAX sharded over ``args.sharded_child``
     CPU devices on the same data; one JSON line on stdout."""
@@ -687,7 +1958,14 @@ def main(argv=None) -> int:
         return sharded_child(args)
     if args.mode == "sharded":
         return sharded(args)
-    set_thread_env(args.threads)
+    if args.mode == "accel":
+        os.environ["OPENBLAS_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+        acc = find_accelerator(args.accel_force_cpu)
+        if acc["jax"] is None and not acc["faiss_gpus"]:
+            print(f"bench_ann --mode accel: skipped, no GPU or TPU here ({acc['why']})")
+            return 0
+    else:
+        set_thread_env(args.threads)
     import numpy as np
 
     if args.embeddings:
@@ -701,7 +1979,7 @@ def main(argv=None) -> int:
             )
         tune_queries = queries[args.max_queries : args.max_queries + args.tune_queries]
         queries = queries[: args.max_queries]
-        if args.mode == "tuned" and len(tune_queries) < args.tune_queries:
+        if args.mode in ("tuned", "equal") and len(tune_queries) < args.tune_queries:
             raise ValueError(
                 f"{args.queries}: --mode tuned needs {args.max_queries} + {args.tune_queries} "
                 f"queries (benchmark + tuning), the file has {len(queries) + len(tune_queries)}"
@@ -709,23 +1987,22 @@ def main(argv=None) -> int:
         data = f"{', '.join(args.embeddings)} + {args.queries}"
     else:
         t0 = time.time()
-        n_tune = args.tune_queries if args.mode == "tuned" else 0
-        ids, emb, queries = synthetic(args.n, args.dim, args.num_queries + n_tune, args.seed)
+        n_tune = args.tune_queries if args.mode in ("tuned", "equal") else 0
+        if args.data_dir:
+            ids, emb, queries = synthetic_memmap(args.data_dir, args.n, args.dim,
+                                                 args.num_queries + n_tune, args.seed)  # fmt: skip
+        else:
+            ids, emb, queries = synthetic(args.n, args.dim, args.num_queries + n_tune, args.seed)
         tune_queries = queries[args.num_queries :]
         queries = queries[: min(args.num_queries, args.max_queries)]
         data = "synthetic MiniLM-like embeddings"
         print(f"synthetic data in {time.time() - t0:.1f}s", file=sys.stderr)
+    if args.mode == "equal":
+        return equal_mode(args, ids, emb, queries, tune_queries, data)
+    if args.mode == "accel":
+        return accel_mode(args, ids, emb, queries, data, acc)
     bench = Bench(args, ids, emb, queries)
-    import jax
-
-    from dpr_jax import __version__
-
-    versions = {"dpr_jax": __version__, "jax": jax.__version__, "numpy": np.__version__}
-    for mod in ("faiss", "scann"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except (ImportError, AttributeError):
-            versions[mod] = None
+    versions = _versions(np)
     bench.results["config"] = {
         "data": data, "n": len(emb), "dim": emb.shape[1], "num_queries": len(queries),
         "k": args.k, "threads": args.threads, "build_threads": args.build_threads,

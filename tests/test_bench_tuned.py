@@ -2,8 +2,10 @@
 
 import argparse
 import importlib.util
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,3 +90,181 @@ def test_tuned_headline_second_scann_build(bench, tmp_path):
         '- ScaNN tree-AH {"soar_lambda": 1.5} built with `{"num_leaves": 10, "soar_lambda": 1.5}`'
         in table
     )
+
+
+# --mode equal: q/s at equal measured recall -----------------------------------------------------
+
+
+def test_interpolation_rule_by_hand(bench):
+    """A curve whose q/s at the targets is known: linear between the bracketing Pareto points."""
+    recalls = [0.80, 0.85, 0.90, 0.96, 0.99]
+    qps = [5000.0, 1000.0, 3000.0, 1500.0, 500.0]  # (0.85, 1000) is dominated by (0.90, 3000)
+    assert bench.frontier_indices(recalls, qps) == [0, 2, 3, 4]
+    at = bench.interpolate_at(recalls, qps, 0.93)  # halfway from (0.90, 3000) to (0.96, 1500)
+    assert at["status"] == "measured" and (at["lo"], at["hi"]) == (2, 3)
+    assert at["w"] == pytest.approx(0.5) and at["qps"] == pytest.approx(2250.0)
+    # 0.87 lies between 0.80 and 0.90 on the frontier (the dominated 0.85 is no bracket)
+    assert bench.interpolate_at(recalls, qps, 0.87)["qps"] == pytest.approx(5000 - 0.7 * 2000)
+    exact = bench.interpolate_at(recalls, qps, 0.96)
+    assert (exact["status"], exact["qps"], exact["lo"], exact["hi"]) == ("measured", 1500.0, 3, 3)
+    low = bench.interpolate_at(recalls, qps, 0.70)  # every point above: a lower bound
+    assert (low["status"], low["qps"]) == ("lower bound", 5000.0)
+    assert bench.interpolate_at(recalls, qps, 0.995) == {
+        "status": "not reached", "qps": None, "lo": None, "hi": None, "w": None}  # fmt: skip
+    # one round's q/s of the same points, interpolated with the same weight
+    assert bench.apply_bracket(at, [0, 0, 2800.0, 1400.0, 0]) == pytest.approx(2100.0)
+    assert bench.spread([3.0, None, 1.0, 2.0]) == {"min": 1.0, "median": 2.0, "max": 3.0}
+
+
+def test_bootstrap_interval(bench):
+    """The interval holds the point estimate and narrows ~1/sqrt(Q) with more queries."""
+    rng = np.random.default_rng(0)
+    widths = []
+    for nq in (100, 1600):
+        per_query = rng.choice([0.6, 0.8, 0.9, 1.0], size=nq, p=[0.1, 0.2, 0.3, 0.4])
+        lo, hi = bench.bootstrap_ci(per_query, n_boot=500, seed=1)
+        assert lo <= per_query.mean() <= hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2.5  # 1/sqrt(16) = 1/4 in expectation
+    # every query alike: no sampling error, a zero-width interval
+    assert bench.bootstrap_ci(np.full(50, 0.9), n_boot=100) == pytest.approx((0.9, 0.9))
+    # the resamples are paired: the same seed gives the same means for every row
+    m = bench.bootstrap_means(np.stack([per_query, per_query]), n_boot=20, seed=3)
+    assert np.array_equal(m[0], m[1])
+
+
+def test_bootstrap_qps_at_and_ratios(bench):
+    """q/s at the target under resampled queries, and the headline ratios' arithmetic."""
+    per_query = np.array([[0.9] * 40, [0.94] * 40, [1.0] * 40])  # no spread over queries
+    boot = bench.bootstrap_qps_at(per_query, [3000.0, 2000.0, 1000.0], 0.92, n_boot=30)
+    assert boot == pytest.approx([2500.0] * 30)
+
+    def row(status, qps, rounds, boot=None):
+        return {"status": status, "qps": qps, "rounds": rounds, "_boot": boot or [qps] * 4}
+
+    at = {
+        "ScaNN tree-AH + dpr_jax tune": row("measured", 3000.0, [2800.0, 3300.0, 3000.0]),
+        "ScaNN autopilot()": row("lower bound", 1200.0, [1200.0, 1100.0, 1300.0]),
+        "FAISS IVF-PQ + refine + dpr_jax tune": row("measured", 1500.0, [1400.0, 1500.0, 1500.0]),
+        "FAISS IVF-PQ + refine + ParameterSpace": row("measured", 1000.0, [1000.0] * 3),
+        "FAISS HNSW + dpr_jax tune": row("not reached", None, []),
+    }  # fmt: skip
+    pairs = [("FAISS IVF-PQ + refine + dpr_jax tune", "FAISS IVF-PQ + refine + ParameterSpace"),
+             ("ScaNN tree-AH + dpr_jax tune", "ScaNN autopilot()")]  # fmt: skip
+    h = bench.headline_ratios(at, pairs)
+    assert h["best FAISS"] == "FAISS IVF-PQ + refine + dpr_jax tune"
+    r = {(x["num"], x["den"]): x for x in h["ratios"]}
+    main = r[("ScaNN tree-AH + dpr_jax tune", "FAISS IVF-PQ + refine + dpr_jax tune")]
+    assert main["ratio"] == pytest.approx(2.0) and not main["bound"]
+    assert main["spread"] == pytest.approx({"min": 2.0, "median": 2.0, "max": 2.2})
+    assert main["boot_ci"] == pytest.approx((2.0, 2.0))
+    auto = r[("ScaNN autopilot()", "FAISS IVF-PQ + refine + dpr_jax tune")]
+    assert auto["bound"] and auto["ratio"] == pytest.approx(0.8)
+    assert r[pairs[0]]["ratio"] == pytest.approx(1.5)
+    # a lower-bound denominator makes no ratio
+    assert ("ScaNN tree-AH + dpr_jax tune", "ScaNN autopilot()") not in r
+
+
+def test_chunked_truth_and_memmap(bench, tmp_path):
+    """Exact top-k streamed over corpus chunks equals brute force (ties to the lower row), and
+    the memory-mapped synthetic corpus written in chunks equals the in-memory one."""
+    _, emb, q = bench.synthetic(3000, 16, 20, seed=2)
+    emb = emb.copy()
+    emb[2500] = emb[100]  # a tie: row 100 must come first
+    q[0] = emb[100]
+    scores, rows = bench.exact_topk_chunked(q, emb, 7, rows=256)
+    ref = np.argsort(-(q @ emb.T), axis=1, kind="stable")[:, :7]  # (Q, D) . (D, N)
+    assert np.array_equal(rows, ref)
+    assert rows[0, 0] == 100 and rows[0, 1] == 2500
+    assert np.allclose(scores, np.take_along_axis(q @ emb.T, ref, axis=1))
+    ids, mm, mq = bench.synthetic_memmap(tmp_path, 3000, 16, 20, seed=2, chunk=512)
+    _, ref_emb, ref_q = bench.synthetic(3000, 16, 20, seed=2, chunk=512)
+    assert isinstance(mm, np.memmap) and np.array_equal(mm, ref_emb)
+    assert np.array_equal(mq, ref_q) and ids[5] == "5"
+    again = bench.synthetic_memmap(tmp_path, 3000, 16, 20, seed=2, chunk=512)[1]  # reused
+    assert np.array_equal(again, mm)
+
+
+def test_equal_mode_tiny(bench, tmp_path, monkeypatch):
+    """--mode equal end to end at a tiny size: the dpr_jax-tuned, ScaNN autopilot() and FAISS
+    ParameterSpace rows on the same held-out queries, each point's recall checked against numpy
+    brute force, the table and the plot written."""
+    pytest.importorskip("scann")
+    pytest.importorskip("faiss")
+    monkeypatch.setattr(bench, "set_thread_env", lambda threads: None)  # keep this process's env
+    out = tmp_path / "out"
+    argv = ["--mode", "equal", "--n", "3000", "--dim", "16", "--num-queries", "60",
+            "--tune-queries", "60", "--targets", "0.9", "--ks", "10,20", "--repeats", "2",
+            "--skip", "hnsw", "--bootstrap", "50", "--build-threads", "1", "--out", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    methods = res["methods"]
+    assert set(methods) == {"ScaNN tree-AH + dpr_jax tune", "ScaNN autopilot()",
+                            "FAISS IVF-PQ + refine + dpr_jax tune",
+                            "FAISS IVF-PQ + refine + ParameterSpace",
+                            "FAISS IVF-PQ + refine + ParameterSpace without ht"}  # fmt: skip
+    noht = methods["FAISS IVF-PQ + refine + ParameterSpace without ht"]["curves"]["10"]
+    assert noht and all("ht=" not in p["params"]["key"] for p in noht)
+    assert methods["FAISS IVF-PQ + refine + ParameterSpace"]["tuner"] == "faiss ParameterSpace"
+    assert res["builds"]["FAISS IVF-PQ + refine"]["index_factory"].endswith(",RFlat")
+    assert "nprobe" in res["builds"]["FAISS IVF-PQ + refine"]["parameter_space"]
+    assert res["builds"]["ScaNN autopilot()"]["chosen"]["scoring"] == "brute_force"  # 3000 rows
+    # recall against an independent brute force: ScaNN brute force (autopilot's choice at this
+    # size) is exact, and every point's recall is a mean of per-query overlaps with it
+    ids, emb, q = bench.synthetic(3000, 16, 120, seed=0)
+    for k in ("10", "20"):
+        (auto,) = methods["ScaNN autopilot()"]["curves"][k]
+        assert auto["recall"] == pytest.approx(1.0)
+        for m in methods.values():
+            for p in m["curves"][k]:
+                assert 0 < p["recall"] <= 1
+                assert p["recall_ci"][0] <= p["recall"] <= p["recall_ci"][1]
+                if p["timed"]:
+                    assert len(p["qps_rounds"]) == 2 and p["qps"]["min"] <= p["qps"]["max"]
+    truth = np.argsort(-(q[:60] @ emb.T), axis=1, kind="stable")[:, :10]
+    got = bench.exact_topk_chunked(q[:60], emb, 10)[1]
+    assert np.array_equal(got, truth)
+    table = (out / "table.md").read_text()
+    assert "**Rule.**" in table and "| 0.90 | ScaNN autopilot() |" in table
+    assert "FAISS IVF-PQ + refine + ParameterSpace" in table
+    assert (out / "recall_qps.png").stat().st_size > 10_000
+
+
+def test_accel_mode_skips_without_accelerator(bench, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "find_accelerator",
+                        lambda force_cpu=False: {"jax": None, "faiss_gpus": 0, "why": "jax: cpu"})  # fmt: skip
+    assert bench.main(["--mode", "accel", "--out", str(tmp_path / "acc")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["bench_ann --mode accel: skipped, no GPU or TPU here (jax: cpu)"]
+    assert not (tmp_path / "acc").exists()
+
+
+def test_equal_mode_reuses_indexes(bench, tmp_path, monkeypatch):
+    """--reuse-indexes: --build-only keeps the indexes, --tune-only the tuners' settings, and a
+    later run reloads both (the build records kept) and measures them."""
+    pytest.importorskip("scann")
+    pytest.importorskip("faiss")
+    monkeypatch.setattr(bench, "set_thread_env", lambda threads: None)
+    runs = []
+    for i, phase in enumerate(["--build-only", "--tune-only", None]):
+        out = tmp_path / f"out{i}"
+        argv = ["--mode", "equal", "--n", "2500", "--dim", "16", "--num-queries", "40",
+                "--tune-queries", "40", "--targets", "0.9", "--ks", "10", "--repeats", "1",
+                "--skip", "hnsw", "--bootstrap", "20", "--build-threads", "1",
+                "--data-dir", str(tmp_path / "data"), "--reuse-indexes", "--out", str(out)]  # fmt: skip
+        assert bench.main(argv + ([phase] if phase else [])) == 0
+        runs.append(json.loads((out / "results.json").read_text()))
+    built, tuned, measured = runs
+    assert not any("reused_from" in b for b in built["builds"].values())
+    assert not built["methods"] and not tuned["methods"]
+    assert all("reused_from" in b for b in measured["builds"].values())
+    for name, b in built["builds"].items():
+        assert measured["builds"][name]["build_s"] == b["build_s"]
+    assert set(measured["reused_tuning"]) == {"ScaNN tree-AH + dpr_jax tune, k=10",
+                                              "FAISS IVF-PQ + refine + dpr_jax tune, k=10",
+                                              "FAISS IVF-PQ + refine + ParameterSpace, k=10",
+                                              "FAISS IVF-PQ + refine + ParameterSpace without ht, k=10"}  # fmt: skip
+    kept = measured["reused_tuning"]["ScaNN tree-AH + dpr_jax tune, k=10"]["from"]
+    kept = json.loads(Path(kept).read_text())
+    got = [p["params"] for p in measured["methods"]["ScaNN tree-AH + dpr_jax tune"]["curves"]["10"]]
+    assert got == [p["params"] for p in kept["points"]]
