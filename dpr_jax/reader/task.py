@@ -101,6 +101,7 @@ class ReaderTrainConfig(RunConfig):
     max_answer_length: int = 10
 
     INIT_FROM: typing.ClassVar[str] = "a model directory, a Hugging Face directory or 'minilm'"
+    MODEL_HINT: typing.ClassVar[str] = "'{...}' (a BertConfig dict)"
     parse_model = staticmethod(BertConfig.from_dict)
 
     def check(self, bad) -> None:
@@ -134,13 +135,6 @@ def _init_reader(bert_config, rng):
     return init(bert_config, rng)
 
 
-def _with_dropout(config: ReaderTrainConfig, bert_cfg: BertConfig) -> BertConfig:
-    if config.dropout < 0:
-        return bert_cfg
-    return dataclasses.replace(bert_cfg, hidden_dropout_prob=config.dropout,
-                               attention_probs_dropout_prob=config.dropout)  # fmt: skip
-
-
 def _source(config: ReaderTrainConfig) -> tuple[str, Path | None]:
     """Where the reader starts: ("random" | "model" | "hf", path)."""
     src = _expand(config.init_from)
@@ -169,14 +163,8 @@ def architecture(config: ReaderTrainConfig, planning: bool = False) -> tuple[Ber
         if not planning:
             raise
         if _expand(config.init_from) == "minilm":  # the package is not installed here
-            return _with_dropout(config, BertConfig.from_dict("all-MiniLM-L6-v2")), ""
-        if not config.model:
-            raise UserError(
-                f"init_from {config.init_from} does not exist here and the config has no "
-                "`model` dict: give the architecture with --set model='{...}' (a BertConfig "
-                "dict) or --set init_from=DIR"
-            ) from None
-        where, path, note = "random", None, f"init_from {config.init_from} not found: using `model`"
+            return config.with_dropout(BertConfig.from_dict("all-MiniLM-L6-v2")), ""
+        where, path, note = "random", None, config.stand_in_note()
     if where == "random":
         bert = BertConfig.from_dict(config.model)
     elif where == "model":
@@ -184,7 +172,7 @@ def architecture(config: ReaderTrainConfig, planning: bool = False) -> tuple[Ber
         bert = KINDS[meta["kind"]].bert_of(model_config(meta, path))
     else:
         bert = BertConfig.from_json_file(path / "config.json")
-    return _with_dropout(config, bert), note
+    return config.with_dropout(bert), note
 
 
 def build_reader(config: ReaderTrainConfig, rng: jax.Array):
@@ -215,7 +203,7 @@ def build_reader(config: ReaderTrainConfig, rng: jax.Array):
         else:
             bert = ck.bert_body()
     tok_path = None if path is None else resolve_model_dir(path) if where == "model" else path
-    bert_cfg = _with_dropout(config, bert_cfg)
+    bert_cfg = config.with_dropout(bert_cfg)
     if params is None:  # dropout rates do not change the parameters: one compilation for all
         fresh = _init_reader(dataclasses.replace(bert_cfg, hidden_dropout_prob=0.0,
                                                  attention_probs_dropout_prob=0.0), rng)  # fmt: skip

@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,10 @@ class TrainConfig(RunConfig):
     # DPR's defaults (train_dense_encoder.py, conf/train/biencoder_nq.yaml): eval_batch_size 0
     # means batch_size; the optimizer fields are RunConfig's
 
+    MODEL_HINT: typing.ClassVar[str] = (
+        '\'{"bert": "bert-base-uncased"}\' (a preset of dpr_jax.models.bert.PRESETS, or a '
+        "BertConfig dict)"
+    )
     parse_model = staticmethod(EncoderConfig.from_dict)
 
     def check(self, bad) -> None:
@@ -173,14 +178,7 @@ def architecture(config: TrainConfig, planning: bool = False) -> tuple[EncoderCo
     note = ""
     src = _expand(config.init_from)
     if src and planning and not Path(src).exists():
-        if not config.model:
-            raise UserError(
-                f"init_from {config.init_from} does not exist here and the config has no `model` "
-                'dict: give the architecture with --set model=\'{"bert": "bert-base-uncased"}\' '
-                "(a preset of dpr_jax.models.bert.PRESETS, or a BertConfig dict) or the model "
-                "directory with --set init_from=DIR"
-            )
-        src, note = "", f"init_from {config.init_from} not found: using `model`"
+        src, note = "", config.stand_in_note()
     if src:
         meta = read_model_meta(src)
         if meta["kind"] != BIENCODER.name:
@@ -191,14 +189,7 @@ def architecture(config: TrainConfig, planning: bool = False) -> tuple[EncoderCo
         enc_cfg = model_config(meta, src)
     else:
         enc_cfg = EncoderConfig.from_dict(config.model)
-    if config.dropout >= 0:
-        bert = dataclasses.replace(
-            enc_cfg.bert,
-            hidden_dropout_prob=config.dropout,
-            attention_probs_dropout_prob=config.dropout,
-        )
-        enc_cfg = dataclasses.replace(enc_cfg, bert=bert)
-    return enc_cfg, note
+    return dataclasses.replace(enc_cfg, bert=config.with_dropout(enc_cfg.bert)), note
 
 
 def remat_setting(config) -> bool | str:

@@ -72,6 +72,8 @@ class RunConfig:
     progress: bool = True
 
     INIT_FROM: typing.ClassVar[str] = "a model directory"
+    # what --set model=... takes, for the planner's message when init_from is not on this machine
+    MODEL_HINT: typing.ClassVar[str] = "'{...}'"
 
     @staticmethod
     def parse_model(d: dict) -> Any:
@@ -134,6 +136,25 @@ class RunConfig:
                 raise UserError(
                     f"{type(self).__name__}.{f} = {v} is not a multiple of the {n} {what}"
                 )
+
+    def with_dropout(self, bert):
+        """``bert`` (a BertConfig) with the ``dropout`` override applied (< 0: unchanged)."""
+        if self.dropout < 0:
+            return bert
+        return dataclasses.replace(
+            bert, hidden_dropout_prob=self.dropout, attention_probs_dropout_prob=self.dropout
+        )
+
+    def stand_in_note(self) -> str:
+        """Planning a run whose ``init_from`` is not on this machine: the architecture comes from
+        ``model`` (the note that says so), or, without one, a UserError saying what to give."""
+        if not self.model:
+            raise UserError(
+                f"init_from {self.init_from} does not exist here and the config has no `model` "
+                f"dict: give the architecture with --set model={self.MODEL_HINT} or the model "
+                "directory with --set init_from=DIR"
+            )
+        return f"init_from {self.init_from} not found: using `model`"
 
     def total_steps(self, steps_per_epoch: int | None) -> tuple[int, int]:
         """(steps, warmup steps) of the schedule: ``num_steps``, else ``num_epochs`` epochs of
