@@ -16,9 +16,10 @@ Data: ``dpr-jax prepare-squad`` (train/dev split by article; the dev articles ar
         --workdir runs/reader-s1
 
 Resumable: run the same command again and it continues from the latest checkpoint (every 200
-steps; the batches are a pure function of the step). One epoch over the 78,264 training questions
-with a positive is 4,891 steps of 16; on an accelerator that is minutes, on a 2-core CPU about
-5 s a step (untested end to end at this size; sized for a GPU/TPU session).
+steps; the batches are a pure function of the step). One epoch over the ~78k training questions
+with a positive is ~2,450 steps of 32: on a GPU a minute or two (``scripts/gpu_session.sh`` runs
+both stages and the evaluation on one lent GPU; README has its figures), on a 2-core CPU about
+10 s a step.
 """
 
 from dpr_jax.reader.task import ReaderTrainConfig
@@ -30,7 +31,7 @@ def get_config() -> ReaderTrainConfig:
         data_format="biencoder",
         max_train_examples=0,  # every training question
         max_dev_examples=500,
-        batch_size=16,
+        batch_size=32,
         passages_per_question=1,  # the gold passage alone
         max_negatives=0,
         max_length=256,  # question (<= 32 pieces) + title + a 100-word passage, uncut

@@ -1743,6 +1743,43 @@ class AccelRecall(EqualRecall):
             self.sweep_method("JAX approx_max_k (float32)", group, approx, grid,
                               "recall_target sweep")  # fmt: skip
 
+    def torch_methods(self):
+        """Exact search in PyTorch on its GPU (``q @ emb.T`` then ``torch.topk``, queries in
+        blocks): the same arithmetic as the project's exact JAX search in a library we did not
+        write, on the same device (the baseline where no FAISS GPU build is installed)."""
+        import numpy as np
+
+        try:
+            import torch
+        except ImportError:
+            self.results["builds"]["exact PyTorch"] = {"error": "torch not installed"}
+            return
+        if not torch.cuda.is_available() and not self.args.accel_force_cpu:
+            self.results["builds"]["exact PyTorch"] = {"error": "torch sees no CUDA device"}
+            return
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        for dtype in ("float32", "bfloat16"):
+            group = f"exact PyTorch ({dtype})"
+            t0 = time.perf_counter()
+            emb = torch.from_numpy(np.ascontiguousarray(self.emb, np.float32)).to(dev)
+            emb = emb.to(getattr(torch, dtype))
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            self._record_build(group, f"torch {torch.__version__} {dev.type}",
+                               time.perf_counter() - t0, emb.numel() * emb.element_size(), {})  # fmt: skip
+
+            def search(q, k, p, emb=emb):
+                rows = []
+                with torch.inference_mode():
+                    for lo in range(0, len(q), 256):
+                        qb = torch.from_numpy(np.ascontiguousarray(q[lo : lo + 256], np.float32))
+                        scores = qb.to(dev, emb.dtype) @ emb.T
+                        rows.append(torch.topk(scores.float(), k, dim=1).indices.cpu().numpy())
+                return self.rows_to_ids(np.concatenate(rows))
+
+            self.groups[group] = emb
+            self.sweep_method(group, group, search, [{}], "none (exact)")
+
     def faiss_methods(self):
         import faiss
         import numpy as np
@@ -1838,6 +1875,7 @@ class AccelRecall(EqualRecall):
     def run(self):
         self.truth()
         self.jax_methods()
+        self.torch_methods()
         if self.acc["faiss_gpus"] or self.args.accel_force_cpu:
             self.faiss_methods()
         self.measure(list(self.methods))

@@ -56,6 +56,15 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--modes", default="one,all")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--platform", choices=["cpu", "gpu"], default="cpu",
+                    help="gpu: JAX on its GPU, the PyTorch reference on CUDA (--devices and "
+                    "--torch-threads then do nothing)")  # fmt: skip
+    ap.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="compute dtype of both sides (bfloat16 is only fast on accelerators)",
+    )
     ap.add_argument("--json", default="")
     return ap.parse_args(argv)
 
@@ -85,7 +94,9 @@ def load_questions(data: Path, n: int, k: int, seed: int):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.devices > 0:
+    gpu = args.platform == "gpu"
+    os.environ.setdefault("JAX_PLATFORMS", "cuda" if gpu else "cpu")
+    if args.devices > 0 and not gpu:
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
     import jax
@@ -111,15 +122,20 @@ def main(argv=None):
     lengths = [len(s) for row in seqs for s in row]
     print(f"{len(qs)} questions x {args.passages} passages, sequence length mean "
           f"{np.mean(lengths):.0f}, max {max(lengths)} (cap {args.max_length}); "
-          f"{jax.device_count()} XLA devices", file=sys.stderr)  # fmt: skip
+          f"{jax.device_count()} XLA devices ({jax.devices()[0].device_kind}), {args.dtype}",
+          file=sys.stderr)  # fmt: skip
 
     predictors = {
         f"dpr-jax bucket {b}": ReaderPredictor(
-            params, bert_cfg, rtok, batch_size=args.batch_size, bucket=b
+            params, bert_cfg, rtok, batch_size=args.batch_size, bucket=b, dtype=args.dtype
         )  # fmt: skip
         for b in (args.bucket, 0)
     }
     model = ref.torch_reader(jax.tree.map(np.asarray, params), bert_cfg).eval()
+    device = torch.device("cuda" if gpu else "cpu")
+    model = model.to(device, dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
+    if gpu:
+        args.torch_threads = "1"
 
     def run_jax(pred, mode):
         if mode == "one":
@@ -137,13 +153,16 @@ def main(argv=None):
                 for lo in range(0, len(order), batch):
                     chunk = order[lo : lo + batch]
                     ids, mask = rtok.pad(chunk, len(chunk[0]))
-                    model(input_ids=torch.from_numpy(ids).long(),
-                          attention_mask=torch.from_numpy(mask).long())  # fmt: skip
+                    model(input_ids=torch.from_numpy(ids).long().to(device),
+                          attention_mask=torch.from_numpy(mask).long().to(device))  # fmt: skip
+            if gpu:  # the logits stay on the GPU: wait for them (dpr-jax returns host arrays)
+                torch.cuda.synchronize()
 
     settings = {name: (lambda mode, p=p: run_jax(p, mode)) for name, p in predictors.items()}
     for b in [int(x) for x in args.torch_batch.split(",")]:
         for t in [int(x) for x in args.torch_threads.split(",")]:
-            settings[f"torch batch {b}, {t} threads"] = lambda mode, b=b, t=t: run_torch(b, t, mode)
+            name = f"torch batch {b}" + ("" if gpu else f", {t} threads")
+            settings[name] = lambda mode, b=b, t=t: run_torch(b, t, mode)
     modes = args.modes.split(",")
     for mode in modes:  # warm-up: compilation and caches
         for fn in settings.values():
@@ -157,7 +176,8 @@ def main(argv=None):
                 times[name, mode].append(1000 * (time.perf_counter() - t) / len(qs))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     ms = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\nms per question ({args.passages} passages, median of {args.rounds} rounds; "
+    where = f"{jax.devices()[0].device_kind}, {args.dtype}"
+    print(f"\nms per question ({args.passages} passages, median of {args.rounds} rounds; {where}; "
           f"load average {os.getloadavg()[0]:.1f}):\n")  # fmt: skip
     print("| setting | " + " | ".join(f"`{m}`" for m in modes) + " |")
     print("|---|" + "---:|" * len(modes))
@@ -180,5 +200,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     main()

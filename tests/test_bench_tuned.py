@@ -268,3 +268,30 @@ def test_equal_mode_reuses_indexes(bench, tmp_path, monkeypatch):
     kept = json.loads(Path(kept).read_text())
     got = [p["params"] for p in measured["methods"]["ScaNN tree-AH + dpr_jax tune"]["curves"]["10"]]
     assert got == [p["params"] for p in kept["points"]]
+
+
+def test_accel_mode_on_cpu_stand_ins(bench, tmp_path):
+    """--mode accel's code path on CPU stand-ins (--accel-force-cpu; the GPU run is the same
+    code on other devices): every exact method, ours and the libraries', finds the brute-force
+    neighbours, approx_max_k's recall rises with its recall_target, and the table reads them."""
+    pytest.importorskip("faiss")
+    pytest.importorskip("torch")
+    out = tmp_path / "acc"
+    argv = ["--mode", "accel", "--accel-force-cpu", "--n", "3000", "--dim", "16",
+            "--num-queries", "60", "--ks", "10", "--targets", "0.9", "--repeats", "1",
+            "--bootstrap", "20", "--threads", "1", "--out", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    methods = res["methods"]
+    for name in ("exact JAX (float32)", "exact PyTorch (float32)", "FAISS flat"):
+        (pt,) = methods[name]["curves"]["10"]
+        assert pt["recall"] == pytest.approx(1.0), name
+    for name in ("exact JAX (bfloat16)", "exact PyTorch (bfloat16)"):
+        (pt,) = methods[name]["curves"]["10"]
+        assert 0.8 < pt["recall"] <= 1.0, name  # bfloat16 storage: near ties may swap
+    approx = methods["JAX approx_max_k (float32)"]["curves"]["10"]
+    by_target = sorted((p["params"]["recall_target"], p["recall"]) for p in approx)
+    assert by_target[-1][1] >= 0.95 and by_target[0][1] <= by_target[-1][1]
+    assert res["builds"]["exact PyTorch (float32)"]["bytes_per_vector"] == 16 * 4
+    table = (out / "table.md").read_text()
+    assert "exact PyTorch (float32)" in table and "JAX approx_max_k (float32)" in table

