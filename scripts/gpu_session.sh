@@ -107,8 +107,10 @@ want eval && step read_retrieved 60 "${CLI[@]}" read --model "$W/s2" --results "
 want eval && step read_gold_s2 45 "${CLI[@]}" read --model "$W/s2" --results "$DEV" --format biencoder \
     --sample "$SAMPLE" --ks 1 --quiet --out "$W/eval/gold_s2.json"
 # 4. Answer-selection levers on the trained reader (outputs computed once, re-selected).
-want levers && step levers 60 "$PY" scripts/bench_reader_levers.py --model "$W/s2" --results "$RESULTS" \
-    --sample 0 --ks 1,5,10,20 --json "$W/eval/levers.json"
+#    One answer length: the nine (selection, length) settings outran 60 s on an H200's host.
+want levers && step levers 120 "$PY" scripts/bench_reader_levers.py --model "$READER" \
+    --results "$RESULTS" --sample 0 --ks 1,5,10,20 --max-answer-lengths 10 \
+    --json "$W/eval/levers.json"
 # 5. ANN on the accelerator: exact / approx_max_k JAX search, exact PyTorch search, FAISS GPU
 #    indexes where the installed FAISS has them.
 want ann && step ann_accel 150 "$PY" scripts/bench_ann.py --mode accel "${ANN[@]}" --num-queries 1000 \

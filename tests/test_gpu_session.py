@@ -1,0 +1,103 @@
+"""The tooling around ``scripts/gpu_session.sh`` (what one lent GPU runs): the reader comes back
+as float16 shards under the transfer limit and is restored to the same model, the sampled
+validation files hold exactly the questions ``dpr-jax read --sample`` draws, and the script itself
+(unpacking xz inputs, time-limited steps, packing) runs end to end on CPU stand-ins."""
+
+import importlib.util
+import json
+import lzma
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+
+from dpr_jax.model_dir import load_model, save_model
+from dpr_jax.models.bert import BertConfig
+from dpr_jax.reader.data import read_reader_examples, sample_examples
+from dpr_jax.reader.model import init_reader_params
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_BERT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=37, max_position_embeddings=512)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def prep():
+    spec = importlib.util.spec_from_file_location(
+        "gpu_prep", REPO / "scripts/gpu_session_prepare.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_reader_round_trip_through_float16_shards(prep, tmp_path, minilm_dir, monkeypatch):
+    cfg = BertConfig(**TINY_BERT)
+    params = init_reader_params(cfg, jax.random.PRNGKey(0))
+    save_model(tmp_path / "reader", params, "reader", cfg, minilm_dir, extra={"step": 7})
+    limit = 300_000  # the word embeddings (30522 x 32 float16, 1.95 MB) must be split
+    monkeypatch.setattr(prep, "SHARD_BYTES", limit)
+    prep.pack_reader(tmp_path / "reader", tmp_path / "out")
+    shards = sorted((tmp_path / "out").glob("reader_fp16_*.safetensors"))
+    assert len(shards) > 6
+    assert all(p.stat().st_size <= limit + 4096 for p in shards)  # + the safetensors header
+    prep.restore_reader(tmp_path / "out", tmp_path / "restored", str(minilm_dir))
+    _, cfg2, got, meta = load_model(tmp_path / "restored", "reader")
+    assert cfg2 == cfg and meta["step"] == 7
+    want, got = flatten_dict(params), flatten_dict(got)
+    assert set(want) == set(got)
+    for k, v in want.items():  # float16 rounding: half an ulp, relative 2^-11 (normal numbers)
+        v = np.asarray(v, np.float32)
+        np.testing.assert_allclose(got[k], v, rtol=2**-11, atol=6e-8, err_msg=str(k))
+        assert got[k].dtype == np.float32
+
+
+def test_sampled_files_hold_the_questions_read_samples(prep, tmp_path):
+    rows = [{"question": f"q{i}", "answers": [f"a{i}"],
+             "ctxs": [{"id": str(j), "title": "t", "text": f"text {i} {j}", "score": -j,
+                       "has_answer": j == i % 7} for j in range(30)]} for i in range(57)]  # fmt: skip
+    full = tmp_path / "results.json"
+    full.write_text(json.dumps(rows))
+    prep.sample_rows(full, 20, 3, tmp_path / "sub.json.xz", top=5)
+    sub = tmp_path / "sub.json"
+    sub.write_bytes(lzma.open(tmp_path / "sub.json.xz").read())
+    want = sample_examples(read_reader_examples(full), 20, 3)
+    got = read_reader_examples(sub)
+    assert [e.question for e in got] == [e.question for e in want]
+    assert all(len(e.passages) == 5 for e in got)
+    assert [p.text for p in got[4].passages] == [p.text for p in want[4].passages[:5]]
+
+
+def test_session_script_runs_its_steps_on_cpu(tmp_path):
+    """The script's own machinery on CPU stand-ins: xz inputs unpacked, one step (the ANN rows,
+    ``--accel-force-cpu``) run under its limit, the budget's refusals logged, the results packed
+    into $OUT within its file-count limit."""
+    pytest.importorskip("faiss")
+    data = tmp_path / "gpu" / "data"
+    data.mkdir(parents=True)
+    for name in ("train.biencoder.json", "dev.biencoder.json", "dev.results.json"):
+        with lzma.open(data / f"{name}.xz", "wb") as f:
+            f.write(b"[]")
+    (data / "dev.passages.tsv").write_text("id\ttext\ttitle\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "GPU_DATA": str(tmp_path / "gpu"), "OUT": str(out), "PYTHON": sys.executable,
+           "GPU_WORK": str(tmp_path / "work"), "JAX_PLATFORMS": "cpu", "GPU_STEPS": "ann recipe",
+           "GPU_ANN": "--n 3000 --dim 8 --accel-force-cpu --bootstrap 10 --repeats 1",
+           "GPU_BUDGET": "400"}  # fmt: skip
+    res = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=REPO, env=env, text=True,
+                         capture_output=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    log = (out / "steps.log").read_text()
+    for name in ("train.biencoder.json", "dev.biencoder.json", "dev.results.json"):
+        assert (tmp_path / "work" / "data" / name).read_text() == "[]"
+    assert "stage1: exit" in log  # run, and failed on the empty training file
+    assert "ann_accel: exit 0" in log and "levers" not in log
+    assert sorted(p.name for p in out.iterdir()) == ["results.tgz", "steps.log"]
+    listing = subprocess.run(["tar", "tzf", str(out / "results.tgz")], capture_output=True,
+                             text=True, check=True).stdout.split()  # fmt: skip
+    assert "accel_1m/table.md" in listing and "logs/stage1.log" in listing
