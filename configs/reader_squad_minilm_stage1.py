@@ -10,7 +10,8 @@ answer-bearing passage among retrieved ones.
 
 Data: ``dpr-jax prepare-squad`` (train/dev split by article; the dev articles are never seen)::
 
-    dpr-jax prepare-squad --squad ../shared/data/squad/train-v1.1.json --out $SQUAD_DPR
+    dpr-jax prepare-squad --squad ../shared/data/squad/train-v1.1.json --out $SQUAD_DPR \
+        --chunking fixed   # DPR's fixed 100-word passages, as the README's figures
     dpr-jax train-reader --config configs/reader_squad_minilm_stage1.py \\
         --train $SQUAD_DPR/train.biencoder.json --dev $SQUAD_DPR/dev.biencoder.json \\
         --workdir runs/reader-s1

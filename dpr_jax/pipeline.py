@@ -1,7 +1,9 @@
 """Open-domain QA end to end (Karpukhin et al. 2020, sec. 6): question -> passages -> answer.
 
 A retriever (dense DPR, BM25 or hybrid; anything with ``search(questions, k)``) returns the top-k
-passages; the extractive reader ranks them by its relevance logit and extracts the best span.
+passages; the extractive reader reads a span out of them (by default the best log P(passage) +
+log P(start) + log P(end), ``selection="joint"``; DPR's own rule is ``selection="dpr"``:
+:mod:`dpr_jax.reader.span`).
 ``QAPipeline`` loads everything once and answers one question or a batch; ``dpr-jax ask`` is its
 command line, and in batch mode writes DPR's reader-predictions JSON.
 """

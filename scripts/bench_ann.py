@@ -54,7 +54,7 @@ the copy) plus the (Q, 65,536) float32 score block of the exact search (0.2 GB a
 
 ``--mode accel`` runs on a GPU or TPU and prints one line and exits 0 when there is none: exact
 JAX search (float32 and bfloat16 storage) and its ``approx_max_k`` search (``recall_target``
-swept) on the JAX accelerator, and, where the installed FAISS has GPU support, GPU flat, IVF-Flat
+swept) on the JAX accelerator, exact PyTorch search (float32, bfloat16) on its GPU, and, where the installed FAISS has GPU support, GPU flat, IVF-Flat
 and IVF-PQ (``nprobe`` swept through ``GpuParameterSpace``) and CAGRA (``itopk_size`` swept;
 where FAISS was built with cuVS), all read at the targets by the same rule.
 
@@ -1691,7 +1691,8 @@ def find_accelerator(force_cpu: bool = False) -> dict:
 
 class AccelRecall(EqualRecall):
     """``--mode accel``: the project's exact search (float32, bfloat16 storage) and its
-    ``approx_max_k`` search (``recall_target`` swept) on the JAX accelerator, FAISS GPU indexes
+    ``approx_max_k`` search (``recall_target`` swept) on the JAX accelerator, exact PyTorch
+    search (:meth:`torch_methods`), FAISS GPU indexes
     (flat, IVF-Flat and IVF-PQ with ``nprobe`` swept by ``GpuParameterSpace``, CAGRA with
     ``itopk_size`` swept, where the installed FAISS has it), every curve measured on the same
     held-out queries and read at the targets by the same rule as ``--mode equal``."""

@@ -1,5 +1,6 @@
-"""Reading speed: dpr-jax's :class:`ReaderPredictor` vs a PyTorch reference on the same CPU and
-the same passages (issue 21, item 4).
+"""Reading speed: dpr-jax's :class:`ReaderPredictor` vs a PyTorch reference on the same machine
+(this CPU, or with ``--platform gpu`` JAX's GPU and PyTorch on CUDA) and the same passages
+(issue 21, item 4).
 
 Each question of a seeded sample of SQuAD validation questions (``dpr-jax prepare-squad``'s
 ``dev.biencoder.json``) comes with 20 passages: its gold passage and BM25 negatives, filled up to
@@ -11,10 +12,11 @@ does not depend on the weights).
 
 - dpr-jax: ``ReaderPredictor.predict`` end to end (tokenization from its cache, the jitted
   reader, span decoding and answer selection in numpy), over 8 XLA CPU devices as ``dpr-jax
-  read`` / ``ask`` run it, length-bucketed (``--bucket``) and, for comparison, padded to
+  read`` / ``ask`` run it (or the one GPU), length-bucketed (``--bucket``) and, for comparison, padded to
   ``--max-length`` (``bucket 0``, the path before bucketing);
-- PyTorch: Hugging Face ``DPRReader`` forward passes only (``torch.inference_mode``, float32,
-  the default SDPA attention), no span decoding (a handicap for dpr-jax), with its best
+- PyTorch: Hugging Face ``DPRReader`` forward passes only (``torch.inference_mode``, the
+  ``--dtype`` of both sides (float32 by default), the default SDPA attention; on CUDA each call
+  is synchronised), no span decoding (a handicap for dpr-jax), with its best
   settings: each batch padded to its own longest sequence, sequences sorted by length, every
   combination of ``--torch-batch`` and ``--torch-threads`` tried and the fastest kept.
 

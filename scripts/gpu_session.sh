@@ -5,13 +5,13 @@
 # the accelerator rows of the ANN comparison.
 #
 #   python scripts/gpu_session_prepare.py --squad-dpr /tmp/squad_dpr \
-#       --results "runs/eval-st/results.hybrid (linear).json" --out .gpu     # here, once
+#       --results "runs/eval-st/fixed/results.hybrid (linear).json" --out .gpu     # here, once
 #   OUT=gpu_out bash scripts/gpu_session.sh                                  # on the GPU host
 #
 # Inputs ($GPU_DATA, default .gpu, written by gpu_session_prepare.py): minilm/ (all-MiniLM-L6-v2
 # as a Hugging Face directory), data/train.biencoder.json[.xz], data/dev.biencoder.json[.xz] and
-# data/dev.results.json[.xz] (the same seeded sample of validation questions with their gold
-# passages, and with the retriever's top passages), data/dev.passages.tsv[.xz]. Work files go to $GPU_WORK (default /tmp/gpu_work); $OUT receives steps.log (the
+# data/dev.results.json[.xz] (a seeded sample of validation questions with the retriever's top
+# passages, and the same questions with their gold passages), data/dev.passages.tsv[.xz]. Work files go to $GPU_WORK (default /tmp/gpu_work); $OUT receives steps.log (the
 # running record, written as it goes), results.tgz (every step's log, metrics, tables, plots)
 # and the trained reader as float16 safetensors shards (scripts/gpu_session_prepare.py
 # --restore-reader turns them back into a model directory).
@@ -67,7 +67,7 @@ unpack() { # FILE: FILE itself, or FILE.xz decompressed into $W/data
         echo "$1"
     else
         local out="$W/data/$(basename "$1")"
-        [[ -f $out ]] || "$PY" -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'), 1 << 24)" "$1.xz" "$out"
+        [[ -f $out ]] || { "$PY" -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'), 1 << 24)" "$1.xz" "$out.tmp" && mv "$out.tmp" "$out"; }
         echo "$out"
     fi
 }
@@ -86,9 +86,12 @@ RESULTS=$(unpack "$D/data/dev.results.json")
 echo "[$SECONDS s] data: $(ls -la "$W/data" | tail -n +2 | awk '{print $5, $9}' | tr '\n' ' ')" >>"$LOG"
 SET=(--set progress=False --set checkpoint_every=1000 "${EXTRA[@]}")
 if [[ -f $READER/reader_meta.json ]]; then # float16 shards of an earlier lease's reader
-    "$PY" scripts/gpu_session_prepare.py --restore-reader "$READER" --out "$W/reader" \
-        --tokenizer "$D/minilm" >>"$LOG" 2>&1
-    READER=$W/reader
+    if "$PY" scripts/gpu_session_prepare.py --restore-reader "$READER" --out "$W/reader" \
+        --tokenizer "$D/minilm" >>"$LOG" 2>&1; then
+        READER=$W/reader
+    else
+        echo "[$SECONDS s] could not restore the reader in $READER (above)" >>"$LOG"
+    fi
 fi
 
 # 1. Reader recipe, stage 1: SQuAD reading comprehension on the gold passages.
@@ -113,8 +116,8 @@ want levers && step levers 120 "$PY" scripts/bench_reader_levers.py --model "$RE
     --json "$W/eval/levers.json"
 # 5. ANN on the accelerator: exact / approx_max_k JAX search, exact PyTorch search, FAISS GPU
 #    indexes where the installed FAISS has them.
-want ann && step ann_accel 150 "$PY" scripts/bench_ann.py --mode accel "${ANN[@]}" --num-queries 1000 \
-    --ks 10,100 --targets 0.90,0.95 --repeats 3 --out "$W/accel_1m"
+want ann && step ann_accel 150 "$PY" scripts/bench_ann.py --mode accel --num-queries 1000 \
+    --ks 10,100 --targets 0.90,0.95 --repeats 3 --out "$W/accel_1m" "${ANN[@]}"
 # 6. Reading speed, ask's path (one question, 20 passages) and read's, against PyTorch on CUDA.
 SQ=$(dirname "$DEV")
 PASSAGES=$(unpack "$D/data/dev.passages.tsv")

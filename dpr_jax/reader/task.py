@@ -12,7 +12,8 @@ for it and the config :class:`ReaderTrainConfig`. Optimizer (shared with ``dpr-j
 The data order is a pure function of the step (:class:`dpr_jax.reader.data.ReaderTrainData`),
 so a run resumed from its latest checkpoint ends with exactly the parameters of an uninterrupted
 one. Dev evaluation: DPR's EM (and F1) of the answers read by :class:`dpr_jax.reader.span.ReaderPredictor`
-from each dev question's first ``eval_passages`` passages, at every k of ``eval_top_k``.
+from each dev question's first ``eval_passages`` passages, at every k of ``eval_top_k``, with the
+default answer selection (:data:`dpr_jax.reader.span.DEFAULT_SELECTION`).
 """
 
 from __future__ import annotations
