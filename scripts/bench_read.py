@@ -52,7 +52,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--bucket", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=32, help="dpr-jax sequences per batch")
-    ap.add_argument("--devices", type=int, default=8, help="XLA CPU devices (as read / ask)")
+    ap.add_argument("--devices", type=int, default=4, help="XLA CPU devices (4: as read / ask)")
     ap.add_argument("--torch-batch", default="20,64", help="torch batch sizes to try")
     ap.add_argument("--torch-threads", default="1,2", help="torch thread counts to try")
     ap.add_argument("--rounds", type=int, default=3)

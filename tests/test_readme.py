@@ -52,6 +52,9 @@ def test_inference_commands_default_to_several_cpu_devices(monkeypatch):
     cli._default_cpu_devices("retrieve")  # a count already set is left alone
     assert cli.os.environ["XLA_FLAGS"].count("device_count") == 1
     monkeypatch.setenv("XLA_FLAGS", "")
+    cli._default_cpu_devices("ask")  # reading: 4 (20 passages run as 20 rows, not 24)
+    assert cli.os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"
+    monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.setenv("DPR_JAX_CPU_DEVICES", "0")
     cli._default_cpu_devices("encode")
     assert cli.os.environ["XLA_FLAGS"] == ""

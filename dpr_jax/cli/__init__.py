@@ -69,20 +69,22 @@ def _usage() -> str:
 # Inference commands run their batches data-parallel over the local devices. On a CPU-only
 # machine, splitting the host into several XLA devices runs the shards on concurrent threads:
 # MiniLM passage encoding is ~1.35x faster with 8 than with 1 on 2 cores
-# (scripts/bench_encode.py --devices). Training keeps XLA's default (one CPU device), which
-# measured faster for the train step (scripts/bench_train.py --devices).
-CPU_PARALLEL_COMMANDS = {"encode", "index", "retrieve", "read", "ask", "mine"}
-DEFAULT_CPU_DEVICES = 8
+# (scripts/bench_encode.py --devices). Reading uses 4: a question's 20 passages then run as 20
+# rows (a multiple of 4) instead of 24 (a multiple of 8), ~18% faster for `ask` with the same
+# speed for `read` (scripts/bench_read.py --devices, README). Training keeps XLA's default (one
+# CPU device), which measured faster for the train step (scripts/bench_train.py --devices).
+CPU_PARALLEL_COMMANDS = {"encode": 8, "index": 8, "retrieve": 8, "mine": 8, "read": 4, "ask": 4}
 
 
 def _default_cpu_devices(name: str) -> None:
-    """Before jax is imported: ``DPR_JAX_CPU_DEVICES`` (default 8; 0 = leave XLA alone) CPU
-    devices for the inference commands, unless XLA_FLAGS already sets a device count. It only
+    """Before jax is imported: ``DPR_JAX_CPU_DEVICES`` (default: the command's entry in
+    :data:`CPU_PARALLEL_COMMANDS`; 0 = leave XLA alone) CPU devices for the inference commands,
+    unless XLA_FLAGS already sets a device count. It only
     shapes the CPU platform: on GPU/TPU hosts the accelerators are used as before."""
     flags = os.environ.get("XLA_FLAGS", "")
     if name not in CPU_PARALLEL_COMMANDS or "xla_force_host_platform_device_count" in flags:
         return
-    n = int(os.environ.get("DPR_JAX_CPU_DEVICES", DEFAULT_CPU_DEVICES))
+    n = int(os.environ.get("DPR_JAX_CPU_DEVICES", CPU_PARALLEL_COMMANDS[name]))
     if n > 0 and "jax" not in sys.modules:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 

@@ -33,7 +33,7 @@ first k passages of the retrieval order (step 1 runs on them). :class:`ReaderPre
 all requested k at once, batched and jitted, the batch split over all local devices. Batches are
 length-bucketed: the (question, passage) sequences are sorted by length and each batch is padded
 only to its longest sequence rounded up to a multiple of ``bucket`` tokens (and its rows to a
-multiple of 8 and of the device count), so a short passage is not computed at ``max_length``
+multiple of 4 and of the device count), so a short passage is not computed at ``max_length``
 and a question with 20 passages runs 20-odd rows, not a full batch; the few shapes this makes
 compile once each. The logits are those of the unbucketed computation (padding is masked out of
 every attention; a test compares both). :func:`evaluate_predictions` scores them
@@ -364,7 +364,7 @@ class ReaderPredictor:
             return [(pairs[lo : lo + b], (b, t_max)) for lo in range(0, len(pairs), b)]
         # longest first: the first batch is the widest; ties keep the input order
         order = sorted(pairs, key=lambda p: -len(p[2].ids))
-        row_step = math.lcm(8, self.mesh.devices.size)
+        row_step = math.lcm(4, self.mesh.devices.size)
         out = []
         for lo in range(0, len(order), b):
             chunk = order[lo : lo + b]
