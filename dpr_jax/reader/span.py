@@ -195,6 +195,11 @@ SELECTIONS = ("dpr", "joint", "sum")
 DEFAULT_SELECTION = "joint"  # scripts/bench_reader_levers.py on a trained reader: README
 
 
+def check_selection(selection: str) -> None:
+    if selection not in SELECTIONS:
+        raise UserError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+
+
 def select_predictions(
     passages: Sequence[Passage],
     offsets: Sequence[np.ndarray],
@@ -217,18 +222,23 @@ def select_predictions(
       every passage with the same SQuAD-normalised answer string; the answer with the largest
       sum wins (reported as its most probable occurrence).
     """
-    if selection not in SELECTIONS:
-        raise UserError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    check_selection(selection)
     rel = np.array([lg.relevance for lg in logits], np.float64)
     order = np.argsort(-rel, kind="stable")
     per = 1 if selection != "sum" else spans_per_passage
     cache: dict[int, list[SpanPrediction]] = {}
+    norms: dict[int, float] = {}  # log-normalisers of a passage's start and end logits
 
     def read(i: int) -> list[SpanPrediction]:
         if i not in cache:
             cache[i] = _read_passage(passages[i], offsets[i], subwords[i], logits[i], i,
                                      max_answer_length, per)  # fmt: skip
         return cache[i]
+
+    def norm(i: int) -> float:  # once per passage, not once per k
+        if i not in norms:
+            norms[i] = _logsumexp(logits[i].start) + _logsumexp(logits[i].end)
+        return norms[i]
 
     out = {}
     for k in top_k:
@@ -245,8 +255,7 @@ def select_predictions(
         for i in range(n):
             spans = read(i)
             if spans:
-                norm = _logsumexp(logits[i].start) + _logsumexp(logits[i].end)
-                scored += [(log_p[i] + sp.score - norm, sp) for sp in spans]
+                scored += [(log_p[i] + sp.score - norm(i), sp) for sp in spans]
         if not scored:
             out[k] = NO_ANSWER
         elif selection == "joint":
@@ -321,8 +330,7 @@ class ReaderPredictor:
             raise UserError(f"max_answer_length must be >= 1, got {max_answer_length}")
         if bucket < 0:
             raise UserError(f"bucket must be >= 0, got {bucket}")
-        if selection not in SELECTIONS:
-            raise UserError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        check_selection(selection)
         self.bucket, self.selection = bucket, selection
         self.tokenizer = (
             tokenizer if isinstance(tokenizer, ReaderTokenizer)
