@@ -33,6 +33,7 @@ Every artifact writer (model directories, embeddings, indexes, results) goes thr
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import ctypes
 import ctypes.util
@@ -41,6 +42,7 @@ import errno
 import gzip
 import hashlib
 import json
+import lzma
 import os
 import shutil
 import socket
@@ -54,6 +56,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dpr_jax.errors import UserError
+
+COMPRESSORS = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}  # suffix: opener
 
 MANIFEST = "manifest.json"
 
@@ -263,7 +267,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 @contextlib.contextmanager
 def atomic_open(path: str | Path, newline: str | None = None) -> Iterator[IO[str]]:
-    """Write text to ``path`` atomically (gzipped when it ends in ``.gz``).
+    """Write text to ``path`` atomically (compressed when it ends in ``.gz``, ``.xz`` or ``.bz2``).
 
     The data goes to a hidden temporary file in the same directory, is flushed and fsynced, and
     is renamed over ``path`` only when the ``with`` block finishes without an exception.
@@ -273,8 +277,9 @@ def atomic_open(path: str | Path, newline: str | None = None) -> Iterator[IO[str
     try:
         with writing(path, tmp):
             path.parent.mkdir(parents=True, exist_ok=True)
-            if path.suffix == ".gz":
-                with gzip.open(tmp, "wt", encoding="utf-8", newline=newline) as f:
+            if path.suffix in COMPRESSORS:
+                opener = COMPRESSORS[path.suffix]
+                with opener(tmp, "wt", encoding="utf-8", newline=newline) as f:
                     yield f
             else:
                 with open(tmp, "x", encoding="utf-8", newline=newline) as f:

@@ -1720,17 +1720,25 @@ class AccelRecall(EqualRecall):
     def jax_methods(self):
         from dpr_jax.index import build_index
 
-        for dtype in ("float32", "bfloat16"):
-            group = f"exact JAX ({dtype})"
+        # the default build in float32 and bfloat16, then float32 variants: XLA's own product
+        # precision (TF32 / bfloat16 passes on GPUs / TPUs) and larger corpus blocks per top-k
+        # (the per-block top-k is the cost on one GPU; one block = one product, one top_k)
+        variants = [("float32", {}), ("bfloat16", {}), ("float32", {"precision": "default"}),
+                    ("float32", {"block_size": 131072}),
+                    ("float32", {"block_size": len(self.emb)})]  # fmt: skip
+        for dtype, extra in variants:
+            group = f"exact JAX ({dtype}{_variant(extra, len(self.emb))})"
+            if group in self.groups:  # a small corpus: block 131072 is already one block
+                continue
             t0 = time.perf_counter()
-            ix = build_index("exact", self.emb, self.ids, dtype=dtype)
+            ix = build_index("exact", self.emb, self.ids, dtype=dtype, **extra)
             ix.search(self.queries[:8], max(self.ks))
             self._record_build(group, "exact", time.perf_counter() - t0, ix.size_bytes(),
                                ix.options)  # fmt: skip
             self.groups[group] = ix
             self.sweep_method(group, group, lambda q, k, p, ix=ix: ix.search(q, k)[1], [{}],
                               "none (exact)")  # fmt: skip
-            if dtype != "float32":
+            if dtype != "float32" or extra:
                 continue
             fns = {}
 
@@ -1903,6 +1911,17 @@ def accel_mode(args, ids, emb, queries, data: str, acc: dict) -> int:
     bench.run()
     print((bench.out / "table.md").read_text())
     return 0
+
+
+def _variant(extra: dict, n: int) -> str:
+    """The name suffix of an exact JAX variant: ", precision default", ", one block", ..."""
+    out = ""
+    if "precision" in extra:
+        out += f", precision {extra['precision']}"
+    if "block_size" in extra:
+        b = extra["block_size"]
+        out += ", one block" if b >= n else f", block {b}"
+    return out
 
 
 def _versions(np) -> dict:

@@ -95,8 +95,12 @@ if [[ -f $READER/reader_meta.json ]]; then # float16 shards of an earlier lease'
 fi
 
 # 1. Reader recipe, stage 1: SQuAD reading comprehension on the gold passages.
-want recipe && step stage1 240 "${CLI[@]}" train-reader --config configs/reader_squad_minilm_stage1.py \
-    --train "$TRAIN" --dev "$DEV" --workdir "$W/s1" --set "init_from=$D/minilm" "${SET[@]}"
+#    GPU_STAGE1_SET: settings for stage 1 alone (e.g. "--set num_epochs=2.0", the next thing
+#    to try for the gold-passage goal) and GPU_STAGE1_LIMIT its time limit (one epoch: 122 s).
+read -r -a S1 <<<"${GPU_STAGE1_SET:-}"
+want recipe && step stage1 "${GPU_STAGE1_LIMIT:-240}" "${CLI[@]}" train-reader \
+    --config configs/reader_squad_minilm_stage1.py --train "$TRAIN" --dev "$DEV" --workdir "$W/s1" \
+    --set "init_from=$D/minilm" "${SET[@]}" "${S1[@]}"
 # 2. Stage 2: DPR's multi-passage training from stage 1's model; dev = retrieved passages.
 export READER_STAGE1=$W/s1
 want recipe && step stage2 210 "${CLI[@]}" train-reader \

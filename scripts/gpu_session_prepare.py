@@ -12,7 +12,8 @@ its trained reader comes back in float16 shards:
   ``dev.results.json``: the ``--sample`` questions that ``dpr-jax read --sample N --seed S``
   draws from ``--results`` (a retrieval-results JSON), their first ``--top`` passages; and
   ``dev.biencoder.json``: the same questions' rows of the ``prepare-squad`` dev file (their gold
-  passages; ~1% have none: their answer straddles two passages);
+  passages; ~1% have none: their answer straddles two passages); with ``--squad``,
+  ``dev.paragraphs.json``: the same questions as SQuAD JSON with their whole paragraphs;
 - ``--pack-reader MODEL --out DIR`` (on the GPU host): the reader's parameters as float16
   safetensors shards of at most 15 MiB plus ``reader_meta.json``;
 - ``--restore-reader DIR --out MODEL --tokenizer TOK``: those shards -> a reader model directory
@@ -35,14 +36,20 @@ XZ = [{"id": lzma.FILTER_LZMA2, "preset": 6, "dict_size": 192 << 20}]
 SHARD_BYTES = 15 << 20
 
 
+def _to_xz(dst: Path, write) -> None:
+    """``write(f)`` into ``dst`` xz-compressed, through a temporary file (never half a file)."""
+    tmp = dst.with_suffix(".tmp")
+    with lzma.open(tmp, "wb", format=lzma.FORMAT_XZ, filters=XZ) as f:
+        write(f)
+    tmp.replace(dst)
+
+
 def xz(src: Path, dst: Path) -> None:
     if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
         print(f"{dst}: up to date")
         return
-    tmp = dst.with_suffix(".tmp")
-    with open(src, "rb") as fin, lzma.open(tmp, "wb", format=lzma.FORMAT_XZ, filters=XZ) as fout:
-        shutil.copyfileobj(fin, fout, 1 << 24)
-    tmp.replace(dst)
+    with open(src, "rb") as fin:
+        _to_xz(dst, lambda f: shutil.copyfileobj(fin, f, 1 << 24))
     print(f"{src} ({src.stat().st_size:,} bytes) -> {dst} ({dst.stat().st_size:,} bytes)")
 
 
@@ -64,11 +71,8 @@ def minilm_fp16(out: Path) -> None:
     print(f"{src} -> {out} (float16 weights)")
 
 
-def _write_xz(rows: list, dst: Path) -> None:
-    tmp = dst.with_suffix(".tmp")
-    with lzma.open(tmp, "wb", format=lzma.FORMAT_XZ, filters=XZ) as f:
-        f.write(json.dumps(rows).encode())
-    tmp.replace(dst)
+def _write_xz(rows, dst: Path) -> None:
+    _to_xz(dst, lambda f: f.write(json.dumps(rows).encode()))
 
 
 def sample_rows(src: Path, n: int, seed: int, dst: Path, top: int = 0) -> list[str]:
@@ -99,6 +103,33 @@ def rows_of_questions(src: Path, questions: list[str], dst: Path) -> None:
     out = [by_q[q] for q in questions if q in by_q]
     _write_xz(out, dst)
     print(f"{src}: the {len(out)} of {len(questions)} sampled questions it holds -> {dst}")
+
+
+def squad_paragraphs(squad: Path, titles: list[str], questions: list[str], dst: Path) -> int:
+    """The sampled questions as SQuAD JSON over their own articles (``titles``: the validation
+    articles ``prepare-squad`` recorded): every paragraph kept, only the sampled questions, each
+    in the first validation paragraph that asks it. ``dpr-jax read --format squad --ks 1`` then
+    reads each question with its whole SQuAD paragraph, the issue's "gold paragraph" (the
+    ``dev.biencoder.json`` gold passage is the 100-word passage holding the answer). Returns the
+    number of questions written."""
+    want, seen, n, titles = set(questions), set(), 0, set(titles)
+    arts = []
+    for art in json.loads(squad.read_text())["data"]:
+        if art["title"] not in titles:
+            continue
+        paras = []
+        for par in art["paragraphs"]:
+            qas = []
+            for qa in par["qas"]:
+                if qa["question"] in want and qa["question"] not in seen:
+                    seen.add(qa["question"])
+                    qas.append(qa)
+            n += len(qas)
+            paras.append({"context": par["context"], "qas": qas})
+        arts.append({"title": art["title"], "paragraphs": paras})
+    _write_xz({"version": "1.1", "data": arts}, dst)
+    print(f"{squad}: {n} of {len(questions)} sampled questions with their paragraphs -> {dst}")
+    return n
 
 
 def pack_reader(model: Path, out: Path) -> None:
@@ -165,6 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--squad-dpr", help="prepare-squad output directory")
     ap.add_argument("--results", help="retrieval-results JSON of the validation questions")
+    ap.add_argument("--squad", help="the SQuAD v1.1 JSON prepare-squad read: also write the sampled "
+                    "questions with their whole paragraphs (data/dev.paragraphs.json.xz)")  # fmt: skip
     ap.add_argument("--sample", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--top", type=int, default=20)
@@ -193,6 +226,11 @@ def main(argv=None) -> int:
     questions = sample_rows(Path(args.results), args.sample, args.seed,
                             out / "data" / "dev.results.json.xz", args.top)  # fmt: skip
     rows_of_questions(sq / "dev.biencoder.json", questions, out / "data" / "dev.biencoder.json.xz")
+    if args.squad:
+        titles = json.loads((sq / "config.json").read_text())["splits"]["dev"]["article_titles"]
+        squad_paragraphs(
+            Path(args.squad), titles, questions, out / "data" / "dev.paragraphs.json.xz"
+        )
     xz(sq / "train.biencoder.json", out / "data" / "train.biencoder.json.xz")
     return 0
 

@@ -285,7 +285,13 @@ def test_accel_mode_on_cpu_stand_ins(bench, tmp_path):
     assert bench.main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     methods = res["methods"]
-    for name in ("exact JAX (float32)", "exact PyTorch (float32)", "FAISS flat"):
+    for name in (
+        "exact JAX (float32)",
+        "exact PyTorch (float32)",
+        "FAISS flat",
+        "exact JAX (float32, precision default)",
+        "exact JAX (float32, one block)",
+    ):
         (pt,) = methods[name]["curves"]["10"]
         assert pt["recall"] == pytest.approx(1.0), name
     for name in ("exact JAX (bfloat16)", "exact PyTorch (bfloat16)"):

@@ -71,6 +71,26 @@ def test_gold_file_holds_the_sampled_questions(prep, tmp_path):
     assert got == [q for q in qs if int(q[1:]) % 9]
 
 
+def test_paragraph_file_holds_the_sampled_questions_with_their_paragraphs(prep, tmp_path):
+    """``--squad``: the sampled questions of the validation articles, each read by ``read
+    --format squad`` with its own whole paragraph first; other articles, unsampled questions and
+    a repeated question are left out."""
+    def qa(i, q):
+        return {"id": str(i), "question": q, "answers": [{"text": "x", "answer_start": 0}]}
+
+    squad = {"version": "1.1", "data": [
+        {"title": "Train", "paragraphs": [{"context": "x train", "qas": [qa(0, "q0")]}]},
+        {"title": "Dev", "paragraphs": [
+            {"context": "x one", "qas": [qa(1, "q1"), qa(2, "q2"), qa(3, "q1")]},
+            {"context": "x two", "qas": [qa(4, "q4"), qa(5, "q1")]}]}]}  # fmt: skip
+    (tmp_path / "squad.json").write_text(json.dumps(squad))
+    dst = tmp_path / "dev.paragraphs.json.xz"
+    n = prep.squad_paragraphs(tmp_path / "squad.json", ["Dev"], ["q0", "q1", "q4", "q9"], dst)
+    got = read_reader_examples(dst, "squad")
+    assert n == 2 and [(e.question, e.passages[0].text) for e in got] == [
+        ("q1", "x one"), ("q4", "x two")]  # fmt: skip
+
+
 def test_sampled_files_hold_the_questions_read_samples(prep, tmp_path):
     rows = [{"question": f"q{i}", "answers": [f"a{i}"],
              "ctxs": [{"id": str(j), "title": "t", "text": f"text {i} {j}", "score": -j,
@@ -103,7 +123,7 @@ def test_session_script_runs_its_steps_on_cpu(tmp_path):
     env = {**os.environ, "GPU_DATA": str(tmp_path / "gpu"), "OUT": str(out), "PYTHON": sys.executable,
            "GPU_WORK": str(tmp_path / "work"), "JAX_PLATFORMS": "cpu", "GPU_STEPS": "ann recipe",
            "GPU_ANN": "--n 3000 --dim 8 --accel-force-cpu --bootstrap 10 --repeats 1",
-           "GPU_BUDGET": "400"}  # fmt: skip
+           "GPU_BUDGET": "400", "GPU_STAGE1_SET": "--set num_epochs=2.0"}  # fmt: skip
     res = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=REPO, env=env, text=True,
                          capture_output=True, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stderr
@@ -111,6 +131,9 @@ def test_session_script_runs_its_steps_on_cpu(tmp_path):
     for name in ("train.biencoder.json", "dev.biencoder.json", "dev.results.json"):
         assert (tmp_path / "work" / "data" / name).read_text() == "[]"
     assert "stage1: exit" in log  # run, and failed on the empty training file
+    (start,) = [line for line in log.splitlines() if "stage1: start" in line]
+    assert start.endswith("--set num_epochs=2.0")  # stage 1's own settings, after the common ones
+    assert "num_epochs" not in next(line for line in log.splitlines() if "stage2: start" in line)
     assert "ann_accel: exit 0" in log and "levers" not in log
     assert sorted(p.name for p in out.iterdir()) == ["results.tgz", "steps.log"]
     listing = subprocess.run(["tar", "tzf", str(out / "results.tgz")], capture_output=True,

@@ -118,3 +118,58 @@ def test_json_errors_name_the_line(tmp_path):
     path = _write(tmp_path, "r.jsonl", b'{"question": "a", "answers": [], "ctxs": []}\n{oops\n')
     with pytest.raises(DataFormatError, match=r"r\.jsonl, line 2: invalid JSON"):
         read_retrieval_results(path)
+
+
+SQUAD_BAD = (
+    b'{"version": "1.1", "data": [{"title": "T", "paragraphs": [\n'
+    b'{"context": "caf\xe9 au lait", "qas": [{"id": "1", "question": "what?", "answers": '
+    b'[{"text": "lait", "answer_start": 9}]}]}]}]}'
+)
+
+
+def test_streamed_readers_name_file_line_and_column(tmp_path):
+    """The readers that stream through ``open_text`` (SQuAD JSON, the reader's inputs, the
+    format sniffing) report an undecodable byte as the line readers do, not a traceback."""
+    from dpr_jax.data.squad import load_squad
+    from dpr_jax.reader.data import read_reader_examples
+
+    path = _write(tmp_path, "squad.json", SQUAD_BAD)
+    for read in (lambda: load_squad(path, download=False),
+                 lambda: read_reader_examples(path, "squad"),
+                 lambda: read_reader_examples(path, "auto")):  # fmt: skip
+        with pytest.raises(DataFormatError) as info:
+            read()
+        assert str(info.value).startswith(f"{path}, line 2: byte 0xe9 at column 17 is not valid")
+
+
+def test_xz_and_bzip2_inputs_read_like_plain_ones(tmp_path):
+    """Compressed inputs are told by their first bytes (gzip, xz, bzip2), written by the same
+    suffixes; a zip archive is named as such instead of being read as text."""
+    import bz2
+    import lzma
+    import zipfile
+
+    from dpr_jax.data.formats import write_passages_tsv
+    from dpr_jax.reader.data import read_reader_examples
+
+    rows = HEADER + b"1\tfirst\tT1\n2\tsecond \xc3\xa9\tT2\n"
+    plain = read_passages_tsv(_write(tmp_path, "p.tsv", rows))
+    assert plain[1].text == "second \u00e9"
+    for name, pack in (("p.tsv.xz", lzma.compress), ("p.tsv.bz2", bz2.compress),
+                       ("renamed.tsv", lzma.compress)):  # fmt: skip
+        path = tmp_path / name
+        path.write_bytes(pack(rows))
+        assert read_passages_tsv(path) == plain, name
+    for suffix in (".xz", ".bz2", ".gz"):  # written compressed, read back
+        out = write_passages_tsv(tmp_path / f"w.tsv{suffix}", plain)
+        assert out.read_bytes()[:2] != b"id" and read_passages_tsv(out) == plain
+    # a first line that happens to start like bzip2's magic is still text
+    assert read_qas(_write(tmp_path, "q.tsv", b"BZh9 what?\t['x']\n"))[0].question == "BZh9 what?"
+    squad = SQUAD_BAD.replace(b"caf\xe9", b"cafe")
+    (tmp_path / "s.json.xz").write_bytes(lzma.compress(squad))
+    (ex,) = read_reader_examples(tmp_path / "s.json.xz")  # auto: sniffed through xz
+    assert ex.question == "what?" and ex.passages[0].text == "cafe au lait"
+    with zipfile.ZipFile(tmp_path / "p.zip", "w") as z:
+        z.writestr("p.tsv", rows)
+    with pytest.raises(DataFormatError, match=r"p\.zip: a zip archive; dpr-jax reads plain"):
+        read_passages_tsv(tmp_path / "p.zip")

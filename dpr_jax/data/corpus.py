@@ -20,14 +20,14 @@ from pathlib import Path
 
 from dpr_jax.data.formats import Passage, read_biencoder, read_passages_tsv, read_retrieval_results
 from dpr_jax.data.squad import parse_squad, squad_passages
-from dpr_jax.data.textio import load_json
+from dpr_jax.data.textio import load_json, plain_name
 from dpr_jax.errors import UserError
 
 
 def read_passages(path: str | Path) -> list[Passage]:
     """The passages of ``path`` (see the module docstring for the formats)."""
     path = Path(path)
-    if not path.name.removesuffix(".gz").endswith(".json"):
+    if not plain_name(path).endswith(".json"):
         return read_passages_tsv(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such passages file")

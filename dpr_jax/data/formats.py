@@ -42,7 +42,6 @@ from __future__ import annotations
 import ast
 import csv
 import dataclasses
-import gzip
 import io
 import itertools
 import json
@@ -53,11 +52,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from dpr_jax.data.textio import (
+    UTF8_FIX,
     DataFormatError,
     iter_text_lines,
     iter_tsv_rows,
     load_json,
     one_line,
+    open_binary,
+    plain_name,
 )
 from dpr_jax.errors import UserError
 from dpr_jax.io import FILE, atomic_open, atomic_write_text, check_output
@@ -70,23 +72,46 @@ PASSAGES_HEADER = ("id", "text", "title")
 # Files
 
 
-def _is_gzip(path: Path) -> bool:
-    if path.suffix == ".gz":
-        return True
-    with open(path, "rb") as f:
-        return f.read(2) == b"\x1f\x8b"
+class _CheckedText(io.TextIOWrapper):
+    """A UTF-8 text stream whose decoding error is a :class:`DataFormatError` naming the file,
+    line and column (found again by :func:`iter_text_lines`), not a ``UnicodeDecodeError``."""
+
+    path: Path
+
+    def _undecodable(self, e: UnicodeDecodeError):
+        for _ in iter_text_lines(self.path):  # raises with the line and column
+            pass
+        raise DataFormatError(f"{self.path}: not valid UTF-8 ({e.reason}): {UTF8_FIX}") from None
+
+    def read(self, size: int | None = -1) -> str:
+        try:
+            return super().read(size)
+        except UnicodeDecodeError as e:
+            self._undecodable(e)
+
+    def readline(self, size: int = -1) -> str:
+        try:
+            return super().readline(size)
+        except UnicodeDecodeError as e:
+            self._undecodable(e)
+
+    def __next__(self) -> str:
+        try:
+            return super().__next__()
+        except UnicodeDecodeError as e:
+            self._undecodable(e)
 
 
 def open_text(path: str | Path, newline: str | None = None) -> IO[str]:
-    """Open ``path`` for reading as UTF-8 text (a leading BOM skipped), gunzipping ``.gz`` (or
-    gzip-magic) files. The readers of this module use :mod:`dpr_jax.data.textio` instead, whose
-    decoding errors name the line."""
+    """Open ``path`` for reading as UTF-8 text (a leading BOM skipped), decompressing gzip, xz and
+    bzip2 files (:func:`~dpr_jax.data.textio.open_binary`); bytes that are not UTF-8 raise :class:`DataFormatError` naming the line
+    and column, as :mod:`dpr_jax.data.textio`'s readers do."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    if _is_gzip(path):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline=newline)
-    return open(path, encoding="utf-8-sig", newline=newline)
+    f = _CheckedText(open_binary(path), encoding="utf-8-sig", newline=newline)
+    f.path = path
+    return f
 
 
 def write_config(path: str | Path, config: dict[str, Any] | None) -> Path | None:
@@ -132,7 +157,7 @@ def _fmt_json_list(records: Iterable[Any], f: IO[str]) -> None:
 
 def _write_records(path: str | Path, records: Iterable[Any]) -> Path:
     path = check_output(path, FILE, what="output path")
-    jsonl = path.name.endswith((".jsonl", ".jsonl.gz"))
+    jsonl = plain_name(path).endswith(".jsonl")
     with atomic_open(path) as f:
         if jsonl:
             for rec in records:
@@ -293,7 +318,7 @@ def read_qas(path: str | Path) -> list[Question]:
     - anything else: tab-separated ``question, answers-list-literal[, id]``.
     """
     path = Path(path)
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    name = plain_name(path)
     if name.endswith(".json"):
         data = load_json(path)
         if isinstance(data, dict) and "data" in data:

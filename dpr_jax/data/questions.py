@@ -26,7 +26,7 @@ from pathlib import Path
 
 from dpr_jax.data.formats import Question, read_qas
 from dpr_jax.data.squad import parse_squad, squad_questions
-from dpr_jax.data.textio import load_json
+from dpr_jax.data.textio import load_json, plain_name
 from dpr_jax.data.tfds_source import SPLITS, load_tfds_questions
 from dpr_jax.errors import UserError
 
@@ -101,7 +101,7 @@ def read_questions(
 def _read_file(path: Path) -> list[Question]:
     """A qas TSV/CSV or NQ-open JSONL (:func:`dpr_jax.data.formats.read_qas`), or SQuAD JSON
     (every question of every paragraph)."""
-    if path.name.removesuffix(".gz").endswith(".json"):
+    if plain_name(path).endswith(".json"):
         data = load_json(path)
         if isinstance(data, dict) and "data" in data:
             return squad_questions(parse_squad(data, path))

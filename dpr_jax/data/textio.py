@@ -21,10 +21,12 @@ row starts. The writers store line breaks inside a field as spaces (:func:`one_l
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import csv
 import gzip
 import json
+import lzma
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,12 +42,30 @@ class DataFormatError(UserError):
     """An input file that does not follow its format; the message names the file and line."""
 
 
-def _open_binary(path: Path) -> IO[bytes]:
+_COMPRESSED = {b"\x1f\x8b": gzip.open, b"\xfd7zXZ\x00": lzma.open}
+_BZ2 = re.compile(rb"BZh[1-9](1AY&SY|\x17rE8P\x90)")  # header + first block (or end) magic
+_UNREADABLE = {b"PK\x03\x04": "a zip archive", b"\x28\xb5\x2f\xfd": "zstd-compressed"}
+
+
+def open_binary(path: str | Path) -> IO[bytes]:
+    """``path``'s bytes, decompressed when it is gzip, xz or bzip2 (told by its first bytes); a
+    zip archive or zstd file is a :class:`DataFormatError` saying so."""
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     with open(path, "rb") as f:
-        gz = path.suffix == ".gz" or f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gz else open(path, "rb")
+        head = f.read(10)
+    for magic, opener in _COMPRESSED.items():
+        if head.startswith(magic):
+            return opener(path, "rb")
+    if _BZ2.match(head):
+        return bz2.open(path, "rb")
+    for magic, what in _UNREADABLE.items():
+        if head.startswith(magic):
+            raise DataFormatError(
+                f"{path}: {what}; dpr-jax reads plain, gzip, xz or bzip2 text: extract it first"
+            )
+    return open(path, "rb")
 
 
 def _decode(raw: bytes, path: Path, n: int) -> str:
@@ -59,12 +79,20 @@ def _decode(raw: bytes, path: Path, n: int) -> str:
         ) from None
 
 
+def plain_name(path: str | Path) -> str:
+    """``path``'s name without a compression suffix (``.gz``, ``.xz``, ``.bz2``)."""
+    name = Path(path).name
+    for suffix in (".gz", ".xz", ".bz2"):
+        name = name.removesuffix(suffix)
+    return name
+
+
 def iter_text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """``(line number, line)`` of a UTF-8 text file (``.gz`` or gzip magic: gunzipped), each
+    """``(line number, line)`` of a UTF-8 text file (gzip, xz, bzip2: decompressed), each
     line with its terminator. A leading BOM is skipped; raises :class:`DataFormatError` for an
     undecodable byte or a BOM at the start of a later line."""
     path = Path(path)
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         for n, raw in enumerate(f, 1):
             if n == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8) :]
