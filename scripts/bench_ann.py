@@ -703,6 +703,54 @@ RULE = (
 )
 
 
+class PeakMemory:
+    """The process's peak anonymous memory (``RssAnon`` + ``VmSwap`` of /proc/self/status,
+    sampled every ``every`` s in a thread) while the ``with`` block runs: what an index build
+    needs beyond the memory-mapped corpus (file pages, which the kernel can drop). ``gib`` and
+    ``swap_gib`` (the most of it in swap) are None where /proc is not there."""
+
+    def __init__(self, every: float = 0.2):
+        self.every, self.gib, self.swap_gib = every, None, None
+
+    @staticmethod
+    def sample() -> tuple[int, int] | None:
+        try:
+            with open("/proc/self/status") as f:
+                kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f)
+                      if k in ("RssAnon", "VmSwap")}  # fmt: skip
+        except OSError:
+            return None
+        return kb.get("RssAnon", 0) + kb.get("VmSwap", 0), kb.get("VmSwap", 0)
+
+    def _watch(self):
+        while not self._stop.wait(self.every):
+            self._take()
+
+    def _take(self):
+        got = self.sample()
+        if got is not None:
+            self._peak = max(self._peak, got[0])
+            self._swap = max(self._swap, got[1])
+
+    def __enter__(self):
+        import threading
+
+        self._peak = self._swap = 0
+        self._stop = threading.Event()
+        self._take()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._take()
+        if self.sample() is not None:
+            self.gib, self.swap_gib = self._peak / 2**20, self._swap / 2**20
+        return False
+
+
 def synthetic_memmap(data_dir, n: int, d: int, n_queries: int, seed: int = 0,
                      chunk: int = 65536):  # fmt: skip
     """:func:`synthetic` written to ``data_dir`` as .npy files (made once, then memory-mapped):
@@ -1038,9 +1086,10 @@ class EqualRecall:
             index = load_index(where)
         else:
             t0 = time.perf_counter()
-            index = build_index(backend, self.emb, self.ids, **opts)
+            with PeakMemory() as mem:
+                index = build_index(backend, self.emb, self.ids, **opts)
             build_s = time.perf_counter() - t0
-            extra = {}
+            extra = {"peak_gib": mem.gib, "peak_swap_gib": mem.swap_gib}
             if backend.startswith("faiss"):
                 extra["index_factory"] = faiss_factory_key(index)
             self._record_build(name, backend, build_s, index.size_bytes(), index.options, **extra)
@@ -1068,13 +1117,15 @@ class EqualRecall:
             builder = sp.builder(emb, max(self.ks), "dot_product").autopilot()
             builder = builder.set_n_training_threads(self.args.build_threads)
             t0 = time.perf_counter()
-            searcher = builder.build()
+            with PeakMemory() as mem:
+                searcher = builder.build()
             build_s = time.perf_counter() - t0
             with tempfile.TemporaryDirectory(prefix="bench_autopilot_") as tmp:
                 searcher.serialize(tmp)
                 size = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
             self._record_build(self.AUTOPILOT, "scann autopilot()", build_s, size,
-                               {"autopilot": "tree_ah, reordering_dtype FLOAT32"}, chosen=config)  # fmt: skip
+                               {"autopilot": "tree_ah, reordering_dtype FLOAT32"}, chosen=config,
+                               peak_gib=mem.gib, peak_swap_gib=mem.swap_gib)  # fmt: skip
 
             def save(d):
                 (d / "scann").mkdir(parents=True)
@@ -1395,8 +1446,9 @@ class EqualRecall:
         L += [
             "## Builds",
             "",
-            "| index | build s (load average) | bytes / vector | options |",
-            "|---|---|---|---|",
+            "| index | build s (load average) | bytes / vector | peak memory GiB (swapped) "
+            "| options |",
+            "|---|---|---|---|---|",
         ]
         for name, b in self.results["builds"].items():
             opts = {k: v for k, v in b["options"].items()
@@ -1412,8 +1464,11 @@ class EqualRecall:
                 )
             reused = ", reused from an earlier run" if "reused_from" in b else ""
             load = f" ({b['loadavg'][0]:.1f}{reused})" if b.get("loadavg") else ""
-            L.append(f"| {name} | {b['build_s']:.1f}{load} | {b['bytes_per_vector']:.0f} | "
-                     f"`{json.dumps(opts, sort_keys=True)}`{extra} |")  # fmt: skip
+            peak = "" if b.get("peak_gib") is None else f"{b['peak_gib']:.1f}"
+            if peak and b.get("peak_swap_gib"):
+                peak += f" ({b['peak_swap_gib']:.1f})"
+            L.append(f"| {name} | {b['build_s']:.1f}{load} | {b['bytes_per_vector']:.0f} | {peak} "
+                     f"| `{json.dumps(opts, sort_keys=True)}`{extra} |")  # fmt: skip
         for name, r in self.results.get("reused_tuning", {}).items():
             L.append(f"\n{name}: its tuner's settings were chosen by an earlier run "
                      f"(`--tune-only`, load average {r['loadavg'][0]:.1f}) and measured here.")  # fmt: skip

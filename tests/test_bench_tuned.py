@@ -227,7 +227,23 @@ def test_equal_mode_tiny(bench, tmp_path, monkeypatch):
     table = (out / "table.md").read_text()
     assert "**Rule.**" in table and "| 0.90 | ScaNN autopilot() |" in table
     assert "FAISS IVF-PQ + refine + ParameterSpace" in table
+    for name in ("ScaNN tree-AH", "ScaNN autopilot()", "FAISS IVF-PQ + refine"):
+        assert res["builds"][name]["peak_gib"] > 0.01, name  # this process's memory, at least
+    assert "| peak memory GiB (swapped) |" in table
     assert (out / "recall_qps.png").stat().st_size > 10_000
+
+
+def test_peak_memory_sees_an_allocation(bench):
+    """PeakMemory's figure against a known allocation: a 256 MiB array written inside the block
+    raises the peak by at least that much over the level before."""
+    if bench.PeakMemory.sample() is None:
+        pytest.skip("no /proc/self/status here")
+    before = bench.PeakMemory.sample()[0] / 2**20
+    with bench.PeakMemory(every=0.01) as mem:
+        a = np.ones(2**25)  # 2^25 float64 = 256 MiB, every page written
+    assert mem.gib >= before + 0.25 - 0.02
+    assert mem.gib < before + 0.25 + 0.5
+    del a
 
 
 def test_accel_mode_skips_without_accelerator(bench, tmp_path, capsys, monkeypatch):

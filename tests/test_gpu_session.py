@@ -75,6 +75,7 @@ def test_paragraph_file_holds_the_sampled_questions_with_their_paragraphs(prep, 
     """``--squad``: the sampled questions of the validation articles, each read by ``read
     --format squad`` with its own whole paragraph first; other articles, unsampled questions and
     a repeated question are left out."""
+
     def qa(i, q):
         return {"id": str(i), "question": q, "answers": [{"text": "x", "answer_start": 0}]}
 

@@ -173,3 +173,25 @@ def test_xz_and_bzip2_inputs_read_like_plain_ones(tmp_path):
         z.writestr("p.tsv", rows)
     with pytest.raises(DataFormatError, match=r"p\.zip: a zip archive; dpr-jax reads plain"):
         read_passages_tsv(tmp_path / "p.zip")
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".xz", ".bz2"])
+def test_truncated_compressed_input_is_named(tmp_path, suffix):
+    """A compressed input cut short (an interrupted download) is a DataFormatError naming the
+    file, for the line readers and the streamed ones alike, never half the rows read silently."""
+    import bz2
+    import lzma
+
+    from dpr_jax.data.squad import load_squad
+
+    pack = {".gz": gzip.compress, ".xz": lzma.compress, ".bz2": bz2.compress}[suffix]
+    rows = HEADER + b"".join(b"%d\tpassage number %d\tT\n" % (i, i) for i in range(2000))
+    data = pack(rows)
+    cut = tmp_path / f"p.tsv{suffix}"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataFormatError, match=r"p\.tsv\.\w+: the compressed data is damaged"):
+        read_passages_tsv(cut)
+    squad = tmp_path / f"s.json{suffix}"
+    squad.write_bytes(pack(SQUAD_BAD.replace(b"caf\xe9", b"cafe"))[:-12])
+    with pytest.raises(DataFormatError, match=r"s\.json\.\w+: the compressed data is damaged"):
+        load_squad(squad, download=False)

@@ -52,8 +52,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from dpr_jax.data.textio import (
+    DECOMPRESS_ERRORS,
     UTF8_FIX,
     DataFormatError,
+    damaged,
+    is_decompress_error,
     iter_text_lines,
     iter_tsv_rows,
     load_json,
@@ -74,7 +77,8 @@ PASSAGES_HEADER = ("id", "text", "title")
 
 class _CheckedText(io.TextIOWrapper):
     """A UTF-8 text stream whose decoding error is a :class:`DataFormatError` naming the file,
-    line and column (found again by :func:`iter_text_lines`), not a ``UnicodeDecodeError``."""
+    line and column (found again by :func:`iter_text_lines`), not a ``UnicodeDecodeError``, and
+    whose damaged compressed data is one too."""
 
     path: Path
 
@@ -83,23 +87,24 @@ class _CheckedText(io.TextIOWrapper):
             pass
         raise DataFormatError(f"{self.path}: not valid UTF-8 ({e.reason}): {UTF8_FIX}") from None
 
-    def read(self, size: int | None = -1) -> str:
+    def _guard(self, fn, *args):
         try:
-            return super().read(size)
+            return fn(*args)
         except UnicodeDecodeError as e:
             self._undecodable(e)
+        except (OSError, *DECOMPRESS_ERRORS) as e:
+            if is_decompress_error(self.buffer, e):
+                raise damaged(self.path, e) from None
+            raise
+
+    def read(self, size: int | None = -1) -> str:
+        return self._guard(super().read, size)
 
     def readline(self, size: int = -1) -> str:
-        try:
-            return super().readline(size)
-        except UnicodeDecodeError as e:
-            self._undecodable(e)
+        return self._guard(super().readline, size)
 
     def __next__(self) -> str:
-        try:
-            return super().__next__()
-        except UnicodeDecodeError as e:
-            self._undecodable(e)
+        return self._guard(super().__next__)
 
 
 def open_text(path: str | Path, newline: str | None = None) -> IO[str]:

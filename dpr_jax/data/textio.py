@@ -28,6 +28,7 @@ import gzip
 import json
 import lzma
 import re
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -87,13 +88,43 @@ def plain_name(path: str | Path) -> str:
     return name
 
 
+# what a damaged or truncated gzip / xz / bzip2 stream raises while it is read
+DECOMPRESS_ERRORS = (EOFError, gzip.BadGzipFile, lzma.LZMAError, zlib.error)
+
+
+def is_decompress_error(f: IO[bytes], e: BaseException) -> bool:
+    """Whether ``e``, raised while reading ``f``, says its compressed data is bad (bzip2 raises
+    a plain ``OSError("Invalid data stream")``; other ``OSError`` s are the system's)."""
+    return isinstance(e, DECOMPRESS_ERRORS) or isinstance(f, bz2.BZ2File)
+
+
+def damaged(path: Path, e: BaseException, after: int | None = None) -> DataFormatError:
+    """The error for a compressed file whose data is damaged or cut short."""
+    where = f" after line {after}" if after else ""
+    return DataFormatError(
+        f"{path}: the compressed data is damaged or truncated{where} ({e}); "
+        "re-download or re-create the file"
+    )
+
+
+def _checked_lines(f: IO[bytes], path: Path) -> Iterator[bytes]:
+    n = 0
+    try:
+        for n, raw in enumerate(f, 1):  # noqa: B007 (n is read after the loop)
+            yield raw
+    except (OSError, *DECOMPRESS_ERRORS) as e:
+        if is_decompress_error(f, e):
+            raise damaged(path, e, n) from None
+        raise
+
+
 def iter_text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """``(line number, line)`` of a UTF-8 text file (gzip, xz, bzip2: decompressed), each
     line with its terminator. A leading BOM is skipped; raises :class:`DataFormatError` for an
     undecodable byte or a BOM at the start of a later line."""
     path = Path(path)
     with open_binary(path) as f:
-        for n, raw in enumerate(f, 1):
+        for n, raw in enumerate(_checked_lines(f, path), 1):
             if n == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8) :]
             line = _decode(raw, path, n)
