@@ -39,9 +39,12 @@ SHARD_BYTES = 15 << 20
 def _to_xz(dst: Path, write) -> None:
     """``write(f)`` into ``dst`` xz-compressed, through a temporary file (never half a file)."""
     tmp = dst.with_suffix(".tmp")
-    with lzma.open(tmp, "wb", format=lzma.FORMAT_XZ, filters=XZ) as f:
-        write(f)
-    tmp.replace(dst)
+    try:
+        with lzma.open(tmp, "wb", format=lzma.FORMAT_XZ, filters=XZ) as f:
+            write(f)
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def xz(src: Path, dst: Path) -> None:

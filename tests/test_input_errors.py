@@ -160,9 +160,9 @@ def test_xz_and_bzip2_inputs_read_like_plain_ones(tmp_path):
         path = tmp_path / name
         path.write_bytes(pack(rows))
         assert read_passages_tsv(path) == plain, name
-    for suffix in (".xz", ".bz2", ".gz"):  # written compressed, read back
-        out = write_passages_tsv(tmp_path / f"w.tsv{suffix}", plain)
-        assert out.read_bytes()[:2] != b"id" and read_passages_tsv(out) == plain
+    for suffix, magic in ((".xz", b"\xfd7zXZ\x00"), (".bz2", b"BZh"), (".gz", b"\x1f\x8b")):
+        out = write_passages_tsv(tmp_path / f"w.tsv{suffix}", plain)  # written compressed
+        assert out.read_bytes().startswith(magic) and read_passages_tsv(out) == plain
     # a first line that happens to start like bzip2's magic is still text
     assert read_qas(_write(tmp_path, "q.tsv", b"BZh9 what?\t['x']\n"))[0].question == "BZh9 what?"
     squad = SQUAD_BAD.replace(b"caf\xe9", b"cafe")
@@ -173,6 +173,35 @@ def test_xz_and_bzip2_inputs_read_like_plain_ones(tmp_path):
         z.writestr("p.tsv", rows)
     with pytest.raises(DataFormatError, match=r"p\.zip: a zip archive; dpr-jax reads plain"):
         read_passages_tsv(tmp_path / "p.zip")
+    zst = _write(tmp_path, "p.tsv.zst", b"\x28\xb5\x2f\xfd" + bytes(20))
+    with pytest.raises(DataFormatError, match=r"p\.tsv\.zst: zstd-compressed; dpr-jax reads"):
+        read_passages_tsv(zst)
+
+
+def test_inputs_are_read_once_so_pipes_work(tmp_path):
+    """A pipe (``<(zcat file)``, /dev/stdin) is read from its first byte: the format sniffing
+    does not consume what the reader then needs."""
+    import os
+    import threading
+
+    for data in (
+        HEADER + b"1\tfirst\tT1\n2\tsecond\tT2\n",
+        gzip.compress(HEADER + b"1\tfirst\tT1\n"),
+    ):
+        r, w = os.pipe()
+
+        def feed(w=w, data=data):
+            os.write(w, data)
+            os.close(w)
+
+        t = threading.Thread(target=feed)
+        t.start()
+        try:
+            got = read_passages_tsv(f"/dev/fd/{r}")
+        finally:
+            t.join()
+            os.close(r)
+        assert [p.text for p in got] == ["first", "second"][: len(got)] and got, data[:4]
 
 
 @pytest.mark.parametrize("suffix", [".gz", ".xz", ".bz2"])
@@ -195,3 +224,30 @@ def test_truncated_compressed_input_is_named(tmp_path, suffix):
     squad.write_bytes(pack(SQUAD_BAD.replace(b"caf\xe9", b"cafe"))[:-12])
     with pytest.raises(DataFormatError, match=r"s\.json\.\w+: the compressed data is damaged"):
         load_squad(squad, download=False)
+    # damaged in the middle (bytes flipped), streamed line by line (JSONL retrieval results)
+    rec = b'{"question": "q", "answers": ["a"], "ctxs": [{"id": "1", "title": "t", "text": "x"}]}\n'
+    data = bytearray(pack(rec * 3000))
+    mid = len(data) // 2
+    data[mid : mid + 16] = bytes(b ^ 0xFF for b in data[mid : mid + 16])
+    bad = tmp_path / f"r.jsonl{suffix}"
+    bad.write_bytes(bytes(data))
+    # (gzip may inflate garbage before its checksum says so: then the JSON is what is named)
+    damage = r"r\.jsonl\.\w+(: the compressed data is damaged|, line \d+: invalid JSON)"
+    with pytest.raises(DataFormatError, match=damage):
+        read_retrieval_results(bad)
+    # too short to hold its format's magic: damaged, not text (gzip and xz start with non-text)
+    if suffix != ".bz2":
+        short = tmp_path / f"short{suffix}"
+        short.write_bytes(data[:1])
+        with pytest.raises(DataFormatError, match=r"short\.\w+: the compressed data is damaged"):
+            read_passages_tsv(short)
+
+
+def test_jsonl_streamed_by_records_names_an_undecodable_line(tmp_path):
+    """The streaming records reader (JSONL: read, seek back, iterate) names the line."""
+    ok = b'{"question": "q", "answers": ["a"], "ctxs": []}\n'
+    path = _write(
+        tmp_path, "r.jsonl", ok + ok + b'{"question": "\xff", "answers": [], "ctxs": []}\n'
+    )
+    with pytest.raises(DataFormatError, match=r"r\.jsonl, line 3: byte 0xff at column 15"):
+        read_retrieval_results(path)

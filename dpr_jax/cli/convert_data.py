@@ -14,7 +14,9 @@ from dpr_jax.data.records import convert_biencoder
 
 def cli_main(argv: list[str]) -> int:
     p = command_parser(__name__, __doc__)
-    p.add_argument("--biencoder", required=True, help="DPR biencoder JSON / JSONL (.gz allowed)")
+    p.add_argument(
+        "--biencoder", required=True, help="DPR biencoder JSON / JSONL (.gz / .xz / .bz2 allowed)"
+    )
     p.add_argument("--out", required=True, help="the record directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)

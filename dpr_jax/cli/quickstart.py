@@ -34,6 +34,7 @@ from dpr_jax.data.squad import (
     squad_passages,
     squad_questions,
 )
+from dpr_jax.data.textio import load_json
 from dpr_jax.evaluate import results_for, top_k_accuracy
 from dpr_jax.index import build_index, load_index
 from dpr_jax.io import note
@@ -106,7 +107,7 @@ def run_retrieval_eval(
 def train_reader_quick(squad_path, squad, train_articles, workdir: Path, steps: int) -> Path:
     """A short reader run from MiniLM: gold paragraph + 3 other paragraphs of its article."""
 
-    raw = json.loads(Path(squad_path).read_text()) if squad_path else None
+    raw = load_json(squad_path) if squad_path else None
     if raw is None:  # downloaded copy: rebuild the JSON from the parsed articles
         raw = {"data": [dataclass_to_squad(a) for a in squad]}
     subset = {"version": "1.1", "data": [raw["data"][i] for i in train_articles[:40]]}

@@ -2,7 +2,7 @@
 
 A corpus is given as a file in one of the formats DPR's users have:
 
-- a passages TSV (``psgs_w100.tsv``: ``id, text, title``; ``.gz`` allowed);
+- a passages TSV (``psgs_w100.tsv``: ``id, text, title``; may be gzip, xz or bzip2);
 - SQuAD v1.1 JSON (``{"data": [...]}``): every article cut into the ~100-word passages of
   :func:`dpr_jax.data.squad.squad_passages` (``balanced`` chunking), with the ids that
   ``dpr-jax prepare-squad`` gives them;

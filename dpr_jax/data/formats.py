@@ -9,7 +9,9 @@ pyserini's and ours are interchangeable:
       1<TAB>"Aaron Aaron ( or ; ""Ahärôn"") is ..."<TAB>Aaron
 
   read with the ``csv`` module (tab delimiter, ``"`` quoting with doubled quotes, as DPR's
-  ``CsvCtxSrc`` does; one row per line: a line break inside a field is written as a space); ``.gz`` files are read and written transparently. Unlike DPR we do not
+  ``CsvCtxSrc`` does; one row per line: a line break inside a field is written as a space);
+  gzip, xz and bzip2 files are read (told by their first bytes) and written (by the suffix
+  ``.gz``, ``.xz``, ``.bz2``) transparently. Unlike DPR we do not
   additionally ``strip('"')`` the text, so a passage that begins with a quotation mark survives a
   write/read round trip.
 - **qas** (``nq-test.csv``, tab separated despite the name): ``question<TAB>answers`` where
@@ -19,7 +21,7 @@ pyserini's and ours are interchangeable:
   and :func:`dpr_jax.data.questions.read_questions` reads all of them.
 - **biencoder JSON** (``biencoder-nq-train.json``): a list of
   ``{question, answers, positive_ctxs, negative_ctxs, hard_negative_ctxs}``, each ctx
-  ``{title, text, passage_id?, score?}``. JSON list, JSONL, optionally gzipped.
+  ``{title, text, passage_id?, score?}``. JSON list, JSONL, optionally compressed.
 - **retrieval results JSON** (``dense_retriever.py`` output): a list of
   ``{question, answers, ctxs: [{id, title, text, score, has_answer}]}``.
 - **reader predictions JSON** (``train_extractive_reader.py`` output): a list of
@@ -108,9 +110,10 @@ class _CheckedText(io.TextIOWrapper):
 
 
 def open_text(path: str | Path, newline: str | None = None) -> IO[str]:
-    """Open ``path`` for reading as UTF-8 text (a leading BOM skipped), decompressing gzip, xz and
-    bzip2 files (:func:`~dpr_jax.data.textio.open_binary`); bytes that are not UTF-8 raise :class:`DataFormatError` naming the line
-    and column, as :mod:`dpr_jax.data.textio`'s readers do."""
+    """Open ``path`` for reading as UTF-8 text (a leading BOM skipped), decompressing gzip, xz
+    and bzip2 files (:func:`~dpr_jax.data.textio.open_binary`); bytes that are not UTF-8 raise
+    :class:`DataFormatError` naming the line and column, as :mod:`dpr_jax.data.textio`'s readers
+    do."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
@@ -217,7 +220,7 @@ class Passage:
 
 
 def read_passages_tsv(path: str | Path, check_unique: bool = True) -> list[Passage]:
-    """Read a DPR passages TSV (``id, text, title``; header optional; ``.gz`` allowed)."""
+    """Read a DPR passages TSV (``id, text, title``; header optional; may be compressed)."""
     path = Path(path)
     out: list[Passage] = []
     seen: set[str] = set()
@@ -319,7 +322,7 @@ def read_qas(path: str | Path) -> list[Question]:
 
     - ``*.json`` holding a list: records with ``question`` and ``answers`` (or ``answer``), e.g.
       a retrieval-results or biencoder file.
-    - ``*.jsonl[.gz]``: one ``{"question": ..., "answer"|"answers": [...], "id"?}`` per line.
+    - ``*.jsonl`` (``.gz``, ``.xz``, ``.bz2`` too): one ``{"question": ..., "answer"|"answers": [...], "id"?}`` per line.
     - anything else: tab-separated ``question, answers-list-literal[, id]``.
     """
     path = Path(path)
@@ -418,7 +421,7 @@ def _ctx_list(rec: dict, key: str, where: str) -> list[Passage]:
 
 
 def read_biencoder(path: str | Path) -> tuple[list[BiencoderExample], BiencoderStats]:
-    """Read DPR biencoder training data (JSON list or JSONL, optionally ``.gz``).
+    """Read DPR biencoder training data (JSON list or JSONL, optionally compressed).
 
     Returns ``(examples, stats)``. Records without any ``positive_ctxs`` are skipped (DPR
     filters them the same way, they cannot give a training signal) and counted in
@@ -462,7 +465,7 @@ def read_biencoder(path: str | Path) -> tuple[list[BiencoderExample], BiencoderS
 def write_biencoder(
     path: str | Path, examples: Iterable[BiencoderExample], config: dict[str, Any] | None = None
 ) -> Path:
-    """Write DPR biencoder JSON (a list; JSONL when the name ends in ``.jsonl[.gz]``)."""
+    """Write DPR biencoder JSON (a list; JSONL when the name ends in ``.jsonl``, compressed or not)."""
     out = _write_records(path, (e.to_json() for e in examples))
     write_config(path, config)
     return out

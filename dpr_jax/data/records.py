@@ -71,7 +71,7 @@ def _grain():
 
 
 def iter_json_records(path: str | Path, chunk_chars: int = 1 << 20) -> Iterator[tuple[str, Any]]:
-    """(where, record) of a JSON list or JSON-lines file (optionally gzipped), one record at a
+    """(where, record) of a JSON list or JSON-lines file (optionally compressed), one record at a
     time: the list is parsed element by element, never loaded whole. ``where`` is
     "record i" / "line n" for error messages."""
 

@@ -43,30 +43,58 @@ class DataFormatError(UserError):
     """An input file that does not follow its format; the message names the file and line."""
 
 
-_COMPRESSED = {b"\x1f\x8b": gzip.open, b"\xfd7zXZ\x00": lzma.open}
+def _owning(cls):
+    """``cls`` (a decompressing reader over a file object) that also closes that file object."""
+
+    class Owning(cls):
+        def close(self):
+            try:
+                super().close()
+            finally:
+                self._owned.close()
+
+    return Owning
+
+
+_GZIP = _owning(gzip.GzipFile)
+_XZ = _owning(lzma.LZMAFile)
+_BZIP2 = _owning(bz2.BZ2File)
 _BZ2 = re.compile(rb"BZh[1-9](1AY&SY|\x17rE8P\x90)")  # header + first block (or end) magic
-_UNREADABLE = {b"PK\x03\x04": "a zip archive", b"\x28\xb5\x2f\xfd": "zstd-compressed"}
+_UNREADABLE = {b"PK\x03\x04": "a zip archive", b"PK\x05\x06": "a zip archive (empty)",
+               b"\x28\xb5\x2f\xfd": "zstd-compressed"}  # fmt: skip
 
 
 def open_binary(path: str | Path) -> IO[bytes]:
-    """``path``'s bytes, decompressed when it is gzip, xz or bzip2 (told by its first bytes); a
-    zip archive or zstd file is a :class:`DataFormatError` saying so."""
+    """``path``'s bytes, decompressed when it is gzip, xz or bzip2 (told by its first bytes,
+    read once, so a pipe works too); a zip archive or zstd file is a :class:`DataFormatError`
+    saying so, as is a file shorter than the gzip / xz magic it starts with."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        head = f.read(10)
-    for magic, opener in _COMPRESSED.items():
-        if head.startswith(magic):
-            return opener(path, "rb")
-    if _BZ2.match(head):
-        return bz2.open(path, "rb")
-    for magic, what in _UNREADABLE.items():
-        if head.startswith(magic):
-            raise DataFormatError(
-                f"{path}: {what}; dpr-jax reads plain, gzip, xz or bzip2 text: extract it first"
-            )
-    return open(path, "rb")
+    f = open(path, "rb")
+    try:
+        head = f.peek(10)[:10]
+        if head.startswith(b"\x1f\x8b"):
+            d = _GZIP(fileobj=f, mode="rb")
+        elif head.startswith(b"\xfd7zXZ\x00"):
+            d = _XZ(f)
+        elif _BZ2.match(head):
+            d = _BZIP2(f)
+        else:
+            for magic, what in _UNREADABLE.items():
+                if head.startswith(magic):
+                    raise DataFormatError(
+                        f"{path}: {what}; dpr-jax reads plain, gzip, xz or bzip2 text: "
+                        "extract it first"
+                    )
+            if len(head) < 6 and any(m.startswith(head) for m in (b"\x1f\x8b", b"\xfd7zXZ\x00")):
+                raise damaged(path, EOFError(f"{len(head)} bytes"))
+            return f
+    except BaseException:
+        f.close()
+        raise
+    d._owned = f
+    return d
 
 
 def _decode(raw: bytes, path: Path, n: int) -> str:
@@ -95,7 +123,9 @@ DECOMPRESS_ERRORS = (EOFError, gzip.BadGzipFile, lzma.LZMAError, zlib.error)
 def is_decompress_error(f: IO[bytes], e: BaseException) -> bool:
     """Whether ``e``, raised while reading ``f``, says its compressed data is bad (bzip2 raises
     a plain ``OSError("Invalid data stream")``; other ``OSError`` s are the system's)."""
-    return isinstance(e, DECOMPRESS_ERRORS) or isinstance(f, bz2.BZ2File)
+    if isinstance(e, DECOMPRESS_ERRORS):
+        return True  # bzip2's own: a plain OSError("Invalid data stream"), without an errno
+    return isinstance(f, bz2.BZ2File) and type(e) is OSError and e.errno is None
 
 
 def damaged(path: Path, e: BaseException, after: int | None = None) -> DataFormatError:
