@@ -1566,6 +1566,9 @@ class EqualRecall:
             plan.append(self.HNSW)
         pending = []
         for group in plan:
+            # the previous index's last reference: gone before this one is built (at 10M two
+            # indexes do not fit in memory together)
+            ix = searcher = None
             if group == self.SCANN:
                 opts = {"scoring": "ah", "num_leaves": max(2, round(math.sqrt(n))),
                         **json.loads(self.args.scann_options)}  # fmt: skip

@@ -233,6 +233,39 @@ def test_equal_mode_tiny(bench, tmp_path, monkeypatch):
     assert (out / "recall_qps.png").stat().st_size > 10_000
 
 
+def test_sequential_mode_frees_each_index_before_the_next(bench, tmp_path, monkeypatch):
+    """--sequential (10M: two indexes do not fit in memory together): when the second index is
+    built, nothing holds the first any more, and both are still measured."""
+    import gc
+    import weakref
+
+    pytest.importorskip("scann")
+    pytest.importorskip("faiss")
+    monkeypatch.setattr(bench, "set_thread_env", lambda threads: None)
+    built, alive_at_build = [], []
+    real = bench.EqualRecall.build_project
+
+    def build_project(self, name, backend, **options):
+        gc.collect()
+        alive_at_build.append([r() is not None for r in built])
+        index = real(self, name, backend, **options)
+        built.append(weakref.ref(index))
+        return index
+
+    monkeypatch.setattr(bench.EqualRecall, "build_project", build_project)
+    out = tmp_path / "seq"
+    argv = ["--mode", "equal", "--n", "3000", "--dim", "16", "--num-queries", "40",
+            "--tune-queries", "40", "--targets", "0.9", "--ks", "10", "--repeats", "1",
+            "--skip", "hnsw,autopilot,paramspace,paramspace-noht", "--bootstrap", "20",
+            "--build-threads", "1", "--sequential", "--out", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    assert alive_at_build == [[], [False]]
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["methods"]) == {"ScaNN tree-AH + dpr_jax tune",
+                                   "FAISS IVF-PQ + refine + dpr_jax tune"}  # fmt: skip
+    assert all(p["recall"] > 0 for m in res["methods"].values() for p in m["curves"]["10"])
+
+
 def test_peak_memory_sees_an_allocation(bench):
     """PeakMemory's figure against a known allocation: a 256 MiB array written inside the block
     raises the peak by at least that much over the level before."""
