@@ -729,6 +729,7 @@ class PeakMemory:
     def _take(self):
         got = self.sample()
         if got is not None:
+            self._seen = True
             self._peak = max(self._peak, got[0])
             self._swap = max(self._swap, got[1])
 
@@ -736,6 +737,7 @@ class PeakMemory:
         import threading
 
         self._peak = self._swap = 0
+        self._seen = False
         self._stop = threading.Event()
         self._take()
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -746,7 +748,7 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self._take()
-        if self.sample() is not None:
+        if self._seen:
             self.gib, self.swap_gib = self._peak / 2**20, self._swap / 2**20
         return False
 

@@ -115,8 +115,6 @@ def open_text(path: str | Path, newline: str | None = None) -> IO[str]:
     :class:`DataFormatError` naming the line and column, as :mod:`dpr_jax.data.textio`'s readers
     do."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
     f = _CheckedText(open_binary(path), encoding="utf-8-sig", newline=newline)
     f.path = path
     return f

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from dpr_jax.errors import UserError
+from dpr_jax.io import COMPRESSORS
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 UTF8_FIX = "save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`)"
@@ -56,6 +57,7 @@ def _owning(cls):
     return Owning
 
 
+GZIP_MAGIC, XZ_MAGIC = b"\x1f\x8b", b"\xfd7zXZ\x00"
 _GZIP = _owning(gzip.GzipFile)
 _XZ = _owning(lzma.LZMAFile)
 _BZIP2 = _owning(bz2.BZ2File)
@@ -74,9 +76,9 @@ def open_binary(path: str | Path) -> IO[bytes]:
     f = open(path, "rb")
     try:
         head = f.peek(10)[:10]
-        if head.startswith(b"\x1f\x8b"):
+        if head.startswith(GZIP_MAGIC):
             d = _GZIP(fileobj=f, mode="rb")
-        elif head.startswith(b"\xfd7zXZ\x00"):
+        elif head.startswith(XZ_MAGIC):
             d = _XZ(f)
         elif _BZ2.match(head):
             d = _BZIP2(f)
@@ -87,7 +89,7 @@ def open_binary(path: str | Path) -> IO[bytes]:
                         f"{path}: {what}; dpr-jax reads plain, gzip, xz or bzip2 text: "
                         "extract it first"
                     )
-            if len(head) < 6 and any(m.startswith(head) for m in (b"\x1f\x8b", b"\xfd7zXZ\x00")):
+            if len(head) < 6 and any(m.startswith(head) for m in (GZIP_MAGIC, XZ_MAGIC)):
                 raise damaged(path, EOFError(f"{len(head)} bytes"))
             return f
     except BaseException:
@@ -111,7 +113,7 @@ def _decode(raw: bytes, path: Path, n: int) -> str:
 def plain_name(path: str | Path) -> str:
     """``path``'s name without a compression suffix (``.gz``, ``.xz``, ``.bz2``)."""
     name = Path(path).name
-    for suffix in (".gz", ".xz", ".bz2"):
+    for suffix in COMPRESSORS:  # the suffixes the writers compress by
         name = name.removesuffix(suffix)
     return name
 
