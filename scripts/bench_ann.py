@@ -137,6 +137,10 @@ def parse_args(argv=None):
     ap.add_argument("--sequential", action="store_true",
                     help="--mode equal: one index in memory at a time (build, tune, measure, "
                     "free); rounds are round-robin within an index only")  # fmt: skip
+    ap.add_argument("--resume", action="store_true",
+                    help="--mode equal --sequential: keep the indexes an earlier run into the "
+                    "same --out measured in full (same data, queries, settings and CPU model) "
+                    "and measure only the rest (a 10M run that was stopped or killed)")  # fmt: skip
     ap.add_argument("--ps-experiments", type=int, default=0,
                     help="FAISS ParameterSpace.n_experiments (0: FAISS's default)")  # fmt: skip
     ap.add_argument("--accel-force-cpu", action="store_true", help=argparse.SUPPRESS)
@@ -145,6 +149,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if bool(args.embeddings) != bool(args.queries):
         ap.error("--embeddings and --queries go together")
+    if args.resume and not (args.mode == "equal" and args.sequential):
+        ap.error("--resume goes with --mode equal --sequential (each index measured on its own)")
     return args
 
 
@@ -965,6 +971,7 @@ class EqualRecall:
         self.t_start = time.time()
         self.groups, self.methods = {}, {}
         self.data_key = None  # names the corpus when it is a reusable --data-dir memmap
+        self.resumed_from = None  # the earlier results.json --resume took measured groups from
         self.results = {"config": {}, "rule": RULE, "builds": {}, "methods": {}, "headline": {}}
 
     def log(self, msg):
@@ -973,7 +980,8 @@ class EqualRecall:
     def save(self):
         self.results["config"]["elapsed_s"] = round(time.time() - self.t_start, 1)
         self.results["config"]["loadavg_end"] = os.getloadavg()
-        (self.out / "results.json").write_text(json.dumps(self.results, indent=1, default=str))
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=1,
+                                                          default=_json_default))  # fmt: skip
 
     # data ------------------------------------------------------------------------------------
 
@@ -986,6 +994,10 @@ class EqualRecall:
         where = self.saved_build("exact", {"k": kmax, "queries": len(self.queries),
                                            "tune_queries": len(self.tune_queries)})  # fmt: skip
         path = None if where is None else where.with_name(where.name + ".truth.npz")
+        if path is None and self.args.sequential:  # small; kept in --out for --resume
+            path = self.out / "truth.npz"
+            if not self.resumed_from:
+                path.unlink(missing_ok=True)  # another run's, of other data perhaps
         if path is not None and path.exists():
             kept = np.load(path)
             rows, self.tune_rows = kept["rows"], kept["tune_rows"]
@@ -1297,6 +1309,7 @@ class EqualRecall:
             m = self.methods[name]
             res = self.results["methods"].setdefault(name, {"group": m["group"],
                                                             "tuner": m["tuner"], "curves": {}})  # fmt: skip
+            res["picks"] = {str(k): [[t, p] for t, p in m["picks"][k].items()] for k in self.ks}
             for k in self.ks:
                 true = self.true_ids[:, :k]
                 pts = []
@@ -1388,6 +1401,11 @@ class EqualRecall:
                  f"threads; {cfg['repeats']} round-robin timing rounds; {cfg['cpu']}; load "
                  f"average {cfg['loadavg_start'][0]:.1f} at start, "
                  f"{cfg['loadavg_end'][0]:.1f} at end.")  # fmt: skip
+        for group, r in self.results.get("resumed", {}).items():
+            L.append(f"{group}: measured by an earlier run into this --out on the same CPU "
+                     f"model (finished {r['finished']}; load average "
+                     f"{(r['earlier_loadavg_start'] or [math.nan])[0]:.1f} at its start), kept "
+                     "by --resume.")  # fmt: skip
         L += ["", f"**Rule.** {RULE}. Spread: min / median / max over the rounds (each round's "
               "q/s interpolated between the same two points); [a, b]: 95% bootstrap interval over "
               f"the held-out queries ({self.args.bootstrap} resamples; recall re-measured, the "
@@ -1429,7 +1447,7 @@ class EqualRecall:
                   "best (min, median) |", "|---|---|---|---|---|---|"]  # fmt: skip
             for t in self.targets:
                 for name, res in self.results["methods"].items():
-                    picks = self.methods[name]["picks"][int(k)]
+                    picks = {float(t): p for t, p in res.get("picks", {}).get(k, [])}
                     if t not in picks:
                         continue
                     pick = picks[t]
@@ -1554,8 +1572,6 @@ class EqualRecall:
 
     def run(self):
         build_only = self.args.build_only
-        if not build_only:
-            self.truth()
         n = len(self.emb)
         plan = []  # groups (indexes) in build order
         if "scann" not in self.skip:
@@ -1566,11 +1582,16 @@ class EqualRecall:
             plan.append(self.IVFPQ)
         if "hnsw" not in self.skip:
             plan.append(self.HNSW)
+        done = self.resume(plan) if self.args.resume else set()
+        if not build_only:
+            self.truth()
         pending = []
         for group in plan:
             # the previous index's last reference: gone before this one is built (at 10M two
             # indexes do not fit in memory together)
             ix = searcher = None
+            if group in done:
+                continue
             if group == self.SCANN:
                 opts = {"scoring": "ah", "num_leaves": max(2, round(math.sqrt(n))),
                         **json.loads(self.args.scann_options)}  # fmt: skip
@@ -1594,19 +1615,21 @@ class EqualRecall:
                 if build_only:
                     self.free(group)
                     continue
-                names = [group + self.TUNE]
+                names = self.method_names(group)
                 self.project_tuner(names[0], group, ix)
-                if "paramspace" not in self.skip:
-                    names.append(group + self.PS)
-                    self.parameter_space(names[-1], group, ix)
-                if group == self.IVFPQ and "paramspace-noht" not in self.skip:
-                    names.append(group + self.PS_NOHT)
-                    self.parameter_space(names[-1], group, ix, drop=("ht",))
+                if group + self.PS in names:
+                    self.parameter_space(group + self.PS, group, ix)
+                if group + self.PS_NOHT in names:
+                    self.parameter_space(group + self.PS_NOHT, group, ix, drop=("ht",))
             self.save()
             if self.args.tune_only:
                 self.free(group)
             elif self.args.sequential:  # one index in memory at a time (10M): measure, free
                 self.measure(names)
+                self.results.setdefault("measured", {})[group] = {
+                    "methods": names, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "loadavg": os.getloadavg()}  # fmt: skip
+                self.save()
                 self.free(group)
             else:
                 pending += names
@@ -1621,11 +1644,108 @@ class EqualRecall:
         self.write_table()
         self.plot()
 
+    def method_names(self, group) -> list[str]:
+        """The methods measured on ``group``'s index under this run's ``--skip``."""
+        if group == self.AUTOPILOT:
+            return [self.AUTOPILOT]
+        names = [group + self.TUNE]
+        if group in (self.IVFPQ, self.HNSW) and "paramspace" not in self.skip:
+            names.append(group + self.PS)
+        if group == self.IVFPQ and "paramspace-noht" not in self.skip:
+            names.append(group + self.PS_NOHT)
+        return names
+
+    RESUME_KEYS = ("data", "n", "dim", "num_queries", "tune_queries", "ks", "targets", "threads",
+                   "build_threads", "repeats", "bootstrap", "seed", "memmap", "versions")  # fmt: skip
+
+    def resume(self, plan) -> set:
+        """``--resume``: the groups of ``plan`` that the earlier run into ``--out`` measured in
+        full (build, every method this run would measure, held-out recall and every timing
+        round), copied into this run's results and not measured again. The earlier run must
+        match this one in data, queries and settings (:attr:`RESUME_KEYS`) and CPU model: its
+        q/s are set beside this run's. Raises :class:`ResumeError` when it does not."""
+        import numpy as np
+
+        path = self.out / "results.json"
+        if not path.exists():
+            self.log(f"--resume: no {path} yet, measuring every index")
+            return set()
+        try:
+            old = json.loads(path.read_text())
+            cfg, methods = old["config"], old["methods"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ResumeError(f"{path}: not a results.json of bench_ann --mode equal ({e})") from e
+        new = self.results["config"]
+        for key in self.RESUME_KEYS:
+            if json.dumps(cfg.get(key)) != json.dumps(new.get(key), default=str):
+                raise ResumeError(f"{path}: cannot resume: the earlier run's {key} is "
+                                  f"{cfg.get(key)!r}, this run's {new.get(key)!r}")  # fmt: skip
+        if cfg.get("cpu_model") != new.get("cpu_model"):
+            if cfg.get("cpu_model") is not None:
+                raise ResumeError(f"{path}: cannot resume: it was measured on "
+                                  f"{cfg['cpu_model']!r}, this is {new.get('cpu_model')!r}")  # fmt: skip
+            self.log(f"--resume: {path} does not name its CPU model; taken to be this one")
+        done = set()
+        for group in plan:
+            names = self.method_names(group)
+            got = [methods.get(n) for n in names]
+            if group not in old.get("builds", {}) or not all(
+                m and m.get("group") == group and m.get("curves") and
+                all("qps" in p and "_pq" in p for pts in m["curves"].values() for p in pts)
+                for m in got
+            ):  # fmt: skip
+                continue
+            for name, m in zip(names, got):
+                for pts in m["curves"].values():
+                    for p in pts:
+                        pq = p["_pq"]
+                        if isinstance(pq, str):  # written by a bench before arrays were lists
+                            pq = pq.replace("[", " ").replace("]", " ").split()
+                        p["_pq"] = np.asarray(pq, np.float64)
+                        if p["_pq"].shape != (len(self.queries),):
+                            raise ResumeError(f"{path}: {name}: a point's per-query recall has "
+                                              f"{p['_pq'].size} values, not {len(self.queries)}")  # fmt: skip
+                self.results["methods"][name] = m
+            self.results["builds"][group] = old["builds"][group]
+            when = old.get("measured", {}).get(group, {}).get("finished", "?")
+            self.results.setdefault("resumed", {})[group] = {
+                "from": str(path), "finished": when, "methods": names,
+                "earlier_loadavg_start": cfg.get("loadavg_start")}  # fmt: skip
+            self.log(f"--resume: {group} measured by the earlier run (finished {when}), kept")
+            done.add(group)
+        self.resumed_from = str(path) if done else None
+        if done and "exact" in old:
+            self.results["exact"] = old["exact"]
+        return done
+
     def free(self, group):
         for name in [n for n, m in self.methods.items() if m["group"] == group]:
             self.methods[name]["search"] = None
         self.groups.pop(group, None)
         gc.collect()
+
+
+class ResumeError(ValueError):
+    """--resume cannot use the earlier run's results (one line, exit 2)."""
+
+
+def _json_default(x):
+    """results.json: numpy arrays and scalars as JSON numbers (so --resume can read them back),
+    anything else as its text."""
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return str(x)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; else the platform's processor string)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _qps_cell(q) -> str:
@@ -1715,11 +1835,15 @@ def equal_mode(args, ids, emb, queries, tune_queries, data: str) -> int:
         "tune_queries": len(tune_queries), "ks": bench.ks, "targets": bench.targets,
         "threads": args.threads, "build_threads": args.build_threads, "repeats": args.repeats,
         "bootstrap": args.bootstrap, "seed": args.seed, "sequential": args.sequential,
-        "cpu": f"{os.cpu_count()} CPU(s) {platform.processor() or platform.machine()}",
+        "cpu": f"{os.cpu_count()} CPU(s) {cpu_model()}", "cpu_model": cpu_model(),
         "versions": _versions(np), "loadavg_start": os.getloadavg(),
         "memmap": isinstance(emb, np.memmap), "command": "python " + " ".join(sys.argv),
     }  # fmt: skip
-    bench.run()
+    try:
+        bench.run()
+    except ResumeError as e:
+        print(f"bench_ann: {e}", file=sys.stderr)
+        return 2
     if not (args.build_only or args.tune_only):
         print((bench.out / "table.md").read_text())
     return 0

@@ -266,6 +266,90 @@ def test_sequential_mode_frees_each_index_before_the_next(bench, tmp_path, monke
     assert all(p["recall"] > 0 for m in res["methods"].values() for p in m["curves"]["10"])
 
 
+def test_resume_keeps_measured_indexes(bench, tmp_path, monkeypatch, capsys):
+    """--resume after a run killed while its second index was being tuned: the first index is
+    neither rebuilt nor re-measured (its curves are the killed run's), the exact neighbours are
+    reloaded, the second is measured; a run with other settings is refused in one line."""
+    pytest.importorskip("scann")
+    pytest.importorskip("faiss")
+    monkeypatch.setattr(bench, "set_thread_env", lambda threads: None)
+    out = tmp_path / "res"
+    argv = ["--mode", "equal", "--n", "3000", "--dim", "16", "--num-queries", "40",
+            "--tune-queries", "40", "--targets", "0.9", "--ks", "10", "--repeats", "2",
+            "--skip", "hnsw,autopilot,paramspace-noht", "--bootstrap", "20",
+            "--build-threads", "1", "--sequential", "--out", str(out)]  # fmt: skip
+    scann, ivf = "ScaNN tree-AH", "FAISS IVF-PQ + refine"
+    real_tuner = bench.EqualRecall.project_tuner
+
+    def killed_at_ivf(self, name, group, index):
+        if group == ivf:
+            raise KeyboardInterrupt  # the run is killed while it tunes IVF-PQ
+        return real_tuner(self, name, group, index)
+
+    with monkeypatch.context() as m:
+        m.setattr(bench.EqualRecall, "project_tuner", killed_at_ivf)
+        with pytest.raises(KeyboardInterrupt):
+            bench.main(argv)
+    killed = (out / "results.json").read_text()
+    assert set(json.loads(killed)["methods"]) == {scann + " + dpr_jax tune"}
+    built, exact_calls = [], []
+    real_build, real_exact = bench.EqualRecall.build_project, bench.exact_topk_chunked
+
+    def build_project(self, name, backend, **options):
+        built.append(name)
+        return real_build(self, name, backend, **options)
+
+    def exact(*a, **kw):
+        exact_calls.append(1)
+        return real_exact(*a, **kw)
+
+    monkeypatch.setattr(bench.EqualRecall, "build_project", build_project)
+    monkeypatch.setattr(bench, "exact_topk_chunked", exact)
+    # a bench before --resume wrote per-query recalls as numpy's text, and no picks, CPU model
+    # or finishing time: read as well
+    old_style = json.loads(killed)
+    del old_style["methods"][scann + " + dpr_jax tune"]["picks"], old_style["measured"]
+    del old_style["config"]["cpu_model"]
+    for pts in old_style["methods"][scann + " + dpr_jax tune"]["curves"].values():
+        for p in pts:
+            p["_pq"] = str(np.asarray(p["_pq"]))
+    kept = json.loads(killed)["methods"][scann + " + dpr_jax tune"]["curves"]["10"]
+    for text in (killed, json.dumps(old_style)):
+        built.clear()
+        (out / "results.json").write_text(text)
+        assert bench.main(argv + ["--resume"]) == 0
+        res = json.loads((out / "results.json").read_text())
+        assert built == [ivf] and exact_calls == []
+        assert set(res["resumed"]) == {scann}
+        got = res["methods"][scann + " + dpr_jax tune"]["curves"]["10"]
+        assert [(p["params"], p["recall"], p["qps"]) for p in got] == [
+            (p["params"], p["recall"], p["qps"]) for p in kept]  # fmt: skip
+        assert all("_pq" not in p for p in got)  # a finished run keeps no per-query recall
+        for name in (ivf + " + dpr_jax tune", ivf + " + ParameterSpace"):
+            pts = res["methods"][name]["curves"]["10"]
+            assert pts and all(len(p["qps_rounds"]) == 2 for p in pts if p["timed"])
+        assert res["headline"]["10"]["0.90"]
+        assert "kept by --resume" in (out / "table.md").read_text()
+    # other settings: refused in one line, the results left as they were
+    (out / "results.json").write_text(killed)
+    bad = list(argv)
+    bad[bad.index("--repeats") + 1] = "3"
+    capsys.readouterr()
+    assert bench.main(bad + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"bench_ann: {out / 'results.json'}: cannot resume: "
+                                            "the earlier run's repeats is 2, this run's 3")  # fmt: skip
+    assert (out / "results.json").read_text() == killed
+    other_cpu = json.loads(killed)
+    other_cpu["config"]["cpu_model"] = "Another CPU"
+    (out / "results.json").write_text(json.dumps(other_cpu))
+    assert bench.main(argv + ["--resume"]) == 2
+    assert "cannot resume: it was measured on 'Another CPU'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--mode", "equal", "--resume"])  # needs --sequential
+
+
 def test_peak_memory_sees_an_allocation(bench):
     """PeakMemory's figure against a known allocation: a 256 MiB array written inside the block
     raises the peak by at least that much over the level before."""

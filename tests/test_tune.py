@@ -138,6 +138,41 @@ def test_choice_is_the_fastest_setting_that_reaches_the_target():
     assert index.tuned is tuned
 
 
+def test_cache_measures_and_times_each_setting_once():
+    """Several targets with one cache: the same candidates and choices as tuning each target
+    alone, while no setting is searched twice (its recall) or timed twice (its speed)."""
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((500, 8)).astype(np.float32)
+    queries = rng.standard_normal((100, 8)).astype(np.float32)
+    index = FakeIndex().build(emb, np.arange(500))
+    searches = []
+    real = index._search
+    index._search = lambda q, k, **p: searches.append(tuple(sorted(p.items()))) or real(q, k, **p)
+
+    def run(target, cache):
+        return tune(index, emb, queries, target, k=5, repeats=1,
+                    clock=lambda: FakeIndex.clock[0], cache=cache)  # fmt: skip
+
+    alone = {t: run(t, None) for t in (0.7, 0.75)}
+    n_alone = len(searches)
+    searches.clear()
+    cache = {}
+    shared = {t: run(t, cache) for t in (0.7, 0.75)}
+    for t in alone:
+        assert shared[t]["params"] == alone[t]["params"]
+        assert [c["params"] for c in shared[t]["candidates"]] == [
+            c["params"] for c in alone[t]["candidates"]]  # fmt: skip
+    # each distinct setting searched once for its recall and once more if timed
+    timed = {tuple(sorted(c["params"].items())) for t in shared for c in shared[t]["candidates"]}
+    assert len(searches) == len(set(searches)) + len(timed) < n_alone
+    common = [c["params"] for c in shared[0.7]["candidates"]
+              if c["params"] in [d["params"] for d in shared[0.75]["candidates"]]]  # fmt: skip
+    assert common  # (5, 2) and (6, 1) reach both: one timing each, the same figure
+    for p in common:
+        qps = [next(c["qps"] for c in shared[t]["candidates"] if c["params"] == p) for t in shared]
+        assert qps[0] == qps[1]
+
+
 def test_unreachable_target_and_exact_backends_are_refused(corpus):
     emb, ids, tune_q, _, _ = corpus
     index = build_index("faiss-hnsw", emb[:2000], ids[:2000], M=4, num_threads=1)

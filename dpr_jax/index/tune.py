@@ -113,7 +113,9 @@ def tune(
     ``num_threads`` and ``candidates`` (every setting timed). Raises :class:`TuneError` if no
     setting reaches the target. ``true_rows`` (Q, >= k): the exact neighbours' rows if already
     known; ``cache``: a dict kept between calls on the same index and queries (e.g. for several
-    targets) so that no setting's recall is measured twice. ``report``: called with one line
+    targets) so that no setting's recall is measured, nor its speed timed, twice (a setting that
+    is a candidate for several targets keeps one timing, so each target's choice compares the
+    same figures). ``report``: called with one line
     per trial (each recall measured, each candidate timed), e.g. to show progress.
     """
     report = report or (lambda line: None)
@@ -130,6 +132,7 @@ def tune(
         true_rows = exact_neighbours(emb, queries, k)
     true_ids = index.ids[np.asarray(true_rows)[:, :k]]
     recalls: dict[tuple, float] = {} if cache is None else cache.setdefault(("recall", k), {})
+    speeds: dict[tuple, float] = {} if cache is None else cache.setdefault(("qps", k, repeats), {})
 
     def recall_of(params: dict) -> float:
         key = tuple(sorted(params.items()))
@@ -182,9 +185,11 @@ def tune(
 
     timed = []
     for params in candidates:
-        timed.append({"params": params, "recall": round(recall_of(params), 6),
-                      "qps": _qps(index, queries, k, params, repeats, clock)})  # fmt: skip
-        report(f"tune: timed {params}: {timed[-1]['qps']:,.0f} q/s")
+        key = tuple(sorted(params.items()))
+        if key not in speeds:
+            speeds[key] = _qps(index, queries, k, params, repeats, clock)
+            report(f"tune: timed {params}: {speeds[key]:,.0f} q/s")
+        timed.append({"params": params, "recall": round(recall_of(params), 6), "qps": speeds[key]})
     best = max(timed, key=lambda c: c["qps"])
     index.tuned = {
         "params": dict(best["params"]),
