@@ -172,3 +172,25 @@ def test_every_backend_returns_min_k_n_distinct_passages(backend, options, corpu
             np.testing.assert_allclose(scores, -np.sort(-ref, axis=1)[:, :want], atol=1e-4)
             if corpus == "gaussian":
                 np.testing.assert_array_equal(got, ids[np.argsort(-ref, axis=1)[:, :want]])
+
+
+def test_ivfpq_defaults_give_kmeans_faiss_minimum_per_list():
+    """Large corpora: the default training sample grows with nlist so that k-means has FAISS's
+    own minimum of training vectors per list (ClusteringParameters.min_points_per_centroid,
+    below which FAISS warns); up to 1.6M vectors it stays 250,000."""
+    faiss = pytest.importorskip("faiss")
+    from dpr_jax.index.faiss_index import FaissIVFPQIndex
+
+    least = faiss.ClusteringParameters().min_points_per_centroid
+    for n, lists, sample in [(1_000_000, 4000, 250_000), (10_000_000, 12_649, 493_311),
+                             (100_000_000, 40_000, 1_560_000)]:  # fmt: skip
+        ix = FaissIVFPQIndex()
+        ix._resolve(n, 384)
+        assert (ix.options["nlist"], ix.options["training_sample_size"]) == (lists, sample)
+        assert sample >= least * lists
+    ix = FaissIVFPQIndex(nlist=20_000)  # an explicit nlist: the sample follows it
+    ix._resolve(10_000_000, 384)
+    assert ix.options["training_sample_size"] == least * 20_000
+    ix = FaissIVFPQIndex(training_sample_size=100_000, nlist=5_000)  # explicit: kept
+    ix._resolve(10_000_000, 384)
+    assert ix.options["training_sample_size"] == 100_000

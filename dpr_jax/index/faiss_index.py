@@ -203,11 +203,12 @@ class FaissIVFPQIndex(FaissIndex):
     """IVF-PQ with an inner-product coarse quantizer, optional fast scan and exact refine.
 
     ``None`` options are resolved at build time: ``nlist`` = round(4 sqrt(n)) (at most n / 39, so
-    that k-means has 39 points per list), ``m`` = the divisor of dim closest to dim / 8 (8 dims
+    that k-means has 39 points per list, FAISS's minimum), ``m`` = the divisor of dim closest to dim / 8 (8 dims
     per sub-quantizer: dim / 8 bytes per vector at 8 bits; FAISS trains 256-centroid codebooks
     of fewer than 8 dims 15-50x more slowly, e.g. 26 s instead of 0.5 s for 20k x 64), ``nbits`` = 8 (4
     with ``fast_scan``), ``nprobe`` = ceil(nlist / 10) (the fraction ScaNN's default searches),
-    ``training_sample_size`` = min(n, 250000).
+    ``training_sample_size`` = min(n, max(250000, 39 nlist)) (from 1.6M vectors on the sample
+    grows with nlist, so that k-means still has 39 training vectors per list: 493,311 at 10M).
 
     Small corpora: k-means cannot train more centroids than it has training vectors (FAISS
     aborts). With ``t`` training vectors the defaults adapt (``nbits`` = min(8, floor(log2 t)),
@@ -242,7 +243,7 @@ class FaissIVFPQIndex(FaissIndex):
         "fast_scan": Opt("bool"),
         "refine": Opt("bool"),
         "k_factor": Opt("float", 1),
-        "training_sample_size": Opt("int", 1, null="min(n, 250000)"),
+        "training_sample_size": Opt("int", 1, null="min(n, max(250000, 39 nlist))"),
         "train_iters": Opt("int", 1),
         "seed": Opt("int", 0),
     }
@@ -252,7 +253,8 @@ class FaissIVFPQIndex(FaissIndex):
     def _resolve(self, n: int, dim: int) -> None:
         o = self.options
         if o["training_sample_size"] is None:
-            o["training_sample_size"] = min(n, 250000)
+            lists = o["nlist"] or max(1, min(round(4 * math.sqrt(n)), n // 39))
+            o["training_sample_size"] = min(n, max(250000, 39 * int(lists)))
         t = min(n, int(o["training_sample_size"]))  # vectors k-means trains on
         least = 16 if o["fast_scan"] else 2
         if t < least:
