@@ -25,6 +25,13 @@ Two modes: ``one``, one question at a time (``dpr-jax ask``'s path: 20 sequences
 question, the median of ``--rounds`` rounds; rounds alternate between the settings so that both
 sides see the same machine load.
 
+Beside each time, the rate of useful arithmetic: the reader's forward FLOPs on the real tokens
+of each sequence (no padding; :func:`dpr_jax.reader.task.reader_forward_flops`, BERT's weight and
+attention matmuls and the heads) over the time, in GFLOP/s; and the machine's own float32 matmul
+rate, measured by both libraries on the shape of the reader's feed-forward layer over one
+question's tokens (``--matmul-rows`` x H @ H x I): how close each side reads to what its matrix
+products can do here, and what a given speed-up over PyTorch would ask of them.
+
     python scripts/bench_read.py --data SQUAD_DPR --questions 16 --rounds 3 --json bench_read.json
 """
 
@@ -56,6 +63,8 @@ def parse_args(argv=None):
     ap.add_argument("--torch-batch", default="20,64", help="torch batch sizes to try")
     ap.add_argument("--torch-threads", default="1,2", help="torch thread counts to try")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--matmul-rows", type=int, default=0,
+                    help="rows of the matmul probe (0: the mean tokens of one question's passages)")  # fmt: skip
     ap.add_argument("--modes", default="one,all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--platform", choices=["cpu", "gpu"], default="cpu",
@@ -92,6 +101,49 @@ def load_questions(data: Path, n: int, k: int, seed: int):
         qs.append(e.question)
         ps.append([own[i] for i in rng.permutation(k)])
     return qs, ps
+
+
+def useful_gflop(bert_cfg, seqs) -> float:
+    """GFLOP a question's reading needs: the reader's forward FLOPs on each sequence's real
+    tokens (no padding), averaged over the questions."""
+    from dpr_jax.reader.task import reader_forward_flops
+
+    total = sum(reader_forward_flops(bert_cfg, 1, len(s)) for row in seqs for s in row)
+    return total / len(seqs) / 1e9
+
+
+def matmul_rates(rows: int, k: int, n: int, threads: list[int], device, rounds: int = 5) -> dict:
+    """GFLOP/s of a float32 (rows x k) @ (k x n) product, best of ``rounds``: XLA's (jit, on
+    JAX's default device) and PyTorch's on ``device`` at each thread count."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((rows, k), np.float32)
+    b = rng.standard_normal((k, n), np.float32)
+    flop = 2.0 * rows * k * n
+    mm = jax.jit(jnp.matmul)
+    ja, jb = jax.device_put(a), jax.device_put(b)
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return flop / min(times) / 1e9
+
+    out = {"XLA": best(lambda: mm(ja, jb).block_until_ready())}
+    ta, tb = torch.from_numpy(a).to(device), torch.from_numpy(b).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for t in threads:
+        torch.set_num_threads(t)
+        with torch.inference_mode():
+            out[f"PyTorch, {t} thread(s)"] = best(lambda: (torch.matmul(ta, tb), sync()))
+    return out
 
 
 def main(argv=None):
@@ -178,25 +230,39 @@ def main(argv=None):
                 times[name, mode].append(1000 * (time.perf_counter() - t) / len(qs))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     ms = {k: statistics.median(v) for k, v in times.items()}
+    gflop = useful_gflop(bert_cfg, seqs)
+    rows = args.matmul_rows or round(np.mean(lengths) * args.passages)
+    threads = [int(x) for x in args.torch_threads.split(",")]
+    rates = matmul_rates(rows, bert_cfg.hidden_size, bert_cfg.intermediate_size, threads, device)
     where = f"{jax.devices()[0].device_kind}, {args.dtype}"
     print(f"\nms per question ({args.passages} passages, median of {args.rounds} rounds; {where}; "
-          f"load average {os.getloadavg()[0]:.1f}):\n")  # fmt: skip
+          f"load average {os.getloadavg()[0]:.1f}), and (in brackets) the useful GFLOP/s: "
+          f"{gflop:.2f} GFLOP a question on its real tokens:\n")  # fmt: skip
     print("| setting | " + " | ".join(f"`{m}`" for m in modes) + " |")
     print("|---|" + "---:|" * len(modes))
     for name in settings:
-        print(f"| {name} | " + " | ".join(f"{ms[name, m]:.0f}" for m in modes) + " |")
+        print(f"| {name} | " + " | ".join(f"{ms[name, m]:.0f} ({gflop / ms[name, m] * 1e3:.0f})"
+                                          for m in modes) + " |")  # fmt: skip
+    print(f"\nfloat32 matmul ({rows} x {bert_cfg.hidden_size} @ {bert_cfg.hidden_size} x "
+          f"{bert_cfg.intermediate_size}, best of 5), GFLOP/s: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))  # fmt: skip
     summary = {}
     for m in modes:
         best_torch = min(v for (n, mm), v in ms.items() if mm == m and n.startswith("torch"))
         ours = ms[f"dpr-jax bucket {args.bucket}", m]
-        summary[m] = {"dpr_jax_ms": ours, "torch_best_ms": best_torch,
-                      "ratio": best_torch / ours}  # fmt: skip
+        torch_rate, our_rate = gflop / best_torch * 1e3, gflop / ours * 1e3
+        summary[m] = {"dpr_jax_ms": ours, "torch_best_ms": best_torch, "ratio": best_torch / ours,
+                      "dpr_jax_gflops": our_rate, "torch_best_gflops": torch_rate}  # fmt: skip
         print(f"\n`{m}`: dpr-jax (bucket {args.bucket}) {ours:.0f} ms vs PyTorch's best "
-              f"{best_torch:.0f} ms: {best_torch / ours:.2f}x")  # fmt: skip
+              f"{best_torch:.0f} ms: {best_torch / ours:.2f}x; dpr-jax reads at {our_rate:.0f} "
+              f"useful GFLOP/s ({our_rate / rates['XLA']:.0%} of XLA's matmul rate here); "
+              f"1.5x PyTorch's best would need {1.5 * torch_rate:.0f} "
+              f"({1.5 * torch_rate / rates['XLA']:.0%} of it)")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({
             "args": vars(args), "ms": {f"{n} / {m}": v for (n, m), v in ms.items()},
             "rounds": {f"{n} / {m}": v for (n, m), v in times.items()}, "summary": summary,
+            "gflop_per_question": gflop, "matmul_gflops": rates,
         }, indent=1))  # fmt: skip
 
 

@@ -307,13 +307,21 @@ def towers(config: ReaderTrainConfig, bert: BertConfig) -> list:
     return [(bert, config.batch_size * config.passages_per_question, config.max_length)]
 
 
+def reader_forward_flops(bert: BertConfig, sequences: int, tokens: int) -> float:
+    """Forward FLOPs of the reader on ``sequences`` x ``tokens``: BERT's
+    (:func:`bert_forward_flops`), the span head (2 x 2H a token) and the relevance head (2H a
+    sequence)."""
+    fwd = bert_forward_flops(bert, sequences, tokens)
+    return (
+        fwd + 2.0 * sequences * tokens * 2 * bert.hidden_size + 2.0 * sequences * bert.hidden_size
+    )
+
+
 def model_flops(config: ReaderTrainConfig, bert: BertConfig) -> float:
-    """Model FLOPs of one step over the global batch: 3 x [BERT forward of B*M sequences x
-    max_length + the span head (2 x 2H a token) + the relevance head]."""
+    """Model FLOPs of one step over the global batch: 3 x the reader's forward FLOPs of B*M
+    sequences x max_length."""
     seqs, t = config.batch_size * config.passages_per_question, config.max_length
-    fwd = bert_forward_flops(bert, seqs, t)
-    fwd += 2.0 * seqs * t * 2 * bert.hidden_size + 2.0 * seqs * bert.hidden_size
-    return 3.0 * fwd
+    return 3.0 * reader_forward_flops(bert, seqs, t)
 
 
 class ReaderTask:
