@@ -85,6 +85,7 @@ import platform
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 
@@ -698,6 +699,7 @@ class Bench:
 # Pareto points that bracket the target. The pure arithmetic is in the functions below (tested by
 # hand in tests/test_bench_tuned.py); :class:`EqualRecall` runs the libraries.
 
+TRUTH_KEYS = ("data", "n", "dim", "num_queries", "tune_queries", "seed", "memmap")  # name a truth
 BUILD_RECORD = ".build.json"  # <index dir>.build.json, beside an index kept by --reuse-indexes
 
 RULE = (
@@ -971,7 +973,6 @@ class EqualRecall:
         self.t_start = time.time()
         self.groups, self.methods = {}, {}
         self.data_key = None  # names the corpus when it is a reusable --data-dir memmap
-        self.resumed_from = None  # the earlier results.json --resume took measured groups from
         self.results = {"config": {}, "rule": RULE, "builds": {}, "methods": {}, "headline": {}}
 
     def log(self, msg):
@@ -980,8 +981,10 @@ class EqualRecall:
     def save(self):
         self.results["config"]["elapsed_s"] = round(time.time() - self.t_start, 1)
         self.results["config"]["loadavg_end"] = os.getloadavg()
-        (self.out / "results.json").write_text(json.dumps(self.results, indent=1,
-                                                          default=_json_default))  # fmt: skip
+        text = json.dumps(self.results, indent=1, default=_json_default)
+        tmp = self.out / "results.json.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, self.out / "results.json")  # a kill mid-write leaves the last one whole
 
     # data ------------------------------------------------------------------------------------
 
@@ -996,10 +999,19 @@ class EqualRecall:
         path = None if where is None else where.with_name(where.name + ".truth.npz")
         if path is None and self.args.sequential:  # small; kept in --out for --resume
             path = self.out / "truth.npz"
-            if not self.resumed_from:
-                path.unlink(missing_ok=True)  # another run's, of other data perhaps
+        cfg = self.results["config"]
+        mark = json.dumps({"k": kmax, **{key: cfg.get(key) for key in TRUTH_KEYS}}, default=str)
+        kept = None
         if path is not None and path.exists():
-            kept = np.load(path)
+            try:
+                kept = dict(np.load(path))
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # e.g. cut short
+                self.log(f"{path}: unreadable ({e}); computing the exact neighbours again")
+            # a --reuse-indexes file from before the mark was written is named by its key alone
+            if kept is not None and str(kept.get("mark", mark)) != mark:
+                self.log(f"{path}: the exact neighbours of other data or queries; computed again")
+                kept = None
+        if kept is not None:
             rows, self.tune_rows = kept["rows"], kept["tune_rows"]
             self.results["exact"] = json.loads(str(kept["record"]))
             self.log(f"exact neighbours reused from {path}")
@@ -1014,8 +1026,11 @@ class EqualRecall:
                      f"queries ({len(self.queries) / sec:.1f} q/s)")  # fmt: skip
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                np.savez(path, rows=rows, tune_rows=self.tune_rows,
-                         record=json.dumps(self.results["exact"]))  # fmt: skip
+                tmp = path.with_name(path.name + ".tmp")
+                with open(tmp, "wb") as f:
+                    np.savez(f, rows=rows, tune_rows=self.tune_rows, mark=mark,
+                             record=json.dumps(self.results["exact"]))  # fmt: skip
+                os.replace(tmp, path)
         self.true_ids = self.ids[rows]
 
     def rows_to_ids(self, rows):
@@ -1402,8 +1417,10 @@ class EqualRecall:
                  f"average {cfg['loadavg_start'][0]:.1f} at start, "
                  f"{cfg['loadavg_end'][0]:.1f} at end.")  # fmt: skip
         for group, r in self.results.get("resumed", {}).items():
-            L.append(f"{group}: measured by an earlier run into this --out on the same CPU "
-                     f"model (finished {r['finished']}; load average "
+            cpu = ("(its CPU model not recorded)" if "cpu_model" in
+                   self.results.get("resume_assumed", []) else "on the same CPU model")  # fmt: skip
+            L.append(f"{group}: measured by an earlier run into this --out {cpu} "
+                     f"(finished {r['finished']}; load average "
                      f"{(r['earlier_loadavg_start'] or [math.nan])[0]:.1f} at its start), kept "
                      "by --resume.")  # fmt: skip
         L += ["", f"**Rule.** {RULE}. Spread: min / median / max over the rounds (each round's "
@@ -1562,8 +1579,10 @@ class EqualRecall:
     def strip_private(self):
         for res in self.results["methods"].values():
             for pts in res["curves"].values():
-                for p in pts:
-                    p.pop("_pq", None)
+                for p in pts:  # kept as one line of text: --resume reads it back
+                    pq = p.pop("_pq", None)
+                    if pq is not None:
+                        p["per_query_recall"] = " ".join(f"{x:.6g}" for x in pq)
             for ats in res.get("at", {}).values():
                 for a in ats.values():
                     a.pop("_boot", None)
@@ -1599,7 +1618,7 @@ class EqualRecall:
                 if build_only:
                     self.free(group)
                     continue
-                names = [group + self.TUNE]
+                names = self.method_names(group)
                 self.project_tuner(names[0], group, ix)
             elif group == self.AUTOPILOT:
                 searcher, config = self.build_autopilot()
@@ -1607,7 +1626,7 @@ class EqualRecall:
                     self.free(group)
                     continue
                 self.autopilot_method(searcher, config)
-                names = [self.AUTOPILOT]
+                names = self.method_names(group)
             else:
                 backend, opts = (("faiss-ivfpq", {"refine": True}) if group == self.IVFPQ
                                  else ("faiss-hnsw", {"M": 32, "ef_construction": 40}))  # fmt: skip
@@ -1656,16 +1675,16 @@ class EqualRecall:
         return names
 
     RESUME_KEYS = ("data", "n", "dim", "num_queries", "tune_queries", "ks", "targets", "threads",
-                   "build_threads", "repeats", "bootstrap", "seed", "memmap", "versions")  # fmt: skip
+                   "build_threads", "repeats", "bootstrap", "seed", "sequential", "memmap",
+                   "versions", "scann_options", "ps_experiments")  # fmt: skip
 
     def resume(self, plan) -> set:
         """``--resume``: the groups of ``plan`` that the earlier run into ``--out`` measured in
         full (build, every method this run would measure, held-out recall and every timing
-        round), copied into this run's results and not measured again. The earlier run must
-        match this one in data, queries and settings (:attr:`RESUME_KEYS`) and CPU model: its
-        q/s are set beside this run's. Raises :class:`ResumeError` when it does not."""
-        import numpy as np
-
+        round; a finished run or one stopped later), copied into this run's results and not
+        measured again. The earlier run must match this one in data, queries and settings
+        (:attr:`RESUME_KEYS`) and CPU model: its q/s are set beside this run's. Raises
+        :class:`ResumeError` when it does not."""
         path = self.out / "results.json"
         if not path.exists():
             self.log(f"--resume: no {path} yet, measuring every index")
@@ -1676,47 +1695,78 @@ class EqualRecall:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ResumeError(f"{path}: not a results.json of bench_ann --mode equal ({e})") from e
         new = self.results["config"]
-        for key in self.RESUME_KEYS:
-            if json.dumps(cfg.get(key)) != json.dumps(new.get(key), default=str):
+        for key in (*self.RESUME_KEYS, "cpu_model"):
+            if key not in cfg and key in self.LATER_KEYS:  # a bench before --resume wrote none
+                self.log(f"--resume: {path} does not record its {key}; taken to be this run's")
+                self.results.setdefault("resume_assumed", []).append(key)
+                continue
+            if json.dumps(cfg.get(key), default=str) != json.dumps(new.get(key), default=str):
                 raise ResumeError(f"{path}: cannot resume: the earlier run's {key} is "
                                   f"{cfg.get(key)!r}, this run's {new.get(key)!r}")  # fmt: skip
-        if cfg.get("cpu_model") != new.get("cpu_model"):
-            if cfg.get("cpu_model") is not None:
-                raise ResumeError(f"{path}: cannot resume: it was measured on "
-                                  f"{cfg['cpu_model']!r}, this is {new.get('cpu_model')!r}")  # fmt: skip
-            self.log(f"--resume: {path} does not name its CPU model; taken to be this one")
         done = set()
         for group in plan:
             names = self.method_names(group)
-            got = [methods.get(n) for n in names]
-            if group not in old.get("builds", {}) or not all(
-                m and m.get("group") == group and m.get("curves") and
-                all("qps" in p and "_pq" in p for pts in m["curves"].values() for p in pts)
-                for m in got
-            ):  # fmt: skip
+            why = self._not_kept(old, group, names)
+            if why:
+                self.log(f"--resume: {group} not kept ({why}): measured again")
                 continue
-            for name, m in zip(names, got):
-                for pts in m["curves"].values():
+            for name in names:
+                for pts in methods[name]["curves"].values():
                     for p in pts:
-                        pq = p["_pq"]
-                        if isinstance(pq, str):  # written by a bench before arrays were lists
-                            pq = pq.replace("[", " ").replace("]", " ").split()
-                        p["_pq"] = np.asarray(pq, np.float64)
-                        if p["_pq"].shape != (len(self.queries),):
-                            raise ResumeError(f"{path}: {name}: a point's per-query recall has "
-                                              f"{p['_pq'].size} values, not {len(self.queries)}")  # fmt: skip
-                self.results["methods"][name] = m
+                        p["_pq"] = self._per_query(p, path, name)
+                self.results["methods"][name] = methods[name]
             self.results["builds"][group] = old["builds"][group]
-            when = old.get("measured", {}).get(group, {}).get("finished", "?")
-            self.results.setdefault("resumed", {})[group] = {
-                "from": str(path), "finished": when, "methods": names,
-                "earlier_loadavg_start": cfg.get("loadavg_start")}  # fmt: skip
-            self.log(f"--resume: {group} measured by the earlier run (finished {when}), kept")
+            first = old.get("resumed", {}).get(group)  # kept by an earlier --resume: its origin
+            if first is None:
+                when = old.get("measured", {}).get(group, {}).get("finished")
+                if when is None:  # a bench before --resume: the file's last writing bounds it
+                    mtime = time.localtime(path.stat().st_mtime)
+                    when = "by " + time.strftime("%Y-%m-%d %H:%M:%S", mtime)
+                first = {"from": str(path), "finished": when, "methods": names,
+                         "earlier_loadavg_start": cfg.get("loadavg_start")}  # fmt: skip
+            self.results.setdefault("resumed", {})[group] = first
+            self.log(f"--resume: {group} measured by an earlier run (finished "
+                     f"{first['finished']}), kept")  # fmt: skip
             done.add(group)
-        self.resumed_from = str(path) if done else None
-        if done and "exact" in old:
-            self.results["exact"] = old["exact"]
         return done
+
+    LATER_KEYS = ("scann_options", "ps_experiments", "cpu_model")  # config keys added with --resume
+
+    @staticmethod
+    def _not_kept(old: dict, group: str, names: list[str]) -> str:
+        """Why ``group`` of the earlier results cannot be kept ("" when it can)."""
+        if group not in old.get("builds", {}):
+            return "not built"
+        for name in names:
+            m = old["methods"].get(name)
+            if not m or m.get("group") != group or not m.get("curves"):
+                return f"{name} not measured"
+            pts = [p for c in m["curves"].values() for p in c]
+            if not all("qps" in p for p in pts):
+                return f"{name}'s timing unfinished"
+            if not all("_pq" in p or "per_query_recall" in p for p in pts):
+                return f"{name}'s per-query recall not kept"
+        return ""
+
+    def _per_query(self, p: dict, path, name: str):
+        """A point's per-query recall as kept in results.json: a list (a run stopped midway),
+        a space-separated text (a finished run), or numpy's text of an array (a bench before
+        --resume); one line naming the file when it is not that."""
+        import numpy as np
+
+        pq = p.pop("per_query_recall", None) if "_pq" not in p else p["_pq"]
+        if isinstance(pq, str):
+            pq = pq.replace("[", " ").replace("]", " ").split()
+        try:
+            pq = np.asarray(pq, np.float64)
+        except (TypeError, ValueError) as e:
+            raise ResumeError(
+                f"{path}: {name}: a point's per-query recall is unreadable ({e})"
+            ) from e
+        if pq.shape != (len(self.queries),):
+            raise ResumeError(f"{path}: {name}: a point's per-query recall has {pq.size} values, "
+                              f"not {len(self.queries)}")  # fmt: skip
+        return pq
 
     def free(self, group):
         for name in [n for n, m in self.methods.items() if m["group"] == group]:
@@ -1835,10 +1885,13 @@ def equal_mode(args, ids, emb, queries, tune_queries, data: str) -> int:
         "tune_queries": len(tune_queries), "ks": bench.ks, "targets": bench.targets,
         "threads": args.threads, "build_threads": args.build_threads, "repeats": args.repeats,
         "bootstrap": args.bootstrap, "seed": args.seed, "sequential": args.sequential,
-        "cpu": f"{os.cpu_count()} CPU(s) {cpu_model()}", "cpu_model": cpu_model(),
-        "versions": _versions(np), "loadavg_start": os.getloadavg(),
-        "memmap": isinstance(emb, np.memmap), "command": "python " + " ".join(sys.argv),
+        "cpu_model": cpu_model(), "versions": _versions(np), "loadavg_start": os.getloadavg(),
+        "memmap": isinstance(emb, np.memmap), "scann_options": json.loads(args.scann_options),
+        "ps_experiments": args.ps_experiments, "command": "python " + " ".join(sys.argv),
     }  # fmt: skip
+    bench.results["config"]["cpu"] = (
+        f"{os.cpu_count()} CPU(s) {bench.results['config']['cpu_model']}"
+    )
     try:
         bench.run()
     except ResumeError as e:
@@ -1977,10 +2030,12 @@ class AccelRecall(EqualRecall):
         import faiss
         import numpy as np
 
+        from dpr_jax.index.faiss_index import default_nlist, default_training_sample
+
         res = faiss.StandardGpuResources() if self.acc["faiss_gpus"] else None
         emb = np.ascontiguousarray(self.emb, np.float32)
         n, d = emb.shape
-        nlist = int(max(1, min(round(4 * math.sqrt(n)), n // 39)))
+        nlist = default_nlist(n)
         m = next(m for m in (d // 8, 48, 32, 16, 8, 4, 2, 1) if m and d % m == 0)
 
         def to_dev(index):
@@ -2028,7 +2083,8 @@ class AccelRecall(EqualRecall):
 
             def make(key=key):
                 ix = faiss.index_factory(d, key, faiss.METRIC_INNER_PRODUCT)
-                ix.train(emb[np.random.default_rng(0).choice(n, min(n, 250000), replace=False)])
+                sample = default_training_sample(n, nlist)
+                ix.train(emb[np.random.default_rng(0).choice(n, sample, replace=False)])
                 ix.add(emb)
                 return to_dev(ix)
 
@@ -2088,7 +2144,7 @@ def accel_mode(args, ids, emb, queries, data: str, acc: dict) -> int:
         "tune_queries": 0, "ks": bench.ks, "targets": bench.targets, "threads": args.threads,
         "build_threads": args.build_threads, "repeats": args.repeats,
         "bootstrap": args.bootstrap, "seed": args.seed, "accelerator": acc["why"],
-        "cpu": f"{os.cpu_count()} CPU(s) {platform.processor() or platform.machine()}",
+        "cpu": f"{os.cpu_count()} CPU(s) {cpu_model()}",
         "versions": _versions(np), "loadavg_start": os.getloadavg(),
         "command": "python " + " ".join(sys.argv),
     }  # fmt: skip
@@ -2249,7 +2305,7 @@ def main(argv=None) -> int:
         "data": data, "n": len(emb), "dim": emb.shape[1], "num_queries": len(queries),
         "k": args.k, "threads": args.threads, "build_threads": args.build_threads,
         "repeats": args.repeats, "seed": args.seed, "cpu": f"{os.cpu_count()} CPU(s) "
-        f"{platform.processor() or platform.machine()}", "versions": versions,
+        f"{cpu_model()}", "versions": versions,
         "loadavg_start": os.getloadavg(), "command": "python " + " ".join(sys.argv),
     }  # fmt: skip
     skip = set(filter(None, args.skip.split(",")))

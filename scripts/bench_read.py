@@ -28,7 +28,7 @@ sides see the same machine load.
 Beside each time, the rate of useful arithmetic: the reader's forward FLOPs on the real tokens
 of each sequence (no padding; :func:`dpr_jax.reader.task.reader_forward_flops`, BERT's weight and
 attention matmuls and the heads) over the time, in GFLOP/s; and the machine's own float32 matmul
-rate, measured by both libraries on the shape of the reader's feed-forward layer over one
+rate (in ``--dtype``), measured by both libraries on the shape of the reader's feed-forward layer over one
 question's tokens (``--matmul-rows`` x H @ H x I): how close each side reads to what its matrix
 products can do here, and what a given speed-up over PyTorch would ask of them.
 
@@ -112,9 +112,12 @@ def useful_gflop(bert_cfg, seqs) -> float:
     return total / len(seqs) / 1e9
 
 
-def matmul_rates(rows: int, k: int, n: int, threads: list[int], device, rounds: int = 5) -> dict:
-    """GFLOP/s of a float32 (rows x k) @ (k x n) product, best of ``rounds``: XLA's (jit, on
-    JAX's default device) and PyTorch's on ``device`` at each thread count."""
+def matmul_rates(rows: int, k: int, n: int, threads: list[int], device, dtype: str = "float32",
+                 rounds: int = 5) -> dict:  # fmt: skip
+    """GFLOP/s of a (rows x k) @ (k x n) product in ``dtype``, best of ``rounds``: XLA's (jit, on
+    JAX's default device) and PyTorch's on ``device`` at each thread count, each at the default
+    precision its reader runs with (on NVIDIA GPUs XLA's float32 products are TF32, PyTorch's
+    are not)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -125,7 +128,7 @@ def matmul_rates(rows: int, k: int, n: int, threads: list[int], device, rounds: 
     b = rng.standard_normal((k, n), np.float32)
     flop = 2.0 * rows * k * n
     mm = jax.jit(jnp.matmul)
-    ja, jb = jax.device_put(a), jax.device_put(b)
+    ja, jb = jax.device_put(a.astype(dtype)), jax.device_put(b.astype(dtype))
 
     def best(fn):
         fn()
@@ -137,7 +140,8 @@ def matmul_rates(rows: int, k: int, n: int, threads: list[int], device, rounds: 
         return flop / min(times) / 1e9
 
     out = {"XLA": best(lambda: mm(ja, jb).block_until_ready())}
-    ta, tb = torch.from_numpy(a).to(device), torch.from_numpy(b).to(device)
+    tdt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    ta, tb = (torch.from_numpy(x).to(device, dtype=tdt) for x in (a, b))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for t in threads:
         torch.set_num_threads(t)
@@ -233,7 +237,8 @@ def main(argv=None):
     gflop = useful_gflop(bert_cfg, seqs)
     rows = args.matmul_rows or round(np.mean(lengths) * args.passages)
     threads = [int(x) for x in args.torch_threads.split(",")]
-    rates = matmul_rates(rows, bert_cfg.hidden_size, bert_cfg.intermediate_size, threads, device)
+    rates = matmul_rates(rows, bert_cfg.hidden_size, bert_cfg.intermediate_size, threads, device,
+                         args.dtype)  # fmt: skip
     where = f"{jax.devices()[0].device_kind}, {args.dtype}"
     print(f"\nms per question ({args.passages} passages, median of {args.rounds} rounds; {where}; "
           f"load average {os.getloadavg()[0]:.1f}), and (in brackets) the useful GFLOP/s: "
@@ -243,7 +248,7 @@ def main(argv=None):
     for name in settings:
         print(f"| {name} | " + " | ".join(f"{ms[name, m]:.0f} ({gflop / ms[name, m] * 1e3:.0f})"
                                           for m in modes) + " |")  # fmt: skip
-    print(f"\nfloat32 matmul ({rows} x {bert_cfg.hidden_size} @ {bert_cfg.hidden_size} x "
+    print(f"\n{args.dtype} matmul ({rows} x {bert_cfg.hidden_size} @ {bert_cfg.hidden_size} x "
           f"{bert_cfg.intermediate_size}, best of 5), GFLOP/s: "
           + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))  # fmt: skip
     summary = {}

@@ -266,6 +266,31 @@ def test_sequential_mode_frees_each_index_before_the_next(bench, tmp_path, monke
     assert all(p["recall"] > 0 for m in res["methods"].values() for p in m["curves"]["10"])
 
 
+def tiny_sequential_argv(out, skip: str) -> list[str]:
+    return ["--mode", "equal", "--n", "3000", "--dim", "16", "--num-queries", "40",
+            "--tune-queries", "40", "--targets", "0.9", "--ks", "10", "--repeats", "2",
+            "--bootstrap", "20", "--build-threads", "1", "--sequential", "--out", str(out),
+            "--skip", skip]  # fmt: skip
+
+
+def spy_builds_and_truth(bench, monkeypatch):
+    """Lists that record each index built and each exact top-k computed from here on."""
+    built, exact_calls = [], []
+    real_build, real_exact = bench.EqualRecall.build_project, bench.exact_topk_chunked
+
+    def build_project(self, name, backend, **options):
+        built.append(name)
+        return real_build(self, name, backend, **options)
+
+    def exact(*a, **kw):
+        exact_calls.append(1)
+        return real_exact(*a, **kw)
+
+    monkeypatch.setattr(bench.EqualRecall, "build_project", build_project)
+    monkeypatch.setattr(bench, "exact_topk_chunked", exact)
+    return built, exact_calls
+
+
 def test_resume_keeps_measured_indexes(bench, tmp_path, monkeypatch, capsys):
     """--resume after a run killed while its second index was being tuned: the first index is
     neither rebuilt nor re-measured (its curves are the killed run's), the exact neighbours are
@@ -274,10 +299,7 @@ def test_resume_keeps_measured_indexes(bench, tmp_path, monkeypatch, capsys):
     pytest.importorskip("faiss")
     monkeypatch.setattr(bench, "set_thread_env", lambda threads: None)
     out = tmp_path / "res"
-    argv = ["--mode", "equal", "--n", "3000", "--dim", "16", "--num-queries", "40",
-            "--tune-queries", "40", "--targets", "0.9", "--ks", "10", "--repeats", "2",
-            "--skip", "hnsw,autopilot,paramspace-noht", "--bootstrap", "20",
-            "--build-threads", "1", "--sequential", "--out", str(out)]  # fmt: skip
+    argv = tiny_sequential_argv(out, "hnsw,autopilot,paramspace-noht")
     scann, ivf = "ScaNN tree-AH", "FAISS IVF-PQ + refine"
     real_tuner = bench.EqualRecall.project_tuner
 
@@ -292,19 +314,7 @@ def test_resume_keeps_measured_indexes(bench, tmp_path, monkeypatch, capsys):
             bench.main(argv)
     killed = (out / "results.json").read_text()
     assert set(json.loads(killed)["methods"]) == {scann + " + dpr_jax tune"}
-    built, exact_calls = [], []
-    real_build, real_exact = bench.EqualRecall.build_project, bench.exact_topk_chunked
-
-    def build_project(self, name, backend, **options):
-        built.append(name)
-        return real_build(self, name, backend, **options)
-
-    def exact(*a, **kw):
-        exact_calls.append(1)
-        return real_exact(*a, **kw)
-
-    monkeypatch.setattr(bench.EqualRecall, "build_project", build_project)
-    monkeypatch.setattr(bench, "exact_topk_chunked", exact)
+    built, exact_calls = spy_builds_and_truth(bench, monkeypatch)
     # a bench before --resume wrote per-query recalls as numpy's text, and no picks, CPU model
     # or finishing time: read as well
     old_style = json.loads(killed)
@@ -324,7 +334,9 @@ def test_resume_keeps_measured_indexes(bench, tmp_path, monkeypatch, capsys):
         got = res["methods"][scann + " + dpr_jax tune"]["curves"]["10"]
         assert [(p["params"], p["recall"], p["qps"]) for p in got] == [
             (p["params"], p["recall"], p["qps"]) for p in kept]  # fmt: skip
-        assert all("_pq" not in p for p in got)  # a finished run keeps no per-query recall
+        for p in got:  # a finished run keeps each point's per-query recall as one line of text
+            pq = np.array(p["per_query_recall"].split(), float)
+            assert "_pq" not in p and pq.shape == (40,) and pq.mean() == pytest.approx(p["recall"])
         for name in (ivf + " + dpr_jax tune", ivf + " + ParameterSpace"):
             pts = res["methods"][name]["curves"]["10"]
             assert pts and all(len(p["qps_rounds"]) == 2 for p in pts if p["timed"])
@@ -345,9 +357,37 @@ def test_resume_keeps_measured_indexes(bench, tmp_path, monkeypatch, capsys):
     other_cpu["config"]["cpu_model"] = "Another CPU"
     (out / "results.json").write_text(json.dumps(other_cpu))
     assert bench.main(argv + ["--resume"]) == 2
-    assert "cannot resume: it was measured on 'Another CPU'" in capsys.readouterr().err
+    assert "cannot resume: the earlier run's cpu_model is 'Another CPU'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.parse_args(["--mode", "equal", "--resume"])  # needs --sequential
+
+
+def test_resume_a_finished_run_with_another_index(bench, tmp_path, monkeypatch):
+    """--resume after a finished run (ScaNN alone) with IVF-PQ added: ScaNN kept, IVF-PQ built
+    and measured, the headline ratio made; a kept truth.npz of other queries is not used."""
+    pytest.importorskip("scann")
+    pytest.importorskip("faiss")
+    monkeypatch.setattr(bench, "set_thread_env", lambda threads: None)
+    out = tmp_path / "fin"
+    assert bench.main(tiny_sequential_argv(out, "hnsw,autopilot,ivfpq")) == 0
+    first = json.loads((out / "results.json").read_text())
+    kept = dict(np.load(out / "truth.npz"))
+    with open(out / "truth.npz", "wb") as f:  # as if another run's queries had been kept there
+        np.savez(f, rows=kept["rows"][::-1], tune_rows=kept["tune_rows"], record=kept["record"],
+                 mark=str(kept["mark"]).replace('"num_queries": 40', '"num_queries": 41'))  # fmt: skip
+    built, exact_calls = spy_builds_and_truth(bench, monkeypatch)
+    argv = tiny_sequential_argv(out, "hnsw,autopilot,paramspace,paramspace-noht")
+    assert bench.main(argv + ["--resume"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert built == ["FAISS IVF-PQ + refine"] and len(exact_calls) == 2  # truth computed again
+    name = "ScaNN tree-AH + dpr_jax tune"
+    assert [p["qps"] for p in res["methods"][name]["curves"]["10"]] == [
+        p["qps"] for p in first["methods"][name]["curves"]["10"]]  # fmt: skip
+    assert set(res["methods"]) == {name, "FAISS IVF-PQ + refine + dpr_jax tune"}
+    assert set(res["methods"]["FAISS IVF-PQ + refine + dpr_jax tune"]["at"]["10"]) == {"0.90"}
+    assert "best FAISS" in res["headline"]["10"]["0.90"]
+    again = np.load(out / "truth.npz")
+    assert np.array_equal(again["rows"], kept["rows"]) and str(again["mark"]) == str(kept["mark"])
 
 
 def test_peak_memory_sees_an_allocation(bench):

@@ -192,6 +192,18 @@ class FaissHNSWIndex(FaissIndex):
         return import_faiss().downcast_index(self.index.storage)
 
 
+def default_nlist(n: int) -> int:
+    """IVF lists for ``n`` vectors: round(4 sqrt(n)), at most n / 39 (k-means's 39 points a
+    list, FAISS's minimum)."""
+    return int(max(1, min(round(4 * math.sqrt(n)), n // 39)))
+
+
+def default_training_sample(n: int, nlist: int) -> int:
+    """Vectors k-means trains ``nlist`` lists on: 250,000, or 39 a list where that is more
+    (past 1.6M vectors at the default nlist), at most ``n``."""
+    return min(n, max(250000, 39 * int(nlist)))
+
+
 def _default_m(dim: int, dims_per_subquantizer: int) -> int:
     """The number of sub-quantizers closest to dim / dims_per_subquantizer that divides dim."""
     target = max(1, dim // dims_per_subquantizer)
@@ -253,8 +265,7 @@ class FaissIVFPQIndex(FaissIndex):
     def _resolve(self, n: int, dim: int) -> None:
         o = self.options
         if o["training_sample_size"] is None:
-            lists = o["nlist"] or max(1, min(round(4 * math.sqrt(n)), n // 39))
-            o["training_sample_size"] = min(n, max(250000, 39 * int(lists)))
+            o["training_sample_size"] = default_training_sample(n, o["nlist"] or default_nlist(n))
         t = min(n, int(o["training_sample_size"]))  # vectors k-means trains on
         least = 16 if o["fast_scan"] else 2
         if t < least:
@@ -264,7 +275,7 @@ class FaissIVFPQIndex(FaissIndex):
                 "faiss-flat or exact backend for a corpus this small"
             )
         if o["nlist"] is None:
-            o["nlist"] = int(max(1, min(round(4 * math.sqrt(n)), n // 39, t)))
+            o["nlist"] = min(default_nlist(n), t)
         if int(o["nlist"]) > t:
             raise UserError(
                 f"faiss-ivfpq: option nlist={o['nlist']} needs at least {o['nlist']} training "
