@@ -981,10 +981,11 @@ class EqualRecall:
     def save(self):
         self.results["config"]["elapsed_s"] = round(time.time() - self.t_start, 1)
         self.results["config"]["loadavg_end"] = os.getloadavg()
-        text = json.dumps(self.results, indent=1, default=_json_default)
-        tmp = self.out / "results.json.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, self.out / "results.json")  # a kill mid-write leaves the last one whole
+        from dpr_jax.io import atomic_write_text
+
+        # atomic: a kill mid-write leaves the last one whole
+        atomic_write_text(self.out / "results.json",
+                          json.dumps(self.results, indent=1, default=_json_default))  # fmt: skip
 
     # data ------------------------------------------------------------------------------------
 
@@ -1025,12 +1026,15 @@ class EqualRecall:
             self.log(f"exact top-{kmax} of {len(self.queries)} + {len(self.tune_queries)} "
                      f"queries ({len(self.queries) / sec:.1f} q/s)")  # fmt: skip
             if path is not None:
+                import io
+
+                from dpr_jax.io import atomic_write_bytes
+
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".tmp")
-                with open(tmp, "wb") as f:
-                    np.savez(f, rows=rows, tune_rows=self.tune_rows, mark=mark,
-                             record=json.dumps(self.results["exact"]))  # fmt: skip
-                os.replace(tmp, path)
+                buf = io.BytesIO()
+                np.savez(buf, rows=rows, tune_rows=self.tune_rows, mark=mark,
+                         record=json.dumps(self.results["exact"]))  # fmt: skip
+                atomic_write_bytes(path, buf.getvalue())
         self.true_ids = self.ids[rows]
 
     def rows_to_ids(self, rows):
