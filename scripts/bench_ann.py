@@ -118,7 +118,8 @@ def parse_args(argv=None):
     ap.add_argument(
         "--scann-options",
         default="{}",
-        help="JSON of ScaNN build options (--mode tuned), e.g. '{\"soar_lambda\": 1.5}'",
+        help="JSON of ScaNN build options (--mode tuned: a second ScaNN build; --mode equal: "
+        "over the ScaNN group's defaults), e.g. '{\"soar_lambda\": 1.5}'",
     )
     ap.add_argument("--ks", default="10",
                     help="recall@k values, comma list (--mode equal / accel), e.g. 10,100")  # fmt: skip
@@ -1420,6 +1421,9 @@ class EqualRecall:
                  f"threads; {cfg['repeats']} round-robin timing rounds; {cfg['cpu']}; load "
                  f"average {cfg['loadavg_start'][0]:.1f} at start, "
                  f"{cfg['loadavg_end'][0]:.1f} at end.")  # fmt: skip
+        if cfg.get("scann_options"):
+            L.append(f"{self.SCANN} built with `--scann-options "
+                     f"'{json.dumps(cfg['scann_options'])}'` over its defaults.")  # fmt: skip
         for group, r in self.results.get("resumed", {}).items():
             cpu = ("(its CPU model not recorded)" if "cpu_model" in
                    self.results.get("resume_assumed", []) else "on the same CPU model")  # fmt: skip
@@ -1687,7 +1691,8 @@ class EqualRecall:
         full (build, every method this run would measure, held-out recall and every timing
         round; a finished run or one stopped later), copied into this run's results and not
         measured again. The earlier run must match this one in data, queries and settings
-        (:attr:`RESUME_KEYS`) and CPU model: its q/s are set beside this run's. Raises
+        (:attr:`RESUME_KEYS`) and CPU model: its q/s are set beside this run's; a setting of
+        some indexes only (:attr:`GROUP_KEYS`) measures those again. Raises
         :class:`ResumeError` when it does not."""
         path = self.out / "results.json"
         if not path.exists():
@@ -1698,19 +1703,28 @@ class EqualRecall:
             cfg, methods = old["config"], old["methods"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ResumeError(f"{path}: not a results.json of bench_ann --mode equal ({e})") from e
-        new = self.results["config"]
+        new, stale = self.results["config"], {}
         for key in (*self.RESUME_KEYS, "cpu_model"):
+            if key not in cfg and key in self.GROUP_KEYS and new.get(key):
+                # not recorded, and this run's is not the default: those indexes measured again
+                for group in self.GROUP_KEYS[key]:
+                    stale.setdefault(group, f"the earlier run did not record its {key}")
+                continue
             if key not in cfg and key in self.LATER_KEYS:  # a bench before --resume wrote none
                 self.log(f"--resume: {path} does not record its {key}; taken to be this run's")
                 self.results.setdefault("resume_assumed", []).append(key)
                 continue
             if json.dumps(cfg.get(key), default=str) != json.dumps(new.get(key), default=str):
+                if key in self.GROUP_KEYS:  # a setting of some indexes only: those measured again
+                    for group in self.GROUP_KEYS[key]:
+                        stale.setdefault(group, f"the earlier run's {key} was {cfg.get(key)!r}")
+                    continue
                 raise ResumeError(f"{path}: cannot resume: the earlier run's {key} is "
                                   f"{cfg.get(key)!r}, this run's {new.get(key)!r}")  # fmt: skip
         done = set()
         for group in plan:
             names = self.method_names(group)
-            why = self._not_kept(old, group, names)
+            why = stale.get(group) or self._not_kept(old, group, names)
             if why:
                 self.log(f"--resume: {group} not kept ({why}): measured again")
                 continue
@@ -1735,6 +1749,9 @@ class EqualRecall:
         return done
 
     LATER_KEYS = ("scann_options", "ps_experiments", "cpu_model")  # config keys added with --resume
+    # settings that shape some indexes only: a change measures those again and keeps the rest
+    # (e.g. ScaNN at another num_leaves beside the FAISS indexes already measured)
+    GROUP_KEYS = {"scann_options": (SCANN,), "ps_experiments": (IVFPQ, HNSW)}
 
     @staticmethod
     def _not_kept(old: dict, group: str, names: list[str]) -> str:

@@ -388,6 +388,25 @@ def test_resume_a_finished_run_with_another_index(bench, tmp_path, monkeypatch):
     assert "best FAISS" in res["headline"]["10"]["0.90"]
     again = np.load(out / "truth.npz")
     assert np.array_equal(again["rows"], kept["rows"]) and str(again["mark"]) == str(kept["mark"])
+    # ScaNN at another num_leaves: ScaNN alone built and measured again, IVF-PQ kept
+    built.clear()
+    done = json.loads((out / "results.json").read_text())
+    leaves = ["--scann-options", '{"num_leaves": 30}']
+    assert bench.main(argv + leaves + ["--resume"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert built == ["ScaNN tree-AH"] and set(res["resumed"]) == {"FAISS IVF-PQ + refine"}
+    assert res["builds"]["ScaNN tree-AH"]["options"]["num_leaves"] == 30
+    assert done["builds"]["ScaNN tree-AH"]["options"]["num_leaves"] == 55  # sqrt(3000)
+    ivf = "FAISS IVF-PQ + refine + dpr_jax tune"
+    assert [p["qps"] for p in res["methods"][ivf]["curves"]["10"]] == [
+        p["qps"] for p in done["methods"][ivf]["curves"]["10"]]  # fmt: skip
+    assert "built with `--scann-options '{\"num_leaves\": 30}'`" in (out / "table.md").read_text()
+    # an earlier bench that did not record its --scann-options: ScaNN measured again all the same
+    del done["config"]["scann_options"]
+    (out / "results.json").write_text(json.dumps(done))
+    built.clear()
+    assert bench.main(argv + leaves + ["--resume"]) == 0
+    assert built == ["ScaNN tree-AH"]
 
 
 def test_peak_memory_sees_an_allocation(bench):
