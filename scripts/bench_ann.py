@@ -153,6 +153,13 @@ def parse_args(argv=None):
         ap.error("--embeddings and --queries go together")
     if args.resume and not (args.mode == "equal" and args.sequential):
         ap.error("--resume goes with --mode equal --sequential (each index measured on its own)")
+    try:
+        scann_options = json.loads(args.scann_options)
+    except ValueError as e:
+        ap.error(f"--scann-options {args.scann_options!r}: not JSON ({e})")
+    if not isinstance(scann_options, dict):
+        ap.error(f"--scann-options {args.scann_options!r}: a JSON object of ScaNN build options, "
+                 "e.g. '{\"num_leaves\": 2000}'")  # fmt: skip
     return args
 
 
@@ -1913,11 +1920,7 @@ def equal_mode(args, ids, emb, queries, tune_queries, data: str) -> int:
     bench.results["config"]["cpu"] = (
         f"{os.cpu_count()} CPU(s) {bench.results['config']['cpu_model']}"
     )
-    try:
-        bench.run()
-    except ResumeError as e:
-        print(f"bench_ann: {e}", file=sys.stderr)
-        return 2
+    bench.run()
     if not (args.build_only or args.tune_only):
         print((bench.out / "table.md").read_text())
     return 0
@@ -2272,6 +2275,20 @@ def _fmt(x, lower=False):
 
 
 def main(argv=None) -> int:
+    """The bench; a user mistake (a bad option value, files that do not fit, a --resume that
+    cannot) is one line on stderr and exit 2, before any index is built where it can be."""
+    try:
+        return _main(argv)
+    except Exception as e:
+        from dpr_jax.errors import UserError  # here: numpy is imported after set_thread_env
+
+        if not isinstance(e, (UserError, ResumeError, FileNotFoundError, PermissionError)):
+            raise
+        print(f"bench_ann: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     if args.sharded_child:
         return sharded_child(args)
@@ -2287,19 +2304,30 @@ def main(argv=None) -> int:
         set_thread_env(args.threads)
     import numpy as np
 
+    from dpr_jax.errors import UserError
+
+    if args.mode in ("equal", "tuned") and "scann" not in args.skip.split(","):
+        from dpr_jax.index.scann_index import ScannIndex
+
+        ScannIndex(**{"scoring": "ah", **json.loads(args.scann_options)})  # checked before any work
     if args.embeddings:
         from dpr_jax.embeddings import load_embeddings
 
         ids, emb = load_embeddings(args.embeddings, show_progress=True)
-        queries = np.load(args.queries, allow_pickle=False).astype(np.float32)
+        try:
+            queries = np.load(args.queries, allow_pickle=False).astype(np.float32)
+        except (ValueError, EOFError, OSError) as e:
+            if isinstance(e, (FileNotFoundError, PermissionError)):
+                raise
+            raise UserError(f"{args.queries}: not a .npy array of query vectors ({e})") from e
         if queries.ndim != 2 or queries.shape[1] != emb.shape[1]:
-            raise ValueError(
+            raise UserError(
                 f"{args.queries}: queries {queries.shape} do not match dim {emb.shape[1]}"
             )
         tune_queries = queries[args.max_queries : args.max_queries + args.tune_queries]
         queries = queries[: args.max_queries]
         if args.mode in ("tuned", "equal") and len(tune_queries) < args.tune_queries:
-            raise ValueError(
+            raise UserError(
                 f"{args.queries}: --mode tuned needs {args.max_queries} + {args.tune_queries} "
                 f"queries (benchmark + tuning), the file has {len(queries) + len(tune_queries)}"
             )

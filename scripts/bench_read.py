@@ -27,10 +27,11 @@ sides see the same machine load.
 
 Beside each time, the rate of useful arithmetic: the reader's forward FLOPs on the real tokens
 of each sequence (no padding; :func:`dpr_jax.reader.task.reader_forward_flops`, BERT's weight and
-attention matmuls and the heads) over the time, in GFLOP/s; and the machine's own float32 matmul
-rate (in ``--dtype``), measured by both libraries on the shape of the reader's feed-forward layer over one
-question's tokens (``--matmul-rows`` x H @ H x I): how close each side reads to what its matrix
-products can do here, and what a given speed-up over PyTorch would ask of them.
+attention matmuls and the heads) over the time, in GFLOP/s; and the machine's own matmul rate
+in ``--dtype`` (float32 by default), measured by both libraries on the shape of the reader's
+feed-forward layer over one question's tokens (``--matmul-rows`` x H @ H x I): how close each
+side reads to what its matrix products can do here, and what a given speed-up over PyTorch would
+ask of them.
 
     python scripts/bench_read.py --data SQUAD_DPR --questions 16 --rounds 3 --json bench_read.json
 """

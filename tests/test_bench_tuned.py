@@ -19,6 +19,28 @@ def bench():
     return module
 
 
+def test_bad_scann_options_one_line_before_any_work(bench, tmp_path, monkeypatch, capsys):
+    """--scann-options that is not a JSON object, names an unknown option or gives a value out of
+    range: one line, exit 2, before the corpus is made or any index built."""
+    monkeypatch.setattr(bench, "set_thread_env", lambda threads: None)
+    made = []
+    monkeypatch.setattr(bench, "synthetic", lambda *a: made.append(a))
+    argv = tiny_sequential_argv(tmp_path / "bad", "hnsw,autopilot,ivfpq")
+    for text in ("{bad", "[1]"):
+        with pytest.raises(SystemExit) as e:
+            bench.parse_args(argv + ["--scann-options", text])
+        assert e.value.code == 2
+        assert f"--scann-options {text!r}" in capsys.readouterr().err
+    for text, says in (('{"num_leaves": "x"}', "scann option num_leaves='x': must be an integer"),
+                       ('{"leafs": 10}', "unknown option(s) ['leafs'] for backend 'scann'")):  # fmt: skip
+        assert bench.main(argv + ["--scann-options", text]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+            "bench_ann: " + says
+        )
+    assert made == [] and not (tmp_path / "bad").exists()
+
+
 def test_modes_parse(bench):
     args = bench.parse_args(["--mode", "tuned", "--targets", "0.9,0.95", "--tune-queries", "50"])
     assert args.mode == "tuned" and args.targets == "0.9,0.95" and args.tune_queries == 50
