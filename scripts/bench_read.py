@@ -186,7 +186,13 @@ def main(argv=None):
 
     predictors = {
         f"dpr-jax bucket {b}": ReaderPredictor(
-            params, bert_cfg, rtok, batch_size=args.batch_size, bucket=b, dtype=args.dtype
+            params,
+            bert_cfg,
+            rtok,
+            batch_size=args.batch_size,
+            bucket=b,
+            dtype=args.dtype,
+            window_overlap=None,  # the reference's sequences: a passage cut at --max-length
         )  # fmt: skip
         for b in (args.bucket, 0)
     }

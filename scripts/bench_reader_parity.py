@@ -102,7 +102,9 @@ def main(argv=None):
     dev = [e for e in dev if e.answers]
     print(f"data: {len(data)} train questions, {len(dev)} dev, {time.time() - t0:.0f} s",
           file=sys.stderr)  # fmt: skip
-    predictor = ReaderPredictor(None, bert_cfg, rtok, batch_size=48, devices=jax.devices()[:1])
+    # both sides read the dev passages cut at max_length, as in the README's runs (no windows)
+    predictor = ReaderPredictor(None, bert_cfg, rtok, batch_size=48, devices=jax.devices()[:1],
+                                window_overlap=None)  # fmt: skip
 
     def evaluate(params):
         predictor.set_params(params)

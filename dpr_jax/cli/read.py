@@ -17,6 +17,7 @@ from dpr_jax.reader.data import FORMATS, read_reader_examples, sample_examples
 from dpr_jax.reader.span import (
     DEFAULT_SELECTION,
     DEFAULT_TOP_K,
+    DEFAULT_WINDOW_OVERLAP,
     SELECTIONS,
     ReaderPredictor,
     evaluate_predictions,
@@ -46,6 +47,13 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--selection", default=DEFAULT_SELECTION, choices=SELECTIONS,
                     help="answer selection across passages (dpr_jax.reader.span)")  # fmt: skip
     ap.add_argument("--batch-size", type=POSITIVE, default=32, help="sequences per forward pass")
+    ap.add_argument(
+        "--window-overlap", type=NON_NEGATIVE, default=DEFAULT_WINDOW_OVERLAP,
+        help="a passage longer than one sequence is read in windows sharing this many tokens "
+        f"(default {DEFAULT_WINDOW_OVERLAP})",
+    )  # fmt: skip
+    ap.add_argument("--truncate", action="store_true",
+                    help="cut a passage at the model's max length instead (DPR's reader)")  # fmt: skip
     ap.add_argument("--limit", type=POSITIVE, default=None, help="only the first N questions")
     ap.add_argument(
         "--sample", type=POSITIVE, default=None,
@@ -70,6 +78,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         max_answer_length=args.max_answer_length,
         batch_size=args.batch_size,
         selection=args.selection,
+        window_overlap=None if args.truncate else args.window_overlap,
     )
     preds = predictor.predict(
         [e.question for e in examples], [list(e.passages) for e in examples], args.top_k,

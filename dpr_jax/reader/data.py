@@ -13,7 +13,9 @@ Truncation, in this order (``ReaderInputConfig``):
   never crowd the passage out of the sequence (Hugging Face instead cuts the whole concatenation
   at ``max_length``, which for a long enough question leaves no passage at all);
 - the title keeps what fits in ``max_length`` after the question and the special tokens;
-- the passage text fills the rest and is cut at ``max_length``.
+- the passage text fills the rest and is cut at ``max_length`` (for training, as DPR; reading,
+  :class:`dpr_jax.reader.span.ReaderPredictor` reads a text that does not fit in overlapping
+  windows instead, :meth:`ReaderTokenizer.windows`).
 
 Every passage-text token keeps its character offsets in the original text, so a predicted token
 span maps back to the exact original substring (:mod:`dpr_jax.reader.span`).
@@ -219,6 +221,27 @@ class ReaderTokenizer:
         head = np.concatenate([[self.cls_id], q_ids, [self.sep_id], title, [self.sep_id]])
         parts = [head, text] + ([np.array([self.sep_id])] if tail else [])
         return ReaderSequence(np.concatenate(parts).astype(np.int32), len(head), len(text))
+
+    def windows(
+        self, q_ids: np.ndarray, p: PassageTokens, overlap: int
+    ) -> list[tuple[ReaderSequence, int]]:
+        """``[(sequence, its first text token)]``: the passage text read in windows of the room
+        :meth:`sequence` leaves after the question and the title, each window starting
+        ``overlap`` tokens before the previous one ends (Hugging Face's question-answering
+        ``doc_stride``); a text that fits is one window, :meth:`sequence`'s own."""
+        if overlap < 0:
+            raise UserError(f"window overlap must be >= 0 tokens, got {overlap}")
+        first = self.sequence(q_ids, p)
+        out, n, room = [(first, 0)], len(p.text_ids), first.text_len
+        if room < 1 or n <= room:
+            return out
+        step, a = max(1, room - overlap), 0
+        while a + room < n:
+            a = min(a + step, n - room)  # the last window ends at the text's end
+            rest = dataclasses.replace(p, text_ids=p.text_ids[a:], offsets=p.offsets[a:],
+                                       subword=p.subword[a:])  # fmt: skip
+            out.append((self.sequence(q_ids, rest), a))
+        return out
 
     def pad(self, seqs: Sequence[np.ndarray], length: int | None = None):
         """-> ids, mask: (len(seqs), length) int32, padded with the pad id."""

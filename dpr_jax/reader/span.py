@@ -36,7 +36,11 @@ only to its longest sequence rounded up to a multiple of ``bucket`` tokens (and 
 multiple of 4 and of the device count), so a short passage is not computed at ``max_length``
 and a question with 20 passages runs 20-odd rows, not a full batch; the few shapes this makes
 compile once each. The logits are those of the unbucketed computation (padding is masked out of
-every attention; a test compares both). :func:`evaluate_predictions` scores them
+every attention; a test compares both). A passage whose text does not fit in one sequence
+(``max_length`` after the question and the title) is read in windows that overlap by
+``window_overlap`` tokens (64; Hugging Face's ``doc_stride``), its logits merged by
+:func:`merge_windows`, so an answer past the cut can still be read; ``window_overlap=None`` cuts
+the text as DPR does. :func:`evaluate_predictions` scores them
 with SQuAD's exact match and F1 (:mod:`dpr_jax.evaluate`). :func:`write_predictions` writes DPR's
 reader-predictions JSON.
 """
@@ -66,6 +70,8 @@ from dpr_jax.reader.data import (
 from dpr_jax.reader.model import Reader
 
 DEFAULT_TOP_K = (50,)
+# tokens each window of a passage longer than one sequence shares with the one before it
+DEFAULT_WINDOW_OVERLAP = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +127,27 @@ def best_spans(
         if len(chosen) == top_spans:
             break
     return chosen
+
+
+def merge_windows(windows: Sequence[tuple[int, float, np.ndarray, np.ndarray]]) -> PassageLogits:
+    """One passage's logits from the windows it was read in, ``[(first text token, relevance
+    logit, start logits, end logits)]``: each text token takes its start and end logits from the
+    window where it has the most context on its poorer side (the smaller of its distances to
+    the window's two edges; Hugging Face's ``_check_is_max_context``, a longer window winning a
+    tie), the passage its highest relevance logit. One window: its logits as they are."""
+    if len(windows) == 1:
+        _, rel, start, end = windows[0]
+        return PassageLogits(rel, start, end)
+    n = max(a + len(st) for a, _, st, _ in windows)
+    start, end = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    best = np.full(n, -np.inf)
+    for a, _, st, en in windows:
+        j = np.arange(len(st))
+        context = np.minimum(j, len(st) - 1 - j) + 0.01 * len(st)
+        take = context > best[a : a + len(st)]
+        idx = a + j[take]
+        start[idx], end[idx], best[idx] = st[take], en[take], context[take]
+    return PassageLogits(max(rel for _, rel, _, _ in windows), start, end)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,6 +349,7 @@ class ReaderPredictor:
         devices: Sequence[Any] | None = None,
         bucket: int = 32,
         selection: str = DEFAULT_SELECTION,
+        window_overlap: int | None = DEFAULT_WINDOW_OVERLAP,
     ):
         import jax
         import jax.numpy as jnp
@@ -330,8 +358,10 @@ class ReaderPredictor:
             raise UserError(f"max_answer_length must be >= 1, got {max_answer_length}")
         if bucket < 0:
             raise UserError(f"bucket must be >= 0, got {bucket}")
+        if window_overlap is not None and window_overlap < 0:
+            raise UserError(f"window_overlap must be >= 0 tokens (or None), got {window_overlap}")
         check_selection(selection)
-        self.bucket, self.selection = bucket, selection
+        self.bucket, self.selection, self.window_overlap = bucket, selection, window_overlap
         self.tokenizer = (
             tokenizer if isinstance(tokenizer, ReaderTokenizer)
             else ReaderTokenizer(tokenizer, input_config)
@@ -390,23 +420,32 @@ class ReaderPredictor:
         tok = self.tokenizer
         q_ids = tok.question_ids(list(questions))
         toks = [tok.passage_tokens(ps) for ps in passages]
-        pairs: list[tuple[int, int, ReaderSequence]] = [
-            (qi, pi, tok.sequence(q_ids[qi], pt))
+        pairs: list[tuple[int, int, ReaderSequence, int]] = [
+            (qi, pi, seq, a)
             for qi, pts in enumerate(toks)
             for pi, pt in enumerate(pts)
-        ]
-        out: list[list[PassageLogits]] = [[None] * len(ps) for ps in passages]  # type: ignore
+            for seq, a in (
+                [(tok.sequence(q_ids[qi], pt), 0)] if self.window_overlap is None
+                else tok.windows(q_ids[qi], pt, self.window_overlap)
+            )
+        ]  # fmt: skip
+        read: dict[tuple[int, int], list] = {}  # (question, passage) -> its windows' logits
         bar = progress_bar(total=len(pairs), desc="reader", unit="seq", enabled=progress)
         for chunk, (rows, length) in self._batches(pairs):
-            ids, mask = tok.pad([seq.ids for _, _, seq in chunk] + [np.zeros(0, np.int32)] *
+            ids, mask = tok.pad([seq.ids for _, _, seq, _ in chunk] + [np.zeros(0, np.int32)] *
                                 (rows - len(chunk)), length)  # fmt: skip
             start, end, rel = self._forward(self.params, ids[:, None], mask[:, None])
             start, end, rel = np.asarray(start)[:, 0], np.asarray(end)[:, 0], np.asarray(rel)
-            for r, (qi, pi, seq) in enumerate(chunk):
+            for r, (qi, pi, seq, a) in enumerate(chunk):
                 sl = slice(seq.text_start, seq.text_start + seq.text_len)
-                out[qi][pi] = PassageLogits(float(rel[r, 0]), start[r, sl], end[r, sl])
+                read.setdefault((qi, pi), []).append(
+                    (a, float(rel[r, 0]), start[r, sl], end[r, sl])
+                )
             bar.update(len(chunk))
         bar.close()
+        out: list[list[PassageLogits]] = [
+            [merge_windows(read[qi, pi]) for pi in range(len(ps))] for qi, ps in enumerate(passages)
+        ]
         return out, toks
 
     def predict(
