@@ -334,7 +334,9 @@ class ReaderPredictor:
     All (question, passage) pairs are run through the model in batches of at most
     ``batch_size`` sequences (rounded up to a multiple of the local device count), sorted by
     length and padded to a multiple of ``bucket`` tokens (see the module docstring); ``bucket=0``
-    runs them in their own order at one fixed shape, ``(batch_size, max_length)``.
+    runs them in their own order at one fixed shape, ``(batch_size, max_length)``. A passage
+    longer than one sequence is read in windows sharing ``window_overlap`` tokens
+    (:func:`merge_windows`); ``window_overlap=None`` cuts it at ``max_length`` as DPR does.
     """
 
     def __init__(
