@@ -133,8 +133,9 @@ def merge_windows(windows: Sequence[tuple[int, float, np.ndarray, np.ndarray]]) 
     """One passage's logits from the windows it was read in, ``[(first text token, relevance
     logit, start logits, end logits)]``: each text token takes its start and end logits from the
     window where it has the most context on its poorer side (the smaller of its distances to
-    the window's two edges; Hugging Face's ``_check_is_max_context``, a longer window winning a
-    tie), the passage its highest relevance logit. One window: its logits as they are."""
+    the window's two edges; Hugging Face's ``_check_is_max_context``: a longer window wins a
+    tie, else the earlier one), the passage its highest relevance logit. One window: its logits
+    as they are."""
     if len(windows) == 1:
         _, rel, start, end = windows[0]
         return PassageLogits(rel, start, end)
@@ -191,11 +192,12 @@ class QuestionPrediction:
 
 @dataclasses.dataclass
 class PassageLogits:
-    """Reader outputs for one (question, passage) pair, cut to the passage text tokens."""
+    """Reader outputs for one (question, passage) pair, over the passage text tokens read
+    (all of them when read in windows; those before the cut with ``window_overlap=None``)."""
 
     relevance: float
-    start: np.ndarray  # (text_len,)
-    end: np.ndarray  # (text_len,)
+    start: np.ndarray  # (text tokens read,)
+    end: np.ndarray  # (text tokens read,)
 
 
 def _read_passage(
