@@ -88,6 +88,9 @@ import time
 import zipfile
 from pathlib import Path
 
+from dpr_jax.cli.errors import is_user_error, one_line  # neither imports numpy (set_thread_env)
+from dpr_jax.errors import UserError
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -1712,19 +1715,18 @@ class EqualRecall:
             raise ResumeError(f"{path}: not a results.json of bench_ann --mode equal ({e})") from e
         new, stale = self.results["config"], {}
         for key in (*self.RESUME_KEYS, "cpu_model"):
-            if key not in cfg and key in self.GROUP_KEYS and new.get(key):
-                # not recorded, and this run's is not the default: those indexes measured again
-                for group in self.GROUP_KEYS[key]:
-                    stale.setdefault(group, f"the earlier run did not record its {key}")
-                continue
-            if key not in cfg and key in self.LATER_KEYS:  # a bench before --resume wrote none
+            # a bench before --resume wrote none: taken to be this run's, unless it is a
+            # setting of some indexes only and this run's is not the default (measured again)
+            if key not in cfg and key in self.LATER_KEYS and not (key in self.GROUP_KEYS
+                                                                  and new.get(key)):  # fmt: skip
                 self.log(f"--resume: {path} does not record its {key}; taken to be this run's")
                 self.results.setdefault("resume_assumed", []).append(key)
                 continue
             if json.dumps(cfg.get(key), default=str) != json.dumps(new.get(key), default=str):
                 if key in self.GROUP_KEYS:  # a setting of some indexes only: those measured again
+                    was = f"was {cfg[key]!r}" if key in cfg else "was not recorded"
                     for group in self.GROUP_KEYS[key]:
-                        stale.setdefault(group, f"the earlier run's {key} was {cfg.get(key)!r}")
+                        stale.setdefault(group, f"the earlier run's {key} {was}")
                     continue
                 raise ResumeError(f"{path}: cannot resume: the earlier run's {key} is "
                                   f"{cfg.get(key)!r}, this run's {new.get(key)!r}")  # fmt: skip
@@ -1803,7 +1805,7 @@ class EqualRecall:
         gc.collect()
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError):
     """--resume cannot use the earlier run's results (one line, exit 2)."""
 
 
@@ -2280,11 +2282,9 @@ def main(argv=None) -> int:
     try:
         return _main(argv)
     except Exception as e:
-        from dpr_jax.errors import UserError  # here: numpy is imported after set_thread_env
-
-        if not isinstance(e, (UserError, ResumeError, FileNotFoundError, PermissionError)):
+        if not is_user_error(e):  # the command line's contract (dpr_jax.cli.errors)
             raise
-        print(f"bench_ann: {e}", file=sys.stderr)
+        print(f"bench_ann: {one_line(e)}", file=sys.stderr)
         return 2
 
 
@@ -2303,8 +2303,6 @@ def _main(argv=None) -> int:
     else:
         set_thread_env(args.threads)
     import numpy as np
-
-    from dpr_jax.errors import UserError
 
     if args.mode in ("equal", "tuned") and "scann" not in args.skip.split(","):
         from dpr_jax.index.scann_index import ScannIndex
