@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from dpr_jax.data.formats import Passage
-from dpr_jax.errors import UserError
+from dpr_jax.errors import UsageError, UserError
 from dpr_jax.models.bert import BertConfig
 from dpr_jax.reader.data import ReaderInputConfig
 from dpr_jax.reader.model import Reader, init_reader_params
@@ -113,3 +113,22 @@ def test_window_starts(minilm_dir):
             assert len(wins) == 1
     with pytest.raises(UserError, match="overlap must be >= 0"):
         tok.windows(q, pt, -1)
+
+
+def test_overlap_of_half_a_sequence_or_more_refused(minilm_dir, reader, tmp_path):
+    """An overlap of half of max_length or more would move windows on by a token or so (a
+    1,000-token passage read as hundreds of sequences): one line, before anything is read; the
+    CLI also refuses ``--truncate`` with ``--window-overlap`` (the cut reads no windows)."""
+    from dpr_jax.cli.read import cli_main
+
+    cfg, params = reader
+    inp = ReaderInputConfig(64, 16)
+    ReaderPredictor(params, cfg, minilm_dir, inp, batch_size=8, window_overlap=31)
+    for bad in (32, 300):
+        with pytest.raises(UserError, match=rf"window_overlap {bad} tokens: at most 31 .*64"):
+            ReaderPredictor(params, cfg, minilm_dir, inp, batch_size=8, window_overlap=bad)
+    results = tmp_path / "r.json"
+    results.write_text("[]")
+    with pytest.raises(UsageError, match="--truncate: not allowed with argument --window-overlap"):
+        cli_main(["--model", str(tmp_path), "--results", str(results),
+                  "--window-overlap", "64", "--truncate"])  # fmt: skip

@@ -47,12 +47,13 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--selection", default=DEFAULT_SELECTION, choices=SELECTIONS,
                     help="answer selection across passages (dpr_jax.reader.span)")  # fmt: skip
     ap.add_argument("--batch-size", type=POSITIVE, default=32, help="sequences per forward pass")
-    ap.add_argument(
-        "--window-overlap", type=NON_NEGATIVE, default=DEFAULT_WINDOW_OVERLAP,
+    cut = ap.add_mutually_exclusive_group()
+    cut.add_argument(
+        "--window-overlap", type=NON_NEGATIVE, default=None,  # None: argparse sees it unset
         help="a passage longer than one sequence is read in windows sharing this many tokens "
-        f"(default {DEFAULT_WINDOW_OVERLAP})",
+        f"(default {DEFAULT_WINDOW_OVERLAP}; under half of the reader's max_length)",
     )  # fmt: skip
-    ap.add_argument("--truncate", action="store_true",
+    cut.add_argument("--truncate", action="store_true",
                     help="cut a passage at the model's max length instead (DPR's reader)")  # fmt: skip
     ap.add_argument("--limit", type=POSITIVE, default=None, help="only the first N questions")
     ap.add_argument(
@@ -63,6 +64,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="write DPR reader-predictions JSON here")
     add_quiet(ap)
     args = ap.parse_args(argv)  # fmt: skip
+    if args.window_overlap is None and not args.truncate:  # recorded in --out's config as used
+        args.window_overlap = DEFAULT_WINDOW_OVERLAP
     if args.out:
         check_output(args.out, FILE, [args.results, args.model])
 
@@ -78,7 +81,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         max_answer_length=args.max_answer_length,
         batch_size=args.batch_size,
         selection=args.selection,
-        window_overlap=None if args.truncate else args.window_overlap,
+        window_overlap=args.window_overlap,
     )
     preds = predictor.predict(
         [e.question for e in examples], [list(e.passages) for e in examples], args.top_k,
