@@ -115,17 +115,17 @@ def test_window_starts(minilm_dir):
         tok.windows(q, pt, -1)
 
 
-def test_overlap_of_half_a_sequence_or_more_refused(minilm_dir, reader, tmp_path):
-    """An overlap of half of max_length or more would move windows on by a token or so (a
+def test_overlap_over_half_a_sequence_refused(minilm_dir, reader, tmp_path):
+    """An overlap over half of max_length would move windows on by a token or so (a
     1,000-token passage read as hundreds of sequences): one line, before anything is read; the
     CLI also refuses ``--truncate`` with ``--window-overlap`` (the cut reads no windows)."""
     from dpr_jax.cli.read import cli_main
 
     cfg, params = reader
     inp = ReaderInputConfig(64, 16)
-    ReaderPredictor(params, cfg, minilm_dir, inp, batch_size=8, window_overlap=31)
-    for bad in (32, 300):
-        with pytest.raises(UserError, match=rf"window_overlap {bad} tokens: at most 31 .*64"):
+    ReaderPredictor(params, cfg, minilm_dir, inp, batch_size=8, window_overlap=32)
+    for bad in (33, 300):
+        with pytest.raises(UserError, match=rf"window_overlap {bad} tokens: at most 32 .*64"):
             ReaderPredictor(params, cfg, minilm_dir, inp, batch_size=8, window_overlap=bad)
     results = tmp_path / "r.json"
     results.write_text("[]")

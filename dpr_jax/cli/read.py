@@ -51,7 +51,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     cut.add_argument(
         "--window-overlap", type=NON_NEGATIVE, default=None,  # None: argparse sees it unset
         help="a passage longer than one sequence is read in windows sharing this many tokens "
-        f"(default {DEFAULT_WINDOW_OVERLAP}; under half of the reader's max_length)",
+        f"(default {DEFAULT_WINDOW_OVERLAP}; at most half of the reader's max_length)",
     )  # fmt: skip
     cut.add_argument("--truncate", action="store_true",
                     help="cut a passage at the model's max length instead (DPR's reader)")  # fmt: skip

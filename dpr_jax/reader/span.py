@@ -337,7 +337,7 @@ class ReaderPredictor:
     ``batch_size`` sequences (rounded up to a multiple of the local device count), sorted by
     length and padded to a multiple of ``bucket`` tokens (see the module docstring); ``bucket=0``
     runs them in their own order at one fixed shape, ``(batch_size, max_length)``. A passage
-    longer than one sequence is read in windows sharing ``window_overlap`` tokens (under half
+    longer than one sequence is read in windows sharing ``window_overlap`` tokens (at most half
     of ``max_length``; :func:`merge_windows`); ``window_overlap=None`` cuts it at
     ``max_length`` as DPR does.
     """
@@ -373,11 +373,11 @@ class ReaderPredictor:
         )  # fmt: skip
         self.input_config = self.tokenizer.config
         half = self.input_config.max_length // 2
-        if window_overlap is not None and window_overlap >= half:
+        if window_overlap is not None and window_overlap > half:
             raise UserError(
-                f"window_overlap {window_overlap} tokens: at most {half - 1} for a reader of "
-                f"max_length {self.input_config.max_length} (a window moves on by at least "
-                "about half a sequence; a larger overlap makes windows one token apart)"
+                f"window_overlap {window_overlap} tokens: at most {half} for a reader of "
+                f"max_length {self.input_config.max_length} (a larger overlap moves each window "
+                "on by a few tokens, or one: hundreds of sequences for a long passage)"
             )
         self.max_answer_length = max_answer_length
         self.mesh = make_mesh(list(devices) if devices is not None else jax.local_devices())
