@@ -194,3 +194,36 @@ def test_ivfpq_defaults_give_kmeans_faiss_minimum_per_list():
     ix = FaissIVFPQIndex(training_sample_size=100_000, nlist=5_000)  # explicit: kept
     ix._resolve(10_000_000, 384)
     assert ix.options["training_sample_size"] == 100_000
+
+
+def test_scann_default_sample_is_autopilots_per_leaf():
+    """ScaNN's tree trains k-means on as many vectors a leaf as ScaNN's own autopilot() does
+    (read from ``suggest_autopilot``'s config, not copied: 200 a leaf), at least 250,000 and at
+    most n; an explicit sample is kept. Fewer a leaf gave poor leaves at 10M (README)."""
+    import re
+
+    sp = pytest.importorskip("scann").scann_ops_pybind
+    from dpr_jax.index.scann_index import ScannIndex
+
+    b = sp.builder(np.zeros((1, 384), np.float32), 10, "dot_product").autopilot()
+    config = super(type(b), b).create_config()
+    for n in (1_000_000, 10_000_000, 21_015_324):
+        text = sp.scann_pybind.ScannNumpy.suggest_autopilot(config, n, 384)
+        leaves = int(re.search(r"num_children:\s*(\d+)", text).group(1))
+        tree = text[text.index("partitioning {") : text.index("hash {")]  # not AH's sample
+        sample = int(re.search(r"expected_sample_size:\s*(\d+)", tree).group(1))
+        ix = ScannIndex(num_leaves=leaves)
+        ix._resolve(n)
+        assert ix.options["training_sample_size"] == min(n, max(250_000, sample))
+        ix = ScannIndex()  # the default leaves, sqrt(n)
+        ix._resolve(n)
+        per_leaf = sample / leaves
+        assert ix.options["training_sample_size"] == max(
+            250_000, per_leaf * ix.options["num_leaves"]
+        )
+    ix = ScannIndex(training_sample_size=100_000)
+    ix._resolve(10_000_000)
+    assert ix.options["training_sample_size"] == 100_000
+    ix = ScannIndex()
+    ix._resolve(300_000)  # 548 leaves: 109,600 < 250,000 <= n
+    assert ix.options["training_sample_size"] == 250_000
