@@ -36,17 +36,7 @@ from bench_ann import (  # noqa: E402  (a sibling script)
     synthetic_memmap,
 )
 
-
-def ints(text: str) -> list[int]:
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a comma list of integers, got {text!r}"
-        ) from None
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return out
+from dpr_jax.cli.options import parse_ks  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -55,10 +45,10 @@ def parse_args(argv=None):
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--leaves", type=int, default=2932, help="num_leaves of every build")
-    ap.add_argument("--per-leaf", type=ints, default=[34, 200],
+    ap.add_argument("--per-leaf", type=parse_ks, default=[34, 200],
                     help="k-means training vectors a leaf, one build each")  # fmt: skip
     ap.add_argument("--min-partition-size", type=int, default=50)
-    ap.add_argument("--search", type=ints, default=[20, 40, 80, 160],
+    ap.add_argument("--search", type=parse_ks, default=[20, 40, 80, 160],
                     help="leaves_to_search values measured on every build")  # fmt: skip
     ap.add_argument("--reorder", type=int, default=317, help="pre_reorder_num_neighbors")
     ap.add_argument("--k", type=int, default=10)
@@ -73,7 +63,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    set_thread_env(1)  # one search thread, as bench_ann's timings
+    set_thread_env(1)  # XLA and BLAS of later imports; ScaNN searches on one thread (num_threads)
     import numpy as np
 
     from dpr_jax.index.scann_index import ScannIndex
