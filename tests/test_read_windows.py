@@ -124,6 +124,10 @@ def test_overlap_over_half_a_sequence_refused(minilm_dir, reader, tmp_path):
     cfg, params = reader
     inp = ReaderInputConfig(64, 16)
     ReaderPredictor(params, cfg, minilm_dir, inp, batch_size=8, window_overlap=32)
+    # the default is 64, or half of a shorter reader's max_length (never refused)
+    assert ReaderPredictor(params, cfg, minilm_dir, inp, batch_size=8).window_overlap == 32
+    long = ReaderInputConfig(256, 32)
+    assert ReaderPredictor(params, cfg, minilm_dir, long, batch_size=8).window_overlap == 64
     for bad in (33, 300):
         with pytest.raises(UserError, match=rf"window_overlap {bad} tokens: at most 32 .*64"):
             ReaderPredictor(params, cfg, minilm_dir, inp, batch_size=8, window_overlap=bad)

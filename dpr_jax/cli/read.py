@@ -51,7 +51,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     cut.add_argument(
         "--window-overlap", type=NON_NEGATIVE, default=None,  # None: argparse sees it unset
         help="a passage longer than one sequence is read in windows sharing this many tokens "
-        f"(default {DEFAULT_WINDOW_OVERLAP}; at most half of the reader's max_length)",
+        f"(default {DEFAULT_WINDOW_OVERLAP}, or half of a shorter reader's max_length; at most "
+        "half of it)",
     )  # fmt: skip
     cut.add_argument("--truncate", action="store_true",
                     help="cut a passage at the model's max length instead (DPR's reader)")  # fmt: skip
@@ -64,8 +65,6 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="write DPR reader-predictions JSON here")
     add_quiet(ap)
     args = ap.parse_args(argv)  # fmt: skip
-    if args.window_overlap is None and not args.truncate:  # recorded in --out's config as used
-        args.window_overlap = DEFAULT_WINDOW_OVERLAP
     if args.out:
         check_output(args.out, FILE, [args.results, args.model])
 
@@ -81,8 +80,11 @@ def cli_main(argv: list[str] | None = None) -> int:
         max_answer_length=args.max_answer_length,
         batch_size=args.batch_size,
         selection=args.selection,
-        window_overlap=args.window_overlap,
+        window_overlap=None
+        if args.truncate
+        else ("auto" if args.window_overlap is None else args.window_overlap),
     )
+    args.window_overlap = predictor.window_overlap  # recorded in --out's config as used
     preds = predictor.predict(
         [e.question for e in examples], [list(e.passages) for e in examples], args.top_k,
         [e.answers for e in examples], progress=not args.quiet,

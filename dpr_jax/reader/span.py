@@ -338,7 +338,8 @@ class ReaderPredictor:
     length and padded to a multiple of ``bucket`` tokens (see the module docstring); ``bucket=0``
     runs them in their own order at one fixed shape, ``(batch_size, max_length)``. A passage
     longer than one sequence is read in windows sharing ``window_overlap`` tokens (at most half
-    of ``max_length``; :func:`merge_windows`); ``window_overlap=None`` cuts it at
+    of ``max_length``; ``"auto"``: 64, or half of a shorter reader's ``max_length``;
+    :func:`merge_windows`); ``window_overlap=None`` cuts it at
     ``max_length`` as DPR does.
     """
 
@@ -354,7 +355,7 @@ class ReaderPredictor:
         devices: Sequence[Any] | None = None,
         bucket: int = 32,
         selection: str = DEFAULT_SELECTION,
-        window_overlap: int | None = DEFAULT_WINDOW_OVERLAP,
+        window_overlap: int | None | str = "auto",
     ):
         import jax
         import jax.numpy as jnp
@@ -363,7 +364,7 @@ class ReaderPredictor:
             raise UserError(f"max_answer_length must be >= 1, got {max_answer_length}")
         if bucket < 0:
             raise UserError(f"bucket must be >= 0, got {bucket}")
-        if window_overlap is not None and window_overlap < 0:
+        if window_overlap != "auto" and window_overlap is not None and window_overlap < 0:
             raise UserError(f"window_overlap must be >= 0 tokens (or None), got {window_overlap}")
         check_selection(selection)
         self.bucket, self.selection, self.window_overlap = bucket, selection, window_overlap
@@ -373,6 +374,8 @@ class ReaderPredictor:
         )  # fmt: skip
         self.input_config = self.tokenizer.config
         half = self.input_config.max_length // 2
+        if window_overlap == "auto":  # the default, within what this reader's sequences allow
+            window_overlap = self.window_overlap = min(DEFAULT_WINDOW_OVERLAP, half)
         if window_overlap is not None and window_overlap > half:
             raise UserError(
                 f"window_overlap {window_overlap} tokens: at most {half} for a reader of "
