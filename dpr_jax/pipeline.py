@@ -39,7 +39,8 @@ class QAPipeline:
 
     ``retriever``: an object with ``search(questions, k) -> (scores, ids)``; ``passages``: id ->
     passage (``.title``, ``.text``); ``reader``: a reader model directory (or a loaded
-    ``ReaderPredictor``).
+    ``ReaderPredictor``); ``reader_dtype``: its compute dtype (``"bfloat16"``: on a CPU, mixed:
+    :func:`dpr_jax.models.bert.cpu_mixed_inference`).
     """
 
     def __init__(
@@ -51,6 +52,7 @@ class QAPipeline:
         max_answer_length: int = 10,
         batch_size: int = 8,
         selection: str = DEFAULT_SELECTION,
+        reader_dtype: str = "float32",
     ):
 
         self.retriever = retriever
@@ -59,8 +61,9 @@ class QAPipeline:
         self.batch_size = batch_size
         if isinstance(reader, (str, Path)):
             reader = ReaderPredictor.from_dir(
-                reader, max_answer_length=max_answer_length, selection=selection
-            )
+                reader, max_answer_length=max_answer_length, selection=selection,
+                dtype=reader_dtype,
+            )  # fmt: skip
         self.reader = reader
 
     @classmethod

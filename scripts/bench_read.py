@@ -15,10 +15,17 @@ does not depend on the weights).
   read`` / ``ask`` run it (or the one GPU), length-bucketed (``--bucket``) and, for comparison, padded to
   ``--max-length`` (``bucket 0``, the path before bucketing);
 - PyTorch: Hugging Face ``DPRReader`` forward passes only (``torch.inference_mode``, the
-  ``--dtype`` of both sides (float32 by default), the default SDPA attention; on CUDA each call
-  is synchronised), no span decoding (a handicap for dpr-jax), with its best
-  settings: each batch padded to its own longest sequence, sequences sorted by length, every
-  combination of ``--torch-batch`` and ``--torch-threads`` tried and the fastest kept.
+  default SDPA attention; on CUDA each call is synchronised), no span decoding (a handicap for
+  dpr-jax), with its best settings: each batch padded to its own longest sequence, sequences
+  sorted by length, every combination of ``--torch-batch`` and ``--torch-threads`` tried and
+  the fastest kept.
+
+``--dtype`` (a comma list: float32, bfloat16) times both sides in each dtype (PyTorch: the
+model cast to it; dpr-jax: ``ReaderPredictor(dtype=...)``, which on XLA:CPU reads bfloat16
+mixed: float32 activations, bfloat16 products accumulated in float32,
+:func:`dpr_jax.models.bert.cpu_mixed_inference`), and each dpr-jax dtype is compared with
+PyTorch's best over every setting and dtype: on a CPU with avx512_bf16 PyTorch's bfloat16 is
+its fastest.
 
 Two modes: ``one``, one question at a time (``dpr-jax ask``'s path: 20 sequences per call) and
 ``all``, every question in one call (``dpr-jax read``'s path). The figure is milliseconds per
@@ -28,17 +35,19 @@ sides see the same machine load.
 Beside each time, the rate of useful arithmetic: the reader's forward FLOPs on the real tokens
 of each sequence (no padding; :func:`dpr_jax.reader.task.reader_forward_flops`, BERT's weight and
 attention matmuls and the heads) over the time, in GFLOP/s; and the machine's own matmul rate
-in ``--dtype`` (float32 by default), measured by both libraries on the shape of the reader's
+in each ``--dtype``, measured by both libraries on the shape of the reader's
 feed-forward layer over one question's tokens (``--matmul-rows`` x H @ H x I): how close each
 side reads to what its matrix products can do here, and what a given speed-up over PyTorch would
 ask of them.
 
     python scripts/bench_read.py --data SQUAD_DPR --questions 16 --rounds 3 --json bench_read.json
+    python scripts/bench_read.py --data SQUAD_DPR --dtype float32,bfloat16 --torch-batch 20
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -73,9 +82,9 @@ def parse_args(argv=None):
                     "--torch-threads then do nothing)")  # fmt: skip
     ap.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16"],
         default="float32",
-        help="compute dtype of both sides (bfloat16 is only fast on accelerators)",
+        help="compute dtypes of both sides, comma list of float32, bfloat16 (each side is "
+        "timed in each; PyTorch's best is taken over all of them)",
     )
     ap.add_argument("--json", default="")
     return ap.parse_args(argv)
@@ -118,7 +127,7 @@ def matmul_rates(rows: int, k: int, n: int, threads: list[int], device, dtype: s
     """GFLOP/s of a (rows x k) @ (k x n) product in ``dtype``, best of ``rounds``: XLA's (jit, on
     JAX's default device) and PyTorch's on ``device`` at each thread count, each at the default
     precision its reader runs with (on NVIDIA GPUs XLA's float32 products are TF32, PyTorch's
-    are not)."""
+    are not; on XLA:CPU a bfloat16 product accumulates in float32, as the reader's do)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -128,7 +137,12 @@ def matmul_rates(rows: int, k: int, n: int, threads: list[int], device, dtype: s
     a = rng.standard_normal((rows, k), np.float32)
     b = rng.standard_normal((k, n), np.float32)
     flop = 2.0 * rows * k * n
-    mm = jax.jit(jnp.matmul)
+    if dtype != "float32" and jax.default_backend() == "cpu":
+        # the reader's form on XLA:CPU (dpr_jax.models.bert.cpu_mixed_inference): 16-bit
+        # inputs, float32 accumulation
+        mm = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+    else:
+        mm = jax.jit(jnp.matmul)
     ja, jb = jax.device_put(a.astype(dtype)), jax.device_put(b.astype(dtype))
 
     def best(fn):
@@ -151,8 +165,17 @@ def matmul_rates(rows: int, k: int, n: int, threads: list[int], device, dtype: s
     return out
 
 
+def parse_dtypes(text: str) -> list[str]:
+    dtypes = [d.strip() for d in text.split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in ("float32", "bfloat16")]
+    if bad or not dtypes:
+        raise SystemExit(f"bench_read: --dtype {text!r}: a comma list of float32, bfloat16")
+    return list(dict.fromkeys(dtypes))
+
+
 def main(argv=None):
     args = parse_args(argv)
+    dtypes = parse_dtypes(args.dtype)
     gpu = args.platform == "gpu"
     os.environ.setdefault("JAX_PLATFORMS", "cuda" if gpu else "cpu")
     if args.devices > 0 and not gpu:
@@ -184,21 +207,27 @@ def main(argv=None):
           f"{jax.device_count()} XLA devices ({jax.devices()[0].device_kind}), {args.dtype}",
           file=sys.stderr)  # fmt: skip
 
+    def label(name, dtype):  # one dtype: the names of the single-dtype tables before
+        return name if len(dtypes) == 1 else f"{name}, {dtype}"
+
     predictors = {
-        f"dpr-jax bucket {b}": ReaderPredictor(
+        label(f"dpr-jax bucket {b}", dt): ReaderPredictor(
             params,
             bert_cfg,
             rtok,
             batch_size=args.batch_size,
             bucket=b,
-            dtype=args.dtype,
+            dtype=dt,
             window_overlap=None,  # the reference's sequences: a passage cut at --max-length
         )  # fmt: skip
+        for dt in dtypes
         for b in (args.bucket, 0)
     }
-    model = ref.torch_reader(jax.tree.map(np.asarray, params), bert_cfg).eval()
     device = torch.device("cuda" if gpu else "cpu")
-    model = model.to(device, dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
+    base_model = ref.torch_reader(jax.tree.map(np.asarray, params), bert_cfg).eval()
+    torch_models = {
+        dt: copy.deepcopy(base_model).to(device, dtype=getattr(torch, dt)) for dt in dtypes
+    }
     if gpu:
         args.torch_threads = "1"
 
@@ -209,7 +238,7 @@ def main(argv=None):
         else:
             pred.predict(qs, ps, top_k=(args.passages,))
 
-    def run_torch(batch, threads, mode):
+    def run_torch(model, batch, threads, mode):
         torch.set_num_threads(threads)
         groups = [[s for row in seqs for s in row]] if mode == "all" else seqs
         with torch.inference_mode():
@@ -224,10 +253,11 @@ def main(argv=None):
                 torch.cuda.synchronize()
 
     settings = {name: (lambda mode, p=p: run_jax(p, mode)) for name, p in predictors.items()}
-    for b in [int(x) for x in args.torch_batch.split(",")]:
-        for t in [int(x) for x in args.torch_threads.split(",")]:
-            name = f"torch batch {b}" + ("" if gpu else f", {t} threads")
-            settings[name] = lambda mode, b=b, t=t: run_torch(b, t, mode)
+    for dt, model in torch_models.items():
+        for b in [int(x) for x in args.torch_batch.split(",")]:
+            for t in [int(x) for x in args.torch_threads.split(",")]:
+                name = label(f"torch batch {b}" + ("" if gpu else f", {t} threads"), dt)
+                settings[name] = lambda mode, m=model, b=b, t=t: run_torch(m, b, t, mode)
     modes = args.modes.split(",")
     for mode in modes:  # warm-up: compilation and caches
         for fn in settings.values():
@@ -244,8 +274,8 @@ def main(argv=None):
     gflop = useful_gflop(bert_cfg, seqs)
     rows = args.matmul_rows or round(np.mean(lengths) * args.passages)
     threads = [int(x) for x in args.torch_threads.split(",")]
-    rates = matmul_rates(rows, bert_cfg.hidden_size, bert_cfg.intermediate_size, threads, device,
-                         args.dtype)  # fmt: skip
+    rates = {dt: matmul_rates(rows, bert_cfg.hidden_size, bert_cfg.intermediate_size, threads,
+                              device, dt) for dt in dtypes}  # fmt: skip
     where = f"{jax.devices()[0].device_kind}, {args.dtype}"
     print(f"\nms per question ({args.passages} passages, median of {args.rounds} rounds; {where}; "
           f"load average {os.getloadavg()[0]:.1f}), and (in brackets) the useful GFLOP/s: "
@@ -255,26 +285,34 @@ def main(argv=None):
     for name in settings:
         print(f"| {name} | " + " | ".join(f"{ms[name, m]:.0f} ({gflop / ms[name, m] * 1e3:.0f})"
                                           for m in modes) + " |")  # fmt: skip
-    print(f"\n{args.dtype} matmul ({rows} x {bert_cfg.hidden_size} @ {bert_cfg.hidden_size} x "
-          f"{bert_cfg.intermediate_size}, best of 5), GFLOP/s: "
-          + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))  # fmt: skip
+    for dt in dtypes:
+        print(f"\n{dt} matmul ({rows} x {bert_cfg.hidden_size} @ {bert_cfg.hidden_size} x "
+              f"{bert_cfg.intermediate_size}, best of 5), GFLOP/s: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in rates[dt].items()))  # fmt: skip
     summary = {}
     for m in modes:
-        best_torch = min(v for (n, mm), v in ms.items() if mm == m and n.startswith("torch"))
-        ours = ms[f"dpr-jax bucket {args.bucket}", m]
-        torch_rate, our_rate = gflop / best_torch * 1e3, gflop / ours * 1e3
-        summary[m] = {"dpr_jax_ms": ours, "torch_best_ms": best_torch, "ratio": best_torch / ours,
-                      "dpr_jax_gflops": our_rate, "torch_best_gflops": torch_rate}  # fmt: skip
-        print(f"\n`{m}`: dpr-jax (bucket {args.bucket}) {ours:.0f} ms vs PyTorch's best "
-              f"{best_torch:.0f} ms: {best_torch / ours:.2f}x; dpr-jax reads at {our_rate:.0f} "
-              f"useful GFLOP/s ({our_rate / rates['XLA']:.0%} of XLA's matmul rate here); "
-              f"1.5x PyTorch's best would need {1.5 * torch_rate:.0f} "
-              f"({1.5 * torch_rate / rates['XLA']:.0%} of it)")  # fmt: skip
+        # PyTorch's best over every setting and dtype timed
+        best_name, best_torch = min(((n, v) for (n, mm), v in ms.items()
+                                     if mm == m and n.startswith("torch")), key=lambda x: x[1])  # fmt: skip
+        torch_rate = gflop / best_torch * 1e3
+        for dt in dtypes:
+            ours = ms[label(f"dpr-jax bucket {args.bucket}", dt), m]
+            our_rate, xla = gflop / ours * 1e3, rates[dt]["XLA"]
+            key = m if len(dtypes) == 1 else f"{m}, {dt}"
+            summary[key] = {"dpr_jax_ms": ours, "torch_best_ms": best_torch,
+                            "torch_best": best_name, "ratio": best_torch / ours,
+                            "dpr_jax_gflops": our_rate, "torch_best_gflops": torch_rate}  # fmt: skip
+            print(f"\n`{m}`: dpr-jax (bucket {args.bucket}, {dt}) {ours:.0f} ms vs PyTorch's best "
+                  f"({best_name}) {best_torch:.0f} ms: {best_torch / ours:.2f}x; dpr-jax reads at "
+                  f"{our_rate:.0f} useful GFLOP/s ({our_rate / xla:.0%} of XLA's {dt} matmul "
+                  f"rate here); 1.5x PyTorch's best would need {1.5 * torch_rate:.0f} "
+                  f"({1.5 * torch_rate / xla:.0%} of it)")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({
             "args": vars(args), "ms": {f"{n} / {m}": v for (n, m), v in ms.items()},
             "rounds": {f"{n} / {m}": v for (n, m), v in times.items()}, "summary": summary,
-            "gflop_per_question": gflop, "matmul_gflops": rates,
+            "gflop_per_question": gflop,
+            "matmul_gflops": rates[dtypes[0]] if len(dtypes) == 1 else rates,
         }, indent=1))  # fmt: skip
 
 

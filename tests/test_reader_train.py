@@ -113,6 +113,19 @@ def test_read_command_reads_the_same_answers(reference, fixture_path, tmp_path, 
     assert metrics["1"]["em"] == pytest.approx(dev[-1]["em@1"])
     assert len(json.loads(out.read_text())) == 24
 
+    # --dtype bfloat16 (on this CPU: float32 activations, bfloat16 products accumulated in
+    # float32) reads the same answers as float32, to within rounding of near-tied spans
+    out16 = tmp_path / "pred16.json"
+    assert main([*argv[:-3], "--out", str(out16), "--no-progress", "--dtype", "bfloat16"]) == 0
+    capsys.readouterr()
+    f32, b16 = (json.loads(p.read_text()) for p in (out, out16))
+    assert json.loads(Path(f"{out16}.config.json").read_text())["dtype"] == "bfloat16"
+    same = sum(
+        a["predictions"][-1]["prediction"]["text"] == b["predictions"][-1]["prediction"]["text"]
+        for a, b in zip(f32, b16)
+    )
+    assert same >= 23, same
+
 
 def test_resume_gives_identical_params(reference, tmp_path, fixture_path):
     from dpr_jax.model_dir import load_model

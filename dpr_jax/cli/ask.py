@@ -9,7 +9,13 @@ import sys
 import time
 
 from dpr_jax.cli.errors import command_parser
-from dpr_jax.cli.options import POSITIVE, add_quiet, refuse_together
+from dpr_jax.cli.options import (
+    POSITIVE,
+    READER_DTYPE_HELP,
+    READER_DTYPES,
+    add_quiet,
+    refuse_together,
+)
 from dpr_jax.data.answers import exact_match_score, f1_score
 from dpr_jax.data.questions import is_tfds_spec, read_questions
 from dpr_jax.errors import UserError
@@ -39,6 +45,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-answer-length", type=POSITIVE, default=10)
     ap.add_argument("--selection", default=DEFAULT_SELECTION, choices=SELECTIONS,
                     help="answer selection across passages (dpr_jax.reader.span)")  # fmt: skip
+    ap.add_argument("--dtype", default="float32", choices=READER_DTYPES, help=READER_DTYPE_HELP)
     add_quiet(ap)
     args = ap.parse_args(argv)
     if not args.question and not args.questions:
@@ -60,6 +67,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     pipe = QAPipeline.from_dirs(
         args.retriever, args.index, args.passages, args.reader,
         n_passages=args.k, max_answer_length=args.max_answer_length, selection=args.selection,
+        reader_dtype=args.dtype,
     )  # fmt: skip
     if args.question:
         t0 = time.time()

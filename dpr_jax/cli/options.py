@@ -99,3 +99,12 @@ def start_distributed(args: argparse.Namespace) -> None:
     """``jax.distributed`` from the multi-host options, when given."""
     if args.coordinator or args.num_processes:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+
+
+# --dtype of the commands that read with a reader (read, ask)
+READER_DTYPES = ("float32", "bfloat16")
+READER_DTYPE_HELP = (
+    "the reader's compute dtype (parameters stay float32); bfloat16 on a CPU reads mixed: float32 "
+    "activations, bfloat16 products accumulated in float32 (faster where the CPU has avx512_bf16; "
+    "README: 'reading in bfloat16 on a CPU')"
+)

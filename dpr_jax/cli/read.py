@@ -10,7 +10,14 @@ import json
 import sys
 
 from dpr_jax.cli.errors import command_parser
-from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE, add_quiet, parse_ks
+from dpr_jax.cli.options import (
+    NON_NEGATIVE,
+    POSITIVE,
+    READER_DTYPE_HELP,
+    READER_DTYPES,
+    add_quiet,
+    parse_ks,
+)
 from dpr_jax.errors import UserError
 from dpr_jax.io import FILE, check_output
 from dpr_jax.reader.data import FORMATS, read_reader_examples, sample_examples
@@ -47,6 +54,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--selection", default=DEFAULT_SELECTION, choices=SELECTIONS,
                     help="answer selection across passages (dpr_jax.reader.span)")  # fmt: skip
     ap.add_argument("--batch-size", type=POSITIVE, default=32, help="sequences per forward pass")
+    ap.add_argument("--dtype", default="float32", choices=READER_DTYPES, help=READER_DTYPE_HELP)
     cut = ap.add_mutually_exclusive_group()
     cut.add_argument(
         "--window-overlap", type=NON_NEGATIVE, default=None,  # None: argparse sees it unset
@@ -80,6 +88,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         max_answer_length=args.max_answer_length,
         batch_size=args.batch_size,
         selection=args.selection,
+        dtype=args.dtype,
         window_overlap=None
         if args.truncate
         else ("auto" if args.window_overlap is None else args.window_overlap),

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpr_jax.models.bert import BertConfig, BertModule
+from dpr_jax.models.bert import BertConfig, BertModule, cpu_mixed_inference
 from dpr_jax.models.kind import ModelKind
 
 
@@ -35,7 +35,10 @@ class ReaderEncoder(nn.Module):
     def __call__(self, input_ids, attention_mask, deterministic: bool):
         return BertModule(
             self.config, self.dtype, add_pooling_layer=False, remat=self.remat, name="bert_model"
-        )(input_ids, attention_mask, jnp.zeros_like(input_ids), deterministic=deterministic)
+        )(
+            input_ids, attention_mask, jnp.zeros_like(input_ids), deterministic=deterministic,
+            float32_output=True,  # in mixed inference on a CPU: the heads read float32
+        )  # fmt: skip
 
 
 class Reader(nn.Module):
@@ -53,11 +56,13 @@ class Reader(nn.Module):
             flat(input_ids), flat(attention_mask), deterministic
         ).last_hidden_state  # (N*M, T, H)
         init = nn.initializers.normal(self.config.initializer_range)
+        # mixed inference on a CPU (cpu_mixed_inference): h and the heads in float32
+        heads = jnp.float32 if cpu_mixed_inference(self.dtype, deterministic) else self.dtype
         # (N*M, T, H) . (H, 2) -> (N*M, T, 2)
-        logits = nn.Dense(2, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=init,
+        logits = nn.Dense(2, dtype=heads, param_dtype=jnp.float32, kernel_init=init,
                           name="qa_outputs")(h).astype(jnp.float32)  # fmt: skip
         # (N*M, H) . (H, 1) -> (N*M, 1)
-        rel = nn.Dense(1, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=init,
+        rel = nn.Dense(1, dtype=heads, param_dtype=jnp.float32, kernel_init=init,
                        name="qa_classifier")(h[:, 0]).astype(jnp.float32)  # fmt: skip
         return ReaderOutput(
             logits[..., 0].reshape(n, m, t), logits[..., 1].reshape(n, m, t), rel.reshape(n, m)
