@@ -364,3 +364,55 @@ def test_cpu_bfloat16_inference_runs_mixed_and_is_closer_to_float32():
     # against 0.0034-0.0036 in bfloat16 throughout
     assert max(worst["mixed"]) < 0.75 * min(worst["bf16"]), worst
     assert min(worst["mixed"]) > 1e-4, "mixed inference gave float32 results"
+
+
+def _has_loop(jaxpr) -> bool:
+    """Whether a (closed) jaxpr runs a scan (``lax.map``) or a while loop, sub-jaxprs included."""
+    return any(
+        eqn.primitive.name in ("scan", "while")
+        or any(_has_loop(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+        for eqn in jaxpr.eqns
+    )
+
+
+def test_cpu_mixed_attention_is_batched_for_small_blocks_looped_otherwise_and_both_agree(
+    monkeypatch,
+):
+    """Mixed inference (bfloat16 on XLA:CPU) reads attention batched while each device holds at
+    least BATCHED_CPU_ATTENTION_ROWS rows and their scores fit in BATCHED_CPU_ATTENTION_BYTES,
+    looped otherwise; float32 stays looped. Both forms give the same numbers, and torch's."""
+    import dpr_jax.models.bert as bert_mod
+
+    model = _torch_bert(3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg, params = _flax(model)
+    assert jax.device_count() == 8
+    ids, mask, types = _batch(3, b=32, lengths=[16, 9, 4, 1, 12, 7, 2, 5] * 4)  # 4 rows a device
+
+    def run(dtype, b=32):
+        module = BertModule(cfg, dtype=dtype)
+        fn = lambda p: module.apply({"params": p}, ids[:b], mask[:b], types[:b],  # noqa: E731
+                                    float32_output=True).last_hidden_state  # fmt: skip
+        return _has_loop(jax.make_jaxpr(fn)(params).jaxpr), jax.jit(fn)(params)
+
+    looped, batched = {}, {}
+    scores = 4 * cfg.num_attention_heads * 16 * 16 * 4  # bytes of a device's float32 scores
+    assert scores <= bert_mod.BATCHED_CPU_ATTENTION_BYTES
+    assert not (got := run(jnp.bfloat16))[0]  # 4 rows a device, small scores: batched
+    batched["bf16"] = got[1]
+    assert run(jnp.bfloat16, b=8)[0]  # one row a device: looped
+    assert run(jnp.float32)[0]
+    monkeypatch.setattr(bert_mod, "BATCHED_CPU_ATTENTION_BYTES", scores)
+    assert not run(jnp.bfloat16)[0]
+    monkeypatch.setattr(bert_mod, "BATCHED_CPU_ATTENTION_BYTES", scores - 1)
+    assert (got := run(jnp.bfloat16))[0]  # scores one byte over the limit: looped
+    looped["bf16"] = got[1]
+    np.testing.assert_allclose(batched["bf16"], looped["bf16"], atol=2e-5)
+    with torch.no_grad():
+        ref = model(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            token_type_ids=torch.tensor(types, dtype=torch.long),
+        ).last_hidden_state.numpy()
+    # bfloat16 products' inputs: within their rounding of torch's float32 (measured ~3e-3 mean)
+    err = float(np.abs(np.asarray(batched["bf16"]) - ref).mean())
+    assert 1e-5 < err < 1e-2, err
