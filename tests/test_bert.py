@@ -61,6 +61,15 @@ def _flax(model):
     return cfg, hf_state_dict_to_flax(sd, "BertModel", cfg)
 
 
+def _torch_last_hidden(model, ids, mask, types) -> np.ndarray:
+    with torch.no_grad():
+        return model(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            token_type_ids=torch.tensor(types, dtype=torch.long),
+        ).last_hidden_state.numpy()
+
+
 def _batch(seed: int, b=4, t=16, lengths=(16, 9, 4, 1)):
     """Right-padded random ids, random token types (0/1) so token_type_embeddings count."""
     rng = np.random.default_rng(seed)
@@ -102,12 +111,7 @@ def test_cpu_looped_and_batched_attention_both_match_torch(batch):
     cfg, params = _flax(model)
     lengths = [16, 9, 4, 1, 12, 7, 16, 2, 3, 5, 8, 11][:batch]
     ids, mask, types = _batch(5, b=batch, lengths=lengths)
-    with torch.no_grad():
-        ref = model(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            attention_mask=torch.tensor(mask, dtype=torch.long),
-            token_type_ids=torch.tensor(types, dtype=torch.long),
-        ).last_hidden_state.numpy()
+    ref = _torch_last_hidden(model, ids, mask, types)
     assert jax.default_backend() == "cpu"
     for deterministic in (True, False):  # dropout rates are 0: the paths differ, not the math
         out = _jitted(cfg, deterministic=deterministic)(params, ids, mask, types)
@@ -407,12 +411,7 @@ def test_cpu_mixed_attention_is_batched_for_small_blocks_looped_otherwise_and_bo
     assert (got := run(jnp.bfloat16))[0]  # scores one byte over the limit: looped
     looped["bf16"] = got[1]
     np.testing.assert_allclose(batched["bf16"], looped["bf16"], atol=2e-5)
-    with torch.no_grad():
-        ref = model(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            attention_mask=torch.tensor(mask, dtype=torch.long),
-            token_type_ids=torch.tensor(types, dtype=torch.long),
-        ).last_hidden_state.numpy()
+    ref = _torch_last_hidden(model, ids, mask, types)
     # bfloat16 products' inputs: within their rounding of torch's float32 (measured ~3e-3 mean)
     err = float(np.abs(np.asarray(batched["bf16"]) - ref).mean())
     assert 1e-5 < err < 1e-2, err
