@@ -68,7 +68,9 @@ def parse_args(argv=None):
     ap.add_argument("--passages", type=int, default=20)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--bucket", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=32, help="dpr-jax sequences per batch")
+    ap.add_argument("--batch-size", default="",
+                    help="dpr-jax sequences per batch, comma list (each timed, bucketed; the "
+                    "first also unbucketed; default: ReaderPredictor's, 24 on a CPU)")  # fmt: skip
     ap.add_argument("--devices", type=int, default=4, help="XLA CPU devices (4: as read / ask)")
     ap.add_argument("--torch-batch", default="20,64", help="torch batch sizes to try")
     ap.add_argument("--torch-threads", default="1,2", help="torch thread counts to try")
@@ -176,6 +178,9 @@ def parse_dtypes(text: str) -> list[str]:
 def main(argv=None):
     args = parse_args(argv)
     dtypes = parse_dtypes(args.dtype)
+    from dpr_jax.cli.options import parse_ks
+
+    batch_sizes = parse_ks(args.batch_size) if args.batch_size else [None]
     gpu = args.platform == "gpu"
     os.environ.setdefault("JAX_PLATFORMS", "cuda" if gpu else "cpu")
     if args.devices > 0 and not gpu:
@@ -210,18 +215,23 @@ def main(argv=None):
     def label(name, dtype):  # one dtype: the names of the single-dtype tables before
         return name if len(dtypes) == 1 else f"{name}, {dtype}"
 
+    def ours(bucket, batch, dtype):  # one batch size: the names of the tables before
+        more = f", batch {batch}" if len(batch_sizes) > 1 else ""
+        return label(f"dpr-jax bucket {bucket}{more}", dtype)
+
     predictors = {
-        label(f"dpr-jax bucket {b}", dt): ReaderPredictor(
+        ours(b, bs, dt): ReaderPredictor(
             params,
             bert_cfg,
             rtok,
-            batch_size=args.batch_size,
+            batch_size=bs,
             bucket=b,
             dtype=dt,
             window_overlap=None,  # the reference's sequences: a passage cut at --max-length
         )  # fmt: skip
         for dt in dtypes
-        for b in (args.bucket, 0)
+        for bs in batch_sizes
+        for b in ((args.bucket, 0) if bs == batch_sizes[0] else (args.bucket,))
     }
     device = torch.device("cuda" if gpu else "cpu")
     base_model = ref.torch_reader(jax.tree.map(np.asarray, params), bert_cfg).eval()
@@ -295,15 +305,17 @@ def main(argv=None):
         best_name, best_torch = min(((n, v) for (n, mm), v in ms.items()
                                      if mm == m and n.startswith("torch")), key=lambda x: x[1])  # fmt: skip
         torch_rate = gflop / best_torch * 1e3
-        for dt in dtypes:
-            ours = ms[label(f"dpr-jax bucket {args.bucket}", dt), m]
-            our_rate, xla = gflop / ours * 1e3, rates[dt]["XLA"]
+        for dt, bs in [(dt, bs) for dt in dtypes for bs in batch_sizes]:
+            mine = ms[ours(args.bucket, bs, dt), m]
+            our_rate, xla = gflop / mine * 1e3, rates[dt]["XLA"]
             key = m if len(dtypes) == 1 else f"{m}, {dt}"
-            summary[key] = {"dpr_jax_ms": ours, "torch_best_ms": best_torch,
-                            "torch_best": best_name, "ratio": best_torch / ours,
+            key += f", batch {bs}" if len(batch_sizes) > 1 else ""
+            summary[key] = {"dpr_jax_ms": mine, "torch_best_ms": best_torch,
+                            "torch_best": best_name, "ratio": best_torch / mine,
                             "dpr_jax_gflops": our_rate, "torch_best_gflops": torch_rate}  # fmt: skip
-            print(f"\n`{m}`: dpr-jax (bucket {args.bucket}, {dt}) {ours:.0f} ms vs PyTorch's best "
-                  f"({best_name}) {best_torch:.0f} ms: {best_torch / ours:.2f}x; dpr-jax reads at "
+            batch = f", batch {bs}" if len(batch_sizes) > 1 else ""
+            print(f"\n`{m}`: dpr-jax (bucket {args.bucket}{batch}, {dt}) {mine:.0f} ms vs PyTorch's best "
+                  f"({best_name}) {best_torch:.0f} ms: {best_torch / mine:.2f}x; dpr-jax reads at "
                   f"{our_rate:.0f} useful GFLOP/s ({our_rate / xla:.0%} of XLA's {dt} matmul "
                   f"rate here); 1.5x PyTorch's best would need {1.5 * torch_rate:.0f} "
                   f"({1.5 * torch_rate / xla:.0%} of it)")  # fmt: skip

@@ -53,7 +53,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-answer-length", type=POSITIVE, default=10)
     ap.add_argument("--selection", default=DEFAULT_SELECTION, choices=SELECTIONS,
                     help="answer selection across passages (dpr_jax.reader.span)")  # fmt: skip
-    ap.add_argument("--batch-size", type=POSITIVE, default=32, help="sequences per forward pass")
+    ap.add_argument("--batch-size", type=POSITIVE, default=None,
+                    help="sequences per forward pass (default: 24 on a CPU, 32 on a GPU / TPU)")  # fmt: skip
     ap.add_argument("--dtype", default="float32", choices=READER_DTYPES, help=READER_DTYPE_HELP)
     cut = ap.add_mutually_exclusive_group()
     cut.add_argument(
@@ -94,6 +95,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         else ("auto" if args.window_overlap is None else args.window_overlap),
     )
     args.window_overlap = predictor.window_overlap  # recorded in --out's config as used
+    args.batch_size = predictor.batch_size  # likewise
     preds = predictor.predict(
         [e.question for e in examples], [list(e.passages) for e in examples], args.top_k,
         [e.answers for e in examples], progress=not args.quiet,
