@@ -26,6 +26,7 @@ run it and compare.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -35,6 +36,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_read import load_questions, parse_dtypes  # noqa: E402  (a sibling script)
 
 from dpr_jax.cli.options import parse_ks  # noqa: E402
 
@@ -57,7 +61,7 @@ def parse_args(argv=None):
     ap.add_argument("--devices", type=int, default=4, help="XLA CPU devices (read/ask: 4)")
     ap.add_argument("--rows", type=parse_ks, default=[2, 5, 8, 16], help="rows a device")
     ap.add_argument("--lengths", type=parse_ks, default=[128, 192, 256], help="tokens a row")
-    ap.add_argument("--dtype", default="bfloat16,float32",
+    ap.add_argument("--dtype", type=parse_dtypes, default=["bfloat16", "float32"],
                     help="comma list of float32, bfloat16")  # fmt: skip
     ap.add_argument("--reps", type=int, default=0,
                     help="timed repetitions a form (0: ~40 rows x 64 tokens' worth)")  # fmt: skip
@@ -71,12 +75,21 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if bool(args.reader) != bool(args.data):
         ap.error("--reader and --data go together")
-    args.dtype = [d.strip() for d in args.dtype.split(",") if d.strip()]
-    if not args.dtype or set(args.dtype) - {"float32", "bfloat16"}:
-        ap.error(f"--dtype: a comma list of float32, bfloat16, got {','.join(args.dtype)!r}")
     if args.devices < 1 or args.reps < 0:
         ap.error("--devices must be >= 1 and --reps >= 0")
     return args
+
+
+@contextlib.contextmanager
+def attention_form(bert, batched: bool | None):
+    """Trace under a forced attention form (``None``: the module's own rule), then restore it."""
+    rule = bert._batched_cpu_attention
+    if batched is not None:
+        bert._batched_cpu_attention = lambda *a: batched  # noqa: E731
+    try:
+        yield
+    finally:
+        bert._batched_cpu_attention = rule
 
 
 def end_to_end(args, bert) -> list[dict]:
@@ -84,28 +97,20 @@ def end_to_end(args, bert) -> list[dict]:
     programs: the rule is replaced while the second traces), alternating rounds."""
     import statistics
 
-    sys.path.insert(0, str(REPO / "scripts"))
-    from bench_read import load_questions
-
     import dpr_jax.reader.span as span
     from dpr_jax.reader.span import ReaderPredictor
 
     qs, ps = load_questions(Path(args.data), args.questions, 20, 0)
     base = ReaderPredictor.from_dir(args.reader)
     preds, answers = {}, {}
-    rule = bert._batched_cpu_attention
     for dtype in args.dtype:
-        for form in ("rule", "looped"):
-            if form == "looped":
-                bert._batched_cpu_attention = lambda *a: False  # noqa: E731
-            try:
+        for form, batched in (("rule", None), ("looped", False)):
+            with attention_form(bert, batched):
                 span._FORWARD.clear()  # a jitted program of its own, traced under this form
                 pred = ReaderPredictor(base.params, base.model.config, base.tokenizer, dtype=dtype)
                 got = pred.predict(qs, ps, top_k=(20,))  # compiles the shapes of `all`
                 for q, pl in zip(qs, ps):
                     pred.predict([q], [pl], top_k=(20,))  # and of `one`
-            finally:
-                bert._batched_cpu_attention = rule
             preds[dtype, form] = pred
             answers[dtype, form] = [g.predictions[20].text for g in got]
     times = {key: {"one": [], "all": []} for key in preds}
@@ -162,16 +167,13 @@ def main(argv=None) -> int:
                 ids, mask = jax.device_put(ids, data), jax.device_put(mask, data)
                 fns, outs = {}, {}
                 for form, batched in (("looped", False), ("batched", True)):
-                    bert._batched_cpu_attention = lambda *a, _b=batched: _b  # noqa: E731
-                    try:
+                    with attention_form(bert, batched):
                         model = Reader(cfg, dtype=jnp.dtype(dtype))
                         fn = jax.jit(
                             lambda p, i, m, _m=model: _m.apply({"params": p}, i, m).start_logits,
                             in_shardings=(replicated(mesh), data, data),
                         )
                         outs[form] = np.asarray(jax.block_until_ready(fn(params, ids, mask)))
-                    finally:
-                        bert._batched_cpu_attention = rule
                     fns[form] = fn
                 reps = args.reps or max(3, round(40 * 64 / (per_device * t)))
                 times = {form: [] for form in fns}

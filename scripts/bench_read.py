@@ -59,6 +59,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
+from dpr_jax.cli.options import parse_ks  # noqa: E402
+
+
+def parse_dtypes(text: str) -> list[str]:
+    """``--dtype float32,bfloat16`` (an argparse ``type=``; bench_attention.py's too)."""
+    dtypes = [d.strip() for d in text.split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in ("float32", "bfloat16")]
+    if bad or not dtypes:
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma list of float32, bfloat16")
+    return list(dict.fromkeys(dtypes))
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -68,7 +79,7 @@ def parse_args(argv=None):
     ap.add_argument("--passages", type=int, default=20)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--bucket", type=int, default=32)
-    ap.add_argument("--batch-size", default="",
+    ap.add_argument("--batch-size", type=parse_ks, default=[None],
                     help="dpr-jax sequences per batch, comma list (each timed, bucketed; the "
                     "first also unbucketed; default: ReaderPredictor's, 24 on a CPU)")  # fmt: skip
     ap.add_argument("--devices", type=int, default=4, help="XLA CPU devices (4: as read / ask)")
@@ -84,7 +95,8 @@ def parse_args(argv=None):
                     "--torch-threads then do nothing)")  # fmt: skip
     ap.add_argument(
         "--dtype",
-        default="float32",
+        type=parse_dtypes,
+        default=["float32"],
         help="compute dtypes of both sides, comma list of float32, bfloat16 (each side is "
         "timed in each; PyTorch's best is taken over all of them)",
     )
@@ -167,20 +179,9 @@ def matmul_rates(rows: int, k: int, n: int, threads: list[int], device, dtype: s
     return out
 
 
-def parse_dtypes(text: str) -> list[str]:
-    dtypes = [d.strip() for d in text.split(",") if d.strip()]
-    bad = [d for d in dtypes if d not in ("float32", "bfloat16")]
-    if bad or not dtypes:
-        raise SystemExit(f"bench_read: --dtype {text!r}: a comma list of float32, bfloat16")
-    return list(dict.fromkeys(dtypes))
-
-
 def main(argv=None):
     args = parse_args(argv)
-    dtypes = parse_dtypes(args.dtype)
-    from dpr_jax.cli.options import parse_ks
-
-    batch_sizes = parse_ks(args.batch_size) if args.batch_size else [None]
+    dtypes, batch_sizes = args.dtype, args.batch_size
     gpu = args.platform == "gpu"
     os.environ.setdefault("JAX_PLATFORMS", "cuda" if gpu else "cpu")
     if args.devices > 0 and not gpu:
@@ -209,7 +210,7 @@ def main(argv=None):
     lengths = [len(s) for row in seqs for s in row]
     print(f"{len(qs)} questions x {args.passages} passages, sequence length mean "
           f"{np.mean(lengths):.0f}, max {max(lengths)} (cap {args.max_length}); "
-          f"{jax.device_count()} XLA devices ({jax.devices()[0].device_kind}), {args.dtype}",
+          f"{jax.device_count()} XLA devices ({jax.devices()[0].device_kind}), {','.join(dtypes)}",
           file=sys.stderr)  # fmt: skip
 
     def label(name, dtype):  # one dtype: the names of the single-dtype tables before
@@ -286,7 +287,7 @@ def main(argv=None):
     threads = [int(x) for x in args.torch_threads.split(",")]
     rates = {dt: matmul_rates(rows, bert_cfg.hidden_size, bert_cfg.intermediate_size, threads,
                               device, dt) for dt in dtypes}  # fmt: skip
-    where = f"{jax.devices()[0].device_kind}, {args.dtype}"
+    where = f"{jax.devices()[0].device_kind}, {','.join(dtypes)}"
     print(f"\nms per question ({args.passages} passages, median of {args.rounds} rounds; {where}; "
           f"load average {os.getloadavg()[0]:.1f}), and (in brackets) the useful GFLOP/s: "
           f"{gflop:.2f} GFLOP a question on its real tokens:\n")  # fmt: skip
@@ -308,12 +309,11 @@ def main(argv=None):
         for dt, bs in [(dt, bs) for dt in dtypes for bs in batch_sizes]:
             mine = ms[ours(args.bucket, bs, dt), m]
             our_rate, xla = gflop / mine * 1e3, rates[dt]["XLA"]
-            key = m if len(dtypes) == 1 else f"{m}, {dt}"
-            key += f", batch {bs}" if len(batch_sizes) > 1 else ""
+            batch = f", batch {bs}" if len(batch_sizes) > 1 else ""
+            key = (m if len(dtypes) == 1 else f"{m}, {dt}") + batch
             summary[key] = {"dpr_jax_ms": mine, "torch_best_ms": best_torch,
                             "torch_best": best_name, "ratio": best_torch / mine,
                             "dpr_jax_gflops": our_rate, "torch_best_gflops": torch_rate}  # fmt: skip
-            batch = f", batch {bs}" if len(batch_sizes) > 1 else ""
             print(f"\n`{m}`: dpr-jax (bucket {args.bucket}{batch}, {dt}) {mine:.0f} ms vs PyTorch's best "
                   f"({best_name}) {best_torch:.0f} ms: {best_torch / mine:.2f}x; dpr-jax reads at "
                   f"{our_rate:.0f} useful GFLOP/s ({our_rate / xla:.0%} of XLA's {dt} matmul "

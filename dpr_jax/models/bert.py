@@ -188,6 +188,12 @@ def _dot_rounding_inputs(dtype_name: str):
     return dot_general
 
 
+def _dot_general(dot_dtype):
+    """The ``dot_general`` of a Dense in mixed inference (``dot_dtype`` set): its inputs rounded
+    to ``dot_dtype``; ``None`` (Flax's own) otherwise."""
+    return None if dot_dtype is None else _dot_rounding_inputs(jnp.dtype(dot_dtype).name)
+
+
 def _einsum(spec: str, a: Array, b: Array, dot_dtype) -> Array:
     """``jnp.einsum``; with ``dot_dtype`` (mixed inference) its inputs rounded to it and the
     result in float32."""
@@ -206,7 +212,7 @@ def _dense(config: BertConfig, features: int, name: str, dtype, dot_dtype=None) 
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=nn.initializers.normal(config.initializer_range),
-        dot_general=None if dot_dtype is None else _dot_rounding_inputs(jnp.dtype(dot_dtype).name),
+        dot_general=_dot_general(dot_dtype),
         name=name,
     )
 
@@ -508,7 +514,7 @@ class BertModule(nn.Module):
             pooler = fsdp_wrap(self.fsdp, nn.Dense, self, "pooler_dense")(
                 cfg.hidden_size, dtype=act, param_dtype=jnp.float32,
                 kernel_init=nn.initializers.normal(cfg.initializer_range), name="pooler_dense",
-                dot_general=_dot_rounding_inputs(jnp.dtype(dot).name) if mixed else None,
+                dot_general=_dot_general(dot),
             )  # fmt: skip
             pooled = jnp.tanh(pooler(top[:, 0])).astype(self.dtype)
         return BertOutput(x, pooled, tuple(hidden) if output_hidden_states else None)
