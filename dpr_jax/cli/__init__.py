@@ -12,7 +12,9 @@ import glob
 import importlib
 import importlib.util
 import os
+import re
 import sys
+from pathlib import Path
 
 from dpr_jax.cli.errors import run_command
 from dpr_jax.registry import Registry
@@ -141,6 +143,66 @@ def train_xla_flags() -> None:
         os.environ["XLA_FLAGS"] = " ".join([flags, *new]).strip()
 
 
+# XLA:CPU allocates each executable's buffers per call with malloc, in blocks far above glibc's
+# mmap threshold: every call maps fresh memory and the kernel faults it in 4 KiB pages (a MiniLM
+# reader train step on 2 cores spent ~30% of its CPU time in the kernel). glibc >= 2.35 can
+# advise transparent huge pages for those maps (the ``glibc.malloc.hugetlb=1`` tunable), which
+# it reads only at process start: the `dpr-jax` command re-executes itself once with it set
+# where the kernel's THP mode is ``madvise`` (``always`` needs nothing). Measured by
+# scripts/bench_hugepages.py (README). DPR_JAX_MALLOC_HUGEPAGES=0 turns it off.
+MALLOC_HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _glibc_version() -> tuple[int, ...]:
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        return tuple(int(p) for p in version.split(".")[:2]) if name == "glibc" else ()
+    except (AttributeError, OSError, ValueError):  # not glibc (musl, macOS)
+        return ()
+
+
+def thp_mode(path: Path = THP_ENABLED) -> str:
+    """The kernel's transparent-huge-page mode (``always`` / ``madvise`` / ``never``; "" if
+    none is readable)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return ""
+    m = re.search(r"\[(\w+)\]", text)
+    return m.group(1) if m else ""
+
+
+def malloc_hugepages_env(
+    environ: dict[str, str] | None = None, glibc=None, thp: str | None = None
+) -> dict[str, str] | None:
+    """The environment to re-execute with so that malloc's large blocks get huge pages, or
+    None where it would change nothing (already set, turned off, not glibc >= 2.35, THP mode
+    not ``madvise``)."""
+    env = dict(os.environ if environ is None else environ)
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if env.get("DPR_JAX_MALLOC_HUGEPAGES", "1") == "0" or "glibc.malloc.hugetlb" in tunables:
+        return None
+    if (_glibc_version() if glibc is None else glibc) < (2, 35):
+        return None
+    if (thp_mode() if thp is None else thp) != "madvise":
+        return None
+    env["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, MALLOC_HUGEPAGES_TUNABLE) if t)
+    return env
+
+
+def reexec_with_malloc_hugepages() -> None:
+    """Before anything is imported or started: re-execute this process (the same interpreter
+    and command line, ``sys.orig_argv``) with :func:`malloc_hugepages_env`'s environment, once;
+    a no-op where that is None. For the `dpr-jax` command and the benchmarks that time it."""
+    env = malloc_hugepages_env()
+    if env is None or "jax" in sys.modules or not getattr(sys, "orig_argv", None):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, env)
+
+
 def plan_env(argv: list[str] | None = None) -> None:
     """Before jax is imported, for `dpr-jax plan`: keep the runtime on the CPU, libtpu off the
     metadata server and off its one-process-per-host lock file (/tmp/libtpu_lockfile): a
@@ -157,6 +219,8 @@ def plan_env(argv: list[str] | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the `dpr-jax` command itself (not a caller's main([...]))
+        reexec_with_malloc_hugepages()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
