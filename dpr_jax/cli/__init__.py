@@ -194,7 +194,7 @@ def malloc_hugepages_env(
 def reexec_with_malloc_hugepages() -> None:
     """Before anything is imported or started: re-execute this process (the same interpreter
     and command line, ``sys.orig_argv``) with :func:`malloc_hugepages_env`'s environment, once;
-    a no-op where that is None. For the `dpr-jax` command and the benchmarks that time it."""
+    a no-op where that is None. Called by the `dpr-jax` command's entry (:func:`main`) only."""
     env = malloc_hugepages_env()
     if env is None or "jax" in sys.modules or not getattr(sys, "orig_argv", None):
         return
