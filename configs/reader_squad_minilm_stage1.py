@@ -19,8 +19,9 @@ Data: ``dpr-jax prepare-squad`` (train/dev split by article; the dev articles ar
 Resumable: run the same command again and it continues from the latest checkpoint (every 200
 steps; the batches are a pure function of the step). One epoch over the ~78k training questions
 with a positive is ~2,450 steps of 32: on a GPU a minute or two (``scripts/gpu_session.sh`` runs
-both stages and the evaluation on one lent GPU; README has its figures), on a 2-core CPU about
-10 s a step.
+both stages and the evaluation on one lent GPU; README has its figures), on a 2-core CPU
+~3.5 s a step with the default ``bucket`` and ~2.6 s with ``--set length_groups=20`` (batches of
+similar lengths, padded to their longest: ``scripts/bench_reader_lengths.py``).
 """
 
 from dpr_jax.reader.task import ReaderTrainConfig

@@ -194,7 +194,8 @@ def malloc_hugepages_env(
 def reexec_with_malloc_hugepages() -> None:
     """Before anything is imported or started: re-execute this process (the same interpreter
     and command line, ``sys.orig_argv``) with :func:`malloc_hugepages_env`'s environment, once;
-    a no-op where that is None. Called by the `dpr-jax` command's entry (:func:`main`) only."""
+    a no-op where that is None. Called by the `dpr-jax` command's entry (:func:`main`) and by
+    scripts/bench_reader_lengths.py (which times the step as `train-reader` runs it)."""
     env = malloc_hugepages_env()
     if env is None or "jax" in sys.modules or not getattr(sys, "orig_argv", None):
         return

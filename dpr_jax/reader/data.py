@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 from dpr_jax.data.answers import AnswerMatcher, has_answer
 from dpr_jax.data.formats import Passage, open_text, read_biencoder, read_retrieval_results
 from dpr_jax.data.squad import parse_squad
-from dpr_jax.data.tokenize import DPRTokenizer
+from dpr_jax.data.tokenize import DPRTokenizer, padded_length
 from dpr_jax.errors import UserError
 
 FORMATS = ("auto", "retrieval", "biencoder", "squad")
@@ -300,6 +300,17 @@ class ReaderTrainData:
         start_positions, end_positions  (n, A) int32  spans of the positive (passage 0)
         answer_mask                (n, A) float32   1 for real spans
         question_mask              (n,) float32     all 1 (kept for a uniform batch layout)
+
+    ``T`` is ``max_length`` unless ``bucket`` > 0: then each global batch is padded only to the
+    longest sequence any of its questions can yield, rounded up to a multiple of ``bucket``
+    tokens (:func:`dpr_jax.data.tokenize.padded_length`). The loss is unchanged (padding is
+    masked out of attention and of the span softmax), a batch of 100-word passages costs ~192
+    positions instead of 256, and every process computes the same ``T`` from the global batch
+    (a per-question bound fixed in ``__init__``), so the processes of a pod agree on the shape.
+
+    ``length_groups`` > 0 (HF's ``group_by_length``): each epoch's permutation is cut into groups
+    of ``length_groups`` batches, each group sorted by that bound and cut into batches, and the
+    epoch's batches shuffled: batches of similar lengths, so ``bucket`` pads far less.
     """
 
     def __init__(
@@ -312,8 +323,13 @@ class ReaderTrainData:
         seed: int = 0,
         where: str = "",
         progress: bool = False,
+        bucket: int = 0,
+        length_groups: int = 0,
     ):
 
+        if bucket < 0 or length_groups < 0:
+            raise UserError(f"bucket and length_groups must be >= 0, got {bucket}, {length_groups}")
+        self.bucket, self.length_groups = bucket, length_groups
         if passages_per_question < 1:
             raise UserError(f"passages_per_question must be >= 1, got {passages_per_question}")
         if max_answers < 1:
@@ -346,6 +362,7 @@ class ReaderTrainData:
             dynamic_ncols=True,
         ):
             tokenizer.passage_tokens(todo[lo : lo + chunk])
+        lengths: list[int] = []
         for q_ids, answers, (pos_p, neg_p) in zip(q_ids_all, answers_all, selected):
             self.stats["questions"] += 1
             positives, truncated = [], False
@@ -369,7 +386,11 @@ class ReaderTrainData:
             if len(negatives) < self.m - 1:
                 self.stats["fewer_negatives"] += 1
             self.questions.append(_TrainQuestion(q_ids, positives, negatives))
+            # the longest sequence this question can put in a batch (negatives only when drawn)
+            cands = [t for t, _ in positives] + (negatives if self.m > 1 else [])
+            lengths.append(max(len(tokenizer.sequence(q_ids, t).ids) for t in cands))
         self.stats["kept"] = len(self.questions)
+        self.lengths = np.asarray(lengths, np.int32)
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -383,12 +404,36 @@ class ReaderTrainData:
             )
         return n
 
-    def question_order(self, epoch: int) -> np.ndarray:
-        """The seeded permutation of the questions in ``epoch`` (cached for the last epoch)."""
-        if getattr(self, "_order_epoch", None) != epoch:
+    def question_order(self, epoch: int, batch_size: int = 1) -> np.ndarray:
+        """The seeded permutation of the questions in ``epoch`` (cached for the last epoch);
+        with ``length_groups``, grouped into batches of ``batch_size`` (see the class)."""
+        key = (epoch, batch_size if self.length_groups else 0)
+        if getattr(self, "_order_key", None) != key:
             rng = np.random.default_rng([self.seed, epoch])
-            self._order, self._order_epoch = rng.permutation(len(self.questions)), epoch
+            order = rng.permutation(len(self.questions))
+            if self.length_groups:
+                order = self._grouped(order, rng, batch_size)
+            self._order, self._order_key = order, key
         return self._order
+
+    def _grouped(self, order: np.ndarray, rng: np.random.Generator, b: int) -> np.ndarray:
+        """``order`` with each group of ``length_groups`` batches of ``b`` sorted by length
+        (longest first), then its batches shuffled; the questions past the last full batch stay
+        last."""
+        nb = len(order) // b
+        full, rest = order[: nb * b], order[nb * b :]
+        g = self.length_groups * b
+        parts = [full[i : i + g] for i in range(0, len(full), g)]
+        sorted_full = np.concatenate(
+            [p[np.argsort(-self.lengths[p], kind="stable")] for p in parts]
+        )
+        batches = sorted_full.reshape(nb, b)[rng.permutation(nb)]
+        return np.concatenate([batches.reshape(-1), rest])
+
+    def batch_length(self, idx: np.ndarray) -> int:
+        """``T`` of a global batch of questions ``idx`` (see the class docstring)."""
+        t = self.tokenizer.config.max_length
+        return padded_length(int(self.lengths[idx].max()), t, self.bucket) if len(idx) else t
 
     def batch(
         self, step: int, batch_size: int, rows: tuple[int, int] | None = None
@@ -396,10 +441,10 @@ class ReaderTrainData:
         """Rows ``[lo, hi)`` of global batch ``step`` (epoch = step // batches per epoch)."""
         per_epoch = self.batches_per_epoch(batch_size)
         epoch, b = divmod(step, per_epoch)
-        order = self.question_order(epoch)[b * batch_size : (b + 1) * batch_size]
+        order = self.question_order(epoch, batch_size)[b * batch_size : (b + 1) * batch_size]
         lo, hi = rows if rows is not None else (0, batch_size)
         idx = order[lo:hi]
-        t, m, a = self.tokenizer.config.max_length, self.m, self.max_answers
+        t, m, a = self.batch_length(order), self.m, self.max_answers
         n = len(idx)
         out = {
             "input_ids": np.full((n, m, t), self.tokenizer.pad_id, np.int32),
@@ -416,7 +461,7 @@ class ReaderTrainData:
             toks, spans = q.positives[int(rng.integers(len(q.positives)))]
             negs = [q.negatives[j] for j in rng.permutation(len(q.negatives))[: m - 1]]
             seqs = [self.tokenizer.sequence(q.q_ids, p).ids for p in [toks, *negs]]
-            ids, mask = self.tokenizer.pad(seqs)
+            ids, mask = self.tokenizer.pad(seqs, t)
             out["input_ids"][row, : len(seqs)] = ids
             out["attention_mask"][row, : len(seqs)] = mask
             out["passage_mask"][row, : len(seqs)] = 1.0

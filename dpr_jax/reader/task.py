@@ -96,6 +96,12 @@ class ReaderTrainConfig(RunConfig):
     max_length: int = 350  # tokens per (question, passage) sequence (DPR: 350)
     max_question_length: int = 64
     trailing_sep: bool = False
+    # each training batch padded to its longest sequence rounded up to a multiple of this many
+    # tokens, not to max_length (0: max_length); the loss is the same, the step shorter
+    bucket: int = 32
+    # sort questions by length within groups of this many batches (Hugging Face's
+    # group_by_length), then shuffle the batches: less padding left with bucket (0: off)
+    length_groups: int = 0
     # -- dev evaluation
     eval_passages: int = 50  # passages read per dev question (DPR: 50)
     eval_top_k: tuple[int, ...] = (1, 50)
@@ -110,8 +116,9 @@ class ReaderTrainConfig(RunConfig):
                   "eval_batch_size", "log_every"):  # fmt: skip
             if getattr(self, f) < 1:
                 bad(f, "must be >= 1")
-        if self.max_negatives < 0:
-            bad("max_negatives", "must be >= 0")
+        for f in ("max_negatives", "bucket", "length_groups"):
+            if getattr(self, f) < 0:
+                bad(f, "must be >= 0")
         if self.data_format not in FORMATS:
             bad("data_format", f"must be one of {FORMATS}")
         ReaderInputConfig(self.max_length, self.max_question_length, self.trailing_sep)
@@ -127,6 +134,7 @@ class ReaderTrainConfig(RunConfig):
 _RESUME_FIELDS = (
     "train_path", "data_format", "max_train_examples", "batch_size", "passages_per_question",
     "max_negatives", "max_answers", "max_length", "max_question_length", "trailing_sep", "seed",
+    "length_groups",
 )  # fmt: skip
 
 
@@ -349,7 +357,7 @@ class ReaderTask:
         self.train = ReaderTrainData(
             read_examples(config, "train"), self.rtok, config.passages_per_question,
             config.max_answers, config.max_negatives, config.seed, "train",
-            config.progress and primary,
+            config.progress and primary, config.bucket, config.length_groups,
         )  # fmt: skip
         self.steps_per_epoch = self.train.batches_per_epoch(config.batch_size)
         self.total_steps, self.warmup = config.total_steps(self.steps_per_epoch)
