@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dpr_jax.cli import MALLOC_HUGEPAGES_TUNABLE, _glibc_version, thp_mode  # noqa: E402
+from dpr_jax.cli import MALLOC_HUGEPAGES_TUNABLE, glibc_version, thp_mode  # noqa: E402
 
 WORKLOADS = ("reader-train", "retriever-train", "read", "read-bf16", "encode")
 DEVICES = {"reader-train": 1, "retriever-train": 1, "read": 4, "read-bf16": 4, "encode": 8}
@@ -143,7 +143,7 @@ def child(workload: str, steps: int, tiny: bool) -> dict:
 
 
 def run_child(workload: str, steps: int, tiny: bool, huge: bool) -> dict:
-    env = dict(os.environ, DPR_JAX_MALLOC_HUGEPAGES="0", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # GLIBC_TUNABLES: set here, per setting
     env.pop("GLIBC_TUNABLES", None)
     if huge:
         env["GLIBC_TUNABLES"] = MALLOC_HUGEPAGES_TUNABLE
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     if bad or not workloads:
         ap.error(f"--workloads: {args.workloads!r}: a comma list of {', '.join(WORKLOADS)}")
     mode = thp_mode()
-    print(f"glibc {'.'.join(map(str, _glibc_version())) or 'absent'}, transparent huge pages "
+    print(f"glibc {'.'.join(map(str, glibc_version())) or 'absent'}, transparent huge pages "
           f"[{mode or 'unreadable'}], load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
     if mode != "madvise":
         print("(the tunable only changes anything where the THP mode is madvise)")

@@ -154,7 +154,7 @@ MALLOC_HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
-def _glibc_version() -> tuple[int, ...]:
+def glibc_version() -> tuple[int, ...]:
     try:
         name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
         return tuple(int(p) for p in version.split(".")[:2]) if name == "glibc" else ()
@@ -183,7 +183,7 @@ def malloc_hugepages_env(
     tunables = env.get("GLIBC_TUNABLES", "")
     if env.get("DPR_JAX_MALLOC_HUGEPAGES", "1") == "0" or "glibc.malloc.hugetlb" in tunables:
         return None
-    if (_glibc_version() if glibc is None else glibc) < (2, 35):
+    if (glibc_version() if glibc is None else glibc) < (2, 35):
         return None
     if (thp_mode() if thp is None else thp) != "madvise":
         return None
