@@ -49,11 +49,10 @@ def _build(workload: str, tiny: bool):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
-    from jax.sharding import Mesh
 
     from dpr_jax.models.bert import BertConfig
 
+    sys.path.insert(0, str(REPO / "scripts"))
     cfg = BertConfig.from_dict(TINY if tiny else "all-MiniLM-L6-v2")
     rng = np.random.default_rng(0)
     t = 64 if tiny else 256
@@ -62,23 +61,10 @@ def _build(workload: str, tiny: bool):
         return rng.integers(1000, 20000, shape).astype(np.int32)
 
     if workload == "reader-train":
-        from dpr_jax.reader.model import Reader, init_reader_params
-        from dpr_jax.reader.step import make_train_step
-        from dpr_jax.training.state import TrainState
+        from bench_reader_lengths import reader_batch, reader_step
 
-        n = 8 if tiny else 32
-        params = init_reader_params(cfg, jax.random.PRNGKey(0))
-        tx = optax.adamw(1e-4)
-        step = make_train_step(Reader(cfg), tx, Mesh(np.array(jax.devices()), ("data",)))
-        box = [TrainState(jnp.int32(0), params, tx.init(params))]
-        batch = {
-            "input_ids": ids(n, 1, t), "attention_mask": np.ones((n, 1, t), np.int32),
-            "passage_mask": np.ones((n, 1), np.float32),
-            "start_positions": np.full((n, 10), 40, np.int32),
-            "end_positions": np.full((n, 10), 42, np.int32),
-            "answer_mask": np.pad(np.ones((n, 1), np.float32), ((0, 0), (0, 9))),
-            "question_mask": np.ones((n,), np.float32),
-        }  # fmt: skip
+        step, state = reader_step(cfg)
+        box, batch = [state], reader_batch(rng, 8 if tiny else 32, t)
         key = jax.random.PRNGKey(1)
 
         def run():
@@ -87,7 +73,6 @@ def _build(workload: str, tiny: bool):
 
         return run
     if workload == "retriever-train":
-        sys.path.insert(0, str(REPO / "scripts"))
         import bench_train
 
         if tiny:

@@ -75,15 +75,14 @@ def load_data(config_path: str, train: str, overrides: list[str], tiny: bool):
 
 
 def epoch_lengths(data, batch_size: int, bucket: int, groups: int) -> list[int]:
-    d = copy.copy(data)
-    d.bucket, d.length_groups, d._order_key = bucket, groups, None
-    order = d.question_order(0, batch_size)
-    return [d.batch_length(order[b * batch_size : (b + 1) * batch_size])
-            for b in range(len(d.questions) // batch_size)]  # fmt: skip
+    d = copy.copy(data)  # the same questions with other settings (the order cache is keyed on them)
+    d.bucket, d.length_groups = bucket, groups
+    return d.epoch_lengths(0, batch_size).tolist()
 
 
-def time_step(bert, n: int, lengths: list[int], steps: int, dtype: str = "float32"):
-    """{length: median seconds of the reader train step} (``n`` questions x 1 passage)."""
+def reader_step(bert, dtype: str = "float32"):
+    """(step, state): the reader's train step as `train-reader` compiles it (AdamW, one XLA CPU
+    device) and a fresh state of random weights (also ``bench_hugepages``' reader-train)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -99,18 +98,33 @@ def time_step(bert, n: int, lengths: list[int], steps: int, dtype: str = "float3
     step = make_train_step(
         Reader(bert, dtype=jnp.dtype(dtype)), tx, Mesh(np.array(jax.devices()[:1]), ("data",))
     )
-    state = TrainState(jnp.int32(0), params, tx.init(params))
+    return step, TrainState(jnp.int32(0), params, tx.init(params))
+
+
+def reader_batch(rng, n: int, t: int) -> dict:
+    """A training batch of ``n`` questions x 1 passage x ``t`` random tokens, one answer span."""
+    import numpy as np
+
+    return {
+        "input_ids": rng.integers(1000, 20000, (n, 1, t)).astype(np.int32),
+        "attention_mask": np.ones((n, 1, t), np.int32),
+        "passage_mask": np.ones((n, 1), np.float32),
+        "start_positions": np.full((n, 10), min(40, t - 3), np.int32),
+        "end_positions": np.full((n, 10), min(42, t - 1), np.int32),
+        "answer_mask": np.pad(np.ones((n, 1), np.float32), ((0, 0), (0, 9))),
+        "question_mask": np.ones((n,), np.float32),
+    }  # fmt: skip
+
+
+def time_step(bert, n: int, lengths: list[int], steps: int, dtype: str = "float32"):
+    """{length: median seconds of the reader train step} (``n`` questions x 1 passage)."""
+    import jax
+    import numpy as np
+
+    step, state = reader_step(bert, dtype)
     rng, key, out = np.random.default_rng(0), jax.random.PRNGKey(1), {}
     for t in sorted(set(lengths), reverse=True):
-        batch = {
-            "input_ids": rng.integers(1000, 20000, (n, 1, t)).astype(np.int32),
-            "attention_mask": np.ones((n, 1, t), np.int32),
-            "passage_mask": np.ones((n, 1), np.float32),
-            "start_positions": np.full((n, 10), min(40, t - 3), np.int32),
-            "end_positions": np.full((n, 10), min(42, t - 1), np.int32),
-            "answer_mask": np.pad(np.ones((n, 1), np.float32), ((0, 0), (0, 9))),
-            "question_mask": np.ones((n,), np.float32),
-        }  # fmt: skip
+        batch = reader_batch(rng, n, t)
         for _ in range(2):  # compile (twice at first: the state then comes back committed)
             state, m = step(state, batch, key)
             jax.block_until_ready(m)

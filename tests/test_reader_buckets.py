@@ -61,6 +61,12 @@ def test_bucketed_batch_is_the_padded_batch_cut(setup, m):
         rows = cut.batch(step, 8, rows=(2, 4))["input_ids"]
         np.testing.assert_array_equal(rows, b["input_ids"][2:4])
     assert min(lens) < MAX_LEN and max(lens) == MAX_LEN  # both kinds of batch met
+    assert cut.epoch_lengths(0, 8).tolist() == lens  # what the bench counts is what training pads
+    # the per-question bound: its longest sequence over the passages a batch can draw
+    tok = setup[1]
+    for q, n in zip(cut.questions, cut.lengths):
+        cands = [t for t, _ in q.positives] + (q.negatives if m > 1 else [])
+        assert n == max(len(tok.sequence(q.q_ids, t).ids) for t in cands)
 
 
 def test_bucketed_batch_gives_the_same_loss(setup):

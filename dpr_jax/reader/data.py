@@ -365,7 +365,7 @@ class ReaderTrainData:
         lengths: list[int] = []
         for q_ids, answers, (pos_p, neg_p) in zip(q_ids_all, answers_all, selected):
             self.stats["questions"] += 1
-            positives, truncated = [], False
+            positives, truncated, longest = [], False, 0
             for toks in tokenizer.passage_tokens(pos_p):
                 spans = find_answer_spans(toks.text_ids, answers, toks.subword)
                 if not spans:
@@ -378,6 +378,7 @@ class ReaderTrainData:
                     continue
                 arr = np.asarray(kept[:max_answers], np.int32) + seq.text_start
                 positives.append((toks, arr))
+                longest = max(longest, len(seq.ids))
             if not positives:
                 key = "skipped_spans_truncated" if truncated else "skipped_no_positive"
                 self.stats[key] += 1
@@ -387,8 +388,9 @@ class ReaderTrainData:
                 self.stats["fewer_negatives"] += 1
             self.questions.append(_TrainQuestion(q_ids, positives, negatives))
             # the longest sequence this question can put in a batch (negatives only when drawn)
-            cands = [t for t, _ in positives] + (negatives if self.m > 1 else [])
-            lengths.append(max(len(tokenizer.sequence(q_ids, t).ids) for t in cands))
+            if self.m > 1 and negatives:
+                longest = max(longest, *(len(tokenizer.sequence(q_ids, t).ids) for t in negatives))
+            lengths.append(longest)
         self.stats["kept"] = len(self.questions)
         self.lengths = np.asarray(lengths, np.int32)
 
@@ -407,7 +409,7 @@ class ReaderTrainData:
     def question_order(self, epoch: int, batch_size: int = 1) -> np.ndarray:
         """The seeded permutation of the questions in ``epoch`` (cached for the last epoch);
         with ``length_groups``, grouped into batches of ``batch_size`` (see the class)."""
-        key = (epoch, batch_size if self.length_groups else 0)
+        key = (epoch, batch_size if self.length_groups else 0, self.length_groups)
         if getattr(self, "_order_key", None) != key:
             rng = np.random.default_rng([self.seed, epoch])
             order = rng.permutation(len(self.questions))
@@ -434,6 +436,16 @@ class ReaderTrainData:
         """``T`` of a global batch of questions ``idx`` (see the class docstring)."""
         t = self.tokenizer.config.max_length
         return padded_length(int(self.lengths[idx].max()), t, self.bucket) if len(idx) else t
+
+    def epoch_lengths(self, epoch: int, batch_size: int) -> np.ndarray:
+        """``T`` of each global batch of ``epoch`` (its full batches), with this object's
+        ``bucket`` and ``length_groups``: what an epoch of training pads to."""
+        order = self.question_order(epoch, batch_size)
+        nb = self.batches_per_epoch(batch_size)
+        return np.asarray(
+            [self.batch_length(order[b * batch_size : (b + 1) * batch_size]) for b in range(nb)],
+            np.int32,
+        )
 
     def batch(
         self, step: int, batch_size: int, rows: tuple[int, int] | None = None
