@@ -95,8 +95,9 @@ if [[ -f $READER/reader_meta.json ]]; then # float16 shards of an earlier lease'
 fi
 
 # 1. Reader recipe, stage 1: SQuAD reading comprehension on the gold passages.
-#    GPU_STAGE1_SET: settings for stage 1 alone (e.g. "--set num_epochs=2.0", the next thing
-#    to try for the gold-passage goal) and GPU_STAGE1_LIMIT its time limit (one epoch: 122 s).
+#    GPU_STAGE1_SET: settings for stage 1 alone (e.g. "--set num_epochs=1.0", the first lease's
+#    recipe) and GPU_STAGE1_LIMIT its time limit (one epoch took 122 s, 76 s of it reading the
+#    data; the config's two epochs ~170 s, unmeasured on a GPU).
 read -r -a S1 <<<"${GPU_STAGE1_SET:-}"
 want recipe && step stage1 "${GPU_STAGE1_LIMIT:-240}" "${CLI[@]}" train-reader \
     --config configs/reader_squad_minilm_stage1.py --train "$TRAIN" --dev "$DEV" --workdir "$W/s1" \
