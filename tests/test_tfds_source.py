@@ -1,5 +1,7 @@
 """Questions from tensorflow-datasets, with tfds' own mock data (no TensorFlow, no network)."""
 
+import tempfile
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,32 @@ CASES = [
     ("trivia_qa/rc.nocontext", "validation", ("answer", "aliases")),
     ("web_questions", "test", ("answers",)),
 ]
+
+
+@pytest.fixture(autouse=True)
+def system_tmp(tmp_path, monkeypatch):
+    """tfds' own temporary directories (and this module's direct tfds calls) go under tmp_path."""
+    where = tmp_path / "system_tmp"
+    where.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(where))
+    return where
+
+
+def test_reading_leaves_no_tfds_temp_dirs(tmp_path, system_tmp):
+    """A builder over an unprepared data_dir makes a /tmp/tmp*tfds that tfds never removes
+    (its GCS metadata lookup); dpr-jax's reading removes it (and only it)."""
+    mine = system_tmp / "someone_elses"
+    mine.mkdir()
+    with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
+        tfds.data_source("trivia_qa/rc.nocontext", split="validation", data_dir=str(tmp_path / "a"))
+        leaked = sorted(p.name for p in system_tmp.iterdir() if p.name.endswith("tfds"))
+        assert leaked, "tfds no longer leaks: _own_tempdir can go"
+        for name in leaked:
+            (system_tmp / name).rmdir()
+        qs = load_tfds_questions("trivia_qa/rc.nocontext", "validation", data_dir=tmp_path / "b")
+    assert len(qs) == 3
+    assert [p.name for p in system_tmp.iterdir()] == ["someone_elses"]
+    assert tempfile.gettempdir() == str(system_tmp)
 
 
 def _get(ex, path):

@@ -22,7 +22,9 @@ Questions without their own id get ``f"{split}-{index}"``. ``download`` is passe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,25 @@ SPLITS: dict[str, tuple[str, ...]] = {
 
 def _import_tfds():
     return optional_import("tensorflow_datasets", "tfds", "a tfds source")
+
+
+@contextlib.contextmanager
+def _own_tempdir() -> Iterator[None]:
+    """Point ``tempfile`` at a directory this call creates and removes.
+
+    A tfds builder whose ``data_dir`` holds no prepared dataset asks GCS for its metadata in a
+    fresh ``tempfile.mkdtemp("tfds")`` that tfds never removes (``DatasetInfo.
+    initialize_from_bucket``): offline an empty ``/tmp/tmp*tfds`` per call, online the copied
+    metadata files. Inside this context such directories land in one scratch directory of ours,
+    removed on the way out; nothing outside it is touched.
+    """
+    saved = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix="dpr-jax-tfds-") as scratch:
+        tempfile.tempdir = scratch
+        try:
+            yield
+        finally:
+            tempfile.tempdir = saved
 
 
 def _to_str(value: Any) -> str:
@@ -116,9 +137,13 @@ def tfds_questions(
         import importlib
 
         importlib.import_module(spec.module)
-    source = tfds.data_source(
-        name, split=split, data_dir=None if data_dir is None else str(data_dir), download=download
-    )
+    with _own_tempdir():
+        source = tfds.data_source(
+            name,
+            split=split,
+            data_dir=None if data_dir is None else str(data_dir),
+            download=download,
+        )
     n = len(source) if limit is None else min(limit, len(source))
     for i in range(n):
         ex = source[i]
