@@ -295,6 +295,25 @@ def test_reader_plan(tmp_path):
     assert r["executed_flops_per_step"] < 1.5 * r["model_flops_per_step"]
 
 
+def test_reader_plan_says_its_step_is_the_longest():
+    """A length-bucketed reader config plans its step at max_length (the batch_shapes), the
+    longest a step can be: the plan says so, and says nothing of it without bucketing."""
+    from dpr_jax.trainers import trainer_for
+
+    reader = str(REPO / "configs" / "reader_tiny.py")
+    config = load_any_config(reader, [])
+    _, note = trainer_for(config).architecture(config, True)
+    assert config.bucket == 32 and "the step at max_length 192, the longest" in note
+    assert trainer_for(config).batch_shapes(config)["input_ids"][0][-1] == 192
+    unbucketed = load_any_config(reader, ["bucket=0"])
+    assert "longest" not in trainer_for(unbucketed).architecture(unbucketed, True)[1]
+    # a missing init_from keeps its own note beside it
+    missing = load_any_config(reader, ["init_from=/nonexistent/model"])
+    if missing.model:
+        joined = trainer_for(missing).architecture(missing, True)[1]
+        assert joined.startswith("init_from /nonexistent/model not found") and "longest" in joined
+
+
 def test_local_measure_must_be_positive(capsys):
     assert main(["plan", "--config", TINY, "--topology", "local", "--measure", "0"]) == 2
     err = capsys.readouterr().err

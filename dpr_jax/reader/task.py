@@ -172,16 +172,31 @@ def architecture(config: ReaderTrainConfig, planning: bool = False) -> tuple[Ber
         if not planning:
             raise
         if _expand(config.init_from) == "minilm":  # the package is not installed here
-            return config.with_dropout(BertConfig.from_dict("all-MiniLM-L6-v2")), ""
-        where, path, note = "random", None, config.stand_in_note()
-    if where == "random":
+            where, path = "preset", None
+        else:
+            where, path, note = "random", None, config.stand_in_note()
+    if where == "preset":
+        bert = BertConfig.from_dict("all-MiniLM-L6-v2")
+    elif where == "random":
         bert = BertConfig.from_dict(config.model)
     elif where == "model":
         meta = read_model_meta(path)
         bert = KINDS[meta["kind"]].bert_of(model_config(meta, path))
     else:
         bert = BertConfig.from_json_file(path / "config.json")
+    if planning and 0 < config.bucket < config.max_length:
+        note = "; ".join(filter(None, [note, _bucket_note(config)]))
     return config.with_dropout(bert), note
+
+
+def _bucket_note(config: ReaderTrainConfig) -> str:
+    """What a plan of a length-bucketed reader config measures: its longest step."""
+    return (
+        f"the step at max_length {config.max_length}, the longest a step can be: training pads "
+        f"each batch to its own longest sequence rounded up to {config.bucket} tokens "
+        "(`bucket`), so memory is right and FLOPs and step time are an upper bound "
+        "(`--set bucket=0` pads every step to max_length)"
+    )
 
 
 def build_reader(config: ReaderTrainConfig, rng: jax.Array):
