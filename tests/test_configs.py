@@ -73,3 +73,32 @@ def test_invalid_fields_are_refused():
     ]:
         with pytest.raises(ValueError, match=msg):
             dataclasses.replace(base, **change)
+
+
+def test_an_unset_variable_in_init_from_is_named(monkeypatch, tmp_path, capsys):
+    """A config whose init_from reads an environment variable (stage 2's $READER_STAGE1) run
+    without it: the one-line error names the variable, and nothing is written."""
+    from dpr_jax.cli import main
+    from dpr_jax.training.config import unset_variables_note
+
+    monkeypatch.delenv("READER_STAGE1", raising=False)
+    monkeypatch.setenv("SET_ONE", str(tmp_path))
+    assert unset_variables_note("$READER_STAGE1/model") == "; READER_STAGE1 is not set"
+    assert unset_variables_note("${SET_ONE}/$READER_STAGE1/${NOPE_X}") == (
+        "; READER_STAGE1 is not set; NOPE_X is not set"
+    )
+    assert unset_variables_note("$SET_ONE/model") == unset_variables_note("") == ""
+    work = tmp_path / "w"
+    stage2 = str(REPO / "configs" / "reader_squad_minilm_stage2.py")
+    assert main(["train-reader", "--config", stage2, "--train", str(tmp_path / "t.json"),
+                 "--workdir", str(work)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "$READER_STAGE1/model: no such model directory" in err
+    assert "READER_STAGE1 is not set" in err and not work.exists()
+    retriever = ["train", "--config", str(REPO / "configs" / "tiny.py"), "--workdir", str(work),
+                 "--set", "init_from=$NOPE_X/model"]  # fmt: skip
+    assert main(retriever) == 2
+    assert (
+        "init_from $NOPE_X/model: no such directory; NOPE_X is not set" in capsys.readouterr().err
+    )
+    assert not work.exists()

@@ -60,7 +60,7 @@ from dpr_jax.reader.data import (
 from dpr_jax.reader.model import READER, Reader, init_reader_params
 from dpr_jax.reader.span import ReaderPredictor, evaluate_predictions
 from dpr_jax.reader.step import make_train_step
-from dpr_jax.training.config import RunConfig
+from dpr_jax.training.config import RunConfig, unset_variables_note
 from dpr_jax.training.config import expand_path as _expand
 from dpr_jax.training.config import minilm_path as _minilm_path
 from dpr_jax.training.optimizer import make_optimizer, optimizer_key
@@ -155,7 +155,10 @@ def _source(config: ReaderTrainConfig) -> tuple[str, Path | None]:
     if (path / "config.json").is_file():
         return "hf", path
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such model directory (ReaderTrainConfig.init_from)")
+        raise FileNotFoundError(
+            f"{path}: no such model directory (ReaderTrainConfig.init_from"
+            f"{unset_variables_note(config.init_from)})"
+        )
     raise FileNotFoundError(
         f"{path}: neither a dpr-jax model directory nor a Hugging Face one (no config.json)"
     )

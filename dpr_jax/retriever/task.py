@@ -87,7 +87,7 @@ from dpr_jax.retriever.batching import BatchSpec, BiencoderBatches, DataPosition
 from dpr_jax.retriever.loss import LOSSES, LossConfig, dpr_loss
 from dpr_jax.retriever.model import BIENCODER, BiEncoder, EncoderConfig, init_biencoder_params
 from dpr_jax.retriever.step import make_train_step
-from dpr_jax.training.config import RunConfig
+from dpr_jax.training.config import RunConfig, unset_variables_note
 from dpr_jax.training.config import expand_path as _expand
 from dpr_jax.training.config import minilm_path as _minilm_path
 from dpr_jax.training.optimizer import make_optimizer, optimizer_key
@@ -180,6 +180,8 @@ def architecture(config: TrainConfig, planning: bool = False) -> tuple[EncoderCo
     if src and planning and not Path(src).exists():
         src, note = "", config.stand_in_note()
     if src:
+        if not Path(src).exists() and (unset := unset_variables_note(config.init_from)):
+            raise UserError(f"TrainConfig.init_from {config.init_from}: no such directory{unset}")
         meta = read_model_meta(src)
         if meta["kind"] != BIENCODER.name:
             raise UserError(

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -171,6 +172,15 @@ class RunConfig:
 def expand_path(path: str) -> str:
     """``~`` and ``$VARS`` expanded (an empty path stays empty)."""
     return os.path.expanduser(os.path.expandvars(path)) if path else path
+
+
+def unset_variables_note(path: str) -> str:
+    """``"; READER_STAGE1 is not set"`` for each ``$NAME`` / ``${NAME}`` of ``path`` that the
+    environment lacks (what ``expand_path`` leaves as it is), else ``""``: for the message of a
+    path that does not exist."""
+    names = [a or b for a, b in re.findall(r"\$(\w+)|\$\{(\w+)\}", path or "")]
+    unset = [n for n in dict.fromkeys(names) if n not in os.environ]
+    return "".join(f"; {n} is not set" for n in unset)
 
 
 def minilm_path() -> str:
