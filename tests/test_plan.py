@@ -309,9 +309,9 @@ def test_reader_plan_says_its_step_is_the_longest():
     assert "longest" not in trainer_for(unbucketed).architecture(unbucketed, True)[1]
     # a missing init_from keeps its own note beside it
     missing = load_any_config(reader, ["init_from=/nonexistent/model"])
-    if missing.model:
-        joined = trainer_for(missing).architecture(missing, True)[1]
-        assert joined.startswith("init_from /nonexistent/model not found") and "longest" in joined
+    assert missing.model
+    joined = trainer_for(missing).architecture(missing, True)[1]
+    assert joined.startswith("init_from /nonexistent/model not found") and "longest" in joined
 
 
 def test_local_measure_must_be_positive(capsys):

@@ -177,11 +177,12 @@ def architecture(config: TrainConfig, planning: bool = False) -> tuple[EncoderCo
     architecture from ``model`` because ``init_from`` is not on this machine."""
     note = ""
     src = _expand(config.init_from)
-    if src and planning and not Path(src).exists():
-        src, note = "", config.stand_in_note()
-    if src:
-        if not Path(src).exists() and (unset := unset_variables_note(config.init_from)):
+    if src and not Path(src).exists():
+        if planning:
+            src, note = "", config.stand_in_note()
+        elif unset := unset_variables_note(config.init_from):
             raise UserError(f"TrainConfig.init_from {config.init_from}: no such directory{unset}")
+    if src:
         meta = read_model_meta(src)
         if meta["kind"] != BIENCODER.name:
             raise UserError(
