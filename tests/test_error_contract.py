@@ -21,6 +21,7 @@ def _files(d):
     (d / "quote.qas.tsv").write_text('"who is here\t["a"]\nwhat\t["b"]\n')
     (d / "ok.tsv").write_text("id\ttext\ttitle\n1\tsome text\tT\n")
     (d / "ok.qas.tsv").write_text('who\t["a"]\n')
+    (d / "empty.tsv").write_text("")
     (d / "no_get_config.py").write_text("x = 1\n")
     (d / "squad_bad.json").write_text(json.dumps({"data": [{"title": "t"}]}))
     return d
@@ -74,6 +75,27 @@ CASES = [
         ],
         "latin1.tsv, line 2",
     ),
+    *(
+        (
+            [
+                "retrieve",
+                "--mode",
+                "bm25",
+                "--passages",
+                p,
+                "--questions",
+                q,
+                "--out",
+                "{d}/r.json",
+            ],
+            f"{empty}: no {what} (empty)",
+        )
+        for p, q, empty, what in (
+            ("{d}/empty.tsv", "{d}/ok.qas.tsv", "empty.tsv", "passages"),
+            ("{d}/ok.tsv", "{d}/empty.tsv", "empty.tsv", "questions"),
+        )
+    ),
+    (["read", "--model", "{d}/no_such_reader", "--results", "{d}/empty.tsv"], "empty.tsv: empty"),
     (["evaluate", "--results", "{d}/broken.json"], "broken.json"),
     (
         [

@@ -20,6 +20,7 @@ from dpr_jax.data.formats import (
     read_retrieval_results,
 )
 from dpr_jax.data.textio import DataFormatError
+from dpr_jax.errors import UserError
 
 HEADER = b"id\ttext\ttitle\n"
 BOM = b"\xef\xbb\xbf"
@@ -140,6 +141,32 @@ def test_streamed_readers_name_file_line_and_column(tmp_path):
         with pytest.raises(DataFormatError) as info:
             read()
         assert str(info.value).startswith(f"{path}, line 2: byte 0xe9 at column 17 is not valid")
+
+
+def test_reader_format_sniffing_names_what_is_wrong(tmp_path):
+    """``read``'s format sniffing (``--format auto``) tells a file that is not JSON, or not
+    valid JSON, from a valid JSON file of no known format, instead of asking for the format of
+    a file no format could read."""
+    from dpr_jax.reader.data import read_reader_examples
+
+    cases = {
+        b"": ": empty file",
+        b"id\ttext\ttitle\n1\tx\tT\n": ": not a JSON file (it starts with 'id\\ttext\\ttitle",
+        b'[{"question": "q", "ctxs": [}]': ", line 1: invalid JSON (Expecting value at column 29)",
+        b'{"bad json': ", line 1: invalid JSON (Unterminated string starting at column 2)",
+        b'[{"question": "q", "passages": []}]': ": not a DPR retrieval-results ('ctxs'), biencoder",
+    }
+    for i, (content, message) in enumerate(cases.items()):
+        path = _write(tmp_path, f"r{i}.json", content)
+        with pytest.raises(UserError) as info:
+            read_reader_examples(path)
+        assert str(info.value).startswith(f"{path}{message}"), str(info.value)
+    path = _write(tmp_path, "squad.json", b'{"data": [')  # read whole, as SQuAD
+    with pytest.raises(
+        UserError,
+        match=r"squad\.json, line 1: invalid JSON \(Expecting value at column 11\); fix the file$",
+    ):
+        read_reader_examples(path, "squad")
 
 
 def test_xz_and_bzip2_inputs_read_like_plain_ones(tmp_path):

@@ -83,6 +83,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     passages = {str(p.id): p for p in passages_list}
     if not questions:
         raise UserError(f"{args.questions}: no questions (empty)")
+    if not passages_list:
+        raise UserError(f"{args.passages}: no passages (empty)")
     retriever = _build_retriever(args, passages_list)
     hybrid = isinstance(retriever, HybridRetriever)
     dense = retriever.dense if hybrid else retriever

@@ -67,6 +67,7 @@ from dpr_jax.data.formats import (
     write_passages_tsv,
     write_qas_tsv,
 )
+from dpr_jax.data.textio import json_error
 from dpr_jax.errors import UserError
 from dpr_jax.io import SQUAD_DATA, atomic_open, atomic_write_text, check_output
 
@@ -236,7 +237,7 @@ def load_squad(
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}: invalid JSON ({e})") from None
+            raise json_error(path, e) from None
     return parse_squad(data, path)
 
 

@@ -89,7 +89,7 @@ def open_binary(path: str | Path) -> IO[bytes]:
                         f"{path}: {what}; dpr-jax reads plain, gzip, xz or bzip2 text: "
                         "extract it first"
                     )
-            if len(head) < 6 and any(m.startswith(head) for m in (GZIP_MAGIC, XZ_MAGIC)):
+            if 0 < len(head) < 6 and any(m.startswith(head) for m in (GZIP_MAGIC, XZ_MAGIC)):
                 raise damaged(path, EOFError(f"{len(head)} bytes"))
             return f
     except BaseException:
@@ -180,9 +180,15 @@ def load_json(path: str | Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataFormatError(
-            f"{path}, line {e.lineno}: invalid JSON ({e.msg} at column {e.colno}); fix the file"
-        ) from None
+        raise json_error(path, e) from None
+
+
+def json_error(path: str | Path, e: json.JSONDecodeError) -> DataFormatError:
+    """The error for ``path``'s invalid JSON: its line and column, in the message."""
+    msg = e.msg.removesuffix(" at")  # "Unterminated string starting at" (the position follows)
+    return DataFormatError(
+        f"{path}, line {e.lineno}: invalid JSON ({msg} at column {e.colno}); fix the file"
+    )
 
 
 def one_line(field: str) -> str:

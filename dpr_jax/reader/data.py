@@ -63,6 +63,7 @@ from tqdm.auto import tqdm
 from dpr_jax.data.answers import AnswerMatcher, has_answer
 from dpr_jax.data.formats import Passage, open_text, read_biencoder, read_retrieval_results
 from dpr_jax.data.squad import parse_squad
+from dpr_jax.data.textio import json_error
 from dpr_jax.data.tokenize import DPRTokenizer, padded_length
 from dpr_jax.errors import UserError
 
@@ -499,6 +500,15 @@ def _peek_format(path: Path) -> str:
         "biencoder": head.find('"positive_ctxs"'),
     }
     found = {k: v for k, v in marks.items() if v >= 0}
+    if not stripped:
+        raise UserError(f"{path}: empty file")
+    if not found and not stripped.startswith(("[", "{")):
+        raise UserError(f"{path}: not a JSON file (it starts with {stripped[:20]!r})")
+    if not found and len(head) < 1 << 16:  # the whole file: say where it is not JSON
+        try:
+            json.loads(head)
+        except json.JSONDecodeError as e:
+            raise json_error(path, e) from None
     if not found:
         raise UserError(
             f"{path}: not a DPR retrieval-results ('ctxs'), biencoder ('positive_ctxs') or SQuAD "
@@ -596,7 +606,7 @@ def read_reader_examples(
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}: invalid JSON ({e})") from None
+            raise json_error(path, e) from None
     return squad_examples(parse_squad(data, path), max_negatives, seed)
 
 
