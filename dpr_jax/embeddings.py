@@ -92,8 +92,17 @@ def _read_json(path: Path) -> dict:
 
 
 def read_config(emb_dir: str | Path) -> dict:
-    """The shared ``config.json`` of an embeddings directory."""
-    return _read_json(Path(emb_dir) / CONFIG_JSON)
+    """The shared ``config.json`` of an embeddings directory; a directory whose ``config.json``
+    is of something else (a training workdir's, a model's) is refused as not one."""
+    d = Path(emb_dir)
+    cfg = _read_json(d / CONFIG_JSON)
+    if not isinstance(cfg.get("dim"), int) or isinstance(cfg.get("dim"), bool):
+        what = " (a training workdir: encode with its model/)" if "resolved" in cfg else ""
+        raise UserError(
+            f"{d}: not an embeddings directory{what}; its config.json is not one that "
+            "`dpr-jax encode` writes"
+        )
+    return cfg
 
 
 def _shared(config: dict) -> dict:
@@ -264,7 +273,7 @@ def check_complete(emb_dir: str | Path) -> list[str]:
         else:
             raise UserError(
                 f"{p}: not a file of an embeddings directory (config.json, shard-SSS.json, "
-                "chunk markers and the chunks they list); remove it and try again"
+                "chunk markers and the chunks they list); move it out of the encoding's folder"
             )
     num_shards = cfg.get("num_shards")
     shards = range(num_shards) if isinstance(num_shards, int) else sorted(done)

@@ -319,7 +319,8 @@ def read_json(
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise missing_error(f"{path}: {missing or f'not found (not a {what}?)'}") from None
+        article = "an" if what[:1].lower() in "aeiou" else "a"
+        raise missing_error(f"{path}: {missing or f'not found (not {article} {what}?)'}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path}: not valid JSON ({e})") from None
 

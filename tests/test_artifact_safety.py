@@ -357,6 +357,14 @@ def test_index_refuses_partial_embeddings_unless_allowed(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"notes\.txt: not a file of an embeddings directory"):
         load_embeddings(full)
     (full / "notes.txt").unlink()
+    # a training workdir (its own config.json, checkpoints/) is not taken for an encoding
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps({"config": {}, "resolved": {}}))
+    with pytest.raises(ValueError, match=r"run: not an embeddings directory \(a training workdir"):
+        load_embeddings(workdir)
+    with pytest.raises(FileNotFoundError, match=r"config\.json: not found \(not an embeddings dir"):
+        load_embeddings(tmp_path / "killed" / "..")
     with pytest.raises(ValueError, match="is the input"):  # never write over the input
         cli_main([*argv, str(full), "--embeddings", str(full)])
     other = tmp_path / "other"
@@ -413,3 +421,29 @@ def test_convert_refuses_out_that_would_delete_its_source(tiny_biencoder_dir, tm
         assert main(["convert", "--to-hf", str(src), "--out", str(out), "--overwrite"]) == 2
         assert "input" in capsys.readouterr().err
         load_model(src)  # intact, manifest and all
+
+
+def test_a_training_run_stopped_by_bad_input_leaves_no_workdir(tmp_path, capsys):
+    """A run refused before it writes anything removes what it created (the workdir, its lock
+    file and checkpoints folder) and nothing else: a workdir that existed stays, with its files."""
+    from conftest import REPO
+
+    from dpr_jax.cli import main
+
+    bad = tmp_path / "train.json"
+    bad.write_text("")
+    given = tmp_path / "given"
+    given.mkdir()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    config = str(REPO / "configs" / "reader_tiny.py")
+    for workdir in (tmp_path / "new" / "run", given, kept):
+        rc = main(
+            ["train-reader", "--config", config, "--train", str(bad), "--workdir", str(workdir)]
+        )
+        assert rc == 2 and "train.json, line 1: invalid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # nor the folder made for it
+    assert given.is_dir() and not any(given.iterdir())
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+    assert (kept / "notes.txt").read_text() == "mine"

@@ -426,7 +426,7 @@ def verify_manifest(directory: str | Path, checksums: bool = True) -> dict:
 
 def read_index_config(directory: str | Path) -> dict:
     p = Path(directory) / INDEX_CONFIG
-    config = read_json_object(p, "an index directory", error=IndexIntegrityError)
+    config = read_json_object(p, "index directory", error=IndexIntegrityError)
     for field in ("backend", "dim", "size"):
         if field not in config:
             raise IndexIntegrityError(f"{p}: missing field {field!r}")

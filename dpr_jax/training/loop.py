@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from dpr_jax.errors import Interrupted
 from dpr_jax.finite import DivergenceError, check_finite_state
-from dpr_jax.io import OutputPathError, workdir_lock, writing
+from dpr_jax.io import LOCK, DirectoryBusyError, OutputPathError, workdir_lock, writing
 from dpr_jax.parallel import gather_to_host
 from dpr_jax.training.checkpoints import CheckpointError, Checkpoints, short_error
 from dpr_jax.training.config import expand_path
@@ -274,12 +274,33 @@ def train_and_evaluate(task: Task, workdir: str | Path, mesh) -> dict[str, float
     (:func:`dpr_jax.io.workdir_lock`), and a second run in the same workdir is refused, naming
     the holder's pid, before anything is read or written."""
     workdir = Path(expand_path(str(workdir))).absolute()
+    # what this run creates, removed again (only while empty) when it fails before writing to it
+    new = [p for p in (workdir / LOCK, workdir / "checkpoints") if not p.exists()]
+    new += [p for p in (workdir, *workdir.parents) if not p.exists()]  # deepest first
     with writing(workdir):
         workdir.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
     lock = workdir_lock(workdir, "training workdir") if primary else contextlib.nullcontext()
-    with lock:
-        return _train_and_evaluate(task, workdir, mesh, primary)
+    try:
+        with lock:
+            return _train_and_evaluate(task, workdir, mesh, primary)
+    except DirectoryBusyError:
+        raise  # another run holds the workdir: what is there is its
+    except BaseException:
+        if primary:
+            _remove_if_empty(new)
+        raise
+
+
+def _remove_if_empty(paths: list[Path]) -> None:
+    """Remove the lock file and the directories among ``paths`` that a failed run created and
+    left empty: a run stopped by bad input leaves no workdir behind. Never anything else."""
+    for p in paths:
+        with contextlib.suppress(OSError):
+            if p.name == LOCK:
+                p.unlink()
+            else:
+                p.rmdir()  # only an empty directory
 
 
 def _train_and_evaluate(task: Task, workdir: Path, mesh, primary: bool) -> dict[str, float]:
