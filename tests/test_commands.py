@@ -182,6 +182,31 @@ def test_quickstart_on_one_article(data_dir, tmp_path, tiny_biencoder_dir, tiny_
     assert all(0.0 <= r["acc"]["1"] <= r["acc"]["20"] <= 1.0 for r in rows)
     reader = json.loads((work / "reader_metrics.json").read_text())
     assert reader["questions"] == 6 and 0.0 <= reader["em"] <= reader["f1"] + 1e-9 <= 1.0 + 1e-9
+    from dpr_jax.cli.quickstart import _check_workdir
+
+    _check_workdir(work)  # what it made is its own: a rerun reuses it
+
+
+def test_quickstart_writes_nothing_among_other_files_or_before_its_data_is_read(
+    data_dir, tmp_path, capsys
+):
+    """A workdir of other files is refused before any work; data that cannot be read is refused
+    before the workdir is made (no converted model left behind)."""
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    (other / "passages.tsv").write_text("id\ttext\ttitle\n")  # a name quickstart also uses
+    assert main(["quickstart", "--data", str(data_dir), "--workdir", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"--workdir {other}: holds 'notes.txt', which quickstart does not make" in err
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt", "passages.tsv"]
+    assert (other / "passages.tsv").read_text() == "id\ttext\ttitle\n"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"data": [')
+    work = tmp_path / "new" / "qs"
+    assert main(["quickstart", "--data", str(bad), "--workdir", str(work)]) == 2
+    assert "bad.json, line 1: invalid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def _mock_tfds(tfds, questions, answers_key):

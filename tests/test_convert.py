@@ -432,6 +432,11 @@ def test_cli_refuses_bad_checkpoint_and_leaves_destination(hf, tmp_path, capsys,
     before = _snapshot(other)
     assert main(["convert", "--from-hf", str(b_dir), "--out", str(other), "--overwrite"]) == 2
     assert "no dpr-jax artifact" in capsys.readouterr().err and _snapshot(other) == before
+    # a dpr-jax model given as a Hugging Face source is named as one
+    assert main(["convert", "--from-hf", str(dst), "--out", str(tmp_path / "again")]) == 2
+    assert f"{dst.absolute()}: a dpr-jax model directory, not a Hugging Face one" in (
+        capsys.readouterr().err
+    )
 
 
 def test_cli_to_hf_refusal_leaves_destination(hf, tmp_path, capsys):

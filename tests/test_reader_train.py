@@ -196,6 +196,9 @@ def test_bad_inputs(minilm_dir, tmp_path, fixture_path, capsys):
     cfg = _config(fixture_path)
     with pytest.raises(ValueError, match="no such config field"):
         apply_overrides(cfg, ["passages=3"])
+    with pytest.raises(ValueError, match=r"--set INIT_FROM: no such config field") as info:
+        apply_overrides(cfg, ["INIT_FROM=x"])  # a class constant, not a field
+    assert "INIT_FROM" not in str(info.value).split("fields: ")[1]
     with pytest.raises(ValueError, match="not an integer"):
         apply_overrides(cfg, ["batch_size=eight"])
     assert apply_overrides(cfg, ["eval_top_k=1,5,20"]).eval_top_k == (1, 5, 20)

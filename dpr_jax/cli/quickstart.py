@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -35,9 +36,10 @@ from dpr_jax.data.squad import (
     squad_questions,
 )
 from dpr_jax.data.textio import load_json
+from dpr_jax.errors import UserError
 from dpr_jax.evaluate import results_for, top_k_accuracy
 from dpr_jax.index import build_index, load_index
-from dpr_jax.io import note
+from dpr_jax.io import note, writing
 from dpr_jax.io import progress as progress_bar
 from dpr_jax.pipeline import QAPipeline
 from dpr_jax.reader.task import ReaderTrainConfig, train_and_evaluate
@@ -58,6 +60,31 @@ def _squad_path(data: str | None) -> str | None:
             "the JSON itself; without --data and $DPR_JAX_DATA the official file is downloaded)"
         )
     return str(path)
+
+
+# what quickstart writes in its workdir (steps it reuses on a rerun), and the temporaries of a
+# write that was killed (dpr_jax.io), nothing else
+_OWN_NAMES = (
+    r"minilm-dpr|reader|passages(-\w+)?\.tsv|(emb|index-scann)-.+|results\..+\.json"
+    rf"|(retrieval|reader)_metrics\.json|{'|'.join(CHUNKINGS)}"
+)
+_OWN = re.compile(rf"(?:{_OWN_NAMES})|\.(?:{_OWN_NAMES})\.(?:tmp-\w+|\w+\.tmp)")
+
+
+def _check_workdir(work: Path) -> None:
+    """A quickstart workdir is new, empty or a quickstart's (it reuses the steps found there):
+    a folder of other files is refused before any work, so nothing is written among them."""
+    if not work.exists():
+        return
+    if not work.is_dir():
+        raise UserError(f"--workdir {work}: not a directory")
+    others = sorted(p.name for p in work.iterdir() if not _OWN.fullmatch(p.name))
+    if others:
+        more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+        raise UserError(
+            f"--workdir {work}: holds {others[0]!r}{more}, which quickstart does not make; "
+            "choose a new or empty directory (a quickstart workdir keeps its steps for a rerun)"
+        )
 
 
 def _spread(n: int, m: int) -> list[int]:
@@ -213,11 +240,14 @@ def cli_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
     work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
+    _check_workdir(work)
     t_start = time.time()
     say = lambda msg: print(f"[{time.time() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     squad_path = _squad_path(args.data)
+    squad = load_squad(squad_path)  # bad data is refused before anything is written
+    with writing(work):
+        work.mkdir(parents=True, exist_ok=True)
 
     # 1. the retriever
     model_dir = Path(args.retriever) if args.retriever else work / "minilm-dpr"
@@ -226,7 +256,6 @@ def cli_main(argv: list[str] | None = None) -> int:
         convert_from_hf(minilm_path(), model_dir)
 
     # 2. SQuAD validation articles
-    squad = load_squad(squad_path)
     train_articles, val_articles = split_articles(len(squad), args.val_fraction, seed=0)
     if args.max_articles > 0:
         val_articles = val_articles[: args.max_articles]

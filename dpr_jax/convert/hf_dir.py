@@ -79,6 +79,11 @@ def _resolve_source(src: str | Path) -> Path:
     if path.exists():
         if not path.is_dir():
             raise UserError(f"{path}: expected a directory with config.json and the weights")
+        if (path / "dpr_jax_model.json").exists() and not (path / "config.json").exists():
+            raise UserError(
+                f"{path}: a dpr-jax model directory, not a Hugging Face one; it is ready to use "
+                "as it is (--to-hf exports it)"
+            )
         return path
     s = str(src)
     if s.startswith((".", "/", "~")) or s.count("/") > 1:

@@ -267,15 +267,16 @@ def parse_value(raw: str, typ: Any, key: str) -> Any:
 def apply_overrides(config: C, overrides: list[str], where: str = "") -> C:
     """Apply ``key=value`` strings to a config dataclass (typed by each field's annotation)."""
     hints = typing.get_type_hints(type(config))
+    fields = sorted(f.name for f in dataclasses.fields(config) if f.init)  # not the ClassVars
     changes = {}
     for item in overrides:
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected key=value")
         key, raw = (s.strip() for s in item.split("=", 1))
-        if key not in hints:
+        if key not in fields:
             raise UserError(
                 f"--set {key}: no such config field{f' in {where}' if where else ''} "
-                f"(fields: {', '.join(sorted(hints))})"
+                f"(fields: {', '.join(fields)})"
             )
         changes[key] = parse_value(raw, hints[key], key)
     try:
