@@ -78,12 +78,14 @@ def top_k_accuracy(
     A question counts as a hit at k if any of its first k ctxs has the answer. ``has_answer``
     stored in a ctx is trusted unless ``recompute``; absent ones are computed with ``match_type``.
     A question without gold answers is kept and is a miss at every k (DPR's convention).
-    A question without gold answers is kept and is a miss at every k (DPR's convention).
     A question with fewer than k ctxs is judged on the ctxs it has (DPR's files always have the
     same number per question).
     """
     if not results:
         raise UserError("no results to evaluate")
+    bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1]
+    if bad:
+        raise UserError(f"top-k accuracy needs k >= 1 (whole numbers), got {bad[0]!r}")
     if recompute:
         results = [
             {

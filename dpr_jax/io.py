@@ -643,6 +643,10 @@ def verify_manifest(
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: {what} not found")
     mpath = directory / MANIFEST
+    found = artifact_kind(directory)
+    manifested = [kind for _, kind in _MANIFEST_FORMATS]
+    if found is not None and what in manifested and found[0] != what:  # another artifact given
+        raise error(f"{directory}: {_a(found[0])} (see {found[1]}), not {_a(what)}")
     manifest = read_json(
         mpath, error=error, missing=f"missing ({missing_hint})", missing_error=error
     )

@@ -447,3 +447,14 @@ def test_a_training_run_stopped_by_bad_input_leaves_no_workdir(tmp_path, capsys)
     assert given.is_dir() and not any(given.iterdir())
     assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
     assert (kept / "notes.txt").read_text() == "mine"
+
+
+def test_an_index_path_given_a_model_names_what_it_holds(tiny_biencoder_dir):
+    """``load_index`` (``--index``) of a model directory says it is one, instead of reporting
+    the model's manifest as a damaged index's."""
+    with pytest.raises(IndexIntegrityError) as info:
+        load_index(tiny_biencoder_dir)
+    assert str(info.value) == (
+        f"{tiny_biencoder_dir}: a model directory (see {tiny_biencoder_dir}/manifest.json), not an "
+        "index directory"
+    )

@@ -149,6 +149,10 @@ def test_top_k_accuracy_hand_computed():
     acc = top_k_accuracy(RESULTS, ks=(1, 2, 3, 100))
     assert acc == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 3: pytest.approx(2 / 3),
                    100: pytest.approx(2 / 3)}  # fmt: skip
+    for bad in (0, -1, 2.5, True):  # no top-0 (it read as 0.0, a figure of nothing)
+        with pytest.raises(ValueError, match=rf"needs k >= 1 \(whole numbers\), got {bad!r}"):
+            top_k_accuracy(RESULTS, ks=(1, bad))
+    assert top_k_accuracy(RESULTS, ks=(np.int64(2),)) == {2: pytest.approx(2 / 3)}
 
 
 def test_top_k_accuracy_recomputes_missing_and_trusts_stored():

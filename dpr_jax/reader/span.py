@@ -357,8 +357,8 @@ class ReaderPredictor:
     def __init__(
         self,
         params: Any,
-        bert_config: Any,
-        tokenizer: Any,
+        bert_config: Any = None,
+        tokenizer: Any = None,
         input_config: ReaderInputConfig | None = None,
         max_answer_length: int = 10,
         batch_size: int | None = None,
@@ -371,6 +371,14 @@ class ReaderPredictor:
         import jax
         import jax.numpy as jnp
 
+        if isinstance(params, (str, Path)):  # a model directory: what from_dir reads
+            raise UserError(
+                f"ReaderPredictor({str(params)!r}): a model directory is read by "
+                "ReaderPredictor.from_dir(path); the constructor takes (params, bert_config, "
+                "tokenizer)"
+            )
+        if bert_config is None or tokenizer is None:
+            raise UserError("ReaderPredictor(params, bert_config, tokenizer): all three are needed")
         if max_answer_length < 1:
             raise UserError(f"max_answer_length must be >= 1, got {max_answer_length}")
         if bucket < 0:
