@@ -11,10 +11,11 @@ command line, and in batch mode writes DPR's reader-predictions JSON.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from dpr_jax.data.corpus import read_passages
+from dpr_jax.errors import UserError
 from dpr_jax.provenance import check_passages
 from dpr_jax.reader.span import DEFAULT_SELECTION, ReaderPredictor
 from dpr_jax.search import DenseRetriever
@@ -55,6 +56,15 @@ class QAPipeline:
         reader_dtype: str = "float32",
     ):
 
+        for name, value in (("n_passages", n_passages), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"QAPipeline: {name} must be a whole number >= 1, got {value!r}")
+        if not isinstance(passages, Mapping):  # a list of passages: keyed by their ids
+            if not all(hasattr(p, "id") for p in passages):
+                raise UserError(
+                    "QAPipeline: passages must be a dict id -> passage, or passages with an .id"
+                )
+            passages = {str(p.id): p for p in passages}
         self.retriever = retriever
         self.passages = passages
         self.n_passages = n_passages
@@ -85,7 +95,13 @@ class QAPipeline:
     def retrieve(self, questions: Sequence[str], progress: bool = False) -> list[list]:
         kw = {"progress": True} if progress else {}  # any retriever: progress is optional
         _, ids = self.retriever.search(list(questions), self.n_passages, **kw)
-        return [[self.passages[str(i)] for i in row] for row in ids]
+        try:
+            return [[self.passages[str(i)] for i in row] for row in ids]
+        except KeyError as e:
+            raise UserError(
+                f"passage id {e.args[0]!r}, retrieved, is not among the pipeline's "
+                f"{len(self.passages):,} passages: the retriever searches another corpus"
+            ) from None
 
     def answer(self, questions: str | Sequence[str], progress: bool = False):
         """The answer to one question (an :class:`Answer`) or to each of a list; ``progress``

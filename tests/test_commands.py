@@ -157,6 +157,15 @@ def test_pipeline_and_ask(corpus, tiny_biencoder_dir, tiny_reader_dir, capsys):
         assert a.text in by_id[a.passage_id].text  # an extractive span of its passage
     single = pipe.answer(QUESTIONS[0].question)
     assert single == answers[0]
+    # passages as a list (keyed by their ids): the same answers; mistakes are named
+    as_list = QAPipeline(pipe.retriever, list(pipe.passages.values()), pipe.reader, n_passages=3)
+    assert as_list.answer(QUESTIONS[0].question) == answers[0]
+    for bad in ({"n_passages": 0}, {"n_passages": 2.5}, {"batch_size": 0}):
+        with pytest.raises(ValueError, match=f"QAPipeline: {next(iter(bad))} must be a whole"):
+            QAPipeline(pipe.retriever, pipe.passages, pipe.reader, **bad)
+    some = dict(list(pipe.passages.items())[:1])  # another corpus than the index's
+    with pytest.raises(ValueError, match=r"is not among the pipeline's 1 passages: the retriever"):
+        QAPipeline(pipe.retriever, some, pipe.reader, n_passages=3).answer(QUESTIONS[0].question)
 
     capsys.readouterr()
     common = ["--retriever", str(tiny_biencoder_dir), "--index", str(corpus / "index"),
