@@ -44,12 +44,21 @@ def initialize_distributed(
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
         raise UserError(f"process_id {process_id} not in [0, {num_processes})")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-        local_device_ids=local_device_ids,
-    )
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            local_device_ids=local_device_ids,
+        )
+    except ValueError as e:  # what the environment did not say (no SLURM / TPU pod around)
+        given = {"coordinator": coordinator_address, "num-processes": num_processes,
+                 "process-id": process_id}  # fmt: skip
+        missing = [f"--{k}" for k, v in given.items() if v is None]
+        raise UserError(
+            f"multi-process run: {str(e).rstrip('.')} (jax.distributed found no cluster to read it from); give "
+            f"{', '.join(missing) or 'the three of --coordinator, --num-processes, --process-id'}"
+        ) from None
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None, axis: str = DATA_AXIS) -> Mesh:

@@ -209,3 +209,26 @@ def test_gather_to_host_of_arrays_sharded_over_two_processes(tmp_path):
         assert sorted(got.files) == sorted(want)
         for k in want:
             np.testing.assert_array_equal(got[k], want[k], err_msg=f"process {i}: {k}")
+
+
+@pytest.mark.parametrize(
+    "given,said,missing",
+    [(["--num-processes", "2"], "coordinator_address should be defined",
+      "--coordinator, --process-id"),
+     (["--coordinator", "127.0.0.1:1"], "Number of processes must be defined",
+      "--num-processes, --process-id")],
+)  # fmt: skip
+def test_a_partial_multi_process_command_names_what_is_missing(tmp_path, given, said, missing):
+    """Without a cluster for jax.distributed to read (SLURM, a TPU pod), a multi-process command
+    that leaves some of the three options out is one line naming them, not a traceback, and
+    leaves no workdir."""
+    workdir = tmp_path / "w"
+    cmd = [*_train_cmd(workdir, tmp_path / "train.json"), *given]
+    env = {k: v for k, v in _env(1).items() if not k.startswith(("SLURM_", "TPU_", "OMPI_"))}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"dpr-jax train: multi-process run: {said} (jax.distributed found no cluster to read it "
+        f"from); give {missing}"
+    ]
+    assert not workdir.exists()
