@@ -55,9 +55,11 @@ def initialize_distributed(
         given = {"coordinator": coordinator_address, "num-processes": num_processes,
                  "process-id": process_id}  # fmt: skip
         missing = [f"--{k}" for k, v in given.items() if v is None]
+        said = str(e).rstrip(".")
+        need = ", ".join(missing) or "the three of --coordinator, --num-processes, --process-id"
         raise UserError(
-            f"multi-process run: {str(e).rstrip('.')} (jax.distributed found no cluster to read it from); give "
-            f"{', '.join(missing) or 'the three of --coordinator, --num-processes, --process-id'}"
+            f"multi-process run: {said} (jax.distributed found no cluster to read it from); "
+            f"give {need}"
         ) from None
 
 

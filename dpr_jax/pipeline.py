@@ -60,6 +60,7 @@ class QAPipeline:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"QAPipeline: {name} must be a whole number >= 1, got {value!r}")
         if not isinstance(passages, Mapping):  # a list of passages: keyed by their ids
+            passages = list(passages)
             if not all(hasattr(p, "id") for p in passages):
                 raise UserError(
                     "QAPipeline: passages must be a dict id -> passage, or passages with an .id"
