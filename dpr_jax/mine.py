@@ -246,6 +246,11 @@ def mine_hard_negatives(
         raise UserError(f"existing must be one of {EXISTING}, got {existing!r}")
     if not 0 <= shard < num_shards:
         raise UserError(f"shard {shard} is not in [0, {num_shards})")
+    if skip >= depth:  # every candidate skipped: an output without negatives, passing as mined
+        raise UserError(
+            f"skip {skip} >= depth {depth}: every retrieved passage would be skipped, no question "
+            "would get a negative; nothing to mine, nothing written"
+        )
     if not sample and skip + n > depth:
         print(f"dpr-jax mine: depth {depth} < skip {skip} + n {n}: questions get fewer than "
               f"{n} negatives", file=sys.stderr)  # fmt: skip

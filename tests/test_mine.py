@@ -139,6 +139,13 @@ def test_answer_aware_exclusion_and_rank_order(tmp_path):
     mine_hard_negatives(None, None, passages, path, out2, n=10, retriever=Fixed(),
                         match="regex", progress=False)  # fmt: skip
     assert [c.id for c in read_biencoder(out2)[0][0].hard_negative_ctxs] == ["b", "g"]
+    # skipping every retrieved passage would mine nothing: refused, nothing written
+    out3 = tmp_path / "out3.json"
+    for sample in (False, True):
+        with pytest.raises(ValueError, match=r"skip 7 >= depth 7: every retrieved passage"):
+            mine_hard_negatives(None, None, passages, path, out3, n=1, skip=7, depth=7,
+                                sample=sample, retriever=Fixed(), progress=False)  # fmt: skip
+    assert not out3.exists() and not (tmp_path / "out3.json.parts").exists()
 
 
 @pytest.mark.parametrize(
