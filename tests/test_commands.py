@@ -173,6 +173,9 @@ def test_pipeline_and_ask(corpus, tiny_biencoder_dir, tiny_reader_dir, capsys):
               "--k", "3"]  # fmt: skip
     assert main(["ask", QUESTIONS[0].question, *common]) == 0
     assert capsys.readouterr().out.startswith(answers[0].text)
+    assert main(["ask", QUESTIONS[0].question, *common, "--k", "1000"]) == 0  # more than there are
+    err = capsys.readouterr().err
+    assert f"--k 1000 > the index's {len(PASSAGES)} passages: the reader reads all" in err
     preds = corpus / "preds.json"
     assert main(["ask", "--questions", str(corpus / "qas.tsv"), "--out", str(preds), *common]) == 0
     written = json.loads(preds.read_text())
