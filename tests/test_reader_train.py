@@ -18,7 +18,7 @@ from flax.traverse_util import flatten_dict
 
 from dpr_jax.cli import main
 from dpr_jax.cli.train_reader import cli_main
-from dpr_jax.reader.data import sample_examples
+from dpr_jax.reader.data import read_reader_examples, sample_examples
 from dpr_jax.reader.task import load_config, train_and_evaluate
 from dpr_jax.training.config import apply_overrides
 
@@ -112,6 +112,11 @@ def test_read_command_reads_the_same_answers(reference, fixture_path, tmp_path, 
     assert metrics["1"]["questions"] == 24
     assert metrics["1"]["em"] == pytest.approx(dev[-1]["em@1"])
     assert len(json.loads(out.read_text())) == 24
+    most = max(len(e.passages) for e in read_reader_examples(fixture_path, "squad")[:2])
+    assert main([*argv[:7], "--limit", "2", "--top-k", "1000", "--no-progress"]) == 0
+    assert f"(2 questions; k > the {most} passages a question has at most)" in (
+        capsys.readouterr().out
+    )
 
     # --dtype bfloat16 (on this CPU: float32 activations, bfloat16 products accumulated in
     # float32) reads the same answers as float32, to within rounding of near-tied spans

@@ -105,9 +105,11 @@ def cli_main(argv: list[str] | None = None) -> int:
     if no_gold:
         print(f"{no_gold} questions have no gold answers: kept and counted as misses (EM/F1 0)",
               file=sys.stderr)  # fmt: skip
+    depth = max(len(e.passages) for e in examples)
     for k, m in metrics.items():
+        beyond = f"; k > the {depth} passages a question has at most" if k > depth else ""
         print(f"top-{k:<4d} EM {100 * m['em']:6.2f}  F1 {100 * m['f1']:6.2f}  "
-              f"({m['questions']} questions)")  # fmt: skip
+              f"({m['questions']} questions{beyond})")  # fmt: skip
     if args.out:
         config = {**vars(args), "input_config": predictor.input_config.to_dict(),
                   "metrics": {str(k): v for k, v in metrics.items()}}  # fmt: skip
