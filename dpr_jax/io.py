@@ -595,6 +595,26 @@ def check_output(
     return path
 
 
+def check_workdir(workdir: str | Path, what: str = "--workdir") -> Path:
+    """Refuse, before anything is written, a training workdir that is a file, or that is or lies
+    inside an artifact whose files are checked against a record (a model, an index, embeddings,
+    ...): a run writes its config, metrics and checkpoints there, which would damage it.
+    Returns ``Path(workdir)``."""
+    path = Path(workdir)
+    o = path.expanduser().resolve()
+    if o.exists() and not o.is_dir():
+        raise OutputPathError(f"{what} {workdir} is a file, not a directory. Choose a directory")
+    for d in (o, *o.parents):
+        found = artifact_kind(d)
+        if found is not None and found[0] in _SEALED:
+            where = "is" if d == o else "lies inside"
+            raise OutputPathError(
+                f"{what} {workdir} {where} the {found[0]} {d} (see {found[1]}); a run's config, "
+                "metrics and checkpoints written there would damage it. Choose another directory"
+            )
+    return path
+
+
 def check_output_path(out: str | Path, inputs: Iterable[str | Path | None], what: str = "--out"):
     """Refuse ``out`` when it is an input, contains one or lies inside one (resolved paths);
     :func:`check_output` does this and checks what ``out`` holds."""

@@ -458,3 +458,33 @@ def test_an_index_path_given_a_model_names_what_it_holds(tiny_biencoder_dir):
         f"{tiny_biencoder_dir}: a model directory (see {tiny_biencoder_dir}/manifest.json), not an "
         "index directory"
     )
+
+
+def test_a_training_workdir_never_lies_in_a_model_or_index(tiny_biencoder_dir, tmp_path, capsys):
+    """A run given a model, an index or a folder inside one as its --workdir is refused before
+    it writes a file (it used to train, then write config, metrics and checkpoints there, and
+    fail at the export); a file as --workdir is named as one."""
+    from conftest import REPO
+
+    from dpr_jax.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_biencoder_dir, model)
+    emb, ids = _gaussian(n=20, dim=8)
+    _write_emb(tmp_path / "emb", ids, emb)
+    build_index("exact", tmp_path / "emb").save(tmp_path / "index")
+    (tmp_path / "file.txt").write_text("x")
+    before = {p: sorted(map(str, p.rglob("*"))) for p in (model, tmp_path / "index")}
+    reader = ["train-reader", "--config", str(REPO / "configs" / "reader_tiny.py")]
+    cases = [
+        (reader, model, f"is the model directory {model}"),
+        (reader, model / "sub", f"lies inside the model directory {model}"),
+        (reader, tmp_path / "index", f"is the index directory {tmp_path / 'index'}"),
+        (reader, tmp_path / "file.txt", "is a file, not a directory"),
+        (["train", "--config", str(REPO / "configs" / "tiny.py"), "--eval-only"], model, "is the"),
+    ]
+    for argv, workdir, said in cases:
+        assert main([*argv, "--workdir", str(workdir)]) == 2
+        assert f"--workdir {workdir} {said}" in capsys.readouterr().err
+    assert before == {p: sorted(map(str, p.rglob("*"))) for p in before}
+    assert (tmp_path / "file.txt").read_text() == "x"

@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 
 from dpr_jax.cli.options import start_distributed, training_parser
+from dpr_jax.io import check_workdir
 from dpr_jax.retriever.task import evaluate_model, load_config, train_and_evaluate
 
 
@@ -31,6 +32,7 @@ def cli_main(argv: list[str]) -> int:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
     if args.eval_only:
+        check_workdir(args.workdir)
         metrics = evaluate_model(config)
         if jax.process_index() == 0:
             out = Path(args.workdir)

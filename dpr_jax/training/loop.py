@@ -46,7 +46,14 @@ from tqdm.auto import tqdm
 
 from dpr_jax.errors import Interrupted
 from dpr_jax.finite import DivergenceError, check_finite_state
-from dpr_jax.io import LOCK, DirectoryBusyError, OutputPathError, workdir_lock, writing
+from dpr_jax.io import (
+    LOCK,
+    DirectoryBusyError,
+    OutputPathError,
+    check_workdir,
+    workdir_lock,
+    writing,
+)
 from dpr_jax.parallel import gather_to_host
 from dpr_jax.training.checkpoints import CheckpointError, Checkpoints, short_error
 from dpr_jax.training.config import expand_path
@@ -274,6 +281,7 @@ def train_and_evaluate(task: Task, workdir: str | Path, mesh) -> dict[str, float
     (:func:`dpr_jax.io.workdir_lock`), and a second run in the same workdir is refused, naming
     the holder's pid, before anything is read or written."""
     workdir = Path(expand_path(str(workdir))).absolute()
+    check_workdir(workdir)  # never inside a model, an index, ...: before anything is written
     # what this run creates, removed again (only while empty) when it fails before writing to it
     new = [p for p in (workdir / LOCK, workdir / "checkpoints") if not p.exists()]
     new += [p for p in (workdir, *workdir.parents) if not p.exists()]  # deepest first
