@@ -4,6 +4,7 @@ top-k accuracy and the reader's own predictions."""
 
 import json
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -200,7 +201,7 @@ def test_quickstart_on_one_article(data_dir, tmp_path, tiny_biencoder_dir, tiny_
 
 
 def test_quickstart_writes_nothing_among_other_files_or_before_its_data_is_read(
-    data_dir, tmp_path, capsys
+    data_dir, tmp_path, tiny_biencoder_dir, capsys
 ):
     """A workdir of other files is refused before any work; data that cannot be read is refused
     before the workdir is made (no converted model left behind)."""
@@ -213,6 +214,10 @@ def test_quickstart_writes_nothing_among_other_files_or_before_its_data_is_read(
     assert f"--workdir {other}: holds 'notes.txt', which quickstart does not make" in err
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt", "passages.tsv"]
     assert (other / "passages.tsv").read_text() == "id\ttext\ttitle\n"
+    inside = tmp_path / "model" / "qs"  # a model's folder is no place for a workdir
+    shutil.copytree(tiny_biencoder_dir, tmp_path / "model")
+    assert main(["quickstart", "--data", str(data_dir), "--workdir", str(inside)]) == 2
+    assert "lies inside the model directory" in capsys.readouterr().err and not inside.exists()
     bad = tmp_path / "bad.json"
     bad.write_text('{"data": [')
     work = tmp_path / "new" / "qs"

@@ -39,7 +39,7 @@ from dpr_jax.data.textio import load_json
 from dpr_jax.errors import UserError
 from dpr_jax.evaluate import results_for, top_k_accuracy
 from dpr_jax.index import build_index, load_index
-from dpr_jax.io import note, writing
+from dpr_jax.io import check_workdir, note, writing
 from dpr_jax.io import progress as progress_bar
 from dpr_jax.pipeline import QAPipeline
 from dpr_jax.reader.task import ReaderTrainConfig, train_and_evaluate
@@ -74,10 +74,9 @@ _OWN = re.compile(rf"(?:{_OWN_NAMES})|\.(?:{_OWN_NAMES})\.(?:tmp-\w+|\w+\.tmp)")
 def _check_workdir(work: Path) -> None:
     """A quickstart workdir is new, empty or a quickstart's (it reuses the steps found there):
     a folder of other files is refused before any work, so nothing is written among them."""
+    check_workdir(work)  # a file, or in a model / index: refused
     if not work.exists():
         return
-    if not work.is_dir():
-        raise UserError(f"--workdir {work}: not a directory")
     others = sorted(p.name for p in work.iterdir() if not _OWN.fullmatch(p.name))
     if others:
         more = f" and {len(others) - 1} more" if len(others) > 1 else ""
