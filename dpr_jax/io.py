@@ -518,6 +518,16 @@ def artifact_kind(path: str | Path) -> tuple[str, Path] | None:
     return None
 
 
+def _sealed_around(o: Path, include_self: bool) -> tuple[Path, tuple[str, Path]] | None:
+    """The nearest directory among ``o`` (when ``include_self``) and its parents that is an
+    artifact whose files are checked against a record, with its ``(kind, marker file)``."""
+    for d in (o, *o.parents) if include_self else o.parents:
+        found = artifact_kind(d)
+        if found is not None and found[0] in _SEALED:
+            return d, found
+    return None
+
+
 def _input_clash(o: Path, out, inputs, what: str) -> None:
     for i in inputs:
         if i is None:
@@ -556,13 +566,13 @@ def check_output(
     path = Path(out)
     o = path.expanduser().resolve()
     _input_clash(o, out, inputs, what)
-    for parent in o.parents:
-        found = artifact_kind(parent)
-        if found is not None and found[0] in _SEALED:
-            raise OutputPathError(
-                f"{what} {out} lies inside the {found[0]} {parent} (see {found[1]}); writing "
-                "there would alter it. Choose an output path outside it"
-            )
+    sealed = _sealed_around(o, include_self=False)
+    if sealed is not None:
+        d, (kind_found, marker) = sealed
+        raise OutputPathError(
+            f"{what} {out} lies inside the {kind_found} {d} (see {marker}); writing "
+            "there would alter it. Choose an output path outside it"
+        )
     if not o.exists() and not path.is_symlink():
         return path
     if kind == FILE:
@@ -604,14 +614,14 @@ def check_workdir(workdir: str | Path, what: str = "--workdir") -> Path:
     o = path.expanduser().resolve()
     if o.exists() and not o.is_dir():
         raise OutputPathError(f"{what} {workdir} is a file, not a directory. Choose a directory")
-    for d in (o, *o.parents):
-        found = artifact_kind(d)
-        if found is not None and found[0] in _SEALED:
-            where = "is" if d == o else "lies inside"
-            raise OutputPathError(
-                f"{what} {workdir} {where} the {found[0]} {d} (see {found[1]}); a run's config, "
-                "metrics and checkpoints written there would damage it. Choose another directory"
-            )
+    sealed = _sealed_around(o, include_self=True)
+    if sealed is not None:
+        d, (kind_found, marker) = sealed
+        where = "is" if d == o else "lies inside"
+        raise OutputPathError(
+            f"{what} {workdir} {where} the {kind_found} {d} (see {marker}); a run's config, "
+            "metrics and checkpoints written there would damage it. Choose another directory"
+        )
     return path
 
 

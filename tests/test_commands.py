@@ -2,6 +2,7 @@
 independent references: brute-force inner products, BM25 on its own, the fusion functions, DPR's
 top-k accuracy and the reader's own predictions."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -145,6 +146,16 @@ def test_evaluate_prints_dpr_top_k(corpus, tiny_biencoder_dir, capsys):
     assert re.search(rf"top-5 +{100 * want[5]:.2f}%", out)
 
 
+def _assert_same_answer(a, b) -> None:
+    """The same answer; its float scores to float32 rounding: a question read alone or in a
+    batch runs other matrix shapes, whose sums some CPUs (AMX / oneDNN kernels) order apart."""
+    assert dataclasses.replace(a, score=0.0, relevance_score=0.0) == dataclasses.replace(
+        b, score=0.0, relevance_score=0.0
+    )
+    assert a.score == pytest.approx(b.score, rel=1e-5, abs=1e-5)
+    assert a.relevance_score == pytest.approx(b.relevance_score, rel=1e-5, abs=1e-5)
+
+
 def test_pipeline_and_ask(corpus, tiny_biencoder_dir, tiny_reader_dir, capsys):
     from dpr_jax import QAPipeline
 
@@ -157,10 +168,10 @@ def test_pipeline_and_ask(corpus, tiny_biencoder_dir, tiny_reader_dir, capsys):
         assert a.passage_id in top[:3] and a.retrieved == 3
         assert a.text in by_id[a.passage_id].text  # an extractive span of its passage
     single = pipe.answer(QUESTIONS[0].question)
-    assert single == answers[0]
+    _assert_same_answer(single, answers[0])
     # passages as a list (keyed by their ids): the same answers; mistakes are named
     as_list = QAPipeline(pipe.retriever, list(pipe.passages.values()), pipe.reader, n_passages=3)
-    assert as_list.answer(QUESTIONS[0].question) == answers[0]
+    _assert_same_answer(as_list.answer(QUESTIONS[0].question), answers[0])
     for bad in ({"n_passages": 0}, {"n_passages": 2.5}, {"batch_size": 0}):
         with pytest.raises(ValueError, match=f"QAPipeline: {next(iter(bad))} must be a whole"):
             QAPipeline(pipe.retriever, pipe.passages, pipe.reader, **bad)

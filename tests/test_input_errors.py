@@ -278,3 +278,24 @@ def test_jsonl_streamed_by_records_names_an_undecodable_line(tmp_path):
     )
     with pytest.raises(DataFormatError, match=r"r\.jsonl, line 3: byte 0xff at column 15"):
         read_retrieval_results(path)
+
+
+def test_every_json_reader_reports_one_form(tmp_path):
+    """Invalid JSON reads the same way whichever reader meets it: the file, the line (or the
+    record of a streamed list, whose buffer column would mean nothing), what JSON says, the
+    column of that line, and what to do."""
+    from dpr_jax.data.records import iter_json_records
+
+    jsonl = _write(tmp_path, "r.jsonl", b'{"question": "a", "answers": [], "ctxs": []}\n{oops\n')
+    expected = f"{jsonl}, line 2: invalid JSON (Expecting property name enclosed in double "
+    expected += "quotes at column 2); fix the file"
+    with pytest.raises(DataFormatError) as info:
+        read_retrieval_results(jsonl)
+    assert str(info.value) == expected
+    with pytest.raises(DataFormatError) as info:
+        list(iter_json_records(jsonl))
+    assert str(info.value) == expected
+    listed = _write(tmp_path, "l.json", b'[{"question": "a"}, {"question": ')
+    with pytest.raises(DataFormatError) as info:
+        list(iter_json_records(listed, chunk_chars=8))
+    assert str(info.value) == f"{listed}, record 1: invalid JSON (Expecting value); fix the file"

@@ -69,8 +69,8 @@ def cli_main(argv: list[str] | None = None) -> int:
         n_passages=args.k, max_answer_length=args.max_answer_length, selection=args.selection,
         reader_dtype=args.dtype,
     )  # fmt: skip
-    size = getattr(getattr(pipe.retriever, "index", None), "size", None)
-    if size is not None and args.k > size and not args.quiet:
+    size = pipe.retriever.index.size  # from_dirs builds a DenseRetriever
+    if args.k > size and not args.quiet:
         print(f"dpr-jax ask: --k {args.k} > the index's {size:,} passages: the reader reads "
               f"all {size:,} for each question", file=sys.stderr)  # fmt: skip
     if args.question:

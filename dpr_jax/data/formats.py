@@ -61,6 +61,7 @@ from dpr_jax.data.textio import (
     is_decompress_error,
     iter_text_lines,
     iter_tsv_rows,
+    json_error,
     load_json,
     one_line,
     open_binary,
@@ -148,7 +149,7 @@ def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataFormatError(f"{path}, line {n}: invalid JSON ({e})") from None
+            raise json_error(path, e, f"line {n}") from None
         yield f"line {n}", rec
 
 

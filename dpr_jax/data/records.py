@@ -45,6 +45,7 @@ from dpr_jax.data.formats import (
     _ctx_list,
     open_text,
 )
+from dpr_jax.data.textio import json_error
 from dpr_jax.errors import UserError, optional_import
 from dpr_jax.io import RECORD_DIR, check_output, read_json_object, staged_dir
 
@@ -92,7 +93,7 @@ def iter_json_records(path: str | Path, chunk_chars: int = 1 << 20) -> Iterator[
                     try:
                         yield f"line {n}", json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise UserError(f"{path}, line {n}: invalid JSON ({e})") from None
+                        raise json_error(path, e, f"line {n}") from None
             return
         if buf[pos] != "[":
             raise UserError(f"{path}: expected a JSON list or JSON lines, starts with {buf[pos]!r}")
@@ -147,7 +148,7 @@ def iter_json_records(path: str | Path, chunk_chars: int = 1 << 20) -> Iterator[
                     break
                 except json.JSONDecodeError as e:
                     if len(buf) - pos > MAX_RECORD_CHARS or not more():
-                        raise UserError(f"{path}, record {i}: invalid JSON ({e})") from None
+                        raise json_error(path, e, f"record {i}") from None
             yield f"record {i}", rec
             pos = end
             i += 1
@@ -312,7 +313,9 @@ class BiencoderRecords(Sequence):
         try:
             rec = json.loads(self._records.read(i))
         except json.JSONDecodeError as e:
-            raise UserError(f"{where}: invalid JSON ({e}); convert the data again") from None
+            raise json_error(
+                self.directory / RECORDS, e, f"record {i}", "convert the data again"
+            ) from None
         ex = _example_from_json(rec, where)
         self._last = (i, ex)
         return ex

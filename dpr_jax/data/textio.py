@@ -183,12 +183,19 @@ def load_json(path: str | Path) -> Any:
         raise json_error(path, e) from None
 
 
-def json_error(path: str | Path, e: json.JSONDecodeError) -> DataFormatError:
-    """The error for ``path``'s invalid JSON: its line and column, in the message."""
+def json_error(
+    path: str | Path, e: json.JSONDecodeError, where: str | None = None, fix: str = "fix the file"
+) -> DataFormatError:
+    """The error for ``path``'s invalid JSON, one form for every reader: ``path, line L: invalid
+    JSON (what, at column C); fix``. ``where`` names the place when ``e`` decoded only a part of
+    the file: ``"line N"`` for a line of JSON lines (``e``'s column is that line's), anything
+    else (``"record I"``) for a record decoded out of a larger buffer, whose column means nothing
+    to the user and is left out."""
     msg = e.msg.removesuffix(" at")  # "Unterminated string starting at" (the position follows)
-    return DataFormatError(
-        f"{path}, line {e.lineno}: invalid JSON ({msg} at column {e.colno}); fix the file"
-    )
+    if where is None:
+        where = f"line {e.lineno}"
+    detail = f"{msg} at column {e.colno}" if where.startswith("line ") else msg
+    return DataFormatError(f"{path}, {where}: invalid JSON ({detail}); {fix}")
 
 
 def one_line(field: str) -> str:
