@@ -173,7 +173,10 @@ def test_first_token_only_equals_position_0_of_the_full_model_and_its_gradient(r
     for (path, a), b in zip(
         jax.tree_util.tree_leaves_with_path(g_full), jax.tree_util.tree_leaves(g_first)
     ):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=str(path))
+        # atol scales with the gradient: an element near zero beside elements of ~20 carries
+        # their sums' rounding, which differs between CPUs (AMX / AVX-512 summation orders)
+        atol = 1e-6 * max(1.0, float(np.abs(a).max()))
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=atol, err_msg=str(path))
 
 
 def test_explicit_position_ids_and_no_pooler():
