@@ -47,6 +47,28 @@ def test_tower_encoder_matches_plain_model_with_bucketing(tiny_biencoder_dir):
         np.testing.assert_allclose(enc.encode(passages), ref, atol=2e-5, rtol=1e-5)
 
 
+def test_bfloat16_encoding_on_a_cpu_equals_the_mixed_model_with_float32_params(
+    tiny_biencoder_dir,
+):
+    """``TowerEncoder(compute_dtype="bfloat16")`` on a CPU keeps the encoder's kernels in
+    bfloat16 (``mixed_inference_params``): the same vectors as the bfloat16 model applied to the
+    float32 parameters, in one batch of the same padding."""
+    import jax.numpy as jnp
+
+    passages = _corpus(8, seed=1)
+    enc = TowerEncoder(tiny_biencoder_dir, "passage", batch_size=8, max_length=64, bucket=None,
+                       compute_dtype="bfloat16")  # fmt: skip
+    assert any(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(enc.params))
+    _, cfg, params, _ = load_model(tiny_biencoder_dir)
+    ids, mask = load_tokenizer(tiny_biencoder_dir).passages(
+        [p.title for p in passages], [p.text for p in passages], max_length=64, bucket=None
+    )
+    model = BiEncoder(cfg, dtype=jnp.bfloat16)
+    want = model.apply({"params": params}, ids, mask, method=model.encode_passage)
+    got = enc.encode(passages)
+    np.testing.assert_array_equal(got, np.asarray(want).astype(got.dtype))
+
+
 def test_shard_range_covers_everything_once():
     for n, k in [(10, 3), (7, 7), (5, 8), (100, 1)]:
         ranges = [shard_range(n, i, k) for i in range(k)]
