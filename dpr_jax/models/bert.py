@@ -170,11 +170,15 @@ def cpu_mixed_inference(dtype, deterministic: bool) -> bool:
 
 
 def mixed_inference_params(params: Any, dtype) -> Any:
-    """``params`` with the kernels whose products mixed inference rounds to ``dtype`` (every
-    Dense of the encoder layers, and the pooler) stored in ``dtype``: the same numbers, since
-    :func:`_dot_rounding_inputs` rounds them to it anyway, without converting ~10M weights on
-    every call (on each device). Everything else (embeddings, biases, LayerNorm, the heads, which
-    read float32) is left as it is. For inference only: nothing is trained from these."""
+    """The parameters to run inference in ``dtype`` with: where that inference runs mixed
+    (:func:`cpu_mixed_inference`), ``params`` with the kernels whose products it rounds to
+    ``dtype`` (every Dense of the encoder layers, and the pooler) stored in ``dtype``: the same
+    numbers, since :func:`_dot_rounding_inputs` rounds them to it anyway, without converting
+    ~10M weights on every call (on each device). Everything else (embeddings, biases, LayerNorm,
+    the heads, which read float32) is left as it is; elsewhere ``params`` itself. For inference
+    only: nothing is trained from these."""
+    if not cpu_mixed_inference(dtype, deterministic=True):
+        return params
     low = jnp.dtype(dtype)
 
     def leaf(path, x):

@@ -428,12 +428,11 @@ class ReaderPredictor:
     def set_params(self, params: Any) -> None:
         import jax
 
-        from dpr_jax.models.bert import cpu_mixed_inference, mixed_inference_params
+        from dpr_jax.models.bert import mixed_inference_params
 
-        if cpu_mixed_inference(self.model.dtype, deterministic=True):
-            # the encoder's kernels in the products' dtype once, not converted on every call:
-            # the same logits, faster (README, "On a CPU with AMX")
-            params = mixed_inference_params(params, self.model.dtype)
+        # mixed inference on a CPU: the encoder's kernels in the products' dtype once, not
+        # converted on every call; the same logits, faster (README, "On a CPU with AMX")
+        params = mixed_inference_params(params, self.model.dtype)
         self.params = jax.device_put(params, replicated(self.mesh))
 
     def _batches(self, pairs: list) -> list[tuple[list, tuple[int, int]]]:

@@ -30,7 +30,7 @@ from dpr_jax.embeddings import EmbeddingWriter
 from dpr_jax.errors import ArgumentTypeError, Interrupted, UserError
 from dpr_jax.io import EMBEDDINGS, OutputWriteError, check_output, fingerprint_passages, sha256_file
 from dpr_jax.model_dir import check_tokenizer_fits, load_model, load_tokenizer, resolve_model_dir
-from dpr_jax.models.bert import cpu_mixed_inference, mixed_inference_params
+from dpr_jax.models.bert import mixed_inference_params
 from dpr_jax.provenance import vectors_fingerprint
 from dpr_jax.retriever.model import BiEncoder
 
@@ -69,9 +69,8 @@ class TowerEncoder:
         self.mesh = Mesh(np.array(devices), ("data",))
         n_dev = len(devices)
         self.batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)  # a multiple of devices
-        if cpu_mixed_inference(DTYPES[compute_dtype], deterministic=True):
-            # as ReaderPredictor: the kernels in the products' dtype once, the same vectors
-            params = mixed_inference_params(params, DTYPES[compute_dtype])
+        # as ReaderPredictor: on a CPU in bfloat16, the kernels in that dtype once, same vectors
+        params = mixed_inference_params(params, DTYPES[compute_dtype])
         self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
         model = BiEncoder(self.config, dtype=DTYPES[compute_dtype])
         method = model.encode_question if tower == "question" else model.encode_passage
