@@ -44,13 +44,14 @@ import hashlib
 import json
 import lzma
 import os
+import re
 import shutil
 import socket
 import sys
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -466,6 +467,66 @@ _MANIFEST_FORMATS = (
 )
 
 
+class FileFormat(NamedTuple):
+    """What a :data:`FILE` writer writes, told from the first bytes of a file (decompressed):
+    :func:`check_output` replaces an existing file only when it holds this (what this sort of
+    command wrote there before) or nothing. ``holds(head, path)``: whether ``head``, the file's
+    first :data:`SNIFF_BYTES` bytes, begins such a file."""
+
+    name: str
+    holds: Callable[[bytes, Path], bool]
+
+
+SNIFF_BYTES = 1 << 16
+
+
+def json_format(name: str, *keys: str) -> FileFormat:
+    """JSON (a list, JSON lines or an object) whose beginning names one of ``keys``: e.g. DPR
+    retrieval results ("ctxs"), biencoder data ("positive_ctxs")."""
+
+    def holds(head: bytes, path: Path) -> bool:
+        text = head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
+        if re.fullmatch(r"\[\s*\]\s*", text):  # an empty list: what a writer of no records wrote
+            return True
+        return text[:1] in ("[", "{") and any(f'"{k}"' in text for k in keys)
+
+    return FileFormat(name, holds)
+
+
+def _image_holds(head: bytes, path: Path) -> bool:
+    magic = {".png": (b"\x89PNG",), ".pdf": (b"%PDF",), ".svg": (b"<?xml", b"<svg"),
+             ".jpg": (b"\xff\xd8\xff",), ".jpeg": (b"\xff\xd8\xff",), ".eps": (b"%!PS",),
+             ".ps": (b"%!PS",)}  # fmt: skip
+    known = magic.get(path.suffix.lower(), tuple(m for ms in magic.values() for m in ms))
+    return head.lstrip().startswith(known)
+
+
+IMAGE = FileFormat("picture (PNG, PDF, SVG, ...)", _image_holds)
+NPY = FileFormat(".npy array", lambda head, path: head.startswith(b"\x93NUMPY"))
+
+
+def _existing_file_clash(o: Path, out, writes: FileFormat | None, what: str) -> None:
+    """Refuse an existing, non-empty file at ``out`` that does not hold ``writes`` (every
+    existing file when ``writes`` is None): nothing a command did not write is replaced."""
+    if o.stat().st_size == 0:
+        return
+    from dpr_jax.data.textio import open_binary  # textio imports this module
+
+    try:
+        with open_binary(o) as f:
+            head = f.read(SNIFF_BYTES)
+    except (OSError, EOFError, ValueError, UserError):  # unreadable, damaged compressed data
+        head = None
+    if head is not None and (not head or (writes is not None and writes.holds(head, o))):
+        return
+    shown = "unreadable" if head is None else repr(head[:24])[1:]
+    wanted = f"no {writes.name}" if writes is not None else "a file this command did not write"
+    raise OutputPathError(
+        f"{what} {out} exists and holds {wanted}: it begins {shown}; refusing to replace it. "
+        "Choose another path, or delete the file first"
+    )
+
+
 def _small_json(path: Path) -> Any:
     """The JSON value of a small marker file, or None (missing, unreadable, not JSON, huge)."""
     try:
@@ -547,7 +608,11 @@ def _input_clash(o: Path, out, inputs, what: str) -> None:
 
 
 def check_output(
-    out: str | Path, kind: str, inputs: Iterable[str | Path | None] = (), what: str = "--out"
+    out: str | Path,
+    kind: str,
+    inputs: Iterable[str | Path | None] = (),
+    what: str = "--out",
+    writes: FileFormat | None = None,
 ) -> Path:
     """Refuse, before any work, an output path whose writing would destroy or alter what this
     writer did not create (:class:`OutputPathError`, one line naming both paths):
@@ -556,7 +621,10 @@ def check_output(
       or a symbolic link to an input is the input);
     - ``out`` lies inside an artifact directory whose files are checked against a record (a
       model, index, embeddings, BM25 index, record directory, export or checkpoint);
-    - ``kind`` is :data:`FILE` and ``out`` is a directory; ``kind`` is a directory kind and
+    - ``kind`` is :data:`FILE` and ``out`` is a directory, or a non-empty file that does not
+      hold ``writes`` (:class:`FileFormat`: what this writer writes; told from its first bytes,
+      so a file the same sort of command wrote is replaced, a data file or any other is not);
+      ``kind`` is a directory kind and
       ``out`` is a file, an artifact of another kind, or a non-empty directory that is no dpr-jax
       artifact. An existing directory is replaced (or, for embeddings, resumed) only when it is
       an artifact of the same kind.
@@ -582,6 +650,8 @@ def check_output(
             raise OutputPathError(
                 f"{what} {out} is {held}, not a file; refusing to replace it. Choose a file path"
             )
+        if o.exists():
+            _existing_file_clash(o, out, writes, what)
         return path
     if not o.is_dir():
         raise OutputPathError(

@@ -46,6 +46,7 @@ import numpy as np
 from dpr_jax.data.answers import MATCH_TYPES
 from dpr_jax.data.corpus import read_passages
 from dpr_jax.data.formats import (
+    BIENCODER_FILE,
     BiencoderExample,
     Passage,
     atomic_write_text,
@@ -181,7 +182,7 @@ def _check_or_write_config(parts: Path, config: dict[str, Any]) -> None:
 
 def merge_parts(out: str | Path) -> Path:
     """Write ``out`` from its finished parts (FileNotFoundError naming the missing chunks)."""
-    out = check_output(out, FILE)
+    out = check_output(out, FILE, writes=BIENCODER_FILE)
     parts = parts_dir(out)
     cfg_path = parts / "config.json"
     if not cfg_path.is_file():
@@ -257,7 +258,7 @@ def mine_hard_negatives(
     # before any work: the output (and its parts) never over an input or another artifact
     inputs = [biencoder, model_dir, index if isinstance(index, (str, Path)) else None,
               passages if isinstance(passages, (str, Path)) else None]  # fmt: skip
-    out = check_output(out, FILE, inputs)
+    out = check_output(out, FILE, inputs, writes=BIENCODER_FILE)
     check_output_path(parts_dir(out), inputs, what="--out's parts directory")
     examples, stats = read_biencoder(biencoder)
     if not examples:  # an empty output would pass for a mined file

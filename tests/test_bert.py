@@ -13,6 +13,8 @@ import pytest
 torch = pytest.importorskip("torch", reason="BERT tests need torch: pip install 'dpr-jax[torch]'")
 transformers = pytest.importorskip("transformers")
 
+from conftest import assert_close_to_scale  # noqa: E402
+
 from dpr_jax.convert import hf_state_dict_to_flax  # noqa: E402
 from dpr_jax.models.bert import BertConfig, BertModule  # noqa: E402
 
@@ -173,10 +175,7 @@ def test_first_token_only_equals_position_0_of_the_full_model_and_its_gradient(r
     for (path, a), b in zip(
         jax.tree_util.tree_leaves_with_path(g_full), jax.tree_util.tree_leaves(g_first)
     ):
-        # atol scales with the gradient: an element near zero beside elements of ~20 carries
-        # their sums' rounding, which differs between CPUs (AMX / AVX-512 summation orders)
-        atol = 1e-6 * max(1.0, float(np.abs(a).max()))
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=atol, err_msg=str(path))
+        assert_close_to_scale(b, a, rtol=1e-5, err_msg=str(path))
 
 
 def test_explicit_position_ids_and_no_pooler():

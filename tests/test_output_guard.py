@@ -2,9 +2,11 @@
 
 One row per (command, output path): an output that is (or contains, or lies inside) an input of
 the same command, that holds another kind of artifact, that lies inside an artifact, or that is
-a non-empty directory of other files is refused before any work, with one line naming both
-paths, exit 2, and the victim's bytes unchanged (:func:`dpr_jax.io.check_output`). The same kind
-of artifact at the output path is still replaced.
+a non-empty directory of other files, or that is an existing file holding something other than
+the command writes (a biencoder file given as retrieval results' --out, a text file, ...) is
+refused before any work, with one line naming both paths, exit 2, and the victim's bytes
+unchanged (:func:`dpr_jax.io.check_output`). The same kind of artifact or file at the output path
+is still replaced.
 """
 
 from __future__ import annotations
@@ -62,6 +64,25 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _api_passages_over_qas(a):
+    write_passages_tsv(a["qas"], PASSAGES)
+
+
+def _api_qas_over_passages(a):
+    write_qas_tsv(a["passages"], QUESTIONS)
+
+
+def _api_biencoder_over_results(a):
+    ex = BiencoderExample(QUESTIONS[0].question, ["Paris"], [PASSAGES[0]], [], [])
+    write_biencoder(a["results"], [ex])
+
+
+def _api_results_over_biencoder(a):
+    from dpr_jax.data.formats import write_retrieval_results
+
+    write_retrieval_results(a["biencoder"], [{"question": "q", "answers": [], "ctxs": []}])
+
+
 def _api_index_over_model(a):
     from dpr_jax.index import build_index
 
@@ -112,6 +133,28 @@ ROWS = [
      "--overwrite"], IDX, IDX),
     ("convert-data --out an index", ["convert-data", "--biencoder", BIE, "--out", IDX,
      "--overwrite"], IDX, IDX),
+    # a file that is no input but holds something other than the command writes
+    ("retrieve --out a biencoder file", ["retrieve", "--mode", "bm25", "--passages", PSG,
+     "--questions", QAS, "--out", BIE], BIE, BIE),
+    ("retrieve --out a text file", ["retrieve", "--mode", "bm25", "--passages", PSG,
+     "--questions", QAS, "--out", NOTES + "/precious.txt"], NOTES + "/precious.txt",
+     NOTES + "/precious.txt"),
+    ("mine --out retrieval results", ["mine", "--biencoder", BIE, "--out", RES, *DENSE,
+     "--passages", PSG], RES, RES),
+    ("evaluate --json the passages", ["evaluate", "--results", RES, "--json", PSG], PSG, PSG),
+    ("read --out a biencoder file", ["read", "--model", MODEL, "--results", RES, "--out", BIE],
+     BIE, BIE),
+    ("ask --out retrieval results", ["ask", "--questions", QAS, "--out", RES, "--retriever",
+     MODEL, "--index", IDX, "--passages", PSG, "--reader", MODEL], RES, RES),
+    ("encode --questions --out retrieval results", ["encode", "--model", MODEL, "--questions",
+     QAS, "--out", RES], RES, RES),
+    ("plot --out the qas", ["plot", "{dir}", "--out", QAS], QAS, QAS),
+    ("plan --json the biencoder file", ["plan", "--config", "{dir}/train.json", "--topology",
+     "v5e:2x2", "--json", BIE], BIE, BIE),
+    ("write_passages_tsv(qas)", _api_passages_over_qas, QAS, QAS),
+    ("write_qas_tsv(passages)", _api_qas_over_passages, PSG, PSG),
+    ("write_biencoder(results)", _api_biencoder_over_results, RES, RES),
+    ("write_retrieval_results(biencoder)", _api_results_over_biencoder, BIE, BIE),
 ]  # fmt: skip
 
 
@@ -162,3 +205,63 @@ def test_the_same_kind_is_still_replaced(art, capsys):
     save_model(copy, params, "biencoder", config)
     save_model(copy, params, "biencoder", config)  # a model directory over a model directory
     assert load_model(copy)[3]["params_sha256"] == load_model(art["model"])[3]["params_sha256"]
+
+
+def test_a_file_of_what_the_command_writes_is_replaced(art, tmp_path, capsys):
+    """An existing file is replaced when it holds what the command writes (told from its first
+    bytes, compressed or not) or nothing; refused when it cannot be read."""
+    d = tmp_path
+    qas = d / "q.tsv"
+    write_qas_tsv(qas, QUESTIONS)
+    write_qas_tsv(qas, QUESTIONS[:1])  # qas over qas
+    assert len(qas.read_text().splitlines()) == 1
+    psg = d / "p.tsv.gz"
+    write_passages_tsv(psg, PASSAGES)
+    write_passages_tsv(psg, PASSAGES[:2])  # compressed passages over compressed passages
+    ex = BiencoderExample(QUESTIONS[0].question, ["Paris"], [PASSAGES[0]], [], [PASSAGES[1]])
+    bie = d / "b.jsonl"
+    bie.write_text("")  # empty: replaced
+    write_biencoder(bie, [ex])
+    write_biencoder(bie, [ex, ex])
+    assert len(bie.read_text().splitlines()) == 2
+
+    metrics = d / "metrics.json"
+    for k in ("1", "2"):
+        assert main(["evaluate", "--results", str(art["results"]), "--ks", k,
+                     "--json", str(metrics)]) == 0  # fmt: skip
+    assert list(json.loads(metrics.read_text())["top_k_accuracy"]) == ["2"]
+    vecs = d / "q.npy"
+    for _ in range(2):
+        assert main(["encode", "--model", str(art["model"]), "--questions", str(art["qas"]),
+                     "--out", str(vecs)]) == 0  # fmt: skip
+    assert np.load(vecs).shape[0] == len(QUESTIONS)
+
+    bad = d / "r.json.gz"
+    bad.write_bytes(b"\x1f\x8b\x08\x00broken")  # a damaged gzip file is nobody's output
+    capsys.readouterr()
+    assert main(["retrieve", "--mode", "bm25", "--passages", str(art["passages"]),
+                 "--questions", str(art["qas"]), "--out", str(bad)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "unreadable" in err, err
+    assert bad.read_bytes() == b"\x1f\x8b\x08\x00broken"
+
+
+@pytest.mark.parametrize("suffix", [".png", ".pdf", ".svg"])
+def test_pictures_are_told_by_their_suffix(tmp_path, suffix):
+    """What matplotlib writes for a suffix is recognised as a picture; text is not."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dpr_jax.io import IMAGE
+
+    path = tmp_path / f"f{suffix}"
+    fig = plt.figure()
+    fig.savefig(path)
+    plt.close(fig)
+    head = path.read_bytes()[:65536]
+    assert IMAGE.holds(head, path)
+    assert not IMAGE.holds(b"id\ttext\ttitle\n", path)
+    other = ".pdf" if suffix != ".pdf" else ".png"
+    assert not IMAGE.holds(head, path.with_suffix(other))  # a PNG named .pdf is not a PDF

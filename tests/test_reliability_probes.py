@@ -75,10 +75,11 @@ def art(tmp_path_factory, tiny_biencoder_dir):
     _ok(["index", "--embeddings", d / "emb", "--backend", "exact", "--out", d / "index"])
     _ok(["retrieve", "--mode", "bm25", "--passages", d / "passages.tsv", "--questions",
          d / "qas.tsv", "--out", d / "results.json", "--k", "2"])  # fmt: skip
+    _ok(["evaluate", "--results", d / "results.json", "--json", d / "metrics.json"])
     _small_vocab_model(d, tiny)
     return {"dir": d, "model": tiny, "emb": d / "emb", "index": d / "index",
             "passages": d / "passages.tsv", "qas": d / "qas.tsv", "results": d / "results.json",
-            "biencoder": d / "biencoder.json", "empty_bi": d / "no_positives.json",
+            "metrics": d / "metrics.json", "biencoder": d / "biencoder.json", "empty_bi": d / "no_positives.json",
             "no_text": d / "no_text.json",
             "small_vocab": d / "small_vocab", "tiny_config": Path(__file__).parents[1]
             / "configs" / "tiny.py"}  # fmt: skip
@@ -220,7 +221,7 @@ FAULT_ROWS = [
     ("retrieve EACCES", ["retrieve", *BM25[:-1], "{tmp}/out"], "EACCES", 0, "results",
      "permission denied"),
     ("evaluate --json ENOSPC", ["evaluate", "--results", RES, "--json", "{tmp}/out"], "ENOSPC",
-     0, "results", "no space left"),
+     0, "metrics", "no space left"),
     ("index ENOSPC", ["index", "--embeddings", "{emb}", "--backend", "exact", "--out",
      "{tmp}/out"], "ENOSPC", 0, "index", "no space left"),
     ("index EROFS", ["index", "--embeddings", "{emb}", "--backend", "exact", "--out",

@@ -17,6 +17,7 @@ from dpr_jax.cli.options import (
     refuse_together,
 )
 from dpr_jax.data.answers import exact_match_score, f1_score
+from dpr_jax.data.formats import PREDICTIONS_FILE
 from dpr_jax.data.questions import is_tfds_spec, read_questions
 from dpr_jax.errors import UserError
 from dpr_jax.io import FILE, check_output
@@ -57,7 +58,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     if args.out:
         questions_file = None if is_tfds_spec(args.questions or "") else args.questions
         inputs = [questions_file, args.retriever, args.index, args.passages, args.reader]
-        check_output(args.out, FILE, inputs)
+        check_output(args.out, FILE, inputs, writes=PREDICTIONS_FILE)
     questions = []
     if not args.question:  # batch mode; read first: a wrong spec fails before any model loads
         questions = read_questions(args.questions)

@@ -15,7 +15,7 @@ from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE
 from dpr_jax.data.corpus import read_passages
 from dpr_jax.data.questions import is_tfds_spec, read_questions
 from dpr_jax.errors import UserError
-from dpr_jax.io import EMBEDDINGS, FILE, atomic_save_npy, check_output, writing
+from dpr_jax.io import EMBEDDINGS, FILE, NPY, atomic_save_npy, check_output, writing
 from dpr_jax.retriever.encode import DTYPES, TowerEncoder, encode_corpus
 
 
@@ -46,7 +46,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     # before any work: never over an input, another artifact or a directory of other files
     questions_file = None if is_tfds_spec(args.questions or "") else args.questions
     inputs = [args.model, questions_file, args.passages]
-    check_output(args.out, FILE if args.questions else EMBEDDINGS, inputs)
+    check_output(args.out, FILE if args.questions else EMBEDDINGS, inputs, writes=NPY)
     t0 = time.time()
     if args.questions:
         texts = [q.question for q in read_questions(args.questions)]

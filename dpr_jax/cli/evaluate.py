@@ -14,7 +14,10 @@ from dpr_jax.cli.options import parse_ks
 from dpr_jax.data.formats import read_retrieval_results
 from dpr_jax.errors import UserError
 from dpr_jax.evaluate import MATCH_TYPES, ann_recall, count_without_answers, top_k_accuracy
-from dpr_jax.io import FILE, atomic_write_text, check_output
+from dpr_jax.io import FILE, atomic_write_text, check_output, json_format
+
+# what --json writes (an existing file is replaced only when it holds such metrics)
+METRICS_FILE = json_format("dpr-jax evaluate metrics (JSON)", "top_k_accuracy")
 
 
 def format_table(rows: list[tuple[str, str]], header: tuple[str, str]) -> str:
@@ -38,7 +41,13 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file")
     args = ap.parse_args(argv)
     if args.json_out:
-        check_output(args.json_out, FILE, [args.results, args.exact_results], what="--json")
+        check_output(
+            args.json_out,
+            FILE,
+            [args.results, args.exact_results],
+            what="--json",
+            writes=METRICS_FILE,
+        )
 
     results = read_retrieval_results(args.results)
     if not results:

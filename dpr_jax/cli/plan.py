@@ -12,8 +12,11 @@ import json
 
 from dpr_jax.cli.errors import command_parser
 from dpr_jax.cli.options import POSITIVE
-from dpr_jax.io import FILE, atomic_write_text, check_output
+from dpr_jax.io import FILE, atomic_write_text, check_output, json_format
 from dpr_jax.plan import TOPOLOGY_EXAMPLES, run
+
+# what --json writes (an existing file is replaced only when it holds a plan)
+PLAN_FILE = json_format("dpr-jax plan record (JSON)", "definitions", "fits")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.json:
-        check_output(args.json, FILE, [args.config], what="--json")
+        check_output(args.json, FILE, [args.config], what="--json", writes=PLAN_FILE)
     record = run(args)
     if args.json:
         atomic_write_text(args.json, json.dumps(record, indent=2, default=str))

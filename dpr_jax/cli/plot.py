@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from dpr_jax.cli.errors import command_parser
-from dpr_jax.io import FILE, check_output
+from dpr_jax.io import FILE, IMAGE, check_output
 from dpr_jax.training.curves import metrics_file, save_curves
 
 
@@ -22,7 +22,7 @@ def cli_main(argv: list[str] | None = None) -> int:
                     "every split's); repeatable, comma lists too (default: train/loss and every "
                     "dev metric)")  # fmt: skip
     args = ap.parse_args(argv)
-    check_output(args.out, FILE, [metrics_file(r) for r in args.runs])
+    check_output(args.out, FILE, [metrics_file(r) for r in args.runs], writes=IMAGE)
     metrics = [m.strip() for arg in args.metric for m in arg.split(",") if m.strip()]
     print(f"wrote {save_curves(args.runs, args.out, metrics or None)}", file=sys.stderr)
     return 0

@@ -18,6 +18,7 @@ from dpr_jax.cli.options import (
     add_quiet,
     parse_ks,
 )
+from dpr_jax.data.formats import PREDICTIONS_FILE
 from dpr_jax.errors import UserError
 from dpr_jax.io import FILE, check_output
 from dpr_jax.reader.data import FORMATS, read_reader_examples, sample_examples
@@ -75,7 +76,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     add_quiet(ap)
     args = ap.parse_args(argv)  # fmt: skip
     if args.out:
-        check_output(args.out, FILE, [args.results, args.model])
+        check_output(args.out, FILE, [args.results, args.model], writes=PREDICTIONS_FILE)
 
     examples = read_reader_examples(args.results, args.format)
     if args.sample:

@@ -14,7 +14,7 @@ from dpr_jax.cli.errors import command_parser
 from dpr_jax.cli.options import POSITIVE, add_quiet, number
 from dpr_jax.data.bm25 import BM25Retriever
 from dpr_jax.data.corpus import read_passages
-from dpr_jax.data.formats import write_retrieval_results
+from dpr_jax.data.formats import RESULTS_FILE, write_retrieval_results
 from dpr_jax.data.questions import describe, is_tfds_spec, read_questions
 from dpr_jax.errors import UsageError, UserError
 from dpr_jax.evaluate import results_for
@@ -74,7 +74,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     args.alpha = 1.0 if args.alpha is None else args.alpha
     questions_file = None if is_tfds_spec(args.questions) else args.questions
     inputs = [questions_file, args.passages, args.model, args.index]
-    check_output(args.out, FILE, [*inputs, args.bm25_index])
+    check_output(args.out, FILE, [*inputs, args.bm25_index], writes=RESULTS_FILE)
     if args.bm25_index and not Path(args.bm25_index).exists():  # built and saved here
         check_output(args.bm25_index, BM25, [*inputs, args.out], what="--bm25-index")
 

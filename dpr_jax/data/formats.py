@@ -68,11 +68,39 @@ from dpr_jax.data.textio import (
     plain_name,
 )
 from dpr_jax.errors import UserError
-from dpr_jax.io import FILE, atomic_open, atomic_write_text, check_output
+from dpr_jax.io import (
+    FILE,
+    FileFormat,
+    atomic_open,
+    atomic_write_text,
+    check_output,
+    json_format,
+)
 
 logger = logging.getLogger(__name__)
 
 PASSAGES_HEADER = ("id", "text", "title")
+
+
+def _tsv_first_row(head: bytes) -> list[str]:
+    line = next((x for x in head.decode("utf-8", "replace").lstrip("\ufeff").splitlines()
+                 if x.strip()), "")  # fmt: skip
+    return line.split("\t")
+
+
+# What each writer below writes: an existing file at its output path is replaced only when it holds
+# the same (io.check_output)
+BIENCODER_FILE = json_format('DPR biencoder data (JSON with "positive_ctxs")', "positive_ctxs")
+RESULTS_FILE = json_format('DPR retrieval results (JSON with "ctxs")', "ctxs")
+PREDICTIONS_FILE = json_format('DPR reader predictions (JSON with "predictions")', "predictions")
+PASSAGES_FILE = FileFormat(
+    "DPR passages TSV (header id, text, title)",
+    lambda head, path: tuple(x.strip() for x in _tsv_first_row(head)) == PASSAGES_HEADER,
+)
+QAS_FILE = FileFormat(
+    "DPR qas TSV (question, ['answer', ...])",
+    lambda head, path: len(row := _tsv_first_row(head)) in (2, 3) and row[1].startswith("["),
+)
 
 # ---------------------------------------------------------------------------------------------
 # Files
@@ -162,8 +190,8 @@ def _fmt_json_list(records: Iterable[Any], f: IO[str]) -> None:
     f.write("\n]\n")
 
 
-def _write_records(path: str | Path, records: Iterable[Any]) -> Path:
-    path = check_output(path, FILE, what="output path")
+def _write_records(path: str | Path, records: Iterable[Any], writes: FileFormat) -> Path:
+    path = check_output(path, FILE, what="output path", writes=writes)
     jsonl = plain_name(path).endswith(".jsonl")
     with atomic_open(path) as f:
         if jsonl:
@@ -244,9 +272,11 @@ def read_passages_tsv(path: str | Path, check_unique: bool = True) -> list[Passa
     return out
 
 
-def _write_tsv(path: str | Path, rows: Iterable[Sequence], config: dict[str, Any] | None) -> Path:
+def _write_tsv(
+    path: str | Path, rows: Iterable[Sequence], config: dict[str, Any] | None, writes: FileFormat
+) -> Path:
     """Tab-separated ``rows``, atomically, each field on one line; the config beside it."""
-    check_output(path, FILE, what="output path")
+    check_output(path, FILE, what="output path", writes=writes)
     with atomic_open(path, newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         for row in rows:
@@ -261,7 +291,7 @@ def write_passages_tsv(
     """Write passages as DPR's TSV (with header), atomically. A line break inside a field is
     written as a space (no field of the format spans lines; the reader refuses one that does)."""
     rows = ((p.id, p.text, p.title) for p in passages)
-    return _write_tsv(path, itertools.chain([PASSAGES_HEADER], rows), config)
+    return _write_tsv(path, itertools.chain([PASSAGES_HEADER], rows), config, PASSAGES_FILE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +383,7 @@ def write_qas_tsv(
     with_ids = bool(questions) and all(q.id is not None for q in questions)
     rows = ([q.question, repr([str(a) for a in q.answers]), *([q.id] if with_ids else [])]
             for q in questions)  # fmt: skip
-    return _write_tsv(path, rows, config)
+    return _write_tsv(path, rows, config, QAS_FILE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,7 +495,7 @@ def write_biencoder(
     path: str | Path, examples: Iterable[BiencoderExample], config: dict[str, Any] | None = None
 ) -> Path:
     """Write DPR biencoder JSON (a list; JSONL when the name ends in ``.jsonl``, compressed or not)."""
-    out = _write_records(path, (e.to_json() for e in examples))
+    out = _write_records(path, (e.to_json() for e in examples), BIENCODER_FILE)
     write_config(path, config)
     return out
 
@@ -561,7 +591,7 @@ def write_retrieval_results(
             yield {"question": _get(r, "question"), "answers": list(_get(r, "answers")),
                    "ctxs": ctxs}  # fmt: skip
 
-    out = _write_records(path, records())
+    out = _write_records(path, records(), RESULTS_FILE)
     write_config(path, config)
     return out
 
@@ -605,7 +635,7 @@ def write_reader_predictions(
 ) -> Path:
     """Write DPR reader predictions JSON (validated; dicts or objects with the same fields)."""
     records = [_prediction_record(r, f"prediction {i}") for i, r in enumerate(predictions)]
-    out = _write_records(path, records)
+    out = _write_records(path, records, PREDICTIONS_FILE)
     write_config(path, config)
     return out
 

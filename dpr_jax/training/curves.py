@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dpr_jax.errors import UserError, optional_import
-from dpr_jax.io import FILE, atomic_write_bytes, check_output
+from dpr_jax.io import FILE, IMAGE, atomic_write_bytes, check_output
 from dpr_jax.training.events import scalar_tags
 
 METRICS_FILE = "metrics.jsonl"
@@ -136,7 +136,7 @@ def save_curves(runs: Sequence[str | Path], out: str | Path,
                 metrics: Sequence[str] | None = None) -> Path:  # fmt: skip
     """:func:`curves_figure` written to ``out`` (PNG, or the format its suffix names),
     atomically; never over (or as a directory holding) a run's metrics file."""
-    check_output(out, FILE, [metrics_file(r) for r in runs])
+    check_output(out, FILE, [metrics_file(r) for r in runs], writes=IMAGE)
     fig = curves_figure(runs, metrics)
     fmt = Path(out).suffix.lstrip(".").lower() or "png"
     if fmt not in fig.canvas.get_supported_filetypes():
