@@ -507,7 +507,13 @@ NPY = FileFormat(".npy array", lambda head, path: head.startswith(b"\x93NUMPY"))
 
 def _existing_file_clash(o: Path, out, writes: FileFormat | None, what: str) -> None:
     """Refuse an existing, non-empty file at ``out`` that does not hold ``writes`` (every
-    existing file when ``writes`` is None): nothing a command did not write is replaced."""
+    existing file when ``writes`` is None): nothing a command did not write is replaced, and no
+    device, pipe or socket (an output is written beside its path and renamed over it)."""
+    if not o.is_file():
+        raise OutputPathError(
+            f"{what} {out} is no regular file ({o}: a device, pipe or socket); refusing to "
+            "replace it. Choose a file path"
+        )
     if o.stat().st_size == 0:
         return
     from dpr_jax.data.textio import open_binary  # textio imports this module

@@ -265,3 +265,14 @@ def test_pictures_are_told_by_their_suffix(tmp_path, suffix):
     assert not IMAGE.holds(b"id\ttext\ttitle\n", path)
     other = ".pdf" if suffix != ".pdf" else ".png"
     assert not IMAGE.holds(head, path.with_suffix(other))  # a PNG named .pdf is not a PDF
+
+
+def test_a_device_is_never_an_output(art, capsys):
+    """Outputs are written beside their path and renamed over it: /dev/null would be replaced
+    by a file. Refused in one line, the device left as it is."""
+    import stat
+
+    assert main(["evaluate", "--results", str(art["results"]), "--json", "/dev/null"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "/dev/null" in err[0] and "no regular file" in err[0], err
+    assert stat.S_ISCHR(Path("/dev/null").stat().st_mode)
