@@ -49,6 +49,7 @@ import shutil
 import socket
 import sys
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -505,6 +506,22 @@ IMAGE = FileFormat("picture (PNG, PDF, SVG, ...)", _image_holds)
 NPY = FileFormat(".npy array", lambda head, path: head.startswith(b"\x93NUMPY"))
 
 
+def _head_bytes(path: Path, n: int) -> bytes:
+    """The first ``n`` bytes of ``path``, decompressed when it starts as gzip, xz or bzip2 data
+    does (what the writers' :data:`COMPRESSORS` make of a ``.gz`` / ``.xz`` / ``.bz2`` name)."""
+    with open(path, "rb") as f:
+        raw = f.read(n)
+    for magic, opener in (
+        (b"\x1f\x8b", gzip.open),
+        (b"\xfd7zXZ\x00", lzma.open),
+        (b"BZh", bz2.open),
+    ):
+        if raw.startswith(magic):
+            with opener(path, "rb") as f:
+                return f.read(n)
+    return raw
+
+
 def _existing_file_clash(o: Path, out, writes: FileFormat | None, what: str) -> None:
     """Refuse an existing, non-empty file at ``out`` that does not hold ``writes`` (every
     existing file when ``writes`` is None): nothing a command did not write is replaced, and no
@@ -516,12 +533,9 @@ def _existing_file_clash(o: Path, out, writes: FileFormat | None, what: str) -> 
         )
     if o.stat().st_size == 0:
         return
-    from dpr_jax.data.textio import open_binary  # textio imports this module
-
     try:
-        with open_binary(o) as f:
-            head = f.read(SNIFF_BYTES)
-    except (OSError, EOFError, ValueError, UserError):  # unreadable, damaged compressed data
+        head = _head_bytes(o, SNIFF_BYTES)
+    except (OSError, EOFError, ValueError, lzma.LZMAError, zlib.error):  # unreadable, damaged
         head = None
     if head is not None and (not head or (writes is not None and writes.holds(head, o))):
         return

@@ -215,6 +215,9 @@ def test_a_file_of_what_the_command_writes_is_replaced(art, tmp_path, capsys):
     write_qas_tsv(qas, QUESTIONS)
     write_qas_tsv(qas, QUESTIONS[:1])  # qas over qas
     assert len(qas.read_text().splitlines()) == 1
+    for name in ("q.tsv.xz", "q.tsv.bz2"):
+        write_qas_tsv(d / name, QUESTIONS)
+        write_qas_tsv(d / name, QUESTIONS)  # xz / bzip2 qas over the same
     psg = d / "p.tsv.gz"
     write_passages_tsv(psg, PASSAGES)
     write_passages_tsv(psg, PASSAGES[:2])  # compressed passages over compressed passages
