@@ -1920,7 +1920,7 @@ def equal_mode(args, ids, emb, queries, tune_queries, data: str) -> int:
         "ps_experiments": args.ps_experiments, "command": "python " + " ".join(sys.argv),
     }  # fmt: skip
     bench.results["config"]["cpu"] = (
-        f"{os.cpu_count()} CPU(s) {bench.results['config']['cpu_model']}"
+        f"{os.cpu_count()} CPU(s) {bench.results['config']['cpu_model']}{blas_core()}"
     )
     bench.run()
     if not (args.build_only or args.tune_only):
@@ -1939,8 +1939,9 @@ def find_accelerator(force_cpu: bool = False) -> dict:
     plats = sorted({d.platform for d in jax.devices()})
     acc = next((p for p in plats if p in ("gpu", "cuda", "rocm", "tpu")), None)
     try:
-        import faiss
+        from dpr_jax.index.faiss_index import import_faiss
 
+        faiss = import_faiss()
         gpus = faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
         fv = f"faiss {faiss.__version__} " + ("with" if hasattr(faiss, "StandardGpuResources")
                                               else "without") + " GPU support"  # fmt: skip
@@ -2053,10 +2054,11 @@ class AccelRecall(EqualRecall):
             self.sweep_method(group, group, search, [{}], "none (exact)")
 
     def faiss_methods(self):
-        import faiss
         import numpy as np
 
-        from dpr_jax.index.faiss_index import default_nlist, default_training_sample
+        from dpr_jax.index.faiss_index import default_nlist, default_training_sample, import_faiss
+
+        faiss = import_faiss()
 
         res = faiss.StandardGpuResources() if self.acc["faiss_gpus"] else None
         emb = np.ascontiguousarray(self.emb, np.float32)
@@ -2196,12 +2198,27 @@ def _versions(np) -> dict:
     from dpr_jax import __version__
 
     versions = {"dpr_jax": __version__, "jax": jax.__version__, "numpy": np.__version__}
-    for mod in ("faiss", "scann"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except (ImportError, AttributeError):
+    from dpr_jax.errors import MissingDependency
+    from dpr_jax.index.faiss_index import import_faiss
+
+    for mod, load in (("faiss", import_faiss), ("scann", lambda: __import__("scann"))):
+        try:  # faiss through dpr_jax: its OpenBLAS on the CPU's own kernels
+            versions[mod] = load().__version__
+        except (ImportError, MissingDependency, AttributeError):
             versions[mod] = None
     return versions
+
+
+def blas_core() -> str:
+    """ ", FAISS's OpenBLAS: SkylakeX" (the kernels its matrix products run), or ""."""
+    from dpr_jax.errors import MissingDependency
+    from dpr_jax.index.faiss_index import faiss_blas_core
+
+    try:
+        core = faiss_blas_core()
+    except (ImportError, MissingDependency, OSError, AttributeError):
+        return ""
+    return f", FAISS's OpenBLAS: {core}" if core else ""
 
 
 def sharded_child(args) -> int:

@@ -37,8 +37,62 @@ from dpr_jax.index.tune import ladder
 FAISS_FILE = "faiss.index"
 
 
+# OpenBLAS's AVX-512 kernels need these (its SkylakeX target)
+_AVX512_SKYLAKEX = frozenset({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})
+
+
+def openblas_coretype(cpuinfo: str, environ: dict) -> str | None:
+    """The ``OPENBLAS_CORETYPE`` to load FAISS's OpenBLAS with, or None (OpenBLAS's own choice).
+
+    The faiss-cpu wheels bundle an OpenBLAS (0.3.15 in faiss-cpu 1.x) that picks its kernels from
+    the CPU model it was taught: a CPU newer than it (Intel Sapphire / Emerald Rapids) gets its
+    fallback, ``Prescott`` (SSE3), and every FAISS matrix product (k-means, IVF assignment,
+    ``IndexFlatIP``, batched coarse search) runs ~4x slower there (15 against 58-82 GFLOP/s on
+    an Emerald Rapids; ``scripts/bench_ann.py`` prints the core). So the kernels OpenBLAS picks
+    for the models it knows are named from the CPU's features: Intel with AVX-512 ``SkylakeX``
+    (Skylake-SP to Ice Lake), Intel with AVX2 ``Haswell``, AMD with AVX2 ``Zen``; other CPUs,
+    and a ``OPENBLAS_CORETYPE`` the user set, are left as they are."""
+    if environ.get("OPENBLAS_CORETYPE"):
+        return None
+    vendor = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines()
+                   if ln.startswith("vendor_id")), "")  # fmt: skip
+    flags = next((set(ln.split(":", 1)[1].split()) for ln in cpuinfo.splitlines()
+                  if ln.startswith("flags")), set())  # fmt: skip
+    if vendor == "GenuineIntel" and _AVX512_SKYLAKEX <= flags:
+        return "SkylakeX"
+    if {"avx2", "fma"} <= flags:
+        return {"GenuineIntel": "Haswell", "AuthenticAMD": "Zen"}.get(vendor)
+    return None
+
+
 def import_faiss():
+    """``faiss``; imported the first time with its OpenBLAS pointed at the CPU's own kernels
+    (:func:`openblas_coretype`: OpenBLAS reads the setting once, when it is loaded)."""
+    import sys
+
+    if "faiss" not in sys.modules:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+        core = openblas_coretype(cpuinfo, os.environ)
+        if core is not None:
+            os.environ["OPENBLAS_CORETYPE"] = core
     return optional_import("faiss", "faiss", "the FAISS index")
+
+
+def faiss_blas_core() -> str | None:
+    """The kernels FAISS's bundled OpenBLAS runs (``openblas_get_corename``, e.g. "SkylakeX",
+    "Haswell", "Prescott"), or None where FAISS has none of its own (another BLAS)."""
+    import ctypes
+
+    faiss = import_faiss()
+    libs = sorted((Path(faiss.__file__).parent.parent / "faiss_cpu.libs").glob("libopenblas*.so*"))
+    if not libs:
+        return None
+    lib = ctypes.CDLL(str(libs[0]))  # already loaded by faiss: the same library
+    lib.openblas_get_corename.restype = ctypes.c_char_p
+    return lib.openblas_get_corename().decode()
 
 
 def set_faiss_threads(num_threads: int) -> None:
