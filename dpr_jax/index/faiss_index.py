@@ -47,8 +47,8 @@ def openblas_coretype(cpuinfo: str, environ: dict) -> str | None:
     The faiss-cpu wheels bundle an OpenBLAS (0.3.15 in faiss-cpu 1.x) that picks its kernels from
     the CPU model it was taught: a CPU newer than it (Intel Sapphire / Emerald Rapids) gets its
     fallback, ``Prescott`` (SSE3), and every FAISS matrix product (k-means, IVF assignment,
-    ``IndexFlatIP``, batched coarse search) runs ~4x slower there (15 against 58-82 GFLOP/s on
-    an Emerald Rapids; ``scripts/bench_ann.py`` prints the core). So the kernels OpenBLAS picks
+    ``IndexFlatIP``, batched coarse search) runs ~4.4x slower there (27 against 119 GFLOP/s, one
+    thread, on an Emerald Rapids: ``scripts/bench_faiss_blas.py``). So the kernels OpenBLAS picks
     for the models it knows are named from the CPU's features: Intel with AVX-512 ``SkylakeX``
     (Skylake-SP to Ice Lake), Intel with AVX2 ``Haswell``, AMD with AVX2 ``Zen``; other CPUs,
     and a ``OPENBLAS_CORETYPE`` the user set, are left as they are."""
