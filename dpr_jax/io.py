@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 from dpr_jax.errors import UserError
 
 COMPRESSORS = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}  # suffix: opener
+GZIP_MAGIC, XZ_MAGIC, BZIP2_MAGIC = b"\x1f\x8b", b"\xfd7zXZ\x00", b"BZh"  # first bytes
 
 MANIFEST = "manifest.json"
 
@@ -511,11 +512,7 @@ def _head_bytes(path: Path, n: int) -> bytes:
     does (what the writers' :data:`COMPRESSORS` make of a ``.gz`` / ``.xz`` / ``.bz2`` name)."""
     with open(path, "rb") as f:
         raw = f.read(n)
-    for magic, opener in (
-        (b"\x1f\x8b", gzip.open),
-        (b"\xfd7zXZ\x00", lzma.open),
-        (b"BZh", bz2.open),
-    ):
+    for magic, opener in ((GZIP_MAGIC, gzip.open), (XZ_MAGIC, lzma.open), (BZIP2_MAGIC, bz2.open)):
         if raw.startswith(magic):
             with opener(path, "rb") as f:
                 return f.read(n)

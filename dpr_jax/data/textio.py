@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from dpr_jax.errors import UserError
-from dpr_jax.io import COMPRESSORS
+from dpr_jax.io import COMPRESSORS, GZIP_MAGIC, XZ_MAGIC
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 UTF8_FIX = "save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`)"
@@ -57,7 +57,6 @@ def _owning(cls):
     return Owning
 
 
-GZIP_MAGIC, XZ_MAGIC = b"\x1f\x8b", b"\xfd7zXZ\x00"
 _GZIP = _owning(gzip.GzipFile)
 _XZ = _owning(lzma.LZMAFile)
 _BZIP2 = _owning(bz2.BZ2File)
