@@ -49,6 +49,21 @@ def test_read_run_later_record_wins_and_broken_lines_are_skipped(tmp_path):
     assert series["train/epoch"][3] == 0.3 and "train/step" not in series
 
 
+def test_plot_prints_dpr_jax_warnings_as_one_line(tmp_path, capsys):
+    """A warning of dpr-jax's own, raised under a command, is one line naming the command (the
+    error contract's form), not Python's two lines with a source path; the command goes on."""
+    run = _write_run(tmp_path / "r", _records([3.0, 2.0]))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"split": "train", "st\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["plot", str(run), "--out", str(tmp_path / "c.png")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    line = f"dpr-jax plot: warning: {run / 'metrics.jsonl'}, line 5: 1 unreadable line(s) skipped"
+    assert err[0] == line and not any("Warning" in e for e in err), err
+    assert (tmp_path / "c.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
 def test_plot_two_runs(tmp_path, capsys):
     r1 = _write_run(tmp_path / "runs" / "r1", _records([3.0, 2.5, 2.0, 1.8]))
     r2 = _write_run(tmp_path / "runs" / "r2", _records([2.0, 1.5, 1.2, 1.0, 0.9, 0.8]))

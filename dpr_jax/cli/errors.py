@@ -3,6 +3,9 @@
 - A user error (:class:`dpr_jax.errors.UserError`, which every check of dpr-jax raises, or a
   missing / unreadable file) prints one line
   ``dpr-jax <command>: <file>[, line N]: <what is wrong and what to do>`` on stderr, exit 2.
+- A warning of dpr-jax's own (a partial corpus, a skipped line, an older model directory) prints
+  one line ``dpr-jax <command>: warning: <message>`` on stderr and the command goes on; warnings
+  of other libraries keep Python's form.
 - Ctrl-C prints one line (commands that save on interruption say what they saved first), exit 130.
 - Anything else is a bug in dpr-jax, a ``ValueError`` from inside the library included: the
   traceback is kept, exit 1.
@@ -16,6 +19,7 @@ import argparse
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,11 +82,30 @@ def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
     return len(rest) != len(argv) or os.environ.get("DPR_JAX_DEBUG", "") not in ("", "0"), rest
 
 
+def _one_line_warning(name: str, shown: Callable) -> Callable:
+    """``warnings.showwarning`` that prints dpr-jax's own warnings (raised from a module of the
+    package) as one line naming the command; other warnings go to ``shown``."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and Path(filename).resolve().is_relative_to(
+            _PACKAGE_DIR
+        ):
+            text = " ".join(str(message).split())
+            print(f"dpr-jax {name}: warning: {text}", file=file or sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def run_command(name: str, cli_main: Callable[[list[str]], int | None], argv: list[str]) -> int:
     """Run one subcommand under the contract; returns its exit code."""
     debug, argv = debug_requested(argv)
     try:
-        return int(cli_main(argv) or 0)
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.showwarning = _one_line_warning(name, warnings.showwarning)
+            return int(cli_main(argv) or 0)
     except KeyboardInterrupt as e:  # commands that keep work say what (Interrupted's message)
         kept = f"; {e}" if str(e) else ("; nothing was written" if name in WRITES_AT_END else "")
         print(f"dpr-jax {name}: interrupted{kept}", file=sys.stderr)
