@@ -40,9 +40,11 @@ def test_best_span_is_the_argmax_within_the_length_limit():
 
 def test_best_spans_brute_force():
     rng = np.random.default_rng(0)
-    for trial in range(20):
-        n, length, top = int(rng.integers(1, 30)), int(rng.integers(1, 6)), 3
+    for trial in range(60):
+        n, length, top = int(rng.integers(1, 30)), int(rng.integers(1, 6)), 1 + trial % 3
         s, e = rng.normal(size=n), rng.normal(size=n)
+        if trial % 2:  # small integers: many ties, which go to the earlier, shorter span
+            s, e = rng.integers(-2, 3, size=n).astype(float), rng.integers(-2, 3, size=n) * 1.0
         got = best_spans(s, e, length, top)
         cands = sorted(
             ((i, j, s[i] + e[j]) for i in range(n) for j in range(i, min(n, i + length))),

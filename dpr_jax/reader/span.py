@@ -111,19 +111,28 @@ def best_spans(
     if n == 0 or top_spans < 1:
         return []
     length = min(max_answer_length, n)
-    i = np.repeat(np.arange(n), length)
-    j = i + np.tile(np.arange(length), n)
-    keep = j < n
-    i, j = i[keep], j[keep]
-    score = s[i] + e[j]
+    if top_spans == 1:  # no overlap to check: the argmax (a passage's answer in "dpr" / "joint")
+        # score[i, d]: the span [i, i + d]; -inf past the text. Row-major order is (start, then
+        # length): the first maximum is the earlier, shorter span of a tie, as below.
+        e_pad = np.concatenate([e, np.full(length - 1, -np.inf)])
+        score = s[:, None] + e_pad[np.arange(n)[:, None] + np.arange(length)]
+        a, d = divmod(int(np.argmax(score)), length)
+        i, j, flat, order = [a], [a + d], [score[a, d]], (0,)
+    else:
+        i = np.repeat(np.arange(n), length)
+        j = i + np.tile(np.arange(length), n)
+        keep = j < n
+        i, j = i[keep], j[keep]
+        flat = s[i] + e[j]
+        order = np.argsort(-flat, kind="stable")
     chosen: list[tuple[int, int, float]] = []
-    for k in np.argsort(-score, kind="stable"):
+    for k in order:
         a, b = int(i[k]), int(j[k])
         if subword is not None:
             a, b = extend_to_words(a, b, subword)
         if any(a <= cb and ca <= b for ca, cb, _ in chosen):
             continue
-        chosen.append((a, b, float(score[k])))
+        chosen.append((a, b, float(flat[k])))
         if len(chosen) == top_spans:
             break
     return chosen
@@ -471,17 +480,27 @@ class ReaderPredictor:
         ]  # fmt: skip
         read: dict[tuple[int, int], list] = {}  # (question, passage) -> its windows' logits
         bar = progress_bar(total=len(pairs), desc="reader", unit="seq", enabled=progress)
-        for chunk, (rows, length) in self._batches(pairs):
-            ids, mask = tok.pad([seq.ids for _, _, seq, _ in chunk] + [np.zeros(0, np.int32)] *
-                                (rows - len(chunk)), length)  # fmt: skip
-            start, end, rel = self._forward(self.params, ids[:, None], mask[:, None])
-            start, end, rel = np.asarray(start)[:, 0], np.asarray(end)[:, 0], np.asarray(rel)
+
+        def collect(chunk, outputs):
+            start, end, rel = (np.asarray(x) for x in outputs)  # waits for the device
+            start, end = start[:, 0], end[:, 0]
             for r, (qi, pi, seq, a) in enumerate(chunk):
                 sl = slice(seq.text_start, seq.text_start + seq.text_len)
                 read.setdefault((qi, pi), []).append(
                     (a, float(rel[r, 0]), start[r, sl], end[r, sl])
                 )
             bar.update(len(chunk))
+
+        pending = None  # the batch in flight: the next one is padded and sent before waiting
+        for chunk, (rows, length) in self._batches(pairs):
+            ids, mask = tok.pad([seq.ids for _, _, seq, _ in chunk] + [np.zeros(0, np.int32)] *
+                                (rows - len(chunk)), length)  # fmt: skip
+            outputs = self._forward(self.params, ids[:, None], mask[:, None])  # asynchronous
+            if pending is not None:
+                collect(*pending)
+            pending = (chunk, outputs)
+        if pending is not None:
+            collect(*pending)
         bar.close()
         out: list[list[PassageLogits]] = [
             [merge_windows(read[qi, pi]) for pi in range(len(ps))] for qi, ps in enumerate(passages)
