@@ -332,3 +332,32 @@ def test_selection_rules_by_hand():
     assert _select(texts, rels, starts, ends, 3, "joint").text == "Main Building"
     with pytest.raises(ValueError, match="selection"):
         _select(texts, rels, starts, ends, 3, "vote")
+
+
+def test_joint_reads_all_passages_at_once_as_one_at_a_time(monkeypatch):
+    """``joint`` finds every passage's best span and normaliser in one padded argmax
+    (``_best_span_each``); the same answers, spans and scores as reading the passages one at a
+    time with :func:`best_spans` (the fallback past ``_BATCHED_SPAN_SCORES``), over passages of
+    different lengths, empty ones, subword pieces and tied span scores within a passage."""
+    from dpr_jax.reader import span
+    from dpr_jax.reader.span import PassageLogits, select_predictions
+
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        p = int(rng.integers(1, 12))
+        lens = [int(rng.integers(0 if trial % 4 == 0 else 1, 40)) for _ in range(p)]
+        ps = [Passage(" ".join(f"w{j}" for j in range(n)), "t") for n in lens]
+        offs = [np.array([(3 * j, 3 * j + 2) for j in range(n)], np.int32).reshape(-1, 2)
+                for n in lens]  # fmt: skip
+        subs = [rng.random(n) < 0.3 for n in lens]
+        ints = trial % 2  # small integers: tied spans within a passage
+        draw = (lambda n: rng.integers(-2, 3, n) * 1.0) if ints else (lambda n: rng.normal(size=n))
+        lg = [PassageLogits(float(rng.normal()), draw(n), draw(n)) for n in lens]
+        top_k, length = (1, 3, 20), int(rng.integers(1, 12))
+        batched = select_predictions(ps, offs, subs, lg, top_k, length, "joint")
+        with monkeypatch.context() as m:
+            m.setattr(span, "_BATCHED_SPAN_SCORES", 0)
+            assert span._best_span_each(lg, length) is None or max(lens) == 0
+            single = select_predictions(ps, offs, subs, lg, top_k, length, "joint")
+        assert batched == single, trial
+        assert any(b.text for b in batched.values()) == (max(lens[: max(top_k)]) > 0)

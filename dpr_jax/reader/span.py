@@ -214,13 +214,54 @@ def _read_passage(
     idx: int, max_answer_length: int, top_spans: int = 1,
 ) -> list[SpanPrediction]:  # fmt: skip
     n = len(logits.start)
-    out = []
-    for s, e, score in best_spans(logits.start, logits.end, max_answer_length, top_spans,
-                                  subword[:n]):  # fmt: skip
-        c0, c1 = int(offsets[s, 0]), int(offsets[e, 1])
-        out.append(SpanPrediction(passage.text[c0:c1], score, logits.relevance, idx,
-                                  passage.text, c0, c1, s, e))  # fmt: skip
-    return out
+    spans = best_spans(logits.start, logits.end, max_answer_length, top_spans, subword[:n])
+    return [_prediction(passage, offsets, logits, idx, s, e, score) for s, e, score in spans]
+
+
+def _prediction(passage, offsets, logits, idx, s, e, score) -> SpanPrediction:
+    c0, c1 = int(offsets[s, 0]), int(offsets[e, 1])
+    return SpanPrediction(passage.text[c0:c1], score, logits.relevance, idx, passage.text, c0, c1,
+                          s, e)  # fmt: skip
+
+
+# past this many (passage, start, length) scores a question's passages are read one at a time
+_BATCHED_SPAN_SCORES = 1 << 22
+
+
+def _best_span_each(
+    logits: Sequence[PassageLogits], max_answer_length: int
+) -> tuple[list[tuple[int, int, float] | None], np.ndarray] | None:
+    """Every passage's best span at once, before word extension (:func:`best_spans` with
+    ``top_spans=1``, the same rule and ties; None for a passage without text tokens), and each
+    passage's log-normaliser ``_logsumexp(start) + _logsumexp(end)``: the logits padded to one
+    matrix with -inf, one argmax over (passage, start, length). None when that matrix would pass
+    :data:`_BATCHED_SPAN_SCORES` (very long passages read in windows, a huge answer length)."""
+    lens = np.array([len(lg.start) for lg in logits], np.int64)
+    p, n = len(logits), int(lens.max(initial=0))
+    if n == 0:
+        return [None] * p, np.zeros(p)
+    length = min(max_answer_length, n)
+    if p * n * length > _BATCHED_SPAN_SCORES:
+        return None
+    start = np.full((p, n), -np.inf)
+    end = np.full((p, n + length - 1), -np.inf)
+    for r, lg in enumerate(logits):
+        start[r, : lens[r]], end[r, : lens[r]] = lg.start, lg.end
+    score = (start[:, :, None] + end[:, np.arange(n)[:, None] + np.arange(length)]).reshape(p, -1)
+    k = score.argmax(axis=1)
+    best = score[np.arange(p), k]
+    spans = [
+        (int(a), int(a + d), float(b)) if m else None
+        for a, d, b, m in zip(*np.divmod(k, length), best, lens > 0)
+    ]  # fmt: skip
+
+    def lse(x):  # row-wise; -inf padding adds exp(-inf) = 0
+        m = x.max(axis=1, keepdims=True)
+        m[~np.isfinite(m)] = 0.0
+        return (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))[:, 0]
+
+    with np.errstate(divide="ignore"):
+        return spans, lse(start) + lse(end[:, :n])
 
 
 def _logsumexp(x: np.ndarray) -> float:
@@ -266,6 +307,15 @@ def select_predictions(
     per = 1 if selection != "sum" else spans_per_passage
     cache: dict[int, list[SpanPrediction]] = {}
     norms: dict[int, float] = {}  # log-normalisers of a passage's start and end logits
+    if selection == "joint":  # every passage up to the largest k is read: all at once
+        n_read = min(max((int(k) for k in top_k), default=0), len(logits))
+        each = _best_span_each(logits[:n_read], max_answer_length) if n_read else None
+        if each is not None:
+            for i, (span, nm) in enumerate(zip(*each)):
+                cache[i], norms[i] = [], float(nm)
+                if span is not None:
+                    a, b = extend_to_words(span[0], span[1], subwords[i][: len(logits[i].start)])
+                    cache[i] = [_prediction(passages[i], offsets[i], logits[i], i, a, b, span[2])]
 
     def read(i: int) -> list[SpanPrediction]:
         if i not in cache:
