@@ -40,8 +40,10 @@ def test_best_span_is_the_argmax_within_the_length_limit():
 
 def test_best_spans_brute_force():
     rng = np.random.default_rng(0)
-    for trial in range(60):
+    for trial in range(80):
         n, length, top = int(rng.integers(1, 30)), int(rng.integers(1, 6)), 1 + trial % 3
+        if trial >= 60:  # past _ranked's partition (64 a span), and spans that overlap a lot
+            n, length, top = int(rng.integers(150, 300)), 10, int(rng.integers(2, 12))
         s, e = rng.normal(size=n), rng.normal(size=n)
         if trial % 2:  # small integers: many ties, which go to the earlier, shorter span
             s, e = rng.integers(-2, 3, size=n).astype(float), rng.integers(-2, 3, size=n) * 1.0
@@ -82,6 +84,13 @@ def test_spans_extend_to_whole_words():
     assert extend_to_words(4, 4, subword) == (1, 4)
     assert extend_to_words(0, 0, subword) == (0, 0)
     assert extend_to_words(5, 5, subword) == (5, 5)
+    # one word of 200 pieces: every span extends to all of it, so one span and no other (every
+    # candidate read, past _ranked's partition); tied logits: the earliest, shortest first
+    one_word = np.arange(200) > 0
+    rng = np.random.default_rng(1)
+    spans = best_spans(rng.normal(size=200), rng.normal(size=200), 10, 3, one_word)
+    assert [sp[:2] for sp in spans] == [(0, 199)]
+    assert best_spans(np.zeros(200), np.zeros(200), 10, 4) == [(k, k, 0.0) for k in range(4)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -124,7 +124,7 @@ def best_spans(
         keep = j < n
         i, j = i[keep], j[keep]
         flat = s[i] + e[j]
-        order = np.argsort(-flat, kind="stable")
+        order = _ranked(flat, top_spans)
     chosen: list[tuple[int, int, float]] = []
     for k in order:
         a, b = int(i[k]), int(j[k])
@@ -136,6 +136,20 @@ def best_spans(
         if len(chosen) == top_spans:
             break
     return chosen
+
+
+def _ranked(score: np.ndarray, wanted: int):
+    """Indices of ``score`` best first, ties in index order (a stable sort of ``-score``), lazily:
+    the best ``64 * wanted`` by a partition first (enough for ``wanted`` spans that do not
+    overlap, nearly always), the full sort only if the caller reads past them."""
+    m = 64 * wanted
+    head: Any = ()
+    if len(score) > m:
+        idx = np.argpartition(-score, m)
+        head = idx[:m][score[idx[:m]] > score[idx[m]]]  # surely among the first: no boundary tie
+        head = head[np.lexsort((head, -score[head]))]
+        yield from head
+    yield from np.argsort(-score, kind="stable")[len(head) :]
 
 
 def merge_windows(windows: Sequence[tuple[int, float, np.ndarray, np.ndarray]]) -> PassageLogits:
@@ -307,6 +321,7 @@ def select_predictions(
     per = 1 if selection != "sum" else spans_per_passage
     cache: dict[int, list[SpanPrediction]] = {}
     norms: dict[int, float] = {}  # log-normalisers of a passage's start and end logits
+    keys: dict[str, str] = {}  # "sum": each answer string's SQuAD normal form
     if selection == "joint":  # every passage up to the largest k is read: all at once
         n_read = min(max((int(k) for k in top_k), default=0), len(logits))
         each = _best_span_each(logits[:n_read], max_answer_length) if n_read else None
@@ -352,7 +367,9 @@ def select_predictions(
             totals: dict[str, float] = {}
             best: dict[str, tuple[float, SpanPrediction]] = {}
             for lp, sp in scored:
-                key = normalize_answer(sp.text)
+                key = keys.get(sp.text)
+                if key is None:  # once per answer string, not once per k
+                    key = keys[sp.text] = normalize_answer(sp.text)
                 totals[key] = totals.get(key, 0.0) + float(np.exp(lp))
                 if key not in best or lp > best[key][0]:
                     best[key] = (lp, sp)
