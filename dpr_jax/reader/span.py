@@ -112,12 +112,8 @@ def best_spans(
         return []
     length = min(max_answer_length, n)
     if top_spans == 1:  # no overlap to check: the argmax (a passage's answer in "dpr" / "joint")
-        # score[i, d]: the span [i, i + d]; -inf past the text. Row-major order is (start, then
-        # length): the first maximum is the earlier, shorter span of a tie, as below.
-        e_pad = np.concatenate([e, np.full(length - 1, -np.inf)])
-        score = s[:, None] + e_pad[np.arange(n)[:, None] + np.arange(length)]
-        a, d = divmod(int(np.argmax(score)), length)
-        i, j, flat, order = [a], [a + d], [score[a, d]], (0,)
+        a, d, best = _padded_argmax(s[None], e[None], length)
+        i, j, flat, order = [int(a[0])], [int(a[0] + d[0])], best, (0,)
     else:
         i = np.repeat(np.arange(n), length)
         j = i + np.tile(np.arange(length), n)
@@ -136,6 +132,19 @@ def best_spans(
         if len(chosen) == top_spans:
             break
     return chosen
+
+
+def _padded_argmax(start: np.ndarray, end: np.ndarray, length: int):
+    """Each row's best span ``[a, a + d]``, ``d < length``, of (rows, n) start and end logits
+    (-inf past a row's text): arrays ``(a, d, score)``. score[r, i, d] is the span [i, i + d];
+    its row-major order (start, then length) makes the first maximum the earlier, shorter span
+    of a tie, the rule of :func:`best_spans`."""
+    p, n = start.shape
+    end = np.concatenate([end, np.full((p, length - 1), -np.inf)], axis=1)
+    score = (start[:, :, None] + end[:, np.arange(n)[:, None] + np.arange(length)]).reshape(p, -1)
+    k = score.argmax(axis=1)
+    a, d = np.divmod(k, length)
+    return a, d, score[np.arange(p), k]
 
 
 def _ranked(score: np.ndarray, wanted: int):
@@ -257,16 +266,12 @@ def _best_span_each(
     length = min(max_answer_length, n)
     if p * n * length > _BATCHED_SPAN_SCORES:
         return None
-    start = np.full((p, n), -np.inf)
-    end = np.full((p, n + length - 1), -np.inf)
+    start, end = np.full((p, n), -np.inf), np.full((p, n), -np.inf)
     for r, lg in enumerate(logits):
         start[r, : lens[r]], end[r, : lens[r]] = lg.start, lg.end
-    score = (start[:, :, None] + end[:, np.arange(n)[:, None] + np.arange(length)]).reshape(p, -1)
-    k = score.argmax(axis=1)
-    best = score[np.arange(p), k]
     spans = [
         (int(a), int(a + d), float(b)) if m else None
-        for a, d, b, m in zip(*np.divmod(k, length), best, lens > 0)
+        for a, d, b, m in zip(*_padded_argmax(start, end, length), lens > 0)
     ]  # fmt: skip
 
     def lse(x):  # row-wise; -inf padding adds exp(-inf) = 0
@@ -275,7 +280,7 @@ def _best_span_each(
         return (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))[:, 0]
 
     with np.errstate(divide="ignore"):
-        return spans, lse(start) + lse(end[:, :n])
+        return spans, lse(start) + lse(end)
 
 
 def _logsumexp(x: np.ndarray) -> float:
