@@ -36,7 +36,10 @@ rounds (the same two points, each round's q/s);
 the uncertainty from the choice of queries is a bootstrap over them (``--bootstrap`` resamples:
 each point's recall re-measured on the resample, the interpolation redone; paired across
 methods). Every ratio has both. The tuners' own picks at the target are listed with their
-held-out recall, so the unequal-recall comparison stays visible. Outputs: ``table.md``,
+held-out recall, so the unequal-recall comparison stays visible. FAISS IVF rows also carry each
+setting's work a query, which no load changes (:class:`FaissWork`: codes scanned, FAISS's own
+counter, and vectors rescored by the refine), to tell a q/s difference from timing noise.
+Outputs: ``table.md``,
 ``results.json`` (every point, every round), ``recall_qps.png`` (every curve, recall bars =
 bootstrap 95%, q/s bars and bands = min-max over rounds, stars = q/s at the targets).
 
@@ -1183,13 +1186,14 @@ class EqualRecall:
 
     # methods: an index and a tuner -----------------------------------------------------------
 
-    def add_method(self, name, group, tuner, search, points, picks, ordered_from=None):
+    def add_method(self, name, group, tuner, search, points, picks, ordered_from=None, work=None):
         """``search(queries, k, params) -> ids``; ``points[k]``: [{"params", "tune_recall"}];
         ``picks[k][target]``: the params the tuner itself would serve at that target;
         ``ordered_from``: points[k][ordered_from:] are a sweep in increasing recall and cost,
-        measured only until one is well above the highest target."""
+        measured only until one is well above the highest target; ``work``: a
+        :class:`FaissWork` counting each held-out search's work."""
         self.methods[name] = {"group": group, "tuner": tuner, "search": search, "points": points,
-                              "picks": picks,
+                              "picks": picks, "work": work,
                               "ordered_from": math.inf if ordered_from is None else ordered_from}  # fmt: skip
 
     def project_tuner(self, name, group, index):
@@ -1226,8 +1230,13 @@ class EqualRecall:
             points[k] = pts
             self.log(f"  {name} k={k}: {len(pts)} settings from dpr_jax tune at {grid}")
             self.saved_tuning(name, k, pts, picks[k])
+        work = None
+        if index.backend.startswith("faiss"):
+            default_kf = index.options.get("k_factor", 1) if index.options.get("refine") else None
+            work = FaissWork.of(index.index, lambda p: p.get("k_factor", default_kf))
         self.add_method(name, group, "dpr_jax.index.tune",
-                        lambda q, k, p, ix=index: ix.search(q, k, **p)[1], points, picks)  # fmt: skip
+                        lambda q, k, p, ix=index: ix.search(q, k, **p)[1], points, picks,
+                        work=work)  # fmt: skip
 
     def autopilot_method(self, searcher, config):
         """ScaNN's own choice: the searcher ``autopilot()`` built (for the largest k) and, for
@@ -1325,7 +1334,16 @@ class EqualRecall:
                 _faiss_restore(faiss, fi, saved)
             return self.rows_to_ids(rows)
 
-        self.add_method(name, group, "faiss ParameterSpace", search, points, picks)
+        refine_kf = saved.get("k_factor_rf")  # the index's own unless the key sets it
+
+        def k_factor_of(p):
+            for part in p["key"].split(","):
+                if part.startswith("k_factor_rf="):
+                    return float(part.split("=", 1)[1])
+            return refine_kf
+
+        self.add_method(name, group, "faiss ParameterSpace", search, points, picks,
+                        work=FaissWork.of(fi, k_factor_of))  # fmt: skip
 
     # measuring -------------------------------------------------------------------------------
 
@@ -1344,9 +1362,13 @@ class EqualRecall:
                 true = self.true_ids[:, :k]
                 pts = []
                 for i, p in enumerate(m["points"][k]):
+                    if m["work"]:
+                        m["work"].start()
                     got = m["search"](self.queries, k, p["params"])
                     pq = per_query_recall(got, true)
                     pts.append({**p, "recall": float(pq.mean()), "_pq": pq, "qps_rounds": []})
+                    if m["work"]:
+                        pts[-1]["work"] = m["work"].stop(k, len(self.queries), p["params"])
                     if i >= m["ordered_from"] and pts[-1]["recall"] >= high:
                         break  # a sweep in increasing cost: the rest lie further above the targets
                 # time the points from a little below the lowest target to a little above the
@@ -1479,7 +1501,7 @@ class EqualRecall:
             L += ["", "What each tuner serves on its own at the target (its pick on the tuning "
                   "queries, measured on the held-out ones):", "",
                   "| target | method | pick | recall (tuning) | held-out recall [95%] | q/s "
-                  "best (min, median) |", "|---|---|---|---|---|---|"]  # fmt: skip
+                  f"best (min, median) | {WORK_HEADER} |", "|---|---|---|---|---|---|---|"]  # fmt: skip
             for t in self.targets:
                 for name, res in self.results["methods"].items():
                     picks = {float(t): p for t, p in res.get("picks", {}).get(k, [])}
@@ -1496,7 +1518,7 @@ class EqualRecall:
                     q = p["qps"]
                     qs = _qps_cell(q) or "not timed"
                     L.append(f"| {t:.2f} | {name} | {_key(pick)} | {tr} | {p['recall']:.4f} "
-                             f"{_ci(p['recall_ci'], '.4f')} | {qs} |")  # fmt: skip
+                             f"{_ci(p['recall_ci'], '.4f')} | {qs} | {_work_cell(p)} |")  # fmt: skip
             L.append("")
         L += [
             "## Builds",
@@ -1534,13 +1556,14 @@ class EqualRecall:
         for name, res in self.results["methods"].items():
             for k, pts in res["curves"].items():
                 L += [f"### {name}, recall@{k}", "", "| setting | recall (tuning) | held-out "
-                      "recall [95%] | q/s best (min, median) |", "|---|---|---|---|"]  # fmt: skip
+                      f"recall [95%] | q/s best (min, median) | {WORK_HEADER} |",
+                      "|---|---|---|---|---|"]  # fmt: skip
                 for p in sorted(pts, key=lambda p: p["recall"]):
                     tr = "" if p["tune_recall"] is None else f"{p['tune_recall']:.4f}"
                     q = p.get("qps")
                     qs = _qps_cell(q)
                     L.append(f"| {_key(p['params'])} | {tr} | {p['recall']:.4f} "
-                             f"{_ci(p['recall_ci'], '.4f')} | {qs} |")  # fmt: skip
+                             f"{_ci(p['recall_ci'], '.4f')} | {qs} | {_work_cell(p)} |")  # fmt: skip
                 L.append("")
         L += [f"Command: `{cfg['command']}`; total {cfg['elapsed_s']:.0f}s.", ""]
         (self.out / "table.md").write_text("\n".join(L))
@@ -1833,6 +1856,45 @@ def _qps_cell(q) -> str:
     if not q:
         return ""
     return f"{q['max']:,.0f} ({q['min']:,.0f}, {q['median']:,.0f})"
+
+
+WORK_HEADER = "work a query: codes scanned + vectors rescored (FAISS)"
+
+
+def _work_cell(p: dict) -> str:
+    w = p.get("work")
+    if not w:
+        return ""
+    cell = f"{w['codes']:,.0f}"
+    return cell if w.get("rescored") is None else f"{cell} + {w['rescored']:,}"
+
+
+class FaissWork:
+    """What a FAISS search did, independent of the machine and its load (ann-benchmarks'
+    "distance computations"), so that two settings' q/s can be checked against their work:
+    codes scanned a query (FAISS's own counter ``indexIVF_stats.ndis``, the vectors of the
+    inverted lists probed) and vectors rescored exactly a query by a refine stage (``k x
+    k_factor``, the candidates ``IndexRefine`` asks its base index for)."""
+
+    def __init__(self, faiss, k_factor_of):
+        self.faiss, self.k_factor_of = faiss, k_factor_of
+
+    @classmethod
+    def of(cls, fi, k_factor_of) -> FaissWork | None:
+        """A counter for FAISS index ``fi`` if it is IVF-based (else None); ``k_factor_of(params)
+        -> the refine's k_factor for a setting``, None without a refine stage."""
+        from dpr_jax.index.faiss_index import import_faiss
+
+        faiss = import_faiss()
+        return cls(faiss, k_factor_of) if faiss.try_extract_index_ivf(fi) is not None else None
+
+    def start(self) -> None:
+        self.faiss.cvar.indexIVF_stats.reset()
+
+    def stop(self, k: int, n_queries: int, params: dict) -> dict:
+        kf = self.k_factor_of(params)
+        return {"codes": self.faiss.cvar.indexIVF_stats.ndis / n_queries,
+                "rescored": None if kf is None else int(k * float(kf))}  # fmt: skip
 
 
 def _ci(ci, fmt: str) -> str:

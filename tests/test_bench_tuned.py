@@ -246,8 +246,21 @@ def test_equal_mode_tiny(bench, tmp_path, monkeypatch):
     truth = np.argsort(-(q[:60] @ emb.T), axis=1, kind="stable")[:, :10]
     got = bench.exact_topk_chunked(q[:60], emb, 10)[1]
     assert np.array_equal(got, truth)
+    for name, m in methods.items():  # FAISS IVF rows carry their work, ScaNN's do not
+        for k, pts in m["curves"].items():
+            for p in pts:
+                if name.startswith("FAISS"):
+                    kf = p["params"].get("k_factor")
+                    if "key" in p["params"]:
+                        kf = next((float(s.split("=")[1]) for s in p["params"]["key"].split(",")
+                                   if s.startswith("k_factor_rf=")), 10.0)  # fmt: skip
+                    assert p["work"]["codes"] > 0
+                    assert p["work"]["rescored"] == int(int(k) * float(kf)), (name, p)
+                else:
+                    assert "work" not in p
     table = (out / "table.md").read_text()
     assert "**Rule.**" in table and "| 0.90 | ScaNN autopilot() |" in table
+    assert "codes scanned + vectors rescored" in table
     assert "FAISS IVF-PQ + refine + ParameterSpace" in table
     for name in ("ScaNN tree-AH", "ScaNN autopilot()", "FAISS IVF-PQ + refine"):
         assert res["builds"][name]["peak_gib"] > 0.01, name  # this process's memory, at least
@@ -516,3 +529,27 @@ def test_accel_mode_on_cpu_stand_ins(bench, tmp_path):
     assert res["builds"]["exact PyTorch (float32)"]["bytes_per_vector"] == 16 * 4
     table = (out / "table.md").read_text()
     assert "exact PyTorch (float32)" in table and "JAX approx_max_k (float32)" in table
+
+
+def test_faiss_work_counts_the_lists_each_query_probes(bench):
+    """FaissWork's codes a query = the sizes of the inverted lists each query probes, counted by
+    hand from the coarse quantizer's assignment; rescored = k x k_factor."""
+    faiss = pytest.importorskip("faiss")
+    from dpr_jax.index import build_index
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((2000, 16)).astype(np.float32)
+    queries = rng.standard_normal((30, 16)).astype(np.float32)
+    index = build_index("faiss-ivfpq", emb, np.arange(2000).astype(str), num_threads=1, m=4)
+    ivf = faiss.extract_index_ivf(index.index)
+    work = bench.FaissWork.of(index.index, lambda p: p.get("k_factor", 10))
+    for nprobe, kf in ((1, 1), (8, 2), (40, 3)):
+        _, lists = ivf.quantizer.search(queries, nprobe)
+        sizes = np.vectorize(lambda li: ivf.invlists.list_size(int(li)))(lists).sum(axis=1)
+        assert sizes.min() >= 5 * kf  # no query comes back short (that widens the search)
+        work.start()
+        index.search(queries, 5, nprobe=nprobe, k_factor=kf)
+        got = work.stop(5, len(queries), {"nprobe": nprobe, "k_factor": kf})
+        assert got == {"codes": pytest.approx(sizes.mean()), "rescored": 5 * kf}
+    flat = build_index("faiss-hnsw", emb, np.arange(2000).astype(str), num_threads=1)
+    assert bench.FaissWork.of(flat.index, lambda p: None) is None  # not IVF: nothing counted
