@@ -138,6 +138,39 @@ def test_choice_is_the_fastest_setting_that_reaches_the_target():
     assert index.tuned is tuned
 
 
+def test_candidates_are_timed_in_rounds():
+    """A spell of load over the first two timed searches (each 3x its cost): timed one after
+    another, both runs of the fastest candidate would fall in it and tune would pick (4, 4);
+    timed in rounds, every candidate runs once before any runs again, and the pick stands."""
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((500, 8)).astype(np.float32)
+    queries = rng.standard_normal((100, 8)).astype(np.float32)
+    index = FakeIndex().build(emb, np.arange(500))
+    real, calls, slow = index._search, [], set()
+
+    def search(q, k, **p):
+        i, before = len(calls), FakeIndex.clock[0]
+        calls.append((p["a"], p["b"]))
+        out = real(q, k, **p)
+        if i in slow:
+            FakeIndex.clock[0] += 2 * (FakeIndex.clock[0] - before)
+        return out
+
+    index._search = search
+
+    def run():
+        return tune(index, emb, queries, 0.7, k=5, repeats=2, clock=lambda: FakeIndex.clock[0])
+
+    quiet = run()
+    first_timed = len(calls) - 2 * len(quiet["candidates"])  # recall searches come first
+    calls.clear()
+    slow.update({first_timed, first_timed + 1})
+    loaded = run()
+    order = [(c["params"]["a"], c["params"]["b"]) for c in quiet["candidates"]]
+    assert calls[first_timed:] == order + order
+    assert loaded["params"] == quiet["params"] == {"a": 3, "b": 16}
+
+
 def test_cache_measures_and_times_each_setting_once():
     """Several targets with one cache: the same candidates and choices as tuning each target
     alone, while no setting is searched twice (its recall) or timed twice (its speed)."""

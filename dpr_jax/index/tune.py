@@ -13,7 +13,8 @@ reaches the target; for two (a coarse knob, then a rescoring depth) it finds, fo
 value in turn, the smallest depth that reaches the target (never more than the previous coarse
 value needed: a setting needing as much depth with more of the coarse knob is dominated, it is not
 kept), and stops once the smallest depth suffices. Every such Pareto candidate is then
-timed (best of ``repeats`` runs over all tuning queries) and the fastest is kept. The result is
+timed (best of ``repeats`` runs over all tuning queries, in rounds: each candidate once a round)
+and the fastest is kept. The result is
 recorded in ``index.tuned`` (saved as ``"tuned"`` in index_config.json) and used by every later
 ``search`` that does not override it. The recall is measured on the tuning queries: on new
 queries it varies by sampling error (about 0.01 for 1000 queries at recall 0.9), so tune on
@@ -83,14 +84,18 @@ def _check_inputs(index: Index, emb, queries, target_recall: float, k: int):
     return queries, emb, min(int(k), index.size)
 
 
-def _qps(index: Index, queries: np.ndarray, k: int, params: dict, repeats: int, clock) -> float:
-    """Queries/s of one search setting: the best of ``repeats`` timed searches."""
-    best_s = math.inf
+def _qps(index: Index, queries: np.ndarray, k: int, settings: list[dict], repeats: int,
+         clock) -> list[float]:  # fmt: skip
+    """Queries/s of each search setting: the best of ``repeats`` timed searches, taken in rounds
+    (every setting once a round), so that a spell of load on a shared machine slows every
+    setting alike instead of all the runs of one."""
+    best_s = [math.inf] * len(settings)
     for _ in range(max(1, int(repeats))):
-        t0 = clock()
-        index.search(queries, k, **params)
-        best_s = min(best_s, clock() - t0)
-    return len(queries) / max(best_s, 1e-9)
+        for i, params in enumerate(settings):
+            t0 = clock()
+            index.search(queries, k, **params)
+            best_s[i] = min(best_s[i], clock() - t0)
+    return [len(queries) / max(s, 1e-9) for s in best_s]
 
 
 def tune(
@@ -183,13 +188,13 @@ def tune(
             f"rebuild with a finer index (e.g. more leaves, larger M or m)"
         )
 
-    timed = []
-    for params in candidates:
-        key = tuple(sorted(params.items()))
-        if key not in speeds:
-            speeds[key] = _qps(index, queries, k, params, repeats, clock)
-            report(f"tune: timed {params}: {speeds[key]:,.0f} q/s")
-        timed.append({"params": params, "recall": round(recall_of(params), 6), "qps": speeds[key]})
+    keys = [tuple(sorted(params.items())) for params in candidates]
+    todo = [params for params, key in zip(candidates, keys) if key not in speeds]
+    for params, qps in zip(todo, _qps(index, queries, k, todo, repeats, clock)):
+        speeds[tuple(sorted(params.items()))] = qps
+        report(f"tune: timed {params}: {qps:,.0f} q/s")
+    timed = [{"params": params, "recall": round(recall_of(params), 6), "qps": speeds[key]}
+             for params, key in zip(candidates, keys)]  # fmt: skip
     best = max(timed, key=lambda c: c["qps"])
     index.tuned = {
         "params": dict(best["params"]),
