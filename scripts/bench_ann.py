@@ -127,6 +127,12 @@ def parse_args(argv=None):
         help="JSON of ScaNN build options (--mode tuned: a second ScaNN build; --mode equal: "
         "over the ScaNN group's defaults), e.g. '{\"soar_lambda\": 1.5}'",
     )
+    ap.add_argument(
+        "--ivfpq-options",
+        default="{}",
+        help="JSON of FAISS IVF-PQ build options over the IVF-PQ group's defaults (--mode equal), "
+        'e.g. \'{"refine_dtype": "float16"}\'',
+    )
     ap.add_argument("--ks", default="10",
                     help="recall@k values, comma list (--mode equal / accel), e.g. 10,100")  # fmt: skip
     ap.add_argument("--bootstrap", type=int, default=1000,
@@ -159,13 +165,16 @@ def parse_args(argv=None):
         ap.error("--embeddings and --queries go together")
     if args.resume and not (args.mode == "equal" and args.sequential):
         ap.error("--resume goes with --mode equal --sequential (each index measured on its own)")
-    try:
-        scann_options = json.loads(args.scann_options)
-    except ValueError as e:
-        ap.error(f"--scann-options {args.scann_options!r}: not JSON ({e})")
-    if not isinstance(scann_options, dict):
-        ap.error(f"--scann-options {args.scann_options!r}: a JSON object of ScaNN build options, "
-                 "e.g. '{\"num_leaves\": 2000}'")  # fmt: skip
+    for flag, text, what, example in (
+        ("--scann-options", args.scann_options, "ScaNN", '{"num_leaves": 2000}'),
+        ("--ivfpq-options", args.ivfpq_options, "FAISS IVF-PQ", '{"refine_dtype": "float16"}'),
+    ):
+        try:
+            options = json.loads(text)
+        except ValueError as e:
+            ap.error(f"{flag} {text!r}: not JSON ({e})")
+        if not isinstance(options, dict):
+            ap.error(f"{flag} {text!r}: a JSON object of {what} build options, e.g. '{example}'")
     return args
 
 
@@ -1102,7 +1111,10 @@ class EqualRecall:
         by side; returns the kept (points, picks), None where none are, when not given them."""
         where = self.saved_build(name, {"tuning": name, "tune_queries": len(self.tune_queries),
                                         "k": k, "targets": self.targets,
-                                        "scann_options": self.args.scann_options})  # fmt: skip
+                                        "scann_options": self.args.scann_options,
+                                        **({"ivfpq_options": self.args.ivfpq_options}
+                                           if name.startswith(self.IVFPQ)
+                                           and json.loads(self.args.ivfpq_options) else {})})  # fmt: skip
         if where is None:
             return None
         path = where.with_name(where.name + ".tuning.json")
@@ -1453,6 +1465,9 @@ class EqualRecall:
                  f"threads; {cfg['repeats']} round-robin timing rounds; {cfg['cpu']}; load "
                  f"average {cfg['loadavg_start'][0]:.1f} at start, "
                  f"{cfg['loadavg_end'][0]:.1f} at end.")  # fmt: skip
+        if cfg.get("ivfpq_options"):
+            L.append(f"{self.IVFPQ} built with `--ivfpq-options "
+                     f"'{json.dumps(cfg['ivfpq_options'])}'` over its defaults.")  # fmt: skip
         if cfg.get("scann_options"):
             L.append(f"{self.SCANN} built with `--scann-options "
                      f"'{json.dumps(cfg['scann_options'])}'` over its defaults.")  # fmt: skip
@@ -1669,7 +1684,9 @@ class EqualRecall:
                 self.autopilot_method(searcher, config)
                 names = self.method_names(group)
             else:
-                backend, opts = (("faiss-ivfpq", {"refine": True}) if group == self.IVFPQ
+                backend, opts = (("faiss-ivfpq", {"refine": True,
+                                                  **json.loads(self.args.ivfpq_options)})
+                                 if group == self.IVFPQ
                                  else ("faiss-hnsw", {"M": 32, "ef_construction": 40}))  # fmt: skip
                 ix = self.build_project(group, backend, **opts)
                 if build_only:
@@ -1717,7 +1734,7 @@ class EqualRecall:
 
     RESUME_KEYS = ("data", "n", "dim", "num_queries", "tune_queries", "ks", "targets", "threads",
                    "build_threads", "repeats", "bootstrap", "seed", "sequential", "memmap",
-                   "versions", "scann_options", "ps_experiments")  # fmt: skip
+                   "versions", "scann_options", "ivfpq_options", "ps_experiments")  # fmt: skip
 
     def resume(self, plan) -> set:
         """``--resume``: the groups of ``plan`` that the earlier run into ``--out`` measured in
@@ -1780,10 +1797,11 @@ class EqualRecall:
             done.add(group)
         return done
 
-    LATER_KEYS = ("scann_options", "ps_experiments", "cpu_model")  # config keys added with --resume
+    LATER_KEYS = ("scann_options", "ivfpq_options", "ps_experiments", "cpu_model")  # added later
     # settings that shape some indexes only: a change measures those again and keeps the rest
     # (e.g. ScaNN at another num_leaves beside the FAISS indexes already measured)
-    GROUP_KEYS = {"scann_options": (SCANN,), "ps_experiments": (IVFPQ, HNSW)}
+    GROUP_KEYS = {"scann_options": (SCANN,), "ivfpq_options": (IVFPQ,),
+                  "ps_experiments": (IVFPQ, HNSW)}  # fmt: skip
 
     @staticmethod
     def _not_kept(old: dict, group: str, names: list[str]) -> str:
@@ -1936,7 +1954,9 @@ def faiss_factory_key(index) -> str:
     o = index.options
     if index.backend == "faiss-ivfpq":
         pq = f"PQ{o['m']}x{o['nbits']}{'fs' if o['fast_scan'] else ''}"
-        return f"IVF{o['nlist']},{pq}{',RFlat' if o['refine'] else ''}"
+        refine = {"float32": ",RFlat", "float16": ",Refine(SQfp16)", "int8": ",Refine(SQ8)"}
+        rf = refine[o.get("refine_dtype", "float32")] if o["refine"] else ""
+        return f"IVF{o['nlist']},{pq}{rf}"
     if index.backend == "faiss-hnsw":
         return f"HNSW{o['M']},Flat"
     return "Flat"
@@ -1979,6 +1999,7 @@ def equal_mode(args, ids, emb, queries, tune_queries, data: str) -> int:
         "bootstrap": args.bootstrap, "seed": args.seed, "sequential": args.sequential,
         "cpu_model": cpu_model(), "versions": _versions(np), "loadavg_start": os.getloadavg(),
         "memmap": isinstance(emb, np.memmap), "scann_options": json.loads(args.scann_options),
+        "ivfpq_options": json.loads(args.ivfpq_options),
         "ps_experiments": args.ps_experiments, "command": "python " + " ".join(sys.argv),
     }  # fmt: skip
     bench.results["config"]["cpu"] = (
@@ -2387,6 +2408,10 @@ def _main(argv=None) -> int:
         from dpr_jax.index.scann_index import ScannIndex
 
         ScannIndex(**{"scoring": "ah", **json.loads(args.scann_options)})  # checked before any work
+    if args.mode == "equal" and "ivfpq" not in args.skip.split(","):
+        from dpr_jax.index.faiss_index import FaissIVFPQIndex
+
+        FaissIVFPQIndex(**{"refine": True, **json.loads(args.ivfpq_options)})
     if args.embeddings:
         from dpr_jax.embeddings import load_embeddings
 

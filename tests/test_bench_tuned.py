@@ -38,7 +38,39 @@ def test_bad_scann_options_one_line_before_any_work(bench, tmp_path, monkeypatch
         assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
             "bench_ann: " + says
         )
+    for text in ("{bad", '"x"'):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv + ["--ivfpq-options", text])
+        assert f"--ivfpq-options {text!r}" in capsys.readouterr().err
+    argv = tiny_sequential_argv(tmp_path / "bad", "hnsw,autopilot,scann")
+    assert bench.main(argv + ["--ivfpq-options", '{"refine_dtype": "bf16"}']) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "refine_dtype" in err.strip().splitlines()[-1]
     assert made == [] and not (tmp_path / "bad").exists()
+
+
+def test_equal_mode_ivfpq_options(bench, tmp_path, monkeypatch):
+    """--ivfpq-options reach the IVF-PQ build (a float16 refine store: its factory key, 2 bytes a
+    dimension less than float32's 4) and the table says so; --resume with other options
+    measures the IVF-PQ group again."""
+    pytest.importorskip("faiss")
+    monkeypatch.setattr(bench, "set_thread_env", lambda threads: None)
+    out = tmp_path / "out"
+    argv = tiny_sequential_argv(out, "hnsw,autopilot,scann,paramspace")
+    assert bench.main(argv) == 0
+    flat = json.loads((out / "results.json").read_text())["builds"]["FAISS IVF-PQ + refine"]
+    assert bench.main(argv + ["--resume", "--ivfpq-options", '{"refine_dtype": "float16"}']) == 0
+    res = json.loads((out / "results.json").read_text())
+    b = res["builds"]["FAISS IVF-PQ + refine"]
+    assert b["options"]["refine_dtype"] == "float16" and b["index_factory"].endswith(
+        ",Refine(SQfp16)"
+    )
+    assert flat["bytes_per_vector"] - b["bytes_per_vector"] == pytest.approx(2 * 16, abs=0.5)
+    assert res["config"]["ivfpq_options"] == {"refine_dtype": "float16"}
+    assert (
+        'built with `--ivfpq-options \'{"refine_dtype": "float16"}\'`'
+        in (out / "table.md").read_text()
+    )
 
 
 def test_modes_parse(bench):
