@@ -85,6 +85,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -2000,7 +2001,7 @@ def equal_mode(args, ids, emb, queries, tune_queries, data: str) -> int:
         "cpu_model": cpu_model(), "versions": _versions(np), "loadavg_start": os.getloadavg(),
         "memmap": isinstance(emb, np.memmap), "scann_options": json.loads(args.scann_options),
         "ivfpq_options": json.loads(args.ivfpq_options),
-        "ps_experiments": args.ps_experiments, "command": "python " + " ".join(sys.argv),
+        "ps_experiments": args.ps_experiments, "command": "python " + shlex.join(sys.argv),
     }  # fmt: skip
     bench.results["config"]["cpu"] = (
         f"{os.cpu_count()} CPU(s) {bench.results['config']['cpu_model']}{blas_core()}"
@@ -2257,7 +2258,7 @@ def accel_mode(args, ids, emb, queries, data: str, acc: dict) -> int:
         "bootstrap": args.bootstrap, "seed": args.seed, "accelerator": acc["why"],
         "cpu": f"{os.cpu_count()} CPU(s) {cpu_model()}",
         "versions": _versions(np), "loadavg_start": os.getloadavg(),
-        "command": "python " + " ".join(sys.argv),
+        "command": "python " + shlex.join(sys.argv),
     }  # fmt: skip
     bench.run()
     print((bench.out / "table.md").read_text())
@@ -2353,7 +2354,7 @@ def sharded(args) -> int:
                           "k": args.k, "threads": args.threads, "repeats": args.repeats,
                           "cpu": f"{os.cpu_count()} CPU(s)", "loadavg_start": load,
                           "loadavg_end": os.getloadavg(),
-                          "command": "python " + " ".join(sys.argv),
+                          "command": "python " + shlex.join(sys.argv),
                           "elapsed_s": round(time.time() - t_start, 1)},
                "rows": rows}  # fmt: skip
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -2457,7 +2458,7 @@ def _main(argv=None) -> int:
         "k": args.k, "threads": args.threads, "build_threads": args.build_threads,
         "repeats": args.repeats, "seed": args.seed, "cpu": f"{os.cpu_count()} CPU(s) "
         f"{cpu_model()}", "versions": versions,
-        "loadavg_start": os.getloadavg(), "command": "python " + " ".join(sys.argv),
+        "loadavg_start": os.getloadavg(), "command": "python " + shlex.join(sys.argv),
     }  # fmt: skip
     skip = set(filter(None, args.skip.split(",")))
     bench.ground_truth()

@@ -3,6 +3,7 @@
 import argparse
 import importlib.util
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,9 @@ def test_equal_mode_ivfpq_options(bench, tmp_path, monkeypatch):
     argv = tiny_sequential_argv(out, "hnsw,autopilot,scann,paramspace")
     assert bench.main(argv) == 0
     flat = json.loads((out / "results.json").read_text())["builds"]["FAISS IVF-PQ + refine"]
-    assert bench.main(argv + ["--resume", "--ivfpq-options", '{"refine_dtype": "float16"}']) == 0
+    again = argv + ["--resume", "--ivfpq-options", '{"refine_dtype": "float16"}']
+    monkeypatch.setattr(bench.sys, "argv", ["scripts/bench_ann.py", *again])
+    assert bench.main(again) == 0
     res = json.loads((out / "results.json").read_text())
     b = res["builds"]["FAISS IVF-PQ + refine"]
     assert b["options"]["refine_dtype"] == "float16" and b["index_factory"].endswith(
@@ -71,6 +74,8 @@ def test_equal_mode_ivfpq_options(bench, tmp_path, monkeypatch):
         'built with `--ivfpq-options \'{"refine_dtype": "float16"}\'`'
         in (out / "table.md").read_text()
     )
+    # the recorded command runs as printed: the JSON option quoted for the shell
+    assert shlex.split(res["config"]["command"])[1:] == ["scripts/bench_ann.py", *again]
 
 
 def test_modes_parse(bench):
