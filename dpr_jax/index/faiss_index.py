@@ -20,7 +20,8 @@ what we use). Three backends:
 
 FAISS labels are int64 rows; they are mapped back to the string ids. A row with -1 ("no
 result") is searched again wider (``nprobe`` up to ``nlist``, ``efSearch`` up to 8x) and then
-exactly over the index's flat store (HNSW's storage, IVF-PQ's refine vectors), so every question
+over every vector of the index's own store (HNSW's storage, IVF-PQ's refine vectors: exactly,
+or with the codes of a float16 / int8 ``refine_dtype``), so every question
 gets ``min(k, n)`` distinct passages (:meth:`Index.search`). ``num_threads`` sets FAISS's OpenMP threads (a process-wide setting,
 applied before every build and search; 0 = all cores).
 """
