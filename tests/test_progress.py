@@ -47,7 +47,7 @@ def test_index_build_and_tuning_progress_and_quiet(corpus, tmp_path, capsys):  #
             "--tune-queries", str(tmp_path / "q.npy"), "--tune-k", "3"]  # fmt: skip
     loud = _run(capsys, [*argv, "--out", str(tmp_path / "loud")])
     for line in ("load embeddings", "building faiss-hnsw index of 10 vectors", "built in",
-                 "tune: trial 1:", "tune: timed"):  # fmt: skip
+                 "tune: trial 1:", "tune: timing 1 candidate(s)", "tune: timed"):  # fmt: skip
         assert line in loud.err, loud.err
     assert loud.out == ""
     quiet = _run(capsys, [*argv, "--out", str(tmp_path / "quiet"), "--quiet"])

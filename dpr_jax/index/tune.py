@@ -190,6 +190,8 @@ def tune(
 
     keys = [tuple(sorted(params.items())) for params in candidates]
     todo = [params for params, key in zip(candidates, keys) if key not in speeds]
+    if todo:
+        report(f"tune: timing {len(todo)} candidate(s), {max(1, int(repeats))} round(s)")
     for params, qps in zip(todo, _qps(index, queries, k, todo, repeats, clock)):
         speeds[tuple(sorted(params.items()))] = qps
         report(f"tune: timed {params}: {qps:,.0f} q/s")
