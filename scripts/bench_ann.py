@@ -1151,7 +1151,7 @@ class EqualRecall:
             build_s = time.perf_counter() - t0
             extra = {"peak_gib": mem.gib, "peak_swap_gib": mem.swap_gib}
             if backend.startswith("faiss"):
-                extra["index_factory"] = faiss_factory_key(index)
+                extra["index_factory"] = index.factory_key()
             self._record_build(name, backend, build_s, index.size_bytes(), index.options, **extra)
             self._keep(name, where, index.save)
         index.set_num_threads(self.args.threads)
@@ -1948,19 +1948,6 @@ def _faiss_restore(faiss, fi, state: dict) -> None:
         faiss.downcast_index(fi).k_factor = state["k_factor_rf"]
     if "efSearch" in state:
         faiss.downcast_index(fi).hnsw.efSearch = state["efSearch"]
-
-
-def faiss_factory_key(index) -> str:
-    """The ``faiss.index_factory`` key of a project FAISS index (inner-product metric)."""
-    o = index.options
-    if index.backend == "faiss-ivfpq":
-        pq = f"PQ{o['m']}x{o['nbits']}{'fs' if o['fast_scan'] else ''}"
-        refine = {"float32": ",RFlat", "float16": ",Refine(SQfp16)", "int8": ",Refine(SQ8)"}
-        rf = refine[o.get("refine_dtype", "float32")] if o["refine"] else ""
-        return f"IVF{o['nlist']},{pq}{rf}"
-    if index.backend == "faiss-hnsw":
-        return f"HNSW{o['M']},Flat"
-    return "Flat"
 
 
 def autopilot_config(n: int, dim: int, k: int) -> dict:

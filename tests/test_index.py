@@ -142,6 +142,45 @@ def test_ivfpq_refine_dtypes(clustered_20k, tmp_path):
         build_index("faiss-ivfpq", emb[:500], ids[:500], refine_dtype="bfloat16")
 
 
+@pytest.mark.parametrize(
+    "backend, options",
+    [
+        ("faiss-flat", {}),
+        ("faiss-hnsw", {"M": 8}),
+        ("faiss-ivfpq", {"refine": False}),
+        ("faiss-ivfpq", {"fast_scan": True, "refine": False}),
+        ("faiss-ivfpq", {}),
+        ("faiss-ivfpq", {"refine_dtype": "float16"}),
+        ("faiss-ivfpq", {"refine_dtype": "int8", "fast_scan": True}),
+    ],
+)
+def test_factory_key_is_the_index_faiss_builds_from_it(backend, options, gaussian):
+    """``factory_key()`` (the bench's ``index_factory`` column) read back by FAISS's own
+    ``index_factory`` gives an index of the same kinds, list count, codes and refine store."""
+    import faiss
+
+    emb, _, ids = gaussian
+    index = build_index(backend, emb, ids, **_opts(backend, **options))
+    made = faiss.index_factory(emb.shape[1], index.factory_key(), faiss.METRIC_INNER_PRODUCT)
+
+    def shape(ix):
+        ix = faiss.downcast_index(ix)
+        if isinstance(ix, faiss.IndexRefine):  # IndexRefineFlat is one
+            return [type(ix).__name__, shape(ix.base_index), shape(ix.refine_index)]
+        if isinstance(ix, faiss.IndexFlat):  # IndexFlatIP is one
+            return ["Flat"]
+        if isinstance(ix, faiss.IndexScalarQuantizer):
+            return ["SQ", int(ix.sq.qtype)]
+        if isinstance(ix, faiss.IndexHNSW):
+            return ["HNSW", ix.hnsw.nb_neighbors(1), shape(ix.storage)]  # M (level 0: 2 M)
+        if isinstance(ix, faiss.IndexIVF):
+            return [type(ix).__name__, ix.nlist, ix.code_size, shape(ix.quantizer)]
+        raise AssertionError(f"unexpected FAISS index {type(ix).__name__}")
+
+    assert shape(made) == shape(index.index)
+    assert made.metric_type == index.index.metric_type == faiss.METRIC_INNER_PRODUCT
+
+
 def test_scann_tree_recall_and_overrides(clustered_20k):
     emb, queries, ids, true_ids = clustered_20k
     index = build_index("scann", emb, ids, num_leaves=141, scoring="ah", num_threads=1)

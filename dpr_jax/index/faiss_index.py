@@ -149,6 +149,10 @@ class FaissIndex(Index):
         """The index's own exact inner-product store of every vector, or None."""
         return None
 
+    def factory_key(self) -> str:
+        """The ``faiss.index_factory`` key of this index (inner-product metric)."""
+        raise NotImplementedError
+
     def _exact_search(self, q, k):
         flat = self._flat_storage()
         if flat is None:
@@ -202,6 +206,9 @@ class FaissFlatIndex(FaissIndex):
         index.add(emb)
         return index
 
+    def factory_key(self) -> str:
+        return "Flat"
+
 
 class FaissHNSWIndex(FaissIndex):
     """``faiss.IndexHNSWFlat(d, M, METRIC_INNER_PRODUCT)``; per-call ``ef_search``."""
@@ -230,6 +237,9 @@ class FaissHNSWIndex(FaissIndex):
     def _after_load(self):
         self.index.hnsw.efSearch = int(self.options["ef_search"])
 
+    def factory_key(self) -> str:
+        return f"HNSW{self.options['M']},Flat"
+
     def tune_space(self, k):
         """efSearch from k to max(4096, 8 k) (FAISS searches with max(efSearch, k))."""
         return [("ef_search", ladder(k, max(4096, 8 * k), ratio=1.2))]
@@ -251,8 +261,13 @@ class FaissHNSWIndex(FaissIndex):
 
 
 # refine stores: float32 (IndexRefineFlat, exact rescoring) or a scalar quantizer's codes
-# (IndexRefine over IndexScalarQuantizer: half or a quarter of the bytes, ScaNN's reorder_dtype)
-REFINE_DTYPES = {"float32": "", "float16": "QT_fp16", "int8": "QT_8bit"}
+# (IndexRefine over IndexScalarQuantizer: half or a quarter of the bytes, ScaNN's reorder_dtype):
+# each refine_dtype's faiss.ScalarQuantizer type (None: float32) and index_factory suffix
+REFINE_DTYPES = {
+    "float32": (None, "RFlat"),
+    "float16": ("QT_fp16", "Refine(SQfp16)"),
+    "int8": ("QT_8bit", "Refine(SQ8)"),
+}
 
 
 def default_nlist(n: int) -> int:
@@ -379,14 +394,15 @@ class FaissIVFPQIndex(FaissIndex):
         ivf.pq.cp.min_points_per_centroid = 1
         ivf.nprobe = int(o["nprobe"])
         index = ivf
-        if o["refine"] and o["refine_dtype"] == "float32":
-            index = faiss.IndexRefineFlat(ivf)
-        elif o["refine"]:
-            qt = getattr(faiss.ScalarQuantizer, REFINE_DTYPES[o["refine_dtype"]])
-            store = faiss.IndexScalarQuantizer(d, qt, faiss.METRIC_INNER_PRODUCT)
-            index = faiss.IndexRefine(ivf, store)  # trains both (int8 learns each dim's range)
-            index.referenced_objects = [ivf, store]  # FAISS does not own them here: Python does
         if o["refine"]:
+            qt = REFINE_DTYPES[o["refine_dtype"]][0]
+            if qt is None:
+                index = faiss.IndexRefineFlat(ivf)
+            else:
+                qt = getattr(faiss.ScalarQuantizer, qt)
+                store = faiss.IndexScalarQuantizer(d, qt, faiss.METRIC_INNER_PRODUCT)
+                index = faiss.IndexRefine(ivf, store)  # trains both (int8: each dim's range)
+                index.referenced_objects = [ivf, store]  # FAISS does not own them: Python does
             index.k_factor = float(o["k_factor"])
         rng = np.random.default_rng(int(o["seed"]))
         ns = int(o["training_sample_size"])
@@ -401,6 +417,11 @@ class FaissIVFPQIndex(FaissIndex):
         if self.options["refine"]:
             space.append(("k_factor", ladder(1, max(1, min(256, self.size // k)))))
         return space
+
+    def factory_key(self) -> str:
+        o = self.options
+        key = f"IVF{o['nlist']},PQ{o['m']}x{o['nbits']}{'fs' if o['fast_scan'] else ''}"
+        return f"{key},{REFINE_DTYPES[o['refine_dtype']][1]}" if o["refine"] else key
 
     def _after_load(self):
         if self.options["refine"]:
