@@ -98,6 +98,11 @@ def _qps(index: Index, queries: np.ndarray, k: int, settings: list[dict], repeat
     return [len(queries) / max(s, 1e-9) for s in best_s]
 
 
+def _setting(params: dict) -> tuple:
+    """A setting's key in the recall and speed caches: its (knob, value) pairs, sorted."""
+    return tuple(sorted(params.items()))
+
+
 def tune(
     index: Index,
     emb: np.ndarray,
@@ -140,7 +145,7 @@ def tune(
     speeds: dict[tuple, float] = {} if cache is None else cache.setdefault(("qps", k, repeats), {})
 
     def recall_of(params: dict) -> float:
-        key = tuple(sorted(params.items()))
+        key = _setting(params)
         if key not in recalls:
             _, got = index.search(queries, k, **params)
             recalls[key] = recall_at_k(got, true_ids)
@@ -188,15 +193,16 @@ def tune(
             f"rebuild with a finer index (e.g. more leaves, larger M or m)"
         )
 
-    keys = [tuple(sorted(params.items())) for params in candidates]
-    todo = [params for params, key in zip(candidates, keys) if key not in speeds]
+    keyed = [(params, _setting(params)) for params in candidates]
+    todo = [(params, key) for params, key in keyed if key not in speeds]
     if todo:
         report(f"tune: timing {len(todo)} candidate(s), {max(1, int(repeats))} round(s)")
-    for params, qps in zip(todo, _qps(index, queries, k, todo, repeats, clock)):
-        speeds[tuple(sorted(params.items()))] = qps
+    times = _qps(index, queries, k, [params for params, _ in todo], repeats, clock)
+    for (params, key), qps in zip(todo, times):
+        speeds[key] = qps
         report(f"tune: timed {params}: {qps:,.0f} q/s")
     timed = [{"params": params, "recall": round(recall_of(params), 6), "qps": speeds[key]}
-             for params, key in zip(candidates, keys)]  # fmt: skip
+             for params, key in keyed]  # fmt: skip
     best = max(timed, key=lambda c: c["qps"])
     index.tuned = {
         "params": dict(best["params"]),
