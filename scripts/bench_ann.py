@@ -166,16 +166,20 @@ def parse_args(argv=None):
         ap.error("--embeddings and --queries go together")
     if args.resume and not (args.mode == "equal" and args.sequential):
         ap.error("--resume goes with --mode equal --sequential (each index measured on its own)")
-    for flag, text, what, example in (
-        ("--scann-options", args.scann_options, "ScaNN", '{"num_leaves": 2000}'),
-        ("--ivfpq-options", args.ivfpq_options, "FAISS IVF-PQ", '{"refine_dtype": "float16"}'),
+    # parsed once here: args.scann_opts / args.ivfpq_opts (the JSON texts stay as given: they
+    # are part of the keys of kept builds and tunings)
+    for flag, attr, what, example in (
+        ("--scann-options", "scann_options", "ScaNN", '{"num_leaves": 2000}'),
+        ("--ivfpq-options", "ivfpq_options", "FAISS IVF-PQ", '{"refine_dtype": "float16"}'),
     ):
+        text = getattr(args, attr)
         try:
             options = json.loads(text)
         except ValueError as e:
             ap.error(f"{flag} {text!r}: not JSON ({e})")
         if not isinstance(options, dict):
             ap.error(f"{flag} {text!r}: a JSON object of {what} build options, e.g. '{example}'")
+        setattr(args, attr.replace("_options", "_opts"), options)
     return args
 
 
@@ -428,7 +432,7 @@ class Bench:
         self.log(f"exact neighbours of {len(tune_queries)} tuning queries in {sec:.1f}s")
         scann_opts = {"scoring": "ah", "num_leaves": max(2, round(math.sqrt(n)))}
         methods = [("ScaNN tree-AH", "scann", scann_opts)]
-        extra = json.loads(self.args.scann_options)
+        extra = self.args.scann_opts
         if extra:  # a second ScaNN build beside the default one, e.g. SOAR spilling
             methods.append((f"ScaNN tree-AH {json.dumps(extra, sort_keys=True)}", "scann",
                             {**scann_opts, **extra}))  # fmt: skip
@@ -1115,7 +1119,7 @@ class EqualRecall:
                                         "scann_options": self.args.scann_options,
                                         **({"ivfpq_options": self.args.ivfpq_options}
                                            if name.startswith(self.IVFPQ)
-                                           and json.loads(self.args.ivfpq_options) else {})})  # fmt: skip
+                                           and self.args.ivfpq_opts else {})})  # fmt: skip
         if where is None:
             return None
         path = where.with_name(where.name + ".tuning.json")
@@ -1670,7 +1674,7 @@ class EqualRecall:
                 continue
             if group == self.SCANN:
                 opts = {"scoring": "ah", "num_leaves": max(2, round(math.sqrt(n))),
-                        **json.loads(self.args.scann_options)}  # fmt: skip
+                        **self.args.scann_opts}  # fmt: skip
                 ix = self.build_project(group, "scann", **opts)
                 if build_only:
                     self.free(group)
@@ -1686,7 +1690,7 @@ class EqualRecall:
                 names = self.method_names(group)
             else:
                 backend, opts = (("faiss-ivfpq", {"refine": True,
-                                                  **json.loads(self.args.ivfpq_options)})
+                                                  **self.args.ivfpq_opts})
                                  if group == self.IVFPQ
                                  else ("faiss-hnsw", {"M": 32, "ef_construction": 40}))  # fmt: skip
                 ix = self.build_project(group, backend, **opts)
@@ -1986,8 +1990,8 @@ def equal_mode(args, ids, emb, queries, tune_queries, data: str) -> int:
         "threads": args.threads, "build_threads": args.build_threads, "repeats": args.repeats,
         "bootstrap": args.bootstrap, "seed": args.seed, "sequential": args.sequential,
         "cpu_model": cpu_model(), "versions": _versions(np), "loadavg_start": os.getloadavg(),
-        "memmap": isinstance(emb, np.memmap), "scann_options": json.loads(args.scann_options),
-        "ivfpq_options": json.loads(args.ivfpq_options),
+        "memmap": isinstance(emb, np.memmap), "scann_options": args.scann_opts,
+        "ivfpq_options": args.ivfpq_opts,
         "ps_experiments": args.ps_experiments, "command": "python " + shlex.join(sys.argv),
     }  # fmt: skip
     bench.results["config"]["cpu"] = (
@@ -2395,11 +2399,11 @@ def _main(argv=None) -> int:
     if args.mode in ("equal", "tuned") and "scann" not in args.skip.split(","):
         from dpr_jax.index.scann_index import ScannIndex
 
-        ScannIndex(**{"scoring": "ah", **json.loads(args.scann_options)})  # checked before any work
+        ScannIndex(**{"scoring": "ah", **args.scann_opts})  # checked before any work
     if args.mode == "equal" and "ivfpq" not in args.skip.split(","):
         from dpr_jax.index.faiss_index import FaissIVFPQIndex
 
-        FaissIVFPQIndex(**{"refine": True, **json.loads(args.ivfpq_options)})
+        FaissIVFPQIndex(**{"refine": True, **args.ivfpq_opts})
     if args.embeddings:
         from dpr_jax.embeddings import load_embeddings
 
