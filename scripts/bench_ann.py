@@ -36,9 +36,11 @@ rounds (the same two points, each round's q/s);
 the uncertainty from the choice of queries is a bootstrap over them (``--bootstrap`` resamples:
 each point's recall re-measured on the resample, the interpolation redone; paired across
 methods). Every ratio has both. The tuners' own picks at the target are listed with their
-held-out recall, so the unequal-recall comparison stays visible. FAISS IVF rows also carry each
-setting's work a query, which no load changes (:class:`FaissWork`: codes scanned, FAISS's own
-counter, and vectors rescored by the refine), to tell a q/s difference from timing noise.
+held-out recall, so the unequal-recall comparison stays visible. FAISS IVF and ScaNN tree rows also
+carry each setting's work a query, which no load changes (:class:`FaissWork`: codes scanned,
+FAISS's own counter, and vectors rescored by the refine; :class:`ScannWork`: the datapoints of
+the leaves searched, from ScaNN's serialized tree, and the reorder depth), to tell a q/s
+difference from timing noise.
 Outputs: ``table.md``,
 ``results.json`` (every point, every round), ``recall_qps.png`` (every curve, recall bars =
 bootstrap 95%, q/s bars and bands = min-max over rounds, stars = q/s at the targets).
@@ -999,7 +1001,7 @@ class EqualRecall:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.t_start = time.time()
-        self.groups, self.methods = {}, {}
+        self.groups, self.methods, self.kept_at = {}, {}, {}
         self.data_key = None  # names the corpus when it is a reusable --data-dir memmap
         self.results = {"config": {}, "rule": RULE, "builds": {}, "methods": {}, "headline": {}}
 
@@ -1097,6 +1099,7 @@ class EqualRecall:
         record = None if where is None else where.with_name(where.name + BUILD_RECORD)
         if record is None or not record.exists():
             return False
+        self.kept_at[name] = where
         self.results["builds"][name] = {**json.loads(record.read_text()),
                                         "reused_from": str(where)}  # fmt: skip
         self.log(f"{name}: reusing the build in {where}")
@@ -1108,6 +1111,7 @@ class EqualRecall:
             save(where)
             record = where.with_name(where.name + BUILD_RECORD)  # written last: the build is whole
             record.write_text(json.dumps(self.results["builds"][name], default=str))
+            self.kept_at[name] = where
 
     def saved_tuning(self, name: str, k: int, points=None, picks=None):
         """With ``--reuse-indexes``: a tuner's settings and picks at one k (``points``,
@@ -1208,7 +1212,7 @@ class EqualRecall:
         ``picks[k][target]``: the params the tuner itself would serve at that target;
         ``ordered_from``: points[k][ordered_from:] are a sweep in increasing recall and cost,
         measured only until one is well above the highest target; ``work``: a
-        :class:`FaissWork` counting each held-out search's work."""
+        :class:`FaissWork` or :class:`ScannWork` counting each held-out search's work."""
         self.methods[name] = {"group": group, "tuner": tuner, "search": search, "points": points,
                               "picks": picks, "work": work,
                               "ordered_from": math.inf if ordered_from is None else ordered_from}  # fmt: skip
@@ -1251,6 +1255,8 @@ class EqualRecall:
         if index.backend.startswith("faiss"):
             default_kf = index.options.get("k_factor", 1) if index.options.get("refine") else None
             work = FaissWork.of(index.index, lambda p: p.get("k_factor", default_kf))
+        elif index.backend == "scann":
+            work = ScannWork.of(self.scann_tree(group, index.searcher), self.queries)
         self.add_method(name, group, "dpr_jax.index.tune",
                         lambda q, k, p, ix=index: ix.search(q, k, **p)[1], points, picks,
                         work=work)  # fmt: skip
@@ -1279,8 +1285,27 @@ class EqualRecall:
             pts[k] = [{"params": p, "tune_recall": None} for p in grid]
             picks[k] = {t: base for t in self.targets}  # autopilot's own default
             self.results["builds"][self.AUTOPILOT].setdefault("chosen_per_k", {})[k] = own
+        work = ScannWork.of(self.scann_tree(self.AUTOPILOT, searcher), self.queries)
         self.add_method(self.AUTOPILOT, self.AUTOPILOT, "scann autopilot()", search, pts, picks,
-                        ordered_from=1)  # fmt: skip
+                        ordered_from=1, work=work)  # fmt: skip
+
+    def scann_tree(self, group, searcher):
+        """The ScaNN searcher's tree (:class:`dpr_jax.index.scann_index.ScannTree`), read from
+        the copy kept with ``--reuse-indexes``, else serialized once into a temporary
+        directory."""
+        from dpr_jax.index.scann_index import ScannTree
+
+        kept = self.kept_at.get(group)
+        if kept is not None and (kept / "scann" / "scann_config.pb").exists():
+            tree = ScannTree.read(kept / "scann")
+        else:
+            self.log(f"{group}: serializing the searcher to read its tree (the work columns)")
+            tree = ScannTree.of_searcher(searcher)
+        if tree is not None:
+            twins = tree.twins()
+            self.results["builds"][group]["twin_leaves"] = twins
+            self.log(f"{group}: {len(tree.sizes):,} leaves, {twins:,} with a near-twin centre")
+        return tree
 
     def parameter_space(self, name, group, index, drop=()):
         """FAISS's own tuner on the same FAISS index: ``ParameterSpace.initialize`` (FAISS's
@@ -1486,7 +1511,7 @@ class EqualRecall:
         L += ["", f"**Rule.** {RULE}. Spread: min / median / max over the rounds (each round's "
               "q/s interpolated between the same two points); [a, b]: 95% bootstrap interval over "
               f"the held-out queries ({self.args.bootstrap} resamples; recall re-measured, the "
-              "same resamples for every method).", ""]  # fmt: skip
+              "same resamples for every method).", "", WORK_NOTE, ""]  # fmt: skip
         for k in map(str, self.ks):
             L += [f"## recall@{k}", "", "| target | method | q/s at target | rounds: min / median / max "
                   "| bootstrap 95% | bracketing points (held-out recall) |",
@@ -1555,6 +1580,8 @@ class EqualRecall:
                 extra = f"; `index_factory` key {b['index_factory']}"
             if "chosen" in b:
                 extra = f"; chosen by ScaNN: {json.dumps(b['chosen'], sort_keys=True)}"
+            if "twin_leaves" in b:
+                extra += f"; {b['twin_leaves']:,} leaves with a near-twin centre"
             if "parameter_space" in b:
                 extra += "; ParameterSpace ranges: " + ", ".join(
                     f"{n} {v[0]:g}..{v[-1]:g} ({len(v)})" for n, v in b["parameter_space"].items()
@@ -1881,7 +1908,15 @@ def _qps_cell(q) -> str:
     return f"{q['max']:,.0f} ({q['min']:,.0f}, {q['median']:,.0f})"
 
 
-WORK_HEADER = "work a query: codes scanned + vectors rescored (FAISS)"
+WORK_HEADER = "work a query: codes scanned + vectors rescored"
+WORK_NOTE = (
+    "**Work a query** (the same on any machine and under any load): FAISS IVF: the codes of the "
+    "lists probed (FAISS's own counter `indexIVF_stats.ndis`) + k x k_factor vectors rescored by "
+    "the refine; ScaNN tree: the datapoints of the leaves searched (the sizes of the leaves "
+    "nearest the query by ScaNN's own query tokenization, read from its serialized tree) + the "
+    "pre-reorder depth rescored. A code's size differs between the libraries: see bytes / vector "
+    "under Builds."
+)
 
 
 def _work_cell(p: dict) -> str:
@@ -1918,6 +1953,36 @@ class FaissWork:
         kf = self.k_factor_of(params)
         return {"codes": self.faiss.cvar.indexIVF_stats.ndis / n_queries,
                 "rescored": None if kf is None else int(k * float(kf))}  # fmt: skip
+
+
+class ScannWork:
+    """What a ScaNN tree search does, as :class:`FaissWork` for FAISS: datapoints scored a query
+    (the sizes of the ``leaves_to_search`` leaves nearest each held-out query by ScaNN's own
+    query tokenization, from the searcher's serialized tree; tests/test_bench_tuned.py checks
+    them against the candidates ScaNN itself returns) and vectors rescored exactly (the
+    pre-reorder depth, at least k, at most what was scored)."""
+
+    def __init__(self, tree, queries):
+        self.tree = tree
+        self.scored = tree.scored(queries)  # (Q, leaves): column i, the i + 1 nearest leaves
+
+    @classmethod
+    def of(cls, tree, queries) -> ScannWork | None:
+        return None if tree is None else cls(tree, queries)
+
+    def start(self) -> None:
+        pass
+
+    def stop(self, k: int, n_queries: int, params: dict) -> dict:
+        import numpy as np
+
+        leaves = int(params.get("leaves_to_search") or self.tree.leaves_to_search)
+        codes = self.scored[:, min(leaves, self.scored.shape[1]) - 1]
+        out = {"codes": float(codes.mean()), "rescored": None}
+        if self.tree.reorder:
+            depth = max(int(params.get("pre_reorder_num_neighbors") or self.tree.reorder), k)
+            out["rescored"] = int(round(float(np.minimum(codes, depth).mean())))
+        return out
 
 
 def _ci(ci, fmt: str) -> str:

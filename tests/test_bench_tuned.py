@@ -2,6 +2,7 @@
 
 import argparse
 import importlib.util
+import itertools
 import json
 import shlex
 from pathlib import Path
@@ -283,7 +284,7 @@ def test_equal_mode_tiny(bench, tmp_path, monkeypatch):
     truth = np.argsort(-(q[:60] @ emb.T), axis=1, kind="stable")[:, :10]
     got = bench.exact_topk_chunked(q[:60], emb, 10)[1]
     assert np.array_equal(got, truth)
-    for name, m in methods.items():  # FAISS IVF rows carry their work, ScaNN's do not
+    for name, m in methods.items():  # FAISS IVF and ScaNN tree rows carry their work
         for k, pts in m["curves"].items():
             for p in pts:
                 if name.startswith("FAISS"):
@@ -293,11 +294,16 @@ def test_equal_mode_tiny(bench, tmp_path, monkeypatch):
                                    if s.startswith("k_factor_rf=")), 10.0)  # fmt: skip
                     assert p["work"]["codes"] > 0
                     assert p["work"]["rescored"] == int(int(k) * float(kf)), (name, p)
-                else:
+                elif name.startswith("ScaNN tree-AH"):  # 55 leaves of 3,000 vectors
+                    pre = max(int(k), p["params"].get("pre_reorder_num_neighbors", 100))
+                    assert 0 < p["work"]["codes"] <= 3000 and p["work"]["rescored"] <= pre
+                else:  # autopilot() chose brute force at this size: no tree, no count
                     assert "work" not in p
     table = (out / "table.md").read_text()
     assert "**Rule.**" in table and "| 0.90 | ScaNN autopilot() |" in table
-    assert "codes scanned + vectors rescored" in table
+    assert "codes scanned + vectors rescored" in table and "**Work a query**" in table
+    twins = res["builds"]["ScaNN tree-AH"]["twin_leaves"]
+    assert 0 <= twins <= 55 and f"{twins:,} leaves with a near-twin centre" in table
     assert "FAISS IVF-PQ + refine + ParameterSpace" in table
     for name in ("ScaNN tree-AH", "ScaNN autopilot()", "FAISS IVF-PQ + refine"):
         assert res["builds"][name]["peak_gib"] > 0.01, name  # this process's memory, at least
@@ -590,3 +596,62 @@ def test_faiss_work_counts_the_lists_each_query_probes(bench):
         assert got == {"codes": pytest.approx(sizes.mean()), "rescored": 5 * kf}
     flat = build_index("faiss-hnsw", emb, np.arange(2000).astype(str), num_threads=1)
     assert bench.FaissWork.of(flat.index, lambda p: None) is None  # not IVF: nothing counted
+
+
+def test_scann_work_counts_the_candidates_scann_returns(bench, tmp_path):
+    """ScannWork's datapoints a query = the candidates ScaNN itself returns when asked for every
+    one (final = pre-reorder = n: each datapoint of the leaves it searched), query by query; the
+    tree read from a saved index is the one serialized from memory; rescored = the pre-reorder
+    depth (at least k); no tree (brute force): nothing counted."""
+    pytest.importorskip("scann")
+    from dpr_jax.index import build_index, load_index
+    from dpr_jax.index.scann_index import ScannTree
+
+    rng = np.random.default_rng(0)
+    # more clusters than leaves: k-means leaves no two leaves on one cluster (equal centres would
+    # tie, and ScaNN breaks ties its own way)
+    centres = rng.standard_normal((200, 16))
+    emb = (centres[rng.integers(200, size=4000)] + 0.3 * rng.standard_normal((4000, 16))).astype(
+        np.float32
+    )
+    queries = rng.standard_normal((25, 16)).astype(np.float32)
+    ids = np.arange(len(emb)).astype(str)
+    index = build_index("scann", emb, ids, num_threads=1, num_leaves=60, num_leaves_to_search=7,
+                        reorder=50, scoring="ah")  # fmt: skip
+    tree = ScannTree.of_searcher(index.searcher)
+    assert tree.sizes.sum() == len(emb) and len(tree.sizes) == 60
+    assert (tree.leaves_to_search, tree.reorder) == (7, 50)
+    work = bench.ScannWork.of(tree, queries)
+    dots = queries @ tree.centres.T
+    order = np.argsort(-dots, axis=1, kind="stable")
+    exact = 0
+    for leaves in (1, 4, 7, 60):
+        _, dist = index.searcher.search_batched(queries, final_num_neighbors=len(emb),
+                                                pre_reorder_num_neighbors=len(emb),
+                                                leaves_to_search=leaves)  # fmt: skip
+        returned = np.isfinite(np.asarray(dist)).sum(axis=1)
+        for q in range(len(queries)):
+            # near-twin leaves (a split cluster) tie to float precision: where they straddle
+            # the boundary ScaNN may search either; any choice among the tied ones is its count
+            d = dots[q, order[q]]
+            tied = np.abs(d - d[leaves - 1]) <= 1e-5 * abs(d[leaves - 1])
+            first = int(np.argmax(tied))
+            group = tree.sizes[order[q][tied]]
+            base = int(tree.sizes[order[q][:first]].sum())
+            choices = {base + sum(c) for c in itertools.combinations(group, leaves - first)}
+            assert returned[q] in choices, (leaves, q, returned[q], choices)
+            exact += int(work.scored[q, leaves - 1] == returned[q])
+        params = {"leaves_to_search": leaves, "pre_reorder_num_neighbors": 30}
+        got = work.stop(10, len(queries), params)
+        assert got["codes"] == pytest.approx(work.scored[:, leaves - 1].mean())
+        assert got["rescored"] == round(np.minimum(work.scored[:, leaves - 1], 30).mean())
+    assert exact >= 0.8 * 4 * len(queries)  # ties are the exception
+    assert work.stop(40, len(queries), {})["codes"] == pytest.approx(work.scored[:, 6].mean())
+    assert work.stop(80, len(queries), {})["rescored"] == 80  # the depth is at least k
+    saved = load_index(index.save(tmp_path / "ix"))
+    again = ScannTree.read(tmp_path / "ix" / "scann")
+    np.testing.assert_array_equal(again.sizes, tree.sizes)
+    np.testing.assert_array_equal(again.centres, tree.centres)
+    assert saved.searcher.size() == len(emb)
+    bf = build_index("scann", emb, ids, num_threads=1, scoring="brute_force", num_leaves=0)
+    assert bench.ScannWork.of(ScannTree.of_searcher(bf.searcher), queries) is None

@@ -304,3 +304,87 @@ class ScannBruteForceIndex(ScannIndex):
         sp = import_scann()
         b = sp.builder(emb, int(self.options["num_neighbors"]), "dot_product")
         return b.set_n_training_threads(int(self.options["training_threads"])).score_brute_force()
+
+
+class ScannTree:
+    """The partition of a serialized ScaNN searcher (the files ``serialize`` writes into
+    ``directory``), to count what a search does: ``centres`` (leaves, dim), ``sizes`` (leaves,)
+    the datapoints each leaf holds (one spilled into several leaves counts in each),
+    ``leaves_to_search`` and ``reorder`` (0: no exact rescoring) the searcher's defaults.
+
+    :meth:`read` returns None for a searcher without a one-level k-means tree (brute force, or a
+    multi-level tree), whose work this class does not model.
+    """
+
+    def __init__(self, centres, sizes, dot: bool, leaves_to_search: int, reorder: int):
+        self.centres, self.sizes, self.dot = centres, sizes, dot
+        self.leaves_to_search, self.reorder = leaves_to_search, reorder
+
+    @classmethod
+    def read(cls, directory: str | Path) -> ScannTree | None:
+        optional_import("scann", "scann", "reading a ScaNN tree")
+        from scann.partitioning import partitioner_pb2
+        from scann.proto import scann_pb2
+
+        directory = Path(directory)
+        config = scann_pb2.ScannConfig()
+        config.ParseFromString((directory / "scann_config.pb").read_bytes())
+        part_file = directory / "serialized_partitioner.pb"
+        if not config.HasField("partitioning") or not part_file.exists():
+            return None
+        part = partitioner_pb2.SerializedPartitioner()
+        part.ParseFromString(part_file.read_bytes())
+        root = part.kmeans.kmeans_tree.root
+        if part.kmeans.HasField("next_bottom_up_level") or any(c.children for c in root.children):
+            return None
+        p = config.partitioning
+        # a query ranks the leaves by the tokenization distance (DotProductDistance for MIPS)
+        measure = (p.query_tokenization_distance_override.distance_measure
+                   if p.HasField("query_tokenization_distance_override")
+                   else p.partitioning_distance.distance_measure)  # fmt: skip
+        if measure not in ("DotProductDistance", "SquaredL2Distance"):
+            return None
+        centres = np.array([list(c.dimension) for c in root.centers], np.float32)
+        token = np.load(directory / "datapoint_to_token.npy")
+        sizes = np.bincount(token[token >= 0].ravel(), minlength=len(centres))
+        if root.children:  # leaf ids in the order of the centres
+            sizes = sizes[[c.leaf_id for c in root.children]]
+        reorder = config.exact_reordering.approx_num_neighbors if config.HasField(
+            "exact_reordering") else 0  # fmt: skip
+        return cls(centres, sizes, measure == "DotProductDistance",
+                   int(p.query_spilling.max_spill_centers), int(reorder))  # fmt: skip
+
+    @classmethod
+    def of_searcher(cls, searcher) -> ScannTree | None:
+        """:meth:`read` of a searcher in memory (serialized into a temporary directory)."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="dpr_jax_scann_tree_") as tmp:
+            searcher.serialize(tmp)
+            return cls.read(tmp)
+
+    def twins(self, rel: float = 1e-4) -> int:
+        """Leaves whose centre lies within ``rel`` x the median centre norm of another's. ScaNN's
+        k-means leaves such near-copies where it splits a cluster; a query ranks twins alike to
+        float precision, and which one ScaNN searches at the boundary of its ``leaves_to_search``
+        is its own tie-break, so :meth:`scored` may count the other one there."""
+        c = self.centres.astype(np.float64)
+        sq = (c**2).sum(1)
+        tol = (rel * float(np.median(np.sqrt(sq)))) ** 2
+        out = 0
+        for start in range(0, len(c), 1024):
+            d2 = sq[start : start + 1024, None] + sq[None] - 2 * c[start : start + 1024] @ c.T
+            d2[np.arange(len(d2)), start + np.arange(len(d2))] = np.inf
+            out += int((d2.min(1) <= tol).sum())
+        return out
+
+    def scored(self, queries: np.ndarray) -> np.ndarray:
+        """(Q, leaves): datapoints scored by a search of the i + 1 nearest leaves, column i
+        (the leaves in the query's own order, as ScaNN's query tokenization ranks them)."""
+        q = np.asarray(queries, np.float32)
+        if self.dot:
+            rank = -(q @ self.centres.T)
+        else:
+            rank = -2 * (q @ self.centres.T) + (self.centres**2).sum(1)
+        order = np.argsort(rank, axis=1, kind="stable")
+        return np.cumsum(self.sizes[order], axis=1)
