@@ -43,7 +43,8 @@ the leaves searched, from ScaNN's serialized tree, and the reorder depth), to te
 difference from timing noise.
 Outputs: ``table.md``,
 ``results.json`` (every point, every round), ``recall_qps.png`` (every curve, recall bars =
-bootstrap 95%, q/s bars and bands = min-max over rounds, stars = q/s at the targets).
+bootstrap 95%, q/s bars and bands = min-max over rounds, stars = q/s at the targets),
+``recall_work.png`` (recall against codes scanned a query, for the methods with a work count).
 
 Scale (``--data-dir``): the synthetic corpus is generated 65,536 rows at a time into a
 ``.npy`` memory map (:func:`synthetic_memmap`, made once and reused), and the exact neighbours
@@ -1646,23 +1647,65 @@ class EqualRecall:
                 for t, a in res["at"][k].items():
                     if a["status"] == "measured":
                         ax.plot([float(t)], [a["qps"]], "*", ms=10, color=c, mec="k", mew=0.5)
-            for t in self.targets:
-                ax.axvline(t, ls="--", lw=0.6, color="k", alpha=0.4)
-            ax.set_yscale("log")
-            ax.set_xlim(max(0.5, min(self.targets) - 0.15), 1.002)
-            ax.set_xlabel(
-                f"recall@{k} on {cfg['num_queries']} held-out queries (bars: 95% bootstrap)"
-            )
-            ax.set_ylabel(
-                f"queries/s, {cfg['threads']} thread(s): best of rounds (bars, band: to the slowest)"
-            )
-            ax.set_title(f"{cfg['n']:,} x {cfg['dim']}, recall@{k}; stars: q/s at the targets",
-                         fontsize=9)  # fmt: skip
-            ax.legend(fontsize=7, loc="lower left")
-            ax.grid(alpha=0.3, which="both")
+            self._recall_axes(
+                ax, f"recall@{k} on {cfg['num_queries']} held-out queries (bars: 95% bootstrap)",
+                f"queries/s, {cfg['threads']} thread(s): best of rounds (bars, band: to the "
+                "slowest)", f"{cfg['n']:,} x {cfg['dim']}, recall@{k}; stars: q/s at the targets",
+                "lower left",
+            )  # fmt: skip
         fig.tight_layout()
         fig.savefig(self.out / "recall_qps.png", dpi=130)
         plt.close(fig)
+        self.plot_work(plt)
+
+    def plot_work(self, plt):
+        """``recall_work.png``: held-out recall against the codes each query scans (the work
+        columns; the same on any machine), every counted setting, a line through each method's
+        Pareto points (more recall for fewer codes); labels: vectors rescored."""
+        cfg = self.results["config"]
+        counted = [(i, name, res) for i, (name, res) in enumerate(self.results["methods"].items())
+                   if any(p.get("work") for pts in res["curves"].values() for p in pts)]  # fmt: skip
+        if not counted:
+            return
+        fig, axes = plt.subplots(1, len(self.ks), figsize=(7 * len(self.ks), 5), squeeze=False)
+        for ax, k in zip(axes[0], map(str, self.ks)):
+            for i, name, res in counted:
+                pts = sorted((p for p in res["curves"][k] if p.get("work")),
+                             key=lambda p: p["recall"])  # fmt: skip
+                if not pts:
+                    continue
+                r = [p["recall"] for p in pts]
+                codes = [p["work"]["codes"] for p in pts]
+                ax.plot(r, codes, "o", ms=3, color=f"C{i}", alpha=0.5)
+                front = frontier_indices(r, [-c for c in codes])
+                ax.plot([r[j] for j in front], [codes[j] for j in front], "-", color=f"C{i}",
+                        label=name)  # fmt: skip
+                for j in front:
+                    if pts[j]["work"].get("rescored"):
+                        ax.annotate(f"{pts[j]['work']['rescored']:,}", (r[j], codes[j]),
+                                    fontsize=6, color=f"C{i}", xytext=(2, 2),
+                                    textcoords="offset points")  # fmt: skip
+            self._recall_axes(
+                ax, f"recall@{k} on {cfg['num_queries']} held-out queries",
+                "codes scanned a query (labels: vectors rescored)",
+                f"{cfg['n']:,} x {cfg['dim']}, recall@{k}: work a query, any machine",
+                "upper left",
+            )  # fmt: skip
+        fig.tight_layout()
+        fig.savefig(self.out / "recall_work.png", dpi=130)
+        plt.close(fig)
+
+    def _recall_axes(self, ax, xlabel: str, ylabel: str, title: str, legend: str) -> None:
+        """A recall-x, log-y panel: the targets as dashed lines, labels, legend, grid."""
+        for t in self.targets:
+            ax.axvline(t, ls="--", lw=0.6, color="k", alpha=0.4)
+        ax.set_yscale("log")
+        ax.set_xlim(max(0.5, min(self.targets) - 0.15), 1.002)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7, loc=legend)
+        ax.grid(alpha=0.3, which="both")
 
     def strip_private(self):
         for res in self.results["methods"].values():

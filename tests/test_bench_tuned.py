@@ -309,6 +309,7 @@ def test_equal_mode_tiny(bench, tmp_path, monkeypatch):
         assert res["builds"][name]["peak_gib"] > 0.01, name  # this process's memory, at least
     assert "| peak memory GiB (swapped) |" in table
     assert (out / "recall_qps.png").stat().st_size > 10_000
+    assert (out / "recall_work.png").stat().st_size > 10_000
 
 
 def test_sequential_mode_frees_each_index_before_the_next(bench, tmp_path, monkeypatch):
