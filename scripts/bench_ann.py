@@ -847,6 +847,15 @@ def per_query_recall(got_ids, true_ids):
                      for a, b in zip(np.asarray(got_ids).tolist(), np.asarray(true_ids).tolist())])  # fmt: skip
 
 
+def least_work(points: list[dict], target: float) -> dict | None:
+    """The point of ``points`` (one method's held-out curve at one k) with a work count and
+    held-out recall >= ``target`` that scans the fewest codes a query, then rescores the fewest
+    vectors (None: no counted point reaches the target)."""
+    ok = [p for p in points if p.get("work") and p["recall"] >= target]
+    return min(ok, key=lambda p: (p["work"]["codes"], p["work"].get("rescored") or 0),
+               default=None)  # fmt: skip
+
+
 def frontier_indices(recalls, qps) -> list[int]:
     """Indices of the Pareto points (no other point has both more recall and more q/s), in
     ascending recall (so descending q/s)."""
@@ -1565,6 +1574,7 @@ class EqualRecall:
                     qs = _qps_cell(q) or "not timed"
                     L.append(f"| {t:.2f} | {name} | {_key(pick)} | {tr} | {p['recall']:.4f} "
                              f"{_ci(p['recall_ci'], '.4f')} | {qs} | {_work_cell(p)} |")  # fmt: skip
+            L += self.least_work_table(k)
             L.append("")
         L += [
             "## Builds",
@@ -1615,6 +1625,26 @@ class EqualRecall:
                 L.append("")
         L += [f"Command: `{cfg['command']}`; total {cfg['elapsed_s']:.0f}s.", ""]
         (self.out / "table.md").write_text("\n".join(L))
+
+    def least_work_table(self, k: str) -> list[str]:
+        """Table lines: at each target, every counted method's least work (:func:`least_work`),
+        and its codes as a multiple of the fewest any method needs there."""
+        rows = []
+        for t in self.targets:
+            got = {name: least_work(res["curves"][k], t)
+                   for name, res in self.results["methods"].items()}  # fmt: skip
+            fewest = min((p["work"]["codes"] for p in got.values() if p), default=None)
+            for name, p in got.items():
+                if p is not None:
+                    rows.append(f"| {t:.2f} | {name} | {_key(p['params'])} | {p['recall']:.4f} | "
+                                f"{_work_cell(p)} | {p['work']['codes'] / fewest:.2f}x |")  # fmt: skip
+        if not rows:
+            return []
+        return ["", "Least work at the target (the same on any machine): each method's held-out "
+                "setting with recall at or above it that scans the fewest codes a query (then "
+                "rescores the fewest), among the settings measured:", "",
+                f"| target | method | setting | held-out recall | {WORK_HEADER} | codes / the "
+                "fewest |", "|---|---|---|---|---|---|", *rows]  # fmt: skip
 
     def plot(self):
         import matplotlib

@@ -310,6 +310,27 @@ def test_equal_mode_tiny(bench, tmp_path, monkeypatch):
     assert "| peak memory GiB (swapped) |" in table
     assert (out / "recall_qps.png").stat().st_size > 10_000
     assert (out / "recall_work.png").stat().st_size > 10_000
+    assert "Least work at the target" in table
+    for name, m in methods.items():  # the least-work row is the counted point it should be
+        best = bench.least_work(m["curves"]["10"], 0.9)
+        ok = [p for p in m["curves"]["10"] if p.get("work") and p["recall"] >= 0.9]
+        assert (best is None) == (not ok)
+        if best is not None:
+            assert best["work"]["codes"] == min(p["work"]["codes"] for p in ok)
+            assert f"| 0.90 | {name} | {bench._key(best['params'])} |" in table
+
+
+def test_least_work_picks_the_fewest_codes_at_or_above_the_target(bench):
+    pts = [
+        {"params": {"a": 1}, "recall": 0.89, "work": {"codes": 10, "rescored": 5}},  # below
+        {"params": {"a": 2}, "recall": 0.95, "work": {"codes": 40, "rescored": 5}},
+        {"params": {"a": 3}, "recall": 0.91, "work": {"codes": 30, "rescored": 90}},
+        {"params": {"a": 4}, "recall": 0.90, "work": {"codes": 30, "rescored": 20}},  # tie: fewer
+        {"params": {"a": 5}, "recall": 0.99},  # not counted
+    ]
+    assert bench.least_work(pts, 0.90)["params"] == {"a": 4}
+    assert bench.least_work(pts, 0.93)["params"] == {"a": 2}
+    assert bench.least_work(pts, 0.96) is None
 
 
 def test_sequential_mode_frees_each_index_before_the_next(bench, tmp_path, monkeypatch):
