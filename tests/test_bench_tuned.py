@@ -677,3 +677,5 @@ def test_scann_work_counts_the_candidates_scann_returns(bench, tmp_path):
     assert saved.searcher.size() == len(emb)
     bf = build_index("scann", emb, ids, num_threads=1, scoring="brute_force", num_leaves=0)
     assert bench.ScannWork.of(ScannTree.of_searcher(bf.searcher), queries) is None
+    soar = build_index("scann", emb, ids, num_threads=1, num_leaves=60, soar_lambda=1.5)
+    assert ScannTree.of_searcher(soar.searcher) is None  # spilled datapoints: not modelled

@@ -309,11 +309,12 @@ class ScannBruteForceIndex(ScannIndex):
 class ScannTree:
     """The partition of a serialized ScaNN searcher (the files ``serialize`` writes into
     ``directory``), to count what a search does: ``centres`` (leaves, dim), ``sizes`` (leaves,)
-    the datapoints each leaf holds (one spilled into several leaves counts in each),
+    the datapoints each leaf holds,
     ``leaves_to_search`` and ``reorder`` (0: no exact rescoring) the searcher's defaults.
 
     :meth:`read` returns None for a searcher without a one-level k-means tree (brute force, or a
-    multi-level tree), whose work this class does not model.
+    multi-level tree) or with database spilling (SOAR: a datapoint in several leaves), whose
+    work this class does not model.
     """
 
     def __init__(self, centres, sizes, dot: bool, leaves_to_search: int, reorder: int):
@@ -338,6 +339,8 @@ class ScannTree:
         if part.kmeans.HasField("next_bottom_up_level") or any(c.children for c in root.children):
             return None
         p = config.partitioning
+        if p.HasField("database_spilling") and p.database_spilling.spilling_type != 0:
+            return None  # SOAR and the like (0: NO_SPILLING)
         # a query ranks the leaves by the tokenization distance (DotProductDistance for MIPS)
         measure = (p.query_tokenization_distance_override.distance_measure
                    if p.HasField("query_tokenization_distance_override")
@@ -346,7 +349,7 @@ class ScannTree:
             return None
         centres = np.array([list(c.dimension) for c in root.centers], np.float32)
         token = np.load(directory / "datapoint_to_token.npy")
-        sizes = np.bincount(token[token >= 0].ravel(), minlength=len(centres))
+        sizes = np.bincount(token, minlength=len(centres))
         if root.children:  # leaf ids in the order of the centres
             sizes = sizes[[c.leaf_id for c in root.children]]
         reorder = config.exact_reordering.approx_num_neighbors if config.HasField(
