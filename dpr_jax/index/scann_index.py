@@ -323,10 +323,10 @@ class ScannTree:
 
     @classmethod
     def read(cls, directory: str | Path) -> ScannTree | None:
-        optional_import("scann", "scann", "reading a ScaNN tree")
-        from scann.partitioning import partitioner_pb2
-        from scann.proto import scann_pb2
-
+        partitioner_pb2 = optional_import(
+            "scann.partitioning.partitioner_pb2", "scann", "reading a ScaNN tree"
+        )
+        scann_pb2 = optional_import("scann.proto.scann_pb2", "scann", "reading a ScaNN tree")
         directory = Path(directory)
         config = scann_pb2.ScannConfig()
         config.ParseFromString((directory / "scann_config.pb").read_bytes())
