@@ -630,8 +630,8 @@ def test_scann_work_counts_the_candidates_scann_returns(bench, tmp_path):
     from dpr_jax.index.scann_index import ScannTree
 
     rng = np.random.default_rng(0)
-    # more clusters than leaves: k-means leaves no two leaves on one cluster (equal centres would
-    # tie, and ScaNN breaks ties its own way)
+    # more clusters than leaves, so that most leaves hold one cluster; ScaNN's k-means still
+    # leaves a few pairs of centres ~1e-7 apart here, whose ties the loop below allows for
     centres = rng.standard_normal((200, 16))
     emb = (centres[rng.integers(200, size=4000)] + 0.3 * rng.standard_normal((4000, 16))).astype(
         np.float32
@@ -653,7 +653,7 @@ def test_scann_work_counts_the_candidates_scann_returns(bench, tmp_path):
                                                 leaves_to_search=leaves)  # fmt: skip
         returned = np.isfinite(np.asarray(dist)).sum(axis=1)
         for q in range(len(queries)):
-            # near-twin leaves (a split cluster) tie to float precision: where they straddle
+            # near-twin leaves (centres ~1e-7 apart) tie to float precision: where they straddle
             # the boundary ScaNN may search either; any choice among the tied ones is its count
             d = dots[q, order[q]]
             tied = np.abs(d - d[leaves - 1]) <= 1e-5 * abs(d[leaves - 1])
