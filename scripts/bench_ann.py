@@ -1012,6 +1012,7 @@ class EqualRecall:
         self.out.mkdir(parents=True, exist_ok=True)
         self.t_start = time.time()
         self.groups, self.methods, self.kept_at = {}, {}, {}
+        self.trees = {}  # ScaNN groups built here: their trees, read where their bytes were
         self.data_key = None  # names the corpus when it is a reusable --data-dir memmap
         self.results = {"config": {}, "rule": RULE, "builds": {}, "methods": {}, "headline": {}}
 
@@ -1170,15 +1171,31 @@ class EqualRecall:
             extra = {"peak_gib": mem.gib, "peak_swap_gib": mem.swap_gib}
             if backend.startswith("faiss"):
                 extra["index_factory"] = index.factory_key()
-            self._record_build(name, backend, build_s, index.size_bytes(), index.options, **extra)
+            if backend == "scann":  # serialized once: its bytes and its tree
+                write = index.searcher.serialize
+                size = self._serialized(name, lambda d: write(d, relative_path=True))
+            else:
+                size = index.size_bytes()
+            self._record_build(name, backend, build_s, size, index.options, **extra)
             self._keep(name, where, index.save)
         index.set_num_threads(self.args.threads)
         self.groups[name] = index
         return index
 
-    def build_autopilot(self):
+    def _serialized(self, name, serialize) -> int:
+        """Bytes of a ScaNN searcher as ``serialize(directory)`` writes it, and its tree
+        (:class:`dpr_jax.index.scann_index.ScannTree`, for the work columns) read from the same
+        files, so a searcher is serialized once (~17 GB at 10M x 384)."""
         import tempfile
 
+        from dpr_jax.index.scann_index import ScannTree
+
+        with tempfile.TemporaryDirectory(prefix="bench_scann_") as tmp:
+            serialize(tmp)
+            self.trees[name] = ScannTree.read(tmp)
+            return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
+
+    def build_autopilot(self):
         import numpy as np
 
         from dpr_jax.index.scann_index import import_scann
@@ -1198,9 +1215,7 @@ class EqualRecall:
             with PeakMemory() as mem:
                 searcher = builder.build()
             build_s = time.perf_counter() - t0
-            with tempfile.TemporaryDirectory(prefix="bench_autopilot_") as tmp:
-                searcher.serialize(tmp)
-                size = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
+            size = self._serialized(self.AUTOPILOT, searcher.serialize)
             self._record_build(self.AUTOPILOT, "scann autopilot()", build_s, size,
                                {"autopilot": "tree_ah, reordering_dtype FLOAT32"}, chosen=config,
                                peak_gib=mem.gib, peak_swap_gib=mem.swap_gib)  # fmt: skip
@@ -1261,12 +1276,14 @@ class EqualRecall:
             points[k] = pts
             self.log(f"  {name} k={k}: {len(pts)} settings from dpr_jax tune at {grid}")
             self.saved_tuning(name, k, pts, picks[k])
-        work = None
-        if index.backend.startswith("faiss"):
+        work = None  # the work columns of a measuring run (none in --tune-only)
+        if self.args.tune_only:
+            pass
+        elif index.backend.startswith("faiss"):
             default_kf = index.options.get("k_factor", 1) if index.options.get("refine") else None
             work = FaissWork.of(index.index, lambda p: p.get("k_factor", default_kf))
         elif index.backend == "scann":
-            work = ScannWork.of(self.scann_tree(group, index.searcher), self.queries)
+            work = ScannWork.of(self.scann_tree(group), self.queries)
         self.add_method(name, group, "dpr_jax.index.tune",
                         lambda q, k, p, ix=index: ix.search(q, k, **p)[1], points, picks,
                         work=work)  # fmt: skip
@@ -1295,22 +1312,20 @@ class EqualRecall:
             pts[k] = [{"params": p, "tune_recall": None} for p in grid]
             picks[k] = {t: base for t in self.targets}  # autopilot's own default
             self.results["builds"][self.AUTOPILOT].setdefault("chosen_per_k", {})[k] = own
-        work = ScannWork.of(self.scann_tree(self.AUTOPILOT, searcher), self.queries)
+        work = (None if self.args.tune_only
+                else ScannWork.of(self.scann_tree(self.AUTOPILOT), self.queries))  # fmt: skip
         self.add_method(self.AUTOPILOT, self.AUTOPILOT, "scann autopilot()", search, pts, picks,
                         ordered_from=1, work=work)  # fmt: skip
 
-    def scann_tree(self, group, searcher):
-        """The ScaNN searcher's tree (:class:`dpr_jax.index.scann_index.ScannTree`), read from
-        the copy kept with ``--reuse-indexes``, else serialized once into a temporary
-        directory."""
+    def scann_tree(self, group):
+        """The ScaNN group's tree (:class:`dpr_jax.index.scann_index.ScannTree`): read when it
+        was built and measured here, else from the copy ``--reuse-indexes`` kept."""
         from dpr_jax.index.scann_index import ScannTree
 
-        kept = self.kept_at.get(group)
-        if kept is not None and (kept / "scann" / "scann_config.pb").exists():
-            tree = ScannTree.read(kept / "scann")
+        if group in self.trees:
+            tree = self.trees[group]
         else:
-            self.log(f"{group}: serializing the searcher to read its tree (the work columns)")
-            tree = ScannTree.of_searcher(searcher)
+            tree = ScannTree.read(self.kept_at[group] / "scann")
         if tree is not None:
             twins = tree.twins()
             self.results["builds"][group]["twin_leaves"] = twins

@@ -537,6 +537,13 @@ def test_equal_mode_reuses_indexes(bench, tmp_path, monkeypatch):
     pytest.importorskip("scann")
     pytest.importorskip("faiss")
     monkeypatch.setattr(bench, "set_thread_env", lambda threads: None)
+    trees, real_tree = [], bench.EqualRecall.scann_tree
+
+    def scann_tree(self, group):  # the tree is read for the work columns only
+        trees.append((self.args.tune_only, group))
+        return real_tree(self, group)
+
+    monkeypatch.setattr(bench.EqualRecall, "scann_tree", scann_tree)
     runs = []
     for i, phase in enumerate(["--build-only", "--tune-only", None]):
         out = tmp_path / f"out{i}"
@@ -547,6 +554,8 @@ def test_equal_mode_reuses_indexes(bench, tmp_path, monkeypatch):
         assert bench.main(argv + ([phase] if phase else [])) == 0
         runs.append(json.loads((out / "results.json").read_text()))
     built, tuned, measured = runs
+    assert sorted(trees) == [(False, "ScaNN autopilot()"), (False, "ScaNN tree-AH")]
+    assert measured["methods"]["ScaNN tree-AH + dpr_jax tune"]["curves"]["10"][0]["work"]["codes"]
     assert not any("reused_from" in b for b in built["builds"].values())
     assert not built["methods"] and not tuned["methods"]
     assert all("reused_from" in b for b in measured["builds"].values())
@@ -560,6 +569,35 @@ def test_equal_mode_reuses_indexes(bench, tmp_path, monkeypatch):
     kept = json.loads(Path(kept).read_text())
     got = [p["params"] for p in measured["methods"]["ScaNN tree-AH + dpr_jax tune"]["curves"]["10"]]
     assert got == [p["params"] for p in kept["points"]]
+
+
+def test_equal_mode_serializes_each_scann_searcher_once(bench, tmp_path, monkeypatch):
+    """Without --reuse-indexes a ScaNN searcher is serialized once (~17 GB at 10M x 384): its
+    bytes a vector and its tree (the work columns) come from the same files."""
+    pytest.importorskip("scann")
+    pytest.importorskip("faiss")
+    from dpr_jax.index.scann_index import ScannTree
+
+    monkeypatch.setattr(bench, "set_thread_env", lambda threads: None)
+    reads, real_read = [], ScannTree.read.__func__
+
+    def read(cls, directory):
+        reads.append(str(directory))
+        return real_read(cls, directory)
+
+    monkeypatch.setattr(ScannTree, "read", classmethod(read))
+    monkeypatch.setattr(ScannTree, "of_searcher", None)  # not a second serialization
+    out = tmp_path / "out"
+    argv = ["--mode", "equal", "--n", "2500", "--dim", "16", "--num-queries", "40",
+            "--tune-queries", "40", "--targets", "0.9", "--ks", "10", "--repeats", "1",
+            "--skip", "hnsw,paramspace,paramspace-noht", "--bootstrap", "20",
+            "--build-threads", "1", "--out", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert len(reads) == 2 and len(set(reads)) == 2  # tree-AH and autopilot(), once each
+    assert res["methods"]["ScaNN tree-AH + dpr_jax tune"]["curves"]["10"][0]["work"]["codes"]
+    assert res["builds"]["ScaNN tree-AH"]["twin_leaves"] >= 0
+    assert res["builds"]["ScaNN tree-AH"]["bytes_per_vector"] > 16 * 4  # float32 reorder copy
 
 
 def test_accel_mode_on_cpu_stand_ins(bench, tmp_path):
@@ -624,7 +662,7 @@ def test_scann_work_counts_the_candidates_scann_returns(bench, tmp_path):
     """ScannWork's datapoints a query = the candidates ScaNN itself returns when asked for every
     one (final = pre-reorder = n: each datapoint of the leaves it searched), query by query; the
     tree read from a saved index is the one serialized from memory; rescored = the pre-reorder
-    depth (at least k); no tree (brute force): nothing counted."""
+    depth (at least k); no tree (brute force), spilling (SOAR) or int8 centres: nothing counted."""
     pytest.importorskip("scann")
     from dpr_jax.index import build_index, load_index
     from dpr_jax.index.scann_index import ScannTree
@@ -679,3 +717,6 @@ def test_scann_work_counts_the_candidates_scann_returns(bench, tmp_path):
     assert bench.ScannWork.of(ScannTree.of_searcher(bf.searcher), queries) is None
     soar = build_index("scann", emb, ids, num_threads=1, num_leaves=60, soar_lambda=1.5)
     assert ScannTree.of_searcher(soar.searcher) is None  # spilled datapoints: not modelled
+    quantized = build_index("scann", emb, ids, num_threads=1, num_leaves=60,
+                            quantize_centroids=True)  # fmt: skip
+    assert ScannTree.of_searcher(quantized.searcher) is None  # leaves ranked by int8 centres

@@ -313,8 +313,9 @@ class ScannTree:
     ``leaves_to_search`` and ``reorder`` (0: no exact rescoring) the searcher's defaults.
 
     :meth:`read` returns None for a searcher without a one-level k-means tree (brute force, or a
-    multi-level tree) or with database spilling (SOAR: a datapoint in several leaves), whose
-    work this class does not model.
+    multi-level tree), with database spilling (SOAR: a datapoint in several leaves) or with
+    quantized centres (``quantize_centroids``: the query ranks the leaves by int8 centres, not
+    by the float centres this class reads), whose work this class does not model.
     """
 
     def __init__(self, centres, sizes, dot: bool, leaves_to_search: int, reorder: int):
@@ -341,6 +342,8 @@ class ScannTree:
         p = config.partitioning
         if p.HasField("database_spilling") and p.database_spilling.spilling_type != 0:
             return None  # SOAR and the like (0: NO_SPILLING)
+        if p.query_tokenization_type != p.FLOAT:
+            return None  # quantize_centroids: leaves ranked by int8 centres (FIXED_POINT_INT8)
         # a query ranks the leaves by the tokenization distance (DotProductDistance for MIPS)
         measure = (p.query_tokenization_distance_override.distance_measure
                    if p.HasField("query_tokenization_distance_override")
