@@ -98,6 +98,11 @@ from pathlib import Path
 from dpr_jax.cli.errors import is_user_error, one_line  # neither imports numpy (set_thread_env)
 from dpr_jax.errors import UserError
 
+# what --skip names: indexes (exact, scann, hnsw, ivfpq), --mode sweep's scaling run, and the
+# libraries' own tuners in --mode equal (ScaNN autopilot(), FAISS ParameterSpace with / without ht)
+SKIP_NAMES = ("exact", "scann", "autopilot", "hnsw", "ivfpq", "paramspace", "paramspace-noht",
+              "scaling")  # fmt: skip
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -113,7 +118,7 @@ def parse_args(argv=None):
     ap.add_argument("--build-threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per point (best is kept)")
     ap.add_argument("--scaling", default="10000,100000,1000000", help="corpus sizes")
-    ap.add_argument("--skip", default="", help="comma list of: exact,scann,hnsw,ivfpq,scaling")
+    ap.add_argument("--skip", default="", help="comma list of: " + ",".join(SKIP_NAMES))
     ap.add_argument("--out", default="artifacts/bench_ann")
     ap.add_argument("--mode", choices=["sweep", "tuned", "equal", "accel", "sharded"],
                     default="sweep",
@@ -169,6 +174,30 @@ def parse_args(argv=None):
         ap.error("--embeddings and --queries go together")
     if args.resume and not (args.mode == "equal" and args.sequential):
         ap.error("--resume goes with --mode equal --sequential (each index measured on its own)")
+    for flag in ("--n", "--dim", "--num-queries", "--tune-queries", "--max-queries", "--k",
+                 "--threads", "--build-threads", "--repeats", "--bootstrap"):  # fmt: skip
+        if getattr(args, flag[2:].replace("-", "_")) < 1:
+            ap.error(f"{flag} must be at least 1")
+    for flag, text, kind in (("--targets", args.targets, "recall"), ("--ks", args.ks, "k"),
+                             ("--scaling", args.scaling, "n"), ("--devices", args.devices, "n")):  # fmt: skip
+        try:
+            values = [(float if kind == "recall" else int)(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        ok = values and all(0 < v <= 1 if kind == "recall" else v >= 1 for v in values)
+        if not ok:
+            ap.error(f"{flag} {text!r}: a comma list of "
+                     + ("recalls in (0, 1], e.g. 0.90,0.95" if kind == "recall" else
+                        f"whole numbers >= 1, e.g. {'10,100' if kind == 'k' else '1,8'}"))  # fmt: skip
+    unknown = sorted(set(filter(None, args.skip.split(","))) - set(SKIP_NAMES))
+    if unknown:
+        ap.error(f"--skip {','.join(unknown)}: not one of {','.join(SKIP_NAMES)}")
+    for flag, on in (("--tune-only", args.tune_only), ("--build-only", args.build_only)):
+        if on and not (args.mode == "equal" and args.reuse_indexes and args.data_dir):
+            ap.error(f"{flag} goes with --mode equal --reuse-indexes --data-dir DIR (what it "
+                     "makes is kept there for a later run; without them it would be lost)")  # fmt: skip
+    if args.reuse_indexes and not args.data_dir:
+        ap.error("--reuse-indexes keeps the indexes beside the corpus: give --data-dir DIR")
     # parsed once here: args.scann_opts / args.ivfpq_opts (the JSON texts stay as given: they
     # are part of the keys of kept builds and tunings)
     for flag, attr, what, example in (

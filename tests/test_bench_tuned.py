@@ -87,6 +87,34 @@ def test_modes_parse(bench):
         bench.parse_args(["--mode", "nope"])
 
 
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (["--targets", "1.5"], "--targets '1.5': a comma list of recalls in (0, 1]"),
+        (["--targets", "0.9,abc"], "--targets '0.9,abc'"),
+        (["--targets", ","], "--targets ','"),
+        (["--ks", "10,0"], "--ks '10,0': a comma list of whole numbers >= 1"),
+        (["--ks", "ten"], "--ks 'ten'"),
+        (["--n", "0"], "--n must be at least 1"),
+        (["--threads", "-1"], "--threads must be at least 1"),
+        (["--repeats", "0"], "--repeats must be at least 1"),
+        (["--skip", "hnsw,scan"], "--skip scan: not one of exact,scann,autopilot"),
+        (["--tune-only"], "--tune-only goes with --mode equal --reuse-indexes --data-dir"),
+        (["--build-only", "--reuse-indexes"], "--build-only goes with --mode equal"),
+        (["--reuse-indexes"], "--reuse-indexes keeps the indexes beside the corpus"),
+    ],
+)
+def test_careless_arguments_one_line_before_any_work(bench, tmp_path, capsys, extra, says):
+    """Arguments a careless user gives (a recall above 1, k = 0, an unknown --skip name that
+    would be ignored, --tune-only whose settings nothing keeps): exit 2 with one line, before
+    any data is made."""
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--mode", "equal", "--out", str(tmp_path / "o"), *extra])
+    assert e.value.code == 2
+    assert says in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "o").exists()
+
+
 def hand_made_bench(bench, tmp_path):
     """A Bench with a hand-made config and no data: rows are set by the test."""
     args = argparse.Namespace(k=10, out=str(tmp_path), skip="")
