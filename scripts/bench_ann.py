@@ -95,7 +95,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from dpr_jax.cli.errors import is_user_error, one_line  # neither imports numpy (set_thread_env)
+from dpr_jax.cli.errors import run_script  # imports no numpy (set_thread_env)
 from dpr_jax.errors import UserError
 
 # what --skip names: indexes (exact, scann, hnsw, ivfpq), --mode sweep's scaling run, and the
@@ -2553,13 +2553,7 @@ def _fmt(x, lower=False):
 def main(argv=None) -> int:
     """The bench; a user mistake (a bad option value, files that do not fit, a --resume that
     cannot) is one line on stderr and exit 2, before any index is built where it can be."""
-    try:
-        return _main(argv)
-    except Exception as e:
-        if not is_user_error(e):  # the command line's contract (dpr_jax.cli.errors)
-            raise
-        print(f"bench_ann: {one_line(e)}", file=sys.stderr)
-        return 2
+    return run_script("bench_ann", _main, argv)  # the command line's contract (dpr_jax.cli.errors)
 
 
 def _main(argv=None) -> int:

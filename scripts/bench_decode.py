@@ -106,4 +106,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from dpr_jax.cli.errors import run_script
+
+    sys.exit(run_script("bench_decode", main))

@@ -127,4 +127,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dpr_jax.cli.errors import run_script
+
+    sys.exit(run_script("bench_plan", main))

@@ -59,7 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from dpr_jax.cli.options import parse_ks  # noqa: E402
+from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE, parse_ks  # noqa: E402
 
 
 def parse_dtypes(text: str) -> list[str]:
@@ -75,18 +75,24 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="prepare-squad output directory")
     ap.add_argument("--model", default="", help="reader model directory (default: MiniLM)")
-    ap.add_argument("--questions", type=int, default=16)
-    ap.add_argument("--passages", type=int, default=20)
-    ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--bucket", type=int, default=32)
+    ap.add_argument("--questions", type=POSITIVE, default=16)
+    ap.add_argument("--passages", type=POSITIVE, default=20)
+    ap.add_argument("--max-length", type=POSITIVE, default=256)
+    ap.add_argument("--bucket", type=POSITIVE, default=32)
     ap.add_argument("--batch-size", type=parse_ks, default=[None],
                     help="dpr-jax sequences per batch, comma list (each timed, bucketed; the "
                     "first also unbucketed; default: ReaderPredictor's, 24 on a CPU)")  # fmt: skip
-    ap.add_argument("--devices", type=int, default=4, help="XLA CPU devices (4: as read / ask)")
-    ap.add_argument("--torch-batch", default="20,64", help="torch batch sizes to try")
-    ap.add_argument("--torch-threads", default="1,2", help="torch thread counts to try")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--matmul-rows", type=int, default=0,
+    ap.add_argument(
+        "--devices", type=POSITIVE, default=4, help="XLA CPU devices (4: as read / ask)"
+    )
+    ap.add_argument(
+        "--torch-batch", type=parse_ks, default=[20, 64], help="torch batch sizes to try"
+    )
+    ap.add_argument(
+        "--torch-threads", type=parse_ks, default=[1, 2], help="torch thread counts to try"
+    )
+    ap.add_argument("--rounds", type=POSITIVE, default=3)
+    ap.add_argument("--matmul-rows", type=NON_NEGATIVE, default=0,
                     help="rows of the matmul probe (0: the mean tokens of one question's passages)")  # fmt: skip
     ap.add_argument("--modes", default="one,all")
     ap.add_argument("--seed", type=int, default=0)
@@ -240,7 +246,7 @@ def main(argv=None):
         dt: copy.deepcopy(base_model).to(device, dtype=getattr(torch, dt)) for dt in dtypes
     }
     if gpu:
-        args.torch_threads = "1"
+        args.torch_threads = [1]
 
     def run_jax(pred, mode):
         if mode == "one":
@@ -265,8 +271,8 @@ def main(argv=None):
 
     settings = {name: (lambda mode, p=p: run_jax(p, mode)) for name, p in predictors.items()}
     for dt, model in torch_models.items():
-        for b in [int(x) for x in args.torch_batch.split(",")]:
-            for t in [int(x) for x in args.torch_threads.split(",")]:
+        for b in args.torch_batch:
+            for t in args.torch_threads:
                 name = label(f"torch batch {b}" + ("" if gpu else f", {t} threads"), dt)
                 settings[name] = lambda mode, m=model, b=b, t=t: run_torch(m, b, t, mode)
     modes = args.modes.split(",")
@@ -284,7 +290,7 @@ def main(argv=None):
     ms = {k: statistics.median(v) for k, v in times.items()}
     gflop = useful_gflop(bert_cfg, seqs)
     rows = args.matmul_rows or round(np.mean(lengths) * args.passages)
-    threads = [int(x) for x in args.torch_threads.split(",")]
+    threads = list(args.torch_threads)
     rates = {dt: matmul_rates(rows, bert_cfg.hidden_size, bert_cfg.intermediate_size, threads,
                               device, dt) for dt in dtypes}  # fmt: skip
     where = f"{jax.devices()[0].device_kind}, {','.join(dtypes)}"
@@ -330,4 +336,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    from dpr_jax.cli.errors import run_script
+
+    sys.exit(run_script("bench_read", main))

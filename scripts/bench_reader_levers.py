@@ -98,4 +98,6 @@ def main(argv=None):
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    main()
+    from dpr_jax.cli.errors import run_script
+
+    sys.exit(run_script("bench_reader_levers", main))

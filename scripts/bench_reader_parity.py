@@ -34,28 +34,43 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 
 def parse_args(argv=None):
+    from dpr_jax.cli.options import (  # (imports jax: not before __main__'s env)
+        NON_NEGATIVE,
+        POSITIVE,
+        number,
+    )
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--train", required=True, help="DPR biencoder JSON (dpr-jax prepare-squad)")
     ap.add_argument("--dev", required=True)
-    ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--passages", type=int, default=2, help="passages per question")
-    ap.add_argument("--max-length", type=int, default=176)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--warmup-fraction", type=float, default=0.1)
-    ap.add_argument("--weight-decay", type=float, default=0.01)
-    ap.add_argument("--max-grad-norm", type=float, default=1.0)
+    ap.add_argument("--steps", type=NON_NEGATIVE, default=120)
+    ap.add_argument("--batch-size", type=POSITIVE, default=4)
+    ap.add_argument("--passages", type=POSITIVE, default=2, help="passages per question")
+    ap.add_argument("--max-length", type=POSITIVE, default=176)
+    ap.add_argument("--lr", type=number(float, 0, lo_open=True), default=2e-4)
+    ap.add_argument("--warmup-fraction", type=number(float, 0, 1), default=0.1)
+    ap.add_argument("--weight-decay", type=number(float, 0), default=0.01)
+    ap.add_argument("--max-grad-norm", type=number(float, 0), default=1.0)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--impls", default="jax,torch")
     ap.add_argument("--ref-loss", default="dpr-jax", choices=["dpr-jax", "dpr"])
-    ap.add_argument("--train-questions", type=int, default=2000, help="seeded sample")
-    ap.add_argument("--dev-questions", type=int, default=200, help="seeded sample")
+    ap.add_argument("--train-questions", type=POSITIVE, default=2000, help="seeded sample")
+    ap.add_argument("--dev-questions", type=POSITIVE, default=200, help="seeded sample")
     ap.add_argument("--eval-at", default="", help="steps to evaluate at (default: half, end)")
-    ap.add_argument("--window", type=int, default=20, help="steps per loss-curve point")
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--window", type=POSITIVE, default=20, help="steps per loss-curve point")
+    ap.add_argument("--threads", type=POSITIVE, default=2, help="torch intra-op threads")
     ap.add_argument("--save-model", default="", help="save the first jax run's reader here")
     ap.add_argument("--out", default="", help="JSON with every curve and evaluation")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    for flag, text, ok in (("--seeds", args.seeds, lambda v: v.isdigit()),
+                           ("--impls", args.impls, lambda v: v in ("jax", "torch")),
+                           ("--eval-at", args.eval_at or "1", lambda v: v.isdigit() and int(v) > 0)):  # fmt: skip
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        if not values or not all(ok(v) for v in values):
+            ap.error(f"{flag} {text!r}: " + {"--seeds": "a comma list of seeds (integers >= 0)",
+                                             "--impls": "a comma list of jax, torch",
+                                             "--eval-at": "a comma list of steps >= 1"}[flag])  # fmt: skip
+    return args
 
 
 def main(argv=None):
@@ -200,4 +215,6 @@ def report(args, runs, eval_at):
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    main()
+    from dpr_jax.cli.errors import run_script
+
+    sys.exit(run_script("bench_reader_parity", main))

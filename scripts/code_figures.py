@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 PACKAGE = Path("dpr_jax")  # run from the repository root (or a checkout of another commit)
@@ -75,4 +76,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from dpr_jax.cli.errors import run_script
+
+    sys.exit(run_script("code_figures", main))

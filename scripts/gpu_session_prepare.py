@@ -239,4 +239,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dpr_jax.cli.errors import run_script
+
+    sys.exit(run_script("gpu_session_prepare", main))

@@ -263,3 +263,57 @@ def test_a_value_error_inside_the_library_is_a_bug(monkeypatch, capsys):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "ValueError" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "script, args, names",
+    [
+        ("compare_predictions.py", ["{d}/nope_a.json", "{d}/nope_b.json"], "nope_a.json"),
+        ("bench_read.py", ["--data", "{d}/no_data", "--questions", "1"], "no_data"),
+        (
+            "bench_reader_parity.py",
+            ["--train", "{d}/nope.json", "--dev", "{d}/nope.json"],
+            "nope.json",
+        ),  # fmt: skip
+    ],
+)
+def test_scripts_keep_the_contract(tmp_path, script, args, names):
+    """The scripts (benchmarks, tools) under the same contract (dpr_jax.cli.errors.run_script):
+    a missing file is one line ``<script>: <file>: ...``, exit 2, no traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / script
+    argv = [a.format(d=tmp_path) for a in args]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, str(path), *argv], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert lines[-1].startswith(script.removesuffix(".py") + ": ") and names in lines[-1]
+
+
+def test_run_script_bug_keeps_traceback_ctrl_c_130(capsys):
+    from dpr_jax.cli.errors import run_script
+
+    def missing():
+        raise FileNotFoundError(2, "No such file or directory", "/x/y.json")
+
+    assert run_script("tool", missing) == 2
+    assert capsys.readouterr().err == "tool: /x/y.json: no such file or directory\n"
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert run_script("tool", interrupted) == 130
+    assert capsys.readouterr().err == "tool: interrupted\n"
+
+    def bug():
+        raise ValueError("a bug")
+
+    with pytest.raises(ValueError):
+        run_script("tool", bug)
+    assert run_script("tool", lambda a: a, 3) == 3

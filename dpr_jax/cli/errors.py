@@ -117,3 +117,21 @@ def run_command(name: str, cli_main: Callable[[list[str]], int | None], argv: li
             traceback.print_exc()
         print(f"dpr-jax {name}: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def run_script(name: str, script_main: Callable[..., int | None], *args) -> int:
+    """A script's entry (``scripts/bench_*.py`` and the like) under the same contract: a user
+    error is one line ``<name>: <message>`` on stderr, exit 2 (``DPR_JAX_DEBUG=1`` shows its
+    traceback too); Ctrl-C one line, exit 130; anything else keeps its traceback."""
+    try:
+        return int(script_main(*args) or 0)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        if debug_requested([])[0]:
+            traceback.print_exc()
+        print(f"{name}: {one_line(e)}", file=sys.stderr)
+        return 2
