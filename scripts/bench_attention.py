@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_read import load_questions, parse_dtypes  # noqa: E402  (a sibling script)
 
-from dpr_jax.cli.options import parse_ks  # noqa: E402
+from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE, parse_ks  # noqa: E402
 
 SHAPES = {  # BertConfig fields of the architectures worth timing
     "minilm-l6": dict(
@@ -58,19 +58,19 @@ SHAPES = {  # BertConfig fields of the architectures worth timing
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=sorted(SHAPES), default="minilm-l6")
-    ap.add_argument("--devices", type=int, default=4, help="XLA CPU devices (read/ask: 4)")
+    ap.add_argument("--devices", type=POSITIVE, default=4, help="XLA CPU devices (read/ask: 4)")
     ap.add_argument("--rows", type=parse_ks, default=[2, 5, 8, 16], help="rows a device")
     ap.add_argument("--lengths", type=parse_ks, default=[128, 192, 256], help="tokens a row")
     ap.add_argument("--dtype", type=parse_dtypes, default=["bfloat16", "float32"],
                     help="comma list of float32, bfloat16")  # fmt: skip
-    ap.add_argument("--reps", type=int, default=0,
+    ap.add_argument("--reps", type=NON_NEGATIVE, default=0,
                     help="timed repetitions a form (0: ~40 rows x 64 tokens' worth)")  # fmt: skip
     ap.add_argument("--reader", help="also time this reader end to end (ReaderPredictor.predict, "
                     "the path of ask / read) with the rule and with attention always looped")  # fmt: skip
     ap.add_argument("--data", help="prepare-squad output directory (with --reader): "
                     "bench_read.py's questions and passages")  # fmt: skip
-    ap.add_argument("--questions", type=int, default=8, help="with --reader")
-    ap.add_argument("--rounds", type=int, default=3, help="with --reader: alternating rounds")
+    ap.add_argument("--questions", type=POSITIVE, default=8, help="with --reader")
+    ap.add_argument("--rounds", type=POSITIVE, default=3, help="with --reader: alternating rounds")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     if bool(args.reader) != bool(args.data):

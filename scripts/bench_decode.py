@@ -40,12 +40,14 @@ def load_module(path: str, name: str = "span_baseline"):
 
 
 def main(argv=None):
+    from dpr_jax.cli.options import POSITIVE  # (imports no jax)
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="prepare-squad output directory")
     ap.add_argument("--model", default="", help="reader model directory (default: tiny random)")
-    ap.add_argument("--questions", type=int, default=64)
-    ap.add_argument("--passages", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--questions", type=POSITIVE, default=64)
+    ap.add_argument("--passages", type=POSITIVE, default=20)
+    ap.add_argument("--rounds", type=POSITIVE, default=5)
     ap.add_argument("--baseline", default="", help="another span.py to time beside this one")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

@@ -38,17 +38,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None):
+    from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE  # (imports no jax)
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minilm", help="HF BertModel directory (default: the offline MiniLM package)")
     ap.add_argument(
         "--data", default=os.environ.get("DPR_JAX_DATA", str(REPO.parent / "shared" / "data"))
     )
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--paragraphs", type=int, default=512, help="real-corpus size (0: skip)")
-    ap.add_argument("--words", type=int, default=100, help="words kept per paragraph")
+    ap.add_argument("--batch", type=POSITIVE, default=64)
+    ap.add_argument("--seq-len", type=POSITIVE, default=256)
+    ap.add_argument("--reps", type=POSITIVE, default=3, help="timed repetitions (median reported)")
+    ap.add_argument("--threads", type=POSITIVE, default=os.cpu_count())
+    ap.add_argument(
+        "--paragraphs", type=NON_NEGATIVE, default=512, help="real-corpus size (0: skip)"
+    )
+    ap.add_argument("--words", type=POSITIVE, default=100, help="words kept per paragraph")
     ap.add_argument("--buckets", default="32,64", help="comma-separated bucket sizes")
     ap.add_argument("--no-sort", action="store_true", help="real corpus in file order")
     ap.add_argument("--skip-fixed", action="store_true")
@@ -56,7 +60,7 @@ def parse_args(argv=None):
     ap.add_argument("--torch-attn", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS")
     ap.add_argument(
-        "--devices", type=int, default=8,
+        "--devices", type=NON_NEGATIVE, default=8,
         help="CPU devices the Flax side is data-parallel over, as dpr_jax.retriever.encode does "
         "(XLA_FLAGS=--xla_force_host_platform_device_count; 0: leave XLA_FLAGS alone)",
     )  # fmt: skip

@@ -62,14 +62,18 @@ def run_child(via: str, core: str | None, args) -> dict:
 
 
 def main(argv=None) -> int:
+    from dpr_jax.cli.options import POSITIVE  # (imports no jax)
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=100_000, help="database vectors")
-    ap.add_argument("--dim", type=int, default=384)
-    ap.add_argument("--queries", type=int, default=4096)
-    ap.add_argument("--kmeans", type=int, default=1024, help="k-means centroids")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of every setting")
+    ap.add_argument("--n", type=POSITIVE, default=100_000, help="database vectors")
+    ap.add_argument("--dim", type=POSITIVE, default=384)
+    ap.add_argument("--queries", type=POSITIVE, default=4096)
+    ap.add_argument("--kmeans", type=POSITIVE, default=1024, help="k-means centroids")
+    ap.add_argument("--threads", type=POSITIVE, default=1)
+    ap.add_argument("--repeats", type=POSITIVE, default=3)
+    ap.add_argument(
+        "--rounds", type=POSITIVE, default=2, help="alternating rounds of every setting"
+    )
     ap.add_argument(
         "--cores", default="", help="OPENBLAS_CORETYPE values to time too, e.g. Haswell"
     )

@@ -143,11 +143,13 @@ def run_child(workload: str, steps: int, tiny: bool, huge: bool) -> dict:
 
 
 def main(argv=None) -> int:
+    from dpr_jax.cli.options import POSITIVE  # (imports no jax)
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workloads", default=",".join(WORKLOADS),
                     help=f"comma list of {', '.join(WORKLOADS)}")  # fmt: skip
-    ap.add_argument("--steps", type=int, default=5, help="timed calls per child")
-    ap.add_argument("--rounds", type=int, default=2, help="children per setting (alternated)")
+    ap.add_argument("--steps", type=POSITIVE, default=5, help="timed calls per child")
+    ap.add_argument("--rounds", type=POSITIVE, default=2, help="children per setting (alternated)")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer BERT (the tests' smoke run)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)

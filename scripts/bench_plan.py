@@ -110,10 +110,12 @@ def table(out: Path) -> str:
 
 
 def main() -> int:
+    from dpr_jax.cli.options import NON_NEGATIVE  # (imports no jax)
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="/tmp/plan_bench", help="JSON and logs per case")
     p.add_argument("--only", action="append", choices=list(CASES), help="run these cases")
-    p.add_argument("--max-compiles", type=int, default=4)
+    p.add_argument("--max-compiles", type=NON_NEGATIVE, default=4)
     p.add_argument("--table", action="store_true", help="print the table of existing results")
     args = p.parse_args()
     out = Path(args.out)

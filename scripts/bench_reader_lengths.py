@@ -140,12 +140,14 @@ def time_step(bert, n: int, lengths: list[int], steps: int, dtype: str = "float3
 
 
 def main(argv=None) -> int:
+    from dpr_jax.cli.options import POSITIVE  # (imports no jax)
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "reader_squad_minilm_stage1.py"))
     ap.add_argument("--train", required=True, help="the training file train-reader would read")
     ap.add_argument("--settings", type=parse_settings, default=parse_settings("0:0,32:0,32:20"),
                     help="comma list of BUCKET:LENGTH_GROUPS (0:0 = padded to max_length)")  # fmt: skip
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per length")
+    ap.add_argument("--steps", type=POSITIVE, default=3, help="timed steps per length")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a config field (as train-reader's --set)")  # fmt: skip
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),

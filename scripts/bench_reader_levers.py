@@ -30,10 +30,12 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv=None):
+    from dpr_jax.cli.options import NON_NEGATIVE  # (imports no jax)
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="reader model directory")
     ap.add_argument("--results", required=True, help="retrieval-results JSON (ctxs in order)")
-    ap.add_argument("--sample", type=int, default=400)
+    ap.add_argument("--sample", type=NON_NEGATIVE, default=400)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ks", default="1,5,10,20")
     ap.add_argument("--max-answer-lengths", default="10,5,20")

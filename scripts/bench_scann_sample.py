@@ -36,23 +36,23 @@ from bench_ann import (  # noqa: E402  (a sibling script)
     synthetic_memmap,
 )
 
-from dpr_jax.cli.options import parse_ks  # noqa: E402
+from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE, parse_ks  # noqa: E402
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=1_000_000, help="corpus size (synthetic)")
-    ap.add_argument("--dim", type=int, default=384)
-    ap.add_argument("--queries", type=int, default=500)
-    ap.add_argument("--leaves", type=int, default=2932, help="num_leaves of every build")
+    ap.add_argument("--n", type=POSITIVE, default=1_000_000, help="corpus size (synthetic)")
+    ap.add_argument("--dim", type=POSITIVE, default=384)
+    ap.add_argument("--queries", type=POSITIVE, default=500)
+    ap.add_argument("--leaves", type=POSITIVE, default=2932, help="num_leaves of every build")
     ap.add_argument("--per-leaf", type=parse_ks, default=[34, 200],
                     help="k-means training vectors a leaf, one build each")  # fmt: skip
-    ap.add_argument("--min-partition-size", type=int, default=50)
+    ap.add_argument("--min-partition-size", type=NON_NEGATIVE, default=50)
     ap.add_argument("--search", type=parse_ks, default=[20, 40, 80, 160],
                     help="leaves_to_search values measured on every build")  # fmt: skip
-    ap.add_argument("--reorder", type=int, default=317, help="pre_reorder_num_neighbors")
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--build-threads", type=int, default=2)
+    ap.add_argument("--reorder", type=POSITIVE, default=317, help="pre_reorder_num_neighbors")
+    ap.add_argument("--k", type=POSITIVE, default=10)
+    ap.add_argument("--build-threads", type=POSITIVE, default=2)
     ap.add_argument("--data-dir", help="memory-map the synthetic corpus here (bench_ann's files)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)

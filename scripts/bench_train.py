@@ -353,24 +353,32 @@ def print_table(result: dict) -> None:
 
 
 def main(argv=None) -> int:
+    from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE, number  # (imports no jax)
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hf-dir", help="HF BertModel dir (default: the offline all-MiniLM-L6-v2)")
-    p.add_argument("--batch", type=int, default=16, help="questions per batch")
-    p.add_argument("--n-hard", type=int, default=1)
-    p.add_argument("--q-len", type=int, default=32)
-    p.add_argument("--p-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=2, help="steps per timed round")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    p.add_argument("--batch", type=POSITIVE, default=16, help="questions per batch")
+    p.add_argument("--n-hard", type=NON_NEGATIVE, default=1)
+    p.add_argument("--q-len", type=POSITIVE, default=32)
+    p.add_argument("--p-len", type=POSITIVE, default=128)
+    p.add_argument("--steps", type=POSITIVE, default=2, help="steps per timed round")
+    p.add_argument("--rounds", type=POSITIVE, default=3)
+    p.add_argument(
+        "--threads", type=POSITIVE, default=os.cpu_count(), help="torch intra-op threads"
+    )
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--grad-cache", type=int, default=None, help="GradCache chunk (sequences)")
+    p.add_argument("--grad-cache", type=POSITIVE, default=None, help="GradCache chunk (sequences)")
     p.add_argument("--memory", action="store_true", help="compiled memory with/without GradCache")
     p.add_argument("--gpu-mfu", action="store_true", help="bert-base batch 128: ex/s and MFU")
     p.add_argument("--tiny", action="store_true", help="a tiny model (for --gpu-mfu / --memory)")
-    p.add_argument("--peak-tflops", type=float, help="peak FLOP/s per device, in TFLOP/s")
+    p.add_argument(
+        "--peak-tflops",
+        type=number(float, 0, lo_open=True),
+        help="peak FLOP/s per device, in TFLOP/s",
+    )
     p.add_argument("--out", help="also write the result JSON here")
     p.add_argument(
-        "--devices", type=int, default=0,
+        "--devices", type=NON_NEGATIVE, default=0,
         help="JAX CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count): the step is "
         "data-parallel over them, each device's shard running on its own thread (0: as set)",
     )  # fmt: skip

@@ -195,15 +195,17 @@ def restore_reader(src: Path, out: Path, tokenizer: str) -> None:
 
 
 def main(argv=None) -> int:
+    from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE  # (imports no jax)
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--squad-dpr", help="prepare-squad output directory")
     ap.add_argument("--results", help="retrieval-results JSON of the validation questions")
     ap.add_argument("--squad", help="the SQuAD v1.1 JSON prepare-squad read: also write the sampled "
                     "questions with their whole paragraphs (data/dev.paragraphs.json.xz)")  # fmt: skip
-    ap.add_argument("--sample", type=int, default=1000)
+    ap.add_argument("--sample", type=NON_NEGATIVE, default=1000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--top", type=POSITIVE, default=20)
     ap.add_argument("--pack-reader", help="reader model directory -> float16 shards in --out")
     ap.add_argument("--restore-reader", help="directory of float16 shards -> model dir --out")
     ap.add_argument("--tokenizer", default="", help="with --restore-reader (default: MiniLM's)")

@@ -77,10 +77,12 @@ def profile_torch(args) -> None:
 
 
 def main(argv=None) -> int:
+    from dpr_jax.cli.options import POSITIVE  # (imports no jax)
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hf-dir", help="HF BertModel dir (default: the offline all-MiniLM-L6-v2)")
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--top", type=int, default=25, help="rows of the table")
+    p.add_argument("--steps", type=POSITIVE, default=2)
+    p.add_argument("--top", type=POSITIVE, default=25, help="rows of the table")
     p.add_argument("--one-thread", action="store_true", help="XLA on one thread (true shares)")
     p.add_argument("--torch", action="store_true", help="profile the PyTorch step instead")
     args = p.parse_args(argv)

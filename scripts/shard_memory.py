@@ -41,12 +41,14 @@ def table(n, dim, query_batch_size, block_size, k, topologies=TPU_TOPOLOGIES) ->
 
 
 def main(argv=None) -> int:
+    from dpr_jax.cli.options import POSITIVE  # (imports no jax)
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=DPR_WIKIPEDIA_PASSAGES)
-    ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--query-batch-size", type=int, default=512)
-    ap.add_argument("--block-size", type=int, default=16384)
-    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--n", type=POSITIVE, default=DPR_WIKIPEDIA_PASSAGES)
+    ap.add_argument("--dim", type=POSITIVE, default=768)
+    ap.add_argument("--query-batch-size", type=POSITIVE, default=512)
+    ap.add_argument("--block-size", type=POSITIVE, default=16384)
+    ap.add_argument("--k", type=POSITIVE, default=100)
     args = ap.parse_args(argv)
     print(table(args.n, args.dim, args.query_batch_size, args.block_size, args.k))
     return 0

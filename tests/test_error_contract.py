@@ -317,3 +317,33 @@ def test_run_script_bug_keeps_traceback_ctrl_c_130(capsys):
     with pytest.raises(ValueError):
         run_script("tool", bug)
     assert run_script("tool", lambda a: a, 3) == 3
+
+
+@pytest.mark.parametrize(
+    "script, args, says",
+    [
+        ("bench_encode.py", ["--batch", "0"], "argument --batch: expected an integer >= 1"),
+        (
+            "bench_train.py",
+            ["--peak-tflops", "-1"],
+            "argument --peak-tflops: expected a number > 0",
+        ),
+        ("shard_memory.py", ["--k", "0"], "argument --k: expected an integer >= 1"),
+        (
+            "bench_read.py",
+            ["--data", "d", "--rounds", "0"],
+            "argument --rounds: expected an integer",
+        ),
+    ],
+)
+def test_scripts_refuse_counts_below_one(script, args, says):
+    """A count or size of 0 (or below) given to a script is one line, exit 2, before any work
+    (the shared argparse types of dpr_jax.cli.options, which import no jax)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / script
+    done = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 2 and says in done.stderr.strip().splitlines()[-1], done.stderr

@@ -6,7 +6,6 @@ import argparse
 import math
 
 from dpr_jax.cli.errors import Parser
-from dpr_jax.parallel import initialize_distributed
 
 
 def parse_ks(text: str) -> list[int]:
@@ -96,8 +95,12 @@ def training_parser(prog: str, description: str) -> Parser:
 
 
 def start_distributed(args: argparse.Namespace) -> None:
-    """``jax.distributed`` from the multi-host options, when given."""
+    """``jax.distributed`` from the multi-host options, when given. (Imported here: this
+    module imports no jax, so that scripts can parse with its types before they set XLA's
+    flags.)"""
     if args.coordinator or args.num_processes:
+        from dpr_jax.parallel import initialize_distributed
+
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
 
 
