@@ -95,7 +95,8 @@ import time
 import zipfile
 from pathlib import Path
 
-from dpr_jax.cli.errors import run_script  # imports no numpy (set_thread_env)
+from dpr_jax.cli.errors import run_script  # neither imports numpy (set_thread_env)
+from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE
 from dpr_jax.errors import UserError
 
 # what --skip names: indexes (exact, scann, hnsw, ivfpq), --mode sweep's scaling run, and the
@@ -106,17 +107,21 @@ SKIP_NAMES = ("exact", "scann", "autopilot", "hnsw", "ivfpq", "paramspace", "par
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=1_000_000, help="synthetic corpus size")
-    ap.add_argument("--dim", type=int, default=384, help="synthetic dimension (MiniLM: 384)")
-    ap.add_argument("--num-queries", type=int, default=1000, help="synthetic queries")
+    ap.add_argument("--n", type=POSITIVE, default=1_000_000, help="synthetic corpus size")
+    ap.add_argument("--dim", type=POSITIVE, default=384, help="synthetic dimension (MiniLM: 384)")
+    ap.add_argument("--num-queries", type=POSITIVE, default=1000, help="synthetic queries")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--embeddings", nargs="+", help="embeddings dirs (instead of synthetic)")
     ap.add_argument("--queries", help="query vectors .npy (Q, dim), with --embeddings")
-    ap.add_argument("--max-queries", type=int, default=1000, help="use at most this many queries")
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=1, help="search threads, the same for all")
-    ap.add_argument("--build-threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per point (best is kept)")
+    ap.add_argument(
+        "--max-queries", type=POSITIVE, default=1000, help="use at most this many queries"
+    )
+    ap.add_argument("--k", type=POSITIVE, default=10)
+    ap.add_argument("--threads", type=POSITIVE, default=1, help="search threads, the same for all")
+    ap.add_argument("--build-threads", type=POSITIVE, default=os.cpu_count() or 1)
+    ap.add_argument(
+        "--repeats", type=POSITIVE, default=2, help="timed runs per point (best is kept)"
+    )
     ap.add_argument("--scaling", default="10000,100000,1000000", help="corpus sizes")
     ap.add_argument("--skip", default="", help="comma list of: " + ",".join(SKIP_NAMES))
     ap.add_argument("--out", default="artifacts/bench_ann")
@@ -128,7 +133,7 @@ def parse_args(argv=None):
                     "a GPU/TPU (skipped without one); sharded: numpy vs exact JAX on --devices "
                     "CPU devices")  # fmt: skip
     ap.add_argument("--targets", default="0.90,0.95,0.99", help="recall targets (--mode tuned)")
-    ap.add_argument("--tune-queries", type=int, default=500,
+    ap.add_argument("--tune-queries", type=POSITIVE, default=500,
                     help="tuning queries, separate from the benchmark ones (--mode tuned)")  # fmt: skip
     ap.add_argument(
         "--scann-options",
@@ -144,7 +149,7 @@ def parse_args(argv=None):
     )
     ap.add_argument("--ks", default="10",
                     help="recall@k values, comma list (--mode equal / accel), e.g. 10,100")  # fmt: skip
-    ap.add_argument("--bootstrap", type=int, default=1000,
+    ap.add_argument("--bootstrap", type=POSITIVE, default=1000,
                     help="bootstrap resamples of the queries (--mode equal / accel)")  # fmt: skip
     ap.add_argument("--data-dir", help="write the synthetic corpus here as .npy in chunks and "
                     "memory-map it (made once, reused; for 1M-10M vectors)")  # fmt: skip
@@ -164,7 +169,7 @@ def parse_args(argv=None):
                     help="--mode equal --sequential: keep the indexes an earlier run into the "
                     "same --out measured in full (same data, queries, settings and CPU model) "
                     "and measure only the rest (a 10M run that was stopped or killed)")  # fmt: skip
-    ap.add_argument("--ps-experiments", type=int, default=0,
+    ap.add_argument("--ps-experiments", type=NON_NEGATIVE, default=0,
                     help="FAISS ParameterSpace.n_experiments (0: FAISS's default)")  # fmt: skip
     ap.add_argument("--accel-force-cpu", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--devices", default="1,8", help="CPU device counts (--mode sharded)")
@@ -174,10 +179,6 @@ def parse_args(argv=None):
         ap.error("--embeddings and --queries go together")
     if args.resume and not (args.mode == "equal" and args.sequential):
         ap.error("--resume goes with --mode equal --sequential (each index measured on its own)")
-    for flag in ("--n", "--dim", "--num-queries", "--tune-queries", "--max-queries", "--k",
-                 "--threads", "--build-threads", "--repeats", "--bootstrap"):  # fmt: skip
-        if getattr(args, flag[2:].replace("-", "_")) < 1:
-            ap.error(f"{flag} must be at least 1")
     for flag, text, kind in (("--targets", args.targets, "recall"), ("--ks", args.ks, "k"),
                              ("--scaling", args.scaling, "n"), ("--devices", args.devices, "n")):  # fmt: skip
         try:
