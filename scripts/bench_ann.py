@@ -1307,12 +1307,11 @@ class EqualRecall:
             self.log(f"  {name} k={k}: {len(pts)} settings from dpr_jax tune at {grid}")
             self.saved_tuning(name, k, pts, picks[k])
         work = None  # the work columns of a measuring run (none in --tune-only)
-        if self.args.tune_only:
-            pass
-        elif index.backend.startswith("faiss"):
+        measuring = not self.args.tune_only
+        if measuring and index.backend.startswith("faiss"):
             default_kf = index.options.get("k_factor", 1) if index.options.get("refine") else None
             work = FaissWork.of(index.index, lambda p: p.get("k_factor", default_kf))
-        elif index.backend == "scann":
+        elif measuring and index.backend == "scann":
             work = ScannWork.of(self.scann_tree(group), self.queries)
         self.add_method(name, group, "dpr_jax.index.tune",
                         lambda q, k, p, ix=index: ix.search(q, k, **p)[1], points, picks,
