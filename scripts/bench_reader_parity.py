@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 
 def parse_args(argv=None):
-    from dpr_jax.cli.options import (  # (imports jax: not before __main__'s env)
+    from dpr_jax.cli.options import (  # (imports no jax)
         NON_NEGATIVE,
         POSITIVE,
         number,
