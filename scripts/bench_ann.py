@@ -96,7 +96,7 @@ import zipfile
 from pathlib import Path
 
 from dpr_jax.cli.errors import run_script  # neither imports numpy (set_thread_env)
-from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE
+from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE, name_list, number_list
 from dpr_jax.errors import UserError
 
 # what --skip names: indexes (exact, scann, hnsw, ivfpq), --mode sweep's scaling run, and the
@@ -122,8 +122,10 @@ def parse_args(argv=None):
     ap.add_argument(
         "--repeats", type=POSITIVE, default=2, help="timed runs per point (best is kept)"
     )
-    ap.add_argument("--scaling", default="10000,100000,1000000", help="corpus sizes")
-    ap.add_argument("--skip", default="", help="comma list of: " + ",".join(SKIP_NAMES))
+    ap.add_argument("--scaling", type=number_list(int, 1, example="10000,100000"),
+                    default="10000,100000,1000000", help="corpus sizes")  # fmt: skip
+    ap.add_argument("--skip", type=name_list(SKIP_NAMES, empty=True), default="",
+                    help="comma list of: " + ",".join(SKIP_NAMES))  # fmt: skip
     ap.add_argument("--out", default="artifacts/bench_ann")
     ap.add_argument("--mode", choices=["sweep", "tuned", "equal", "accel", "sharded"],
                     default="sweep",
@@ -132,7 +134,8 @@ def parse_args(argv=None):
                     "tuner beside ScaNN autopilot() and FAISS ParameterSpace; accel: the same on "
                     "a GPU/TPU (skipped without one); sharded: numpy vs exact JAX on --devices "
                     "CPU devices")  # fmt: skip
-    ap.add_argument("--targets", default="0.90,0.95,0.99", help="recall targets (--mode tuned)")
+    ap.add_argument("--targets", type=number_list(float, 0, 1, lo_open=True, example="0.90,0.95"),
+                    default="0.90,0.95,0.99", help="recall targets (--mode tuned / equal)")  # fmt: skip
     ap.add_argument("--tune-queries", type=POSITIVE, default=500,
                     help="tuning queries, separate from the benchmark ones (--mode tuned)")  # fmt: skip
     ap.add_argument(
@@ -147,7 +150,7 @@ def parse_args(argv=None):
         help="JSON of FAISS IVF-PQ build options over the IVF-PQ group's defaults (--mode equal), "
         'e.g. \'{"refine_dtype": "float16"}\'',
     )
-    ap.add_argument("--ks", default="10",
+    ap.add_argument("--ks", type=number_list(int, 1, example="10,100"), default="10",
                     help="recall@k values, comma list (--mode equal / accel), e.g. 10,100")  # fmt: skip
     ap.add_argument("--bootstrap", type=POSITIVE, default=1000,
                     help="bootstrap resamples of the queries (--mode equal / accel)")  # fmt: skip
@@ -172,27 +175,14 @@ def parse_args(argv=None):
     ap.add_argument("--ps-experiments", type=NON_NEGATIVE, default=0,
                     help="FAISS ParameterSpace.n_experiments (0: FAISS's default)")  # fmt: skip
     ap.add_argument("--accel-force-cpu", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--devices", default="1,8", help="CPU device counts (--mode sharded)")
+    ap.add_argument("--devices", type=number_list(int, 1, example="1,8"), default="1,8",
+                    help="CPU device counts (--mode sharded)")  # fmt: skip
     ap.add_argument("--sharded-child", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if bool(args.embeddings) != bool(args.queries):
         ap.error("--embeddings and --queries go together")
     if args.resume and not (args.mode == "equal" and args.sequential):
         ap.error("--resume goes with --mode equal --sequential (each index measured on its own)")
-    for flag, text, kind in (("--targets", args.targets, "recall"), ("--ks", args.ks, "k"),
-                             ("--scaling", args.scaling, "n"), ("--devices", args.devices, "n")):  # fmt: skip
-        try:
-            values = [(float if kind == "recall" else int)(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            values = []
-        ok = values and all(0 < v <= 1 if kind == "recall" else v >= 1 for v in values)
-        if not ok:
-            ap.error(f"{flag} {text!r}: a comma list of "
-                     + ("recalls in (0, 1], e.g. 0.90,0.95" if kind == "recall" else
-                        f"whole numbers >= 1, e.g. {'10,100' if kind == 'k' else '1,8'}"))  # fmt: skip
-    unknown = sorted(set(filter(None, args.skip.split(","))) - set(SKIP_NAMES))
-    if unknown:
-        ap.error(f"--skip {','.join(unknown)}: not one of {','.join(SKIP_NAMES)}")
     for flag, on in (("--tune-only", args.tune_only), ("--build-only", args.build_only)):
         if on and not (args.mode == "equal" and args.reuse_indexes and args.data_dir):
             ap.error(f"{flag} goes with --mode equal --reuse-indexes --data-dir DIR (what it "
@@ -473,7 +463,7 @@ class Bench:
             ("FAISS HNSW", "faiss-hnsw", {"M": 32, "ef_construction": 40}),
             ("FAISS IVF-PQ + refine", "faiss-ivfpq", {"refine": True}),
         ]  # fmt: skip
-        skip = set(filter(None, self.args.skip.split(",")))
+        skip = set(self.args.skip)
         rows = self.results.setdefault("tuned", [])
         indexes = {}
         for name, backend, opts in methods:
@@ -1035,9 +1025,9 @@ class EqualRecall:
     def __init__(self, args, ids, emb, queries, tune_queries):
         self.args, self.ids, self.emb = args, ids, emb
         self.queries, self.tune_queries = queries, tune_queries
-        self.ks = sorted({int(k) for k in args.ks.split(",") if k})
-        self.targets = sorted(float(t) for t in args.targets.split(",") if t)
-        self.skip = set(filter(None, args.skip.split(",")))
+        self.ks = sorted(set(args.ks))
+        self.targets = sorted(args.targets)
+        self.skip = set(args.skip)
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.t_start = time.time()
@@ -2507,7 +2497,7 @@ def sharded(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t_start, rows = time.time(), []
     load = os.getloadavg()
-    for n_dev in [int(d) for d in args.devices.split(",") if d]:
+    for n_dev in args.devices:
         cmd = [sys.executable, __file__, "--sharded-child", str(n_dev), "--n", str(args.n),
                "--dim", str(args.dim), "--num-queries", str(args.num_queries),
                "--max-queries", str(args.max_queries), "--k", str(args.k),
@@ -2572,11 +2562,11 @@ def _main(argv=None) -> int:
         set_thread_env(args.threads)
     import numpy as np
 
-    if args.mode in ("equal", "tuned") and "scann" not in args.skip.split(","):
+    if args.mode in ("equal", "tuned") and "scann" not in args.skip:
         from dpr_jax.index.scann_index import ScannIndex
 
         ScannIndex(**{"scoring": "ah", **args.scann_opts})  # checked before any work
-    if args.mode == "equal" and "ivfpq" not in args.skip.split(","):
+    if args.mode == "equal" and "ivfpq" not in args.skip:
         from dpr_jax.index.faiss_index import FaissIVFPQIndex
 
         FaissIVFPQIndex(**{"refine": True, **args.ivfpq_opts})
@@ -2627,11 +2617,11 @@ def _main(argv=None) -> int:
         f"{cpu_model()}", "versions": versions,
         "loadavg_start": os.getloadavg(), "command": "python " + shlex.join(sys.argv),
     }  # fmt: skip
-    skip = set(filter(None, args.skip.split(",")))
+    skip = set(args.skip)
     bench.ground_truth()
     if args.mode == "tuned":
         bench.results["config"]["tune_queries"] = len(tune_queries)
-        bench.tuned(tune_queries, [float(t) for t in args.targets.split(",") if t])
+        bench.tuned(tune_queries, args.targets)
         bench.tuned_headline()
         bench.save()
         bench.write_tuned_table()
@@ -2639,7 +2629,7 @@ def _main(argv=None) -> int:
         return 0
     if "exact" not in skip:
         bench.exact()
-    sizes = [int(s) for s in args.scaling.split(",") if s]
+    sizes = args.scaling
     if "scann" not in skip:
         bench.scann()
     if "hnsw" not in skip:

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None):
-    from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE  # (imports no jax)
+    from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE, number_list  # (imports no jax)
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minilm", help="HF BertModel directory (default: the offline MiniLM package)")
@@ -53,7 +53,8 @@ def parse_args(argv=None):
         "--paragraphs", type=NON_NEGATIVE, default=512, help="real-corpus size (0: skip)"
     )
     ap.add_argument("--words", type=POSITIVE, default=100, help="words kept per paragraph")
-    ap.add_argument("--buckets", default="32,64", help="comma-separated bucket sizes")
+    ap.add_argument("--buckets", type=number_list(int, 1, example="32,64"), default="32,64",
+                    help="comma-separated bucket sizes")  # fmt: skip
     ap.add_argument("--no-sort", action="store_true", help="real corpus in file order")
     ap.add_argument("--skip-fixed", action="store_true")
     ap.add_argument("--flax-dtype", default="float32", choices=["float32", "bfloat16"])
@@ -233,7 +234,7 @@ def main(argv=None) -> int:
         print(f"real corpus: {n} SQuAD passages, mean {lengths.mean():.1f} tokens "
               f"(max {lengths.max()}), batches of {args.batch}", file=sys.stderr)  # fmt: skip
         settings = [(f"fixed {args.seq_len}", None, True)]
-        settings += [(f"bucket {int(x)}", int(x), True) for x in args.buckets.split(",") if x]
+        settings += [(f"bucket {x}", x, True) for x in args.buckets]
         settings += [("batch max (dynamic)", 1, False)]
         for name, bucket, with_flax in settings:
             bs = batches(bucket)

@@ -59,7 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE, parse_ks  # noqa: E402
+from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE, name_list, parse_ks  # noqa: E402
 
 
 def parse_dtypes(text: str) -> list[str]:
@@ -94,7 +94,7 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=POSITIVE, default=3)
     ap.add_argument("--matmul-rows", type=NON_NEGATIVE, default=0,
                     help="rows of the matmul probe (0: the mean tokens of one question's passages)")  # fmt: skip
-    ap.add_argument("--modes", default="one,all")
+    ap.add_argument("--modes", type=name_list(("one", "all")), default="one,all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--platform", choices=["cpu", "gpu"], default="cpu",
                     help="gpu: JAX on its GPU, the PyTorch reference on CUDA (--devices and "
@@ -275,7 +275,7 @@ def main(argv=None):
             for t in args.torch_threads:
                 name = label(f"torch batch {b}" + ("" if gpu else f", {t} threads"), dt)
                 settings[name] = lambda mode, m=model, b=b, t=t: run_torch(m, b, t, mode)
-    modes = args.modes.split(",")
+    modes = args.modes
     for mode in modes:  # warm-up: compilation and caches
         for fn in settings.values():
             fn(mode)

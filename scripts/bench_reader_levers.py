@@ -30,16 +30,19 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv=None):
-    from dpr_jax.cli.options import NON_NEGATIVE  # (imports no jax)
+    from dpr_jax.cli.options import NON_NEGATIVE, name_list, parse_ks  # (imports no jax)
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="reader model directory")
     ap.add_argument("--results", required=True, help="retrieval-results JSON (ctxs in order)")
     ap.add_argument("--sample", type=NON_NEGATIVE, default=400)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--ks", default="1,5,10,20")
-    ap.add_argument("--max-answer-lengths", default="10,5,20")
-    ap.add_argument("--selections", default="dpr,joint,sum")
+    ap.add_argument("--ks", type=parse_ks, default="1,5,10,20")
+    ap.add_argument("--max-answer-lengths", type=parse_ks, default="10,5,20")
+    # dpr_jax.reader.span.SELECTIONS (that module imports jax: XLA's flags are set below first)
+    ap.add_argument(
+        "--selections", type=name_list(("dpr", "joint", "sum")), default="dpr,joint,sum"
+    )
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     flags = os.environ.get("XLA_FLAGS", "")
@@ -55,8 +58,7 @@ def main(argv=None):
         select_predictions,
     )
 
-    ks = [int(k) for k in args.ks.split(",")]
-    lengths = [int(x) for x in args.max_answer_lengths.split(",")]
+    ks, lengths = args.ks, args.max_answer_lengths
     examples = [e for e in read_reader_examples(args.results) if e.answers]
     examples = sample_examples(examples, args.sample, args.seed)
     pred = ReaderPredictor.from_dir(args.model)
@@ -67,7 +69,7 @@ def main(argv=None):
     recall = {k: 100 * np.mean([any(p.has_answer for p in e.passages[:k]) for e in examples])
               for k in ks}  # fmt: skip
     rows = []
-    for sel in args.selections.split(","):
+    for sel in args.selections:
         for length in lengths:
             preds = [
                 QuestionPrediction(e.question, tuple(e.answers), select_predictions(

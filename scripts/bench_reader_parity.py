@@ -37,7 +37,9 @@ def parse_args(argv=None):
     from dpr_jax.cli.options import (  # (imports no jax)
         NON_NEGATIVE,
         POSITIVE,
+        name_list,
         number,
+        number_list,
     )
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -51,25 +53,18 @@ def parse_args(argv=None):
     ap.add_argument("--warmup-fraction", type=number(float, 0, 1), default=0.1)
     ap.add_argument("--weight-decay", type=number(float, 0), default=0.01)
     ap.add_argument("--max-grad-norm", type=number(float, 0), default=1.0)
-    ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--impls", default="jax,torch")
+    ap.add_argument("--seeds", type=number_list(int, 0, example="0,1"), default="0,1")
+    ap.add_argument("--impls", type=name_list(("jax", "torch")), default="jax,torch")
     ap.add_argument("--ref-loss", default="dpr-jax", choices=["dpr-jax", "dpr"])
     ap.add_argument("--train-questions", type=POSITIVE, default=2000, help="seeded sample")
     ap.add_argument("--dev-questions", type=POSITIVE, default=200, help="seeded sample")
-    ap.add_argument("--eval-at", default="", help="steps to evaluate at (default: half, end)")
+    ap.add_argument("--eval-at", type=number_list(int, 1, example="60,120"),
+                    help="steps to evaluate at (default: half, end)")  # fmt: skip
     ap.add_argument("--window", type=POSITIVE, default=20, help="steps per loss-curve point")
     ap.add_argument("--threads", type=POSITIVE, default=2, help="torch intra-op threads")
     ap.add_argument("--save-model", default="", help="save the first jax run's reader here")
     ap.add_argument("--out", default="", help="JSON with every curve and evaluation")
     args = ap.parse_args(argv)
-    for flag, text, ok in (("--seeds", args.seeds, lambda v: v.isdigit()),
-                           ("--impls", args.impls, lambda v: v in ("jax", "torch")),
-                           ("--eval-at", args.eval_at or "1", lambda v: v.isdigit() and int(v) > 0)):  # fmt: skip
-        values = [v.strip() for v in text.split(",") if v.strip()]
-        if not values or not all(ok(v) for v in values):
-            ap.error(f"{flag} {text!r}: " + {"--seeds": "a comma list of seeds (integers >= 0)",
-                                             "--impls": "a comma list of jax, torch",
-                                             "--eval-at": "a comma list of steps >= 1"}[flag])  # fmt: skip
     return args
 
 
@@ -128,15 +123,15 @@ def main(argv=None):
         return {str(k): {"em": 100 * m["em"], "f1": 100 * m["f1"]}
                 for k, m in evaluate_predictions(preds).items()}  # fmt: skip
 
-    eval_at = sorted({int(s) for s in args.eval_at.split(",") if s} or {total // 2, total})
+    eval_at = sorted(set(args.eval_at or (total // 2, total)))
     mesh = make_mesh(jax.devices()[:1])
     tx, _ = make_optimizer(config, total, warmup)
     jax_step = make_train_step(Reader(bert_cfg), tx, mesh)
     runs = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    for seed in args.seeds:
         # the seed's heads on the shared MiniLM encoder (the data seed stays config.seed)
         _, init, _, _ = build_reader(config, jax.random.PRNGKey(seed))
-        for impl in args.impls.split(","):
+        for impl in args.impls:
             losses, evals, t_train = [], {}, 0.0
             if impl == "jax":
                 state = TrainState.create(jax.tree.map(np.copy, init), tx)

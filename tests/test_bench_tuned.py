@@ -81,8 +81,11 @@ def test_equal_mode_ivfpq_options(bench, tmp_path, monkeypatch):
 
 def test_modes_parse(bench):
     args = bench.parse_args(["--mode", "tuned", "--targets", "0.9,0.95", "--tune-queries", "50"])
-    assert args.mode == "tuned" and args.targets == "0.9,0.95" and args.tune_queries == 50
-    assert bench.parse_args(["--mode", "sharded"]).devices == "1,8"
+    assert args.mode == "tuned" and args.targets == [0.9, 0.95] and args.tune_queries == 50
+    assert args.ks == [10] and args.skip == [] and args.scaling == [10_000, 100_000, 1_000_000]
+    assert bench.parse_args(["--mode", "sharded"]).devices == [1, 8]
+    listed = bench.parse_args(["--skip", "hnsw, scann,hnsw", "--ks", "100,10"])
+    assert listed.skip == ["hnsw", "scann"] and listed.ks == [100, 10]
     with pytest.raises(SystemExit):
         bench.parse_args(["--mode", "nope"])
 
@@ -90,15 +93,19 @@ def test_modes_parse(bench):
 @pytest.mark.parametrize(
     "extra, says",
     [
-        (["--targets", "1.5"], "--targets '1.5': a comma list of recalls in (0, 1]"),
-        (["--targets", "0.9,abc"], "--targets '0.9,abc'"),
-        (["--targets", ","], "--targets ','"),
-        (["--ks", "10,0"], "--ks '10,0': a comma list of whole numbers >= 1"),
-        (["--ks", "ten"], "--ks 'ten'"),
+        (
+            ["--targets", "1.5"],
+            "--targets: expected a comma list of numbers > 0 and <= 1, e.g. 0.90,0.95, got '1.5'",
+        ),
+        (["--targets", "0.9,abc"], "--targets: expected a comma list of numbers > 0"),
+        (["--targets", ","], "--targets: expected a comma list of numbers > 0"),
+        (["--ks", "10,0"], "--ks: expected a comma list of integers >= 1, e.g. 10,100, got '10,0'"),
+        (["--ks", "ten"], "--ks: expected a comma list of integers >= 1"),
+        (["--devices", "1,0"], "--devices: expected a comma list of integers >= 1"),
         (["--n", "0"], "argument --n: expected an integer >= 1"),
         (["--threads", "-1"], "argument --threads: expected an integer >= 1"),
         (["--repeats", "0"], "argument --repeats: expected an integer >= 1"),
-        (["--skip", "hnsw,scan"], "--skip scan: not one of exact,scann,autopilot"),
+        (["--skip", "hnsw,scan"], "--skip: scan: not one of exact,scann,autopilot"),
         (["--tune-only"], "--tune-only goes with --mode equal --reuse-indexes --data-dir"),
         (["--build-only", "--reuse-indexes"], "--build-only goes with --mode equal"),
         (["--reuse-indexes"], "--reuse-indexes keeps the indexes beside the corpus"),

@@ -334,9 +334,27 @@ def test_run_script_bug_keeps_traceback_ctrl_c_130(capsys):
             ["--data", "d", "--rounds", "0"],
             "argument --rounds: expected an integer",
         ),
+        # comma lists: parsed where the options are read, not where they are used
+        ("bench_encode.py", ["--buckets", "32,x"], "argument --buckets: expected a comma list"),
+        (
+            "bench_reader_levers.py",
+            ["--model", "m", "--results", "r", "--ks", "1,0"],
+            "argument --ks: expected a comma list of integers >= 1",
+        ),
+        (
+            "bench_reader_levers.py",
+            ["--model", "m", "--results", "r", "--selections", "joint,best"],
+            "argument --selections: best: not one of dpr,joint,sum",
+        ),
+        (
+            "bench_reader_parity.py",
+            ["--train", "t", "--dev", "d", "--impls", "jax,tf"],
+            "argument --impls: tf: not one of jax,torch",
+        ),
+        ("bench_read.py", ["--data", "d", "--modes", "al"], "argument --modes: al: not one of"),
     ],
 )
-def test_scripts_refuse_counts_below_one(script, args, says):
+def test_scripts_refuse_bad_counts_and_lists(script, args, says):
     """A count or size of 0 (or below) given to a script is one line, exit 2, before any work
     (the shared argparse types of dpr_jax.cli.options, which import no jax)."""
     import subprocess
@@ -347,3 +365,27 @@ def test_scripts_refuse_counts_below_one(script, args, says):
     done = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True,
                           timeout=120)  # fmt: skip
     assert done.returncode == 2 and says in done.stderr.strip().splitlines()[-1], done.stderr
+
+
+def test_list_types_parse_and_refuse():
+    """The shared comma-list argparse types: values, order and duplicates as hand-written; a bad
+    member refuses the whole list, naming it."""
+    import argparse
+
+    from dpr_jax.cli.options import name_list, number_list, parse_ks
+
+    assert parse_ks("1, 5,20,") == [1, 5, 20]
+    recalls = number_list(float, 0, 1, lo_open=True, example="0.9")
+    assert recalls("0.9,1") == [0.9, 1.0]
+    seeds = number_list(int, 0, example="0,1")
+    assert seeds("0,1") == [0, 1]
+    for parse, text in ((parse_ks, "0"), (parse_ks, ""), (parse_ks, "1.5"), (recalls, "0"),
+                        (recalls, "nan"), (recalls, "1.01"), (seeds, "-1")):  # fmt: skip
+        with pytest.raises(argparse.ArgumentTypeError, match=f"got {text!r}"):
+            parse(text)
+    names = name_list(("a", "b"), empty=True)
+    assert names("") == [] and names("b, a,b") == ["b", "a"]
+    with pytest.raises(argparse.ArgumentTypeError, match="c,d: not one of a,b"):
+        names("a,c,d")
+    with pytest.raises(argparse.ArgumentTypeError, match="not one of a,b"):
+        name_list(("a", "b"))("")

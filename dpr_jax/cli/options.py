@@ -8,17 +8,14 @@ import math
 from dpr_jax.cli.errors import Parser
 
 
-def parse_ks(text: str) -> list[int]:
-    """``--ks 1,5,20``: comma-separated positive integers (every command that takes cut-offs)."""
-    try:
-        ks = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not ks or min(ks) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return ks
+def _bounds(lo, hi, lo_open: bool, hi_open: bool) -> str:
+    """`` >= 1``, `` > 0 and <= 1``, or ``""``: the range in :func:`number`'s messages."""
+    bounds = []
+    if lo is not None:
+        bounds.append(f"{'>' if lo_open else '>='} {lo}")
+    if hi is not None:
+        bounds.append(f"{'<' if hi_open else '<='} {hi}")
+    return " " + " and ".join(bounds) if bounds else ""
 
 
 def number(kind: type = int, lo: float | None = None, hi: float | None = None,
@@ -26,13 +23,7 @@ def number(kind: type = int, lo: float | None = None, hi: float | None = None,
     """An argparse ``type=``: a finite ``kind`` (int or float) in the range ``[lo, hi]`` (``(lo``
     / ``hi)`` when open). A bad value is one line naming the option, exit 2 (``argument --k:
     expected an integer >= 1, got '0'``); NaN and infinities are refused."""
-    noun = "an integer" if kind is int else "a number"
-    bounds = []
-    if lo is not None:
-        bounds.append(f"{'>' if lo_open else '>='} {lo}")
-    if hi is not None:
-        bounds.append(f"{'<' if hi_open else '<='} {hi}")
-    want = f"{noun} {' and '.join(bounds)}".strip()
+    want = f"{'an integer' if kind is int else 'a number'}{_bounds(lo, hi, lo_open, hi_open)}"
 
     def parse(text: str):
         try:
@@ -51,9 +42,52 @@ def number(kind: type = int, lo: float | None = None, hi: float | None = None,
     return parse
 
 
+def number_list(kind: type = int, lo: float | None = None, hi: float | None = None,
+                lo_open: bool = False, hi_open: bool = False, example: str = "10,100"):  # fmt: skip
+    """An argparse ``type=``: a comma list of :func:`number` values (``--ks 10,100``,
+    ``--targets 0.90,0.95``), parsed and checked where the options are read: a bad or empty list
+    is one line naming the option and the whole list, exit 2, before any work."""
+    one = number(kind, lo, hi, lo_open, hi_open)
+    noun = "integers" if kind is int else "numbers"
+    want = f"a comma list of {noun}{_bounds(lo, hi, lo_open, hi_open)}, e.g. {example}"
+
+    def parse(text: str) -> list:
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        try:
+            if parts:
+                return [one(p) for p in parts]
+        except argparse.ArgumentTypeError:
+            pass
+        raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+
+    parse.__name__ = f"{kind.__name__} list"
+    return parse
+
+
+def name_list(names, empty: bool = False, example: str = ""):
+    """An argparse ``type=``: a comma list of names out of ``names`` (``--skip hnsw,scann``): an
+    unknown one (a typo that would otherwise be ignored) is one line, exit 2. ``empty`` allows
+    ``""`` (nothing chosen)."""
+    names = tuple(names)
+
+    def parse(text: str) -> list[str]:
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        unknown = [p for p in parts if p not in names]
+        if unknown or not (parts or empty):
+            got = ",".join(unknown) if unknown else repr(text)
+            raise argparse.ArgumentTypeError(
+                f"{got}: not one of {','.join(names)}" + (f" (e.g. {example})" if example else "")
+            )
+        return list(dict.fromkeys(parts))
+
+    parse.__name__ = "name list"
+    return parse
+
+
 POSITIVE = number(int, 1)  # counts and sizes: --k, --batch-size, --max-length, --limit ...
 NON_NEGATIVE = number(int, 0)  # seeds, --skip, counts where 0 means none
 FRACTION = number(float, 0.0, 1.0, hi_open=True)  # [0, 1): --val-fraction
+parse_ks = number_list(int, 1, example="1,5,20")  # cut-offs: --ks 1,5,20 (every command)
 
 
 def refuse_together(parser: argparse.ArgumentParser, args: argparse.Namespace,
