@@ -2,7 +2,8 @@
 # Everything dpr-jax measures on one lent GPU, in one command that fits a short lease
 # (issues 21 and 22): the two-stage reader recipe, its evaluation at k = 1, 5, 20 on the held-out
 # SQuAD articles, the answer-selection levers, reading speed against the PyTorch reference, and
-# the accelerator rows of the ANN comparison.
+# the accelerator rows of the ANN comparison; then, if the budget allows, training throughput and
+# MFU (bert-base, batch 128: scripts/bench_train.py --gpu-mfu).
 #
 #   python scripts/gpu_session_prepare.py --squad-dpr /tmp/squad_dpr \
 #       --results "runs/eval-st/fixed/results.hybrid (linear).json" --out .gpu     # here, once
@@ -18,7 +19,7 @@
 #
 # A dry run on a CPU with small data in GPU_DATA: JAX_PLATFORMS=cpu GPU_PLATFORM=cpu
 # GPU_SET="--set num_steps=2 ..." GPU_SAMPLE=8 GPU_READ="--questions 2 --rounds 1"
-# GPU_ANN="--n 2000 --accel-force-cpu".
+# GPU_ANN="--n 2000 --accel-force-cpu" GPU_MFU="--tiny --steps 1 --rounds 1".
 #
 # Each step runs under its own time limit, cut to what is left of $GPU_BUDGET seconds (default
 # 550), so that the packing at the end always runs; a failed step is logged and the next runs.
@@ -37,9 +38,10 @@ SAMPLE=${GPU_SAMPLE:-1000}
 read -r -a EXTRA <<<"${GPU_SET:-}"
 read -r -a ANN <<<"${GPU_ANN:---n 1000000}"
 read -r -a READ <<<"${GPU_READ:---questions 16 --rounds 3}"
+read -r -a MFU <<<"${GPU_MFU:-}"
 # GPU_STEPS: which parts run (two leases can split them); GPU_READER: the reader the later parts
 # read with (default: the one stage 2 trains here)
-STEPS=" ${GPU_STEPS:-recipe eval levers ann read_speed} "
+STEPS=" ${GPU_STEPS:-recipe eval levers ann read_speed mfu} "
 READER=${GPU_READER:-$W/s2}
 LOG="$O/steps.log"
 
@@ -133,6 +135,10 @@ for dt in bfloat16 float32; do
         --platform "$PLATFORM" --dtype "$dt" --data "$SQ" --model "$READER" "${READ[@]}" \
         --torch-batch 20,64,160 --json "$W/eval/bench_read_$dt.json"
 done
+# 7. Training throughput and MFU: bert-base dual encoder, batch 128 x (1 + 1 hard negative),
+#    64 / 256 tokens, bfloat16 (the model FLOPs counted by hand; the peak from the device name).
+want mfu && step train_mfu 120 "$PY" scripts/bench_train.py --gpu-mfu --out "$W/eval/train_mfu.json" \
+    "${MFU[@]}"
 
 # Pack: the reader (float16 shards) and everything the steps wrote.
 if want recipe && [[ -d $W/s2/model ]]; then

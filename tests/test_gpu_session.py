@@ -122,9 +122,10 @@ def test_session_script_runs_its_steps_on_cpu(tmp_path):
     (data / "dev.passages.tsv").write_text("id\ttext\ttitle\n")
     out = tmp_path / "out"
     env = {**os.environ, "GPU_DATA": str(tmp_path / "gpu"), "OUT": str(out), "PYTHON": sys.executable,
-           "GPU_WORK": str(tmp_path / "work"), "JAX_PLATFORMS": "cpu", "GPU_STEPS": "ann recipe",
+           "GPU_WORK": str(tmp_path / "work"), "JAX_PLATFORMS": "cpu", "GPU_STEPS": "ann recipe mfu",
            "GPU_ANN": "--n 3000 --dim 8 --accel-force-cpu --bootstrap 10 --repeats 1",
-           "GPU_BUDGET": "400", "GPU_STAGE1_SET": "--set num_epochs=2.0"}  # fmt: skip
+           "GPU_BUDGET": "400", "GPU_STAGE1_SET": "--set num_epochs=2.0",
+           "GPU_MFU": "--tiny --steps 1 --rounds 1"}  # fmt: skip
     res = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=REPO, env=env, text=True,
                          capture_output=True, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stderr
@@ -140,6 +141,7 @@ def test_session_script_runs_its_steps_on_cpu(tmp_path):
     listing = subprocess.run(["tar", "tzf", str(out / "results.tgz")], capture_output=True,
                              text=True, check=True).stdout.split()  # fmt: skip
     assert "accel_1m/table.md" in listing and "logs/stage1.log" in listing
+    assert "train_mfu: exit 0" in log and "eval/train_mfu.json" in listing
     # a spent budget: every step refused, the packing still done
     res = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=REPO, text=True, timeout=300,
                          env={**env, "OUT": str(tmp_path / "out2"), "GPU_BUDGET": "1"},
@@ -147,4 +149,5 @@ def test_session_script_runs_its_steps_on_cpu(tmp_path):
     assert res.returncode == 0, res.stderr
     log = (tmp_path / "out2" / "steps.log").read_text()
     assert "stage1: skipped, the budget is spent" in log and "ann_accel: skipped" in log
+    assert "train_mfu: skipped" in log
     assert (tmp_path / "out2" / "results.tgz").exists()
