@@ -143,10 +143,10 @@ def run_child(workload: str, steps: int, tiny: bool, huge: bool) -> dict:
 
 
 def main(argv=None) -> int:
-    from dpr_jax.cli.options import POSITIVE  # (imports no jax)
+    from dpr_jax.cli.options import POSITIVE, name_list  # (imports no jax)
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workloads", default=",".join(WORKLOADS),
+    ap.add_argument("--workloads", type=name_list(WORKLOADS), default=list(WORKLOADS),
                     help=f"comma list of {', '.join(WORKLOADS)}")  # fmt: skip
     ap.add_argument("--steps", type=POSITIVE, default=5, help="timed calls per child")
     ap.add_argument("--rounds", type=POSITIVE, default=2, help="children per setting (alternated)")
@@ -157,10 +157,7 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.tiny)))
         return 0
-    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    bad = [w for w in workloads if w not in WORKLOADS]
-    if bad or not workloads:
-        ap.error(f"--workloads: {args.workloads!r}: a comma list of {', '.join(WORKLOADS)}")
+    workloads = args.workloads
     mode = thp_mode()
     print(f"glibc {'.'.join(map(str, glibc_version())) or 'absent'}, transparent huge pages "
           f"[{mode or 'unreadable'}], load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip

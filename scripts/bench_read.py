@@ -61,14 +61,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE, name_list, parse_ks  # noqa: E402
 
-
-def parse_dtypes(text: str) -> list[str]:
-    """``--dtype float32,bfloat16`` (an argparse ``type=``; bench_attention.py's too)."""
-    dtypes = [d.strip() for d in text.split(",") if d.strip()]
-    bad = [d for d in dtypes if d not in ("float32", "bfloat16")]
-    if bad or not dtypes:
-        raise argparse.ArgumentTypeError(f"{text!r}: a comma list of float32, bfloat16")
-    return list(dict.fromkeys(dtypes))
+# ``--dtype float32,bfloat16`` (an argparse ``type=``; bench_attention.py's too)
+parse_dtypes = name_list(("float32", "bfloat16"), example="bfloat16,float32")
 
 
 def parse_args(argv=None):

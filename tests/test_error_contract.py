@@ -352,6 +352,17 @@ def test_run_script_bug_keeps_traceback_ctrl_c_130(capsys):
             "argument --impls: tf: not one of jax,torch",
         ),
         ("bench_read.py", ["--data", "d", "--modes", "al"], "argument --modes: al: not one of"),
+        (
+            "bench_read.py",
+            ["--data", "d", "--dtype", "float32,float16"],
+            "argument --dtype: float16: not one of float32,bfloat16",
+        ),
+        ("bench_attention.py", ["--dtype", "bf16"], "argument --dtype: bf16: not one of"),
+        (
+            "bench_hugepages.py",
+            ["--workloads", "read,nope"],
+            "argument --workloads: nope: not one of reader-train",
+        ),
     ],
 )
 def test_scripts_refuse_bad_counts_and_lists(script, args, says):
