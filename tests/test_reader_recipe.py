@@ -1,0 +1,92 @@
+"""scripts/reader_recipe.sh: the whole reader recipe from a SQuAD file to its summary table, run
+small on CPU (10 real articles, a few steps of each training), then re-run: every finished step
+skipped, nothing re-made; an interrupted read resumes alone; a missing DATA is one line, exit 2."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from dpr_jax.reader.data import read_reader_examples
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = ("prepare", "convert", "retriever", "retrieval", "sample", "stage1", "stage2",
+         "read_s2_retrieved", "read_s2_gold1000", "read_s2_paragraphs", "read_s2_gold_all",
+         "read_s1_gold_all")  # fmt: skip
+TINY = {
+    "RETRIEVER_SET": "--set num_steps=2 --set batch_size=8 --set max_dev_examples=8 "
+    "--set checkpoint_every=0 --set progress=False",
+    "S1_SET": "--set num_steps=2 --set batch_size=8 --set max_dev_examples=4 "
+    "--set checkpoint_every=0 --set eval_every=0 --set progress=False",
+    "S2_SET": "--set num_steps=2 --set batch_size=8 --set passages_per_question=2 "
+    "--set max_dev_examples=4 --set eval_passages=2 --set checkpoint_every=0 "
+    "--set progress=False",
+    "QUICKSTART_OPTS": "--quiet",
+}
+
+
+def _run(env, timeout=900):
+    return subprocess.run(["bash", "scripts/reader_recipe.sh"], cwd=REPO, env=env, text=True,
+                          capture_output=True, timeout=timeout)  # fmt: skip
+
+
+def test_recipe_end_to_end_small_then_resumed(data_dir, minilm_dir, tmp_path):
+    squad = json.loads((data_dir / "squad/train-v1.1.json").read_text())
+    small = {"version": squad["version"],
+             "data": [{**a, "paragraphs": a["paragraphs"][:2]} for a in squad["data"][:10]]}  # fmt: skip
+    data = tmp_path / "data"
+    (data / "squad").mkdir(parents=True)
+    (data / "squad/train-v1.1.json").write_text(json.dumps(small))
+    run = tmp_path / "run"
+    env = {**os.environ, "DATA": str(data), "RUN": str(run), "PYTHON": sys.executable,
+           "MINILM": str(minilm_dir), "JAX_PLATFORMS": "cpu", **TINY}  # fmt: skip
+    res = _run(env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = (run / "recipe.log").read_text()
+    for name in STEPS:
+        assert re.search(rf"\] {name}: done in \d+ s$", log, re.M), (name, log)
+    assert "skipped" not in log
+    # the stages' own settings reached them, and stage 2 started from stage 1's model
+    s1 = json.loads((run / "reader-s1/config.json").read_text())
+    assert s1["config"]["num_steps"] == 2 and s1["config"]["length_groups"] == 20  # S1_SET, config
+    s2 = json.loads((run / "reader-s2/config.json").read_text())
+    assert s2["config"]["num_steps"] == 2 and s2["config"]["passages_per_question"] == 2
+    assert s2["resolved"]["init"] == {"init_from": f"{run}/reader-s1/model", "kind": "reader",
+                                      "tokenizer": f"{run}/reader-s1/model"}  # fmt: skip
+    assert s1["config"]["passages_per_question"] == 1  # S2_SET's 2 did not reach stage 1
+    # the table: every read's metrics, one row per k, as `read` computed them
+    summary = (run / "eval/summary.md").read_text()
+    rows = [r for r in summary.splitlines() if r.startswith("| stage")]
+    assert len(rows) == 3 + 4  # retrieved k = 1, 5, 20; four gold / paragraph reads
+    held_out = read_reader_examples(run / "squad/dev.biencoder.json", "biencoder")
+    for name, k in (("s2_retrieved", "20"), ("s1_gold_all", "1")):
+        m = json.loads((run / f"eval/{name}.json.config.json").read_text())["metrics"][k]
+        row = next(r for r in rows if f"| {k} | {m['questions']:,} | {100 * m['em']:.1f} |" in r)
+        assert f"| {100 * m['f1']:.1f} |" in row
+    gold = json.loads((run / "eval/s1_gold_all.json.config.json").read_text())["metrics"]["1"]
+    assert gold["questions"] == len(held_out) > 0
+    # re-run: each step finds its output and is skipped; nothing re-made
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "reader-s2/model/manifest.json",
+                                                run / "eval/s2_retrieved.json")}  # fmt: skip
+    (run / "eval/s2_paragraphs.json.config.json").unlink()  # as if that read was interrupted
+    res = _run(env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    again = (run / "recipe.log").read_text()[len(log) :]
+    for name in STEPS:
+        if name != "read_s2_paragraphs":
+            assert f"{name}: done before (" in again, name
+    assert re.search(r"read_s2_paragraphs: done in \d+ s$", again, re.M)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_recipe_refuses_missing_data(tmp_path):
+    env = {**os.environ, "DATA": str(tmp_path / "nowhere"), "RUN": str(tmp_path / "run")}
+    res = _run(env, timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.strip() == (
+        f"reader_recipe.sh: {tmp_path}/nowhere/squad/train-v1.1.json: no such file "
+        "(DATA must name a folder with squad/train-v1.1.json)"
+    )
+    assert not (tmp_path / "run").exists()
