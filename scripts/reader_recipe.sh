@@ -22,26 +22,37 @@
 #                 summary.md at the end (EM / F1 with the EM's 95% interval)
 #
 # Environment: DATA (a folder with squad/train-v1.1.json; default $DPR_JAX_DATA), RUN (default
-# runs/reader-recipe), PYTHON (default python3), MINILM (a Hugging Face all-MiniLM-L6-v2
+# runs/reader-recipe; relative paths from where it is started), PYTHON (default the repo's .venv
+# of scripts/setup.sh, else python3), MINILM (a Hugging Face all-MiniLM-L6-v2
 # directory; default the offline package's), RETRIEVER_SET / S1_SET / S2_SET (extra options of
 # each training, e.g. "--set num_steps=500"), QUICKSTART_OPTS (extra options of the retrieval
 # evaluation). A failed step stops the script (the later steps need its output); fix the cause
 # and re-run. Logs: $RUN/recipe.log (the steps, with times), each command's own output on stdout.
 set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DATA=${DATA:-${DPR_JAX_DATA:-}}
-RUN=${RUN:-runs/reader-recipe}
-PY=${PYTHON:-python3}
-CLI=("$PY" -m dpr_jax.cli)
-SQUAD=$DATA/squad/train-v1.1.json
-if [[ -z $DATA || ! -f $SQUAD ]]; then
+if [[ -z $DATA ]]; then
+    echo "reader_recipe.sh: DATA is not set (a folder with squad/train-v1.1.json; or DPR_JAX_DATA)" >&2
+    exit 2
+fi
+SQUAD=$(realpath -m "$DATA/squad/train-v1.1.json")
+if [[ ! -f $SQUAD ]]; then
     echo "reader_recipe.sh: ${SQUAD}: no such file (DATA must name a folder with squad/train-v1.1.json)" >&2
     exit 2
 fi
+DATA=$(realpath "$DATA")
+RUN=$(realpath -m "${RUN:-runs/reader-recipe}")  # relative to where it is started; then the repo
+if [[ -z ${PYTHON:-} && -x $REPO/.venv/bin/python ]]; then
+    PYTHON=$REPO/.venv/bin/python  # scripts/setup.sh's
+fi
+PY=${PYTHON:-python3}
+CLI=("$PY" -m dpr_jax.cli)
+cd "$REPO"
 read -r -a RET_SET <<<"${RETRIEVER_SET:-}"
 read -r -a S1 <<<"${S1_SET:-}"
 read -r -a S2 <<<"${S2_SET:-}"
 read -r -a QS <<<"${QUICKSTART_OPTS:-}"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$RUN/eval"
 LOG=$RUN/recipe.log
 
@@ -53,8 +64,12 @@ step() { # step NAME MARKER COMMAND...: run COMMAND unless MARKER (its last outp
         return 0
     fi
     echo "[$(date -u +%FT%TZ)] $name: start: $*" | tee -a "$LOG"
-    local t0=$SECONDS
-    "$@"
+    local t0=$SECONDS rc=0
+    "$@" || rc=$?
+    if ((rc != 0)); then
+        echo "[$(date -u +%FT%TZ)] $name: failed (exit $rc); fix the cause and re-run" | tee -a "$LOG" >&2
+        exit "$rc"
+    fi
     echo "[$(date -u +%FT%TZ)] $name: done in $((SECONDS - t0)) s" | tee -a "$LOG"
 }
 

@@ -81,12 +81,28 @@ def test_recipe_end_to_end_small_then_resumed(data_dir, minilm_dir, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
-def test_recipe_refuses_missing_data(tmp_path):
-    env = {**os.environ, "DATA": str(tmp_path / "nowhere"), "RUN": str(tmp_path / "run")}
-    res = _run(env, timeout=60)
+def test_recipe_refuses_missing_data_and_stops_at_a_failed_step(tmp_path):
+    env = {**os.environ, "RUN": str(tmp_path / "run")}
+    env.pop("DPR_JAX_DATA", None)
+    res = _run({**env, "DATA": ""}, timeout=60)
+    assert res.returncode == 2 and res.stderr.strip() == (
+        "reader_recipe.sh: DATA is not set (a folder with squad/train-v1.1.json; or DPR_JAX_DATA)"
+    )
+    res = _run({**env, "DATA": str(tmp_path / "nowhere")}, timeout=60)
     assert res.returncode == 2
     assert res.stderr.strip() == (
         f"reader_recipe.sh: {tmp_path}/nowhere/squad/train-v1.1.json: no such file "
         "(DATA must name a folder with squad/train-v1.1.json)"
     )
     assert not (tmp_path / "run").exists()
+    # a step that fails (a malformed SQuAD file): its own one-line error, the script stops there
+    # with its exit status and says so in the log; started from elsewhere with a relative RUN
+    (tmp_path / "data/squad").mkdir(parents=True)
+    (tmp_path / "data/squad/train-v1.1.json").write_text('{"data": [')
+    res = subprocess.run(["bash", str(REPO / "scripts/reader_recipe.sh")], cwd=tmp_path,
+                         env={**env, "DATA": "data", "RUN": "rel"}, text=True,
+                         capture_output=True, timeout=120)  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert "train-v1.1.json" in res.stderr and "Traceback" not in res.stderr
+    log = (tmp_path / "rel/recipe.log").read_text()
+    assert "prepare: failed (exit 2); fix the cause and re-run" in log and "convert" not in log
