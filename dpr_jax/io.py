@@ -460,6 +460,11 @@ HF_EXPORT = "Hugging Face export"  # dpr_jax.convert --to-hf: dpr_jax_export.jso
 SQUAD_DATA = "prepare-squad directory"  # dpr_jax.data.squad: config.json {"created_by": ...}
 WORKDIR = "training workdir"  # dpr_jax.training.loop: metrics.jsonl, checkpoints/, model/
 CHECKPOINT = "training checkpoint"  # dpr_jax.training.checkpoints: manifest of that format
+# scripts/gpu_session_prepare.py: a lent GPU's inputs (or a recipe's sampled validation files),
+# GPU_INPUTS_RECORD {"created_by": ...}; a reader packed as float16 shards, reader_meta.json
+GPU_INPUTS = "gpu_session_prepare folder"
+GPU_INPUTS_RECORD = "gpu_session_prepare.json"
+READER_SHARDS = "folder of float16 reader shards"
 # kinds whose files are checked against what they were saved with: nothing may be written inside
 _SEALED = (MODEL, INDEX, EMBEDDINGS, BM25, RECORD_DIR, HF_EXPORT, CHECKPOINT)
 _MANIFEST_FORMATS = (
@@ -578,9 +583,12 @@ def artifact_kind(path: str | Path) -> tuple[str, Path] | None:
         (HF_EXPORT, "dpr_jax_export.json"),
         (HF_EXPORT, "question_encoder/dpr_jax_export.json"),
         (HF_EXPORT, "ctx_encoder/dpr_jax_export.json"),
+        (GPU_INPUTS, GPU_INPUTS_RECORD),
     ):
         if (d / rel).is_file():
             return kind, d / rel
+    if isinstance(_field(d / "reader_meta.json", "shards"), list):
+        return READER_SHARDS, d / "reader_meta.json"
     if _field(d / "meta.json", "format") == "dpr-jax-biencoder-records":
         return RECORD_DIR, d / "meta.json"
     config = _small_json(d / "config.json")

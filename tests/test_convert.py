@@ -501,6 +501,24 @@ def test_minilm_real_weights_match_torch(minilm_dir, tmp_path):
     assert np.array_equal(ids2, ids) and np.array_equal(mask2, mask)
 
 
+def test_cli_minilm_shortcut_is_the_offline_package(minilm_dir, hf, tmp_path, monkeypatch):
+    """``--from-hf minilm`` converts the offline package's directory (what the configs'
+    ``init_from="minilm"`` name): the same weights and similarity as its path; a directory named
+    ``minilm`` where the command runs is taken instead."""
+    assert main(["convert", "--from-hf", str(minilm_dir), "--out", str(tmp_path / "a")]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", "--from-hf", "minilm", "--out", str(tmp_path / "b")]) == 0
+    (_, cfg_a, pa, _), (_, cfg_b, pb, _) = load_model(tmp_path / "a"), load_model(tmp_path / "b")
+    assert cfg_a == cfg_b and cfg_b.pooling == "mean" and cfg_b.normalize
+    _array_equal_trees(pa, pb)
+    b_dir, _ = hf["bert"]  # a tiny BERT copied to ./minilm
+    (tmp_path / "minilm").mkdir()
+    for f in b_dir.iterdir():
+        (tmp_path / "minilm" / f.name).write_bytes(f.read_bytes())
+    assert main(["convert", "--from-hf", "minilm", "--out", str(tmp_path / "c")]) == 0
+    assert load_model(tmp_path / "c")[1].bert.hidden_size == TINY["hidden_size"]
+
+
 def test_reads_pytorch_bin_and_sharded_safetensors(hf, tmp_path):
     from dpr_jax.convert import read_hf
 

@@ -151,3 +151,63 @@ def test_session_script_runs_its_steps_on_cpu(tmp_path):
     assert "stage1: skipped, the budget is spent" in log and "ann_accel: skipped" in log
     assert "train_mfu: skipped" in log
     assert (tmp_path / "out2" / "results.tgz").exists()
+
+
+def _run_prepare(*args):
+    return subprocess.run([sys.executable, "scripts/gpu_session_prepare.py", *map(str, args)],
+                          cwd=REPO, text=True, capture_output=True, timeout=300)  # fmt: skip
+
+
+def test_prepare_replaces_only_what_it_wrote(prep, tmp_path, minilm_dir):
+    """Each mode's ``--out`` is refused (one line, exit 2, before any work, nothing touched) when
+    it holds what the script did not write or is an input; what the same mode wrote is
+    replaced: ``--eval-only`` writes its three files in ``--out`` itself, a second packing of a
+    reader removes the first's shards."""
+    sq = tmp_path / "squad"
+    sq.mkdir()
+    gold = [{"question": f"q{i}", "answers": ["a"], "positive_ctxs": [{"title": "", "text": "a"}],
+             "negative_ctxs": [], "hard_negative_ctxs": []} for i in range(6)]  # fmt: skip
+    (sq / "dev.biencoder.json").write_text(json.dumps(gold))
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"question": f"q{i}", "answers": ["a"], "ctxs": []}
+                                   for i in range(6)]))  # fmt: skip
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    for out in (other, sq / "sub", results):
+        res = _run_prepare("--squad-dpr", sq, "--results", results, "--out", out, "--eval-only")
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert res.stderr.startswith("gpu_session_prepare: --out ")
+    assert sorted(os.listdir(other)) == ["notes.txt"] and not (sq / "sub").exists()
+    out = tmp_path / "eval"
+    for _ in range(2):  # the second run replaces the first's files
+        res = _run_prepare("--squad-dpr", sq, "--results", results, "--out", out, "--eval-only",
+                           "--sample", 4)  # fmt: skip
+        assert res.returncode == 0, res.stderr
+    assert sorted(os.listdir(out)) == [
+        "dev.biencoder.json.xz", "dev.results.json.xz", "gpu_session_prepare.json"]  # fmt: skip
+    assert len(json.loads(lzma.open(out / "dev.results.json.xz").read())) == 4
+
+    cfg = BertConfig(**TINY_BERT)
+    save_model(tmp_path / "reader", init_reader_params(cfg, jax.random.PRNGKey(0)), "reader",
+               cfg, minilm_dir)  # fmt: skip
+    res = _run_prepare("--pack-reader", tmp_path / "reader", "--out", other)
+    assert res.returncode == 2 and "non-empty directory" in res.stderr, res.stderr
+    res = _run_prepare("--restore-reader", tmp_path / "reader", "--out", other, "--tokenizer",
+                       minilm_dir)  # fmt: skip
+    assert res.returncode == 2 and "non-empty directory" in res.stderr, res.stderr
+    assert sorted(os.listdir(other)) == ["notes.txt"]
+    shards = tmp_path / "shards"
+    prep.SHARD_BYTES, limit = 300_000, prep.SHARD_BYTES
+    try:
+        prep.main(["--pack-reader", str(tmp_path / "reader"), "--out", str(shards)])
+        many = len(list(shards.glob("reader_fp16_*")))
+        prep.SHARD_BYTES = limit
+        prep.main(["--pack-reader", str(tmp_path / "reader"), "--out", str(shards)])
+    finally:
+        prep.SHARD_BYTES = limit
+    assert many > 2 and sorted(os.listdir(shards)) == ["reader_fp16_0.safetensors",
+                                                       "reader_meta.json"]  # fmt: skip
+    prep.main(["--restore-reader", str(shards), "--out", str(tmp_path / "restored"),
+               "--tokenizer", str(minilm_dir)])  # fmt: skip
+    assert load_model(tmp_path / "restored", "reader")[1] == cfg

@@ -45,7 +45,8 @@ def test_recipe_end_to_end_small_then_resumed(data_dir, minilm_dir, tmp_path):
     (data / "squad/train-v1.1.json").write_text(json.dumps(small))
     run = tmp_path / "run"
     env = {**os.environ, "DATA": str(data), "RUN": str(run), "PYTHON": sys.executable,
-           "MINILM": str(minilm_dir), "JAX_PLATFORMS": "cpu", **TINY}  # fmt: skip
+           "JAX_PLATFORMS": "cpu", **TINY}  # fmt: skip
+    env.pop("MINILM", None)  # the default: "minilm", the offline package (minilm_dir's)
     # first run: stage 1 stopped after its first step (a checkpoint, no model): the script says
     # that the step ended without its marker and stops there
     res = _run({**env, "S1_SET": TINY["S1_SET"] + " --set stop_at_step=1"})
@@ -65,11 +66,18 @@ def test_recipe_end_to_end_small_then_resumed(data_dir, minilm_dir, tmp_path):
     starts = [r for r in starts if r.get("split") == "start"]
     assert [(r["step"], r["resumed"]) for r in starts] == [(0, False), (1, True)]
     assert not (run / "squad.partial").exists()
-    assert sorted(p.name for p in (run / "data/data").iterdir()) == [
+    assert sorted(p.name for p in (run / "data").iterdir()) == [
         "dev.biencoder.json.xz",
         "dev.paragraphs.json.xz",
         "dev.results.json.xz",
+        "gpu_session_prepare.json",
     ]  # --eval-only
+    converted = json.loads((run / "minilm_st/dpr_jax_model.json").read_text())
+    assert converted["converted_from"]["source"] == str(minilm_dir)
+    assert (run / "steps/convert.command").read_text().split() == [
+        "python", "-m", "dpr_jax.cli", "convert", "--from-hf", "minilm", "--out", "$RUN/minilm_st",
+    ]  # fmt: skip
+    assert "--set stop_at_step=1" not in (run / "steps/stage1.command").read_text()
     # each training's own settings reached it alone, and stage 2 started from stage 1's model
     ret = json.loads((run / "retriever/config.json").read_text())
     assert ret["config"]["num_steps"] == 2  # RETRIEVER_SET (the config says 150)
@@ -97,6 +105,13 @@ def test_recipe_end_to_end_small_then_resumed(data_dir, minilm_dir, tmp_path):
             and "summary.md" not in p.name and "s2_paragraphs" not in p.name]  # fmt: skip
     stamps = {p: p.stat().st_mtime_ns for p in made}
     (run / "eval/s2_paragraphs.json.config.json").unlink()  # as if that read was interrupted
+    # a finished step asked for with other options: refused, one line, and nothing run
+    before = (run / "recipe.log").read_text()
+    res = _run({**env, "S2_SET": TINY["S2_SET"] + " --set seed=1"}, timeout=120)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert res.stderr.startswith(f"reader_recipe.sh: step stage2: {run}/reader-s2 was made by ")
+    assert "--set seed=1. Run with the same options, or remove" in res.stderr
+    assert ": start:" not in (run / "recipe.log").read_text()[len(before) :]
     before = (run / "recipe.log").read_text()
     res = _run(env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

