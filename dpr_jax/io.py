@@ -465,6 +465,10 @@ CHECKPOINT = "training checkpoint"  # dpr_jax.training.checkpoints: manifest of 
 GPU_INPUTS = "gpu_session_prepare folder"
 GPU_INPUTS_RECORD = "gpu_session_prepare.json"
 READER_SHARDS = "folder of float16 reader shards"
+# a scripts/ benchmark's results folder (results.json, table.md, pictures, ...):
+# SCRIPT_FOLDER_RECORD {"written_by": "scripts/NAME.py"} (claim_results_folder)
+SCRIPT_FOLDER = "script results folder"
+SCRIPT_FOLDER_RECORD = "written_by.json"
 # kinds whose files are checked against what they were saved with: nothing may be written inside
 _SEALED = (MODEL, INDEX, EMBEDDINGS, BM25, RECORD_DIR, HF_EXPORT, CHECKPOINT)
 _MANIFEST_FORMATS = (
@@ -508,6 +512,8 @@ def _image_holds(head: bytes, path: Path) -> bool:
     return head.lstrip().startswith(known)
 
 
+# what a scripts/ benchmark writes at --json / --out: write_results puts "written_by" first
+RESULTS_JSON = json_format("results JSON of a scripts/ benchmark", "written_by")
 IMAGE = FileFormat("picture (PNG, PDF, SVG, ...)", _image_holds)
 NPY = FileFormat(".npy array", lambda head, path: head.startswith(b"\x93NUMPY"))
 
@@ -584,6 +590,7 @@ def artifact_kind(path: str | Path) -> tuple[str, Path] | None:
         (HF_EXPORT, "question_encoder/dpr_jax_export.json"),
         (HF_EXPORT, "ctx_encoder/dpr_jax_export.json"),
         (GPU_INPUTS, GPU_INPUTS_RECORD),
+        (SCRIPT_FOLDER, SCRIPT_FOLDER_RECORD),
     ):
         if (d / rel).is_file():
             return kind, d / rel
@@ -698,6 +705,52 @@ def check_output(
             f"{first}); refusing to replace it. Choose a new or empty directory, or delete it first"
         )
     return path
+
+
+def check_results_file(out: str | Path | None, what: str = "--json") -> Path | None:
+    """Before a script's work: ``out`` (None: not asked for) may be written by
+    :func:`write_results` at its end: :func:`check_output` for a :data:`RESULTS_JSON` file (a new
+    path, or a results file a script wrote before), and no file where its folders are to be
+    made. Returns ``Path(out)`` or None."""
+    if out is None or str(out) == "":
+        return None
+    path = check_output(out, FILE, what=what, writes=RESULTS_JSON)
+    for parent in path.expanduser().absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputPathError(
+                    f"{what} {out}: {parent} is a file, not a directory. Choose another path"
+                )
+            break
+    return path
+
+
+def claim_results_folder(out: str | Path, script: str, what: str = "--out") -> Path:
+    """Before a script's work: the folder ``out`` will hold its results under fixed names
+    (``results.json``, ``table.md``, pictures, kept files). Refused (one line) as
+    :func:`check_output` refuses a folder (a non-empty folder of other files, another artifact,
+    a path inside one or a file) and when it holds another script's results; else made, with
+    ``script`` recorded in its :data:`SCRIPT_FOLDER_RECORD`, so the next run of ``script``
+    writes there again. Returns ``Path(out)``."""
+    path = check_output(out, SCRIPT_FOLDER, what=what)
+    record = path / SCRIPT_FOLDER_RECORD
+    by = _field(record, "written_by")
+    if by is None:
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record, json.dumps({"written_by": script}) + "\n")
+    elif by != script:
+        raise OutputPathError(
+            f"{what} {out} holds the results of {by} (see {record}), not of {script}; refusing "
+            "to write there. Choose another directory"
+        )
+    return path
+
+
+def write_results(out: str | Path, results: dict, script: str) -> Path:
+    """A script's results as JSON at ``out`` (checked before by :func:`check_results_file`):
+    ``{"written_by": script, **results}``, its folders made, written aside and renamed."""
+    text = json.dumps({"written_by": script, **results}, indent=1, default=str)
+    return atomic_write_text(Path(out).expanduser(), text + "\n")
 
 
 def check_workdir(workdir: str | Path, what: str = "--workdir") -> Path:

@@ -2546,11 +2546,20 @@ def main(argv=None) -> int:
     return run_script("bench_ann", _main, argv)  # the command line's contract (dpr_jax.cli.errors)
 
 
+def _claim_out(args) -> None:
+    """--out, before any work: a new or empty folder, or one this script wrote (after
+    set_thread_env: dpr_jax.io imports numpy)."""
+    from dpr_jax.io import claim_results_folder
+
+    claim_results_folder(args.out, "scripts/bench_ann.py")
+
+
 def _main(argv=None) -> int:
     args = parse_args(argv)
     if args.sharded_child:
         return sharded_child(args)
     if args.mode == "sharded":
+        _claim_out(args)
         return sharded(args)
     if args.mode == "accel":
         os.environ["OPENBLAS_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
@@ -2570,6 +2579,7 @@ def _main(argv=None) -> int:
         from dpr_jax.index.faiss_index import FaissIVFPQIndex
 
         FaissIVFPQIndex(**{"refine": True, **args.ivfpq_opts})
+    _claim_out(args)
     if args.embeddings:
         from dpr_jax.embeddings import load_embeddings
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import sys
@@ -41,6 +40,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from bench_read import load_questions, parse_dtypes  # noqa: E402  (a sibling script)
 
 from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE, parse_ks  # noqa: E402
+from dpr_jax.io import check_results_file, write_results  # noqa: E402
 
 SHAPES = {  # BertConfig fields of the architectures worth timing
     "minilm-l6": dict(
@@ -131,6 +131,7 @@ def end_to_end(args, bert) -> list[dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_results_file(args.json)
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
     )
@@ -228,12 +229,12 @@ def main(argv=None) -> int:
     if args.json:
         import flax
 
-        Path(args.json).write_text(json.dumps({
+        write_results(args.json, {
             "args": vars(args), "rows": rows, "end_to_end": reads, "loadavg": load,
             "rule": {"bytes": bert.BATCHED_CPU_ATTENTION_BYTES,
                      "rows": bert.BATCHED_CPU_ATTENTION_ROWS},
             "versions": {"jax": jax.__version__, "flax": flax.__version__},
-        }, indent=1))  # fmt: skip
+        }, "scripts/bench_attention.py")  # fmt: skip
     return 0
 
 

@@ -94,7 +94,10 @@ def timed(fn) -> float:
 
 
 def main(argv=None) -> int:
+    from dpr_jax.io import check_results_file, write_results
+
     args = parse_args(argv)
+    check_results_file(args.json)
     if args.threads < os.cpu_count():
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: args.threads]))
     flags = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}"
@@ -287,9 +290,8 @@ def main(argv=None) -> int:
                 "xla_flags": os.environ.get("XLA_FLAGS", ""),
             },  # fmt: skip
             "load_average": {"before": load_before, "after": load_after},
-            "created_by": "scripts/bench_encode.py",
         }
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_results(args.json, result, "scripts/bench_encode.py")
     return 0
 
 

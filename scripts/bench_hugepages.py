@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dpr_jax.cli import MALLOC_HUGEPAGES_TUNABLE, glibc_version, thp_mode  # noqa: E402
+from dpr_jax.io import check_results_file, write_results  # noqa: E402
 
 WORKLOADS = ("reader-train", "retriever-train", "read", "read-bf16", "encode")
 DEVICES = {"reader-train": 1, "retriever-train": 1, "read": 4, "read-bf16": 4, "encode": 8}
@@ -154,6 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    check_results_file(args.json)
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.tiny)))
         return 0
@@ -188,8 +190,8 @@ def main(argv=None) -> int:
                   f"| {statistics.median(x['faults_per_call'] for x in v):,.0f} | {ratio} |")  # fmt: skip
         summary[w] = med["plain"] / med["hugetlb"]
     if args.json:
-        Path(args.json).write_text(json.dumps({"thp": mode, "results": results,
-                                               "speedup": summary}, indent=1))  # fmt: skip
+        write_results(args.json, {"thp": mode, "results": results, "speedup": summary},
+                      "scripts/bench_hugepages.py")  # fmt: skip
     return 0
 
 

@@ -111,6 +111,7 @@ def table(out: Path) -> str:
 
 def main() -> int:
     from dpr_jax.cli.options import NON_NEGATIVE  # (imports no jax)
+    from dpr_jax.io import claim_results_folder
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="/tmp/plan_bench", help="JSON and logs per case")
@@ -118,8 +119,7 @@ def main() -> int:
     p.add_argument("--max-compiles", type=NON_NEGATIVE, default=4)
     p.add_argument("--table", action="store_true", help="print the table of existing results")
     args = p.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.table else claim_results_folder(args.out, "scripts/bench_plan.py")
     if not args.table:
         for name in args.only or list(CASES):
             if not _file(out, name).is_file():

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -60,6 +59,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE, name_list, parse_ks  # noqa: E402
+from dpr_jax.io import check_results_file, write_results  # noqa: E402
 
 # ``--dtype float32,bfloat16`` (an argparse ``type=``; bench_attention.py's too)
 parse_dtypes = name_list(("float32", "bfloat16"), example="bfloat16,float32")
@@ -181,6 +181,7 @@ def matmul_rates(rows: int, k: int, n: int, threads: list[int], device, dtype: s
 
 def main(argv=None):
     args = parse_args(argv)
+    check_results_file(args.json)
     dtypes, batch_sizes = args.dtype, args.batch_size
     gpu = args.platform == "gpu"
     os.environ.setdefault("JAX_PLATFORMS", "cuda" if gpu else "cpu")
@@ -320,12 +321,12 @@ def main(argv=None):
                   f"rate here); 1.5x PyTorch's best would need {1.5 * torch_rate:.0f} "
                   f"({1.5 * torch_rate / xla:.0%} of it)")  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps({
+        write_results(args.json, {
             "args": vars(args), "ms": {f"{n} / {m}": v for (n, m), v in ms.items()},
             "rounds": {f"{n} / {m}": v for (n, m), v in times.items()}, "summary": summary,
             "gflop_per_question": gflop,
             "matmul_gflops": rates[dtypes[0]] if len(dtypes) == 1 else rates,
-        }, indent=1))  # fmt: skip
+        }, "scripts/bench_read.py")  # fmt: skip
 
 
 if __name__ == "__main__":

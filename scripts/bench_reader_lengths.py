@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dpr_jax.cli import reexec_with_malloc_hugepages  # noqa: E402
+from dpr_jax.io import check_results_file, write_results  # noqa: E402
 
 TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=37, max_position_embeddings=512)  # fmt: skip
@@ -155,6 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="time a 2-layer BERT (smoke run)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
+    check_results_file(args.json)
     if not Path(args.train).is_file():
         print(f"{args.train}: no such file", file=sys.stderr)
         return 2
@@ -185,7 +186,9 @@ def main(argv=None) -> int:
         print(f"| {bucket} | {groups} | {statistics.fmean(ls):.0f} | {h} | {step:.2f} | "
               f"{step * len(ls) / 3600:.2f} | {base / step:.2f}x |")  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(step_s=secs, settings=rows), indent=1))
+        write_results(
+            args.json, dict(step_s=secs, settings=rows), "scripts/bench_reader_lengths.py"
+        )
     return 0
 
 

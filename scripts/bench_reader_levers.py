@@ -20,13 +20,13 @@ halves: pick a setting on half A, and believe it only if it also wins on half B.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from dpr_jax.io import check_results_file, write_results  # noqa: E402
 
 
 def main(argv=None):
@@ -45,6 +45,7 @@ def main(argv=None):
     )
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
+    check_results_file(args.json)
     flags = os.environ.get("XLA_FLAGS", "")
     if "device_count" not in flags:  # as `dpr-jax read` runs
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
@@ -95,8 +96,8 @@ def main(argv=None):
                  f"{r['A'][str(k)]['em']:.1f} / {r['B'][str(k)]['em']:.1f}" for k in ks]  # fmt: skip
         print(f"| {r['selection']} | {r['max_answer_length']} | " + " | ".join(cells) + " |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "recall": recall,
-                                               "rows": rows}, indent=1))  # fmt: skip
+        write_results(args.json, {"args": vars(args), "recall": recall, "rows": rows},
+                      "scripts/bench_reader_levers.py")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ for both: the torch weights are converted back) from each held-out question's go
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
+from dpr_jax.io import check_results_file, write_results  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -70,6 +70,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_results_file(args.out, "--out")
     from dpr_jax.cli import train_xla_flags
 
     train_xla_flags()  # the flags `dpr-jax train-reader` runs with
@@ -163,7 +164,9 @@ def main(argv=None):
                          "train_s": t_train})  # fmt: skip
     report(args, runs, eval_at)
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
+        write_results(
+            args.out, {"args": vars(args), "runs": runs}, "scripts/bench_reader_parity.py"
+        )
 
 
 def report(args, runs, eval_at):

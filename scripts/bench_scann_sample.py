@@ -20,7 +20,6 @@ The exact neighbours are numpy's (streamed over the corpus); prints a markdown t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -65,6 +64,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     set_thread_env(1)  # XLA and BLAS of later imports; ScaNN searches on one thread (num_threads)
     import numpy as np
+
+    from dpr_jax.io import check_results_file, write_results  # (imports numpy)
+
+    check_results_file(args.json)
 
     from dpr_jax.index.scann_index import ScannIndex
 
@@ -114,9 +117,8 @@ def main(argv=None) -> int:
         cells = " | ".join(f"{s['recall']:.3f} ({s['qps']:,.0f})" for s in r["search"])
         print(f"| {r['per_leaf']} ({r['sample']:,}) | {r['build_s']:.0f} | {cells} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"args": vars(args), "rows": rows, "loadavg": load, "versions": _versions(np)},
-            indent=1))  # fmt: skip
+        write_results(args.json, {"args": vars(args), "rows": rows, "loadavg": load,
+                                  "versions": _versions(np)}, "scripts/bench_scann_sample.py")  # fmt: skip
     return 0
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from dpr_jax.io import check_results_file, write_results  # noqa: E402
 
 # dense bf16 peak TFLOP/s per device
 PEAK_TFLOPS = {
@@ -383,6 +384,7 @@ def main(argv=None) -> int:
         "data-parallel over them, each device's shard running on its own thread (0: as set)",
     )  # fmt: skip
     args = p.parse_args(argv)
+    check_results_file(args.out, "--out")
     if args.devices:
         flag = f"--xla_force_host_platform_device_count={args.devices}"
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
@@ -403,7 +405,7 @@ def main(argv=None) -> int:
     print(text)
     print_table(result)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        write_results(args.out, result, "scripts/bench_train.py")
     return 0
 
 

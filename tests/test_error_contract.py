@@ -400,3 +400,102 @@ def test_list_types_parse_and_refuse():
         names("a,c,d")
     with pytest.raises(argparse.ArgumentTypeError, match="not one of a,b"):
         name_list(("a", "b"))("")
+
+
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("bench_attention.py", ["--json"]),
+        ("bench_encode.py", ["--json"]),
+        ("bench_hugepages.py", ["--json"]),
+        ("bench_read.py", ["--data", "{d}/data", "--json"]),
+        ("bench_reader_lengths.py", ["--train", "{d}/t.json", "--json"]),
+        ("bench_reader_levers.py", ["--model", "{d}/m", "--results", "{d}/r.json", "--json"]),
+        ("bench_reader_parity.py", ["--train", "{d}/t.json", "--dev", "{d}/d.json", "--out"]),
+        ("bench_scann_sample.py", ["--json"]),
+        ("bench_train.py", ["--out"]),
+    ],
+)
+def test_scripts_refuse_a_results_path_they_would_destroy_before_any_work(tmp_path, script, args):
+    """A benchmark's results file (``--json`` / ``--out``) is checked where the options are read:
+    a file the script did not write, a directory, or a path under a file is one line, exit 2,
+    before the benchmark runs (not a traceback after it), and the file is untouched."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / script
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    (tmp_path / "dir").mkdir()
+    flag = args[-1]
+    argv = [a.format(d=tmp_path) for a in args]
+    for target, says in (
+        (notes, f"{flag} {notes} exists and holds no results JSON of a scripts/ benchmark"),
+        (tmp_path / "dir", f"{flag} {tmp_path / 'dir'} is a directory, not a file"),
+        (notes / "r.json", f"{flag} {notes / 'r.json'}: {notes} is a file, not a directory"),
+    ):
+        done = subprocess.run([sys.executable, str(path), *argv, str(target)],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+        assert lines[0].startswith(script.removesuffix(".py") + ": ") and says in lines[0]
+    assert notes.read_text() == "my notes\n"
+
+
+def test_results_file_is_replaced_only_when_a_script_wrote_it(tmp_path):
+    from dpr_jax.io import OutputPathError, check_results_file, write_results
+
+    assert check_results_file(None) is None and check_results_file("") is None
+    out = tmp_path / "new" / "deeper" / "r.json"
+    assert check_results_file(out) == out  # folders made when it is written
+    write_results(out, {"rows": [1, 2]}, "scripts/bench_x.py")
+    assert json.loads(out.read_text()) == {"written_by": "scripts/bench_x.py", "rows": [1, 2]}
+    check_results_file(out)  # a script's results: may be replaced
+    write_results(out, {"rows": [3]}, "scripts/bench_x.py")
+    assert json.loads(out.read_text())["rows"] == [3]
+    data = tmp_path / "dev.json"
+    data.write_text(json.dumps([{"question": "q", "answers": ["a"], "ctxs": []}]))
+    with pytest.raises(OutputPathError, match="holds no results JSON"):
+        check_results_file(data, "--out")
+
+
+def test_results_folder_is_claimed_by_one_script(tmp_path):
+    """A script's results folder (bench_ann, bench_plan: fixed names inside) is made with a
+    record of the script; the same script writes there again, another script, a folder of other
+    files and an artifact are refused."""
+    from dpr_jax.io import OutputPathError, claim_results_folder
+
+    out = tmp_path / "a" / "b"
+    assert claim_results_folder(out, "scripts/bench_ann.py") == out
+    (out / "results.json").write_text("{}")
+    claim_results_folder(out, "scripts/bench_ann.py")  # its own: again
+    with pytest.raises(OutputPathError, match=r"holds the results of scripts/bench_ann.py"):
+        claim_results_folder(out, "scripts/bench_plan.py")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.json").write_text('{"mine": 1}')
+    with pytest.raises(OutputPathError, match="non-empty directory that is no dpr-jax artifact"):
+        claim_results_folder(mine, "scripts/bench_ann.py")
+    assert sorted(p.name for p in mine.iterdir()) == ["results.json"]
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "dpr_jax_model.json").write_text("{}")
+    with pytest.raises(OutputPathError, match="holds a model directory"):
+        claim_results_folder(tmp_path / "model", "scripts/bench_ann.py")
+
+
+def test_bench_ann_refuses_a_folder_of_other_files_before_any_work(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "table.md").write_text("my table\n")
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_ann.py"
+    done = subprocess.run([sys.executable, str(path), "--mode", "equal", "--n", "1000", "--out",
+                           str(mine)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith(f"bench_ann: --out {mine} is a non-empty directory")
+    assert sorted(p.name for p in mine.iterdir()) == ["table.md"]
