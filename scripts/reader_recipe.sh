@@ -52,6 +52,17 @@ if [[ ! -f $SQUAD ]]; then
     exit 2
 fi
 RUN=$(abspath "${RUN:-runs/reader-recipe}")
+# RUN holds only what the recipe writes: new, empty, or an earlier run's (its recipe.log); so
+# never DATA itself, or a folder of the user's own files
+if [[ -e $RUN && ! -d $RUN ]]; then
+    echo "reader_recipe.sh: RUN $RUN is a file, not a folder; choose a new folder" >&2
+    exit 2
+fi
+if [[ -d $RUN && ! -e $RUN/recipe.log ]] && [[ -n $(ls -A "$RUN") ]]; then
+    echo "reader_recipe.sh: RUN $RUN is a non-empty folder that is no recipe run (no recipe.log);" \
+        "choose a new or empty folder" >&2
+    exit 2
+fi
 MINILM=${MINILM:-minilm}
 [[ $MINILM != minilm ]] && MINILM=$(abspath "$MINILM")
 if [[ -z ${PYTHON:-} && -x $REPO/.venv/bin/python ]]; then

@@ -137,10 +137,19 @@ def test_recipe_refuses_missing_data_and_stops_at_a_failed_step(tmp_path):
         "(DATA must name a folder with squad/train-v1.1.json)"
     )
     assert not (tmp_path / "run").exists()
-    # a step that fails (a malformed SQuAD file): its own one-line error, the script stops there
-    # with its exit status and says so in the log; started from elsewhere with a relative RUN
+    # RUN: a folder of other files (DATA itself here) or a file is refused before anything runs
     (tmp_path / "data/squad").mkdir(parents=True)
     (tmp_path / "data/squad/train-v1.1.json").write_text('{"data": [')
+    for run, says in ((tmp_path / "data", "is a non-empty folder that is no recipe run"),
+                      (tmp_path / "data/squad/train-v1.1.json", "is a file, not a folder")):  # fmt: skip
+        res = _run({**env, "DATA": str(tmp_path / "data"), "RUN": str(run)}, timeout=60)
+        assert res.returncode == 2 and res.stderr.strip() == (
+            f"reader_recipe.sh: RUN {run} {says}" + (
+                "; choose a new folder" if "file" in says
+                else " (no recipe.log); choose a new or empty folder")), res.stderr  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "data").rglob("*")) == ["squad", "train-v1.1.json"]
+    # a step that fails (a malformed SQuAD file): its own one-line error, the script stops there
+    # with its exit status and says so in the log; started from elsewhere with a relative RUN
     res = subprocess.run(["bash", str(REPO / "scripts/reader_recipe.sh")], cwd=tmp_path,
                          env={**env, "DATA": "data", "RUN": "rel"}, text=True,
                          capture_output=True, timeout=120)  # fmt: skip
