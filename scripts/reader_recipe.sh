@@ -31,8 +31,9 @@
 #                 summary.md at the end (EM / F1 with the EM's 95% interval)
 #
 # Environment: DATA (a folder with squad/train-v1.1.json; default $DPR_JAX_DATA), RUN (default
-# runs/reader-recipe), MINILM (a Hugging Face all-MiniLM-L6-v2 directory; default "minilm", the
-# offline package's, as `dpr-jax convert` reads it), PYTHON (default the repo's .venv of scripts/setup.sh, else python3): relative paths
+# runs/reader-recipe; new, empty or an earlier run's), MINILM (a Hugging Face all-MiniLM-L6-v2
+# directory; default "minilm", the offline package's, as `dpr-jax convert` reads it), PYTHON
+# (default the repo's .venv of scripts/setup.sh, else python3): relative paths
 # from where it is started; RETRIEVER_SET / S1_SET / S2_SET (extra options of each training, e.g.
 # "--set num_steps=500"), QUICKSTART_OPTS (extra options of the retrieval evaluation). A failed
 # step (or one that ends without its marker) stops the script; fix the cause and re-run. Logs:
@@ -103,8 +104,9 @@ step() { # step NAME OUTPUT MARKER COMMAND...: run COMMAND unless MARKER (its la
     [[ -f $record ]] && was=$(<"$record")
     if [[ -e $marker ]]; then
         if [[ -n $was && $was != "$cmd" ]]; then
-            echo "reader_recipe.sh: step $name: $output was made by other options ($record: $was); now: $cmd. Run with the same options, or remove $output and the later steps' outputs to re-make it" |
-                tee -a "$LOG" >&2
+            echo "reader_recipe.sh: step $name: $output was made by other options" \
+                "($record: $was); now: $cmd. Run with the same options, or remove $output and" \
+                "the later steps' outputs to re-make it" | tee -a "$LOG" >&2
             exit 2
         fi
         echo "[$(now)] $name: done before ($marker), skipped" | tee -a "$LOG"
