@@ -26,9 +26,10 @@
 #   reader-s1/    stage 1: configs/reader_squad_minilm_stage1.py (gold passages, two epochs)
 #   reader-s2/    stage 2: configs/reader_squad_minilm_stage2.py (DPR's multi-passage training)
 #   eval/         the table's reads (dpr-jax read --out; metrics in NAME.json.config.json):
-#                 stage 2 on the 1,000's retrieved top 1 / 5 / 20, their gold passages and
-#                 paragraphs, and every held-out question's gold passage; stage 1 on the last;
-#                 summary.md at the end (EM / F1 with the EM's 95% interval)
+#                 stage 1 (read before stage 2 trains) on every held-out question's gold
+#                 passage and the 1,000's retrieved top 1; stage 2 on the 1,000's retrieved top
+#                 1 / 5 / 20, their gold passages and paragraphs, and every held-out question's
+#                 gold passage; summary.md at the end (EM / F1 with the EM's 95% interval)
 #
 # Environment: DATA (a folder with squad/train-v1.1.json; default $DPR_JAX_DATA), RUN (default
 # runs/reader-recipe; new, empty or an earlier run's), MINILM (a Hugging Face all-MiniLM-L6-v2
@@ -156,21 +157,24 @@ step stage1 "$RUN/reader-s1" "$RUN/reader-s1/model/manifest.json" "${CLI[@]}" tr
     --config configs/reader_squad_minilm_stage1.py --train "$RUN/squad/train.biencoder.json" \
     --dev "$RUN/squad/dev.biencoder.json" --workdir "$RUN/reader-s1" ${S1[@]+"${S1[@]}"}
 DEV=$RUN/data/dev.results.json.xz
+E=$RUN/eval
+read_step() { # read_step NAME MODEL RESULTS FORMAT KS
+    step "read_$1" "$E/$1.json" "$E/$1.json.config.json" "${CLI[@]}" read --model "$2" \
+        --results "$3" --format "$4" --ks "$5" --quiet --out "$E/$1.json"
+}
+# stage 1's reads before stage 2 trains (an hour on a CPU): its figures come first. It read one
+# passage per question in training and never learned to choose among several (its selection
+# head is untrained), so end to end it reads the retriever's top passage alone (k = 1)
+read_step s1_gold_all "$RUN/reader-s1/model" "$RUN/squad/dev.biencoder.json" biencoder 1
+read_step s1_retrieved "$RUN/reader-s1/model" "$DEV" auto 1
 step stage2 "$RUN/reader-s2" "$RUN/reader-s2/model/manifest.json" env READER_STAGE1="$RUN/reader-s1" \
     "${CLI[@]}" train-reader --config configs/reader_squad_minilm_stage2.py \
     --train "$RUN/squad/train.biencoder.json" --dev "$DEV" --workdir "$RUN/reader-s2" \
     ${S2[@]+"${S2[@]}"}
-
-E=$RUN/eval
-read_step() { # read_step NAME MODEL RESULTS FORMAT KS
-    step "read_$1" "$E/$1.json" "$E/$1.json.config.json" "${CLI[@]}" read --model "$2" --results "$3" \
-        --format "$4" --ks "$5" --quiet --out "$E/$1.json"
-}
 read_step s2_retrieved "$RUN/reader-s2/model" "$DEV" auto 1,5,20
 read_step s2_gold1000 "$RUN/reader-s2/model" "$RUN/data/dev.biencoder.json.xz" biencoder 1
 read_step s2_paragraphs "$RUN/reader-s2/model" "$RUN/data/dev.paragraphs.json.xz" squad 1
 read_step s2_gold_all "$RUN/reader-s2/model" "$RUN/squad/dev.biencoder.json" biencoder 1
-read_step s1_gold_all "$RUN/reader-s1/model" "$RUN/squad/dev.biencoder.json" biencoder 1
 
 summary() { # the reads' metrics as a markdown table
     "$PY" - "$E" <<'PY'
@@ -181,7 +185,8 @@ rows = [("s2_retrieved", "stage 2, the sampled questions' retrieved passages (hy
         ("s2_gold1000", "stage 2, the sampled questions' gold passages"),
         ("s2_paragraphs", "stage 2, the sampled questions' SQuAD paragraphs"),
         ("s2_gold_all", "stage 2, every held-out question's gold passage"),
-        ("s1_gold_all", "stage 1, every held-out question's gold passage")]
+        ("s1_gold_all", "stage 1, every held-out question's gold passage"),
+        ("s1_retrieved", "stage 1, the sampled questions' retrieved top passage (hybrid linear)")]
 print("| reading | k | questions | EM | F1 | EM 95% interval |\n|---|---:|---:|---:|---:|---|")
 for name, what in rows:
     metrics = json.loads((Path(sys.argv[1]) / f"{name}.json.config.json").read_text())["metrics"]

@@ -15,9 +15,9 @@ import pytest
 from dpr_jax.reader.data import read_reader_examples
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("prepare", "convert", "retriever", "retrieval", "sample", "stage1", "stage2",
-         "read_s2_retrieved", "read_s2_gold1000", "read_s2_paragraphs", "read_s2_gold_all",
-         "read_s1_gold_all")  # fmt: skip
+STEPS = ("prepare", "convert", "retriever", "retrieval", "sample", "stage1", "read_s1_gold_all",
+         "read_s1_retrieved", "stage2", "read_s2_retrieved", "read_s2_gold1000",
+         "read_s2_paragraphs", "read_s2_gold_all")  # fmt: skip
 TINY = {
     "RETRIEVER_SET": "--set num_steps=2 --set batch_size=8 --set max_dev_examples=8 "
     "--set checkpoint_every=0 --set progress=False",
@@ -62,6 +62,8 @@ def test_recipe_end_to_end_small_then_resumed(data_dir, minilm_dir, tmp_path):
         assert f"] {name}: done before (" in log, (name, log)
     for name in STEPS[5:]:
         assert re.search(rf"\] {name}: done in \d+ s$", log, re.M), (name, log)
+    done = [re.search(rf"\] {name}: done in", log).start() for name in STEPS[5:]]
+    assert done == sorted(done)  # in this order: stage 1's reads before stage 2 trains
     starts = [json.loads(r) for r in (run / "reader-s1/metrics.jsonl").read_text().splitlines()]
     starts = [r for r in starts if r.get("split") == "start"]
     assert [(r["step"], r["resumed"]) for r in starts] == [(0, False), (1, True)]
@@ -91,7 +93,8 @@ def test_recipe_end_to_end_small_then_resumed(data_dir, minilm_dir, tmp_path):
     # the table: every read's metrics, one row per k in order, as `read` computed them
     summary = (run / "eval/summary.md").read_text()
     rows = [r for r in summary.splitlines() if r.startswith("| stage")]
-    assert len(rows) == 3 + 4  # retrieved k = 1, 5, 20; four gold / paragraph reads
+    assert len(rows) == 3 + 5  # stage 2 retrieved k = 1, 5, 20; four gold / paragraph reads;
+    assert rows[-1].startswith("| stage 1, the sampled questions' retrieved top passage")  # k = 1
     assert [r.split(" | ")[1] for r in rows[:3]] == ["1", "5", "20"]
     held_out = read_reader_examples(run / "squad/dev.biencoder.json", "biencoder")
     for name, k in (("s2_retrieved", "20"), ("s1_gold_all", "1")):
