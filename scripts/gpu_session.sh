@@ -116,6 +116,10 @@ want eval && step read_retrieved 60 "${CLI[@]}" read --model "$W/s2" --results "
     --quiet --out "$W/eval/retrieved_s2.json"
 want eval && step read_gold_s2 45 "${CLI[@]}" read --model "$W/s2" --results "$DEV" --format biencoder \
     --sample "$SAMPLE" --ks 1 --quiet --out "$W/eval/gold_s2.json"
+#    Stage 1 end to end on the retrieved top passage alone (k = 1: it never learned selection),
+#    as scripts/reader_recipe.sh reads it.
+want eval && step read_retrieved_s1 30 "${CLI[@]}" read --model "$W/s1" --results "$RESULTS" --ks 1 \
+    --quiet --out "$W/eval/retrieved_s1.json"
 # 4. Answer-selection levers on the trained reader (outputs computed once, re-selected).
 #    One answer length: the nine (selection, length) settings outran 60 s on an H200's host.
 want levers && step levers 120 "$PY" scripts/bench_reader_levers.py --model "$READER" \
