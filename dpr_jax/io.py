@@ -513,7 +513,14 @@ def _image_holds(head: bytes, path: Path) -> bool:
 
 
 # what a scripts/ benchmark writes at --json / --out: write_results puts "written_by" first
-RESULTS_JSON = json_format("results JSON of a scripts/ benchmark", "written_by")
+# (bench_encode's results before it said "created_by": "scripts/bench_encode.py")
+RESULTS_JSON = FileFormat(
+    "results JSON of a scripts/ benchmark",
+    lambda head, path: (
+        re.match(rb'\s*\{\s*"written_by":\s*"scripts/', head) is not None
+        or b'"created_by": "scripts/' in head
+    ),
+)
 IMAGE = FileFormat("picture (PNG, PDF, SVG, ...)", _image_holds)
 NPY = FileFormat(".npy array", lambda head, path: head.startswith(b"\x93NUMPY"))
 
@@ -721,6 +728,8 @@ def check_results_file(out: str | Path | None, what: str = "--json") -> Path | N
                 raise OutputPathError(
                     f"{what} {out}: {parent} is a file, not a directory. Choose another path"
                 )
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise OutputPathError(f"{what} {out}: {parent} is not writable here")
             break
     return path
 
@@ -749,6 +758,7 @@ def claim_results_folder(out: str | Path, script: str, what: str = "--out") -> P
 def write_results(out: str | Path, results: dict, script: str) -> Path:
     """A script's results as JSON at ``out`` (checked before by :func:`check_results_file`):
     ``{"written_by": script, **results}``, its folders made, written aside and renamed."""
+    check_results_file(out)  # again: the run may have taken hours
     text = json.dumps({"written_by": script, **results}, indent=1, default=str)
     return atomic_write_text(Path(out).expanduser(), text + "\n")
 

@@ -94,12 +94,12 @@ def timed(fn) -> float:
 
 
 def main(argv=None) -> int:
-    from dpr_jax.io import check_results_file, write_results
-
     args = parse_args(argv)
-    check_results_file(args.json)
     if args.threads < os.cpu_count():
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: args.threads]))
+    from dpr_jax.io import check_results_file, write_results  # (numpy: after the pinning)
+
+    check_results_file(args.json)
     flags = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}"
     if args.devices:
         flags += f" --xla_force_host_platform_device_count={args.devices}"

@@ -40,7 +40,8 @@ read -r -a ANN <<<"${GPU_ANN:---n 1000000}"
 read -r -a READ <<<"${GPU_READ:---questions 16 --rounds 3}"
 read -r -a MFU <<<"${GPU_MFU:-}"
 # GPU_STEPS: which parts run (two leases can split them); GPU_READER: the reader the later parts
-# read with (default: the one stage 2 trains here)
+# read with (default: the one stage 2 trains here; an earlier lease's: its $OUT/reader, the float16
+# shards, carried back)
 STEPS=" ${GPU_STEPS:-recipe eval levers ann read_speed mfu} "
 READER=${GPU_READER:-$W/s2}
 LOG="$O/steps.log"

@@ -147,6 +147,7 @@ def pack_reader(model: Path, out: Path) -> None:
     from flax.traverse_util import flatten_dict
     from safetensors.numpy import save_file
 
+    from dpr_jax.io import staged_dir
     from dpr_jax.model_dir import load_model, resolve_model_dir
 
     _, _, params, meta = load_model(model, expect_kind="reader")
@@ -156,12 +157,6 @@ def pack_reader(model: Path, out: Path) -> None:
         parts = -(-v.nbytes // SHARD_BYTES)
         for i, block in enumerate(np.array_split(v, parts) if parts > 1 else [v]):
             flat["/".join(k) + (f"@{i}" if parts > 1 else "")] = block
-    out.mkdir(parents=True, exist_ok=True)
-    old = out / "reader_meta.json"  # an earlier packing here (check_output: ours): its shards go
-    if old.is_file():
-        for name in json.loads(old.read_text())["shards"]:
-            (out / Path(name).name).unlink(missing_ok=True)
-        old.unlink()
     shards, cur, size = [], {}, 0
     for k, v in flat.items():
         if cur and size + v.nbytes > SHARD_BYTES:
@@ -171,11 +166,12 @@ def pack_reader(model: Path, out: Path) -> None:
         size += v.nbytes
     shards.append(cur)
     names = []
-    for i, s in enumerate(shards):
-        names.append(f"reader_fp16_{i}.safetensors")
-        save_file(s, out / names[-1])
+    with staged_dir(out) as tmp:  # whole or not at all; an earlier packing here is replaced
+        for i, s in enumerate(shards):
+            names.append(f"reader_fp16_{i}.safetensors")
+            save_file(s, tmp / names[-1])
+        (tmp / "reader_meta.json").write_text(json.dumps({"meta": meta, "shards": names}))
     src = resolve_model_dir(model)
-    (out / "reader_meta.json").write_text(json.dumps({"meta": meta, "shards": names}))
     print(f"{src}: {len(flat)} arrays -> {len(names)} float16 shards in {out}")
 
 
@@ -208,7 +204,14 @@ def restore_reader(src: Path, out: Path, tokenizer: str) -> None:
 
 def main(argv=None) -> int:
     from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE  # (imports no jax)
-    from dpr_jax.io import GPU_INPUTS, GPU_INPUTS_RECORD, MODEL, READER_SHARDS, check_output
+    from dpr_jax.io import (
+        GPU_INPUTS,
+        GPU_INPUTS_RECORD,
+        MODEL,
+        READER_SHARDS,
+        OutputPathError,
+        check_output,
+    )
     from dpr_jax.training.config import minilm_path
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -242,6 +245,13 @@ def main(argv=None) -> int:
         ap.error("--squad-dpr and --results (or --pack-reader / --restore-reader)")
     sq = Path(args.squad_dpr)
     check_output(out, GPU_INPUTS, [sq, args.results, args.squad])
+    before = out / GPU_INPUTS_RECORD
+    if before.is_file() and json.loads(before.read_text()).get("eval_only") != args.eval_only:
+        raise OutputPathError(
+            f"--out {out} holds the files of gpu_session_prepare.py "
+            f"{'with' if not args.eval_only else 'without'} --eval-only (see {before}), laid out "
+            "otherwise; choose another folder, or delete it first"
+        )
     data = out if args.eval_only else out / "data"
     data.mkdir(parents=True, exist_ok=True)
     record = {"created_by": "scripts/gpu_session_prepare.py", "eval_only": args.eval_only,

@@ -10,10 +10,11 @@
 # skipped and a training stage resumes from its checkpoints, so the recipe can run in the
 # background across sessions (hours on a 2-core CPU; README (c)). Each step's command (with its
 # options) is kept in $RUN/steps/NAME.command when it starts; a re-run whose command for a
-# finished step differs is refused (one line, exit 2), so a changed option never silently reuses
-# what other options made (an unfinished step runs again: a training refuses by itself to resume
-# a checkpoint of another configuration). To re-make a step, remove its output and those of the
-# steps after it. Steps, in $RUN:
+# finished step differs is refused (one line, exit 2), so a changed option is not silently
+# answered with what other options made (an unfinished step runs again: a training refuses by
+# itself to resume a checkpoint of another configuration). Each step checks its own command only:
+# a step re-made because its output was removed does not re-make the steps that read it, so to
+# re-make a step remove its output and those of the steps after it. Steps, in $RUN:
 #   squad/        prepare-squad --chunking fixed (the 100-word passages, 44 held-out articles;
 #                 made in squad.partial/, the script's own, then renamed)
 #   minilm_st/    all-MiniLM-L6-v2 converted (the retriever's start)
@@ -81,6 +82,7 @@ read -r -a QS <<<"${QUICKSTART_OPTS:-}"
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$RUN/eval" "$RUN/steps"
 LOG=$RUN/recipe.log
+: >>"$LOG" # first: RUN is a recipe run from here on
 
 now() { date -u +%FT%TZ; }
 
@@ -105,8 +107,10 @@ step() { # step NAME OUTPUT MARKER COMMAND...: run COMMAND unless MARKER (its la
     [[ -f $record ]] && was=$(<"$record")
     if [[ -e $marker ]]; then
         if [[ -n $was && $was != "$cmd" ]]; then
-            echo "reader_recipe.sh: step $name: $output was made by other options" \
-                "($record: $was); now: $cmd. Run with the same options, or remove $output and" \
+            local made=$output
+            [[ $marker == "$output"/* ]] || made="$output and $marker"
+            echo "reader_recipe.sh: step $name: $made was made by other options" \
+                "($record: $was); now: $cmd. Run with the same options, or remove $made and" \
                 "the later steps' outputs to re-make it" | tee -a "$LOG" >&2
             exit 2
         fi

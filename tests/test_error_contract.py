@@ -458,6 +458,9 @@ def test_results_file_is_replaced_only_when_a_script_wrote_it(tmp_path):
     data.write_text(json.dumps([{"question": "q", "answers": ["a"], "ctxs": []}]))
     with pytest.raises(OutputPathError, match="holds no results JSON"):
         check_results_file(data, "--out")
+    old = tmp_path / "old.json"  # bench_encode's results before write_results
+    old.write_text(json.dumps({"args": {}, "created_by": "scripts/bench_encode.py"}, indent=2))
+    assert check_results_file(old) == old
 
 
 def test_results_folder_is_claimed_by_one_script(tmp_path):

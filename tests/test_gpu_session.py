@@ -180,13 +180,15 @@ def test_prepare_replaces_only_what_it_wrote(prep, tmp_path, minilm_dir):
         assert res.stderr.startswith("gpu_session_prepare: --out ")
     assert sorted(os.listdir(other)) == ["notes.txt"] and not (sq / "sub").exists()
     out = tmp_path / "eval"
-    for _ in range(2):  # the second run replaces the first's files
+    for n in (3, 4):  # the second run replaces the first's files
         res = _run_prepare("--squad-dpr", sq, "--results", results, "--out", out, "--eval-only",
-                           "--sample", 4)  # fmt: skip
+                           "--sample", n)  # fmt: skip
         assert res.returncode == 0, res.stderr
     assert sorted(os.listdir(out)) == [
         "dev.biencoder.json.xz", "dev.results.json.xz", "gpu_session_prepare.json"]  # fmt: skip
     assert len(json.loads(lzma.open(out / "dev.results.json.xz").read())) == 4
+    res = _run_prepare("--squad-dpr", sq, "--results", results, "--out", out)  # the other layout
+    assert res.returncode == 2 and "with --eval-only (see" in res.stderr, res.stderr
 
     cfg = BertConfig(**TINY_BERT)
     save_model(tmp_path / "reader", init_reader_params(cfg, jax.random.PRNGKey(0)), "reader",

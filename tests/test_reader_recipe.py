@@ -94,6 +94,7 @@ def test_recipe_end_to_end_small_then_resumed(data_dir, minilm_dir, tmp_path):
     summary = (run / "eval/summary.md").read_text()
     rows = [r for r in summary.splitlines() if r.startswith("| stage")]
     assert len(rows) == 3 + 5  # stage 2 retrieved k = 1, 5, 20; four gold / paragraph reads;
+    # stage 1's retrieved top passage last
     assert rows[-1].startswith("| stage 1, the sampled questions' retrieved top passage")  # k = 1
     assert [r.split(" | ")[1] for r in rows[:3]] == ["1", "5", "20"]
     held_out = read_reader_examples(run / "squad/dev.biencoder.json", "biencoder")
@@ -114,6 +115,10 @@ def test_recipe_end_to_end_small_then_resumed(data_dir, minilm_dir, tmp_path):
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert res.stderr.startswith(f"reader_recipe.sh: step stage2: {run}/reader-s2 was made by ")
     assert "--set seed=1. Run with the same options, or remove" in res.stderr
+    res = _run(
+        {**env, "S2_SET": TINY["S2_SET"] + " --set seed=1", "RETRIEVER_SET": ""}, timeout=120
+    )
+    assert res.returncode == 2 and f"step retriever: {run}/retriever was made by" in res.stderr
     assert ": start:" not in (run / "recipe.log").read_text()[len(before) :]
     before = (run / "recipe.log").read_text()
     res = _run(env, timeout=300)

@@ -96,8 +96,9 @@ from dpr_jax.training.config import minilm_path
 
 
 def _source(src: str | None) -> str | None:
-    """``minilm`` -> the offline MiniLM package's directory, unless a path of that name exists."""
-    return minilm_path() if src == "minilm" and not Path(src).exists() else src
+    """``minilm`` -> the offline MiniLM package's directory, unless a directory of that name is
+    where the command runs."""
+    return minilm_path() if src == "minilm" and not Path(src).is_dir() else src
 
 
 def cli_main(argv: list[str] | None = None) -> int:
