@@ -460,15 +460,16 @@ HF_EXPORT = "Hugging Face export"  # dpr_jax.convert --to-hf: dpr_jax_export.jso
 SQUAD_DATA = "prepare-squad directory"  # dpr_jax.data.squad: config.json {"created_by": ...}
 WORKDIR = "training workdir"  # dpr_jax.training.loop: metrics.jsonl, checkpoints/, model/
 CHECKPOINT = "training checkpoint"  # dpr_jax.training.checkpoints: manifest of that format
-# scripts/gpu_session_prepare.py: a lent GPU's inputs (or a recipe's sampled validation files),
-# GPU_INPUTS_RECORD {"created_by": ...}; a reader packed as float16 shards, reader_meta.json
-GPU_INPUTS = "gpu_session_prepare folder"
-GPU_INPUTS_RECORD = "gpu_session_prepare.json"
+# scripts/gpu_session_prepare.py: a reader packed as float16 shards, reader_meta.json
 READER_SHARDS = "folder of float16 reader shards"
-# a scripts/ benchmark's results folder (results.json, table.md, pictures, ...):
-# SCRIPT_FOLDER_RECORD {"written_by": "scripts/NAME.py"} (claim_results_folder)
+# a script's results folder (results.json, table.md, pictures, kept files, ...): its record
+# {"written_by": "scripts/NAME.py", ...} (claim_results_folder), SCRIPT_FOLDER_RECORD or, for
+# scripts/gpu_session_prepare.py (a lent GPU's inputs, or a recipe's sampled validation files),
+# GPU_INPUTS_RECORD (also with the run's settings; before: "created_by")
 SCRIPT_FOLDER = "script results folder"
 SCRIPT_FOLDER_RECORD = "written_by.json"
+GPU_INPUTS_RECORD = "gpu_session_prepare.json"
+_SCRIPT_RECORDS = (SCRIPT_FOLDER_RECORD, GPU_INPUTS_RECORD)
 # kinds whose files are checked against what they were saved with: nothing may be written inside
 _SEALED = (MODEL, INDEX, EMBEDDINGS, BM25, RECORD_DIR, HF_EXPORT, CHECKPOINT)
 _MANIFEST_FORMATS = (
@@ -596,8 +597,7 @@ def artifact_kind(path: str | Path) -> tuple[str, Path] | None:
         (HF_EXPORT, "dpr_jax_export.json"),
         (HF_EXPORT, "question_encoder/dpr_jax_export.json"),
         (HF_EXPORT, "ctx_encoder/dpr_jax_export.json"),
-        (GPU_INPUTS, GPU_INPUTS_RECORD),
-        (SCRIPT_FOLDER, SCRIPT_FOLDER_RECORD),
+        *((SCRIPT_FOLDER, rel) for rel in _SCRIPT_RECORDS),
     ):
         if (d / rel).is_file():
             return kind, d / rel
@@ -734,23 +734,33 @@ def check_results_file(out: str | Path | None, what: str = "--json") -> Path | N
     return path
 
 
-def claim_results_folder(out: str | Path, script: str, what: str = "--out") -> Path:
+def claim_results_folder(
+    out: str | Path,
+    script: str,
+    what: str = "--out",
+    inputs: Iterable[str | Path | None] = (),
+    record: str = SCRIPT_FOLDER_RECORD,
+) -> Path:
     """Before a script's work: the folder ``out`` will hold its results under fixed names
     (``results.json``, ``table.md``, pictures, kept files). Refused (one line) as
-    :func:`check_output` refuses a folder (a non-empty folder of other files, another artifact,
-    a path inside one or a file) and when it holds another script's results; else made, with
-    ``script`` recorded in its :data:`SCRIPT_FOLDER_RECORD`, so the next run of ``script``
-    writes there again. Returns ``Path(out)``."""
-    path = check_output(out, SCRIPT_FOLDER, what=what)
-    record = path / SCRIPT_FOLDER_RECORD
-    by = _field(record, "written_by")
-    if by is None:
+    :func:`check_output` refuses a folder (one of ``inputs``, in or around one, a non-empty folder
+    of other files, another artifact, a path inside one or a file) and when it holds another
+    script's results (told by its record's ``"written_by"``); else made, with ``{"written_by":
+    script}`` in ``record`` (:data:`SCRIPT_FOLDER_RECORD`, or :data:`GPU_INPUTS_RECORD`, which its
+    script rewrites with its settings), so the next run of ``script`` writes there again.
+    Returns ``Path(out)``."""
+    path = check_output(out, SCRIPT_FOLDER, inputs, what=what)
+    found = artifact_kind(path.expanduser().resolve())
+    if found is None:  # new or empty
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(record, json.dumps({"written_by": script}) + "\n")
-    elif by != script:
+        atomic_write_json(path / record, {"written_by": script})
+        return path
+    marker = found[1]
+    by = _field(marker, "written_by") or _field(marker, "created_by")
+    if by != script:
         raise OutputPathError(
-            f"{what} {out} holds the results of {by} (see {record}), not of {script}; refusing "
-            "to write there. Choose another directory"
+            f"{what} {out} holds the results of {by or 'an unnamed script'} (see {marker}), not "
+            f"of {script}; refusing to write there. Choose another directory"
         )
     return path
 

@@ -20,7 +20,8 @@ its trained reader comes back in float16 shards:
 - ``--restore-reader DIR --out MODEL --tokenizer TOK``: those shards -> a reader model directory
   (float32 again; the float16 rounding stays).
 
-Nothing this script did not write is replaced (:func:`dpr_jax.io.check_output`, before any work):
+Nothing this script did not write is replaced (before any work: the inputs' folder by
+:func:`dpr_jax.io.claim_results_folder`, the shards and the model by ``check_output``):
 ``--out`` must be new, empty or what the same mode wrote there before (its
 ``gpu_session_prepare.json``, its ``reader_meta.json``, a model directory), and outside every
 input; a refusal is one line, exit 2.
@@ -38,6 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+SCRIPT = "scripts/gpu_session_prepare.py"
 XZ = [{"id": lzma.FILTER_LZMA2, "preset": 6, "dict_size": 192 << 20}]
 SHARD_BYTES = 15 << 20
 
@@ -205,12 +207,14 @@ def restore_reader(src: Path, out: Path, tokenizer: str) -> None:
 def main(argv=None) -> int:
     from dpr_jax.cli.options import NON_NEGATIVE, POSITIVE  # (imports no jax)
     from dpr_jax.io import (
-        GPU_INPUTS,
         GPU_INPUTS_RECORD,
         MODEL,
         READER_SHARDS,
         OutputPathError,
+        atomic_write_json,
         check_output,
+        claim_results_folder,
+        read_json_object,
     )
     from dpr_jax.training.config import minilm_path
 
@@ -244,20 +248,22 @@ def main(argv=None) -> int:
     if not (args.squad_dpr and args.results):
         ap.error("--squad-dpr and --results (or --pack-reader / --restore-reader)")
     sq = Path(args.squad_dpr)
-    check_output(out, GPU_INPUTS, [sq, args.results, args.squad])
+    claim_results_folder(out, SCRIPT, inputs=[sq, args.results, args.squad],
+                         record=GPU_INPUTS_RECORD)  # fmt: skip
     before = out / GPU_INPUTS_RECORD
-    if before.is_file() and json.loads(before.read_text()).get("eval_only") != args.eval_only:
+    laid_out = read_json_object(before).get("eval_only", args.eval_only)  # a new claim has none
+    if laid_out != args.eval_only:
         raise OutputPathError(
             f"--out {out} holds the files of gpu_session_prepare.py "
-            f"{'with' if not args.eval_only else 'without'} --eval-only (see {before}), laid out "
+            f"{'with' if laid_out else 'without'} --eval-only (see {before}), laid out "
             "otherwise; choose another folder, or delete it first"
         )
     data = out if args.eval_only else out / "data"
     data.mkdir(parents=True, exist_ok=True)
-    record = {"created_by": "scripts/gpu_session_prepare.py", "eval_only": args.eval_only,
+    record = {"written_by": SCRIPT, "eval_only": args.eval_only,
               "squad_dpr": str(sq.resolve()), "results": str(Path(args.results).resolve()),
               "sample": args.sample, "seed": args.seed, "top": args.top}  # fmt: skip
-    (out / GPU_INPUTS_RECORD).write_text(json.dumps(record, indent=1) + "\n")  # first: ours
+    atomic_write_json(before, record)
     if not args.eval_only:
         minilm_fp16(out / "minilm")
         xz(sq / "dev.passages.tsv", data / "dev.passages.tsv.xz")

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
+from dpr_jax.io import OutputPathError, claim_results_folder
 from dpr_jax.model_dir import load_model, save_model
 from dpr_jax.models.bert import BertConfig
 from dpr_jax.reader.data import read_reader_examples, sample_examples
@@ -189,6 +190,20 @@ def test_prepare_replaces_only_what_it_wrote(prep, tmp_path, minilm_dir):
     assert len(json.loads(lzma.open(out / "dev.results.json.xz").read())) == 4
     res = _run_prepare("--squad-dpr", sq, "--results", results, "--out", out)  # the other layout
     assert res.returncode == 2 and "with --eval-only (see" in res.stderr, res.stderr
+    with pytest.raises(OutputPathError, match="holds the results of scripts/gpu_session_prep"):
+        claim_results_folder(out, "scripts/bench_ann.py")  # a benchmark's claim is refused too
+    bench = claim_results_folder(tmp_path / "bench", "scripts/bench_ann.py")
+    res = _run_prepare("--squad-dpr", sq, "--results", results, "--out", bench, "--eval-only")
+    assert res.returncode == 2 and "holds the results of scripts/bench_ann.py" in res.stderr
+    legacy = tmp_path / "legacy"  # written before the record said "written_by"
+    legacy.mkdir()
+    (legacy / "gpu_session_prepare.json").write_text(
+        json.dumps({"created_by": "scripts/gpu_session_prepare.py", "eval_only": True})
+    )
+    res = _run_prepare("--squad-dpr", sq, "--results", results, "--out", legacy, "--eval-only")
+    assert res.returncode == 0, res.stderr
+    record = json.loads((legacy / "gpu_session_prepare.json").read_text())
+    assert record["written_by"] == "scripts/gpu_session_prepare.py" and record["sample"] == 1000
 
     cfg = BertConfig(**TINY_BERT)
     save_model(tmp_path / "reader", init_reader_params(cfg, jax.random.PRNGKey(0)), "reader",
