@@ -12,9 +12,10 @@
 # options) is kept in $RUN/steps/NAME.command when it starts; a re-run whose command for a
 # finished step differs is refused (one line, exit 2), so a changed option is not silently
 # answered with what other options made (an unfinished step runs again: a training refuses by
-# itself to resume a checkpoint of another configuration). Each step checks its own command only:
-# a step re-made because its output was removed does not re-make the steps that read it, so to
-# re-make a step remove its output and those of the steps after it. Steps, in $RUN:
+# itself to resume a checkpoint of another configuration). A step also keeps when the steps it
+# reads finished ($RUN/steps/NAME.after, from their NAME.done): one whose inputs were re-made
+# since (their output removed and made again) is refused the same way, finished or not, so to
+# re-make a step remove its output and those of the steps that read it. Steps, in $RUN:
 #   squad/        prepare-squad --chunking fixed (the 100-word passages, 44 held-out articles;
 #                 made in squad.partial/, the script's own, then renamed)
 #   minilm_st/    all-MiniLM-L6-v2 converted (the retriever's start)
@@ -100,15 +101,37 @@ command_of() { # the command as recorded: the run, repo and interpreter paths as
     echo "${out[*]}"
 }
 
-step() { # step NAME OUTPUT MARKER COMMAND...: run COMMAND unless MARKER (its last file) exists
-    local name=$1 output=$2 marker=$3 cmd was="" record=$RUN/steps/$1.command
-    shift 3
+stamps_of() { # the finish stamps of the steps named (each "NAME STAMP", one a line)
+    local d
+    for d in "$@"; do
+        echo "$d $(cat "$RUN/steps/$d.done" 2>/dev/null || echo unfinished)"
+    done
+}
+
+step() { # step NAME "READS" OUTPUT MARKER COMMAND...: run COMMAND unless MARKER (its last file)
+    # exists; READS: the steps whose outputs it reads
+    local name=$1 reads=$2 output=$3 marker=$4 cmd was="" record=$RUN/steps/$1.command
+    local after=$RUN/steps/$1.after stamps read_then=""
+    shift 4
     cmd=$(command_of "$@")
+    # shellcheck disable=SC2086 # READS: names split on spaces
+    stamps=$(stamps_of $reads)
     [[ -f $record ]] && was=$(<"$record")
+    [[ -f $after ]] && read_then=$(<"$after")
+    local made=$output
+    [[ $marker == "$output"/* ]] || made="$output and $marker"
+    if [[ (-e $marker || -e $output) && -f $after && $read_then != "$stamps" ]]; then
+        local d changed=()
+        for d in $reads; do
+            grep -qxF "$(stamps_of "$d")" "$after" || changed+=("$d")
+        done
+        echo "reader_recipe.sh: step $name: $made came from an earlier output of step" \
+            "${changed[*]}, made again since (see $after and $RUN/steps/${changed[0]}.done)." \
+            "Remove $made and the later steps' outputs to re-make them from it" | tee -a "$LOG" >&2
+        exit 2
+    fi
     if [[ -e $marker ]]; then
         if [[ -n $was && $was != "$cmd" ]]; then
-            local made=$output
-            [[ $marker == "$output"/* ]] || made="$output and $marker"
             echo "reader_recipe.sh: step $name: $made was made by other options" \
                 "($record: $was); now: $cmd. Run with the same options, or remove $made and" \
                 "the later steps' outputs to re-make it" | tee -a "$LOG" >&2
@@ -120,7 +143,9 @@ step() { # step NAME OUTPUT MARKER COMMAND...: run COMMAND unless MARKER (its la
     if [[ -e $output && -n $was && $was != "$cmd" ]]; then # unfinished: the command judges
         echo "[$(now)] $name: started before with other options ($was)" | tee -a "$LOG"
     fi
+    rm -f "$RUN/steps/$name.done"
     echo "$cmd" >"$record.partial" && mv "$record.partial" "$record"
+    echo "$stamps" >"$after.partial" && mv "$after.partial" "$after"
     echo "[$(now)] $name: start: $*" | tee -a "$LOG"
     local t0=$SECONDS rc=0
     "$@" || rc=$?
@@ -133,6 +158,7 @@ step() { # step NAME OUTPUT MARKER COMMAND...: run COMMAND unless MARKER (its la
         echo "[$(now)] $name: failed (exit $rc); fix the cause and re-run" | tee -a "$LOG" >&2
         exit "$rc"
     fi
+    date -u +%FT%T.%NZ >"$RUN/steps/$name.done"
     echo "[$(now)] $name: done in $((SECONDS - t0)) s" | tee -a "$LOG"
 }
 
@@ -143,42 +169,42 @@ prepare() { # prepare() SQUAD: prepare-squad writes its folder file by file: mad
         --quiet || return
     mv "$RUN/squad.partial" "$RUN/squad"
 }
-step prepare "$RUN/squad" "$RUN/squad/config.json" prepare "$SQUAD"
-step convert "$RUN/minilm_st" "$RUN/minilm_st/manifest.json" "${CLI[@]}" convert \
+step prepare "" "$RUN/squad" "$RUN/squad/config.json" prepare "$SQUAD"
+step convert "" "$RUN/minilm_st" "$RUN/minilm_st/manifest.json" "${CLI[@]}" convert \
     --from-hf "$MINILM" --out "$RUN/minilm_st"
-step retriever "$RUN/retriever" "$RUN/retriever/model/manifest.json" \
+step retriever "prepare convert" "$RUN/retriever" "$RUN/retriever/model/manifest.json" \
     env DPR_JAX_SQUAD_DPR="$RUN/squad" \
     DPR_JAX_MINILM_ST="$RUN/minilm_st" "${CLI[@]}" train --config configs/squad_minilm_st.py \
     --workdir "$RUN/retriever" --set eval_at_start=False ${RET_SET[@]+"${RET_SET[@]}"}
 RESULTS="$RUN/eval-st/fixed/results.hybrid (linear).json"
-step retrieval "$RUN/eval-st" "$RUN/eval-st/fixed/retrieval_metrics.json" \
+step retrieval "retriever" "$RUN/eval-st" "$RUN/eval-st/fixed/retrieval_metrics.json" \
     "${CLI[@]}" quickstart --data "$DATA" \
     --no-reader --max-articles 0 --max-questions 0 --chunking fixed \
     --retriever "$RUN/retriever/model" --workdir "$RUN/eval-st" ${QS[@]+"${QS[@]}"}
-step sample "$RUN/data" "$RUN/data/dev.paragraphs.json.xz" "$PY" scripts/gpu_session_prepare.py \
+step sample "prepare retrieval" "$RUN/data" "$RUN/data/dev.paragraphs.json.xz" "$PY" scripts/gpu_session_prepare.py \
     --squad-dpr "$RUN/squad" --results "$RESULTS" --out "$RUN/data" --squad "$SQUAD" --eval-only
-step stage1 "$RUN/reader-s1" "$RUN/reader-s1/model/manifest.json" "${CLI[@]}" train-reader \
+step stage1 "prepare" "$RUN/reader-s1" "$RUN/reader-s1/model/manifest.json" "${CLI[@]}" train-reader \
     --config configs/reader_squad_minilm_stage1.py --train "$RUN/squad/train.biencoder.json" \
     --dev "$RUN/squad/dev.biencoder.json" --workdir "$RUN/reader-s1" ${S1[@]+"${S1[@]}"}
 DEV=$RUN/data/dev.results.json.xz
 E=$RUN/eval
-read_step() { # read_step NAME MODEL RESULTS FORMAT KS
-    step "read_$1" "$E/$1.json" "$E/$1.json.config.json" "${CLI[@]}" read --model "$2" \
-        --results "$3" --format "$4" --ks "$5" --quiet --out "$E/$1.json"
+read_step() { # read_step NAME "READS" MODEL RESULTS FORMAT KS
+    step "read_$1" "$2" "$E/$1.json" "$E/$1.json.config.json" "${CLI[@]}" read --model "$3" \
+        --results "$4" --format "$5" --ks "$6" --quiet --out "$E/$1.json"
 }
 # stage 1's reads before stage 2 trains (an hour on a CPU): its figures come first. It read one
 # passage per question in training and never learned to choose among several (its selection
 # head is untrained), so end to end it reads the retriever's top passage alone (k = 1)
-read_step s1_gold_all "$RUN/reader-s1/model" "$RUN/squad/dev.biencoder.json" biencoder 1
-read_step s1_retrieved "$RUN/reader-s1/model" "$DEV" auto 1
-step stage2 "$RUN/reader-s2" "$RUN/reader-s2/model/manifest.json" env READER_STAGE1="$RUN/reader-s1" \
+read_step s1_gold_all "stage1 prepare" "$RUN/reader-s1/model" "$RUN/squad/dev.biencoder.json" biencoder 1
+read_step s1_retrieved "stage1 sample" "$RUN/reader-s1/model" "$DEV" auto 1
+step stage2 "prepare sample stage1" "$RUN/reader-s2" "$RUN/reader-s2/model/manifest.json" env READER_STAGE1="$RUN/reader-s1" \
     "${CLI[@]}" train-reader --config configs/reader_squad_minilm_stage2.py \
     --train "$RUN/squad/train.biencoder.json" --dev "$DEV" --workdir "$RUN/reader-s2" \
     ${S2[@]+"${S2[@]}"}
-read_step s2_retrieved "$RUN/reader-s2/model" "$DEV" auto 1,5,20
-read_step s2_gold1000 "$RUN/reader-s2/model" "$RUN/data/dev.biencoder.json.xz" biencoder 1
-read_step s2_paragraphs "$RUN/reader-s2/model" "$RUN/data/dev.paragraphs.json.xz" squad 1
-read_step s2_gold_all "$RUN/reader-s2/model" "$RUN/squad/dev.biencoder.json" biencoder 1
+read_step s2_retrieved "stage2 sample" "$RUN/reader-s2/model" "$DEV" auto 1,5,20
+read_step s2_gold1000 "stage2 sample" "$RUN/reader-s2/model" "$RUN/data/dev.biencoder.json.xz" biencoder 1
+read_step s2_paragraphs "stage2 sample" "$RUN/reader-s2/model" "$RUN/data/dev.paragraphs.json.xz" squad 1
+read_step s2_gold_all "stage2 prepare" "$RUN/reader-s2/model" "$RUN/squad/dev.biencoder.json" biencoder 1
 
 summary() { # the reads' metrics as a markdown table
     "$PY" - "$E" <<'PY'

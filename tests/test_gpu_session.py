@@ -109,6 +109,7 @@ def test_sampled_files_hold_the_questions_read_samples(prep, tmp_path):
     assert [p.text for p in got[4].passages] == [p.text for p in want[4].passages[:5]]
 
 
+@pytest.mark.slow
 def test_session_script_runs_its_steps_on_cpu(tmp_path):
     """The script's own machinery on CPU stand-ins: xz inputs unpacked, the chosen steps run (the
     ANN rows with ``--accel-force-cpu``; a stage that fails is logged and the next runs), the

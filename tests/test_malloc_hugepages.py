@@ -109,6 +109,7 @@ def test_only_the_command_itself_reexecutes(monkeypatch, capsys):
     assert "usage: dpr-jax" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_hugepages_smoke(tmp_path):
     """scripts/bench_hugepages.py: a tiny reader train step both ways, its table and JSON."""
     out = tmp_path / "hp.json"

@@ -121,6 +121,7 @@ def test_length_groups(setup):
         _data(setup, bucket=-1)
 
 
+@pytest.mark.slow
 def test_bench_reader_lengths_smoke(data_dir, minilm_dir, tmp_path, capsys):
     import importlib.util
     import json

@@ -6,6 +6,7 @@ re-made, an interrupted read made alone; a missing DATA or a failed step is one 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,81 @@ def test_recipe_refuses_missing_data_and_stops_at_a_failed_step(tmp_path):
     assert "train-v1.1.json" in res.stderr and "Traceback" not in res.stderr
     log = (tmp_path / "rel/recipe.log").read_text()
     assert "prepare: failed (exit 2); fix the cause and re-run" in log and "convert" not in log
+
+
+STUB = '''#!{python}
+"""A stand-in for python: each dpr-jax command the recipe runs writes its step's marker only."""
+import json, os, sys
+from pathlib import Path
+
+a = sys.argv[1:]
+if a[0] == "-":  # the summary's own python
+    os.execv({python!r}, [{python!r}, *a])
+opt = lambda name: Path(a[a.index(name) + 1])
+with open(os.environ["STUB_LOG"], "a") as f:
+    f.write((a[2] if a[0] == "-m" else a[0]) + "\\n")
+def mark(p, text="{{}}"):
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+cmd = a[2] if a[0] == "-m" else "prepare"
+if cmd in ("prepare-squad",):
+    mark(opt("--out") / "config.json")
+elif cmd == "convert":
+    mark(opt("--out") / "manifest.json")
+elif cmd in ("train", "train-reader"):
+    mark(opt("--workdir") / "model/manifest.json")
+elif cmd == "quickstart":
+    mark(opt("--workdir") / "fixed/retrieval_metrics.json")
+elif cmd == "read":
+    m = {{k: {{"questions": 10, "em": 0.5, "f1": 0.6}} for k in str(opt("--ks")).split(",")}}
+    mark(Path(str(opt("--out")) + ".config.json"), json.dumps({{"metrics": m}}))
+else:  # scripts/gpu_session_prepare.py
+    mark(opt("--out") / "dev.paragraphs.json.xz")
+'''
+
+
+def test_recipe_refuses_a_step_whose_inputs_were_made_again(tmp_path):
+    """Each step records when the steps it reads finished: after a step is made again (its
+    output removed), a finished or started step that read its earlier output is refused (one
+    line, exit 2, nothing run after it); steps that do not read it are skipped as before."""
+    (tmp_path / "data/squad").mkdir(parents=True)
+    (tmp_path / "data/squad/train-v1.1.json").write_text("{}")
+    stub = tmp_path / "python"
+    stub.write_text(STUB.format(python=sys.executable))
+    stub.chmod(0o755)
+    run, log = tmp_path / "run", tmp_path / "stub.log"
+    env = {**os.environ, "DATA": str(tmp_path / "data"), "RUN": str(run), "PYTHON": str(stub),
+           "STUB_LOG": str(log)}  # fmt: skip
+    res = _run(env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert len(log.read_text().splitlines()) == len(STEPS)
+    assert (run / "steps/stage2.after").read_text().split()[::2] == ["prepare", "sample", "stage1"]
+    assert (run / "steps/convert.after").read_text() == "\n"  # reads no step
+    # the sampled questions made again: the stage-1 read of them is refused, stage 1 is not
+    for p in sorted((run / "data").rglob("*"), reverse=True):
+        p.unlink() if p.is_file() else p.rmdir()
+    (run / "data").rmdir()
+    log.write_text("")
+    res = _run(env, timeout=120)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert res.stderr.startswith(f"reader_recipe.sh: step read_s1_retrieved: {run}/eval/s1_retr")
+    assert "came from an earlier output of step sample, made again since" in res.stderr
+    assert log.read_text().split("\n")[:-1] == ["scripts/gpu_session_prepare.py"]
+    text = (run / "recipe.log").read_text()
+    assert "stage1: done before" in text and "read_s1_gold_all: done before" in text.split(
+        "sample: done in")[-1]  # fmt: skip
+    # removed as told (that read and the later steps' outputs): made again; the rest skipped
+    shutil.rmtree(run / "reader-s2")
+    for p in (run / "eval").glob("s[12]_*.json*"):
+        if not p.name.startswith("s1_gold_all"):
+            p.unlink()
+    log.write_text("")
+    res = _run(env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert [line.split()[0] for line in log.read_text().splitlines()] == [
+        "read", "train-reader", "read", "read", "read", "read"]  # fmt: skip
+    # a started (unfinished) step is refused too: stage 1 restarted, its input made again
+    shutil.rmtree(run / "reader-s1/model")
+    shutil.rmtree(run / "squad")
+    res = _run(env, timeout=120)
+    assert res.returncode == 2 and "step retriever: " in res.stderr  # the first reader of it

@@ -115,6 +115,7 @@ def test_remat_policy_must_exist():
         load_config(REPO / "configs" / "tiny.py", ["remat=true", "remat_policy=no_such_policy"])
 
 
+@pytest.mark.slow
 def test_train_with_fsdp_resumes_and_equals_replicated(tmp_path, data_dir, minilm_dir):
     """``dpr-jax train`` with fsdp=True: stopped at step 2 and resumed from its (sharded)
     checkpoint, it exports the parameters of a replicated run of 4 steps.
