@@ -84,6 +84,16 @@ export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$RUN/eval" "$RUN/steps"
 LOG=$RUN/recipe.log
 : >>"$LOG" # first: RUN is a recipe run from here on
+# one run of the recipe at a time in a RUN (flock(1) of util-linux, where there is one; the
+# commands it starts hold the lock too, so a killed script's training still holds it)
+if command -v flock >/dev/null; then
+    exec 9>>"$RUN/recipe.lock"
+    if ! flock -n 9; then
+        echo "reader_recipe.sh: RUN $RUN is in use by another run of the recipe (it holds" \
+            "$RUN/recipe.lock); wait for it to end, or stop it" >&2
+        exit 2
+    fi
+fi
 
 now() { date -u +%FT%TZ; }
 

@@ -3,6 +3,7 @@ small on CPU (10 real articles, a few steps of each training): a stage stopped e
 resumed from its checkpoint by the next run; then re-run: every finished step skipped, nothing
 re-made, an interrupted read made alone; a missing DATA or a failed step is one line, exit 2."""
 
+import fcntl
 import json
 import os
 import re
@@ -214,6 +215,15 @@ def test_recipe_refuses_a_step_whose_inputs_were_made_again(tmp_path):
     res = _run(env, timeout=120)
     assert res.returncode == 0, res.stderr
     assert len(log.read_text().splitlines()) == len(STEPS)
+    if shutil.which("flock"):  # a second run in the same RUN at once: refused, nothing run
+        with open(run / "recipe.lock", "a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            res = _run(env, timeout=60)
+        assert res.returncode == 2 and res.stderr == (
+            f"reader_recipe.sh: RUN {run} is in use by another run of the recipe (it holds "
+            f"{run}/recipe.lock); wait for it to end, or stop it\n"
+        )
+        assert len(log.read_text().splitlines()) == len(STEPS)
     assert (run / "steps/stage2.after").read_text().split()[::2] == ["prepare", "sample", "stage1"]
     assert (run / "steps/convert.after").read_text() == "\n"  # reads no step
     # the sampled questions made again: the stage-1 read of them is refused, stage 1 is not
