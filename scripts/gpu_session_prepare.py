@@ -55,8 +55,10 @@ def _to_xz(dst: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def xz(src: Path, dst: Path) -> None:
-    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
+def xz(src: Path, dst: Path, reuse: bool = False) -> None:
+    """``src`` xz-compressed at ``dst``; with ``reuse`` (the last finished run read the same
+    input folder) a ``dst`` newer than ``src`` is kept."""
+    if reuse and dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
         print(f"{dst}: up to date")
         return
     with open(src, "rb") as fin:
@@ -251,22 +253,24 @@ def main(argv=None) -> int:
     claim_results_folder(out, SCRIPT, inputs=[sq, args.results, args.squad],
                          record=GPU_INPUTS_RECORD)  # fmt: skip
     before = out / GPU_INPUTS_RECORD
-    laid_out = read_json_object(before).get("eval_only", args.eval_only)  # a new claim has none
+    prior = read_json_object(before)
+    laid_out = prior.get("eval_only", args.eval_only)  # a new claim has none
     if laid_out != args.eval_only:
         raise OutputPathError(
             f"--out {out} holds the files of gpu_session_prepare.py "
             f"{'with' if laid_out else 'without'} --eval-only (see {before}), laid out "
             "otherwise; choose another folder, or delete it first"
         )
+    # the large copies are kept only from a finished run on the same prepare-squad folder (its
+    # name is recorded at the end: an interrupted run's record has none)
+    reuse = prior.get("squad_dpr") == str(sq.resolve())
+    record = {"written_by": SCRIPT, "eval_only": args.eval_only}
+    atomic_write_json(before, record)
     data = out if args.eval_only else out / "data"
     data.mkdir(parents=True, exist_ok=True)
-    record = {"written_by": SCRIPT, "eval_only": args.eval_only,
-              "squad_dpr": str(sq.resolve()), "results": str(Path(args.results).resolve()),
-              "sample": args.sample, "seed": args.seed, "top": args.top}  # fmt: skip
-    atomic_write_json(before, record)
     if not args.eval_only:
         minilm_fp16(out / "minilm")
-        xz(sq / "dev.passages.tsv", data / "dev.passages.tsv.xz")
+        xz(sq / "dev.passages.tsv", data / "dev.passages.tsv.xz", reuse)
     questions = sample_rows(Path(args.results), args.sample, args.seed,
                             data / "dev.results.json.xz", args.top)  # fmt: skip
     rows_of_questions(sq / "dev.biencoder.json", questions, data / "dev.biencoder.json.xz")
@@ -274,7 +278,10 @@ def main(argv=None) -> int:
         titles = json.loads((sq / "config.json").read_text())["splits"]["dev"]["article_titles"]
         squad_paragraphs(Path(args.squad), titles, questions, data / "dev.paragraphs.json.xz")
     if not args.eval_only:
-        xz(sq / "train.biencoder.json", data / "train.biencoder.json.xz")
+        xz(sq / "train.biencoder.json", data / "train.biencoder.json.xz", reuse)
+    record.update(squad_dpr=str(sq.resolve()), results=str(Path(args.results).resolve()),
+                  sample=args.sample, seed=args.seed, top=args.top)  # fmt: skip
+    atomic_write_json(before, record)
     return 0
 
 

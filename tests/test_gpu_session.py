@@ -229,3 +229,34 @@ def test_prepare_replaces_only_what_it_wrote(prep, tmp_path, minilm_dir):
     prep.main(["--restore-reader", str(shards), "--out", str(tmp_path / "restored"),
                "--tokenizer", str(minilm_dir)])  # fmt: skip
     assert load_model(tmp_path / "restored", "reader")[1] == cfg
+
+
+def test_prepare_keeps_a_copy_only_of_the_same_input(prep, tmp_path, minilm_dir):
+    """The large copies (dev passages, training file) are kept from a finished run on the same
+    prepare-squad folder; a run on another folder writes its own even when the kept copy is
+    newer than its files."""
+    folders = []
+    for name in ("a", "b"):
+        sq = tmp_path / name
+        sq.mkdir()
+        gold = [{"question": f"q{i}", "answers": ["a"], "negative_ctxs": [],
+                 "positive_ctxs": [{"title": name, "text": "a"}], "hard_negative_ctxs": []}
+                for i in range(4)]  # fmt: skip
+        (sq / "dev.biencoder.json").write_text(json.dumps(gold))
+        (sq / "train.biencoder.json").write_text(json.dumps(gold))
+        (sq / "dev.passages.tsv").write_text(f"id\ttext\ttitle\n1\ta\t{name}\n")
+        (sq / "results.json").write_text(json.dumps([{"question": f"q{i}", "answers": ["a"],
+                                                      "ctxs": []} for i in range(4)]))  # fmt: skip
+        os.utime(sq / "dev.passages.tsv", (1e9, 1e9))  # older than any copy
+        folders.append(sq)
+    out = tmp_path / "out"
+    passages = out / "data/dev.passages.tsv.xz"
+    for sq, want in ((folders[0], "a"), (folders[0], "a"), (folders[1], "b")):
+        before = passages.stat().st_mtime_ns if passages.exists() else None
+        prep.main(["--squad-dpr", str(sq), "--results", str(sq / "results.json"),
+                   "--out", str(out), "--sample", "2"])  # fmt: skip
+        assert lzma.open(passages).read().decode().endswith(f"\ta\t{want}\n")
+        if sq == folders[0] and before is not None:
+            assert passages.stat().st_mtime_ns == before  # kept: the same input
+    record = json.loads((out / "gpu_session_prepare.json").read_text())
+    assert record["squad_dpr"] == str(folders[1].resolve()) and record["eval_only"] is False
