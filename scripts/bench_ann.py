@@ -203,6 +203,9 @@ def parse_args(argv=None):
         if not isinstance(options, dict):
             ap.error(f"{flag} {text!r}: a JSON object of {what} build options, e.g. '{example}'")
         setattr(args, attr.replace("_options", "_opts"), options)
+    if args.ivfpq_opts.get("refine", True) is not True:  # its rows say "+ refine"
+        ap.error(f"--ivfpq-options {args.ivfpq_options!r}: this benchmark's IVF-PQ rows are "
+                 "IVF-PQ + refine (FAISS's IndexRefine); \"refine\" can only be true here")  # fmt: skip
     return args
 
 

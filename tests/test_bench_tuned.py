@@ -40,7 +40,7 @@ def test_bad_scann_options_one_line_before_any_work(bench, tmp_path, monkeypatch
         assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
             "bench_ann: " + says
         )
-    for text in ("{bad", '"x"'):
+    for text in ("{bad", '"x"', '{"refine": false}'):  # its rows are named "+ refine"
         with pytest.raises(SystemExit):
             bench.parse_args(argv + ["--ivfpq-options", text])
         assert f"--ivfpq-options {text!r}" in capsys.readouterr().err
