@@ -107,3 +107,28 @@ def transformers_warnings():
         yield records
     finally:
         logger.removeHandler(handler)
+
+
+# -- the order pytest-xdist hands out the test files --------------------------------------------
+
+
+def pytest_configure(config):
+    # `-n 2 --dist loadfile` (README's command) hands out whole files, by default the files with
+    # the most tests first; its files with one or two slow multi-process tests (4-8 min each on
+    # 2 cores) then started last and ran alone at the end. The order below is kept instead.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with a ``slow`` test first, then the files with more tests: the longest work starts
+    first and the short files fill in beside it (a stable sort: pytest's order within each)."""
+    files: dict = {}
+    for item in items:
+        files.setdefault(item.path, []).append(item)
+
+    def weight(path):
+        its = files[path]
+        return (not any(i.get_closest_marker("slow") for i in its), -len(its))
+
+    items[:] = [item for path in sorted(files, key=weight) for item in files[path]]
