@@ -12,6 +12,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# One XLA compilation cache for the whole run: its xdist workers and the processes tests start
+# (CLI runs, multi-process jobs, scripts) inherit it. Many tests compile the same tiny programs;
+# a cold cache shared by the run took ~19% off a sample of the suite's files on 2 cores. A
+# JAX_COMPILATION_CACHE_DIR already set is used as it is (kept between runs: faster again).
+_OWN_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    _OWN_XLA_CACHE = tempfile.mkdtemp(prefix="dpr-jax-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_XLA_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -110,6 +123,13 @@ def transformers_warnings():
 
 
 # -- the order pytest-xdist hands out the test files --------------------------------------------
+
+
+def pytest_unconfigure(config):
+    if _OWN_XLA_CACHE is not None:  # the process that made it (xdist's controller, or -n 0)
+        import shutil
+
+        shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)
 
 
 def pytest_configure(config):

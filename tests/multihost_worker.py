@@ -1,4 +1,5 @@
-"""One process of the multi-host test (tests/test_multihost.py): a short tiny-config training run.
+"""One process of the grain multi-host test (tests/test_grain_multihost.py): a short tiny-config
+training run reading an ArrayRecord directory.
 
     python tests/multihost_worker.py --workdir DIR --train PATH --dev PATH --steps N
         [--coordinator HOST:PORT --num-processes N --process-id I] [--set KEY=VALUE ...]

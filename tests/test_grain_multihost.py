@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from multihost_worker import build_squad_biencoder
-from test_multihost import _params
-from test_multihost_cli import _env, _free_port, _wait, sigkill_at
+from test_multihost_cli import _env, _free_port, _params, _records, _wait, sigkill_at
 
 pytest.importorskip("array_record", reason="pip install 'dpr-jax[records]'")
 pytest.importorskip("grain", reason="pip install 'dpr-jax[records]'")
@@ -46,11 +45,6 @@ def _launch(workdir: Path, records: Path, logs: Path, reads: Path | None = None)
         log = open(logs / f"{workdir.name}.{i}.{time.monotonic_ns()}.log", "w")
         procs.append((subprocess.Popen(cmd, env=_env(2), stdout=log, stderr=log), log))
     return procs
-
-
-def _records(workdir: Path, split: str) -> list[dict]:
-    recs = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in recs if r["split"] == split]
 
 
 def _own_keys(order, p: int, start_batch: int, stop_batch: int) -> list[int]:

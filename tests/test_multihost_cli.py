@@ -1,10 +1,13 @@
 """Multi-process training through the real command line, to the exported model directory.
 
 ``dpr-jax train --coordinator 127.0.0.1:PORT --num-processes 2 --process-id I`` (two local
-processes, 2 CPU devices each, gloo collectives) must write the same model directory as one
-process with 4 devices on the same global batches; and a job whose processes are all SIGKILLed
-mid-run must, run again with the same command, end with exactly the parameters of the
-uninterrupted job (it resumes from the last checkpoint at its data position).
+processes, 2 CPU devices each, gloo collectives) must train as one process with 4 devices on the
+same global batches: every process builds only its rows of each batch (process_slice), the loss
+gathers passages across processes, the validation gathers the encoded dev set; the per-step
+losses, the dev metrics and the exported parameters agree (float32; reductions across processes
+may add in another order, hence a tight tolerance rather than bit equality). A job whose
+processes are all SIGKILLed mid-run must, run again with the same command, end with exactly the
+parameters of the uninterrupted job (it resumes from the last checkpoint at its data position).
 """
 
 from __future__ import annotations
@@ -40,14 +43,19 @@ def _env(devices: int) -> dict[str, str]:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
+    # no shared compilation cache (conftest.py's): a process finding its step compiled reaches
+    # the first collective while the other still compiles, past gloo's 30 s to set it up
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
 
-def _train_cmd(workdir: Path, train: Path) -> list[str]:
+def _train_cmd(workdir: Path, train: Path, dev: Path | str = "") -> list[str]:
     sets = [
         f"train_path={train}",
-        "dev_path=",  # no validation: the test is about the parameters
+        f"dev_path={dev}",  # validated at the end only
+        "max_dev_examples=24",
+        "eval_at_start=false",
         "batch_size=8",
         f"num_steps={STEPS}",
         "log_every=1",
@@ -61,12 +69,13 @@ def _train_cmd(workdir: Path, train: Path) -> list[str]:
     return cmd
 
 
-def _launch(workdir: Path, train: Path, processes: int, devices: int, logs: Path) -> list:
-    """Start one job: ``processes`` processes of ``devices`` CPU devices each."""
+def _launch(workdir: Path, train, processes: int, devices: int, logs: Path) -> list:
+    """Start one job: ``processes`` processes of ``devices`` CPU devices each; ``train``: the
+    training file, or (training, dev) files."""
     port = _free_port()
     procs = []
     for i in range(processes):
-        cmd = _train_cmd(workdir, train)
+        cmd = _train_cmd(workdir, *(train if isinstance(train, tuple) else (train,)))
         if processes > 1:
             cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes)]
             cmd += ["--process-id", str(i)]
@@ -109,6 +118,30 @@ def sigkill_at(target: Path, procs: list, others: list = ()) -> None:
         assert p.returncode == -signal.SIGKILL
 
 
+def _params(workdir: Path, steps: int) -> dict[str, np.ndarray]:
+    """The parameters of checkpoint ``steps`` (on this process's first device)."""
+    import jax
+    import orbax.checkpoint as ocp
+    from flax.traverse_util import flatten_dict
+
+    path = (workdir / "checkpoints" / str(steps) / "state").absolute()
+    ckptr = ocp.StandardCheckpointer()
+    # saved on 4 devices: restore onto this process's first device
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+        ckptr.metadata(path).item_metadata,
+    )
+    state = ckptr.restore(path, target)
+    assert int(state["step"]) == steps
+    return {"/".join(k): np.asarray(v) for k, v in flatten_dict(state["params"]).items()}
+
+
+def _records(workdir: Path, split: str) -> list[dict]:
+    recs = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if r["split"] == split]
+
+
 def _model_params(workdir: Path) -> dict[str, np.ndarray]:
     from flax.traverse_util import flatten_dict
 
@@ -124,12 +157,12 @@ def runs(tmp_path_factory, data_dir, minilm_dir):
     """The training data, and two uninterrupted jobs run side by side: one process with 4
     devices, two processes with 2 devices each."""
     tmp = tmp_path_factory.mktemp("multihost_cli")
-    train, _, n_train, _ = build_squad_biencoder(data_dir / FIXTURE_ARTICLE, tmp / "data")
+    train, dev, n_train, _ = build_squad_biencoder(data_dir / FIXTURE_ARTICLE, tmp / "data")
     assert n_train >= 8 * STEPS // 2
     one, two = tmp / "one", tmp / "two"
-    procs = _launch(one, train, 1, 4, tmp) + _launch(two, train, 2, 2, tmp)
+    procs = _launch(one, (train, dev), 1, 4, tmp) + _launch(two, (train, dev), 2, 2, tmp)
     _wait(procs)
-    return tmp, train, one, two
+    return tmp, (train, dev), one, two
 
 
 @pytest.mark.slow
@@ -141,15 +174,24 @@ def test_two_process_cli_exports_the_single_process_model(runs):
     assert (cfg2["devices"], cfg2["processes"]) == (4, 2)
     p1, p2 = _model_params(one), _model_params(two)
     assert sorted(p1) == sorted(p2)
-    recs = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
-    train_recs = [r for r in recs if r["split"] == "train"]
-    assert len(train_recs) == STEPS and all(r["grad_norm"] > 0 for r in train_recs)
-    lr_sum = sum(r["lr"] for r in train_recs)
-    # Reductions over 2 processes add in another order than over one: agreement to float32
-    # rounding, magnified at most to a fraction of the summed Adam step sizes on parameters with
-    # tiny gradients (see test_multihost.py for the LayerNorm bias whose gradient is exactly 0
-    # in theory and whose steps are therefore rounding noise); a wrong batch row, label offset
-    # or missing gradient would move parameters by whole steps.
+    train1, train2 = _records(one, "train"), _records(two, "train")
+    assert len(train1) == len(train2) == STEPS
+    assert all(r["grad_norm"] > 0 for r in train1[1:]) and all(r["lr"] > 0 for r in train1[1:])
+    np.testing.assert_allclose([r["loss"] for r in train2], [r["loss"] for r in train1], rtol=1e-5)
+    (dev1,), (dev2,) = _records(one, "dev"), _records(two, "dev")  # at the end only
+    assert dev1["step"] == dev2["step"] == STEPS
+    for k in ("loss", "accuracy", "rank", "pool_rank", "pool_top1"):
+        np.testing.assert_allclose(dev2[k], dev1[k], rtol=1e-5, err_msg=k)
+    assert dev1["questions"] == dev2["questions"] == 24
+    lr_sum = sum(r["lr"] for r in train1)
+    # With mean pooling, the passage tower's last LayerNorm bias (INVARIANT) shifts every
+    # passage vector by the same c, adding q.c to all of a question's scores: the softmax
+    # ignores it, so its gradient is mathematically 0 and numerically rounding noise, which
+    # Adam's g / sqrt(v) turns into steps of +-lr whose signs depend on the order of reductions.
+    # Elsewhere the runs agree to float32 rounding, magnified at most to a fraction of the
+    # summed Adam step sizes on parameters with tiny gradients (measured: <= 0.16%, a few
+    # embedding rows); a wrong batch row, label offset or missing gradient would move
+    # parameters by whole steps.
     moved = 0
     for k in p1:
         if k == INVARIANT:

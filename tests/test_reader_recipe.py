@@ -1,5 +1,6 @@
 """scripts/reader_recipe.sh: the whole reader recipe from a SQuAD file to its summary table, run
-small on CPU (10 real articles, a few steps of each training), a finished step asked for with
+small on CPU (10 real articles, a few steps of each training, MINILM a sentence-transformers
+MiniLM directory whose BERT is tiny and random), a finished step asked for with
 other options refused; with a stand-in python (fast): a step that ends without its output stops
 the script, finished steps are skipped, a removed read is made alone, a step whose inputs were
 made again is refused, one run at a time; a missing DATA or a failed step is one line, exit 2.
@@ -39,6 +40,20 @@ def _run(env, timeout=900):
                           capture_output=True, timeout=timeout)  # fmt: skip
 
 
+def _tiny_minilm(minilm_dir: Path, out: Path) -> Path:
+    """all-MiniLM-L6-v2's directory (tokenizer, sentence-transformers pooling and normalisation)
+    with a tiny random BERT in place of its weights: the recipe's steps in seconds."""
+    import transformers
+    from conftest import TINY_BERT
+
+    shutil.copytree(minilm_dir, out)
+    transformers.BertModel(transformers.BertConfig(**TINY_BERT)).save_pretrained(out)
+    pooling = json.loads((out / "1_Pooling/config.json").read_text())
+    pooling["word_embedding_dimension"] = TINY_BERT["hidden_size"]
+    (out / "1_Pooling/config.json").write_text(json.dumps(pooling))
+    return out
+
+
 @pytest.mark.slow
 def test_recipe_end_to_end_small(data_dir, minilm_dir, tmp_path):
     squad = json.loads((data_dir / "squad/train-v1.1.json").read_text())
@@ -49,8 +64,8 @@ def test_recipe_end_to_end_small(data_dir, minilm_dir, tmp_path):
     (data / "squad/train-v1.1.json").write_text(json.dumps(small))
     run = tmp_path / "run"
     env = {**os.environ, "DATA": str(data), "RUN": str(run), "PYTHON": sys.executable,
-           "JAX_PLATFORMS": "cpu", **TINY}  # fmt: skip
-    env.pop("MINILM", None)  # the default: "minilm", the offline package (minilm_dir's)
+           "JAX_PLATFORMS": "cpu", "MINILM": str(_tiny_minilm(minilm_dir, tmp_path / "minilm")),
+           **TINY}  # fmt: skip
     res = _run(env)
     assert res.returncode == 0, res.stderr[-3000:]
     log = (run / "recipe.log").read_text()
@@ -66,10 +81,12 @@ def test_recipe_end_to_end_small(data_dir, minilm_dir, tmp_path):
         "gpu_session_prepare.json",
     ]  # --eval-only
     converted = json.loads((run / "minilm_st/dpr_jax_model.json").read_text())
-    assert converted["converted_from"]["source"] == str(minilm_dir)
+    assert converted["converted_from"]["source"] == env["MINILM"]
+    assert converted["converted_from"]["sentence_transformers"]["pooling"] == "mean"
+    assert converted["model"]["bert"]["hidden_size"] == 32  # tiny
     assert (run / "steps/convert.command").read_text().split() == [
-        "python", "-m", "dpr_jax.cli", "convert", "--from-hf", "minilm", "--out", "$RUN/minilm_st",
-    ]  # fmt: skip
+        "python", "-m", "dpr_jax.cli", "convert", "--from-hf", env["MINILM"], "--out",
+        "$RUN/minilm_st"]  # fmt: skip
     # each training's own settings reached it alone, and stage 2 started from stage 1's model
     ret = json.loads((run / "retriever/config.json").read_text())
     assert ret["config"]["num_steps"] == 2  # RETRIEVER_SET (the config says 150)
@@ -189,6 +206,7 @@ def test_recipe_refuses_a_step_whose_inputs_were_made_again(tmp_path):
     run, log = tmp_path / "run", tmp_path / "stub.log"
     env = {**os.environ, "DATA": str(tmp_path / "data"), "RUN": str(run), "PYTHON": str(stub),
            "STUB_LOG": str(log)}  # fmt: skip
+    env.pop("MINILM", None)  # the default: "minilm", the offline package (test_convert.py's)
     # a command that exits 0 without its step's marker (a training told to stop early) stops
     # the script there, saying so
     res = _run({**env, "STUB_NO_MARKER": "train-reader"}, timeout=120)
@@ -202,6 +220,10 @@ def test_recipe_refuses_a_step_whose_inputs_were_made_again(tmp_path):
     assert log.read_text().split() == ["train-reader", *(["read"] * 2), "train-reader",
                                        *(["read"] * 4)]  # fmt: skip
     again = (run / "recipe.log").read_text()[len(first) :]
+    # MINILM's default: the offline package's directory, as convert reads it
+    assert (run / "steps/convert.command").read_text().split() == [
+        "python", "-m", "dpr_jax.cli", "convert", "--from-hf", "minilm", "--out", "$RUN/minilm_st",
+    ]  # fmt: skip
     for name in STEPS[:5]:
         assert f"] {name}: done before (" in again, name
     # run again: every step skipped, nothing run; a read whose output was removed made alone
