@@ -182,6 +182,9 @@ def matmul_rates(rows: int, k: int, n: int, threads: list[int], device, dtype: s
 def main(argv=None):
     args = parse_args(argv)
     check_results_file(args.json)
+    for name in ("dev.biencoder.json", "dev.passages.tsv"):  # before minutes of imports and MiniLM
+        if not (Path(args.data) / name).is_file():
+            raise FileNotFoundError(2, "No such file or directory", str(Path(args.data) / name))
     dtypes, batch_sizes = args.dtype, args.batch_size
     gpu = args.platform == "gpu"
     os.environ.setdefault("JAX_PLATFORMS", "cuda" if gpu else "cpu")

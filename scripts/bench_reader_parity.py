@@ -71,6 +71,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     check_results_file(args.out, "--out")
+    for path in (args.train, args.dev):  # before a minute of imports and MiniLM
+        if not Path(path).is_file():
+            raise FileNotFoundError(2, "No such file or directory", str(path))
     from dpr_jax.cli import train_xla_flags
 
     train_xla_flags()  # the flags `dpr-jax train-reader` runs with
