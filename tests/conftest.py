@@ -13,7 +13,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # One XLA compilation cache for the whole run: its xdist workers and the processes tests start
-# (CLI runs, multi-process jobs, scripts) inherit it. Many tests compile the same tiny programs;
+# (CLI runs, scripts) inherit it; the multi-process jobs drop it (test_multihost_cli._env) and
+# test_plan.py turns it off. Many tests compile the same tiny programs;
 # a cold cache shared by the run took ~19% off a sample of the suite's files on 2 cores. A
 # JAX_COMPILATION_CACHE_DIR already set is used as it is (kept between runs: faster again).
 _OWN_XLA_CACHE = None

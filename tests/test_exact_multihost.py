@@ -4,33 +4,21 @@ numpy brute force, ties to the lower row included, on every process."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_multihost_cli import _env, _free_port
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "exact_multihost_worker.py"
 TIMEOUT = 300
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_search_one_sharded_corpus(tmp_path):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    env["JAX_PLATFORMS"] = "cpu"
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # see test_multihost_cli._env
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = _env(2)
     port = _free_port()
     procs = []
     try:
