@@ -1,23 +1,18 @@
-"""One process of the grain multi-host test (tests/test_grain_multihost.py): a short tiny-config
-training run reading an ArrayRecord directory.
+"""``python -m dpr_jax.cli ARGS`` that also counts the records each process reads
+(tests/test_multihost_cli.py's grain jobs), and the small real biencoder set the multi-process
+and training tests share (``build_squad_biencoder``).
 
-    python tests/multihost_worker.py --workdir DIR --train PATH --dev PATH --steps N
-        [--coordinator HOST:PORT --num-processes N --process-id I] [--set KEY=VALUE ...]
-        [--reads DIR]
+    python tests/multihost_worker.py --reads DIR train --config ... [--coordinator ...]
 
-The number of local CPU devices comes from XLA_FLAGS (set by the test). Process 0 writes
-DIR/result.json (the returned metrics); the per-step losses are in DIR/metrics.jsonl and the
-final parameters in the exported model directory DIR/model. ``--set`` overrides the config
-after the worker's own settings. With ``--reads``, each process writes
-``DIR/reads.<process>.json``: the keys of the records it read from a record directory's
-questions and positives files (tests/test_grain_multihost.py).
+runs the command as ``dpr-jax`` would (``dpr_jax.cli.main``) and then writes
+``DIR/reads.<process>.json``: the keys of the records this process read from a record
+directory's questions and positives files, from grain's reader threads too. A process killed
+before the command returns writes none.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -66,68 +61,30 @@ def build_squad_biencoder(squad_json: Path, out_dir: Path, dev_paragraphs: int =
 
 
 def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--train", required=True)
-    p.add_argument("--dev", default="")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--coordinator")
-    p.add_argument("--num-processes", type=int, default=1)
-    p.add_argument("--process-id", type=int, default=0)
-    p.add_argument("--set", action="append", default=[])
-    p.add_argument("--reads")
-    args = p.parse_args()
-
-    import jax
-
-    jax.config.update("jax_default_matmul_precision", "highest")
-    if args.num_processes > 1:
-        from dpr_jax.parallel import initialize_distributed
-
-        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-
-    from dpr_jax.retriever.task import load_config, train_and_evaluate
+    argv = sys.argv[1:]
+    if argv[:1] != ["--reads"] or len(argv) < 3:
+        print("usage: multihost_worker.py --reads DIR COMMAND [ARGS...]", file=sys.stderr)
+        return 2
+    reads_dir, argv = Path(argv[1]), argv[2:]
+    from dpr_jax.data import records
 
     reads: dict[str, list[int]] = {}
-    if args.reads:  # count the records this process reads (from grain's reader threads too)
-        from dpr_jax.data import records
+    plain = records._Source.read
 
-        plain = records._Source.read
+    def counted(self, i):
+        reads.setdefault(self.path.name, []).append(int(i))
+        return plain(self, i)
 
-        def counted(self, i):
-            reads.setdefault(self.path.name, []).append(int(i))
-            return plain(self, i)
+    records._Source.read = counted
+    from dpr_jax.cli import main as cli_main
 
-        records._Source.read = counted
+    rc = cli_main(argv)  # an explicit argv: no re-exec (the `dpr-jax` command's malloc setting)
+    import jax
 
-    config = load_config(
-        REPO / "configs" / "tiny.py",
-        [
-            f"train_path={args.train}",
-            f"dev_path={args.dev}",
-            f"batch_size={args.batch_size}",
-            f"num_steps={args.steps}",
-            "log_every=1",
-            "eval_at_start=false",
-            f"checkpoint_every={args.steps}",
-            "export=false",
-            # no dropout: its per-example keys are proven device-count independent in
-            # test_train_step.py, and the dropout path doubles the compile time of the step
-            "dropout=0",
-            "max_dev_examples=24",
-            *args.set,
-        ],
-    )
-    metrics = train_and_evaluate(config, args.workdir)
-    if args.reads:
-        out = Path(args.reads, f"reads.{jax.process_index()}.json")
-        out.write_text(json.dumps({"process": jax.process_index(), **reads}))
-    if jax.process_index() == 0:
-        info = {"metrics": metrics, "devices": jax.device_count(), "processes": jax.process_count()}
-        Path(args.workdir, "result.json").write_text(json.dumps(info))
-    print(f"process {jax.process_index()} done", flush=True)
-    os._exit(0)  # skip distributed shutdown barriers: the test only needs the files
+    reads_dir.mkdir(parents=True, exist_ok=True)
+    out = reads_dir / f"reads.{jax.process_index()}.json"
+    out.write_text(json.dumps({"process": jax.process_index(), **reads}))
+    return rc
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ iterator state round-trips, and a training run stopped and resumed from the grai
 in its checkpoint ends bit-identical to an uninterrupted one.
 
 Shards are simulated in one process with ``grain.ShardOptions(p, n)`` (the two-process test is
-tests/test_grain_multihost.py); their bucketed lengths are agreed through a thread barrier that
+tests/test_multihost_cli.py); their bucketed lengths are agreed through a thread barrier that
 stands in for the all-gather between processes."""
 
 from __future__ import annotations

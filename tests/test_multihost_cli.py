@@ -5,9 +5,13 @@ processes, 2 CPU devices each, gloo collectives) must train as one process with 
 same global batches: every process builds only its rows of each batch (process_slice), the loss
 gathers passages across processes, the validation gathers the encoded dev set; the per-step
 losses, the dev metrics and the exported parameters agree (float32; reductions across processes
-may add in another order, hence a tight tolerance rather than bit equality). A job whose
-processes are all SIGKILLed mid-run must, run again with the same command, end with exactly the
-parameters of the uninterrupted job (it resumes from the last checkpoint at its data position).
+may add in another order, hence a tight tolerance rather than bit equality). Questions are
+bucketed (``bucket=8``), so the processes must agree on each batch's padded length.
+
+A job reading an ArrayRecord directory through grain, whose processes are all SIGKILLed mid-run,
+run again with the same command, ends with exactly the parameters of the uninterrupted JSON job
+(the same batches; it resumes from the last checkpoint, which holds each process's grain
+iterator state), and each process read only the records of its own rows.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import pytest
 from multihost_worker import build_squad_biencoder
 
 REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve().parent / "multihost_worker.py"
 FIXTURE_ARTICLE = "fixtures/squad-train-v1.1.University_of_Notre_Dame.official.json"
 STEPS = 8
 CHECKPOINT_EVERY = 2
@@ -57,6 +62,7 @@ def _train_cmd(workdir: Path, train: Path, dev: Path | str = "") -> list[str]:
         "max_dev_examples=24",
         "eval_at_start=false",
         "batch_size=8",
+        "bucket=8",  # the processes agree on each batch's padded length (the loader's gather)
         f"num_steps={STEPS}",
         "log_every=1",
         f"checkpoint_every={CHECKPOINT_EVERY}",
@@ -69,13 +75,17 @@ def _train_cmd(workdir: Path, train: Path, dev: Path | str = "") -> list[str]:
     return cmd
 
 
-def _launch(workdir: Path, data: tuple, processes: int, devices: int, logs: Path) -> list:
+def _launch(
+    workdir: Path, data: tuple, processes: int, devices: int, logs: Path, reads: Path | None = None
+) -> list:
     """Start one job: ``processes`` processes of ``devices`` CPU devices each; ``data``: the
-    (training, dev) files."""
+    (training, dev) files; ``reads``: each process counts the records it reads (WORKER)."""
     port = _free_port()
     procs = []
     for i in range(processes):
         cmd = _train_cmd(workdir, *data)
+        if reads is not None:  # python -m dpr_jax.cli ... -> python WORKER --reads DIR ...
+            cmd = [sys.executable, str(WORKER), "--reads", str(reads), *cmd[3:]]
         if processes > 1:
             cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes)]
             cmd += ["--process-id", str(i)]
@@ -116,25 +126,6 @@ def sigkill_at(target: Path, procs: list, others: list = ()) -> None:
         p.wait()
         log.close()
         assert p.returncode == -signal.SIGKILL
-
-
-def _params(workdir: Path, steps: int) -> dict[str, np.ndarray]:
-    """The parameters of checkpoint ``steps`` (on this process's first device)."""
-    import jax
-    import orbax.checkpoint as ocp
-    from flax.traverse_util import flatten_dict
-
-    path = (workdir / "checkpoints" / str(steps) / "state").absolute()
-    ckptr = ocp.StandardCheckpointer()
-    # saved on 4 devices: restore onto this process's first device
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-        ckptr.metadata(path).item_metadata,
-    )
-    state = ckptr.restore(path, target)
-    assert int(state["step"]) == steps
-    return {"/".join(k): np.asarray(v) for k, v in flatten_dict(state["params"]).items()}
 
 
 def _records(workdir: Path, split: str) -> list[dict]:
@@ -202,25 +193,76 @@ def test_two_process_cli_exports_the_single_process_model(runs):
     assert moved == len(p1) - 1
 
 
+def _own_keys(order, p: int, start_batch: int, stop_batch: int) -> list[int]:
+    """Record keys of process p's rows [4p, 4p + 4) of global batches [start, stop) of 8."""
+    return [int(k) for b in range(start_batch, stop_batch)
+            for k in order[b * 8 + 4 * p : b * 8 + 4 * p + 4]]  # fmt: skip
+
+
 @pytest.mark.slow
-def test_sigkill_both_processes_then_rerun_equals_uninterrupted(runs):
-    tmp, data, _, two = runs
-    killed = tmp / "killed"
-    procs = _launch(killed, data, 2, 2, tmp)
+def test_sigkill_a_grain_job_then_rerun_equals_uninterrupted(runs):
+    pytest.importorskip("array_record", reason="pip install 'dpr-jax[records]'")
+    pytest.importorskip("grain", reason="pip install 'dpr-jax[records]'")
+    from dpr_jax.cli import main as dpr_jax_main
+    from dpr_jax.data.loader import READ_THREADS
+    from dpr_jax.retriever.batching import BatchSpec, BiencoderBatches
+    from dpr_jax.retriever.task import load_config, read_examples
+
+    tmp, (train, dev), _, two = runs
+    records = tmp / "data" / "train.records"
+    assert dpr_jax_main(["convert-data", "--biencoder", str(train), "--out", str(records)]) == 0
+    killed, reads = tmp / "killed", tmp / "reads"
+    procs = _launch(killed, (records, dev), 2, 2, tmp, reads)
     # Wait (bounded) for a checkpoint past the first, then SIGKILL both processes at once.
     sigkill_at(killed / "checkpoints" / str(2 * CHECKPOINT_EVERY), procs)
     assert not (killed / "model").exists(), "the job finished before it was killed"
+    assert not reads.exists()  # written when the command returns
     steps = sorted(int(d.name) for d in (killed / "checkpoints").iterdir() if d.name.isdigit())
-    assert steps and steps[-1] < STEPS
+    assert steps and 2 * CHECKPOINT_EVERY <= steps[-1] < STEPS
+    resume_step = steps[-1]
 
-    _wait(_launch(killed, data, 2, 2, tmp))
-    recs = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
-    resumed = [r for r in recs if r["split"] == "start" and r["resumed"]]
-    assert len(resumed) == 1 and CHECKPOINT_EVERY * 2 <= resumed[0]["step"] < STEPS
-    ref, got = _model_params(two), _model_params(killed)
-    assert sorted(ref) == sorted(got)
-    for k in ref:  # the same processes, devices and reductions: bit-identical
-        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    _wait(_launch(killed, (records, dev), 2, 2, tmp, reads))
+    starts = _records(killed, "start")
+    assert [s["resumed"] for s in starts] == [False, True] and starts[1]["step"] == resume_step
+    # the resumed job ended with the uninterrupted JSON job's losses and parameters: the same
+    # batches, processes, devices and reductions, bit for bit
+    want = {r["step"]: r["loss"] for r in _records(two, "train")}
+    got = {r["step"]: r["loss"] for r in _records(killed, "train")}
+    assert sorted(want) == list(range(1, STEPS + 1))
+    assert all(got[s] == want[s] for s in range(1, STEPS + 1))
+    ref, res = _model_params(two), _model_params(killed)
+    assert sorted(ref) == sorted(res)
+    for k in ref:
+        np.testing.assert_array_equal(res[k], ref[k], err_msg=k)
+
+    # every checkpoint kept holds both processes' grain states at its step: process p last
+    # read global sample (step * 4 - 1) * 2 + p
+    kept = [s for s in range(CHECKPOINT_EVERY, STEPS + 1, CHECKPOINT_EVERY)
+            if (killed / "checkpoints" / str(s) / "loader").exists()]  # fmt: skip
+    assert STEPS in kept
+    for step in kept:
+        for p in range(2):
+            loader = killed / "checkpoints" / str(step) / "loader"
+            state = json.loads((loader / f"process_{p}-of-2.json").read_text())
+            assert state["last_seen_indices"] == {"0": (step * 4 - 1) * 2 + p}
+            assert "shard_count=2" in state["sampler"]
+
+    # after the resume each process read only the question records of its rows (in the order
+    # the JSON path draws from the config's seed), from the checkpoint's batch on
+    seed = load_config(REPO / "configs" / "tiny.py").seed
+    order = BiencoderBatches(read_examples(str(train)), None, BatchSpec(8, seed=seed)).order(0)
+    assert len(order) >= 8 * (STEPS + 2)  # the run stays in epoch 0
+    ahead = 2 * 4 + READ_THREADS  # grain's read-ahead, in samples of this process
+    seen = []
+    for p in range(2):
+        got_reads = json.loads((reads / f"reads.{p}.json").read_text())
+        assert got_reads["process"] == p
+        keys = got_reads["records.array_record"]
+        own = _own_keys(order, p, resume_step, STEPS + 3)
+        assert (STEPS - resume_step) * 4 <= len(keys) <= (STEPS - resume_step) * 4 + ahead
+        assert sorted(keys) == sorted(own[: len(keys)])  # each once, in stream order
+        seen.append(set(keys))
+    assert not seen[0] & seen[1]
 
 
 @pytest.mark.slow
