@@ -35,7 +35,8 @@
 #
 # Environment: DATA (a folder with squad/train-v1.1.json; default $DPR_JAX_DATA), RUN (default
 # runs/reader-recipe; new, empty or an earlier run's), MINILM (a Hugging Face all-MiniLM-L6-v2
-# directory; default "minilm", the offline package's, as `dpr-jax convert` reads it), PYTHON
+# directory, the start of the retriever and of stage 1; default "minilm", the offline
+# package's, as `dpr-jax convert` and the stage-1 config read it), PYTHON
 # (default the repo's .venv of scripts/setup.sh, else python3): relative paths
 # from where it is started; RETRIEVER_SET / S1_SET / S2_SET (extra options of each training, e.g.
 # "--set num_steps=500"), QUICKSTART_OPTS (extra options of the retrieval evaluation). A failed
@@ -68,7 +69,11 @@ if [[ -d $RUN && ! -e $RUN/recipe.log ]] && [[ -n $(ls -A "$RUN") ]]; then
     exit 2
 fi
 MINILM=${MINILM:-minilm}
-[[ $MINILM != minilm ]] && MINILM=$(abspath "$MINILM")
+S1_INIT=() # stage 1 starts from the same MiniLM (the config says the package's)
+if [[ $MINILM != minilm ]]; then
+    MINILM=$(abspath "$MINILM")
+    S1_INIT=(--set "init_from=$MINILM")
+fi
 if [[ -z ${PYTHON:-} && -x $REPO/.venv/bin/python ]]; then
     PYTHON=$REPO/.venv/bin/python # scripts/setup.sh's
 fi
@@ -195,7 +200,8 @@ step sample "prepare retrieval" "$RUN/data" "$RUN/data/dev.paragraphs.json.xz" "
     --squad-dpr "$RUN/squad" --results "$RESULTS" --out "$RUN/data" --squad "$SQUAD" --eval-only
 step stage1 "prepare" "$RUN/reader-s1" "$RUN/reader-s1/model/manifest.json" "${CLI[@]}" train-reader \
     --config configs/reader_squad_minilm_stage1.py --train "$RUN/squad/train.biencoder.json" \
-    --dev "$RUN/squad/dev.biencoder.json" --workdir "$RUN/reader-s1" ${S1[@]+"${S1[@]}"}
+    --dev "$RUN/squad/dev.biencoder.json" --workdir "$RUN/reader-s1" ${S1_INIT[@]+"${S1_INIT[@]}"} \
+    ${S1[@]+"${S1[@]}"}
 DEV=$RUN/data/dev.results.json.xz
 E=$RUN/eval
 read_step() { # read_step NAME "READS" MODEL RESULTS FORMAT KS

@@ -127,7 +127,7 @@ def test_session_script_runs_its_steps_on_cpu(tmp_path):
            "GPU_WORK": str(tmp_path / "work"), "JAX_PLATFORMS": "cpu", "GPU_STEPS": "ann recipe mfu",
            "GPU_ANN": "--n 3000 --dim 8 --accel-force-cpu --bootstrap 10 --repeats 1",
            "GPU_BUDGET": "400", "GPU_STAGE1_SET": "--set num_epochs=2.0",
-           "GPU_MFU": "--tiny --steps 1 --rounds 1"}  # fmt: skip
+           "GPU_MFU": "--tiny --steps 1 --rounds 1 --dtype float32"}  # fmt: skip
     res = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=REPO, env=env, text=True,
                          capture_output=True, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stderr

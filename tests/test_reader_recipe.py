@@ -1,8 +1,8 @@
 """scripts/reader_recipe.sh: the whole reader recipe from a SQuAD file to its summary table, run
 small on CPU (10 real articles, a few steps of each training, MINILM a sentence-transformers
-MiniLM directory whose BERT is tiny and random), a finished step asked for with
-other options refused; with a stand-in python (fast): a step that ends without its output stops
-the script, finished steps are skipped, a removed read is made alone, a step whose inputs were
+MiniLM directory whose BERT is tiny and random: the start of the retriever and of stage 1), a
+finished step asked for with other options refused; with a stand-in python (fast): a step that
+ends without its output stops the script, finished steps are skipped, a removed read is made alone, a step whose inputs were
 made again is refused, one run at a time; a missing DATA or a failed step is one line, exit 2.
 (Resuming a stopped training: tests/test_reader_train.py.)"""
 
@@ -26,11 +26,13 @@ STEPS = ("prepare", "convert", "retriever", "retrieval", "sample", "stage1", "re
 TINY = {
     "RETRIEVER_SET": "--set num_steps=2 --set batch_size=8 --set max_dev_examples=8 "
     "--set checkpoint_every=0 --set progress=False",
+    # one padded length a training (bucket=0): one compilation of its step, not one a length
     "S1_SET": "--set num_steps=2 --set batch_size=8 --set max_dev_examples=4 "
-    "--set checkpoint_every=0 --set eval_every=0 --set progress=False",
+    "--set checkpoint_every=0 --set eval_every=0 --set progress=False --set bucket=0 "
+    "--set length_groups=0",
     "S2_SET": "--set num_steps=2 --set batch_size=8 --set passages_per_question=2 "
     "--set max_dev_examples=4 --set eval_passages=2 --set checkpoint_every=0 "
-    "--set progress=False",
+    "--set progress=False --set bucket=0",
     "QUICKSTART_OPTS": "--quiet",
 }
 
@@ -91,8 +93,12 @@ def test_recipe_end_to_end_small(data_dir, minilm_dir, tmp_path):
     ret = json.loads((run / "retriever/config.json").read_text())
     assert ret["config"]["num_steps"] == 2  # RETRIEVER_SET (the config says 150)
     s1 = json.loads((run / "reader-s1/config.json").read_text())
-    assert s1["config"]["num_steps"] == 2 and s1["config"]["length_groups"] == 20  # S1_SET, config
+    assert (
+        s1["config"]["num_steps"] == 2 and s1["config"]["warmup_fraction"] == 0.1
+    )  # S1_SET, config
     assert s1["config"]["passages_per_question"] == 1  # S2_SET's 2 did not reach stage 1
+    # stage 1 starts from MINILM too (the config's "minilm" is the offline package's)
+    assert s1["resolved"]["init"]["init_from"] == env["MINILM"] == s1["config"]["init_from"]
     s2 = json.loads((run / "reader-s2/config.json").read_text())
     assert s2["config"]["num_steps"] == 2 and s2["config"]["passages_per_question"] == 2
     assert s2["resolved"]["init"] == {"init_from": f"{run}/reader-s1/model", "kind": "reader",
@@ -224,6 +230,7 @@ def test_recipe_refuses_a_step_whose_inputs_were_made_again(tmp_path):
     assert (run / "steps/convert.command").read_text().split() == [
         "python", "-m", "dpr_jax.cli", "convert", "--from-hf", "minilm", "--out", "$RUN/minilm_st",
     ]  # fmt: skip
+    assert "init_from" not in (run / "steps/stage1.command").read_text()  # the config's "minilm"
     for name in STEPS[:5]:
         assert f"] {name}: done before (" in again, name
     # run again: every step skipped, nothing run; a read whose output was removed made alone

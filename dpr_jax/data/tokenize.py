@@ -44,6 +44,24 @@ def _auto_map_file(path: str | Path) -> Path | None:
     return None
 
 
+BERT_TOKENIZERS = ("BertTokenizer", "BertTokenizerFast")
+
+
+def _named_bert_tokenizer(path: str | Path) -> bool:
+    """The directory's tokenizer_config.json names transformers' BERT tokenizer and asks for no
+    custom code: the class AutoTokenizer would pick, loadable without AutoTokenizer."""
+    try:
+        data = json.loads((Path(path) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(data, dict)
+        and data.get("tokenizer_class") in BERT_TOKENIZERS
+        and "auto_map" not in data
+        and _auto_map_file(path) is None
+    )
+
+
 def padded_length(longest: int, max_length: int, bucket: int | None) -> int:
     if not bucket:
         return max_length
@@ -54,14 +72,21 @@ class DPRTokenizer:
     """Wraps a Hugging Face (fast) BERT tokenizer; returns numpy int32 (ids, mask)."""
 
     def __init__(self, path: str | Path):
-        from transformers import AutoTokenizer
-
         self.path = str(path)
         try:
-            # never code from the directory: an `auto_map` naming a .py file there is ignored
-            # when a built-in class fits, refused otherwise; False (not None) also means
-            # transformers never asks "Do you wish to run the custom code? [y/N]"
-            self.tok = AutoTokenizer.from_pretrained(self.path, trust_remote_code=False)
+            if _named_bert_tokenizer(path):
+                # AutoTokenizer's choice here, without its model-config imports (they import
+                # torch: ~2 s of every command that tokenizes; tests/test_tokenize.py)
+                from transformers import BertTokenizerFast as Bert
+
+                self.tok = Bert.from_pretrained(self.path)
+            else:
+                from transformers import AutoTokenizer
+
+                # never code from the directory: an `auto_map` naming a .py file there is
+                # ignored when a built-in class fits, refused otherwise; False (not None) also
+                # means transformers never asks "Do you wish to run the custom code? [y/N]"
+                self.tok = AutoTokenizer.from_pretrained(self.path, trust_remote_code=False)
         except (OSError, ValueError) as e:
             remote = _auto_map_file(path)
             if remote is not None:
