@@ -88,12 +88,13 @@ def test_fsdp_steps_equal_replicated_steps(chunk):
     _assert_same(sharded, _plain(chunk), PARAM_TOL if chunk is None else dict(rtol=0, atol=1e-4))
 
 
-@pytest.mark.parametrize("chunk", [None, 1])
-def test_fsdp_gradient_equals_replicated(chunk):
+def test_fsdp_gradient_equals_replicated():
     """One SGD step of learning rate 1: the parameter change is the gradient itself, which the
-    sharded step (per-layer gathers, reduce-scattered gradient) computes to float32 rounding."""
+    sharded GradCache step (per-layer gathers, each chunk's gradient reduce-scattered) computes
+    to float32 rounding: what lets test_fsdp_steps_equal_replicated_steps[1] hold three AdamW
+    steps to a looser bound. (Without chunks that test's bound is the tight one already.)"""
     sgd = optax.sgd(1.0)
-    (a, _), (b, _) = (_run(f, chunk, steps=1, tx=sgd) for f in (False, True))
+    (a, _), (b, _) = (_run(f, 1, steps=1, tx=sgd) for f in (False, True))
     start = fresh_state(tiny_model(False, 0.1)).params
     for x0, x, y in zip(*(jax.tree.leaves(jax.device_get(t)) for t in (start, a.params, b.params))):
         np.testing.assert_allclose(x0 - y, x0 - x, rtol=0, atol=1e-7)
