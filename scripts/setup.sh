@@ -11,17 +11,23 @@ pip_q() {
     out=$(.venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1) || pip_failed=1
     [[ -z $out ]] || grep -v '^WARNING: Location' <<<"$out" || true
 }
-# what the last complete installation was made from: the same files again skip pip (~20 s of
-# resolving); the import check below runs every time
-STAMP=.venv/.dpr-jax-setup
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
-pip_failed=0
-if [[ ! -f $STAMP || $(<"$STAMP") != "$want" ]]; then
+install() {
     rm -f "$STAMP"
     pip_q --upgrade pip
     pip_q "torch==2.13.0"
     pip_q -e '.[test]'
+}
+imports_ok() {
+    .venv/bin/python -c "import dpr_jax, jax, flax, optax, orbax.checkpoint, torch, scann, faiss, bm25s"
+}
+# what the last complete installation was made from (.venv/.dpr-jax-setup): the same files again
+# skip pip (~20 s of resolving) while the imports work; remove it to force a reinstall
+STAMP=.venv/.dpr-jax-setup
+want=$(.venv/bin/python -c "import hashlib, sys; print(hashlib.sha256(b''.join(open(f, 'rb').read() for f in sys.argv[1:])).hexdigest())" pyproject.toml scripts/setup.sh)
+pip_failed=0
+if [[ -f $STAMP && $(<"$STAMP") == "$want" ]] && imports_ok; then
+    exit 0
 fi
-.venv/bin/python -c "import dpr_jax, jax, flax, optax, orbax.checkpoint, torch, scann, faiss, bm25s" \
-  || { echo "setup.sh: installation incomplete" >&2; exit 1; }
+install
+imports_ok || { echo "setup.sh: installation incomplete" >&2; exit 1; }
 ((pip_failed)) || echo "$want" >"$STAMP" # a failed pip call is tried again next time

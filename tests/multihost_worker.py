@@ -1,5 +1,5 @@
 """``python -m dpr_jax.cli ARGS`` that also counts the records each process reads
-(tests/test_multihost_cli.py's grain jobs), and the small real biencoder set the multi-process
+(tests/test_multihost_cli.py's grain job), and the small real biencoder set the multi-process
 and training tests share (``build_squad_biencoder``).
 
     python tests/multihost_worker.py --reads DIR train --config ... [--coordinator ...]

@@ -11,7 +11,8 @@ bucketed (``bucket=8``), so the processes must agree on each batch's padded leng
 A job reading an ArrayRecord directory through grain, whose processes are all SIGKILLed mid-run,
 run again with the same command, ends with exactly the parameters of the uninterrupted JSON job
 (the same batches; it resumes from the last checkpoint, which holds each process's grain
-iterator state), and each process read only the records of its own rows.
+iterator state), and after the resume each process read only the records of its own rows (a
+fresh start's reads: tests/test_grain_loader.py's shards, simulated in one process).
 """
 
 from __future__ import annotations

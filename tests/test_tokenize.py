@@ -52,19 +52,26 @@ def test_a_named_bert_tokenizer_is_autotokenizers_class_and_encodes_the_same(
         assert ids.dtype == mask.dtype == np.int32 and ids.shape == (len(TEXTS), 16)
 
 
-@pytest.mark.parametrize("kind", ["named", "unnamed"])
+@pytest.mark.parametrize("kind", ["named", "named Fast", "unnamed"])
 def test_tokenizing_imports_torch_only_without_a_named_class(minilm_dir, tmp_path, kind):
-    d = minilm_dir
+    """The direct path is the one taken (no torch) for either name; a directory that names no
+    class still goes through AutoTokenizer (which brings torch in, where it is installed)."""
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "tok"
+    shutil.copytree(minilm_dir, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
     if kind == "unnamed":  # AutoTokenizer decides from config.json, as before
-        d = tmp_path / "unnamed"
-        shutil.copytree(minilm_dir, d)
-        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        pytest.importorskip("torch")
         cfg.pop("tokenizer_class")
-        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    elif kind == "named Fast":
+        cfg["tokenizer_class"] = "BertTokenizerFast"
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     code = (
         "import sys; from dpr_jax.data.tokenize import DPRTokenizer; "
         f"t = DPRTokenizer({str(d)!r}); t.questions(['who?']); "
         "print(type(t.tok).__name__, 'torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["BertTokenizer", str(kind == "unnamed")]
+    want = type(AutoTokenizer.from_pretrained(str(minilm_dir))).__name__
+    assert out.stdout.split() == [want, str(kind == "unnamed")]
