@@ -242,8 +242,8 @@ def test_sigkill_a_grain_job_then_rerun_equals_uninterrupted(runs):
             if (killed / "checkpoints" / str(s) / "loader").exists()]  # fmt: skip
     assert STEPS in kept
     for step in kept:
+        loader = killed / "checkpoints" / str(step) / "loader"
         for p in range(2):
-            loader = killed / "checkpoints" / str(step) / "loader"
             state = json.loads((loader / f"process_{p}-of-2.json").read_text())
             assert state["last_seen_indices"] == {"0": (step * 4 - 1) * 2 + p}
             assert "shard_count=2" in state["sampler"]

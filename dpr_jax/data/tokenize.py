@@ -57,8 +57,7 @@ def _named_bert_tokenizer(path: str | Path) -> bool:
     return (
         isinstance(data, dict)
         and data.get("tokenizer_class") in BERT_TOKENIZERS
-        and "auto_map" not in data
-        and _auto_map_file(path) is None
+        and _auto_map_file(path) is None  # no auto_map in tokenizer_config.json or config.json
     )
 
 
