@@ -14,6 +14,7 @@ sum over lengths of (share of batches) x (median seconds at that length).
     python scripts/bench_reader_lengths.py --train $SQUAD_DPR/train.biencoder.json
     python scripts/bench_reader_lengths.py --train F --settings 0:0,32:0,32:20,16:20 --steps 4
     python scripts/bench_reader_lengths.py --train F --settings 0:0 --dtype bfloat16
+    python scripts/bench_reader_lengths.py --train F --settings 8:20 --matmul-dtype float32,bfloat16
     XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= python scripts/bench_reader_lengths.py ...
     python scripts/bench_reader_lengths.py --train SQUAD.json --set data_format=squad \\
         --set batch_size=8 --tiny          # a 2-layer BERT timed (the tests' smoke run)
@@ -80,7 +81,7 @@ def epoch_lengths(data, batch_size: int, bucket: int, groups: int) -> list[int]:
     return d.epoch_lengths(0, batch_size).tolist()
 
 
-def reader_step(bert, dtype: str = "float32"):
+def reader_step(bert, dtype: str = "float32", matmul_dtype: str = "float32"):
     """(step, state): the reader's train step as `train-reader` compiles it (AdamW, one XLA CPU
     device) and a fresh state of random weights (also ``bench_hugepages``' reader-train)."""
     import jax
@@ -96,7 +97,8 @@ def reader_step(bert, dtype: str = "float32"):
     params = init_reader_params(bert, jax.random.PRNGKey(0))
     tx = optax.adamw(1e-4)
     mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
-    step = make_train_step(Reader(bert, dtype=jnp.dtype(dtype)), tx, mesh)
+    products = None if matmul_dtype == "float32" else matmul_dtype
+    step = make_train_step(Reader(bert, jnp.dtype(dtype), matmul_dtype=products), tx, mesh)
     # placed as the step returns it (replicated over the mesh): one compilation a length, not two
     state = TrainState(jnp.int32(0), params, tx.init(params))
     return step, jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
@@ -117,12 +119,13 @@ def reader_batch(rng, n: int, t: int) -> dict:
     }  # fmt: skip
 
 
-def time_step(bert, n: int, lengths: list[int], steps: int, dtype: str = "float32"):
+def time_step(bert, n: int, lengths: list[int], steps: int, dtype: str = "float32",
+              matmul_dtype: str = "float32"):  # fmt: skip
     """{length: median seconds of the reader train step} (``n`` questions x 1 passage)."""
     import jax
     import numpy as np
 
-    step, state = reader_step(bert, dtype)
+    step, state = reader_step(bert, dtype, matmul_dtype)
     rng, key, out = np.random.default_rng(0), jax.random.PRNGKey(1), {}
     for t in sorted(set(lengths), reverse=True):
         batch = reader_batch(rng, n, t)
@@ -152,10 +155,16 @@ def main(argv=None) -> int:
                     help="override a config field (as train-reader's --set)")  # fmt: skip
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="compute dtype of the timed step (the config's dtype field)")  # fmt: skip
+    ap.add_argument("--matmul-dtype", default="float32",
+                    help="comma list of the config's matmul_dtype field, each timed (float32, "
+                    "bfloat16: the Dense products' inputs, forward and backward)")  # fmt: skip
     ap.add_argument("--tiny", action="store_true", help="time a 2-layer BERT (smoke run)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     check_results_file(args.json)
+    matmuls = args.matmul_dtype.split(",")
+    if not set(matmuls) <= {"float32", "bfloat16"}:
+        ap.error(f"--matmul-dtype {args.matmul_dtype}: each must be float32 or bfloat16")
     if not Path(args.train).is_file():
         print(f"{args.train}: no such file", file=sys.stderr)
         return 2
@@ -170,24 +179,31 @@ def main(argv=None) -> int:
     every = sorted({t for ls in per.values() for t in ls})
     print(f"{len(data.questions)} questions, batches of {b}; timing {len(every)} lengths "
           f"({', '.join(map(str, every))})", flush=True)  # fmt: skip
-    secs = time_step(bert, b, every, args.steps, args.dtype)
+    secs = {}
+    for mm in matmuls:
+        if len(matmuls) > 1:
+            print(f"matmul_dtype {mm}:", flush=True)
+        secs[mm] = time_step(bert, b, every, args.steps, args.dtype, mm)
     print()
-    print("| bucket | length_groups | mean padded length | batches by length | s a step "
-          "(expected) | h an epoch | speed-up over the first |")  # fmt: skip
-    print("|---:|---:|---:|---|---:|---:|---:|")
+    print("| matmul_dtype | bucket | length_groups | mean padded length | batches by length | "
+          "s a step (expected) | h an epoch | speed-up over the first |")  # fmt: skip
+    print("|---|---:|---:|---:|---|---:|---:|---:|")
     rows, base = [], None
-    for (bucket, groups), ls in per.items():
-        step = statistics.fmean(secs[t] for t in ls)
-        base = base or step
-        hist = {t: ls.count(t) for t in sorted(set(ls))}
-        rows.append(dict(bucket=bucket, length_groups=groups, mean_length=statistics.fmean(ls),
-                         batches=hist, step_s=step, epoch_h=step * len(ls) / 3600))  # fmt: skip
-        h = ", ".join(f"{t}: {c}" for t, c in hist.items())
-        print(f"| {bucket} | {groups} | {statistics.fmean(ls):.0f} | {h} | {step:.2f} | "
-              f"{step * len(ls) / 3600:.2f} | {base / step:.2f}x |")  # fmt: skip
+    for mm in matmuls:
+        for (bucket, groups), ls in per.items():
+            step = statistics.fmean(secs[mm][t] for t in ls)
+            base = base or step
+            hist = {t: ls.count(t) for t in sorted(set(ls))}
+            rows.append(dict(matmul_dtype=mm, bucket=bucket, length_groups=groups,
+                             mean_length=statistics.fmean(ls), batches=hist, step_s=step,
+                             epoch_h=step * len(ls) / 3600))  # fmt: skip
+            h = ", ".join(f"{t}: {c}" for t, c in hist.items())
+            print(f"| {mm} | {bucket} | {groups} | {statistics.fmean(ls):.0f} | {h} | {step:.2f} | "
+                  f"{step * len(ls) / 3600:.2f} | {base / step:.2f}x |")  # fmt: skip
     if args.json:
+        step_s = secs[matmuls[0]] if len(matmuls) == 1 else secs
         write_results(
-            args.json, dict(step_s=secs, settings=rows), "scripts/bench_reader_lengths.py"
+            args.json, dict(step_s=step_s, settings=rows), "scripts/bench_reader_lengths.py"
         )
     return 0
 

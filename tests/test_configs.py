@@ -70,9 +70,40 @@ def test_invalid_fields_are_refused():
         (dict(init_from="", model=None), "init_from"),
         (dict(init_from="", model={"bert": {"hidden_size": 30}}), "model"),
         (dict(warmup_fraction=1.5), "warmup_fraction"),
+        (dict(matmul_dtype="float16"), "matmul_dtype"),
+        (dict(dtype="bfloat16", matmul_dtype="bfloat16"), "needs dtype float32"),
     ]:
         with pytest.raises(ValueError, match=msg):
             dataclasses.replace(base, **change)
+
+
+@pytest.mark.parametrize("name", ["tiny.py", "reader_tiny.py"])
+def test_matmul_dtype_reaches_the_train_step(name):
+    """``--set matmul_dtype=bfloat16`` reaches the step `dpr-jax train` / `train-reader` (and
+    `plan`) build: its Dense products take bfloat16 inputs, forward and backward; without it,
+    none does."""
+    import jax
+    import jax.extend
+    import jax.numpy as jnp
+
+    from dpr_jax.plan import build_job
+    from dpr_jax.trainers import load_any_config
+
+    def dots(jaxpr):
+        out = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+        for e in jaxpr.eqns:
+            for sub in jax.extend.core.jaxprs_in_params(e.params):
+                out += dots(sub)
+        return out
+
+    base = load_any_config(REPO / "configs" / name)
+    layers = 2  # both tiny configs: 6 Dense a layer, 3 products each (forward, 2 gradients)
+    for matmul, want in (("float32", 0), ("bfloat16", 3 * 6 * layers)):
+        job = build_job(dataclasses.replace(base, matmul_dtype=matmul), jax.devices()[:1])
+        found = dots(jax.make_jaxpr(job.step)(*job.args).jaxpr)
+        low = [e for e in found if e.invars[0].aval.dtype == jnp.bfloat16]
+        towers = 1 if name.startswith("reader") else 2  # the retriever's two towers
+        assert len(low) == want * towers, (matmul, len(low))
 
 
 def test_an_unset_variable_in_init_from_is_named(monkeypatch, tmp_path, capsys):

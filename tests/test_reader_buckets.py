@@ -146,7 +146,18 @@ def test_bench_reader_lengths_smoke(data_dir, minilm_dir, tmp_path, capsys):
         assert all(int(t) % 32 == 0 and int(t) <= 256 for t in row["batches"])
     assert grouped["mean_length"] < cut["mean_length"] <= plain["mean_length"]
     assert set(res["step_s"]) == {t for r in res["settings"] for t in r["batches"]}
-    assert "| 32 | 8 |" in capsys.readouterr().out
+    assert "| float32 | 32 | 8 |" in capsys.readouterr().out
+    out2 = tmp_path / "matmul.json"
+    rc = bench.main([*common, "--tiny", "--steps", "1", "--settings", "32:8",
+                     "--matmul-dtype", "float32,bfloat16", "--json", str(out2)])  # fmt: skip
+    assert rc == 0
+    res2 = json.loads(out2.read_text())
+    assert [r["matmul_dtype"] for r in res2["settings"]] == ["float32", "bfloat16"]
+    assert set(res2["step_s"]) == {"float32", "bfloat16"}
+    assert res2["settings"][0]["batches"] == grouped["batches"]
+    assert "| bfloat16 | 32 | 8 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main([*common, "--tiny", "--matmul-dtype", "float16"])
     assert bench.main([*common, "--set", "bucket=x", "--tiny"]) == 2
     assert "bucket" in capsys.readouterr().err
     assert bench.main(["--train", str(tmp_path / "missing.json")]) == 2

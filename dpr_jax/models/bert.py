@@ -211,10 +211,58 @@ def _dot_rounding_inputs(dtype_name: str):
     return dot_general
 
 
-def _dot_general(dot_dtype):
-    """The ``dot_general`` of a Dense in mixed inference (``dot_dtype`` set): its inputs rounded
-    to ``dot_dtype``; ``None`` (Flax's own) otherwise."""
-    return None if dot_dtype is None else _dot_rounding_inputs(jnp.dtype(dot_dtype).name)
+@functools.cache
+def _trainable_products(dtype_name: str):
+    """A Dense layer's ``dot_general`` for training with ``matmul_dtype`` (:class:`BertModule`):
+    all three of its products (forward, input gradient, kernel gradient) take their inputs
+    rounded to ``dtype_name`` and accumulate and return float32, the form
+    :func:`_dot_rounding_inputs` gives inference, now with a backward pass of the same form (a
+    custom VJP: autodiff would multiply the float32 incoming gradient in float32). The saved
+    inputs are the rounded ones (half the activation memory of float32). The input is flattened
+    to (rows, K) first: XLA:CPU has no bfloat16 x bfloat16 -> float32 kernel for the kernel
+    gradient of a 3-D input (two contracting dimensions; "Unsupported element type for
+    DotThunk"). Cached: one function per dtype, so Dense modules holding it compare equal."""
+    low = jnp.dtype(dtype_name)
+    nt, tn, nn_ = (((1,), (0,)), ((), ())), (((1,), (1,)), ((), ())), (((0,), (0,)), ((), ()))
+
+    def product(a, b, dims):
+        return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+    @jax.custom_vjp
+    def matmul(a, w):  # (N, K) . (K, F) -> (N, F), float32
+        return product(a.astype(low), w.astype(low), nt)
+
+    def forward(a, w):
+        a16, w16 = a.astype(low), w.astype(low)
+        # zero-size markers carry the inputs' dtypes to the backward pass
+        return product(a16, w16, nt), (a16, w16, jnp.zeros(0, a.dtype), jnp.zeros(0, w.dtype))
+
+    def backward(res, g):
+        a16, w16, a_dt, w_dt = res
+        g16 = g.astype(low)
+        da = product(g16, w16, tn)  # (N, F) . (K, F)^T -> (N, K)
+        dw = product(a16, g16, nn_)  # (N, K)^T . (N, F) -> (K, F)
+        return da.astype(a_dt.dtype), dw.astype(w_dt.dtype)
+
+    matmul.defvjp(forward, backward)
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        if rhs.ndim != 2 or dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())):
+            raise ValueError(f"not a Dense layer's product: {dimension_numbers}")
+        out = matmul(lhs.reshape(-1, lhs.shape[-1]), rhs)
+        return out.reshape(*lhs.shape[:-1], rhs.shape[1])
+
+    return dot_general
+
+
+def _dot_general(dot_dtype, products=None):
+    """The ``dot_general`` of a Dense: in mixed inference (``dot_dtype`` set) its inputs rounded
+    to ``dot_dtype``; in training with ``matmul_dtype`` (``products`` set) every product of its
+    forward and backward passes in that form (:func:`_trainable_products`); ``None`` (Flax's
+    own) otherwise."""
+    if dot_dtype is not None:
+        return _dot_rounding_inputs(jnp.dtype(dot_dtype).name)
+    return None if products is None else _trainable_products(jnp.dtype(products).name)
 
 
 def _einsum(spec: str, a: Array, b: Array, dot_dtype) -> Array:
@@ -227,15 +275,18 @@ def _einsum(spec: str, a: Array, b: Array, dot_dtype) -> Array:
     )
 
 
-def _dense(config: BertConfig, features: int, name: str, dtype, dot_dtype=None) -> nn.Dense:
+def _dense(
+    config: BertConfig, features: int, name: str, dtype, dot_dtype=None, products=None
+) -> nn.Dense:
     """``dot_dtype`` (mixed inference, ``dtype`` float32): the kernel's products take their
-    inputs rounded to it (:func:`cpu_mixed_inference`)."""
+    inputs rounded to it (:func:`cpu_mixed_inference`). ``products`` (training with
+    ``matmul_dtype``): so do the backward pass's (:func:`_trainable_products`)."""
     return nn.Dense(
         features,
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=nn.initializers.normal(config.initializer_range),
-        dot_general=_dot_general(dot_dtype),
+        dot_general=_dot_general(dot_dtype, products),
         name=name,
     )
 
@@ -390,6 +441,7 @@ class BertSelfAttention(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
     dot_dtype: Any = None  # mixed inference (cpu_mixed_inference): the products' input dtype
+    products: Any = None  # training with matmul_dtype: the projections' (BertModule)
 
     @nn.compact
     def __call__(self, x, key_mask, deterministic: bool, first_only: bool = False, rows=None):
@@ -400,7 +452,7 @@ class BertSelfAttention(nn.Module):
         h, dh = cfg.num_attention_heads, cfg.head_dim
 
         def proj(name, y):  # (B, T, H*Dh) -> (B, T, H, Dh)
-            dense = _dense(cfg, cfg.hidden_size, name, self.dtype, self.dot_dtype)
+            dense = _dense(cfg, cfg.hidden_size, name, self.dtype, self.dot_dtype, self.products)
             return dense(y).reshape(b, -1, h, dh)
 
         q = proj("query", x[:, :1] if first_only else x)
@@ -430,6 +482,7 @@ class BertLayer(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
     dot_dtype: Any = None  # mixed inference (cpu_mixed_inference): the products' input dtype
+    products: Any = None  # training with matmul_dtype: the Dense layers' (BertModule)
 
     @nn.compact
     def __call__(self, x, key_mask, deterministic: bool, first_only: bool = False, rows=None):
@@ -439,20 +492,20 @@ class BertLayer(nn.Module):
         drop = Dropout(cfg.hidden_dropout_prob)
 
         # attention/self, attention/output/{dense, LayerNorm}
-        dot = self.dot_dtype
-        ctx = BertSelfAttention(cfg, self.dtype, dot, name="attention_self")(
+        dot, prod = self.dot_dtype, self.products
+        ctx = BertSelfAttention(cfg, self.dtype, dot, prod, name="attention_self")(
             x, key_mask, deterministic, first_only, rows
         )
         if first_only:
             x = x[:, :1]
-        a = _dense(cfg, cfg.hidden_size, "attention_output_dense", self.dtype, dot)(ctx)
+        a = _dense(cfg, cfg.hidden_size, "attention_output_dense", self.dtype, dot, prod)(ctx)
         x = _layer_norm(cfg, "attention_output_LayerNorm", self.dtype)(
             drop(a, deterministic, rows) + x
         )
         # intermediate/dense, output/{dense, LayerNorm}
-        i = _dense(cfg, cfg.intermediate_size, "intermediate_dense", self.dtype, dot)(x)
+        i = _dense(cfg, cfg.intermediate_size, "intermediate_dense", self.dtype, dot, prod)(x)
         i = _ACTIVATIONS[cfg.hidden_act](i)
-        o = _dense(cfg, cfg.hidden_size, "output_dense", self.dtype, dot)(i)
+        o = _dense(cfg, cfg.hidden_size, "output_dense", self.dtype, dot, prod)(i)
         return _layer_norm(cfg, "output_LayerNorm", self.dtype)(drop(o, deterministic, rows) + x)
 
 
@@ -466,6 +519,12 @@ class BertModule(nn.Module):
     ``fsdp`` (inside ``shard_map`` only): the parameters arrive as FSDP shards and each of the
     embeddings, every layer and the pooler gathers its own just before it runs (inside the
     remat'ed layer, so the backward pass gathers it again; :mod:`dpr_jax.models.fsdp`).
+    ``matmul_dtype`` (training in float32): every Dense product of the layers and the pooler,
+    forward and backward, takes its inputs rounded to it and accumulates in float32
+    (:func:`_trainable_products`); activations, LayerNorm, softmax and attention's products
+    stay in ``dtype``. On a CPU with AMX or avx512_bf16, bfloat16 is the fast form of
+    training (``scripts/bench_reader_lengths.py --matmul-dtype``); inference
+    (``deterministic``) ignores it, as the mixed form already rounds there.
     """
 
     config: BertConfig
@@ -473,6 +532,7 @@ class BertModule(nn.Module):
     add_pooling_layer: bool = True
     remat: bool | str = False
     fsdp: FsdpGather | None = None
+    matmul_dtype: Any = None
 
     @nn.compact
     def __call__(
@@ -510,6 +570,7 @@ class BertModule(nn.Module):
         # 16-bit inference on a CPU: float32 activations, 16-bit products (cpu_mixed_inference)
         mixed = cpu_mixed_inference(self.dtype, deterministic)
         act, dot = (jnp.float32, self.dtype) if mixed else (self.dtype, None)
+        prod = None if deterministic or self.matmul_dtype is None else self.matmul_dtype
 
         x = fsdp_wrap(self.fsdp, BertEmbeddings, self, "embeddings")(cfg, act, name="embeddings")(
             input_ids, token_type_ids, position_ids, deterministic, dropout_rows
@@ -524,7 +585,9 @@ class BertModule(nn.Module):
             layer_cls = fsdp_wrap(self.fsdp, BertLayer, self, name)  # gathers inside the remat
             if self.remat:
                 layer_cls = nn.remat(layer_cls, static_argnums=(3, 4), policy=policy)
-            x = layer_cls(cfg, act, dot, name=name)(x, key_mask, deterministic, last, dropout_rows)
+            x = layer_cls(cfg, act, dot, prod, name=name)(
+                x, key_mask, deterministic, last, dropout_rows
+            )
             if output_hidden_states:
                 hidden.append(x)
         top = x  # float32 in mixed inference: the pooler's input
@@ -537,7 +600,7 @@ class BertModule(nn.Module):
             pooler = fsdp_wrap(self.fsdp, nn.Dense, self, "pooler_dense")(
                 cfg.hidden_size, dtype=act, param_dtype=jnp.float32,
                 kernel_init=nn.initializers.normal(cfg.initializer_range), name="pooler_dense",
-                dot_general=_dot_general(dot),
+                dot_general=_dot_general(dot, prod),
             )  # fmt: skip
             pooled = jnp.tanh(pooler(top[:, 0])).astype(self.dtype)
         return BertOutput(x, pooled, tuple(hidden) if output_hidden_states else None)

@@ -30,11 +30,13 @@ class ReaderEncoder(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    matmul_dtype: Any = None  # BertModule's
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, deterministic: bool):
         return BertModule(
-            self.config, self.dtype, add_pooling_layer=False, remat=self.remat, name="bert_model"
+            self.config, self.dtype, add_pooling_layer=False, remat=self.remat,
+            matmul_dtype=self.matmul_dtype, name="bert_model",
         )(
             input_ids, attention_mask, jnp.zeros_like(input_ids), deterministic=deterministic,
             float32_output=True,  # in mixed inference on a CPU: the heads read float32
@@ -47,12 +49,13 @@ class Reader(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    matmul_dtype: Any = None  # training: the encoder's Dense products' input dtype (BertModule)
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, deterministic: bool = True) -> ReaderOutput:
         n, m, t = input_ids.shape
         flat = lambda x: x.reshape(n * m, t)
-        h = ReaderEncoder(self.config, self.dtype, self.remat, name="encoder")(
+        h = ReaderEncoder(self.config, self.dtype, self.remat, self.matmul_dtype, name="encoder")(
             flat(input_ids), flat(attention_mask), deterministic
         ).last_hidden_state  # (N*M, T, H)
         init = nn.initializers.normal(self.config.initializer_range)

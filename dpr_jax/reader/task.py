@@ -308,7 +308,7 @@ class StepPosition:
 def build_reader_step(config, bert_cfg, mesh, total: int, warmup: int) -> BuiltStep:
     """The train step of a reader ``config`` over ``mesh`` (real or abstract devices): the one
     builder both ``dpr-jax train-reader`` and ``dpr-jax plan`` use. Reads no parameters."""
-    model = Reader(bert_cfg, dtype=jnp.dtype(config.dtype), remat=config.remat)
+    model = Reader(bert_cfg, jnp.dtype(config.dtype), config.remat, matmul_dtype=config.products)
     tx, schedule = make_optimizer(config, total, warmup)
     abstract = jax.eval_shape(lambda p: TrainState.create(p, tx), READER.abstract_params(bert_cfg))
     placed = jax.tree.map(lambda _: replicated(mesh), abstract)
@@ -370,7 +370,7 @@ class ReaderTask:
     def prepare(self, mesh) -> None:
         config, primary = self.config, jax.process_index() == 0
         self.mesh = mesh
-        self.model = Reader(self.bert_cfg, dtype=jnp.dtype(config.dtype), remat=config.remat)
+        self.model = Reader(self.bert_cfg, jnp.dtype(config.dtype), config.remat, config.products)
         self.rtok = ReaderTokenizer(self.tokenizer, config.input_config)
         self.train = ReaderTrainData(
             read_examples(config, "train"), self.rtok, config.passages_per_question,
@@ -389,8 +389,8 @@ class ReaderTask:
         self.has_evaluator = self.evaluator is not None
         total, warmup, bert_cfg = self.total_steps, self.warmup, self.bert_cfg
         built = memo(
-            ("reader_step", self.bert_cfg, config.dtype, config.remat, optimizer_key(config),
-             total, warmup, mesh),
+            ("reader_step", self.bert_cfg, config.dtype, config.products, config.remat,
+             optimizer_key(config), total, warmup, mesh),
             lambda: build_reader_step(config, bert_cfg, mesh, total, warmup),
         )  # fmt: skip
         self.create_state, self.schedule, self.train_step = built.create, built.schedule, built.step

@@ -79,6 +79,7 @@ class Encoder(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     fsdp: FsdpGather | None = None  # parameters arrive as FSDP shards (dpr_jax.models.fsdp)
+    matmul_dtype: Any = None  # training: the Dense products' input dtype (BertModule)
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, deterministic: bool = True, dropout_rows=None):
@@ -86,7 +87,7 @@ class Encoder(nn.Module):
         # DPR's convention: token_type_ids are all zero, also for "title [SEP] text" passages.
         out = BertModule(
             cfg.bert, self.dtype, add_pooling_layer=cfg.add_pooling_layer, remat=self.remat,
-            fsdp=self.fsdp, name="bert_model",
+            fsdp=self.fsdp, matmul_dtype=self.matmul_dtype, name="bert_model",
         )(
             input_ids, attention_mask, jnp.zeros_like(input_ids), deterministic=deterministic,
             # [CLS] and pooler pooling read position 0 alone: the last layer computes only it
@@ -118,11 +119,13 @@ class BiEncoder(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     fsdp: FsdpGather | None = None  # see Encoder
+    matmul_dtype: Any = None  # see Encoder
 
     def setup(self):
-        self.question_encoder = Encoder(self.config, self.dtype, self.remat, self.fsdp)
+        args = (self.config, self.dtype, self.remat, self.fsdp, self.matmul_dtype)
+        self.question_encoder = Encoder(*args)
         if not self.config.shared:
-            self.ctx_encoder = Encoder(self.config, self.dtype, self.remat, self.fsdp)
+            self.ctx_encoder = Encoder(*args)
 
     def encode_question(self, input_ids, attention_mask, deterministic=True, dropout_rows=None):
         return self.question_encoder(input_ids, attention_mask, deterministic, dropout_rows)

@@ -200,6 +200,12 @@ def remat_setting(config) -> bool | str:
     return (config.remat_policy or True) if config.remat else False
 
 
+def training_model(config, enc_cfg) -> BiEncoder:
+    """The biencoder a training ``config`` trains (and evaluates on its dev set)."""
+    dtype = jnp.dtype(config.dtype)
+    return BiEncoder(enc_cfg, dtype, remat_setting(config), matmul_dtype=config.products)
+
+
 def initial_params(config: TrainConfig, enc_cfg, rng: jax.Array) -> dict:
     """float32 parameters to start from: ``init_from``'s, or a random init from ``rng``."""
 
@@ -263,7 +269,7 @@ class Evaluator:
         self.batches = batches
         self.mesh = mesh
         self.loss_cfg = loss_cfg
-        key = ("eval", model.config, model.dtype, model.remat, mesh, loss_cfg)
+        key = ("eval", model.config, model.dtype, model.matmul_dtype, model.remat, mesh, loss_cfg)
         self._encode, self._metrics = memo(key, lambda: self._build(model, mesh, loss_cfg))
 
     @staticmethod
@@ -383,7 +389,7 @@ def evaluate_model(config: TrainConfig) -> dict[str, float]:
     mesh = make_mesh()
     enc_cfg = encoder_config(config)
     tokenizer = training_tokenizer(config, enc_cfg)
-    model = BiEncoder(enc_cfg, dtype=jnp.dtype(config.dtype), remat=remat_setting(config))
+    model = training_model(config, enc_cfg)
     evaluator = _dev_evaluator(
         config, _batch_spec(config), tokenizer, model, mesh, _loss_config(config)
     )
@@ -398,7 +404,7 @@ def evaluate_model(config: TrainConfig) -> dict[str, float]:
 def build_train_step(config: TrainConfig, enc_cfg, mesh, total: int, warmup: int) -> BuiltStep:
     """The train step of ``config`` over ``mesh`` (real or abstract devices): the one builder
     both ``dpr-jax train`` and ``dpr-jax plan`` use. Reads no parameters."""
-    model = BiEncoder(enc_cfg, dtype=jnp.dtype(config.dtype), remat=remat_setting(config))
+    model = training_model(config, enc_cfg)
     loss_cfg = _loss_config(config)
     tx, schedule = make_optimizer(config, total, warmup)
     abstract = jax.eval_shape(
@@ -434,7 +440,7 @@ class RetrieverTask:
         config, enc_cfg = self.config, self.enc_cfg
         self.mesh = mesh
         self.tokenizer = training_tokenizer(config, enc_cfg)
-        self.model = BiEncoder(enc_cfg, dtype=jnp.dtype(config.dtype), remat=remat_setting(config))
+        self.model = training_model(config, enc_cfg)
         self.loss_cfg = loss_cfg = _loss_config(config)
         self.train_examples = read_examples(
             config.train_path, config.max_train_examples, "train_path"
@@ -453,7 +459,8 @@ class RetrieverTask:
         chunk = config.grad_cache_chunk or None
         total, warmup = self.total_steps, self.warmup
         built = memo(
-            ("train", enc_cfg, config.dtype, remat_setting(config), optimizer_key(config), total,
+            ("train", enc_cfg, config.dtype, config.products, remat_setting(config),
+             optimizer_key(config), total,
              warmup, mesh, loss_cfg, chunk, config.fsdp),
             lambda: build_train_step(config, enc_cfg, mesh, total, warmup),
         )  # fmt: skip

@@ -48,6 +48,10 @@ class RunConfig:
     tokenizer: str = ""  # "": the tokenizer of init_from; "minilm": the offline MiniLM's
     dropout: float = -1.0  # < 0: keep the model's dropout rates
     dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
+    # with dtype float32: the encoder's Dense products (forward and backward) take their inputs
+    # in this dtype and accumulate in float32 (BertModule.matmul_dtype); "bfloat16" is the fast
+    # form on a CPU with AMX or avx512_bf16 (scripts/bench_reader_lengths.py --matmul-dtype)
+    matmul_dtype: str = "float32"
     remat: bool = False
     # -- optimizer (AdamW, linear warmup then linear decay, global-norm clipping)
     learning_rate: float = 2e-5
@@ -98,6 +102,11 @@ class RunConfig:
                 bad(f, "must be >= 0")
         if self.dtype not in DTYPES:
             bad("dtype", f"must be one of {DTYPES}")
+        if self.matmul_dtype not in DTYPES:
+            bad("matmul_dtype", f"must be one of {DTYPES}")
+        if self.matmul_dtype != "float32" and self.dtype != "float32":
+            bad("matmul_dtype", f"{self.matmul_dtype} needs dtype float32 (dtype {self.dtype} "
+                "already multiplies in it)")  # fmt: skip
         if not self.learning_rate > 0:
             bad("learning_rate", "must be > 0")
         if not 0 <= self.warmup_fraction < 1:
@@ -156,6 +165,11 @@ class RunConfig:
                 "directory with --set init_from=DIR"
             )
         return f"init_from {self.init_from} not found: using `model`"
+
+    @property
+    def products(self) -> str | None:
+        """The models' ``matmul_dtype`` field: None (their own dtype) or a 16-bit dtype."""
+        return None if self.matmul_dtype == "float32" else self.matmul_dtype
 
     def total_steps(self, steps_per_epoch: int | None) -> tuple[int, int]:
         """(steps, warmup steps) of the schedule: ``num_steps``, else ``num_epochs`` epochs of
