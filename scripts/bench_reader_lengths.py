@@ -58,6 +58,7 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
 
 def load_data(config_path: str, train: str, overrides: list[str], tiny: bool):
     """-> (ReaderTrainData, batch size, BertConfig to time)."""
+    from dpr_jax.errors import UserError
     from dpr_jax.models.bert import BertConfig
     from dpr_jax.reader.data import ReaderTokenizer, ReaderTrainData
     from dpr_jax.reader.task import ReaderTask, load_config, read_examples
@@ -65,6 +66,9 @@ def load_data(config_path: str, train: str, overrides: list[str], tiny: bool):
 
     config = apply_overrides(load_config(config_path), overrides)
     config = dataclasses.replace(config, train_path=train, dev_path="")
+    if (config.dtype, config.matmul_dtype) != ("float32", "float32"):
+        raise UserError("the timed step's dtype and matmul_dtype are --dtype and --matmul-dtype "
+                        "(the config's are not read)")  # fmt: skip
     if config.passages_per_question != 1:
         raise SystemExit("this bench times one passage a question (the stage-1 recipe)")
     task = ReaderTask(config)
@@ -165,6 +169,8 @@ def main(argv=None) -> int:
     matmuls = args.matmul_dtype.split(",")
     if not set(matmuls) <= {"float32", "bfloat16"}:
         ap.error(f"--matmul-dtype {args.matmul_dtype}: each must be float32 or bfloat16")
+    if args.dtype != "float32" and "bfloat16" in matmuls:
+        ap.error("--matmul-dtype bfloat16 needs --dtype float32")
     if not Path(args.train).is_file():
         print(f"{args.train}: no such file", file=sys.stderr)
         return 2

@@ -437,8 +437,9 @@ def test_matmul_dtype_rounds_every_dense_product_forward_and_backward():
 def test_matmul_dtype_training_gradient_runs_dense_products_in_bfloat16():
     """A BERT trained with ``matmul_dtype="bfloat16"``: every Dense product of the layers and the
     pooler, forward and backward (3 each), takes bfloat16 inputs into float32; attention's own
-    products stay float32; the gradient is the float32 one to bfloat16's precision (not equal
-    to it); inference (``deterministic``) ignores the field."""
+    products stay float32, with or without dropout (``deterministic``: a retriever without
+    dropout trains so); the gradient is the float32 one to bfloat16's precision (not equal
+    to it); a 16-bit ``dtype`` with it is refused."""
     cfg, params = _flax(_torch_bert(0))
     ids, mask, types = _batch(0)
 
@@ -459,8 +460,13 @@ def test_matmul_dtype_training_gradient_runs_dense_products_in_bfloat16():
     rest = [e for e in dots if e not in low]
     assert len(rest) == 3 * 2 * cfg.num_hidden_layers  # QK^T and PV, forward and backward
     assert all(v.aval.dtype == jnp.float32 for e in rest for v in e.invars)
-    infer = _dots(jax.make_jaxpr(loss("bfloat16", deterministic=True))(params).jaxpr)
-    assert all(v.aval.dtype == jnp.float32 for e in infer for v in e.invars)
+    no_dropout = _dots(jax.make_jaxpr(jax.grad(loss("bfloat16", True)))(params).jaxpr)
+    assert sum(e.invars[0].aval.dtype == jnp.bfloat16 for e in no_dropout) == len(low)
+    with pytest.raises(ValueError, match="needs dtype float32"):
+        BertModule(cfg, dtype=jnp.bfloat16, matmul_dtype="bfloat16").apply(
+            {"params": params}, ids, mask, types, deterministic=False,
+            rngs={"dropout": jax.random.key(0)},
+        )  # fmt: skip
 
     want = jax.jit(jax.grad(loss(None)))(params)
     got = jax.jit(jax.grad(loss("bfloat16")))(params)

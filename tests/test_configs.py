@@ -98,12 +98,15 @@ def test_matmul_dtype_reaches_the_train_step(name):
 
     base = load_any_config(REPO / "configs" / name)
     layers = 2  # both tiny configs: 6 Dense a layer, 3 products each (forward, 2 gradients)
-    for matmul, want in (("float32", 0), ("bfloat16", 3 * 6 * layers)):
-        job = build_job(dataclasses.replace(base, matmul_dtype=matmul), jax.devices()[:1])
+    cases = [("float32", -1.0, 0), ("bfloat16", -1.0, 3 * 6 * layers)]
+    cases += [("bfloat16", 0.0, 3 * 6 * layers)]  # no dropout: the retriever's step differs
+    for matmul, dropout, want in cases:
+        config = dataclasses.replace(base, matmul_dtype=matmul, dropout=dropout)
+        job = build_job(config, jax.devices()[:1])
         found = dots(jax.make_jaxpr(job.step)(*job.args).jaxpr)
         low = [e for e in found if e.invars[0].aval.dtype == jnp.bfloat16]
         towers = 1 if name.startswith("reader") else 2  # the retriever's two towers
-        assert len(low) == want * towers, (matmul, len(low))
+        assert len(low) == want * towers, (matmul, dropout, len(low))
 
 
 def test_an_unset_variable_in_init_from_is_named(monkeypatch, tmp_path, capsys):

@@ -156,8 +156,14 @@ def test_bench_reader_lengths_smoke(data_dir, minilm_dir, tmp_path, capsys):
     assert set(res2["step_s"]) == {"float32", "bfloat16"}
     assert res2["settings"][0]["batches"] == grouped["batches"]
     assert "| bfloat16 | 32 | 8 |" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        bench.main([*common, "--tiny", "--matmul-dtype", "float16"])
+    for bad in (
+        ["--matmul-dtype", "float16"],
+        ["--dtype", "bfloat16", "--matmul-dtype", "bfloat16"],
+    ):
+        with pytest.raises(SystemExit):
+            bench.main([*common, "--tiny", *bad])
+    assert bench.main([*common, "--tiny", "--set", "matmul_dtype=bfloat16"]) == 2
+    assert "--matmul-dtype" in capsys.readouterr().err
     assert bench.main([*common, "--set", "bucket=x", "--tiny"]) == 2
     assert "bucket" in capsys.readouterr().err
     assert bench.main(["--train", str(tmp_path / "missing.json")]) == 2

@@ -217,9 +217,8 @@ def _trainable_products(dtype_name: str):
     all three of its products (forward, input gradient, kernel gradient) take their inputs
     rounded to ``dtype_name`` and accumulate and return float32, the form
     :func:`_dot_rounding_inputs` gives inference, now with a backward pass of the same form (a
-    custom VJP: autodiff would multiply the float32 incoming gradient in float32). The saved
-    inputs are the rounded ones (half the activation memory of float32). The input is flattened
-    to (rows, K) first: XLA:CPU has no bfloat16 x bfloat16 -> float32 kernel for the kernel
+    custom VJP: autodiff would multiply the float32 incoming gradient in float32). The input is
+    flattened to (rows, K) first: XLA:CPU has no bfloat16 x bfloat16 -> float32 kernel for the kernel
     gradient of a 3-D input (two contracting dimensions; "Unsupported element type for
     DotThunk"). Cached: one function per dtype, so Dense modules holding it compare equal."""
     low = jnp.dtype(dtype_name)
@@ -519,12 +518,13 @@ class BertModule(nn.Module):
     ``fsdp`` (inside ``shard_map`` only): the parameters arrive as FSDP shards and each of the
     embeddings, every layer and the pooler gathers its own just before it runs (inside the
     remat'ed layer, so the backward pass gathers it again; :mod:`dpr_jax.models.fsdp`).
-    ``matmul_dtype`` (training in float32): every Dense product of the layers and the pooler,
-    forward and backward, takes its inputs rounded to it and accumulates in float32
-    (:func:`_trainable_products`); activations, LayerNorm, softmax and attention's products
-    stay in ``dtype``. On a CPU with AMX or avx512_bf16, bfloat16 is the fast form of
-    training (``scripts/bench_reader_lengths.py --matmul-dtype``); inference
-    (``deterministic``) ignores it, as the mixed form already rounds there.
+    ``matmul_dtype`` (with ``dtype`` float32; for training): every Dense product of the layers
+    and the pooler, forward and backward, takes its inputs rounded to it and accumulates in
+    float32 (:func:`_trainable_products`); activations, LayerNorm, softmax and attention's
+    products stay float32. On a CPU with AMX or avx512_bf16, bfloat16 is the fast form of
+    training (``scripts/bench_reader_lengths.py --matmul-dtype``). It holds whether or not
+    dropout runs (a retriever without dropout trains with ``deterministic``); evaluation
+    builds its model without it.
     """
 
     config: BertConfig
@@ -570,7 +570,9 @@ class BertModule(nn.Module):
         # 16-bit inference on a CPU: float32 activations, 16-bit products (cpu_mixed_inference)
         mixed = cpu_mixed_inference(self.dtype, deterministic)
         act, dot = (jnp.float32, self.dtype) if mixed else (self.dtype, None)
-        prod = None if deterministic or self.matmul_dtype is None else self.matmul_dtype
+        prod = None if mixed else self.matmul_dtype
+        if prod is not None and jnp.dtype(self.dtype) != jnp.float32:
+            raise UserError(f"matmul_dtype {prod} needs dtype float32, not {self.dtype}")
 
         x = fsdp_wrap(self.fsdp, BertEmbeddings, self, "embeddings")(cfg, act, name="embeddings")(
             input_ids, token_type_ids, position_ids, deterministic, dropout_rows

@@ -269,7 +269,7 @@ class Evaluator:
         self.batches = batches
         self.mesh = mesh
         self.loss_cfg = loss_cfg
-        key = ("eval", model.config, model.dtype, model.matmul_dtype, model.remat, mesh, loss_cfg)
+        key = ("eval", model.config, model.dtype, model.remat, mesh, loss_cfg)
         self._encode, self._metrics = memo(key, lambda: self._build(model, mesh, loss_cfg))
 
     @staticmethod
@@ -366,7 +366,8 @@ def _dev_evaluator(config: TrainConfig, spec, tokenizer, model, mesh, loss_cfg):
     dev = BiencoderBatches(
         dev_examples, tokenizer, dev_spec, process_slice(eval_bs, mesh), False, config.dev_path
     )
-    return Evaluator(model, mesh, dev, loss_cfg)
+    # evaluated in the model's own dtype: matmul_dtype is a training form
+    return Evaluator(model.clone(matmul_dtype=None), mesh, dev, loss_cfg)
 
 
 def _loss_config(config: TrainConfig) -> LossConfig:

@@ -48,9 +48,10 @@ class RunConfig:
     tokenizer: str = ""  # "": the tokenizer of init_from; "minilm": the offline MiniLM's
     dropout: float = -1.0  # < 0: keep the model's dropout rates
     dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
-    # with dtype float32: the encoder's Dense products (forward and backward) take their inputs
-    # in this dtype and accumulate in float32 (BertModule.matmul_dtype); "bfloat16" is the fast
-    # form on a CPU with AMX or avx512_bf16 (scripts/bench_reader_lengths.py --matmul-dtype)
+    # with dtype float32: the BERT's Dense products (forward and backward; not the retriever's
+    # encode_proj, not the reader's heads) take their inputs in this dtype and accumulate in
+    # float32 (BertModule.matmul_dtype); "bfloat16" is the fast form on a CPU with AMX or
+    # avx512_bf16 (scripts/bench_reader_lengths.py --matmul-dtype). Dev evaluation: float32
     matmul_dtype: str = "float32"
     remat: bool = False
     # -- optimizer (AdamW, linear warmup then linear decay, global-norm clipping)
