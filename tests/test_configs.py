@@ -107,6 +107,17 @@ def test_matmul_dtype_reaches_the_train_step(name):
         low = [e for e in found if e.invars[0].aval.dtype == jnp.bfloat16]
         towers = 1 if name.startswith("reader") else 2  # the retriever's two towers
         assert len(low) == want * towers, (matmul, dropout, len(low))
+    # a 16-bit dtype trains in its own products, with or without dropout (the retriever's step
+    # without dropout once ran the model's CPU inference form: float32 activations, bf16 inputs)
+    for dropout in (-1.0, 0.0):
+        job = build_job(
+            dataclasses.replace(base, dtype="bfloat16", dropout=dropout), [jax.devices()[0]]
+        )
+        found = dots(jax.make_jaxpr(job.step)(*job.args).jaxpr)
+        mixed = [e for e in found if e.invars[0].aval.dtype == jnp.bfloat16
+                 and e.params["preferred_element_type"] == jnp.float32]  # fmt: skip
+        assert not mixed, (dropout, len(mixed))
+        assert sum(e.outvars[0].aval.dtype == jnp.bfloat16 for e in found) >= 6 * layers
 
 
 def test_an_unset_variable_in_init_from_is_named(monkeypatch, tmp_path, capsys):

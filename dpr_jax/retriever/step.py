@@ -82,12 +82,14 @@ def _has_dropout(model: BiEncoder) -> bool:
 
 def _make_encoder(model: BiEncoder, method: str, tower: str, key: Array | None) -> Callable:
     """``enc(tower_params, ids, mask, rows) -> (N, D) float32``; ``rows`` (N,) are the examples'
-    indices in the global batch (their dropout masks depend on them and on ``key``); ``rows``
-    None: deterministic."""
+    indices in the global batch (their dropout masks depend on them and on ``key``; None: a
+    model without dropout). ``key`` None: evaluation (deterministic). A training encoder is
+    never deterministic, even without dropout: the model's inference forms (mixed bfloat16 on
+    a CPU, looped attention) are not what it trains, nor what the planner compiles for TPUs."""
 
     def enc(tower_params, ids, mask, rows):
         variables = {"params": {tower: tower_params}}
-        if rows is None:
+        if key is None:
             return model.apply(variables, ids, mask, True, method=method)
         return model.apply(variables, ids, mask, False, rows, rngs={"dropout": key}, method=method)
 
