@@ -12,6 +12,7 @@ XLA's CPU backend uses every core it is given, so run under ``taskset`` to pin b
 cores.
 
     python scripts/bench_train.py                      # JAX vs torch, MiniLM, CPU
+    python scripts/bench_train.py --matmul-dtype bfloat16  # bfloat16 inputs to the JAX side's products
     python scripts/bench_train.py --memory             # compiled memory with / without GradCache
     python scripts/bench_train.py --gpu-mfu            # bert-base, batch 128: ex/s and MFU
     python scripts/bench_train.py --gpu-mfu --tiny     # the same mode with a tiny model (CPU)
@@ -92,7 +93,8 @@ def random_batch(b: int, g: int, tq: int, tp: int, vocab: int, seed: int = 0):
 
 
 class JaxTrainer:
-    def __init__(self, enc_cfg, params, batch, n_hard, dtype="float32", grad_cache=None, lr=2e-5):
+    def __init__(self, enc_cfg, params, batch, n_hard, dtype="float32", grad_cache=None, lr=2e-5,
+                 matmul_dtype="float32"):  # fmt: skip
         import jax
         import jax.numpy as jnp
 
@@ -105,7 +107,8 @@ class JaxTrainer:
         mesh = make_mesh()
         cfg = TrainConfig(init_from="-", learning_rate=lr, weight_decay=0.0, max_grad_norm=2.0)
         tx, _ = make_optimizer(cfg, total_steps=10**6, warmup_steps=0)
-        model = BiEncoder(enc_cfg, dtype=jnp.dtype(dtype))
+        products = None if matmul_dtype == "float32" else matmul_dtype
+        model = BiEncoder(enc_cfg, dtype=jnp.dtype(dtype), matmul_dtype=products)
         self.step_fn = make_train_step(model, tx, mesh, LossConfig(1 + n_hard), grad_cache)
         create = jax.jit(lambda p: TrainState.create(p, tx), out_shardings=replicated(mesh))
         self.state = create(params)
@@ -223,7 +226,8 @@ def compare(args) -> dict:
     batch = random_batch(
         args.batch, 1 + args.n_hard, args.q_len, args.p_len, enc_cfg.bert.vocab_size
     )
-    jt = JaxTrainer(enc_cfg, params, batch, args.n_hard, args.dtype, args.grad_cache)
+    jt = JaxTrainer(enc_cfg, params, batch, args.n_hard, args.dtype, args.grad_cache,
+                    matmul_dtype=args.matmul_dtype)  # fmt: skip
     print(f"jax: compiled in {jt.compile():.1f}s on {jt.devices} device(s)", flush=True)
     tt = TorchTrainer(hf_dir, batch, args.n_hard, args.threads)
     jt.run(1)  # warm up both
@@ -243,6 +247,7 @@ def compare(args) -> dict:
         "q_len": args.q_len,
         "p_len": args.p_len,
         "dtype": args.dtype,
+        "matmul_dtype": args.matmul_dtype,
         "grad_cache": args.grad_cache,
         "threads_torch": args.threads,
         "jax_devices": jt.devices,
@@ -368,6 +373,9 @@ def main(argv=None) -> int:
         "--threads", type=POSITIVE, default=os.cpu_count(), help="torch intra-op threads"
     )
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--matmul-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="the JAX side's matmul_dtype (TrainConfig): bfloat16 inputs to the Dense "
+                   "products, float32 accumulation (needs --dtype float32)")  # fmt: skip
     p.add_argument("--grad-cache", type=POSITIVE, default=None, help="GradCache chunk (sequences)")
     p.add_argument("--memory", action="store_true", help="compiled memory with/without GradCache")
     p.add_argument("--gpu-mfu", action="store_true", help="bert-base batch 128: ex/s and MFU")
@@ -384,6 +392,8 @@ def main(argv=None) -> int:
         "data-parallel over them, each device's shard running on its own thread (0: as set)",
     )  # fmt: skip
     args = p.parse_args(argv)
+    if args.matmul_dtype != "float32" and args.dtype != "float32":
+        p.error("--matmul-dtype bfloat16 needs --dtype float32")
     check_results_file(args.out, "--out")
     if args.devices:
         flag = f"--xla_force_host_platform_device_count={args.devices}"

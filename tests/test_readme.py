@@ -77,6 +77,11 @@ def test_train_command_xla_flags(monkeypatch):
     )
     cli.train_xla_flags()  # once only
     assert cli.os.environ["XLA_FLAGS"].count("ynn_fusion_type") == 1
+    monkeypatch.setenv("XLA_FLAGS", "")
+    cli.train_xla_flags(["--config", "c.py", "--set", "matmul_dtype=bfloat16"])
+    assert cli.os.environ["XLA_FLAGS"] == ""  # the flag would take bfloat16 products' speed
+    cli.train_xla_flags(["--config", "c.py", "--set", "matmul_dtype=float32"])
+    assert cli.os.environ["XLA_FLAGS"] == cli.TRAIN_CPU_XLA_FLAGS
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
     cli.train_xla_flags()  # the user's own setting wins
     assert cli.os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
@@ -87,6 +92,25 @@ def test_train_command_xla_flags(monkeypatch):
     monkeypatch.setenv("DPR_JAX_TRAIN_XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
     cli.train_xla_flags()
     assert cli.os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
+
+
+def test_train_notes_bfloat16_products_under_the_flag_that_slows_them(monkeypatch, capsys):
+    """A config that sets matmul_dtype=bfloat16 (which `dpr-jax` cannot see before jax starts)
+    under the train default flag: one line says how to run it fast; otherwise nothing."""
+    import dataclasses
+
+    from dpr_jax import cli
+    from dpr_jax.cli.train import slow_products_note
+    from dpr_jax.retriever.task import TrainConfig
+
+    config = TrainConfig(init_from="x", matmul_dtype="bfloat16")
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_cpu_enable_fast_math=false {cli.TRAIN_CPU_XLA_FLAGS}")
+    slow_products_note(config)
+    assert "DPR_JAX_TRAIN_XLA_FLAGS=''" in capsys.readouterr().err
+    slow_products_note(dataclasses.replace(config, matmul_dtype="float32"))
+    monkeypatch.setenv("XLA_FLAGS", "")
+    slow_products_note(config)
+    assert capsys.readouterr().err == ""
 
 
 def test_train_xla_flags_accepted_by_installed_jaxlib():

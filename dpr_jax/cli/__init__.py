@@ -115,6 +115,8 @@ def cpu_host_with_libtpu() -> None:
 # step went from 0.86x to 0.94x PyTorch on 2 cores with this flag alone (README; the benchmark
 # runs with the same flags as `dpr-jax train`).
 # DPR_JAX_TRAIN_XLA_FLAGS replaces these flags ("" = none); the flag only concerns the CPU.
+# Not with `--set matmul_dtype=bfloat16`: its bfloat16 products run fast only in those YNNPACK
+# fusions (bench_train on an AMX CPU: 1.1x float32 with the flag, 1.7x without; README).
 TRAIN_CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
 TRAIN_COMMANDS = {"train"}
 
@@ -128,14 +130,18 @@ def _jaxlib_version() -> tuple[int, ...]:
         return ()
 
 
-def train_xla_flags() -> None:
+def train_xla_flags(argv: list[str] | tuple[str, ...] = ()) -> None:
     """Before jax is imported: add :data:`TRAIN_CPU_XLA_FLAGS` (or ``DPR_JAX_TRAIN_XLA_FLAGS``)
     to XLA_FLAGS unless XLA_FLAGS already sets them. XLA aborts on a flag it does not know, so
-    the default is only added for the jaxlib versions it was measured with (0.10, 0.11)."""
+    the default is only added for the jaxlib versions it was measured with (0.10, 0.11), and not
+    when the command's ``argv`` sets ``matmul_dtype=bfloat16`` (the default flag would take its
+    speed; a config file that sets it gets a note from `dpr-jax train`)."""
     flags = os.environ.get("XLA_FLAGS", "")
     extra = os.environ.get("DPR_JAX_TRAIN_XLA_FLAGS")
     if extra is None:
         if not (0, 10) <= _jaxlib_version() < (0, 12):
+            return
+        if any(a.endswith("matmul_dtype=bfloat16") for a in argv):
             return
         extra = TRAIN_CPU_XLA_FLAGS
     new = [f for f in extra.split() if f.split("=")[0] not in flags]
@@ -233,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     _default_cpu_devices(name)
     cpu_host_with_libtpu()
     if name in TRAIN_COMMANDS:
-        train_xla_flags()
+        train_xla_flags(rest)
     if name == "plan":
         plan_env(rest)
     return run_command(name, COMMANDS.load(name), rest)

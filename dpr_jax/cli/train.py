@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 import jax
 
+from dpr_jax.cli import TRAIN_CPU_XLA_FLAGS
 from dpr_jax.cli.options import start_distributed, training_parser
 from dpr_jax.io import check_workdir
 from dpr_jax.retriever.task import evaluate_model, load_config, train_and_evaluate
@@ -24,10 +27,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def slow_products_note(config) -> None:
+    """One line on stderr when ``matmul_dtype`` asks for bfloat16 products on a CPU while
+    XLA_FLAGS holds the train default that turns off the fusions they run fast in (a config
+    file that sets the field: `dpr-jax` only sees ``--set`` before jax starts)."""
+    if (
+        config.matmul_dtype == "float32"
+        or TRAIN_CPU_XLA_FLAGS not in os.environ.get("XLA_FLAGS", "").split()
+    ):
+        return
+    if jax.default_backend() == "cpu" and jax.process_index() == 0:
+        print(f"dpr-jax train: matmul_dtype={config.matmul_dtype} runs no faster with XLA_FLAGS' "
+              f"{TRAIN_CPU_XLA_FLAGS} (the train default): run with DPR_JAX_TRAIN_XLA_FLAGS='' "
+              "or --set matmul_dtype=bfloat16", file=sys.stderr)  # fmt: skip
+
+
 def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     start_distributed(args)
     config = load_config(args.config, args.set)
+    slow_products_note(config)
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
